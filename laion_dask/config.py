@@ -1,0 +1,426 @@
+"""Frozen, validated configuration for every stage, read from and written to TOML.
+
+Each stage has one dataclass; :class:`PipelineConfig` nests them under the section names used in
+``config.toml`` (``[input]``, ``[extract]``, ``[language]``, ...). Values are checked on
+construction, so a wrong value raises :class:`ConfigError` naming ``section.key`` before any work
+starts. Unknown keys are errors too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import tomli_w
+
+__all__ = [
+    "ConfigError",
+    "InputConfig",
+    "ExtractConfig",
+    "LanguageConfig",
+    "RulesConfig",
+    "DownloadConfig",
+    "ClipConfig",
+    "FilterConfig",
+    "ClusterConfig",
+    "PipelineConfig",
+    "load_config",
+    "dump_config",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+DEFAULT_USER_AGENT = (
+    "laion-dask/0.1 (+https://github.com/laion-dask/laion-dask; image-text dataset research)"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the ``section.key``."""
+
+
+def _fail(section: str, key: str, message: str, value: Any) -> None:
+    raise ConfigError(f"{section}.{key}: {message}, got {value!r}")
+
+
+def _positive(section: str, key: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        _fail(section, key, "must be a " + ("non-negative" if allow_zero else "positive") + " number", value)
+
+
+def _fraction(section: str, key: str, value: Any, *, lo: float = 0.0, hi: float = 1.0) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not lo <= value <= hi:
+        _fail(section, key, f"must be a number in [{lo}, {hi}]", value)
+
+
+def _choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(section, key, f"must be one of {', '.join(choices)}", value)
+
+
+def _optional_fraction(section: str, key: str, value: Any) -> None:
+    if value is not None:
+        _fraction(section, key, value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputConfig:
+    """What to read: paths, globs, fsspec URLs or crawl ids (``CC-MAIN-2024-22``)."""
+
+    SECTION: ClassVar[str] = "input"
+    paths: tuple[str, ...] = ()
+    #: for crawl ids: which listing to expand (``wat`` or ``warc``)
+    crawl_format: str = "wat"
+    #: keep at most this many files after expansion (None = all)
+    limit: int | None = None
+    #: keep this fraction of files (sampled with ``seed``) before ``limit`` applies
+    sample: float | None = None
+    seed: int = 0
+    #: base URL of the Common Crawl data host, used to expand crawl ids
+    crawl_base_url: str = "https://data.commoncrawl.org/"
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        _choice(s, "crawl_format", self.crawl_format, ("wat", "warc"))
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            _fail(s, "limit", "must be a positive integer or unset", self.limit)
+        if self.sample is not None:
+            _fraction(s, "sample", self.sample)
+            if self.sample == 0:
+                _fail(s, "sample", "must be in (0, 1]", self.sample)
+        if not isinstance(self.seed, int):
+            _fail(s, "seed", "must be an integer", self.seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig:
+    """WAT/WARC parsing: one input file -> one partition of candidate pairs."""
+
+    SECTION: ClassVar[str] = "extract"
+    #: ``auto`` sniffs each file; ``wat`` / ``warc`` force a reader
+    format: str = "auto"
+    #: ``auto`` = FastWARC where it reads the file, warcio otherwise
+    reader: str = "auto"
+    #: alt text is truncated to this many characters after clean-up
+    max_text_chars: int = 2000
+    #: HTML bodies larger than this are skipped (counted as ``html_too_large``)
+    max_html_bytes: int = 10_000_000
+    #: WARC HTML without alt text still yields no pair; with this set, <img> without alt is ignored
+    #: (LAION used only alt text)
+    require_alt: bool = True
+    #: an unreadable file becomes an empty partition + an error in its summary instead of raising
+    skip_unreadable_files: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _choice(s, "format", self.format, ("auto", "wat", "warc"))
+        _choice(s, "reader", self.reader, ("auto", "fastwarc", "warcio"))
+        _positive(s, "max_text_chars", self.max_text_chars)
+        _positive(s, "max_html_bytes", self.max_html_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LanguageConfig:
+    """Alt-text language identification."""
+
+    SECTION: ClassVar[str] = "language"
+    #: ``py3langid`` (default, langid's model, faster), ``langid`` or ``lingua``
+    backend: str = "py3langid"
+    #: below this normalised probability the language group is ``nolang``
+    min_confidence: float = 0.5
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _choice(s, "backend", self.backend, ("py3langid", "langid", "lingua"))
+        _fraction(s, "min_confidence", self.min_confidence)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RulesConfig:
+    """Extraction rules; each failing rule is a named ``drop_reason``."""
+
+    SECTION: ClassVar[str] = "rules"
+    min_text_chars: int = 5
+    max_url_chars: int = 2000
+    allowed_schemes: tuple[str, ...] = ("http", "https")
+    blocked_extensions: tuple[str, ...] = (".svg", ".gif")
+    deduplicate: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        object.__setattr__(self, "allowed_schemes", tuple(self.allowed_schemes))
+        object.__setattr__(self, "blocked_extensions", tuple(self.blocked_extensions))
+        _positive(s, "min_text_chars", self.min_text_chars, allow_zero=True)
+        _positive(s, "max_url_chars", self.max_url_chars)
+        if not self.allowed_schemes:
+            _fail(s, "allowed_schemes", "must name at least one scheme", self.allowed_schemes)
+        for ext in self.blocked_extensions:
+            if not ext.startswith("."):
+                _fail(s, "blocked_extensions", "entries must start with '.'", ext)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig:
+    """Image fetching, decoding and resizing."""
+
+    SECTION: ClassVar[str] = "download"
+    #: concurrent requests per partition task
+    concurrency: int = 64
+    per_host_concurrency: int = 8
+    connect_timeout: float = 10.0
+    read_timeout: float = 10.0
+    #: overall per-image deadline: a trickling server cannot hold a slot longer than this
+    deadline: float = 30.0
+    retries: int = 2
+    retry_backoff: float = 0.5
+    max_redirects: int = 5
+    max_bytes: int = 20_000_000
+    min_bytes: int = 5_000
+    max_pixels: int = 89_478_484
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    resize_mode: str = "keep_ratio"
+    image_size: int = 256
+    #: ``resize_only_if_bigger`` as img2dataset: never upscale
+    resize_only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    user_agent: str = DEFAULT_USER_AGENT
+    #: honour X-Robots-Tag noai / noimageai / noindex / noimageindex
+    respect_robots_headers: bool = True
+    #: allow loopback / private / link-local targets (only the offline demo and tests)
+    allow_private_networks: bool = False
+    #: bound on bytes held in flight per task (bodies being read + decoded images)
+    max_inflight_bytes: int = 256_000_000
+    #: rows per download task; candidate partitions are split into chunks of this size
+    rows_per_task: int = 2_000
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
+        for key in ("concurrency", "per_host_concurrency", "max_bytes", "image_size",
+                    "max_pixels", "max_inflight_bytes", "rows_per_task"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(s, key, "must be a positive integer", value)
+        for key in ("connect_timeout", "read_timeout", "deadline"):
+            _positive(s, key, getattr(self, key))
+        _positive(s, "retry_backoff", self.retry_backoff, allow_zero=True)
+        for key in ("retries", "max_redirects", "min_bytes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(s, key, "must be a non-negative integer", value)
+        if self.min_bytes > self.max_bytes:
+            _fail(s, "min_bytes", f"must not exceed max_bytes ({self.max_bytes})", self.min_bytes)
+        _choice(s, "resize_mode", self.resize_mode, ("no", "keep_ratio", "center_crop", "border"))
+        _choice(s, "encode_format", self.encode_format, ("jpg", "png", "webp"))
+        if not isinstance(self.encode_quality, int) or not 1 <= self.encode_quality <= 100:
+            _fail(s, "encode_quality", "must be an integer in [1, 100]", self.encode_quality)
+        known = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
+        for f in self.formats:
+            if f not in known:
+                _fail(s, "formats", f"entries must be among {sorted(known)}", f)
+        if not self.user_agent.strip():
+            _fail(s, "user_agent", "must not be empty", self.user_agent)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipConfig:
+    """CLIP scoring: similarity, embeddings, punsafe/pwatermark tags."""
+
+    SECTION: ClassVar[str] = "clip"
+    #: hub name or local path of any transformers model with get_image/text_features
+    model: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None
+    #: text tower for ``multi``/``nolang`` rows (LAION: clip-ViT-B-32-multilingual-v1); None = use
+    #: ``model``'s own text tower for every row
+    multilingual_text_model: str | None = None
+    multilingual_revision: str | None = None
+    #: ``auto`` = cuda when visible, else cpu
+    device: str = "auto"
+    #: ``auto`` = float16 on cuda, float32 on cpu
+    dtype: str = "auto"
+    batch_size: int = 64
+    #: threads decoding and preprocessing images while the model runs
+    loader_threads: int = 2
+    #: torch intra-op threads on CPU (0 = the worker's threads)
+    torch_threads: int = 0
+    #: ``zero-shot`` from prompt sets, or ``head`` = a learned probe loaded from ``tag_head``
+    tags: str = "zero-shot"
+    tag_head: str | None = None
+    write_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        if not self.model:
+            _fail(s, "model", "must name a hub model or a local path", self.model)
+        _choice(s, "device", self.device, ("auto", "cpu", "cuda"))
+        _choice(s, "dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
+        for key in ("batch_size", "loader_threads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(s, key, "must be a positive integer", value)
+        if not isinstance(self.torch_threads, int) or self.torch_threads < 0:
+            _fail(s, "torch_threads", "must be a non-negative integer", self.torch_threads)
+        _choice(s, "tags", self.tags, ("zero-shot", "head"))
+        if self.tags == "head" and not self.tag_head:
+            _fail(s, "tag_head", "must be set when tags = 'head'", self.tag_head)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """Thresholds applied to stored scores at explore/materialize time (never rescoring)."""
+
+    SECTION: ClassVar[str] = "filters"
+    similarity_en: float = 0.28  # LAION-5B English cut, CLIP ViT-B/32
+    similarity_multi: float = 0.26  # LAION-5B cut for other languages (mCLIP text tower)
+    similarity_nolang: float = 0.26
+    #: drop rows whose punsafe / pwatermark exceed these (None = tag only)
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    min_side: int = 0
+    max_aspect_ratio: float | None = None
+    min_text_chars: int = 5
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for key in ("similarity_en", "similarity_multi", "similarity_nolang"):
+            _fraction(s, key, getattr(self, key), lo=-1.0, hi=1.0)
+        _optional_fraction(s, "max_punsafe", self.max_punsafe)
+        _optional_fraction(s, "max_pwatermark", self.max_pwatermark)
+        _positive(s, "min_side", self.min_side, allow_zero=True)
+        _positive(s, "min_text_chars", self.min_text_chars, allow_zero=True)
+        if self.max_aspect_ratio is not None:
+            _positive(s, "max_aspect_ratio", self.max_aspect_ratio)
+            if self.max_aspect_ratio < 1:
+                _fail(s, "max_aspect_ratio", "must be >= 1", self.max_aspect_ratio)
+
+    def similarity_for(self, group: str) -> float:
+        """Threshold for one language group (``en``, ``multi`` or ``nolang``)."""
+        return {"en": self.similarity_en, "multi": self.similarity_multi}.get(
+            group, self.similarity_nolang
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Where the Dask graph runs."""
+
+    SECTION: ClassVar[str] = "cluster"
+    #: ``tcp://host:8786`` of a running scheduler; None = start a local cluster
+    scheduler_address: str | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str = "auto"
+    #: ``auto`` = LocalCUDACluster when CUDA and dask-cuda are present, ``never``, ``require``
+    gpu: str = "auto"
+    dashboard_address: str | None = "127.0.0.1:8787"
+    #: processes (True) or threads in one process (False) for the local cluster
+    processes: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for key in ("n_workers", "threads_per_worker"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                _fail(s, key, "must be a positive integer or unset", value)
+        _choice(s, "gpu", self.gpu, ("auto", "never", "require"))
+        if self.scheduler_address is not None and "://" not in self.scheduler_address:
+            _fail(s, "scheduler_address", "must look like tcp://host:8786", self.scheduler_address)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """The whole run: one section per stage. ``strict`` stops at the first unreadable file."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    strict: bool = False
+
+    def replace(self, section: str, **changes: Any) -> PipelineConfig:
+        """Return a copy with ``changes`` applied to one section (validated again)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(PipelineConfig) if f.name != "strict"}  # type: ignore[misc]
+
+
+def _section_from_dict(cls: type, name: str, data: Mapping[str, Any]) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{name}: must be a table, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # wrong type reaching a comparison inside a check
+        raise ConfigError(f"{name}: {err}") from err
+
+
+def config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
+    """Build a validated :class:`PipelineConfig` from nested mappings (as read from TOML)."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "strict":
+            if not isinstance(value, bool):
+                raise ConfigError(f"strict: must be true or false, got {value!r}")
+            kwargs[key] = value
+        elif key in _SECTIONS:
+            kwargs[key] = _section_from_dict(_SECTIONS[key], key, value)
+        else:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(_SECTIONS))}, strict)")
+    return PipelineConfig(**kwargs)
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """Nested plain dict; ``None`` values are left out (TOML has no null)."""
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if v is not None}
+        if isinstance(obj, tuple | list):
+            return [clean(v) for v in obj]
+        return obj
+
+    return clean(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> PipelineConfig:
+    """Read a TOML file into a validated config; ``overrides`` (section -> key -> value) win."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data)
+
+
+def dump_config(cfg: PipelineConfig, path: str | Path | None = None) -> str:
+    """Write ``cfg`` as TOML (to ``path`` when given) and return the text."""
+    text = tomli_w.dumps(config_to_dict(cfg))
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text
