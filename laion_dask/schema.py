@@ -120,6 +120,8 @@ def conform(df: pd.DataFrame, *dtype_maps: dict[str, str]) -> pd.DataFrame:
     return df.astype({c: t for c, t in merged.items() if c in df.columns})
 
 
+CANDIDATES_DTYPES: dict[str, str] = {**PAIRS_DTYPES, **LANGUAGE_DTYPES, **RULES_DTYPES}
+
 PAIRS = empty(PAIRS_DTYPES)
 LANGUAGE_TAGGED = empty(PAIRS_DTYPES, LANGUAGE_DTYPES)
 CANDIDATES = empty(PAIRS_DTYPES, LANGUAGE_DTYPES, RULES_DTYPES)

@@ -48,11 +48,18 @@ def write_shard(path: str, samples: Iterable[ShardSample]) -> int:
     """Write ``samples`` to the tar at ``path`` (local or fsspec URL); returns samples written."""
     tmp = f"{path}.tmp-{os.getpid()}"
     n = 0
-    with fsspec.open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        fsspec.open(tmp, "wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for s in samples:
             _add(tar, f"{s.key}.{s.ext}", s.image)
             _add(tar, f"{s.key}.txt", s.text.encode("utf-8"))
-            _add(tar, f"{s.key}.json", json.dumps(dict(s.meta), sort_keys=True, default=str).encode("utf-8"))
+            _add(
+                tar,
+                f"{s.key}.json",
+                json.dumps(dict(s.meta), sort_keys=True, default=str).encode("utf-8"),
+            )
             n += 1
     fs, _, (real_tmp,) = fsspec.get_fs_token_paths(tmp)
     _, _, (real_path,) = fsspec.get_fs_token_paths(path)

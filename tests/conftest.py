@@ -35,10 +35,19 @@ def corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def client():
-    """A real distributed LocalCluster: 2 workers in this process, no dashboard."""
+    """A real distributed LocalCluster: 2 workers in this process, no dashboard.
+
+    TCP on 127.0.0.1 rather than inproc: inproc addresses are built from the machine's outward
+    IP, and tests talk to loopback only.
+    """
     from distributed import Client, LocalCluster
 
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address=None,
     ) as cluster, Client(cluster) as c:
         yield c

@@ -1,0 +1,240 @@
+"""Apply thresholds to stored scores and write the dataset: LAION parquet, shards, embeddings.
+
+``RUN/dataset/{en,multi,nolang}/`` gets, per scored partition ``N``:
+
+* ``NNNNN.parquet``: LAION's columns ``URL, TEXT, WIDTH, HEIGHT, similarity, hash, punsafe,
+  pwatermark, LANGUAGE`` followed by ours (``key``, ``uid``, ``language_score`` ...);
+* ``NNNNN.tar``: a webdataset shard with only the kept samples (img2dataset layout);
+* ``embeddings/{img_emb,text_emb,metadata}/..._N``: the kept rows' embeddings, clip-retrieval layout.
+
+Plus ``RUN/dataset/thresholds.toml`` (what was applied) and ``RUN/dataset/funnel.json`` (rows
+kept and dropped per reason and language group; the counts add up). Re-running with other
+thresholds rewrites ``RUN/dataset`` from the stored scores: nothing is re-downloaded or rescored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .config import FilterConfig
+from .filters import FINAL_REASON, add_final_reason, dump_thresholds, load_thresholds
+from .rundir import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["materialize", "MaterializeReport", "laion_columns", "LAION_COLUMNS"]
+
+LAION_COLUMNS = [
+    "URL",
+    "TEXT",
+    "WIDTH",
+    "HEIGHT",
+    "similarity",
+    "hash",
+    "punsafe",
+    "pwatermark",
+    "LANGUAGE",
+]
+_OURS = [
+    schema.KEY,
+    schema.UID,
+    schema.PAGE_URL,
+    schema.LANGUAGE_SCORE,
+    schema.LANGUAGE_GROUP,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.ORIGINAL_BYTES,
+    schema.SHA256,
+    schema.SOURCE_FILE,
+    schema.RECORD_OFFSET,
+]
+
+
+@dataclass
+class MaterializeReport:
+    """Rows in, kept per language group, dropped per reason; ``check()`` proves they add up."""
+
+    stage: str = "materialize"
+    rows_in: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # language group -> rows
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    out_dir: str = ""
+    seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"kept": sum(self.kept.values()), **self.dropped}
+
+    def check(self) -> None:
+        total = sum(self.kept.values()) + sum(self.dropped.values())
+        if total != self.rows_in:
+            raise AssertionError(f"materialize: {self.rows_in} in, {total} out")
+
+
+def laion_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Kept rows -> LAION's metadata columns (+ ours). WIDTH/HEIGHT are the original size."""
+    out = pd.DataFrame(
+        {
+            "URL": df[schema.URL].astype("string"),
+            "TEXT": df[schema.TEXT].astype("string"),
+            "WIDTH": df[schema.ORIGINAL_WIDTH].astype("Int32"),
+            "HEIGHT": df[schema.ORIGINAL_HEIGHT].astype("Int32"),
+            "similarity": df[schema.SIMILARITY].astype("float32"),
+            "hash": df[schema.HASH].astype("int64"),
+            "punsafe": df[schema.PUNSAFE].astype("float32"),
+            "pwatermark": df[schema.PWATERMARK].astype("float32"),
+            "LANGUAGE": df[schema.LANGUAGE].astype("string"),
+        }
+    )
+    for c in _OURS:
+        if c in df.columns:
+            name = {schema.WIDTH: "stored_width", schema.HEIGHT: "stored_height"}.get(c, c)
+            out[name] = df[c].to_numpy()
+    return out.reset_index(drop=True)
+
+
+def _read_embeddings(run: RunDir, part: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame] | None:
+    base = run.join("embeddings")
+    img = f"{base}/img_emb/img_emb_{part}.npy"
+    if not run.exists(img):
+        return None
+    fs = run.fs
+    with fs.open(img, "rb") as fh:
+        img_emb = np.load(io.BytesIO(fh.read()))
+    with fs.open(f"{base}/text_emb/text_emb_{part}.npy", "rb") as fh:
+        txt_emb = np.load(io.BytesIO(fh.read()))
+    meta = run.read_parquet(f"{base}/metadata/metadata_{part}.parquet")
+    return img_emb, txt_emb, meta
+
+
+def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> dict:
+    from .shards import ShardSample, read_shard_images, write_shard
+
+    df = run.read_parquet(run.part_path("scores", part))
+    df = add_final_reason(df, cfg)
+    reason = df[FINAL_REASON]
+    kept = reason.isna().to_numpy(dtype=bool)
+    dropped = {str(k): int(v) for k, v in reason.dropna().value_counts().items()}
+    groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+    kept_counts: dict[str, int] = {}
+    images: dict[str, bytes] | None = None
+    emb = _read_embeddings(run, part)
+    for group in schema.LANGUAGE_GROUPS:
+        sel = df[kept & groups.eq(group).to_numpy(dtype=bool)]
+        kept_counts[group] = len(sel)
+        if sel.empty:
+            continue
+        gdir = f"{out}/{group}"
+        run.fs.makedirs(gdir, exist_ok=True)
+        table = laion_columns(sel)
+        run.write_parquet_atomic(f"{gdir}/{part:05d}.parquet", table)
+        if images is None:
+            shard = df[schema.SHARD].dropna()
+            images = read_shard_images(run.join("images", str(shard.iloc[0]))) if len(shard) else {}
+        samples = (
+            ShardSample(
+                key=str(row[schema.KEY]),
+                image=images[str(row[schema.KEY])],
+                text=str(row["TEXT"]),
+                meta={k: _plain(v) for k, v in row.items()},
+            )
+            for _, row in table.iterrows()
+            if str(row[schema.KEY]) in images
+        )
+        write_shard(f"{gdir}/{part:05d}.tar", samples)
+        if emb is not None:
+            img_emb, txt_emb, meta = emb
+            pos = pd.Series(np.arange(len(meta)), index=meta[schema.KEY].astype(str))
+            idx = pos.reindex(table[schema.KEY].astype(str)).dropna().astype(int).to_numpy()
+            edir = f"{gdir}/embeddings"
+            for sub in ("img_emb", "text_emb", "metadata"):
+                run.fs.makedirs(f"{edir}/{sub}", exist_ok=True)
+            _save_npy(run, f"{edir}/img_emb/img_emb_{part}.npy", img_emb[idx])
+            _save_npy(run, f"{edir}/text_emb/text_emb_{part}.npy", txt_emb[idx])
+            keys = meta[schema.KEY].astype(str).to_numpy()[idx]
+            run.write_parquet_atomic(
+                f"{edir}/metadata/metadata_{part}.parquet",
+                table.set_index(table[schema.KEY].astype(str)).loc[keys].reset_index(drop=True),
+            )
+    return {"part": part, "rows": len(df), "kept": kept_counts, "dropped": dropped}
+
+
+def _plain(v: Any) -> Any:
+    if v is pd.NA or v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def _save_npy(run: RunDir, path: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    run.write_bytes_atomic(path, buf.getvalue())
+
+
+def materialize(
+    run: RunDir | str,
+    thresholds: FilterConfig | str | Path | None = None,
+    *,
+    client: Any | None = None,
+) -> MaterializeReport:
+    """Write ``RUN/dataset`` for ``thresholds`` (a FilterConfig, a thresholds.toml path, or the
+    run config's ``[filters]``); returns the funnel.
+
+    Example
+    -------
+    >>> report = materialize("demo-run", "thresholds.toml")   # doctest: +SKIP
+    >>> report.kept["en"]                                      # doctest: +SKIP
+    """
+    from .pipeline import _get_client, _run_tasks
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if thresholds is None:
+        cfg = run.read_config().filters
+    elif isinstance(thresholds, FilterConfig):
+        cfg = thresholds
+    else:
+        cfg = load_thresholds(thresholds)
+    parts = sorted(run.markers("scores"))
+    if not parts:
+        raise FileNotFoundError(f"{run.path}: no scores; run the score stage first")
+    client = _get_client(client)
+    t0 = time.perf_counter()
+    out = run.join("dataset")
+    fs = run.fs
+    if fs.exists(out):  # thresholds decide everything in here: start clean
+        fs.rm(out, recursive=True)
+    fs.makedirs(out, exist_ok=True)
+    tasks = [(f"{p:05d}", _materialize_part, (p, run, cfg, out)) for p in parts]
+    results, failures = _run_tasks(client, "materialize", tasks, strict=True)
+    report = MaterializeReport(out_dir=out, failed=failures)
+    kept: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    for r in results:
+        report.rows_in += r["rows"]
+        kept.update(r["kept"])
+        dropped.update(r["dropped"])
+    report.kept = {g: kept.get(g, 0) for g in schema.LANGUAGE_GROUPS}
+    report.dropped = dict(sorted(dropped.items(), key=lambda kv: -kv[1]))
+    report.seconds = time.perf_counter() - t0
+    report.check()
+    fs.pipe(f"{out}/thresholds.toml", dump_thresholds(cfg).encode())
+    funnel = {
+        "rows_in": report.rows_in,
+        "kept": report.kept,
+        "dropped": report.dropped,
+        "thresholds_fingerprint": fingerprint(dump_thresholds(cfg)),
+    }
+    fs.pipe(f"{out}/funnel.json", json.dumps(funnel, indent=1).encode())
+    return report

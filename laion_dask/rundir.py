@@ -1,0 +1,198 @@
+"""The run directory: resolved config, stage folders, per-partition checkpoints.
+
+Layout (``RUN`` may be local or any fsspec URL)::
+
+    RUN/config.toml                     resolved config of the last run
+    RUN/<stage>/part-00003.parquet      one file per partition
+    RUN/<stage>/_done/part-00003.json   written last: the partition is finished (summary + fingerprint)
+
+A partition is finished exactly when its ``_done`` marker exists. Data files are written to a
+temporary name and renamed, and the marker is written after the data, so a killed task leaves
+either nothing or a complete partition, never half of one. Markers are per partition (no shared
+manifest file), so workers never race on a write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import PipelineConfig, config_to_dict, dump_config, load_config
+
+__all__ = ["RunDir", "fingerprint", "part_name"]
+
+STAGES = (
+    "extract",
+    "candidates",
+    "downloads",
+    "images",
+    "scores",
+    "embeddings",
+    "dataset",
+    "report",
+)
+
+
+def part_name(index: int) -> str:
+    """``part-00003``: the stem shared by a partition's data file and its marker."""
+    return f"part-{index:05d}"
+
+
+def fingerprint(*objs: Any) -> str:
+    """A short, stable hash of JSON-able objects (configs, input lists, upstream markers)."""
+    blob = json.dumps(objs, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory; cheap to pickle, so partition tasks take it as an argument."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", str(self.path).rstrip("/"))
+
+    # --- filesystem helpers ---------------------------------------------------------------------
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        fs, _ = fsspec.core.url_to_fs(self.path)
+        return fs
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def stage_dir(self, stage: str) -> str:
+        return self.join(stage)
+
+    def makedirs(self, *stages: str) -> None:
+        fs = self.fs
+        fs.makedirs(self.path, exist_ok=True)
+        for stage in stages:
+            fs.makedirs(self.join(stage, "_done"), exist_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Write to a temporary sibling, then rename: readers never see a partial file."""
+        fs = self.fs
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+
+    def write_json_atomic(self, path: str, obj: Any) -> None:
+        self.write_bytes_atomic(
+            path, json.dumps(obj, sort_keys=True, indent=1, default=str).encode()
+        )
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as fh:
+            return json.load(fh)
+
+    # --- config ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> str:
+        return self.join("config.toml")
+
+    def write_config(self, cfg: PipelineConfig, extra: Mapping[str, Any] | None = None) -> None:
+        """Write the resolved config (and ``extra`` facts such as model revisions) to config.toml."""
+        self.makedirs()
+        text = dump_config(cfg)
+        if extra:
+            import tomli_w
+
+            text += "\n" + tomli_w.dumps({"run": dict(extra)})
+        self.write_bytes_atomic(self.config_path, text.encode("utf-8"))
+
+    def read_config(self) -> PipelineConfig:
+        """The config this run was last started with (the ``[run]`` facts table is ignored)."""
+        import tomllib
+
+        with self.fs.open(self.config_path, "rb") as fh:
+            data = tomllib.load(fh)
+        data.pop("run", None)
+        from .config import config_from_dict
+
+        return config_from_dict(data)
+
+    # --- partitions and markers -----------------------------------------------------------------
+    def part_path(self, stage: str, index: int, ext: str = "parquet") -> str:
+        return self.join(stage, f"{part_name(index)}.{ext}")
+
+    def marker_path(self, stage: str, index: int) -> str:
+        return self.join(stage, "_done", f"{part_name(index)}.json")
+
+    def write_parquet_atomic(self, path: str, df: pd.DataFrame) -> None:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes_atomic(path, buf.getvalue())
+
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pd.DataFrame:
+        with self.fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns).to_pandas()
+
+    def mark_done(self, stage: str, index: int, info: Mapping[str, Any]) -> None:
+        self.write_json_atomic(self.marker_path(stage, index), dict(info))
+
+    def done_marker(self, stage: str, index: int, fp: str | None = None) -> dict | None:
+        """The marker of a finished partition, or None (also None when ``fp`` differs)."""
+        path = self.marker_path(stage, index)
+        if not self.fs.exists(path):
+            return None
+        marker = self.read_json(path)
+        if fp is not None and marker.get("fingerprint") != fp:
+            return None
+        return marker
+
+    def markers(self, stage: str) -> dict[int, dict]:
+        """All markers of ``stage`` by partition index."""
+        folder = self.join(stage, "_done")
+        fs = self.fs
+        if not fs.exists(folder):
+            return {}
+        out = {}
+        for p in sorted(fs.ls(folder, detail=False)):
+            name = os.path.basename(p)
+            if name.startswith("part-") and name.endswith(".json"):
+                with fs.open(p, "rb") as fh:
+                    out[int(name[5:10])] = json.load(fh)
+        return out
+
+    def parts(self, stage: str) -> list[str]:
+        """Finished partition data files of ``stage``, in index order."""
+        return [self.part_path(stage, i) for i in sorted(self.markers(stage))]
+
+    def iter_markers(self, stage: str) -> Iterator[tuple[int, dict]]:
+        yield from sorted(self.markers(stage).items())
+
+    def config_dict(self, cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
+        """The sections of ``cfg`` that decide a stage's output (for its fingerprint)."""
+        full = config_to_dict(cfg)
+        return {s: full.get(s) for s in sections}
+
+
+def open_run(path: str) -> tuple[RunDir, PipelineConfig]:
+    """Open an existing run directory and its config."""
+    run = RunDir(path)
+    if not run.exists(run.config_path):
+        raise FileNotFoundError(f"{path} is not a laion-dask run directory (no config.toml)")
+    return run, run.read_config()
+
+
+def load_or_default(path: str | None) -> PipelineConfig:
+    """``load_config(path)`` or the defaults when ``path`` is None."""
+    return load_config(path) if path else PipelineConfig()

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from laion_dask.config import (
+    ConfigError,
+    DownloadConfig,
+    FilterConfig,
+    PipelineConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+
+
+def test_defaults_are_laion_5b():
+    cfg = PipelineConfig()
+    assert cfg.filters.similarity_en == 0.28
+    assert cfg.filters.similarity_multi == 0.26
+    assert cfg.rules.min_text_chars == 5
+    assert cfg.rules.blocked_extensions == (".svg", ".gif")
+    assert cfg.download.max_pixels == 89_478_484
+    assert cfg.download.min_bytes == 5_000
+    assert cfg.download.allow_private_networks is False
+    assert cfg.clip.model == "openai/clip-vit-base-patch32"
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = PipelineConfig().replace("download", image_size=128, formats=("jpeg", "png"))
+    cfg = cfg.replace("input", paths=("a.wat.gz", "CC-MAIN-2024-22"), limit=3)
+    path = tmp_path / "config.toml"
+    dump_config(cfg, path)
+    back = load_config(path)
+    assert back == cfg
+    assert back.download.formats == ("JPEG", "PNG")
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"download": {"max_bytes": -1}}, "download.max_bytes"),
+        ({"download": {"resize_mode": "stretch"}}, "download.resize_mode"),
+        ({"download": {"min_bytes": 10, "max_bytes": 5}}, "download.min_bytes"),
+        ({"download": {"encode_quality": 101}}, "download.encode_quality"),
+        ({"filters": {"similarity_en": 2.0}}, "filters.similarity_en"),
+        ({"filters": {"max_punsafe": -0.1}}, "filters.max_punsafe"),
+        ({"language": {"min_confidence": 1.5}}, "language.min_confidence"),
+        ({"language": {"backend": "cld3"}}, "language.backend"),
+        ({"input": {"sample": 0}}, "input.sample"),
+        ({"input": {"limit": 0}}, "input.limit"),
+        ({"rules": {"blocked_extensions": ["svg"]}}, "rules.blocked_extensions"),
+        ({"cluster": {"scheduler_address": "localhost"}}, "cluster.scheduler_address"),
+        ({"clip": {"batch_size": 0}}, "clip.batch_size"),
+        ({"clip": {"tags": "head"}}, "clip.tag_head"),
+        ({"download": {"max_byte": 1}}, "download.max_byte"),
+        ({"downlaod": {}}, "downlaod"),
+        ({"download": {"deadline": float("nan")}}, "download.deadline"),
+        ({"download": {"concurrency": True}}, "download.concurrency"),
+    ],
+)
+def test_wrong_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert str(err.value).startswith(key)
+
+
+def test_configs_are_frozen():
+    cfg = DownloadConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_bytes = 1  # type: ignore[misc]
+
+
+def test_replace_validates_again():
+    with pytest.raises(ConfigError, match="filters.similarity_multi"):
+        PipelineConfig().replace("filters", similarity_multi=-3)
+
+
+def test_bad_toml_is_a_config_error(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[download\nmax_bytes = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_similarity_for_group():
+    f = FilterConfig(similarity_en=0.3, similarity_multi=0.2, similarity_nolang=0.1)
+    assert [f.similarity_for(g) for g in ("en", "multi", "nolang", "xx")] == [0.3, 0.2, 0.1, 0.1]
