@@ -1,0 +1,268 @@
+"""``laion-dask``: a thin shell over :mod:`laion_dask.pipeline` and friends.
+
+Every command takes a run directory; configuration comes from ``--config FILE`` (TOML, see
+README) and a few common flags, is validated before any work starts, and is written back as the
+run's resolved ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("laion_dask")
+
+
+def _base_config(args: argparse.Namespace, run_path: str | None) -> PipelineConfig:
+    """--config file, else the run's own config.toml, else defaults; then CLI overrides."""
+    from .rundir import RunDir
+
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+    elif run_path and RunDir(run_path).exists(RunDir(run_path).config_path):
+        cfg = RunDir(run_path).read_config()
+    else:
+        cfg = PipelineConfig()
+    cluster: dict[str, Any] = {}
+    scheduler = getattr(args, "scheduler", None) or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if scheduler:
+        cluster["scheduler_address"] = scheduler
+    if getattr(args, "workers", None):
+        cluster["n_workers"] = args.workers
+    if getattr(args, "threads", None):
+        cluster["threads_per_worker"] = args.threads
+    if getattr(args, "no_dashboard", False):
+        cluster["dashboard_address"] = None
+    if cluster:
+        cfg = cfg.replace("cluster", **cluster)
+    if getattr(args, "strict", False):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, strict=True)
+    if getattr(args, "allow_private_networks", False):
+        cfg = cfg.replace("download", allow_private_networks=True)
+    if getattr(args, "model", None):
+        cfg = cfg.replace("clip", model=args.model)
+    return cfg
+
+
+@contextlib.contextmanager
+def _client(cfg: PipelineConfig) -> Iterator[Any]:
+    from .cluster import make_client
+
+    client = make_client(cfg.cluster)
+    try:
+        link = getattr(client, "dashboard_link", None)
+        if link and cfg.cluster.dashboard_address is not None:
+            print(f"Dask dashboard: {link}", file=sys.stderr)
+        yield client
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and cfg.cluster.scheduler_address is None:
+            cluster.close()
+
+
+def _print_report(report: Any) -> None:
+    name = getattr(report, "stage", "stage")
+    counts = getattr(report, "counts", {})
+    rows_in = getattr(report, "rows_in", 0)
+    print(f"\n== {name}: {rows_in} rows in, {sum(counts.values())} accounted for")
+    for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"   {k:<24} {v:>10}")
+    if getattr(report, "resumed", 0):
+        print(f"   ({report.resumed} of {report.partitions} partitions resumed from checkpoints)")
+    for part, err in getattr(report, "failed", {}).items():
+        print(f"   FAILED {part}: {err}")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .pipeline import run_extract
+    from .rundir import RunDir
+    from .sources import expand_inputs
+
+    cfg = _base_config(args, None)
+    changes: dict[str, Any] = {"paths": tuple(args.inputs) or cfg.input.paths}
+    for key in ("limit", "sample", "seed"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    cfg = cfg.replace("input", **changes)
+    if not cfg.input.paths:
+        raise ConfigError("input.paths: give at least one INPUT (file, glob, URL or crawl id)")
+    paths = expand_inputs(cfg.input.paths, cfg.input)  # errors before any cluster starts
+    run = RunDir(args.out)
+    run.write_config(cfg)
+    with _client(cfg) as client:
+        report = run_extract(run, cfg, paths, client=client, show_progress=not args.quiet)
+    _print_report(report)
+    print(f"\ncandidates: {run.join('candidates')}")
+    return 1 if report.failed and cfg.strict else 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .pipeline import run_download
+    from .rundir import RunDir
+
+    cfg = _base_config(args, args.run)
+    run = RunDir(args.run)
+    run.write_config(cfg)
+    with _client(cfg) as client:
+        report = run_download(
+            run, cfg, client=client, retry_failed=args.retry_failed, show_progress=not args.quiet
+        )
+    _print_report(report)
+    print(f"\nimages: {run.join('images')}   downloads: {run.join('downloads')}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .pipeline import run_score
+    from .rundir import RunDir
+
+    cfg = _base_config(args, args.run)
+    run = RunDir(args.run)
+    run.write_config(cfg)
+    with _client(cfg) as client:
+        report = run_score(run, cfg, client=client, show_progress=not args.quiet)
+    _print_report(report)
+    print(f"\nscores: {run.join('scores')}   embeddings: {run.join('embeddings')}")
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from .materialize import materialize
+    from .rundir import RunDir
+
+    cfg = _base_config(args, args.run)
+    run = RunDir(args.run)
+    with _client(cfg) as client:
+        report = materialize(run, args.thresholds, client=client)
+    _print_report(report)
+    print(f"   kept by language group: {json.dumps(report.kept)}")
+    print(f"\ndataset: {report.out_dir}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+    from .rundir import RunDir
+    from .sources import expand_inputs
+
+    cfg = _base_config(args, None)
+    if not cfg.input.paths:
+        raise ConfigError("input.paths: the config names no inputs")
+    expand_inputs(cfg.input.paths, cfg.input)
+    run = RunDir(args.out)
+    stages = args.stages.split(",") if args.stages else None
+    with _client(cfg) as client:
+        kwargs = {"stages": stages} if stages else {}
+        reports = run_pipeline(run, cfg, client=client, show_progress=not args.quiet, **kwargs)
+    for r in reports:
+        _print_report(r)
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from . import train
+
+    return int(train.main([*args.shards, "--out", args.out, *args.rest]) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="laion-dask", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, *, config: bool = True) -> None:
+        if config:
+            sp.add_argument(
+                "--config", help="pipeline config TOML (default: the run's config.toml)"
+            )
+        sp.add_argument(
+            "--scheduler",
+            help="tcp://HOST:8786 of a running Dask scheduler "
+            "(default: $DASK_SCHEDULER_ADDRESS, else a local cluster)",
+        )
+        sp.add_argument("--workers", type=int, help="local cluster: number of worker processes")
+        sp.add_argument("--threads", type=int, help="local cluster: threads per worker")
+        sp.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+        sp.add_argument("--strict", action="store_true", help="stop at the first failed partition")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sp = sub.add_parser(
+        "extract", help="WAT/WARC files -> RUN/candidates (pairs + language + rules)"
+    )
+    sp.add_argument(
+        "inputs", nargs="*", help="files, globs, fsspec URLs or crawl ids (CC-MAIN-2024-22)"
+    )
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--limit", type=int, help="at most N input files")
+    sp.add_argument("--sample", type=float, help="a random FRACTION of the input files")
+    sp.add_argument("--seed", type=int, help="seed for --sample")
+    common(sp)
+    sp.set_defaults(func=cmd_extract)
+
+    sp = sub.add_parser("download", help="RUN/candidates -> RUN/images shards + RUN/downloads")
+    sp.add_argument("run")
+    sp.add_argument("--retry-failed", action="store_true", help="re-fetch transient failures only")
+    sp.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        help="allow loopback/private targets (offline demo and tests only)",
+    )
+    common(sp)
+    sp.set_defaults(func=cmd_download)
+
+    sp = sub.add_parser("score", help="RUN/images -> RUN/scores + RUN/embeddings (CLIP)")
+    sp.add_argument("run")
+    sp.add_argument("--model", help="hub name or local path of the CLIP model")
+    common(sp)
+    sp.set_defaults(func=cmd_score)
+
+    sp = sub.add_parser("materialize", help="apply thresholds -> RUN/dataset")
+    sp.add_argument("run")
+    sp.add_argument("--thresholds", help="thresholds.toml (default: the run config's [filters])")
+    common(sp)
+    sp.set_defaults(func=cmd_materialize)
+
+    sp = sub.add_parser("run", help="the whole pipeline from a config file")
+    sp.add_argument("config", help="pipeline config TOML with [input] paths")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--stages", help="comma list, default extract,download,score,materialize")
+    sp.add_argument("--allow-private-networks", action="store_true")
+    common(sp, config=False)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("train-clip", help="train a small CLIP on webdataset shards")
+    sp.add_argument("shards", nargs="+")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_train_clip)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"laion-dask: configuration error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"laion-dask: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,642 @@
+"""The Dask wiring: the only module that maps stages over Dask collections.
+
+Two faces:
+
+* lazy graphs for notebooks (:func:`candidates_graph`): ``dd.from_map`` + ``map_partitions`` with
+  ``meta=`` from :mod:`laion_dask.schema`; nothing runs until the user computes;
+* checkpointed stage runners (:func:`run_extract`, :func:`run_download`, :func:`run_score`) that
+  write one parquet part + one ``_done`` marker per partition into the run directory, skip
+  finished partitions on re-run, and report per-partition failures by name instead of losing the
+  run (or stop at the first one with ``strict``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+
+from . import schema
+from .config import PipelineConfig
+from .rundir import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "StageReport",
+    "StageError",
+    "candidates_graph",
+    "run_extract",
+    "run_download",
+    "run_score",
+    "run_pipeline",
+    "TRANSIENT_HTTP",
+]
+
+#: HTTP statuses worth a later retry (``--retry-failed``); connection errors have no status
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class StageError(RuntimeError):
+    """A partition failed and the run is ``strict`` (or every partition failed)."""
+
+
+@dataclass
+class StageReport:
+    """What one stage did: partitions run/resumed/failed and counts that add up."""
+
+    stage: str
+    partitions: int = 0
+    resumed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # partition name -> error
+    rows_in: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # outcome -> rows
+    seconds: float = 0.0
+
+    @property
+    def rows_out(self) -> int:
+        return sum(self.counts.values())
+
+    def check(self) -> None:
+        """Raise if the counts do not add up (rows in = sum of outcomes)."""
+        if self.rows_in != self.rows_out:
+            raise AssertionError(
+                f"{self.stage}: counts do not add up: {self.rows_in} in, {self.rows_out} out {self.counts}"
+            )
+
+
+# --- lazy graph for notebooks -------------------------------------------------------------------
+
+
+def _extract_tag(path: str, cfg: PipelineConfig) -> pd.DataFrame:
+    from .extract import extract_pairs
+    from .language import add_language
+    from .rules import add_drop_reason
+
+    pairs = extract_pairs(path, cfg.extract)
+    return add_drop_reason(add_language(pairs, cfg.language), cfg.rules)
+
+
+def candidates_graph(
+    paths: Sequence[str], cfg: PipelineConfig, *, deduplicate: bool = True
+) -> dd.DataFrame:
+    """A lazy Dask frame of candidates: one partition per input file, duplicates marked.
+
+    Nothing is written and nothing runs until ``.compute()``/``.to_parquet()``; use it in a
+    notebook to look at a sample, and :func:`run_extract` for a checkpointed run.
+    """
+    from .extract import extract_pairs
+    from .language import add_language
+    from .rules import add_drop_reason
+
+    ddf = dd.from_map(extract_pairs, list(paths), cfg=cfg.extract, meta=schema.PAIRS)
+    ddf = ddf.map_partitions(add_language, cfg.language, meta=schema.LANGUAGE_TAGGED)
+    ddf = ddf.map_partitions(add_drop_reason, cfg.rules, meta=schema.CANDIDATES)
+    if not (deduplicate and cfg.rules.deduplicate):
+        return ddf
+    dups = _duplicates(ddf)
+    return ddf.map_partitions(_mark_from_frame, dups.compute(), meta=schema.CANDIDATES)
+
+
+_DEDUP_COLS = [
+    schema.UID,
+    schema.HASH,
+    schema.URL,
+    schema.TEXT,
+    schema.SOURCE_FILE,
+    schema.RECORD_OFFSET,
+    schema.DROP_REASON,
+]
+
+
+def _duplicates(ddf: dd.DataFrame) -> dd.DataFrame:
+    from .rules import find_duplicates
+
+    meta = pd.DataFrame({schema.UID: pd.Series(dtype="string")})
+    return ddf[_DEDUP_COLS].shuffle(on=schema.HASH).map_partitions(find_duplicates, meta=meta)
+
+
+def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
+    from .rules import mark_duplicates
+
+    return mark_duplicates(df, set(dups[schema.UID]))
+
+
+# --- task execution -----------------------------------------------------------------------------
+
+
+def _get_client(client: Any | None) -> Any:
+    if client is not None:
+        return client
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError as err:
+        raise RuntimeError(
+            "no Dask client: pass client=... or create one with laion_dask.cluster.make_client()"
+        ) from err
+
+
+def _run_tasks(
+    client: Any,
+    stage: str,
+    tasks: Sequence[tuple[str, Callable[..., dict], tuple]],
+    *,
+    strict: bool,
+    resources: dict | None = None,
+    show_progress: bool = False,
+) -> tuple[list[dict], dict[str, str]]:
+    """Submit ``(name, func, args)`` tasks; return (results, failures by name)."""
+    from distributed import as_completed
+
+    if not tasks:
+        return [], {}
+    futures = {}
+    for name, func, args in tasks:
+        fut = client.submit(
+            func,
+            *args,
+            key=f"{stage}-{name}-{time.time_ns()}",
+            pure=False,
+            resources=resources,
+            retries=1,
+        )
+        futures[fut] = name
+    if show_progress:
+        from distributed import progress
+
+        progress(list(futures), notebook=False)
+    results: list[dict] = []
+    failures: dict[str, str] = {}
+    for fut in as_completed(list(futures)):
+        name = futures[fut]
+        try:
+            results.append(fut.result())
+        except Exception as err:  # noqa: BLE001 - a partition's failure is data, reported by name
+            failures[name] = f"{type(err).__name__}: {err}"
+            log.error("%s: partition %s failed: %s", stage, name, failures[name])
+            if strict:
+                for other in futures:
+                    other.cancel()
+                raise StageError(f"{stage}: partition {name} failed: {failures[name]}") from err
+    return results, failures
+
+
+# --- extract + candidates -----------------------------------------------------------------------
+
+
+def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
+    """One input file -> RUN/extract/part-N.parquet (pairs + language + rule reasons)."""
+    marker = run.done_marker("extract", index, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    from .extract import extract_file
+    from .language import add_language
+    from .rules import add_drop_reason
+
+    t0 = time.perf_counter()
+    result = extract_file(path, cfg.extract)
+    if result.summary.error:
+        if cfg.strict:
+            raise StageError(f"{path}: {result.summary.error}")
+        # no marker: the file is reported by name and retried by the next run
+        return {"index": index, "source_file": path, "summary": result.summary.to_dict(),
+                "resumed": False, "failed": True}
+    df = add_drop_reason(add_language(result.pairs, cfg.language), cfg.rules)
+    run.write_parquet_atomic(run.part_path("extract", index), df)
+    info = {
+        "fingerprint": fp,
+        "index": index,
+        "source_file": path,
+        "rows": len(df),
+        "summary": result.summary.to_dict(),
+        "drop_reasons": _value_counts(df[schema.DROP_REASON]),
+        "seconds": time.perf_counter() - t0,
+    }
+    run.mark_done("extract", index, info)
+    return {**info, "resumed": False}
+
+
+def _value_counts(s: pd.Series) -> dict[str, int]:
+    counts = s.fillna("kept").value_counts()
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def _load_dedup_part(item: tuple[int, str], run: RunDir) -> pd.DataFrame:
+    index, path = item
+    df = run.read_parquet(path, columns=_DEDUP_COLS)
+    return df.assign(part=pd.Series(index, index=df.index, dtype="int64"))
+
+
+def _dups_with_part(df: pd.DataFrame) -> pd.DataFrame:
+    from .rules import find_duplicates
+
+    dup = find_duplicates(df.drop(columns=["part"]))
+    hit = df[schema.UID].isin(set(dup[schema.UID]))
+    return df.loc[hit, [schema.UID, "part"]].reset_index(drop=True)
+
+
+def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> dict:
+    from .rules import mark_duplicates
+
+    marker = run.done_marker("candidates", index, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    df = run.read_parquet(run.part_path("extract", index))
+    dup_uids: set[str] = set()
+    if dup_dir is not None:
+        import pyarrow.dataset as pds
+
+        fs = run.fs
+        if fs.exists(dup_dir) and fs.ls(dup_dir):
+            table = pds.dataset(dup_dir, format="parquet", filesystem=fs).to_table(
+                columns=[schema.UID], filter=pds.field("part") == index
+            )
+            dup_uids = set(table.column(schema.UID).to_pylist())
+    out = mark_duplicates(df, dup_uids)
+    run.write_parquet_atomic(run.part_path("candidates", index), out)
+    info = {
+        "fingerprint": fp,
+        "index": index,
+        "rows": len(out),
+        "drop_reasons": _value_counts(out[schema.DROP_REASON]),
+    }
+    run.mark_done("candidates", index, info)
+    return {**info, "resumed": False}
+
+
+def run_extract(
+    run: RunDir,
+    cfg: PipelineConfig,
+    paths: Sequence[str] | None = None,
+    *,
+    client: Any | None = None,
+    show_progress: bool = False,
+) -> StageReport:
+    """Extract, tag and rule-check every input file, then mark run-wide duplicates.
+
+    Writes ``RUN/extract/`` (one part per input file) and ``RUN/candidates/`` (the same rows with
+    ``duplicate`` reasons added). Finished partitions are skipped; an unreadable file fails its
+    own partition only (reported by name) unless ``cfg.strict``.
+    """
+    from .sources import expand_inputs
+
+    client = _get_client(client)
+    t0 = time.perf_counter()
+    paths = list(paths) if paths is not None else expand_inputs(cfg.input.paths, cfg.input)
+    run.makedirs("extract", "candidates")
+    ex_cfg = (
+        cfg
+        if not cfg.strict
+        else replace(cfg, extract=replace(cfg.extract, skip_unreadable_files=False))
+    )
+    stage_cfg = run.config_dict(cfg, "extract", "language", "rules")
+    tasks = [
+        (f"{i:05d}", _extract_task, (p, i, run, ex_cfg, fingerprint(p, stage_cfg)))
+        for i, p in enumerate(paths)
+    ]
+    results, failures = _run_tasks(
+        client, "extract", tasks, strict=cfg.strict, show_progress=show_progress
+    )
+    results.sort(key=lambda r: r["index"])
+    failures = {paths[int(k)]: v for k, v in failures.items()}
+    for r in results:
+        if r.get("failed"):
+            failures[r["source_file"]] = r["summary"].get("error")
+
+    # run-wide duplicates: shuffle (hash, url, text, order) so equal pairs meet in one partition
+    results = [r for r in results if not r.get("failed")]
+    fps = [r["fingerprint"] for r in results]
+    cand_fp = fingerprint(fps, stage_cfg)
+    dup_dir = None
+    done = [r["index"] for r in results]
+    need = [i for i in done if run.done_marker("candidates", i, cand_fp) is None]
+    if need and cfg.rules.deduplicate and done:
+        dup_dir = run.join("duplicates", cand_fp)
+        if not run.exists(dup_dir):
+            ddf = dd.from_map(
+                _load_dedup_part,
+                [(i, run.part_path("extract", i)) for i in done],
+                run=run,
+                meta=_load_dedup_part_meta(),
+            )
+            meta = pd.DataFrame(
+                {schema.UID: pd.Series(dtype="string"), "part": pd.Series(dtype="int64")}
+            )
+            dups = ddf.shuffle(on=schema.HASH).map_partitions(_dups_with_part, meta=meta)
+            tmp = dup_dir + ".tmp"
+            dups.to_parquet(tmp, write_index=False, compute=False).compute()
+            run.fs.mv(tmp, dup_dir, recursive=True)
+    elif need and cfg.rules.deduplicate:
+        dup_dir = None
+    _forget_stale(run, ("extract", "candidates"), keep=set(done))
+    cand_tasks = [(f"{i:05d}", _candidates_task, (i, run, dup_dir, cand_fp)) for i in done]
+    cand_results, cand_fail = _run_tasks(client, "candidates", cand_tasks, strict=cfg.strict)
+
+    report = StageReport("extract", partitions=len(paths))
+    report.resumed = sum(1 for r in results if r.get("resumed"))
+    report.failed = failures | {f"candidates-{k}": v for k, v in cand_fail.items()}
+    counter: Counter[str] = Counter()
+    for r in cand_results:
+        counter.update(r["drop_reasons"])
+    report.counts = dict(counter)
+    report.rows_in = sum(
+        r["summary"]["pairs_found"]
+        for r in results
+        if r["index"] not in {int(k) for k in cand_fail}
+    )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _forget_stale(run: RunDir, stages: Sequence[str], keep: set[int]) -> None:
+    """Drop partitions left by an earlier run with other inputs, so later stages never read them."""
+    fs = run.fs
+    for stage in stages:
+        for index in set(run.markers(stage)) - keep:
+            for path in (run.marker_path(stage, index), run.part_path(stage, index)):
+                if fs.exists(path):
+                    fs.rm(path)
+
+
+def _load_dedup_part_meta() -> pd.DataFrame:
+    return schema.CANDIDATES[_DEDUP_COLS].assign(part=pd.Series(dtype="int64"))
+
+
+# --- download -----------------------------------------------------------------------------------
+
+
+def _download_task(
+    index: int, chunk: int, shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str
+) -> dict:
+    """Rows [chunk*R, (chunk+1)*R) of candidates part ``index`` -> one shard + downloads part."""
+    marker = run.done_marker("downloads", shard_id, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    from .download import download_images
+
+    rows = cfg.download.rows_per_task
+    df = run.read_parquet(run.part_path("candidates", index))
+    df = df.iloc[chunk * rows : (chunk + 1) * rows].reset_index(drop=True)
+    t0 = time.perf_counter()
+    out = download_images(df, cfg.download)
+    seconds = time.perf_counter() - t0
+    return _write_download_part(
+        run, shard_id, out, fp, seconds, extra={"source_part": index, "chunk": chunk}
+    )
+
+
+def _write_download_part(
+    run: RunDir, shard_id: int, out: pd.DataFrame, fp: str, seconds: float, extra: dict
+) -> dict:
+    """Write the shard (successes only) and the downloads part (every row, no image bytes)."""
+    from .download import download_stats
+    from .shards import ShardSample, make_key, write_shard
+
+    keys = pd.array([make_key(shard_id, i) for i in range(len(out))], dtype="string")
+    shard_name = f"{shard_id:05d}.tar"
+    out = out.assign(
+        **{schema.KEY: keys, schema.SHARD: pd.array([shard_name] * len(out), dtype="string")}
+    )
+    ok = out[schema.STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+    meta_cols = [c for c in out.columns if c != schema.IMAGE]
+    samples = (
+        ShardSample(
+            key=str(row[schema.KEY]),
+            image=row[schema.IMAGE],
+            text=str(row[schema.TEXT]),
+            meta={c: _jsonable(row[c]) for c in meta_cols},
+        )
+        for _, row in out[ok].iterrows()
+    )
+    write_shard(run.join("images", shard_name), samples)
+    table = out.drop(columns=[schema.IMAGE])
+    run.write_parquet_atomic(run.part_path("downloads", shard_id), table)
+    # img2dataset writes NNNNN.parquet and NNNNN_stats.json beside each tar
+    run.write_parquet_atomic(run.join("images", f"{shard_id:05d}.parquet"), table[ok])
+    stats = download_stats(out, seconds)
+    run.write_json_atomic(run.join("images", f"{shard_id:05d}_stats.json"), stats)
+    info = {
+        "fingerprint": fp,
+        "index": shard_id,
+        "rows": len(out),
+        "stats": stats,
+        "status": _value_counts(
+            out[schema.STATUS].mask(out[schema.DROP_REASON].notna(), "not_attempted")
+        ),
+        "seconds": seconds,
+        **extra,
+    }
+    run.mark_done("downloads", shard_id, info)
+    return {**info, "resumed": False}
+
+
+def _jsonable(v: Any) -> Any:
+    if v is pd.NA or v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def is_transient_failure(df: pd.DataFrame) -> pd.Series:
+    """Rows whose download failure may succeed later: connection errors, 408/425/429/5xx."""
+    failed = df[schema.STATUS].eq("failed_to_download").fillna(False)
+    http = df[schema.HTTP_STATUS]
+    transient = http.isna() | http.isin(list(TRANSIENT_HTTP)).fillna(False)
+    return failed & transient.astype(bool)
+
+
+def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
+    """Re-fetch the transient failures of one finished part and merge them in place."""
+    from .download import download_images
+    from .shards import read_shard_images
+
+    marker = run.done_marker("downloads", shard_id)
+    old = run.read_parquet(run.part_path("downloads", shard_id))
+    retry = is_transient_failure(old).to_numpy(dtype=bool)
+    if not retry.any():
+        return {**(marker or {}), "retried": 0, "resumed": True}
+    t0 = time.perf_counter()
+    fresh = download_images(
+        old.loc[retry, list(schema.CANDIDATES.columns)].reset_index(drop=True), cfg.download
+    )
+    images = read_shard_images(run.join("images", f"{shard_id:05d}.tar"))
+    merged = old.drop(columns=[schema.KEY, schema.SHARD]).copy()
+    merged[schema.IMAGE] = [images.get(k) for k in old[schema.KEY]]
+    merged = merged.astype(
+        {c: fresh[c].dtype for c in merged.columns if c in fresh.columns}, errors="ignore"
+    )
+    merged.loc[retry, list(fresh.columns)] = fresh.set_index(merged.index[retry]).to_numpy()
+    merged = schema.conform(merged, schema.DOWNLOAD_DTYPES, schema.CANDIDATES_DTYPES)
+    extra = {k: marker[k] for k in ("source_part", "chunk") if marker and k in marker}
+    info = _write_download_part(run, shard_id, merged, fp, time.perf_counter() - t0, extra)
+    info["retried"] = int(retry.sum())
+    return info
+
+
+def run_download(
+    run: RunDir,
+    cfg: PipelineConfig,
+    *,
+    client: Any | None = None,
+    retry_failed: bool = False,
+    show_progress: bool = False,
+) -> StageReport:
+    """Download the kept candidates: ``RUN/images/NNNNN.tar`` shards + ``RUN/downloads/`` parquet.
+
+    Each candidate part is split into tasks of ``download.rows_per_task`` rows; each task writes
+    one shard. With ``retry_failed`` only rows whose failure was transient are fetched again
+    and merged into their finished part.
+    """
+    client = _get_client(client)
+    t0 = time.perf_counter()
+    run.makedirs("downloads", "images")
+    cand = run.markers("candidates")
+    if not cand:
+        raise StageError(f"{run.path}: no candidates; run extract first")
+    rows = cfg.download.rows_per_task
+    stage_cfg = run.config_dict(cfg, "download")
+    tasks = []
+    shard_id = 0
+    for index, marker in sorted(cand.items()):
+        n_chunks = math.ceil(marker["rows"] / rows)
+        for chunk in range(n_chunks):
+            fp = fingerprint(marker["fingerprint"], chunk, stage_cfg)
+            if retry_failed and run.done_marker("downloads", shard_id) is not None:
+                tasks.append((f"{shard_id:05d}", _retry_task, (shard_id, run, cfg, fp)))
+            else:
+                tasks.append(
+                    (f"{shard_id:05d}", _download_task, (index, chunk, shard_id, run, cfg, fp))
+                )
+            shard_id += 1
+    results, failures = _run_tasks(
+        client, "download", tasks, strict=cfg.strict, show_progress=show_progress
+    )
+    report = StageReport("download", partitions=len(tasks))
+    report.resumed = sum(1 for r in results if r.get("resumed"))
+    report.failed = failures
+    counter: Counter[str] = Counter()
+    for r in results:
+        counter.update(r["status"])
+    report.counts = dict(counter)
+    report.rows_in = sum(r["rows"] for r in results)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# --- score --------------------------------------------------------------------------------------
+
+
+def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
+    marker = run.done_marker("scores", shard_id, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    from .clip import score_partition
+    from .embeddings import write_embeddings
+
+    t0 = time.perf_counter()
+    df = run.read_parquet(run.part_path("downloads", shard_id))
+    result = score_partition(df, cfg.clip, image_root=run.join("images"))
+    frame = result.frame
+    run.write_parquet_atomic(run.part_path("scores", shard_id), frame)
+    if cfg.clip.write_embeddings:
+        meta = frame.set_index(schema.KEY).loc[result.keys].reset_index()
+        write_embeddings(run.join("embeddings"), shard_id, result, meta)
+    attempted = frame[schema.STATUS].eq("success").fillna(False)
+    info = {
+        "fingerprint": fp,
+        "index": shard_id,
+        "rows": int(attempted.sum()),
+        "score_status": _value_counts(frame.loc[attempted, schema.SCORE_STATUS]),
+        "seconds": time.perf_counter() - t0,
+    }
+    run.mark_done("scores", shard_id, info)
+    return {**info, "resumed": False}
+
+
+def run_score(
+    run: RunDir, cfg: PipelineConfig, *, client: Any | None = None, show_progress: bool = False
+) -> StageReport:
+    """CLIP-score every downloaded image: ``RUN/scores/`` + ``RUN/embeddings/``.
+
+    Scoring tasks ask for the ``GPU`` resource when the cluster's workers declare it, so CPU
+    stages never queue behind GPUs.
+    """
+    from .clip import check_model_available
+    from .cluster import scoring_resources
+
+    client = _get_client(client)
+    check_model_available(cfg.clip)  # one clear error before any work
+    t0 = time.perf_counter()
+    run.makedirs("scores", "embeddings")
+    downloads = run.markers("downloads")
+    stage_cfg = run.config_dict(cfg, "clip")
+    tasks = [
+        (
+            f"{k:05d}",
+            _score_task,
+            (k, run, cfg, fingerprint(m["fingerprint"], m.get("retried"), stage_cfg)),
+        )
+        for k, m in sorted(downloads.items())
+    ]
+    results, failures = _run_tasks(
+        client,
+        "score",
+        tasks,
+        strict=cfg.strict,
+        resources=scoring_resources(client),
+        show_progress=show_progress,
+    )
+    report = StageReport("score", partitions=len(tasks))
+    report.resumed = sum(1 for r in results if r.get("resumed"))
+    report.failed = failures
+    counter: Counter[str] = Counter()
+    for r in results:
+        counter.update(r["score_status"])
+    report.counts = dict(counter)
+    report.rows_in = sum(r["rows"] for r in results)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# --- all of it ----------------------------------------------------------------------------------
+
+STAGE_ORDER = ("extract", "download", "score", "materialize")
+
+
+def run_pipeline(
+    run: RunDir,
+    cfg: PipelineConfig,
+    *,
+    client: Any | None = None,
+    stages: Iterable[str] = STAGE_ORDER,
+    thresholds: Any | None = None,
+    show_progress: bool = False,
+) -> list[Any]:
+    """Run the named stages in order; returns their reports."""
+    stages = list(stages)
+    unknown = set(stages) - set(STAGE_ORDER)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; known: {STAGE_ORDER}")
+    run.write_config(cfg)
+    reports: list[Any] = []
+    if "extract" in stages:
+        reports.append(run_extract(run, cfg, client=client, show_progress=show_progress))
+    if "download" in stages:
+        reports.append(run_download(run, cfg, client=client, show_progress=show_progress))
+    if "score" in stages:
+        reports.append(run_score(run, cfg, client=client, show_progress=show_progress))
+    if "materialize" in stages:
+        from .materialize import materialize
+
+        reports.append(materialize(run, thresholds or cfg.filters, client=client))
+    return reports
