@@ -100,5 +100,8 @@ def make_scored_run(path, parts: int = 3, rows: int = 40, dim: int = 8) -> RunDi
         np.save(f"{base}/text_emb/text_emb_{p}.npy", emb[:, ::-1].astype("float16"))
         run.write_parquet_atomic(f"{base}/metadata/metadata_{p}.parquet",
                                  df.loc[scored, [schema.KEY, schema.UID]])
-        run.mark_done("scores", p, {"fingerprint": "x", "index": p, "rows": rows})
+        attempted = df[schema.STATUS].eq("success").fillna(False)
+        counts = df.loc[attempted, schema.SCORE_STATUS].value_counts().to_dict()
+        run.mark_done("scores", p, {"fingerprint": "x", "index": p, "rows": int(attempted.sum()),
+                                    "score_status": {str(k): int(v) for k, v in counts.items()}})
     return run
