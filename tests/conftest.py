@@ -35,7 +35,7 @@ def corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def client():
-    """A real distributed LocalCluster: 2 workers in this process, no dashboard.
+    """A real distributed LocalCluster: 2 workers in this process, dashboard on loopback.
 
     TCP on 127.0.0.1 rather than inproc: inproc addresses are built from the machine's outward
     IP, and tests talk to loopback only.
@@ -48,6 +48,7 @@ def client():
         processes=False,
         protocol="tcp://",
         host="127.0.0.1",
-        dashboard_address=None,
+        # the scheduler's HTTP server starts anyway; keep it on a free loopback port
+        dashboard_address="127.0.0.1:0",
     ) as cluster, Client(cluster) as c:
         yield c
