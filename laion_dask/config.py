@@ -110,17 +110,15 @@ class ExtractConfig:
     """WAT/WARC parsing: one input file -> one partition of candidate pairs."""
 
     SECTION: ClassVar[str] = "extract"
-    #: ``auto`` sniffs each file; ``wat`` / ``warc`` force a reader
+    #: ``auto`` parses WAT JSON metadata records and HTML responses alike (records say which they
+    #: are); ``wat`` / ``warc`` parse only that kind
     format: str = "auto"
-    #: ``auto`` = FastWARC where it reads the file, warcio otherwise
+    #: ``auto`` = FastWARC where it reads the file, warcio otherwise (ARC, odd files)
     reader: str = "auto"
     #: alt text is truncated to this many characters after clean-up
     max_text_chars: int = 2000
     #: HTML bodies larger than this are skipped (counted as ``html_too_large``)
     max_html_bytes: int = 10_000_000
-    #: WARC HTML without alt text still yields no pair; with this set, <img> without alt is ignored
-    #: (LAION used only alt text)
-    require_alt: bool = True
     #: an unreadable file becomes an empty partition + an error in its summary instead of raising
     skip_unreadable_files: bool = True
 

@@ -37,11 +37,8 @@ __all__ = [
     "run_download",
     "run_score",
     "run_pipeline",
-    "TRANSIENT_HTTP",
+    "is_transient_failure",
 ]
-
-#: HTTP statuses worth a later retry (``--retry-failed``); connection errors have no status
-TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class StageError(RuntimeError):
@@ -448,11 +445,14 @@ def _jsonable(v: Any) -> Any:
 
 
 def is_transient_failure(df: pd.DataFrame) -> pd.Series:
-    """Rows whose download failure may succeed later: connection errors, 408/425/429/5xx."""
-    failed = df[schema.STATUS].eq("failed_to_download").fillna(False)
-    http = df[schema.HTTP_STATUS]
-    transient = http.isna() | http.isin(list(TRANSIENT_HTTP)).fillna(False)
-    return failed & transient.astype(bool)
+    """Rows whose download failure may succeed later (429, 5xx, timeouts, dropped connections)."""
+    from .download import is_transient
+
+    flags = [
+        is_transient(None if pd.isna(s) else str(s), None if pd.isna(m) else str(m))
+        for s, m in zip(df[schema.STATUS], df[schema.ERROR_MESSAGE], strict=True)
+    ]
+    return pd.Series(flags, index=df.index, dtype=bool)
 
 
 def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
