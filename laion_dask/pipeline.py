@@ -205,8 +205,13 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
         if cfg.strict:
             raise StageError(f"{path}: {result.summary.error}")
         # no marker: the file is reported by name and retried by the next run
-        return {"index": index, "source_file": path, "summary": result.summary.to_dict(),
-                "resumed": False, "failed": True}
+        return {
+            "index": index,
+            "source_file": path,
+            "summary": result.summary.to_dict(),
+            "resumed": False,
+            "failed": True,
+        }
     df = add_drop_reason(add_language(result.pairs, cfg.language), cfg.rules)
     run.write_parquet_atomic(run.part_path("extract", index), df)
     info = {

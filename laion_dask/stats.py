@@ -54,10 +54,13 @@ def funnel(run: RunDir | str) -> pd.DataFrame:
         with run.fs.open(path, "rb") as fh:
             mat = json.load(fh)
         rows.append({"stage": "materialize", "outcome": "rows_in", "rows": mat["rows_in"]})
-        rows += [{"stage": "materialize", "outcome": f"kept_{g}", "rows": n}
-                 for g, n in mat["kept"].items()]
-        rows += [{"stage": "materialize", "outcome": k, "rows": v}
-                 for k, v in mat["dropped"].items()]
+        rows += [
+            {"stage": "materialize", "outcome": f"kept_{g}", "rows": n}
+            for g, n in mat["kept"].items()
+        ]
+        rows += [
+            {"stage": "materialize", "outcome": k, "rows": v} for k, v in mat["dropped"].items()
+        ]
     return pd.DataFrame(rows, columns=["stage", "outcome", "rows"])
 
 

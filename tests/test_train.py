@@ -1,0 +1,201 @@
+"""The small CLIP: training loop, save/load through transformers, and the committed demo model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from laion_dask.demo.corpus import CorpusSpec, generate_corpus
+from laion_dask.shards import ShardSample, write_shard
+from laion_dask.train import (
+    DEMO_MODEL_DIR,
+    TrainConfig,
+    clip_loss,
+    corpus_auc,
+    main,
+    roc_auc,
+    train_clip,
+    train_tokenizer,
+    write_synthetic_shards,
+    zero_shot_accuracy,
+)
+from tests.helpers.demo import FAKE_BASE_URLS
+
+TINY = TrainConfig(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=1,
+    text_width=32,
+    text_layers=1,
+    heads=2,
+    projection_dim=16,
+    max_text_tokens=24,
+    vocab_size=400,
+    batch_size=8,
+    steps=3,
+    warmup_steps=1,
+    threads=1,
+    device="cpu",
+    log_every=1,
+)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    out = tmp_path_factory.mktemp("shards")
+    paths = write_synthetic_shards(out, 24, seed=5, shard_size=16, size_range=(40, 64))
+    # one sample without an image, one with an empty caption, one that is not an image at all
+    bad = [
+        ShardSample(key="000020000", image=b"", text="a red circle", meta={}, ext="xyz"),
+        ShardSample(key="000020001", image=b"\xff\xd8", text="", meta={}),
+        ShardSample(key="000020002", image=b"not an image at all", text="a blue square", meta={}),
+    ]
+    write_shard(str(out / "00002.tar"), bad)
+    return [*paths, str(out / "00002.tar")]
+
+
+def test_train_saves_a_model_transformers_loads(shards: list[str], tmp_path: Path) -> None:
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer, CLIPModel
+
+    report = train_clip(shards, tmp_path / "model", TINY)
+    assert report.samples == 24
+    assert report.skipped == {"no_image": 1, "no_text": 1, "bad_image": 1}
+    assert report.steps == 3 and len(report.losses) == 3
+    assert all(np.isfinite(report.losses))
+    saved = json.loads((tmp_path / "model" / "train_report.json").read_text())
+    assert saved["report"]["samples"] == 24 and saved["config"]["steps"] == 3
+
+    model = CLIPModel.from_pretrained(tmp_path / "model")
+    processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.vision_config.image_size == 32
+    texts = ["a red circle on a striped blue background", "ein grünes Auto am Strand"]
+    assert tokenizer(texts).input_ids == processor.tokenizer(texts).input_ids
+    inputs = processor(
+        text=texts,
+        images=[Image.new("RGB", (300, 200), "red")] * 2,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+    )
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32)
+    with torch.inference_mode():
+        out = model(**inputs)
+    assert out.logits_per_image.shape == (2, 2)
+    # a long alt text is cut to the position table, not an index error
+    long = processor.tokenizer(["word " * 200], truncation=True, return_tensors="pt")
+    assert long.input_ids.shape[1] == 24
+
+
+def test_tokenizer_covers_every_byte_and_round_trips(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(["a red circle", "une étoile verte", "un coche amarillo"] * 20, 400, 32)
+    text = "Ünïcödé ✓ 😀 IMG_2031.jpg"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1]  # byte-level: nothing is unknown
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text).input_ids == ids
+    # CLIP's decoder puts a space at every word end ("</w>"), as openai's tokenizer does
+    decoded = again.decode(ids, skip_special_tokens=True)
+    assert decoded.replace(" ", "") == text.lower().replace(" ", "")
+
+
+def test_clip_loss_is_symmetric_infonce() -> None:
+    torch.manual_seed(0)
+    emb = torch.randn(6, 8)
+    scale = torch.tensor(np.log(10.0), requires_grad=True)
+    aligned = clip_loss(emb, emb, scale)
+    shuffled = clip_loss(emb, emb[torch.randperm(6)], scale)
+    assert aligned < shuffled
+    other = torch.randn(6, 8)
+    assert torch.isclose(clip_loss(emb, other, scale), clip_loss(other, emb, scale))
+    # by hand: mean of the two cross-entropies over cosine logits
+    a, b = torch.nn.functional.normalize(emb, dim=-1), torch.nn.functional.normalize(other, dim=-1)
+    logits = 10.0 * a @ b.T
+    want = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(6))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))
+    ) / 2
+    assert torch.isclose(clip_loss(emb, other, scale), want, atol=1e-5)
+    clip_loss(emb, other, scale).backward()
+    assert scale.grad is not None and scale.grad != 0  # the temperature is learned
+
+
+def test_roc_auc_against_pairwise_count() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    want = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        len(pos) * len(neg)
+    )
+    assert roc_auc(scores, labels) == pytest.approx(want)
+    assert roc_auc([0.1, 0.9], [False, True]) == 1.0
+    with pytest.raises(ValueError):
+        roc_auc([0.1, 0.2], [True, True])
+
+
+def test_train_config_validation() -> None:
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        TrainConfig(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="need at least 2"):
+        train_clip([], "unused", TINY)
+
+
+def test_cli_train_clip(shards: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(
+        [
+            "train-clip",
+            *shards[:1],
+            "--out",
+            str(tmp_path / "m"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(
+    not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="committed demo model missing"
+)
+def test_demo_model_separates_true_pairs(tmp_path: Path) -> None:
+    # a corpus the model never saw (its training set is drawn with another seed)
+    generate_corpus(
+        tmp_path, CorpusSpec(n_pages=50, n_images=50, seed=77), base_urls=FAKE_BASE_URLS
+    )
+    result = corpus_auc(DEMO_MODEL_DIR, tmp_path)
+    assert result["pairs"] > 150
+    assert result["auc"] >= 0.9
+    for lang in ("en", "de", "fr", "es"):
+        assert result[f"auc_{lang}"] >= 0.9, lang
+    assert result["mean_true"] > result["mean_false"] + 0.3
+
+
+@pytest.mark.skipif(
+    not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="committed demo model missing"
+)
+def test_demo_model_zero_shot_well_above_chance() -> None:
+    acc = zero_shot_accuracy(DEMO_MODEL_DIR, n=60, seed=5)
+    assert acc["shape_top1"] > 0.8 and acc["colour_top1"] > 0.8
+    assert acc["caption_top1_en"] > 100 * acc["chance_caption"]
+    assert acc["caption_top1_de"] > 100 * acc["chance_caption"]
