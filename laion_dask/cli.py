@@ -173,7 +173,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_train_clip(args: argparse.Namespace) -> int:
     from . import train
 
-    return int(train.main([*args.shards, "--out", args.out, *args.rest]) or 0)
+    return int(train.main(["train-clip", *args.rest]) or 0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import main as demo_main
+
+    return int(demo_main(args.rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,16 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, config=False)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("train-clip", help="train a small CLIP on webdataset shards")
-    sp.add_argument("shards", nargs="+")
-    sp.add_argument("--out", required=True)
+    sp = sub.add_parser("train-clip", add_help=False,
+                        help="train a small CLIP on webdataset shards (SHARDS... --out DIR)")
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_train_clip)
+
+    sp = sub.add_parser("demo", add_help=False,
+                        help="the whole pipeline offline on a generated crawl ([--out demo-run])")
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_demo)
     return p
 
 
+_PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] in _PASSTHROUGH:
+        # these own their flags (argparse.REMAINDER drops leading options)
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return int(_PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
