@@ -1,0 +1,490 @@
+"""Extraction benchmark: WAT -> (image URL, alt text) pairs, ours against the baselines.
+
+Generates a Common-Crawl-like WAT (default 200 MB compressed, split into ``--parts`` files; a third
+of the records describe responses, 60-150 links per page, 10-20 % of them ``IMG@/src``), cached
+under ``benchmarks/_work/``. Then, in one run, each measured in its own process (peak RSS is that
+process's ``ru_maxrss``):
+
+  (a) ours        laion_dask.extract.extract_file, one core
+  (b) naive       warcio ArchiveIterator + json.loads of every metadata record
+  (c) gunzip      gzip decompression alone (the floor)
+  (d) cc2dataset  cc2dataset.main.process_wat (pip package, own venv under benchmarks/_work/)
+  (e) dask        dd.from_map(extract_pairs) on a LocalCluster (processes) with 1 and 2 workers
+  (f) language    benchmarks/bench_language.py, when it exists
+
+Usage::
+
+    python benchmarks/bench_extract.py                 # 200 MB, the issue's size
+    python benchmarks/bench_extract.py --size-mb 20    # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / "_work"
+
+# --- data generation ------------------------------------------------------------------------------
+WORDS = (
+    "the a photo of red blue green small large old new house garden city night beach dog cat "
+    "car bike mountain river sunset portrait family wedding food recipe chocolate cake logo "
+    "icon product shoes dress table chair lamp book cover map chart street market church "
+    "Köln café Zürich niño façade 東京 写真 фото карта مدينة صورة"
+).split()
+TLDS = ("com", "org", "net", "de", "fr", "co.uk", "jp", "ru", "com.br", "info")
+IMG_EXT = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".svg", ".jpg?w=640", "")
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def _warc_record(warc_type: str, uri: str, body: bytes, rng: random.Random) -> bytes:
+    head = (
+        f"WARC/1.0\r\nWARC-Type: {warc_type}\r\nWARC-Target-URI: {uri}\r\n"
+        "WARC-Date: 2024-05-18T01:58:10Z\r\n"
+        f"WARC-Record-ID: <urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}>\r\n"
+        "WARC-Refers-To: <urn:uuid:00000000-0000-0000-0000-000000000000>\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body + b"\r\n\r\n"
+
+
+def _envelope(rng: random.Random, uri: str, warc_type: str) -> dict:
+    return {
+        "Format": "WARC",
+        "WARC-Header-Length": str(rng.randint(500, 900)),
+        "Actual-Content-Length": str(rng.randint(1000, 90000)),
+        "Block-Digest": "sha1:"
+        + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(32)),
+        "WARC-Header-Metadata": {
+            "WARC-Type": warc_type,
+            "WARC-Date": "2024-05-18T01:58:10Z",
+            "WARC-Record-ID": f"<urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}>",
+            "Content-Length": str(rng.randint(1000, 90000)),
+            "Content-Type": f"application/http; msgtype={warc_type}",
+            "WARC-IP-Address": f"10.{rng.randint(0, 255)}.0.{rng.randint(1, 254)}",
+            "WARC-Target-URI": uri,
+        },
+    }
+
+
+def _links(rng: random.Random, host: str) -> list[dict]:
+    n = rng.randint(60, 150)
+    img_share = rng.uniform(0.10, 0.20)
+    links = []
+    for _ in range(n):
+        if rng.random() < img_share:
+            src = rng.choice(
+                [f"https://{host}/img/", "/media/", "images/", "https://cdn.example.net/"]
+            )
+            link = {
+                "path": "IMG@/src",
+                "url": src + f"{rng.getrandbits(40):x}" + rng.choice(IMG_EXT),
+            }
+            r = rng.random()
+            if r < 0.75:
+                link["alt"] = _words(rng, 1, 12)
+            elif r < 0.9:
+                link["alt"] = ""
+            if rng.random() < 0.5:  # the 2014 key order puts alt first
+                link = dict(sorted(link.items()))
+        else:
+            kind = rng.random()
+            if kind < 0.8:
+                link = {
+                    "path": "A@/href",
+                    "url": f"/{_words(rng, 1, 3).replace(' ', '-')}",
+                    "text": _words(rng, 1, 6),
+                }
+                if rng.random() < 0.3:
+                    link["title"] = _words(rng, 2, 8)
+            elif kind < 0.9:
+                link = {
+                    "path": "LINK@/href",
+                    "url": f"https://{host}/s/{rng.getrandbits(32):x}.css",
+                    "rel": "stylesheet",
+                }
+            else:
+                link = {
+                    "path": "SCRIPT@/src",
+                    "url": f"https://{host}/js/{rng.getrandbits(32):x}.js",
+                }
+        links.append(link)
+    return links
+
+
+def _capture(rng: random.Random, i: int) -> list[tuple[str, str, bytes]]:
+    host = f"www.site{rng.randint(1, 10**6)}.{rng.choice(TLDS)}"
+    uri = f"https://{host}/{_words(rng, 1, 3).replace(' ', '/')}/page-{i}.html"
+    request = {
+        "Container": {"Filename": "CC-MAIN-bench.warc.gz", "Compressed": True},
+        "Envelope": _envelope(rng, uri, "request"),
+    }
+    request["Envelope"]["Payload-Metadata"] = {
+        "HTTP-Request-Metadata": {
+            "Request-Message": {"Method": "GET", "Path": "/", "Version": "HTTP/1.1"},
+            "Headers": {"Host": host, "Accept": "text/html", "User-Agent": "CCBot/2.0"},
+        }
+    }
+    html = {
+        "Head": {
+            "Title": _words(rng, 3, 10),
+            "Metas": [
+                {"name": "description", "content": _words(rng, 10, 30)},
+                {"property": "og:title", "content": _words(rng, 3, 8)},
+            ],
+            "Link": [{"path": "LINK@/href", "url": f"https://{host}/favicon.ico", "rel": "icon"}],
+        },
+        "Links": _links(rng, host),
+    }
+    if rng.random() < 0.05:
+        html["Head"]["Base"] = f"https://{host}/base/"
+    response = {
+        "Container": {
+            "Filename": "CC-MAIN-bench.warc.gz",
+            "Compressed": True,
+            "Offset": str(rng.getrandbits(30)),
+        },
+        "Envelope": _envelope(rng, uri, "response"),
+    }
+    response["Envelope"]["Payload-Metadata"] = {
+        "Actual-Content-Type": "application/http; msgtype=response",
+        "HTTP-Response-Metadata": {
+            "Response-Message": {"Status": "200", "Version": "HTTP/1.1", "Reason": "OK"},
+            "Headers": {
+                "Content-Type": "text/html; charset=UTF-8",
+                "Server": "nginx",
+                "Date": "Sat, 18 May 2024 01:58:10 GMT",
+            },
+            "Headers-Length": str(rng.randint(200, 900)),
+            "Entity-Length": str(rng.randint(1000, 90000)),
+            "HTML-Metadata": html,
+        },
+    }
+    meta = {
+        "Container": {"Filename": "CC-MAIN-bench.warc.gz", "Compressed": True},
+        "Envelope": _envelope(rng, uri, "metadata"),
+    }
+    meta["Envelope"]["Payload-Metadata"] = {
+        "WARC-Metadata-Metadata": {
+            "Metadata-Records": [
+                {"Name": "fetchTimeMs", "Value": str(rng.randint(10, 3000))},
+                {"Name": "charset-detected", "Value": "UTF-8"},
+                {
+                    "Name": "languages-cld2",
+                    "Value": '{"reliable":true,"languages":[{"code":"en"}]}',
+                },
+            ]
+        }
+    }
+    return [
+        (t, uri, json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+        for t, doc in (("request", request), ("response", response), ("metadata", meta))
+    ]
+
+
+def generate(path: Path, target_bytes: int, seed: int) -> None:
+    """Write one WAT file of about ``target_bytes`` compressed (one gzip member per record)."""
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    written, i = 0, 0
+    with open(tmp, "wb") as out:
+        info = b"software: bench\r\nformat: WARC File Format 1.0\r\n"
+        written += out.write(gzip.compress(_warc_record("warcinfo", "", info, rng), 6, mtime=0))
+        while written < target_bytes:
+            for _envelope_type, uri, body in _capture(rng, i):
+                rec = _warc_record("metadata", uri, body, rng)
+                written += out.write(gzip.compress(rec, 6, mtime=0))
+            i += 1
+    tmp.rename(path)
+
+
+def ensure_data(size_mb: int, parts: int) -> list[Path]:
+    folder = WORK / "wat"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for p in range(parts):
+        path = folder / f"bench-{size_mb}mb-{p:02d}of{parts:02d}.warc.wat.gz"
+        if not path.exists():
+            t0 = time.perf_counter()
+            generate(path, size_mb * 1_000_000 // parts, seed=1000 + p)
+            print(
+                f"  generated {path.name}: {path.stat().st_size / 1e6:.1f} MB "
+                f"in {time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        files.append(path)
+    return files
+
+
+# --- measured functions (each runs in its own process) --------------------------------------------
+# each returns (count, seconds); the clock starts after the imports
+def measure_ours(files: list[str]) -> tuple[int, float]:
+    sys.path.insert(0, str(REPO))
+    from laion_dask.config import ExtractConfig
+    from laion_dask.extract import extract_file
+
+    cfg = ExtractConfig()
+    t0 = time.perf_counter()
+    return sum(extract_file(f, cfg).summary.pairs_found for f in files), time.perf_counter() - t0
+
+
+def measure_naive(files: list[str]) -> tuple[int, float]:
+    from urllib.parse import urljoin
+
+    from warcio.archiveiterator import ArchiveIterator
+
+    n, t0 = 0, time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh:
+            for rec in ArchiveIterator(fh):
+                if rec.rec_type != "metadata":
+                    continue
+                doc = json.loads(rec.content_stream().read())
+                env = doc["Envelope"]
+                html = (
+                    env.get("Payload-Metadata", {})
+                    .get("HTTP-Response-Metadata", {})
+                    .get("HTML-Metadata", {})
+                )
+                page = env["WARC-Header-Metadata"].get("WARC-Target-URI", "")
+                for link in html.get("Links", []):
+                    if link.get("path") == "IMG@/src" and link.get("alt"):
+                        urljoin(page, link["url"])
+                        n += 1
+    return n, time.perf_counter() - t0
+
+
+def measure_gunzip(files: list[str]) -> tuple[int, float]:
+    total, t0 = 0, time.perf_counter()
+    for f in files:
+        with gzip.open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                total += len(chunk)
+    return total, time.perf_counter() - t0  # bytes, not pairs
+
+
+def measure_cc2dataset(files: list[str]) -> tuple[int, float]:
+    from cc2dataset.main import process_wat
+
+    t0 = time.perf_counter()
+    return sum(sum(1 for _ in process_wat(f, "image")) for f in files), time.perf_counter() - t0
+
+
+def measure_dask(files: list[str], workers: int) -> tuple[int, float]:
+    sys.path.insert(0, str(REPO))
+    import dask
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster
+
+    from laion_dask import schema
+    from laion_dask.config import ExtractConfig
+    from laion_dask.extract import extract_pairs
+
+    # the workers' statistical profiler samples task threads every 10 ms and costs ~20 % on
+    # pure-Python tasks like this one (measured here); pipelines that care can turn it off too
+    dask.config.set({"distributed.worker.profile.enabled": False})
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.run(lambda: __import__("laion_dask.extract"))  # warm imports outside the timing
+        t0 = time.perf_counter()
+        ddf = dd.from_map(extract_pairs, files, args=(ExtractConfig(),), meta=schema.PAIRS)
+        n = int(ddf.map_partitions(len).compute().sum())
+        return n, time.perf_counter() - t0
+
+
+def _child(name: str, files: list[str], workers: int, repeat: int) -> None:
+    best, cpu = float("inf"), float("inf")
+    for _ in range(repeat):  # the best of a few runs: this machine is shared
+        c0 = time.process_time()
+        if name == "dask":
+            n, seconds = measure_dask(files, workers)
+        else:
+            n, seconds = {
+                "ours": measure_ours,
+                "naive": measure_naive,
+                "gunzip": measure_gunzip,
+                "cc2dataset": measure_cc2dataset,
+            }[name](files)
+        best, cpu = min(best, seconds), min(cpu, time.process_time() - c0)
+    seconds = best
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        "RESULT " + json.dumps({"n": n, "seconds": seconds, "cpu": cpu, "rss_mb": rss_mb}),
+        flush=True,
+    )
+
+
+# --- cc2dataset venv ------------------------------------------------------------------------------
+def cc2dataset_python() -> tuple[str | None, str]:
+    """Python of a venv holding cc2dataset (made on first use), or None and the reason."""
+    venv = WORK / "cc2dataset-venv"
+    py = venv / "bin" / "python"
+    ok = venv / ".installed"
+    if ok.exists():
+        return str(py), ""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        # cc2dataset's extraction needs fastwarc, pysimdjson, fsspec and loguru; pyspark (400 MB)
+        # is imported at the top of cc2dataset.main but unused by process_wat: see _pyspark_stub
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--no-deps", "cc2dataset==1.5.0"],
+            check=True,
+            timeout=600,
+        )
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "fastwarc", "pysimdjson", "fsspec", "loguru"],
+            check=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as err:
+        return None, f"cannot install cc2dataset: {err}"
+    ok.touch()
+    return str(py), ""
+
+
+_PYSPARK_STUB = """
+import sys, types
+try:
+    import pyspark  # noqa: F401
+except ImportError:
+    # cc2dataset.main imports pyspark at module level for its Spark driver; process_wat does not
+    # use it, so empty modules let us call the extraction function without a 400 MB install
+    for name in ("pyspark", "pyspark.sql", "pyspark.sql.functions"):
+        mod = types.ModuleType(name)
+        mod.SparkContext = mod.SparkSession = mod.rand = None
+        sys.modules[name] = mod
+sys.argv = sys.argv[1:]
+code = compile(open(sys.argv[0]).read(), sys.argv[0], "exec")
+exec(code, {"__name__": "__main__", "__file__": sys.argv[0]})
+"""
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def run_child(
+    python: str, name: str, files: list[Path], workers: int = 1, stub: bool = False, repeat: int = 1
+) -> dict | str:
+    args = [
+        str(HERE / "bench_extract.py"),
+        "--child",
+        name,
+        "--workers",
+        str(workers),
+        "--repeat",
+        str(repeat),
+        *map(str, files),
+    ]
+    cmd = [python, "-c", _PYSPARK_STUB, *args] if stub else [python, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return f"failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-600:]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mb", type=int, default=200, help="total compressed WAT size")
+    ap.add_argument("--parts", type=int, default=4, help="number of WAT files (Dask partitions)")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], help="measures to skip: naive cc2dataset dask language"
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N runs per measure")
+    ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args.child, args.files, args.workers, args.repeat)
+        return
+
+    print(
+        f"bench_extract: {args.size_mb} MB of WAT in {args.parts} files, cpus={os.cpu_count()}",
+        flush=True,
+    )
+    files = ensure_data(args.size_mb, args.parts)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    results: dict[str, dict | str] = {}
+    plan = [("ours", sys.executable, 1, False), ("gunzip", sys.executable, 1, False)]
+    if "naive" not in args.skip:
+        plan.append(("naive", sys.executable, 1, False))
+    if "cc2dataset" not in args.skip:
+        py, why = cc2dataset_python()
+        if py is None:
+            print(f"  (d) cc2dataset skipped: {why}", flush=True)
+        else:
+            plan.append(("cc2dataset", py, 1, True))
+    for name, py, workers, stub in plan:
+        print(f"  running {name} ...", flush=True)
+        results[name] = run_child(py, name, files, workers, stub, args.repeat)
+    if "dask" not in args.skip:
+        for w in (1, 2):
+            print(f"  running dask with {w} worker(s) ...", flush=True)
+            results[f"dask-{w}w"] = run_child(sys.executable, "dask", files, w, False, args.repeat)
+
+    print(
+        f"\n{'measure':<14}{'wall s':>8}{'cpu s':>8}{'pairs':>10}{'pairs/s':>10}{'MB/s':>8}"
+        f"{'RSS MB':>8}{'cpu/ours':>10}"
+    )
+    ours = results.get("ours")
+    for name, r in results.items():
+        if isinstance(r, str):
+            print(f"{name:<14} {r}")
+            continue
+        pairs = "-" if name == "gunzip" else r["n"]
+        pps = "-" if name == "gunzip" else f"{r['n'] / r['seconds']:,.0f}"
+        dask = name.startswith("dask")
+        rss = "-" if dask else f"{r['rss_mb']:.0f}"
+        cpu = "-" if dask else f"{r['cpu']:.2f}"
+        ratio = f"{r['cpu'] / ours['cpu']:.2f}x" if isinstance(ours, dict) and not dask else "-"
+        print(
+            f"{name:<14}{r['seconds']:>8.2f}{cpu:>8}{pairs!s:>10}{pps:>10}"
+            f"{mb / r['seconds']:>8.1f}{rss:>8}{ratio:>10}"
+        )
+    print(
+        "(MB/s and pairs/s from wall time; cpu/ours = that measure's CPU time over ours, so "
+        "2.00x means ours is twice as fast; dask rows: wall time of the graph, workers warm)"
+    )
+    d1, d2 = results.get("dask-1w"), results.get("dask-2w")
+    if isinstance(d1, dict) and isinstance(d2, dict):
+        print(
+            f"\ndask speed-up 2 workers / 1 worker: {d1['seconds'] / d2['seconds']:.2f}x "
+            f"(target >= 1.7x; this machine has {os.cpu_count()} cores shared with others)"
+        )
+    if isinstance(ours, dict):
+        for base, target in (("cc2dataset", 2.0), ("naive", 3.0)):
+            r = results.get(base)
+            if isinstance(r, dict):
+                print(
+                    f"ours vs {base}: {r['cpu'] / ours['cpu']:.2f}x less CPU, "
+                    f"{r['seconds'] / ours['seconds']:.2f}x less wall time (target >= {target}x)"
+                )
+        print(f"ours peak RSS: {ours['rss_mb']:.0f} MB (target < 400 MB)")
+
+    lang = HERE / "bench_language.py"
+    if lang.exists() and "language" not in args.skip:
+        print(f"\n(f) {lang.name}:", flush=True)
+        subprocess.run([sys.executable, str(lang)], cwd=REPO, check=False)
+    else:
+        print("\n(f) benchmarks/bench_language.py: skipped (absent or --skip language)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Extraction stage: one WAT/WARC/ARC file -> one partition of (image URL, alt text) pairs.
+
+``extract_file`` streams the file record by record (never whole), picks FastWARC where it reads
+the file and warcio where it does not (ARC, odd files), and returns the pairs plus a
+:class:`FileSummary` whose counters say what was read and what was skipped, by kind. Bad records
+are counted and skipped; a file that cannot be read at all raises, or with
+``cfg.skip_unreadable_files`` becomes an empty partition with ``summary.error`` set.
+
+Skip kinds in ``bad_records``: ``empty_file``, ``corrupt_gzip``, ``invalid_record`` (the archive
+stream cannot be parsed further), ``truncated_record`` (block shorter than its Content-Length),
+``invalid_json``, ``bad_encoding``, ``invalid_wat`` (JSON of the wrong shape), ``record_too_large``
+(a WAT JSON over ``max_html_bytes``), ``html_too_large``, ``bad_http``, ``bad_content_encoding``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import re
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+
+from laion_dask import schema
+from laion_dask.config import ExtractConfig
+from laion_dask.extract.common import BadRecord, RawLink
+from laion_dask.extract.records import (
+    NonChunkedGzip,
+    Record,
+    StreamError,
+    classify_stream_error,
+    iter_fastwarc,
+    iter_warcio,
+    read_block,
+)
+from laion_dask.extract.text import clean_text, laion_hash, make_uid
+from laion_dask.extract.warc import looks_like_html, parse_html, split_http
+from laion_dask.extract.wat import IMG_MARKER, parse_wat_json
+from laion_dask.sources import open_input
+
+__all__ = ["FileSummary", "ExtractResult", "extract_file", "extract_pairs", "sniff_format"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FileSummary:
+    """What one input file gave; summaries add up with ``+``.
+
+    ``records_read`` counts every record seen; ``records_with_links`` those holding at least one
+    image link with an ``alt`` attribute; ``pairs_found`` the pairs returned (alt text non-empty
+    after clean-up); ``bad_records`` the skipped records (or stream breaks) by kind.
+    """
+
+    source_file: str
+    format: str = "unknown"  # wat | warc | wet | arc | unknown
+    reader: str = "none"  # fastwarc | warcio, "+gunzip" when read through gzip (whole-file gzip)
+    records_read: int = 0
+    records_with_links: int = 0
+    pairs_found: int = 0
+    bad_records: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def records_skipped(self) -> int:
+        """Total of ``bad_records``."""
+        return sum(self.bad_records.values())
+
+    def count(self, kind: str, n: int = 1) -> None:
+        """Add ``n`` to the ``kind`` counter of ``bad_records``."""
+        self.bad_records[kind] = self.bad_records.get(kind, 0) + n
+
+    def __add__(self, other: FileSummary) -> FileSummary:
+        if not isinstance(other, FileSummary):
+            return NotImplemented
+
+        def same(a: str, b: str, mixed: str) -> str:
+            return a if a == b else mixed
+
+        bad = dict(self.bad_records)
+        for k, v in other.bad_records.items():
+            bad[k] = bad.get(k, 0) + v
+        errors = [e for e in (self.error, other.error) if e]
+        return FileSummary(
+            source_file=same(self.source_file, other.source_file, "*"),
+            format=same(self.format, other.format, "mixed"),
+            reader=same(self.reader, other.reader, "mixed"),
+            records_read=self.records_read + other.records_read,
+            records_with_links=self.records_with_links + other.records_with_links,
+            pairs_found=self.pairs_found + other.pairs_found,
+            bad_records=dict(sorted(bad.items())),
+            bytes_read=self.bytes_read + other.bytes_read,
+            seconds=self.seconds + other.seconds,
+            error="; ".join(errors) if errors else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileSummary:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        return cls(**{**data, "bad_records": dict(data.get("bad_records") or {})})
+
+
+@dataclass
+class ExtractResult:
+    """Pairs of one file (``schema.PAIRS_DTYPES`` columns) and its summary."""
+
+    pairs: pd.DataFrame
+    summary: FileSummary
+
+
+class _Unreadable(Exception):
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+_ARC_FIRST_LINE = re.compile(rb"^(?:filedesc://|\S+ \d{1,3}(?:\.\d{1,3}){3} \d{14} )")
+
+
+def _plain_head(head: bytes) -> tuple[bytes, bool, bool]:
+    """(first decompressed bytes, gzipped, corrupt) of a file's first bytes."""
+    if head[:2] != b"\x1f\x8b":
+        return head, False, False
+    plain, data = b"", head
+    try:
+        while data and len(plain) < 64:  # skip empty members, as gzip readers do
+            d = zlib.decompressobj(31)
+            plain += d.decompress(data, 4096)
+            if not d.eof:
+                # a stream that ends inside the first member's header is corrupt
+                return plain, True, not plain
+            data = d.unused_data
+    except zlib.error:
+        return plain, True, True
+    return plain, True, False
+
+
+def sniff_format(head: bytes) -> tuple[str, bool]:
+    """Container of a file from its first bytes.
+
+    Returns
+    -------
+    (kind, gzipped)
+        ``kind`` is ``warc``, ``arc``, ``empty``, ``corrupt_gzip`` or ``unknown``.
+    """
+    plain, gz, corrupt = _plain_head(head)
+    if corrupt:
+        return "corrupt_gzip", gz
+    stripped = plain.lstrip(b"\r\n\t ")
+    if not stripped:
+        return "empty", gz
+    if stripped.startswith(b"WARC/"):
+        return "warc", gz
+    if _ARC_FIRST_LINE.match(stripped):
+        return "arc", gz
+    return "unknown", gz
+
+
+def _format_from_name(path: str, sniffed: str) -> str:
+    name = path.rsplit("/", 1)[-1].lower()
+    for fmt in ("wat", "wet", "arc"):
+        if re.search(rf"\.{fmt}(?:\.|$)", name):
+            return fmt
+    return sniffed
+
+
+def _surrogate_free(s: str) -> str:
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
+class _Collector:
+    """Rows of the pairs under construction, plus the summary counters."""
+
+    def __init__(self, source_file: str, cfg: ExtractConfig) -> None:
+        self.source_file = source_file
+        self.cfg = cfg
+        self.summary = FileSummary(source_file=source_file)
+        self.rows: list[tuple[int, int, str, str, str]] = []  # offset, index, url, text, page
+        self.saw_wat = False
+
+    def add(self, offset: int, page_url: str, links: list[RawLink]) -> None:
+        if not links:
+            return
+        self.summary.records_with_links += 1
+        max_chars, rows = self.cfg.max_text_chars, self.rows
+        for link in links:
+            text = clean_text(link.alt, max_chars)
+            if text:  # LAION needs alt text; no pair without it
+                rows.append((offset, link.index, link.url, text, page_url))
+
+    def frame(self) -> pd.DataFrame:
+        rows, src = self.rows, self.source_file
+        urls = [_surrogate_free(r[2]) for r in rows]
+        texts = [_surrogate_free(r[3]) for r in rows]
+        data = {
+            schema.UID: [make_uid(src, r[0], r[1]) for r in rows],
+            schema.URL: urls,
+            schema.TEXT: texts,
+            schema.PAGE_URL: [_surrogate_free(r[4]) for r in rows],
+            schema.SOURCE_FILE: [src] * len(rows),
+            schema.RECORD_OFFSET: np.fromiter((r[0] for r in rows), "int64", len(rows)),
+            schema.HASH: np.fromiter(map(laion_hash, urls, texts), "int64", len(rows)),
+        }
+        return pd.DataFrame(
+            {
+                c: data[c] if t == "int64" else pd.array(data[c], dtype=t)
+                for c, t in schema.PAIRS_DTYPES.items()
+            }
+        )
+
+
+def _is_html_head(head: bytes, content_type: str) -> bool:
+    try:
+        status, headers, body = split_http(head)
+    except BadRecord:
+        return True  # headers longer than the head we kept: cannot tell, count it
+    ctype = headers.get("content-type", "" if status is not None else content_type).lower()
+    return "html" in ctype or (not ctype and looks_like_html(body))
+
+
+def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
+    """Parse one record into ``col``; raises BadRecord for a counted skip."""
+    t = rec.warc_type
+    limit = cfg.max_html_bytes
+    if t == "metadata" and cfg.format != "warc" and "json" in rec.content_type:
+        col.saw_wat = True
+        data, total = read_block(rec, limit)
+        if total is not None:
+            raise BadRecord("record_too_large", f"{total} bytes")
+        if rec.declared_length is not None and len(data) < rec.declared_length:
+            raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
+        if IMG_MARKER not in data:
+            return  # cannot hold an image link: skip the JSON parse (the fast path)
+        page, links = parse_wat_json(data, rec.target_uri)
+        col.add(rec.offset, page, links)
+    elif t in ("response", "resource") and cfg.format != "wat":
+        data, total = read_block(rec, limit)
+        if total is not None:
+            if _is_html_head(data, rec.content_type):
+                raise BadRecord("html_too_large", f"{total} bytes")
+            return
+        if rec.declared_length is not None and len(data) < rec.declared_length:
+            raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
+        col.add(
+            rec.offset, rec.target_uri, parse_html(data, rec.target_uri, rec.content_type, limit)
+        )
+
+
+@contextmanager
+def _open_stream(path: str, gunzip: bool) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    with open_input(path) as raw:
+        if gunzip:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield raw, gz  # type: ignore[misc]
+        else:
+            yield raw, raw
+
+
+def _scan(path: str, cfg: ExtractConfig, reader: str, gunzip: bool) -> _Collector:
+    """One pass over the file; raises _Unreadable when not even one record could be read."""
+    col = _Collector(path, cfg)
+    col.summary.reader = reader + ("+gunzip" if gunzip else "")
+    iterate = iter_fastwarc if reader == "fastwarc" else iter_warcio
+    with _open_stream(path, gunzip) as (raw, stream):
+        try:
+            for rec in iterate(stream):
+                col.summary.records_read += 1
+                try:
+                    _handle(rec, col, cfg)
+                except BadRecord as err:
+                    col.summary.count(err.kind)
+                    log.debug("%s @%d: skipped record: %s", path, rec.offset, err)
+        except StreamError as err:
+            if col.summary.records_read == 0:
+                raise _Unreadable(str(err), err.kind) from err
+            col.summary.count(err.kind)
+            log.debug("%s: stopped after %d records: %s", path, col.summary.records_read, err)
+        except (OSError, EOFError, zlib.error) as err:  # from the gzip layer around the reader
+            serr = classify_stream_error(err)
+            if col.summary.records_read == 0:
+                raise _Unreadable(str(serr), serr.kind) from err
+            col.summary.count(serr.kind)
+            log.debug("%s: stopped after %d records: %s", path, col.summary.records_read, serr)
+        try:
+            col.summary.bytes_read = raw.tell()
+        except (OSError, ValueError):
+            col.summary.bytes_read = 0
+    return col
+
+
+def _attempts(kind: str, gz: bool, cfg: ExtractConfig) -> list[tuple[str, bool]]:
+    readers = ["fastwarc", "warcio"] if cfg.reader == "auto" else [cfg.reader]
+    if kind == "arc" and cfg.reader == "auto":
+        readers = ["warcio"]  # FastWARC reads WARC only
+    out = []
+    for r in readers:
+        out.append((r, False))
+        if gz:
+            out.append((r, True))
+    return out
+
+
+def _empty_result(summary: FileSummary) -> ExtractResult:
+    return ExtractResult(schema.PAIRS.copy(), summary)
+
+
+def extract_file(path: str, cfg: ExtractConfig) -> ExtractResult:
+    """Extract (image URL, alt text) pairs from one WAT, WARC or ARC file.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL, as given by the user (it becomes ``source_file``).
+    cfg
+        ``format`` (``auto`` handles WAT JSON and HTML responses in one pass), ``reader``,
+        ``max_html_bytes``, ``max_text_chars``, ``skip_unreadable_files``.
+
+    Returns
+    -------
+    ExtractResult
+        ``pairs`` with exactly ``schema.PAIRS_DTYPES`` and the file's :class:`FileSummary`.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read at all and ``cfg.skip_unreadable_files`` is False; the message
+        names the file.
+
+    Examples
+    --------
+    >>> res = extract_file("tests/data/tiny.wat.gz", ExtractConfig())  # doctest: +SKIP
+    >>> res.summary.pairs_found == len(res.pairs)  # doctest: +SKIP
+    True
+    """
+    t0 = time.perf_counter()
+    summary = FileSummary(source_file=path)
+    try:
+        with open_input(path) as fh:
+            head = fh.read(65536)
+        kind, gz = sniff_format(head)
+        summary.format = _format_from_name(path, kind)
+        if kind == "empty":
+            summary.count("empty_file")
+            summary.seconds = time.perf_counter() - t0
+            return _empty_result(summary)
+        if kind == "corrupt_gzip":
+            raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
+        if kind == "unknown":
+            start = _plain_head(head)[0][:40]
+            raise _Unreadable(f"not a WARC or ARC file (its content starts with {start!r})")
+        first_error: _Unreadable | None = None
+        col = None
+        for reader, gunzip in _attempts(kind, gz, cfg):
+            try:
+                col = _scan(path, cfg, reader, gunzip)
+                break
+            except NonChunkedGzip as err:
+                log.debug("%s: %s; reading it through gzip", path, err)
+                continue
+            except _Unreadable as err:
+                first_error = first_error or err
+                log.debug("%s: %s cannot read it: %s", path, reader, err)
+                continue
+        if col is None:
+            raise first_error or _Unreadable("no reader could read it")
+    except (_Unreadable, OSError) as err:
+        message = f"cannot read {path}: {err}"
+        if not cfg.skip_unreadable_files:
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(message) from err
+            raise OSError(message) from err
+        log.warning("%s (skipped: empty partition)", message)
+        summary.error = message
+        if isinstance(err, _Unreadable) and err.kind:
+            summary.count(err.kind)
+        summary.seconds = time.perf_counter() - t0
+        return _empty_result(summary)
+    pairs = col.frame()
+    summary = col.summary
+    summary.format = _format_from_name(path, "wat" if col.saw_wat else kind)
+    summary.pairs_found = len(pairs)
+    summary.bad_records = dict(sorted(summary.bad_records.items()))
+    summary.seconds = time.perf_counter() - t0
+    return ExtractResult(pairs, summary)
+
+
+def extract_pairs(path: str, cfg: ExtractConfig) -> pd.DataFrame:
+    """Pairs of one file (``schema.PAIRS_DTYPES``); for ``dd.from_map`` and notebooks.
+
+    Examples
+    --------
+    >>> ddf = dd.from_map(extract_pairs, paths, args=(cfg,), meta=schema.PAIRS)  # doctest: +SKIP
+    """
+    return extract_file(path, cfg).pairs

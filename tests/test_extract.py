@@ -1,0 +1,388 @@
+"""Extraction from WAT files: edge cases, readers, summaries, Dask equivalence."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+
+import mmh3
+import pandas as pd
+import pytest
+
+from laion_dask import schema
+from laion_dask.config import ExtractConfig
+from laion_dask.extract import FileSummary, extract_file, extract_pairs, sniff_format
+from laion_dask.extract.common import BadRecord
+from laion_dask.extract.text import clean_text, laion_hash, make_uid
+from laion_dask.extract.wat import parse_wat_json
+from tests.helpers.extract import EDGE_WAT, EDGE_WAT_EXPECTED, make_wat, wat_payload
+
+CFG = ExtractConfig()
+
+
+def _triples(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return sorted(zip(df["url"], df["text"], df["page_url"], strict=True))
+
+
+@pytest.fixture
+def edge_wat(tmp_path):
+    path = tmp_path / "edge.warc.wat.gz"
+    path.write_bytes(make_wat(EDGE_WAT))
+    return str(path)
+
+
+# --- text ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("  A&amp;B  ", "A&B"),
+        ("line\none\t two\u00a0three", "line one two three"),
+        ("cafÃ©", "café"),  # UTF-8 read as Latin-1
+        ("bell\x07 and nul\x00", "bell and nul"),
+        ("“quotes” stay curly", "“quotes” stay curly"),
+        ("   ", ""),
+        ("", ""),
+    ],
+)
+def test_clean_text(raw, expected):
+    assert clean_text(raw) == expected
+
+
+def test_clean_text_truncates():
+    assert clean_text("word " * 100, max_chars=12) == "word word wo"
+
+
+def test_hash_and_uid():
+    assert laion_hash("http://x/a.jpg", "a cat") == mmh3.hash64("http://x/a.jpga cat")[0]
+    uid = make_uid("f.wat.gz", 123, 4)
+    assert re.fullmatch(r"[0-9a-f]{16}", uid)
+    assert int(uid, 16) == mmh3.hash64("f.wat.gz\x00123\x004", signed=False)[0]
+    assert make_uid("f.wat.gz", 123, 5) != uid
+
+
+# --- WAT edge cases -------------------------------------------------------------------------------
+def test_wat_edge_cases(edge_wat):
+    res = extract_file(edge_wat, CFG)
+    df, s = res.pairs, res.summary
+    assert _triples(df) == sorted(EDGE_WAT_EXPECTED)
+    assert dict(df.dtypes.astype(str)) == schema.PAIRS_DTYPES
+    assert list(df.columns) == list(schema.PAIRS_DTYPES)
+    assert s.format == "wat" and s.reader == "fastwarc" and s.error is None
+    assert s.records_read == 1 + len(EDGE_WAT)
+    assert s.bad_records == {"bad_encoding": 1, "invalid_json": 1}
+    assert s.records_with_links == 3
+    assert s.pairs_found == len(df) == len(EDGE_WAT_EXPECTED)
+    assert df["uid"].is_unique
+    assert (df["source_file"] == edge_wat).all()
+    for row in df.itertuples():
+        assert row.hash == mmh3.hash64(row.url + row.text)[0]
+
+
+def test_wat_record_offsets_are_gzip_member_offsets(tmp_path):
+    recs = [
+        wat_payload(
+            f"http://p{i}.example/",
+            [{"path": "IMG@/src", "url": f"/{i}.jpg", "alt": f"picture {i}"}],
+        )
+        for i in range(3)
+    ]
+    data = make_wat(recs)
+    path = tmp_path / "o.wat.gz"
+    path.write_bytes(data)
+    members, pos = [], 0  # start offset of every gzip member
+    while pos < len(data):
+        members.append(pos)
+        d = __import__("zlib").decompressobj(31)
+        d.decompress(data[pos:])
+        pos = len(data) - len(d.unused_data)
+    df = extract_file(str(path), CFG).pairs.sort_values("page_url")
+    assert df["record_offset"].tolist() == members[1:]  # member 0 is the warcinfo record
+    assert df["uid"].tolist() == [make_uid(str(path), off, 0) for off in members[1:]]
+
+
+@pytest.mark.parametrize(
+    ("compression", "reader", "expected_reader"),
+    [
+        ("record", "auto", "fastwarc"),
+        ("none", "auto", "fastwarc"),
+        ("file", "auto", "fastwarc+gunzip"),
+        ("record", "warcio", "warcio"),
+        ("none", "warcio", "warcio"),
+        ("file", "warcio", "warcio+gunzip"),
+    ],
+)
+def test_wat_readers_and_compressions_agree(tmp_path, compression, reader, expected_reader):
+    path = tmp_path / f"x-{compression}.wat"
+    path.write_bytes(make_wat(EDGE_WAT, compression=compression))
+    base = extract_file(str(path), CFG)
+    res = extract_file(str(path), ExtractConfig(reader=reader))
+    assert res.summary.reader == expected_reader
+    assert _triples(res.pairs) == sorted(EDGE_WAT_EXPECTED)
+    assert res.summary.bad_records == {"bad_encoding": 1, "invalid_json": 1}
+    # offsets (and so uids) do not depend on the reader
+    pd.testing.assert_frame_equal(res.pairs, base.pairs)
+    if compression == "file":
+        # decompressed offsets: distinct per record
+        assert res.pairs.drop_duplicates("page_url")["record_offset"].is_unique
+
+
+@pytest.mark.parametrize("index", range(len(EDGE_WAT)))
+def test_wat_parse_paths_agree(index):
+    """msgspec and stdlib json agree, whichever page URL the WAT record header gives."""
+    rec = EDGE_WAT[index]
+    if isinstance(rec, bytes):
+        body, uri = rec, "http://e.example/"
+    else:
+        body = json.dumps(rec).encode()
+        uri = rec["Envelope"]["WARC-Header-Metadata"]["WARC-Target-URI"]
+    results = []
+    # the page URL comes from the JSON envelope; the header's is only a fallback
+    for fast, fallback in ((True, uri), (True, ""), (False, uri)):
+        try:
+            results.append(parse_wat_json(body, fallback, use_msgspec=fast))
+        except BadRecord as err:
+            results.append(err.kind)
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        [{"path": "IMG@/src", "url": "a{b}.jpg", "alt": "braces } in { strings"}],
+        [{"alt": "{}", "path": "IMG@/src", "url": "x.jpg"}, {"path": "IMG@/src", "url": "y.jpg"}],
+        [
+            {
+                "path": "A@/href",
+                "url": "/",
+                "text": '{"path":"IMG@/src","url":"fake.jpg","alt":"x"}',
+            },
+            {"path": "IMG@/longdesc", "url": "d.html", "alt": "long"},
+            {"path": "IMG@/src", "url": "z.jpg", "alt": '\u00e9t\u00e9 "quoted"'},
+        ],
+    ],
+)
+def test_parsers_agree_on_tricky_json(links):
+    doc = wat_payload("http://t.example/p/", links)
+    body = json.dumps(doc).encode()
+    fast = parse_wat_json(body, "http://t.example/p/", use_msgspec=True)
+    slow = parse_wat_json(body, "http://t.example/p/", use_msgspec=False)
+    assert fast == slow
+    assert all(link.url.startswith("http://t.example/p/") for link in fast[1])
+
+
+def test_wrong_shape_json_is_counted(tmp_path):
+    bad = (
+        b'{"Envelope": {"Payload-Metadata": {"HTTP-Response-Metadata": {"HTML-Metadata":'
+        b' {"Links": [{"path": "IMG@/src", "url": 5, "alt": "x"}]}}}}}'
+    )
+    path = tmp_path / "shape.wat"
+    path.write_bytes(
+        make_wat(
+            [bad, wat_payload("http://ok/", [{"path": "IMG@/src", "url": "a.jpg", "alt": "ok"}])]
+        )
+    )
+    res = extract_file(str(path), CFG)
+    assert res.summary.bad_records == {"invalid_wat": 1}
+    assert res.pairs["url"].tolist() == ["http://ok/a.jpg"]
+
+
+def test_records_without_img_marker_are_not_parsed(tmp_path):
+    # malformed JSON that cannot hold an image link is never parsed, so it is not counted:
+    # this is the byte check that skips most WAT records
+    path = tmp_path / "skip.wat"
+    path.write_bytes(make_wat([b'{"Envelope": broken but no image marker'] + EDGE_WAT[:1]))
+    s = extract_file(str(path), CFG).summary
+    assert s.bad_records == {} and s.pairs_found == 3
+
+
+def test_truncated_wat_is_counted(tmp_path):
+    data = make_wat(EDGE_WAT[:2], compression="none")
+    path = tmp_path / "cut.wat"
+    path.write_bytes(data[:-200])  # cut inside the last record
+    s = extract_file(str(path), CFG).summary
+    assert s.bad_records == {"truncated_record": 1}
+    assert s.pairs_found == 3  # the first record is intact
+
+
+def test_truncated_gzip_member_is_counted(tmp_path):
+    data = make_wat(EDGE_WAT[:2])
+    path = tmp_path / "cut.wat.gz"
+    path.write_bytes(data[:-30])
+    res = extract_file(str(path), CFG)
+    assert res.summary.records_skipped == 1
+    assert set(res.summary.bad_records) <= {"truncated_record", "corrupt_gzip"}
+    assert res.summary.pairs_found == 3
+
+
+def test_large_wat_record_is_counted(tmp_path):
+    path = tmp_path / "big.wat"
+    path.write_bytes(make_wat(EDGE_WAT[:2]))
+    s = extract_file(str(path), ExtractConfig(max_html_bytes=900)).summary
+    assert s.bad_records == {"record_too_large": 1}  # the first record; the second is smaller
+    assert s.pairs_found == 2
+
+
+# --- unreadable files -----------------------------------------------------------------------------
+def test_empty_file(tmp_path):
+    for name, data in (("e.warc", b""), ("e.warc.gz", gzip.compress(b""))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        res = extract_file(str(path), CFG)
+        assert res.pairs.empty and res.summary.bad_records == {"empty_file": 1}
+        assert res.summary.error is None
+
+
+def test_missing_file_raises_or_is_skipped(tmp_path, caplog):
+    missing = str(tmp_path / "nope.wat.gz")
+    with pytest.raises(FileNotFoundError, match="nope.wat.gz"):
+        extract_file(missing, ExtractConfig(skip_unreadable_files=False))
+    with caplog.at_level(logging.WARNING, logger="laion_dask.extract"):
+        res = extract_file(missing, ExtractConfig(skip_unreadable_files=True))
+    assert "nope.wat.gz" in res.summary.error
+    assert any("nope.wat.gz" in r.getMessage() for r in caplog.records)
+    pd.testing.assert_frame_equal(res.pairs, schema.PAIRS)
+
+
+def test_not_a_warc_file(tmp_path):
+    path = tmp_path / "notes.txt.gz"
+    path.write_bytes(gzip.compress(b"just some text\n"))
+    with pytest.raises(OSError, match="notes.txt.gz.*not a WARC"):
+        extract_file(str(path), ExtractConfig(skip_unreadable_files=False))
+    res = extract_file(str(path), CFG)
+    assert res.summary.error and res.pairs.empty
+
+
+def test_sniff_format():
+    assert sniff_format(b"WARC/1.0\r\n") == ("warc", False)
+    assert sniff_format(gzip.compress(b"WARC/1.1\r\n")) == ("warc", True)
+    assert sniff_format(b"filedesc://x.arc 0.0.0.0 20140216050221 text/plain 75\n")[0] == "arc"
+    assert sniff_format(b"") == ("empty", False)
+    assert sniff_format(b"\x1f\x8b\x08\x00garbage") == ("corrupt_gzip", True)
+
+
+# --- summaries ------------------------------------------------------------------------------------
+def test_summary_adds_and_round_trips():
+    a = FileSummary("a", "wat", "fastwarc", 10, 2, 5, {"invalid_json": 1}, 100, 0.5)
+    b = FileSummary(
+        "b",
+        "wat",
+        "fastwarc",
+        3,
+        1,
+        2,
+        {"invalid_json": 2, "bad_encoding": 1},
+        50,
+        0.25,
+        error="boom",
+    )
+    c = a + b
+    assert (c.records_read, c.records_with_links, c.pairs_found, c.bytes_read) == (13, 3, 7, 150)
+    assert c.bad_records == {"bad_encoding": 1, "invalid_json": 3}
+    assert c.source_file == "*" and c.format == "wat" and c.error == "boom"
+    assert FileSummary.from_dict(c.to_dict()) == c
+
+
+# --- Dask -----------------------------------------------------------------------------------------
+def test_from_map_equals_pandas(tmp_path, client):
+    import dask.dataframe as dd
+
+    paths = []
+    for i in range(3):
+        recs = [
+            wat_payload(
+                f"http://s{i}.example/p{j}",
+                [{"path": "IMG@/src", "url": f"/{j}.jpg", "alt": f"photo {i} {j}"}],
+            )
+            for j in range(4)
+        ]
+        p = tmp_path / f"part-{i}.wat.gz"
+        p.write_bytes(make_wat(recs))
+        paths.append(str(p))
+    paths.append(str(tmp_path / "missing.wat.gz"))  # skipped: an empty partition
+    # from_map takes extra positional arguments through args= (bare ones must be iterables)
+    ddf = dd.from_map(extract_pairs, paths, args=(CFG,), meta=schema.PAIRS)
+    assert ddf.npartitions == 4
+    got = ddf.compute(scheduler=client.get).reset_index(drop=True)
+    expected = pd.concat([extract_pairs(p, CFG) for p in paths], ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected)
+    assert len(got) == 12 and got["uid"].is_unique
+
+
+# --- URL resolution and format selection ---------------------------------------------------
+def test_resolver_matches_urljoin():
+    import itertools
+
+    from laion_dask.extract.common import Resolver, resolve_url
+
+    bases = [
+        "http://a.b/c/d.html",
+        "https://a.b",
+        "http://a.b/c/?q=1#f",
+        "http://a.b:8080/x/y/",
+        "http://u@a.b/p",
+        "https://a.b/c/../d/e",
+        "ftp://x/y",
+        "",
+        "http://a.b/c;p/d",
+        "http://[::1]/a/b",
+        "HTTP://A.B/x",
+        "http://é.example/ü/",
+    ]
+    urls = [
+        "x.jpg",
+        "/x.jpg",
+        "//cdn/x.jpg",
+        "../x.jpg",
+        "./x.jpg",
+        "?q",
+        "#f",
+        "",
+        " /s p.jpg ",
+        "http://z/x",
+        "data:image/png,aa",
+        "javascript:void(0)",
+        "a:b",
+        "dir/x.jpg?w=1#f",
+        "/a/./b",
+        "\\\\x",
+        "x\ty",
+        "é.jpg",
+        ".hidden",
+        "..",
+        ".",
+        "a/..",
+        "//",
+        "///x",
+        "x.jpg\n",
+        "http://[bad",
+    ]
+    for base, url in itertools.product(bases, urls):
+        expected = resolve_url(base, url)
+        assert Resolver(base)(url) == expected, (base, url)
+        if base and url.strip() and "[bad" not in url:
+            assert expected == __import__("urllib.parse").parse.urljoin(base, url.strip())
+
+
+def test_format_option_selects_record_kinds(tmp_path, corpus):
+    wat = corpus / "eugeneware-warc/CC-MAIN-20140820021334-00006-ip-10-180-136-8.ec2.internal.warc"
+    assert extract_file(str(wat) + ".wat", ExtractConfig(format="warc")).summary.pairs_found == 0
+    assert extract_file(str(wat) + ".wat", ExtractConfig(format="wat")).summary.pairs_found == 4
+    assert extract_file(str(wat), ExtractConfig(format="wat")).summary.pairs_found == 0
+    assert extract_file(str(wat), ExtractConfig(format="warc")).summary.pairs_found == 861
+
+
+def test_lone_surrogates_do_not_break_the_frame(tmp_path):
+    body = (
+        b'{"Envelope": {"WARC-Header-Metadata": {"WARC-Target-URI": "http://s.example/"},'
+        b' "Payload-Metadata": {"HTTP-Response-Metadata": {"HTML-Metadata": {"Links":'
+        b' [{"path": "IMG@/src", "url": "/a\\ud800.jpg", "alt": "half \\udc00 pair"}]}}}}}'
+    )
+    path = tmp_path / "sur.wat"
+    path.write_bytes(make_wat([body]))
+    df = extract_file(str(path), CFG).pairs
+    assert len(df) == 1
+    assert df["text"].iloc[0].encode("utf-8")  # valid UTF-8 after clean-up
+    assert df["url"].iloc[0].encode("utf-8")
+    df.to_parquet(tmp_path / "x.parquet")  # arrow accepts it
