@@ -1,0 +1,79 @@
+"""End to end, offline: the demo corpus on loopback hosts through every stage with the committed
+small CLIP, on a real distributed cluster."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from laion_dask.config import FilterConfig
+from laion_dask.demo.corpus import CorpusSpec
+from laion_dask.demo.run import main, run_demo
+from laion_dask.materialize import LAION_COLUMNS, materialize
+from laion_dask.stats import check_funnel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, client):
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(out, spec=CorpusSpec(n_pages=50, seed=3), client=client, dashboard=False)
+
+
+def test_counts_add_up_at_every_stage(demo):
+    checks = check_funnel(demo.funnel)
+    assert set(checks) == {"extract", "download", "score", "materialize"}
+    assert all(checks.values()), demo.funnel
+    for report in demo.reports[:3]:
+        report.check()
+        assert not report.failed
+    demo.reports[3].check()
+
+
+def test_outputs_open_with_pyarrow_and_webdataset(demo):
+    import webdataset as wds
+
+    root = demo.run.join("dataset")
+    total = 0
+    for group in ("en", "multi"):
+        files = sorted(glob.glob(f"{root}/{group}/*.parquet"))
+        assert files, group
+        table = pq.ParquetDataset(files).read()
+        assert table.column_names[: len(LAION_COLUMNS)] == LAION_COLUMNS
+        keys = {s["__key__"] for s in wds.WebDataset(sorted(glob.glob(f"{root}/{group}/*.tar")),
+                                                     shardshuffle=False)}
+        assert keys == set(table.column("key").to_pylist())
+        total += table.num_rows
+    assert total > 0
+
+
+def test_the_small_clip_separates_true_from_false_pairs(demo):
+    q = demo.quality
+    assert q["with_ground_truth"] == q["scored_pairs"] > 50
+    assert q["roc_auc"] > 0.9
+    assert q["mean_similarity_true"] > q["mean_similarity_false"]
+    assert json.loads((demo.run.fs.open(demo.run.join("demo_quality.json")).read()))
+
+
+def test_thresholds_change_what_is_kept_and_nothing_else(demo, client):
+    loose = materialize(demo.run, FilterConfig(similarity_en=0.0, similarity_multi=0.0,
+                                               similarity_nolang=0.0), client=client)
+    strict = materialize(demo.run, FilterConfig(similarity_en=0.9, similarity_multi=0.9,
+                                                similarity_nolang=0.9), client=client)
+    assert loose.rows_in == strict.rows_in
+    assert sum(loose.kept.values()) > sum(strict.kept.values())
+    same = {k: v for k, v in loose.dropped.items() if k != "low_similarity"}
+    assert same == {k: v for k, v in strict.dropped.items() if k != "low_similarity"}
+
+
+def test_demo_command_line(tmp_path, capsys):
+    rc = main(["--out", str(tmp_path / "run"), "--pages", "12", "--seed", "5", "--workers", "1",
+               "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "counts add up" in out and "COUNTS DO NOT ADD UP" not in out
+    assert "precision" in out
