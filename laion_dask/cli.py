@@ -107,34 +107,30 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 1 if report.failed and cfg.strict else 0
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from .pipeline import run_download
+def _run_stage(
+    args: argparse.Namespace, stage: str, outputs: tuple[str, ...], **kwargs: Any
+) -> int:
+    """Shared body of ``download`` and ``score``: config, client, stage runner, report."""
+    from . import pipeline
     from .rundir import RunDir
 
     cfg = _base_config(args, args.run)
     run = RunDir(args.run)
     run.write_config(cfg)
+    runner = getattr(pipeline, f"run_{stage}")
     with _client(cfg) as client:
-        report = run_download(
-            run, cfg, client=client, retry_failed=args.retry_failed, show_progress=not args.quiet
-        )
+        report = runner(run, cfg, client=client, show_progress=not args.quiet, **kwargs)
     _print_report(report)
-    print(f"\nimages: {run.join('images')}   downloads: {run.join('downloads')}")
-    return 0
+    print("\n" + "   ".join(f"{name}: {run.join(name)}" for name in outputs))
+    return 1 if report.failed and cfg.strict else 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    return _run_stage(args, "download", ("images", "downloads"), retry_failed=args.retry_failed)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .pipeline import run_score
-    from .rundir import RunDir
-
-    cfg = _base_config(args, args.run)
-    run = RunDir(args.run)
-    run.write_config(cfg)
-    with _client(cfg) as client:
-        report = run_score(run, cfg, client=client, show_progress=not args.quiet)
-    _print_report(report)
-    print(f"\nscores: {run.join('scores')}   embeddings: {run.join('embeddings')}")
-    return 0
+    return _run_stage(args, "score", ("scores", "embeddings"))
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -247,13 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, config=False)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("train-clip", add_help=False,
-                        help="train a small CLIP on webdataset shards (SHARDS... --out DIR)")
+    sp = sub.add_parser(
+        "train-clip",
+        add_help=False,
+        help="train a small CLIP on webdataset shards (SHARDS... --out DIR)",
+    )
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_train_clip)
 
-    sp = sub.add_parser("demo", add_help=False,
-                        help="the whole pipeline offline on a generated crawl ([--out demo-run])")
+    sp = sub.add_parser(
+        "demo",
+        add_help=False,
+        help="the whole pipeline offline on a generated crawl ([--out demo-run])",
+    )
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_demo)
     return p
@@ -267,8 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] in _PASSTHROUGH:
         # these own their flags (argparse.REMAINDER drops leading options)
-        logging.basicConfig(level=logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         return int(_PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]

@@ -5,7 +5,8 @@
 * ``NNNNN.parquet``: LAION's columns ``URL, TEXT, WIDTH, HEIGHT, similarity, hash, punsafe,
   pwatermark, LANGUAGE`` followed by ours (``key``, ``uid``, ``language_score`` ...);
 * ``NNNNN.tar``: a webdataset shard with only the kept samples (img2dataset layout);
-* ``embeddings/{img_emb,text_emb,metadata}/..._N``: the kept rows' embeddings, clip-retrieval layout.
+* ``embeddings/{img_emb,text_emb,metadata}/..._N``: the kept rows' embeddings
+  (clip-retrieval layout).
 
 Plus ``RUN/dataset/thresholds.toml`` (what was applied) and ``RUN/dataset/funnel.json`` (rows
 kept and dropped per reason and language group; the counts add up). Re-running with other

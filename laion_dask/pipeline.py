@@ -65,7 +65,8 @@ class StageReport:
         """Raise if the counts do not add up (rows in = sum of outcomes)."""
         if self.rows_in != self.rows_out:
             raise AssertionError(
-                f"{self.stage}: counts do not add up: {self.rows_in} in, {self.rows_out} out {self.counts}"
+                f"{self.stage}: counts do not add up: {self.rows_in} in, "
+                f"{self.rows_out} out {self.counts}"
             )
 
 
@@ -526,16 +527,7 @@ def run_download(
     results, failures = _run_tasks(
         client, "download", tasks, strict=cfg.strict, show_progress=show_progress
     )
-    report = StageReport("download", partitions=len(tasks))
-    report.resumed = sum(1 for r in results if r.get("resumed"))
-    report.failed = failures
-    counter: Counter[str] = Counter()
-    for r in results:
-        counter.update(r["status"])
-    report.counts = dict(counter)
-    report.rows_in = sum(r["rows"] for r in results)
-    report.seconds = time.perf_counter() - t0
-    return report
+    return _stage_report("download", len(tasks), results, failures, "status", t0)
 
 
 # --- score --------------------------------------------------------------------------------------
@@ -601,16 +593,30 @@ def run_score(
         resources=scoring_resources(client),
         show_progress=show_progress,
     )
-    report = StageReport("score", partitions=len(tasks))
-    report.resumed = sum(1 for r in results if r.get("resumed"))
-    report.failed = failures
+    return _stage_report("score", len(tasks), results, failures, "score_status", t0)
+
+
+def _stage_report(
+    stage: str,
+    partitions: int,
+    results: list[dict],
+    failures: dict[str, str],
+    counts_key: str,
+    t0: float,
+) -> StageReport:
+    """Sum the per-partition markers' counts into one report."""
     counter: Counter[str] = Counter()
     for r in results:
-        counter.update(r["score_status"])
-    report.counts = dict(counter)
-    report.rows_in = sum(r["rows"] for r in results)
-    report.seconds = time.perf_counter() - t0
-    return report
+        counter.update(r[counts_key])
+    return StageReport(
+        stage,
+        partitions=partitions,
+        resumed=sum(1 for r in results if r.get("resumed")),
+        failed=failures,
+        rows_in=sum(r["rows"] for r in results),
+        counts=dict(counter),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 # --- all of it ----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Layout (``RUN`` may be local or any fsspec URL)::
 
     RUN/config.toml                     resolved config of the last run
     RUN/<stage>/part-00003.parquet      one file per partition
-    RUN/<stage>/_done/part-00003.json   written last: the partition is finished (summary + fingerprint)
+    RUN/<stage>/_done/part-00003.json   written last: partition finished (summary, fingerprint)
 
 A partition is finished exactly when its ``_done`` marker exists. Data files are written to a
 temporary name and renamed, and the marker is written after the data, so a killed task leaves
@@ -108,7 +108,7 @@ class RunDir:
         return self.join("config.toml")
 
     def write_config(self, cfg: PipelineConfig, extra: Mapping[str, Any] | None = None) -> None:
-        """Write the resolved config (and ``extra`` facts such as model revisions) to config.toml."""
+        """Write the resolved config (and ``extra`` facts, e.g. model revisions) to config.toml."""
         self.makedirs()
         text = dump_config(cfg)
         if extra:

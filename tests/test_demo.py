@@ -44,8 +44,10 @@ def test_outputs_open_with_pyarrow_and_webdataset(demo):
         assert files, group
         table = pq.ParquetDataset(files).read()
         assert table.column_names[: len(LAION_COLUMNS)] == LAION_COLUMNS
-        keys = {s["__key__"] for s in wds.WebDataset(sorted(glob.glob(f"{root}/{group}/*.tar")),
-                                                     shardshuffle=False)}
+        keys = {
+            s["__key__"]
+            for s in wds.WebDataset(sorted(glob.glob(f"{root}/{group}/*.tar")), shardshuffle=False)
+        }
         assert keys == set(table.column("key").to_pylist())
         total += table.num_rows
     assert total > 0
@@ -56,14 +58,20 @@ def test_the_small_clip_separates_true_from_false_pairs(demo):
     assert q["with_ground_truth"] == q["scored_pairs"] > 50
     assert q["roc_auc"] > 0.9
     assert q["mean_similarity_true"] > q["mean_similarity_false"]
-    assert json.loads((demo.run.fs.open(demo.run.join("demo_quality.json")).read()))
+    assert json.loads(demo.run.fs.open(demo.run.join("demo_quality.json")).read())
 
 
 def test_thresholds_change_what_is_kept_and_nothing_else(demo, client):
-    loose = materialize(demo.run, FilterConfig(similarity_en=0.0, similarity_multi=0.0,
-                                               similarity_nolang=0.0), client=client)
-    strict = materialize(demo.run, FilterConfig(similarity_en=0.9, similarity_multi=0.9,
-                                                similarity_nolang=0.9), client=client)
+    loose = materialize(
+        demo.run,
+        FilterConfig(similarity_en=0.0, similarity_multi=0.0, similarity_nolang=0.0),
+        client=client,
+    )
+    strict = materialize(
+        demo.run,
+        FilterConfig(similarity_en=0.9, similarity_multi=0.9, similarity_nolang=0.9),
+        client=client,
+    )
     assert loose.rows_in == strict.rows_in
     assert sum(loose.kept.values()) > sum(strict.kept.values())
     same = {k: v for k, v in loose.dropped.items() if k != "low_similarity"}
@@ -71,8 +79,9 @@ def test_thresholds_change_what_is_kept_and_nothing_else(demo, client):
 
 
 def test_demo_command_line(tmp_path, capsys):
-    rc = main(["--out", str(tmp_path / "run"), "--pages", "12", "--seed", "5", "--workers", "1",
-               "-q"])
+    rc = main(
+        ["--out", str(tmp_path / "run"), "--pages", "12", "--seed", "5", "--workers", "1", "-q"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "counts add up" in out and "COUNTS DO NOT ADD UP" not in out

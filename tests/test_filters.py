@@ -49,8 +49,9 @@ def test_counts_add_up_and_input_unchanged(df):
 
 
 def test_first_reason_along_the_pipeline_wins(df):
-    out = add_final_reason(df, FilterConfig(similarity_en=1.0, similarity_multi=1.0,
-                                            similarity_nolang=1.0))
+    out = add_final_reason(
+        df, FilterConfig(similarity_en=1.0, similarity_multi=1.0, similarity_nolang=1.0)
+    )
     rules = df[schema.DROP_REASON].notna()
     assert (out[FINAL_REASON][rules] == df[schema.DROP_REASON][rules]).all()
     # every scored row fails similarity 1.0

@@ -71,12 +71,15 @@ def test_materialize_writes_laion_parquet_shards_and_embeddings(run, client):
 
 
 def test_other_thresholds_change_only_what_is_kept(run, client, tmp_path):
-    before = _digest(glob.glob(f"{run.path}/scores/*.parquet") + glob.glob(f"{run.path}/images/*.tar"))
+    before = _digest(
+        glob.glob(f"{run.path}/scores/*.parquet") + glob.glob(f"{run.path}/images/*.tar")
+    )
     strict = materialize(run, FilterConfig(similarity_en=0.4), client=client)
     strict_kept = dict(strict.kept)
     path = tmp_path / "thresholds.toml"
-    dump_thresholds(FilterConfig(similarity_en=0.15, similarity_multi=0.15,
-                                 similarity_nolang=0.15), path)
+    dump_thresholds(
+        FilterConfig(similarity_en=0.15, similarity_multi=0.15, similarity_nolang=0.15), path
+    )
     loose = materialize(run, str(path), client=client)
     assert loose.rows_in == strict.rows_in
     assert loose.kept["en"] > strict_kept["en"]
@@ -84,7 +87,9 @@ def test_other_thresholds_change_only_what_is_kept(run, client, tmp_path):
     upstream = {k for k in strict.dropped if k not in ("low_similarity",)}
     for k in upstream:
         assert loose.dropped.get(k) == strict.dropped.get(k)
-    after = _digest(glob.glob(f"{run.path}/scores/*.parquet") + glob.glob(f"{run.path}/images/*.tar"))
+    after = _digest(
+        glob.glob(f"{run.path}/scores/*.parquet") + glob.glob(f"{run.path}/images/*.tar")
+    )
     assert before == after  # nothing rescored, nothing re-downloaded
     assert "0.15" in open(f"{loose.out_dir}/thresholds.toml").read()
 

@@ -35,7 +35,9 @@ def _build_inputs(host, tmp_path, token: str) -> list[str]:
             links = []
             for i in range(4):
                 name = f"f{f}p{p}i{i}.jpg"
-                url = host.add(name, noise_image(200 + 10 * i, 150, "JPEG", seed=f * 100 + p * 10 + i))
+                url = host.add(
+                    name, noise_image(200 + 10 * i, 150, "JPEG", seed=f * 100 + p * 10 + i)
+                )
                 links.append(_link(url, f"a photo number {f} {p} {i}"))
             links.append(_link(host.url(f"/status/404?p={f}{p}"), "a missing picture"))
             links.append(_link(host.url(f"/flaky/{token}-{f}-{p}"), "a flaky picture here"))
@@ -49,8 +51,14 @@ def _build_inputs(host, tmp_path, token: str) -> list[str]:
 
 
 def _cfg(**download) -> PipelineConfig:
-    base = {"allow_private_networks": True, "retries": 0, "rows_per_task": 10,
-            "connect_timeout": 2.0, "read_timeout": 2.0, "deadline": 5.0}
+    base = {
+        "allow_private_networks": True,
+        "retries": 0,
+        "rows_per_task": 10,
+        "connect_timeout": 2.0,
+        "read_timeout": 2.0,
+        "deadline": 5.0,
+    }
     return PipelineConfig().replace("download", **(base | download))
 
 
@@ -82,7 +90,7 @@ def test_download_writes_shards_and_counts_add_up(host, tmp_path, client):
     ok = dl[dl[schema.STATUS] == "success"]
     assert in_shards == set(ok[schema.KEY])
     for t in tars[:1]:
-        for key, members in iter_shard(t):
+        for _key, members in iter_shard(t):
             assert {"jpg", "txt", "json"} <= set(members)
     # keep_ratio (img2dataset): the smaller side becomes image_size
     short = ok[[schema.WIDTH, schema.HEIGHT]].min(axis=1)

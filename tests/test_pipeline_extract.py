@@ -45,7 +45,8 @@ def test_extract_counts_add_up_and_duplicates_span_files(inputs, tmp_path, clien
     rules_ok_b = second[schema.DROP_REASON].isna() | second[schema.DROP_REASON].eq("duplicate")
     assert second.loc[rules_ok_b, schema.DROP_REASON].eq("duplicate").all()
     assert (cand[schema.DROP_REASON].isna()).sum() == cand.loc[
-        cand[schema.DROP_REASON].isna(), [schema.URL, schema.TEXT]].drop_duplicates().shape[0]
+        cand[schema.DROP_REASON].isna(), [schema.URL, schema.TEXT]
+    ].drop_duplicates().shape[0]
     # the lazy notebook graph gives the same candidates
     lazy = candidates_graph(inputs, PipelineConfig()).compute()
     key = [schema.UID]
@@ -106,6 +107,7 @@ def test_fewer_inputs_on_rerun_forget_stale_partitions(inputs, tmp_path, client)
     report = run_extract(run, PipelineConfig(), inputs[:1], client=client)
     assert sorted(run.markers("candidates")) == [0]
     assert len(_candidates(run)) == report.rows_in
-    fresh = run_extract(RunDir(str(tmp_path / "fresh")), PipelineConfig(), inputs[:1],
-                        client=client)
+    fresh = run_extract(
+        RunDir(str(tmp_path / "fresh")), PipelineConfig(), inputs[:1], client=client
+    )
     assert report.counts == fresh.counts

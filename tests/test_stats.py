@@ -36,7 +36,8 @@ def test_funnel_of_materialize_matches_report(tmp_path, client):
 def test_broken_counts_are_flagged():
     import pandas as pd
 
-    table = pd.DataFrame({"stage": ["x", "x", "x"], "outcome": ["attempted", "a", "b"],
-                          "rows": [10, 3, 4]})
+    table = pd.DataFrame(
+        {"stage": ["x", "x", "x"], "outcome": ["attempted", "a", "b"], "rows": [10, 3, 4]}
+    )
     assert check_funnel(table) == {"x": False}
     assert "DO NOT ADD UP" in format_funnel(table)

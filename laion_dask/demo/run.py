@@ -41,17 +41,33 @@ class DemoResult:
     funnel: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def demo_config(wat_files: Sequence[str], model_dir: str, *, workers: int = 2,
-                threads: int = 1, dashboard: bool = True) -> PipelineConfig:
+def demo_config(
+    wat_files: Sequence[str],
+    model_dir: str,
+    *,
+    workers: int = 2,
+    threads: int = 1,
+    dashboard: bool = True,
+) -> PipelineConfig:
     """The pipeline config of the demo: LAION defaults plus what an offline loopback run needs."""
     cfg = PipelineConfig()
     cfg = cfg.replace("input", paths=tuple(str(p) for p in wat_files))
     # the demo's own image hosts live on 127.0.0.x: the one place private networks are allowed
-    cfg = cfg.replace("download", allow_private_networks=True, rows_per_task=1000,
-                      connect_timeout=5.0, read_timeout=5.0, deadline=15.0)
+    cfg = cfg.replace(
+        "download",
+        allow_private_networks=True,
+        rows_per_task=1000,
+        connect_timeout=5.0,
+        read_timeout=5.0,
+        deadline=15.0,
+    )
     cfg = cfg.replace("clip", model=str(model_dir), batch_size=64, loader_threads=1)
-    cluster = ClusterConfig(n_workers=workers, threads_per_worker=threads, gpu="never",
-                            dashboard_address="127.0.0.1:8787" if dashboard else "127.0.0.1:0")
+    cluster = ClusterConfig(
+        n_workers=workers,
+        threads_per_worker=threads,
+        gpu="never",
+        dashboard_address="127.0.0.1:8787" if dashboard else "127.0.0.1:0",
+    )
     return dataclasses.replace(cfg, cluster=cluster)
 
 
@@ -118,8 +134,13 @@ def run_demo(
     run = RunDir(str(out))
     model = Path(model_dir) if model_dir is not None else demo_model_dir()
     with serve_demo_corpus(out / "corpus", spec) as (info, _host):
-        cfg = demo_config([str(p) for p in info.wat_files], str(model), workers=workers,
-                          threads=threads, dashboard=dashboard)
+        cfg = demo_config(
+            [str(p) for p in info.wat_files],
+            str(model),
+            workers=workers,
+            threads=threads,
+            dashboard=dashboard,
+        )
         own = client is None
         if own:
             client = make_client(cfg.cluster)
@@ -135,8 +156,13 @@ def run_demo(
                     cluster.close()
         quality = threshold_quality(run, info.ground_truth)
     (out / "demo_quality.json").write_text(json.dumps(quality, indent=1, default=float))
-    return DemoResult(run=run, reports=reports, quality=quality,
-                      seconds=time.perf_counter() - t0, funnel=funnel(run))
+    return DemoResult(
+        run=run,
+        reports=reports,
+        quality=quality,
+        seconds=time.perf_counter() - t0,
+        funnel=funnel(run),
+    )
 
 
 def _print_summary(result: DemoResult) -> None:
@@ -150,19 +176,25 @@ def _print_summary(result: DemoResult) -> None:
         print("\n=== similarity threshold vs the corpus's ground truth ===")
         thr = ", ".join(f"{g} >= {v}" for g, v in q["thresholds"].items())
         print(f"thresholds: {thr}")
-        print(f"precision {q['precision']:.3f}   recall {q['recall']:.3f}   "
-              f"(kept {q['kept']} of {q['with_ground_truth']} scored pairs, "
-              f"{q['true_pairs']} truly matching)")
+        print(
+            f"precision {q['precision']:.3f}   recall {q['recall']:.3f}   "
+            f"(kept {q['kept']} of {q['with_ground_truth']} scored pairs, "
+            f"{q['true_pairs']} truly matching)"
+        )
         if "roc_auc" in q:
-            print(f"ROC AUC {q['roc_auc']:.4f}   mean similarity true {q['mean_similarity_true']:.3f}"
-                  f" / false {q['mean_similarity_false']:.3f}")
+            print(
+                f"ROC AUC {q['roc_auc']:.4f}   mean similarity true {q['mean_similarity_true']:.3f}"
+                f" / false {q['mean_similarity_false']:.3f}"
+            )
     print("\n=== outputs ===")
     for name in ("corpus", "candidates", "downloads", "images", "scores", "embeddings", "dataset"):
         print(f"  {name:<11} {run.join(name)}")
     print(f"  config      {run.config_path}")
     print("\n=== next ===")
-    print(f"  re-cut without rescoring:  .venv/bin/laion-dask materialize {run.path} "
-          "--thresholds thresholds.toml")
+    print(
+        f"  re-cut without rescoring:  .venv/bin/laion-dask materialize {run.path} "
+        "--thresholds thresholds.toml"
+    )
     print(f"  read it:  pyarrow.parquet.read_table('{run.join('dataset', 'en')}')")
     print(f"\ndone in {result.seconds:.0f} s")
 
@@ -179,8 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     spec = CorpusSpec(n_pages=args.pages, seed=args.seed)
-    result = run_demo(args.out, spec=spec, model_dir=args.model, workers=args.workers,
-                      threads=args.threads, show_progress=not args.quiet)
+    result = run_demo(
+        args.out,
+        spec=spec,
+        model_dir=args.model,
+        workers=args.workers,
+        threads=args.threads,
+        show_progress=not args.quiet,
+    )
     _print_summary(result)
     bad = [s for s, ok in _checks(result).items() if not ok]
     if bad:

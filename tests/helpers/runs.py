@@ -1,4 +1,4 @@
-"""Build a small scored run directory by hand (no network, no model) for filter/materialize tests."""
+"""A small scored run directory built by hand (no network, no model) for filter tests."""
 
 from __future__ import annotations
 
@@ -63,15 +63,28 @@ def scored_frame(n: int, part: int, seed: int = 0) -> pd.DataFrame:
             schema.SHARD: f"{part:05d}.tar",
             schema.SIMILARITY: sim,
             schema.PUNSAFE: np.where(scored, rng.uniform(0, 1, size=n), np.nan).astype("float32"),
-            schema.PWATERMARK: np.where(scored, rng.uniform(0, 1, size=n), np.nan).astype("float32"),
+            schema.PWATERMARK: np.where(scored, rng.uniform(0, 1, size=n), np.nan).astype(
+                "float32"
+            ),
             schema.SCORE_STATUS: score_status,
         }
     )
-    for col in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT, schema.WIDTH, schema.HEIGHT,
-                schema.HTTP_STATUS, schema.ORIGINAL_BYTES):
+    for col in (
+        schema.ORIGINAL_WIDTH,
+        schema.ORIGINAL_HEIGHT,
+        schema.WIDTH,
+        schema.HEIGHT,
+        schema.HTTP_STATUS,
+        schema.ORIGINAL_BYTES,
+    ):
         df[col] = df[col].where(ok)
-    return schema.conform(df, schema.CANDIDATES_DTYPES, schema.DOWNLOAD_DTYPES,
-                          schema.SHARD_DTYPES, schema.SCORE_DTYPES)
+    return schema.conform(
+        df,
+        schema.CANDIDATES_DTYPES,
+        schema.DOWNLOAD_DTYPES,
+        schema.SHARD_DTYPES,
+        schema.SCORE_DTYPES,
+    )
 
 
 def make_scored_run(path, parts: int = 3, rows: int = 40, dim: int = 8) -> RunDir:
@@ -84,8 +97,10 @@ def make_scored_run(path, parts: int = 3, rows: int = 40, dim: int = 8) -> RunDi
         ok = df[schema.STATUS].eq("success").fillna(False).to_numpy(bool)
         write_shard(
             run.join("images", f"{p:05d}.tar"),
-            [ShardSample(key=k, image=_jpeg(hash(k) % 1000), text="t", meta={})
-             for k in df.loc[ok, schema.KEY]],
+            [
+                ShardSample(key=k, image=_jpeg(hash(k) % 1000), text="t", meta={})
+                for k in df.loc[ok, schema.KEY]
+            ],
         )
         run.write_parquet_atomic(run.part_path("scores", p), df)
         scored = df[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(bool)
@@ -98,10 +113,19 @@ def make_scored_run(path, parts: int = 3, rows: int = 40, dim: int = 8) -> RunDi
             run.fs.makedirs(f"{base}/{sub}", exist_ok=True)
         np.save(f"{base}/img_emb/img_emb_{p}.npy", emb.astype("float16"))
         np.save(f"{base}/text_emb/text_emb_{p}.npy", emb[:, ::-1].astype("float16"))
-        run.write_parquet_atomic(f"{base}/metadata/metadata_{p}.parquet",
-                                 df.loc[scored, [schema.KEY, schema.UID]])
+        run.write_parquet_atomic(
+            f"{base}/metadata/metadata_{p}.parquet", df.loc[scored, [schema.KEY, schema.UID]]
+        )
         attempted = df[schema.STATUS].eq("success").fillna(False)
         counts = df.loc[attempted, schema.SCORE_STATUS].value_counts().to_dict()
-        run.mark_done("scores", p, {"fingerprint": "x", "index": p, "rows": int(attempted.sum()),
-                                    "score_status": {str(k): int(v) for k, v in counts.items()}})
+        run.mark_done(
+            "scores",
+            p,
+            {
+                "fingerprint": "x",
+                "index": p,
+                "rows": int(attempted.sum()),
+                "score_status": {str(k): int(v) for k, v in counts.items()},
+            },
+        )
     return run
