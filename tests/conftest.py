@@ -14,7 +14,9 @@ CORPUS = Path(os.environ.get("LAION_DASK_CORPUS", REPO.parent / "shared" / "corp
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--gpu", action="store_true", default=False, help="run tests marked gpu")
-    parser.addoption("--network", action="store_true", default=False, help="run tests marked network")
+    parser.addoption(
+        "--network", action="store_true", default=False, help="run tests marked network"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,13 +44,16 @@ def client():
     """
     from distributed import Client, LocalCluster
 
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=False,
-        protocol="tcp://",
-        host="127.0.0.1",
-        # the scheduler's HTTP server starts anyway; keep it on a free loopback port
-        dashboard_address="127.0.0.1:0",
-    ) as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            protocol="tcp://",
+            host="127.0.0.1",
+            # the scheduler's HTTP server starts anyway; keep it on a free loopback port
+            dashboard_address="127.0.0.1:0",
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
