@@ -1,0 +1,246 @@
+"""Builders for CLIP-stage tests and benchmarks: real transformers models saved to disk.
+
+``save_tiny_clip(dir)`` writes a tiny random ``CLIPModel`` + a byte-level ``CLIPTokenizer`` +
+image processor that ``load_encoder(dir)`` reads through ``from_pretrained``;
+``save_tiny_multilingual(dir)`` writes a DistilBERT + mean pooling + Dense text tower in the
+``sentence-transformers`` folder layout of ``clip-ViT-B-32-multilingual-v1``;
+``save_vit_b32(dir)`` writes the ViT-B/32 shape (``CLIPConfig()``) with random weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import PIL.Image
+
+TINY_IMAGE = 32
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary (every byte, with and without ``</w>``)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    return vocab
+
+
+def _image_processor(size: int):
+    try:
+        from transformers import CLIPImageProcessorPil as Proc
+    except ImportError:  # older transformers, or the name differs
+        from transformers import CLIPImageProcessor as Proc
+    return Proc(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _save_clip(out: Path, config, seed: int) -> Path:
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    CLIPTokenizer(vocab=byte_level_vocab(), merges=[]).save_pretrained(out)
+    _image_processor(config.vision_config.image_size).save_pretrained(out)
+    return out
+
+
+def save_tiny_clip(out: Path, *, seed: int = 0, projection_dim: int = 16) -> Path:
+    """A tiny CLIP (32 px images, 16-d embeddings) saved with ``save_pretrained``."""
+    from transformers import CLIPConfig
+
+    vocab = len(byte_level_vocab())
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 40,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE,
+            "patch_size": 8,
+        },
+        projection_dim=projection_dim,
+    )
+    return _save_clip(out, config, seed)
+
+
+def save_vit_b32(out: Path, *, seed: int = 0) -> Path:
+    """ViT-B/32-shaped CLIP (``CLIPConfig()`` sizes) with random weights."""
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(text_config={"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
+    return _save_clip(out, config, seed)
+
+
+WORDS = (
+    "[PAD] [UNK] [CLS] [SEP] [MASK] a une ein photo foto of de von the le la der die das "
+    "cat chat katze dog chien hund red rouge rot"
+).split()
+
+
+def save_tiny_multilingual(out: Path, *, out_features: int = 16, seed: int = 1) -> Path:
+    """DistilBERT + mean pooling + Dense(hidden -> out_features, no bias) in ST layout."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
+
+    torch.manual_seed(seed)
+    hidden = 24
+    cfg = DistilBertConfig(
+        vocab_size=len(WORDS),
+        dim=hidden,
+        hidden_dim=48,
+        n_layers=2,
+        n_heads=2,
+        max_position_embeddings=64,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    DistilBertModel(cfg).eval().save_pretrained(out)
+    DistilBertTokenizer(vocab={w: i for i, w in enumerate(WORDS)}).save_pretrained(out)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": hidden,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+            }
+        )
+    )
+    (out / "2_Dense").mkdir(exist_ok=True)
+    (out / "2_Dense" / "config.json").write_text(
+        json.dumps(
+            {
+                "in_features": hidden,
+                "out_features": out_features,
+                "bias": False,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            }
+        )
+    )
+    weight = torch.randn(out_features, hidden) / hidden**0.5
+    save_file({"linear.weight": weight.contiguous()}, str(out / "2_Dense" / "model.safetensors"))
+    return out
+
+
+def jpeg(seed: int, size: tuple[int, int] = (48, 40), quality: int = 90) -> bytes:
+    """A small, deterministic RGB JPEG (gradient + noise)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack(
+        [xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, (seed * 37) % 256)],
+        axis=-1,
+    )
+    arr = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_rgba(seed: int, size: tuple[int, int] = (36, 50)) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr, "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+CAPTIONS = [
+    ("a photo of a red cat", "en"),
+    ("une photo de chat", "multi"),
+    ("ein foto von der katze", "multi"),
+    ("the dog", "en"),
+    ("xq zz", "nolang"),
+    ("a red dog photo", "en"),
+]
+
+
+def downloads_frame(n: int, *, shard_size: int = 4, failed_every: int = 5) -> pd.DataFrame:
+    """``n`` download rows (schema.DOWNLOADS columns); every ``failed_every``-th failed."""
+    from laion_dask import schema
+    from laion_dask.shards import make_key
+
+    rows = []
+    for i in range(n):
+        text, group = CAPTIONS[i % len(CAPTIONS)]
+        ok = failed_every == 0 or i % failed_every != failed_every - 1
+        rows.append(
+            {
+                schema.UID: f"u{i}",
+                schema.RECORD_OFFSET: i,
+                schema.HASH: i,
+                schema.URL: f"http://127.0.0.1/{i}.jpg",
+                schema.TEXT: text,
+                schema.LANGUAGE_GROUP: group,
+                schema.LANGUAGE: {"en": "en", "multi": "fr"}.get(group, "und"),
+                schema.STATUS: "success" if ok else "failed_to_download",
+                schema.KEY: make_key(i // shard_size, i % shard_size),
+                schema.SHARD: f"{i // shard_size:05d}.tar",
+            }
+        )
+    df = pd.DataFrame(rows)
+    full = schema.DOWNLOADS.copy()
+    out = pd.concat([full, df], ignore_index=True)
+    return schema.conform(out, *_all_dtypes())
+
+
+def _all_dtypes():
+    from laion_dask import schema
+
+    return (
+        schema.PAIRS_DTYPES,
+        schema.LANGUAGE_DTYPES,
+        schema.RULES_DTYPES,
+        schema.DOWNLOAD_DTYPES,
+        schema.SHARD_DTYPES,
+    )
+
+
+def write_shards(df: pd.DataFrame, root: Path, images: dict[str, bytes]) -> None:
+    """Write the successful rows' ``images`` into webdataset shards under ``root``."""
+    from laion_dask import schema
+    from laion_dask.shards import ShardSample, write_shard
+
+    root.mkdir(parents=True, exist_ok=True)
+    ok = df[df[schema.STATUS].eq("success").fillna(False)]
+    for shard, part in ok.groupby(schema.SHARD, sort=True):
+        samples = [
+            ShardSample(key=k, image=images[k], text=str(t), meta={"key": k})
+            for k, t in zip(part[schema.KEY], part[schema.TEXT], strict=True)
+            if k in images
+        ]
+        write_shard(str(root / str(shard)), samples)

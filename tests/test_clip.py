@@ -1,0 +1,331 @@
+"""CLIP scoring on a tiny real transformers CLIPModel saved to disk and loaded back."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import PIL.Image
+import pytest
+import torch
+
+from laion_dask import clip, schema
+from laion_dask.clip import (
+    ModelUnavailableError,
+    add_clip_scores,
+    check_model_available,
+    load_encoder,
+    score_partition,
+)
+from laion_dask.config import ClipConfig
+from tests.helpers.clip import (
+    downloads_frame,
+    jpeg,
+    png_rgba,
+    save_tiny_clip,
+    save_tiny_multilingual,
+    write_shards,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "clip": str(save_tiny_clip(root / "clip")),
+        "multi": str(save_tiny_multilingual(root / "mclip")),
+    }
+
+
+@pytest.fixture(scope="module")
+def cfg(models: dict[str, str]) -> ClipConfig:
+    return ClipConfig(model=models["clip"], multilingual_text_model=models["multi"], batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[pd.DataFrame, dict[str, bytes]]:
+    df = downloads_frame(14)
+    images = {k: jpeg(i, size=(48 + i, 40)) for i, k in enumerate(df[schema.KEY])}
+    images[df[schema.KEY].iloc[6]] = png_rgba(6)  # a transparent PNG among the JPEGs
+    return df, images
+
+
+def _direct(models: dict[str, str], images: list[bytes], texts: list[str]) -> np.ndarray:
+    """Cosine similarity computed straight with transformers' processor, tokenizer and model."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(models["clip"]).eval()
+    proc = AutoImageProcessor.from_pretrained(models["clip"])
+    tok = AutoTokenizer.from_pretrained(models["clip"])
+    pil = [PIL.Image.open(io.BytesIO(b)) for b in images]
+    with torch.no_grad():
+        pix = proc(images=pil, return_tensors="pt")["pixel_values"]
+        img = model.get_image_features(pixel_values=pix)
+        img = getattr(img, "pooler_output", img)
+        t = tok(texts, padding=True, return_tensors="pt")
+        txt = model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        txt = getattr(txt, "pooler_output", txt)
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    return (img * txt).sum(-1).numpy()
+
+
+def _direct_multilingual(models: dict[str, str], texts: list[str]) -> np.ndarray:
+    """The sentence-transformers recipe by hand: DistilBERT, mean pooling, Dense, L2."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    root = Path(models["multi"])
+    model = AutoModel.from_pretrained(root).eval()
+    tok = AutoTokenizer.from_pretrained(root)
+    w = load_file(str(root / "2_Dense" / "model.safetensors"))["linear.weight"]
+    with torch.no_grad():
+        t = tok(texts, padding=True, return_tensors="pt")
+        h = model(**t).last_hidden_state
+        m = t["attention_mask"].unsqueeze(-1).float()
+        x = ((h * m).sum(1) / m.sum(1)) @ w.T
+    return (x / x.norm(dim=-1, keepdim=True)).numpy()
+
+
+def test_similarity_equals_direct_computation(models, cfg, data) -> None:
+    df, images = data
+    en_cfg = ClipConfig(model=models["clip"], batch_size=4)  # CLIP text tower for every row
+    out = add_clip_scores(df, en_cfg, images=images)
+    ok = df[schema.STATUS].eq("success").to_numpy()
+    keys = df.loc[ok, schema.KEY].tolist()
+    expected = _direct(models, [images[k] for k in keys], df.loc[ok, schema.TEXT].tolist())
+    np.testing.assert_allclose(out.loc[ok, schema.SIMILARITY].to_numpy(), expected, atol=2e-5)
+    assert out[schema.SIMILARITY].dtype == np.float32
+    assert out.loc[~ok, schema.SIMILARITY].isna().all()
+    assert out.loc[~ok, schema.SCORE_STATUS].isna().all()
+    assert (out.loc[ok, schema.SCORE_STATUS] == "success").all()
+
+
+def test_multilingual_rows_use_the_multilingual_tower(models, cfg, data) -> None:
+    df, images = data
+    res = score_partition(df, cfg, images=images)
+    groups = res.frame.set_index(schema.KEY).loc[res.keys, schema.LANGUAGE_GROUP].to_numpy()
+    texts = res.frame.set_index(schema.KEY).loc[res.keys, schema.TEXT].tolist()
+    multi = groups != "en"
+    assert multi.any() and (~multi).any()
+    expected = _direct_multilingual(models, [t for t, m in zip(texts, multi, strict=True) if m])
+    np.testing.assert_allclose(res.text_embeddings[multi].astype(np.float32), expected, atol=2e-3)
+    # the English rows match the CLIP-tower-only run
+    en = score_partition(df, ClipConfig(model=models["clip"]), images=images)
+    np.testing.assert_allclose(
+        res.text_embeddings[~multi].astype(np.float32),
+        en.text_embeddings[~multi].astype(np.float32),
+        atol=1e-3,
+    )
+    assert res.frame.loc[res.frame.language_group.eq("en"), schema.SIMILARITY].notna().any()
+
+
+def test_embeddings_unit_norm_and_aligned_with_keys(cfg, data) -> None:
+    df, images = data
+    res = score_partition(df, cfg, images=images)
+    ok_keys = df.loc[df[schema.STATUS].eq("success"), schema.KEY].tolist()
+    assert res.keys == ok_keys
+    assert res.image_embeddings.dtype == np.float16 and res.text_embeddings.dtype == np.float16
+    assert res.image_embeddings.shape == (len(ok_keys), 16)
+    for emb in (res.image_embeddings, res.text_embeddings):
+        np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    # row i belongs to key i: re-embed two single images and compare
+    enc = clip.encoder_from_config(cfg)
+    for i in (0, len(ok_keys) - 1):
+        one = enc.encode_images([PIL.Image.open(io.BytesIO(images[ok_keys[i]]))])
+        np.testing.assert_allclose(res.image_embeddings[i].astype(np.float32), one[0], atol=2e-3)
+    # similarity is the row-wise dot product of the (float32) embeddings
+    sims = res.frame.set_index(schema.KEY).loc[res.keys, schema.SIMILARITY].to_numpy()
+    dots = (res.image_embeddings.astype(np.float32) * res.text_embeddings).sum(1)
+    np.testing.assert_allclose(sims, dots, atol=3e-3)
+
+
+def test_chunked_equals_eager(cfg, data) -> None:
+    df, images = data
+    a = score_partition(df, cfg.__class__(**{**_kw(cfg), "batch_size": 3}), images=images)
+    b = score_partition(df, cfg.__class__(**{**_kw(cfg), "batch_size": 64}), images=images)
+    pd.testing.assert_frame_equal(a.frame, b.frame, atol=1e-5, check_exact=False)
+    np.testing.assert_allclose(a.image_embeddings, b.image_embeddings, atol=1e-3)
+    assert a.keys == b.keys
+
+
+def _kw(cfg: ClipConfig) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def test_input_not_mutated_and_rows_kept(cfg, data) -> None:
+    df, images = data
+    before = df.copy()
+    out = add_clip_scores(df, cfg, images=images)
+    pd.testing.assert_frame_equal(df, before)
+    assert len(out) == len(df)
+    assert list(out.columns) == [*df.columns, *schema.SCORE_DTYPES]
+    assert dict(out.dtypes[list(schema.SCORE_DTYPES)].astype(str)) == schema.SCORE_DTYPES
+
+
+def test_no_successful_rows(cfg, data) -> None:
+    df, images = data
+    failed = df.assign(status=pd.array(["failed_to_download"] * len(df), dtype="string"))
+    res = score_partition(failed, cfg, images=images)
+    assert res.keys == [] and res.image_embeddings.shape[0] == 0
+    assert res.frame[schema.SCORE_STATUS].isna().all()
+    empty = score_partition(df.iloc[:0], cfg, images=images)
+    assert len(empty.frame) == 0
+    assert dict(empty.frame.dtypes[list(schema.SCORE_DTYPES)].astype(str)) == schema.SCORE_DTYPES
+
+
+def test_broken_images_in_a_shard_are_counted_failures(tmp_path, cfg, data) -> None:
+    df, images = data
+    bad = dict(images)
+    keys = df.loc[df[schema.STATUS].eq("success"), schema.KEY].tolist()
+    bad[keys[0]] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    bad[keys[1]] = images[keys[1]][: len(images[keys[1]]) // 3]  # truncated
+    del bad[keys[2]]  # never written into its shard
+    write_shards(df, tmp_path / "images", bad)
+    res = score_partition(df, cfg, image_root=str(tmp_path / "images"))
+    st = res.frame.set_index(schema.KEY)[schema.SCORE_STATUS]
+    assert st[keys[0]] == "failed_to_decode"
+    assert st[keys[1]] == "failed_to_decode"
+    assert st[keys[2]] == "image_missing"
+    assert st.value_counts().to_dict() == {
+        "success": len(keys) - 3,
+        "failed_to_decode": 2,
+        "image_missing": 1,
+    }
+    assert res.keys == keys[3:]
+    assert res.frame.set_index(schema.KEY).loc[keys[:3], schema.SIMILARITY].isna().all()
+    # the shard path and the in-memory path agree on the rows both scored
+    mem = score_partition(df, cfg, images=images).frame.set_index(schema.KEY)
+    np.testing.assert_allclose(
+        res.frame.set_index(schema.KEY).loc[keys[3:], schema.SIMILARITY],
+        mem.loc[keys[3:], schema.SIMILARITY],
+        atol=1e-6,
+    )
+
+
+def test_dask_equals_pandas_and_model_loads_once(client, cfg, data) -> None:
+    df, images = data
+    load_encoder.cache_clear()
+    expected = add_clip_scores(df, cfg, images=images)
+    meta = schema.empty(dict(df.dtypes.astype(str)), schema.SCORE_DTYPES)
+    ddf = dd.from_pandas(df, npartitions=3)
+    got = ddf.map_partitions(add_clip_scores, cfg, images=images, meta=meta).compute()
+    pd.testing.assert_frame_equal(got, expected, atol=1e-6, check_exact=False)
+    # the client fixture's workers share this process: one load for all partitions
+    infos = client.run(load_encoder.cache_info)
+    assert {i.misses for i in infos.values()} == {1}
+    assert load_encoder.cache_info().hits >= 3
+
+
+def test_worker_process_loads_model_once(tmp_path, cfg, data) -> None:
+    from distributed import Client, LocalCluster
+
+    df, images = data
+    write_shards(df, tmp_path / "images", images)
+    meta = schema.empty(dict(df.dtypes.astype(str)), schema.SCORE_DTYPES)
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        ddf = dd.from_pandas(df, npartitions=4)
+        got = ddf.map_partitions(
+            add_clip_scores, cfg, image_root=str(tmp_path / "images"), meta=meta
+        ).compute()
+        (info,) = c.run(load_encoder.cache_info).values()
+    assert info.misses == 1 and info.hits == 3
+    expected = add_clip_scores(df, cfg, images=images)
+    pd.testing.assert_frame_equal(got, expected, atol=1e-5, check_exact=False)
+
+
+def test_device_selection_follows_cuda_visibility(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert clip._resolve_device("auto") == "cpu"
+    assert clip._resolve_dtype("auto", "cpu") == "float32"
+    with pytest.raises(ModelUnavailableError, match="no CUDA"):
+        clip._resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert clip._resolve_device("auto") == "cuda"
+    assert clip._resolve_dtype("auto", "cuda") == "float16"
+    assert clip._resolve_dtype("bfloat16", "cuda") == "bfloat16"
+
+
+def test_encoder_records_resolved_settings(models) -> None:
+    enc = load_encoder(models["clip"], device="cpu", dtype="auto")
+    assert enc.info["device"] == "cpu" and enc.info["dtype"] == "float32"
+    assert enc.info["model"] == models["clip"]
+    assert clip.encoder_info(enc)["dtype"] == "float32"
+    assert enc.dim == 16 and enc.logit_scale == pytest.approx(np.exp(2.6592), rel=1e-3)
+    assert isinstance(enc, clip.Encoder)
+    resolved = clip.resolved_config(ClipConfig(model=models["clip"], device="cpu"), enc)
+    assert (resolved.device, resolved.dtype, resolved.model) == ("cpu", "float32", models["clip"])
+
+
+def test_check_model_available(models, tmp_path, monkeypatch) -> None:
+    check_model_available(ClipConfig(model=models["clip"], multilingual_text_model=models["multi"]))
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelUnavailableError, match="no-such-model") as err:
+        check_model_available(ClipConfig(model=missing))
+    assert "HF_HUB_OFFLINE" in str(err.value) and "local directory" in str(err.value)
+    with pytest.raises(ModelUnavailableError, match="mclip-missing"):
+        check_model_available(
+            ClipConfig(
+                model=models["clip"], multilingual_text_model=str(tmp_path / "mclip-missing")
+            )
+        )
+    # a hub name that is not in the cache, with the hub switched off: one clear error, no network
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(ModelUnavailableError, match="laion-dask-test/not-a-model"):
+        check_model_available(ClipConfig(model="laion-dask-test/not-a-model"))
+
+
+def test_load_encoder_rejects_a_missing_path(tmp_path) -> None:
+    with pytest.raises(ModelUnavailableError, match="local directory"):
+        load_encoder(str(tmp_path / "nothing-here"))
+
+
+def test_jpeg_draft_is_close_to_full_decode(cfg) -> None:
+    enc = clip.encoder_from_config(cfg)
+    big = jpeg(3, size=(400, 300))
+    full = enc.preprocessor.decode(big, draft=False)
+    fast = enc.preprocessor.decode(big, draft=True)
+    assert full.shape == fast.shape == (32, 32, 3)
+    a, b = enc.encode_pixels(full[None]), enc.encode_pixels(fast[None])
+    assert float((a * b).sum()) > 0.99
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_matches_cpu(models, cfg, data) -> None:
+    df, images = data
+    cpu = score_partition(df, cfg.__class__(**{**_kw(cfg), "device": "cpu"}), images=images)
+    gpu_cfg = cfg.__class__(**{**_kw(cfg), "device": "auto"})
+    enc = clip.encoder_from_config(gpu_cfg)
+    assert enc.device == "cuda" and enc.dtype == "float16"
+    gpu = score_partition(df, gpu_cfg, images=images)
+    assert gpu.keys == cpu.keys
+    np.testing.assert_allclose(
+        gpu.frame[schema.SIMILARITY], cpu.frame[schema.SIMILARITY], atol=2e-2
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_vit_b32_scores(tmp_path) -> None:
+    from tests.helpers.clip import save_vit_b32
+
+    path = save_vit_b32(tmp_path / "vitb32")
+    df = downloads_frame(40, failed_every=0)
+    images = {k: jpeg(i, size=(320, 256)) for i, k in enumerate(df[schema.KEY])}
+    res = score_partition(df, ClipConfig(model=str(path), batch_size=16), images=images)
+    assert (res.frame[schema.SCORE_STATUS] == "success").all()
+    assert res.image_embeddings.shape == (40, 512)
+    assert res.frame[schema.SIMILARITY].between(-1, 1).all()

@@ -1,0 +1,82 @@
+"""make_client: LocalCluster on CPU, LocalCUDACluster with a GPU resource when CUDA is visible."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from distributed import LocalCluster
+
+from laion_dask import cluster
+from laion_dask.config import ClusterConfig
+
+CPU = dict(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+
+
+def test_cpu_machine_gets_a_local_cluster_without_gpu_resources(monkeypatch) -> None:
+    monkeypatch.setattr(cluster, "gpu_available", lambda: False)
+    with cluster.make_client(ClusterConfig(**CPU)) as client:
+        assert isinstance(client.cluster, LocalCluster)
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert cluster.scoring_resources(client) is None
+
+
+def test_gpu_require_without_cuda_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(cluster, "gpu_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cluster.make_client(ClusterConfig(gpu="require", **CPU))
+
+
+def test_gpu_visible_without_dask_cuda_falls_back_or_raises(monkeypatch) -> None:
+    monkeypatch.setattr(cluster, "gpu_available", lambda: True)
+    monkeypatch.setattr(cluster, "dask_cuda_available", lambda: False)
+    with pytest.raises(RuntimeError, match="dask-cuda is not installed"):
+        cluster.make_client(ClusterConfig(gpu="require", **CPU))
+    with cluster.make_client(ClusterConfig(**CPU)) as client:
+        assert cluster.scoring_resources(client) is None
+
+
+def test_gpu_path_builds_local_cuda_cluster_with_gpu_resource(monkeypatch) -> None:
+    """With CUDA visible and dask-cuda importable, LocalCUDACluster gets resources={"GPU": 1}.
+
+    dask-cuda needs a real GPU to start, so a stand-in records its arguments and starts the
+    equivalent LocalCluster (one in-process worker carrying the same resources).
+    """
+    import torch
+
+    seen: dict = {}
+
+    def fake_local_cuda_cluster(**kwargs):
+        seen.update(kwargs)
+        kwargs.pop("CUDA_VISIBLE_DEVICES")
+        return LocalCluster(n_workers=1, processes=False, **kwargs)
+
+    monkeypatch.setitem(
+        sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=fake_local_cuda_cluster)
+    )
+    monkeypatch.setattr(cluster, "gpu_available", lambda: True)
+    monkeypatch.setattr(cluster, "dask_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = ClusterConfig(threads_per_worker=2, dashboard_address=None)
+    with cluster.make_client(cfg) as client:
+        assert seen["resources"] == {"GPU": 1}
+        assert seen["CUDA_VISIBLE_DEVICES"] == "0"
+        assert cluster.scoring_resources(client) == {"GPU": 1}
+    # gpu = never keeps the CPU cluster even when a GPU is visible
+    seen.clear()
+    with cluster.make_client(ClusterConfig(gpu="never", **CPU)) as client:
+        assert not seen and cluster.scoring_resources(client) is None
+
+
+def test_scheduler_address_connects_to_a_running_scheduler() -> None:
+    with LocalCluster(**CPU) as lc:
+        with cluster.make_client(ClusterConfig(scheduler_address=lc.scheduler_address)) as client:
+            assert client.scheduler.address == lc.scheduler_address
+            assert client.submit(max, [3, 4]).result() == 4
+
+
+def test_gpu_available_matches_torch() -> None:
+    import torch
+
+    assert cluster.gpu_available() == (torch.cuda.is_available() and torch.cuda.device_count() > 0)
