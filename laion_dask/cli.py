@@ -172,6 +172,23 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     return int(train.main(["train-clip", *args.rest]) or 0)
 
 
+def cmd_train_tag_head(args: argparse.Namespace) -> int:
+    from .tags import train_tag_head
+
+    metrics = train_tag_head(
+        args.parquet,
+        args.label,
+        args.out,
+        tag=args.tag,
+        embedding_col=args.embedding_col,
+        embeddings_dir=args.embeddings,
+        hidden=tuple(int(h) for h in args.hidden.split(",") if h) if args.hidden else (),
+        epochs=args.epochs,
+    )
+    print(json.dumps({"head": args.out, **metrics}, indent=1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import main as demo_main
 
@@ -251,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_train_clip)
 
+    sp = sub.add_parser("train-tag-head", help="train a punsafe/pwatermark probe on embeddings")
+    sp.add_argument("parquet", help="labelled rows: LABEL column + embedding column or key")
+    sp.add_argument("--label", required=True, help="0/1 label column")
+    sp.add_argument("--out", required=True, help="head file to write (.safetensors)")
+    sp.add_argument("--tag", default="punsafe", choices=["punsafe", "pwatermark"])
+    sp.add_argument("--embedding-col", default="image_embedding")
+    sp.add_argument("--embeddings", help="clip-retrieval folder to join by key instead")
+    sp.add_argument("--hidden", help="hidden layer sizes, e.g. 256,64 (default: linear)")
+    sp.add_argument("--epochs", type=int, default=200)
+    sp.set_defaults(func=cmd_train_tag_head)
+
     sp = sub.add_parser(
         "demo",
         add_help=False,
@@ -266,6 +294,8 @@ _PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip}
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # progress belongs to Dask: no per-worker weight-loading bars (inherited by local workers)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     if argv and argv[0] in _PASSTHROUGH:
         # these own their flags (argparse.REMAINDER drops leading options)

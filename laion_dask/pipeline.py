@@ -560,6 +560,12 @@ def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
     return {**info, "resumed": False}
 
 
+def _clip_facts(cfg: Any) -> dict[str, Any]:
+    from .clip import encoder_from_config, encoder_info
+
+    return {k: v for k, v in encoder_info(encoder_from_config(cfg)).items() if v is not None}
+
+
 def run_score(
     run: RunDir, cfg: PipelineConfig, *, client: Any | None = None, show_progress: bool = False
 ) -> StageReport:
@@ -573,6 +579,10 @@ def run_score(
 
     client = _get_client(client)
     check_model_available(cfg.clip)  # one clear error before any work
+    resources = scoring_resources(client)
+    # record what "auto" resolved to (revision, device, dtype) where the model really loads
+    facts = client.submit(_clip_facts, cfg.clip, resources=resources, pure=False).result()
+    run.write_config(cfg, extra={"clip_resolved": facts})
     t0 = time.perf_counter()
     run.makedirs("scores", "embeddings")
     downloads = run.markers("downloads")
@@ -590,7 +600,7 @@ def run_score(
         "score",
         tasks,
         strict=cfg.strict,
-        resources=scoring_resources(client),
+        resources=resources,
         show_progress=show_progress,
     )
     return _stage_report("score", len(tasks), results, failures, "score_status", t0)

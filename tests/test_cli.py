@@ -1,0 +1,92 @@
+"""The command line as a user types it (real local clusters, real files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from laion_dask.cli import main
+from laion_dask.config import FilterConfig
+from laion_dask.filters import dump_thresholds
+from laion_dask.rundir import RunDir
+from tests.helpers.runs import make_scored_run
+
+LOCAL = ["--workers", "1", "--threads", "1", "--no-dashboard", "-q"]
+
+
+def test_extract_writes_candidates_and_config(corpus, tmp_path, capsys):
+    src = corpus / "chatnoir-eu-chatnoir-resiliparse/warcfile.warc.gz"
+    out = tmp_path / "run"
+    assert main(["extract", str(src), "--out", str(out), *LOCAL]) == 0
+    printed = capsys.readouterr().out
+    assert "== extract" in printed and "accounted for" in printed
+    run = RunDir(str(out))
+    assert run.read_config().input.paths == (str(src),)
+    cand = pd.concat([run.read_parquet(p) for p in run.parts("candidates")])
+    assert len(cand) > 0 and cand["uid"].is_unique
+
+
+def test_config_errors_name_the_key_before_any_work(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[download]\nmax_bytes = -5\n")
+    out = tmp_path / "run"
+    rc = main(["extract", "x.warc.gz", "--out", str(out), "--config", str(cfg), *LOCAL])
+    assert rc == 2
+    assert "download.max_bytes" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    rc = main(["extract", str(tmp_path / "nope-*.wat.gz"), "--out", str(tmp_path / "r"), *LOCAL])
+    assert rc == 2
+    assert "nope-" in capsys.readouterr().err
+
+
+def test_materialize_with_a_thresholds_file(tmp_path, capsys):
+    run = make_scored_run(tmp_path / "run")
+    path = tmp_path / "thresholds.toml"
+    dump_thresholds(FilterConfig(similarity_en=0.2), path)
+    assert main(["materialize", run.path, "--thresholds", str(path), *LOCAL]) == 0
+    out = capsys.readouterr().out
+    assert "kept by language group" in out
+    assert (tmp_path / "run" / "dataset" / "funnel.json").is_file()
+
+
+def test_train_tag_head(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(200, 16)).astype("float32")
+    label = (emb[:, 0] > 0).astype(int)
+    pd.DataFrame({"image_embedding": list(emb), "unsafe": label}).to_parquet(tmp_path / "l.parquet")
+    head = tmp_path / "head.safetensors"
+    rc = main(
+        [
+            "train-tag-head",
+            str(tmp_path / "l.parquet"),
+            "--label",
+            "unsafe",
+            "--out",
+            str(head),
+            "--epochs",
+            "50",
+        ]
+    )
+    assert rc == 0 and head.is_file()
+    assert '"head"' in capsys.readouterr().out
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in (
+        "extract",
+        "download",
+        "score",
+        "materialize",
+        "run",
+        "demo",
+        "train-clip",
+        "train-tag-head",
+    ):
+        assert cmd in out
