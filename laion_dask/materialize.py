@@ -34,7 +34,7 @@ from .rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["materialize", "MaterializeReport", "laion_columns", "LAION_COLUMNS"]
+__all__ = ["materialize", "MaterializeReport", "laion_columns", "read_dataset", "LAION_COLUMNS"]
 
 LAION_COLUMNS = [
     "URL",
@@ -239,3 +239,19 @@ def materialize(
     }
     fs.pipe(f"{out}/funnel.json", json.dumps(funnel, indent=1).encode())
     return report
+
+
+def read_dataset(run: RunDir | str, group: str = "en") -> pd.DataFrame:
+    """The materialized LAION parquet of one language group (shards and embeddings sit beside it,
+    as img2dataset lays them out, so read the ``*.parquet`` files, not the folder)."""
+    import pyarrow.parquet as pq
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if group not in schema.LANGUAGE_GROUPS:
+        raise ValueError(f"group must be one of {schema.LANGUAGE_GROUPS}, got {group!r}")
+    fs = run.fs
+    files = sorted(fs.glob(run.join("dataset", group, "*.parquet")))
+    if not files:
+        return laion_columns(schema.empty(schema.CANDIDATES_DTYPES, schema.DOWNLOAD_DTYPES,
+                                          schema.SHARD_DTYPES, schema.SCORE_DTYPES))
+    return pq.ParquetDataset(files, filesystem=fs).read().to_pandas()

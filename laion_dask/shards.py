@@ -88,7 +88,7 @@ def iter_shard(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def read_shard_images(path: str, keys: Iterable[str] | None = None) -> dict[str, bytes]:
-    """Image bytes by key (the ``jpg``/``png``/``webp`` member) of one shard, optionally of ``keys``."""
+    """Image bytes by key (``jpg``/``png``/``webp`` member) of one shard, or only of ``keys``."""
     wanted = set(keys) if keys is not None else None
     out: dict[str, bytes] = {}
     for key, members in iter_shard(path):

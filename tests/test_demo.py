@@ -12,7 +12,7 @@ import pytest
 from laion_dask.config import FilterConfig
 from laion_dask.demo.corpus import CorpusSpec
 from laion_dask.demo.run import main, run_demo
-from laion_dask.materialize import LAION_COLUMNS, materialize
+from laion_dask.materialize import LAION_COLUMNS, materialize, read_dataset
 from laion_dask.stats import check_funnel
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,7 @@ def test_outputs_open_with_pyarrow_and_webdataset(demo):
             for s in wds.WebDataset(sorted(glob.glob(f"{root}/{group}/*.tar")), shardshuffle=False)
         }
         assert keys == set(table.column("key").to_pylist())
+        assert len(read_dataset(demo.run, group)) == table.num_rows
         total += table.num_rows
     assert total > 0
 

@@ -195,7 +195,7 @@ def _print_summary(result: DemoResult) -> None:
         f"  re-cut without rescoring:  .venv/bin/laion-dask materialize {run.path} "
         "--thresholds thresholds.toml"
     )
-    print(f"  read it:  pyarrow.parquet.read_table('{run.join('dataset', 'en')}')")
+    print(f"  read it:  laion_dask.materialize.read_dataset('{run.path}', 'en')")
     print(f"\ndone in {result.seconds:.0f} s")
 
 
