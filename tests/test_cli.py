@@ -90,3 +90,23 @@ def test_help_lists_every_command(capsys):
         "train-tag-head",
     ):
         assert cmd in out
+
+
+def test_run_a_config_end_to_end(tmp_path, capsys):
+    """`laion-dask run CONFIG.toml --out RUN`: every stage from one file, on the demo's hosts."""
+    from laion_dask.config import PipelineConfig, dump_config
+    from laion_dask.demo.corpus import CorpusSpec
+    from laion_dask.demo.host import serve_demo_corpus
+    from laion_dask.train import demo_model_dir
+
+    with serve_demo_corpus(tmp_path / "corpus", CorpusSpec(n_pages=10, seed=9)) as (info, _):
+        cfg = PipelineConfig().replace("input", paths=tuple(str(p) for p in info.wat_files))
+        cfg = cfg.replace("download", allow_private_networks=True)
+        cfg = cfg.replace("clip", model=str(demo_model_dir()))
+        dump_config(cfg, tmp_path / "config.toml")
+        rc = main(["run", str(tmp_path / "config.toml"), "--out", str(tmp_path / "run"), *LOCAL])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for stage in ("== extract", "== download", "== score", "== materialize"):
+        assert stage in out
+    assert (tmp_path / "run" / "dataset" / "funnel.json").is_file()
