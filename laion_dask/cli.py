@@ -289,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_dask_chatter(level: int) -> None:
+    """distributed logs cluster start-up at INFO and every P2P shuffle at WARNING: -v / -vv."""
+    import distributed  # noqa: F401  - it sets its loggers' levels on import; override after
+
+    if level > logging.DEBUG:
+        logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
+    logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
+
+
 _PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip}
 
 
@@ -302,10 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        _quiet_dask_chatter(logging.WARNING)
         return int(_PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_dask_chatter(level)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -149,7 +150,11 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
     ImageResult
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # we refuse over-sized images ourselves just below (cfg.max_pixels), before decoding;
+            # Pillow's warning for the same check would only be noise in the worker's log
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         return ImageResult("too_large", f"decompression bomb: {err}")
     except (UnidentifiedImageError, *_DECODE_ERRORS) as err:

@@ -18,6 +18,7 @@ import json
 import logging
 import mimetypes
 import shutil
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,6 +97,14 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.root = root
         self.noai = noai
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # the downloader hangs up on purpose (bodies over the byte cap, deadlines): not an error
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("client %s went away: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
 
 
 class ImageHost:
