@@ -196,7 +196,8 @@ def _print_summary(result: DemoResult) -> None:
         "--thresholds thresholds.toml"
     )
     print(f"  read it:  laion_dask.materialize.read_dataset('{run.path}', 'en')")
-    print("  notebooks:  .venv/bin/pip install -e '.[notebook]' && .venv/bin/jupyter lab notebooks/")
+    print("  notebooks:  .venv/bin/pip install -e '.[notebook]' && "
+          ".venv/bin/jupyter lab notebooks/")
     print(f"\ndone in {result.seconds:.0f} s")
 
 
