@@ -1,0 +1,330 @@
+"""laion_dask.explore: the interactive API, checked against pandas recomputations."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from laion_dask import explore, schema
+from laion_dask.config import FilterConfig
+from laion_dask.filters import FINAL_REASON, add_final_reason, load_thresholds
+from laion_dask.materialize import materialize
+from tests.helpers.runs import make_scored_run
+
+CONFIGS = [
+    FilterConfig(),
+    FilterConfig(similarity_en=0.3, similarity_multi=0.2, similarity_nolang=0.4),
+    FilterConfig(max_punsafe=0.5, max_pwatermark=0.8, min_text_chars=0),
+    FilterConfig(min_side=200, max_aspect_ratio=2.0, min_text_chars=30),
+    FilterConfig(
+        similarity_en=-1.0,
+        similarity_multi=1.0,
+        similarity_nolang=0.0,
+        max_punsafe=0.0,
+        max_aspect_ratio=1.0,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def scored_view(tmp_path_factory, client):
+    run = make_scored_run(tmp_path_factory.mktemp("scored"), parts=3, rows=60)
+    return explore.open_run(run.path, client=client)
+
+
+@pytest.fixture(scope="module")
+def demo_view(tmp_path_factory, client):
+    from laion_dask.demo.corpus import CorpusSpec
+    from laion_dask.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, spec=CorpusSpec(n_pages=30, seed=4), client=client, dashboard=False)
+    return explore.open_run(out, client=client)
+
+
+@pytest.fixture(params=["scored", "demo"])
+def view(request):
+    return request.getfixturevalue(f"{request.param}_view")
+
+
+def _scores(view: explore.RunView) -> pd.DataFrame:
+    parts = [view.run.read_parquet(p) for p in view.run.parts("scores")]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _pandas_funnel(df: pd.DataFrame, cfg: FilterConfig) -> tuple[dict, dict]:
+    out = add_final_reason(df, cfg)
+    reason = out[FINAL_REASON]
+    groups = out[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+    kept = groups[reason.isna()].value_counts()
+    kept = {g: int(kept.get(g, 0)) for g in schema.LANGUAGE_GROUPS}
+    dropped = {str(k): int(v) for k, v in reason.dropna().value_counts().items()}
+    return kept, dropped
+
+
+# --- kept_at ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+def test_kept_at_equals_add_final_reason(view, cfg):
+    df = _scores(view)
+    funnel = view.kept_at(cfg)
+    kept, dropped = _pandas_funnel(df, cfg)
+    assert funnel.kept == kept
+    assert funnel.dropped == dropped
+    assert funnel.rows_in == len(df)
+    funnel.check()
+    # row by row, in part order
+    expected = add_final_reason(df, cfg)[FINAL_REASON].reset_index(drop=True)
+    pd.testing.assert_series_equal(view.reasons_at(cfg), expected, check_names=False)
+    # the group x outcome table agrees with the dicts
+    table = funnel.table
+    assert table.loc["kept"].to_dict() == kept
+    assert table.drop(index="kept").sum(axis=1).to_dict() == dropped
+
+
+def test_kept_at_thresholds_change_the_funnel(view):
+    loose = view.kept_at(FilterConfig(similarity_en=-1, similarity_multi=-1, similarity_nolang=-1))
+    strict = view.kept_at(FilterConfig(similarity_en=1, similarity_multi=1, similarity_nolang=1))
+    assert loose.total_kept > 0
+    assert strict.total_kept == 0
+    assert "low_similarity" not in loose.dropped
+    assert strict.dropped["low_similarity"] >= loose.total_kept
+
+
+def test_kept_at_equals_materialize(scored_view, client):
+    cfg = FilterConfig(similarity_en=0.3, max_pwatermark=0.7, min_side=100)
+    report = materialize(scored_view.run, cfg, client=client)
+    funnel = scored_view.kept_at(cfg)
+    assert funnel.kept == report.kept
+    assert funnel.dropped == report.dropped
+
+
+def _scheduler_transitions(dask_scheduler=None) -> int:
+    return dask_scheduler.transition_counter
+
+
+def _no_dask(*args, **kwargs):
+    raise AssertionError("a Dask graph was computed")
+
+
+def test_interaction_runs_no_dask_job(demo_view, client):
+    before = client.run_on_scheduler(_scheduler_transitions)
+    with dask.config.set(scheduler=_no_dask):
+        for cfg in CONFIGS:
+            demo_view.kept_at(cfg)
+        t = demo_view.threshold_for_fraction("en", 0.3)
+        demo_view.fraction_kept("multi", t)
+        demo_view.histogram(schema.SIMILARITY, "en")
+        demo_view.quantiles(schema.PUNSAFE, "nolang")
+        demo_view.compare(CONFIGS[0], CONFIGS[1])
+    assert client.run_on_scheduler(_scheduler_transitions) == before
+
+
+def test_open_run_reads_scores_through_dask(scored_view, client):
+    ddf = scored_view.ddf
+    assert isinstance(ddf, dd.DataFrame)
+    assert ddf.npartitions == 3
+    assert set(explore.EXPLORE_COLUMNS) <= set(ddf.columns)
+    assert "page_url" not in ddf.columns  # only what interaction needs
+    dd.utils.assert_eq(ddf, scored_view.rows, check_index=False)
+
+
+def test_interaction_columns_dask_equivalence(scored_view, client):
+    df = _scores(scored_view)
+    before = df.copy()
+    expected = explore.interaction_columns(df)
+    ddf = dd.from_pandas(df, npartitions=3)
+    got = ddf.map_partitions(
+        explore.interaction_columns, meta=explore.interaction_columns(df.iloc[:0])
+    )
+    got = client.compute(got).result()
+    pd.testing.assert_frame_equal(got.sort_index(), expected)
+    pd.testing.assert_frame_equal(df, before)  # the input is not mutated
+
+
+def test_open_run_without_scores_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished scores"):
+        explore.open_run(tmp_path)
+
+
+# --- threshold <-> fraction ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["en", "multi", "nolang", "all"])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_fraction_threshold_round_trip(view, group, fraction):
+    df = _scores(view)
+    if group != "all":
+        df = df[df[schema.LANGUAGE_GROUP].eq(group).fillna(False)]
+    sim = df[schema.SIMILARITY].dropna().to_numpy("float32")
+    t = view.threshold_for_fraction(group, fraction)
+    kept = view.fraction_kept(group, t)
+    # pandas: the same fraction, compared in float32 as the filters do
+    assert kept == pytest.approx(float((sim >= np.float32(t)).mean()))
+    assert abs(kept - fraction) <= 0.5 / len(sim) + 1e-12 or len(np.unique(sim)) < len(sim)
+    # and back: the threshold for that fraction keeps exactly the same rows
+    t2 = view.threshold_for_fraction(group, kept)
+    assert view.fraction_kept(group, t2) == kept
+    assert FilterConfig(similarity_en=t)  # a valid threshold
+
+
+def test_fraction_kept_upper_columns(scored_view):
+    df = _scores(scored_view)
+    pu = df[schema.PUNSAFE].dropna().to_numpy("float64")
+    for limit in (0.1, 0.5, 0.9):
+        assert scored_view.fraction_kept("all", limit, column=schema.PUNSAFE) == pytest.approx(
+            float((pu <= limit).mean())
+        )
+        t = scored_view.threshold_for_fraction("all", limit, column=schema.PUNSAFE)
+        assert abs(scored_view.fraction_kept("all", t, schema.PUNSAFE) - limit) <= 1 / len(pu)
+
+
+def test_bad_arguments(scored_view):
+    with pytest.raises(ValueError, match="unknown language group"):
+        scored_view.fraction_kept("xx", 0.3)
+    with pytest.raises(ValueError, match="unknown column"):
+        scored_view.histogram("uid")
+    with pytest.raises(ValueError, match="fraction"):
+        scored_view.threshold_for_fraction("en", 1.5)
+    with pytest.raises(ValueError, match="side"):
+        scored_view.samples_near(0.3, "en", "left")
+
+
+# --- distributions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "column", [schema.SIMILARITY, schema.PUNSAFE, schema.ORIGINAL_WIDTH, explore.TEXT_LENGTH]
+)
+def test_histogram_and_quantiles_match_pandas(view, column):
+    df = explore.interaction_columns(_scores(view))
+    for group in ("en", "multi", "nolang", "all"):
+        sub = df if group == "all" else df[df[schema.LANGUAGE_GROUP].eq(group).fillna(False)]
+        values = sub[column].astype("Float64").dropna().to_numpy("float64")
+        counts, edges = view.histogram(column, group)
+        assert counts.sum() == len(values)
+        np.testing.assert_array_equal(counts, np.histogram(values, bins=edges)[0])
+        counts20, edges20 = view.histogram(column, group, bins=20, range=(0, 1))
+        np.testing.assert_array_equal(counts20, np.histogram(values, bins=20, range=(0, 1))[0])
+        if len(values):
+            q = view.quantiles(column, group, [0.1, 0.5, 0.9])
+            np.testing.assert_allclose(q.to_numpy(), np.quantile(values, [0.1, 0.5, 0.9]))
+    # the default edges are shared by the groups (overlayable)
+    np.testing.assert_array_equal(view.histogram(column, "en")[1], view.histogram(column)[1])
+
+
+def test_describe_and_languages(scored_view):
+    table = scored_view.describe()
+    assert table.loc["all", "count"] == _scores(scored_view)[schema.SIMILARITY].notna().sum()
+    langs = scored_view.language_counts("multi")
+    assert langs.to_dict() == {"de": int(scored_view.rows[schema.LANGUAGE_GROUP].eq("multi").sum())}
+
+
+# --- samples near a threshold -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_samples_near(view, side):
+    t = float(view.quantiles(schema.SIMILARITY, "en", [0.5]).iloc[0])
+    got = view.samples_near(t, "en", side, 6)
+    assert 0 < len(got) <= 6
+    sims = got[schema.SIMILARITY].to_numpy("float32")
+    if side == "above":
+        assert (sims >= np.float32(t)).all()
+    else:
+        assert (sims < np.float32(t)).all()
+    assert (got[schema.LANGUAGE_GROUP] == "en").all()
+    dist = got["distance"].to_numpy()
+    assert (np.diff(dist) >= 0).all()
+    np.testing.assert_allclose(dist, np.abs(sims - np.float32(t)), rtol=1e-6)
+    # the nearest rows of that side: nothing closer was skipped
+    df = _scores(view)
+    en = df[df[schema.LANGUAGE_GROUP].eq("en").fillna(False)][schema.SIMILARITY].dropna()
+    en = en.to_numpy("float32")
+    on_side = en[en >= np.float32(t)] if side == "above" else en[en < np.float32(t)]
+    expected = np.sort(np.abs(on_side.astype("float64") - float(np.float32(t))))[: len(got)]
+    np.testing.assert_allclose(dist, expected, rtol=1e-6)
+    # deterministic
+    again = view.samples_near(t, "en", side, 6, images=False)
+    assert again[schema.KEY].tolist() == got[schema.KEY].tolist()
+    # thumbnails decode, are small, and survive a PNG round trip
+    for img in got["thumbnail"]:
+        assert img is not None
+        assert max(img.size) <= 128
+        png = explore.png_bytes(img)
+        assert Image.open(io.BytesIO(png)).size == img.size
+    html = explore.samples_html(got, title=f"{side} {t:.3f}")
+    assert html.count("data:image/png;base64,") == len(got)
+
+
+def test_samples_near_captions_and_scores(scored_view):
+    got = scored_view.samples_near(0.3, "multi", "below", 3, thumb_size=16)
+    rows = scored_view.rows.set_index(schema.KEY)
+    for _, r in got.iterrows():
+        assert r[schema.TEXT] == rows.at[r[schema.KEY], schema.TEXT]
+        assert r[schema.SIMILARITY] == rows.at[r[schema.KEY], schema.SIMILARITY]
+        assert max(r["thumbnail"].size) <= 16
+
+
+def test_thumbnail_of_garbage_is_none():
+    assert explore.thumbnail(b"not an image") is None
+
+
+# --- ground truth -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=range(3))
+def test_precision_recall_equals_pandas(demo_view, cfg):
+    gt_path = demo_view.run.join("corpus", "ground_truth.parquet")
+    got = demo_view.precision_recall(cfg)
+    df = add_final_reason(_scores(demo_view), cfg)
+    df = df[df[schema.SCORE_STATUS].eq("success").fillna(False)]
+    gt = pd.read_parquet(gt_path, columns=["url", "text", "matches"]).dropna(subset=["text"])
+    gt = gt.drop_duplicates(["url", "text"])
+    m = df.merge(gt, on=["url", "text"])
+    kept = m[FINAL_REASON].isna()
+    truth = m["matches"].astype(bool)
+    tp = int((kept & truth).sum())
+    assert got["with_ground_truth"] == len(m) > 0
+    assert got["kept"] == int(kept.sum())
+    assert got["true_pairs"] == int(truth.sum())
+    assert got["precision"] == pytest.approx(tp / kept.sum())
+    assert got["recall"] == pytest.approx(tp / truth.sum())
+    en = m[schema.LANGUAGE_GROUP].eq("en")
+    assert got["groups"]["en"]["kept"] == int((kept & en).sum())
+
+
+def test_precision_recall_agrees_with_demo_quality(demo_view):
+    """The demo's own similarity-only measure (demo_quality.json) at the run's thresholds."""
+    import json
+
+    with open(demo_view.run.join("demo_quality.json"), encoding="utf-8") as fh:
+        quality = json.load(fh)
+    got = demo_view.precision_recall(demo_view.thresholds)
+    assert got["scored_pairs"] == quality["scored_pairs"]
+    assert got["with_ground_truth"] == quality["with_ground_truth"]
+    assert got["kept"] == quality["kept"]
+    assert got["precision"] == pytest.approx(quality["precision"])
+    assert got["recall"] == pytest.approx(quality["recall"])
+
+
+# --- thresholds.toml ----------------------------------------------------------------------------
+
+
+def test_save_and_load_thresholds(scored_view, tmp_path):
+    cfg = scored_view.with_similarity(en=scored_view.threshold_for_fraction("en", 0.3))
+    cfg = dataclasses.replace(cfg, max_punsafe=0.4)
+    path = scored_view.save_thresholds(cfg, tmp_path / "thresholds.toml")
+    assert load_thresholds(path) == cfg
+    assert scored_view.load_thresholds(path) == cfg
+    default_path = scored_view.save_thresholds(cfg)
+    assert default_path == scored_view.run.join("thresholds.toml")
+    assert load_thresholds(default_path) == cfg
