@@ -396,8 +396,10 @@ class PipelineConfig:
 
 
 _SECTIONS: dict[str, type] = {
-    f.name: f.default_factory for f in fields(PipelineConfig) if f.name != "strict"
-}  # type: ignore[misc]
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in fields(PipelineConfig)
+    if f.name != "strict"
+}
 
 
 def _section_from_dict(cls: type, name: str, data: Mapping[str, Any]) -> Any:

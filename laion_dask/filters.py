@@ -111,9 +111,10 @@ def final_reason(df: pd.DataFrame) -> pd.Series:
     if schema.SCORE_STATUS in df.columns:
         sstat = df[schema.SCORE_STATUS].astype("string")
         failed = sstat.notna() & sstat.ne("success")
-        reason = reason.fillna(
-            pd.Series(np.where(failed, "unscorable_image", None), index=df.index, dtype="string")
+        unscorable = pd.Series(pd.NA, index=df.index, dtype="string").mask(
+            failed, "unscorable_image"
         )
+        reason = reason.fillna(unscorable)
     if FILTER_REASON in df.columns:
         reason = reason.fillna(df[FILTER_REASON].astype("string"))
     return reason.rename(FINAL_REASON)

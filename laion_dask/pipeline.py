@@ -511,7 +511,7 @@ def run_download(
         raise StageError(f"{run.path}: no candidates; run extract first")
     rows = cfg.download.rows_per_task
     stage_cfg = run.config_dict(cfg, "download")
-    tasks = []
+    tasks: list[tuple[str, Callable[..., dict], tuple]] = []
     shard_id = 0
     for index, marker in sorted(cand.items()):
         n_chunks = math.ceil(marker["rows"] / rows)

@@ -149,7 +149,7 @@ def run_demo(
         try:
             reports = run_pipeline(run, cfg, client=client, show_progress=show_progress)
         finally:
-            if own:
+            if own and client is not None:
                 cluster = getattr(client, "cluster", None)
                 client.close()
                 if cluster is not None:
