@@ -280,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train_tag_head)
 
     sp = sub.add_parser(
+        "report", add_help=False, help="stats.json + report.html of a run (RUN [--format md])"
+    )
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser(
         "demo",
         add_help=False,
         help="the whole pipeline offline on a generated crawl ([--out demo-run])",
@@ -298,7 +304,13 @@ def _quiet_dask_chatter(level: int) -> None:
     logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
 
 
-_PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip}
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return int(report_main(args.rest) or 0)
+
+
+_PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

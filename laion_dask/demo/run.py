@@ -39,6 +39,15 @@ class DemoResult:
     quality: dict[str, Any]
     seconds: float
     funnel: pd.DataFrame = field(default_factory=pd.DataFrame)
+    report_files: dict[str, str] = field(default_factory=dict)
+
+
+def _write_report(run: RunDir, client: Any) -> dict[str, str]:
+    """stats.json + report.html + report.md of the run (laion_dask.report)."""
+    from ..report import build_stats, write_report
+
+    stats = build_stats(run, client=client)
+    return write_report(run, stats, formats=("html", "md"), client=client)
 
 
 def demo_config(
@@ -148,6 +157,7 @@ def run_demo(
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         try:
             reports = run_pipeline(run, cfg, client=client, show_progress=show_progress)
+            report_files = _write_report(run, client)
         finally:
             if own and client is not None:
                 cluster = getattr(client, "cluster", None)
@@ -162,6 +172,7 @@ def run_demo(
         quality=quality,
         seconds=time.perf_counter() - t0,
         funnel=funnel(run),
+        report_files=report_files,
     )
 
 
@@ -190,14 +201,17 @@ def _print_summary(result: DemoResult) -> None:
     for name in ("corpus", "candidates", "downloads", "images", "scores", "embeddings", "dataset"):
         print(f"  {name:<11} {run.join(name)}")
     print(f"  config      {run.config_path}")
+    for fmt, path in result.report_files.items():
+        print(f"  {'report/' + Path(path).name:<11} {path}")
     print("\n=== next ===")
     print(
         f"  re-cut without rescoring:  .venv/bin/laion-dask materialize {run.path} "
         "--thresholds thresholds.toml"
     )
     print(f"  read it:  laion_dask.materialize.read_dataset('{run.path}', 'en')")
-    print("  notebooks:  .venv/bin/pip install -e '.[notebook]' && "
-          ".venv/bin/jupyter lab notebooks/")
+    print(
+        "  notebooks:  .venv/bin/pip install -e '.[notebook]' && .venv/bin/jupyter lab notebooks/"
+    )
     print(f"\ndone in {result.seconds:.0f} s")
 
 

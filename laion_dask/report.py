@@ -1,0 +1,1080 @@
+"""Dataset statistics of a run: ``RUN/report/stats.json``, ``report.html`` and ``report.md``.
+
+Statistics are computed per scores partition by :func:`partition_summary` (a plain function over
+one pandas frame, returning a small mergeable dict, see :mod:`laion_dask.sketches`), run on the
+cluster one task per partition and merged with a tree reduce of those dicts: rows never travel
+to the client. Histograms have fixed bins (:data:`HISTOGRAMS`), so quantiles come from merged
+counts (exact to one bin width); counters (languages, domains, statuses) are exact per
+partition and summed (fine at this project's scale; a billion-row run would swap the domain
+counter for a top-k sketch).
+
+``stats.json`` schema (``schema_version`` 1)::
+
+    schema_version   1
+    run              path, input_files, config (resolved, as dict), model, clip_resolved,
+                     versions {package: version}, stages {extract|download|score:
+                     {partitions, rows, seconds, rows_per_second[, bytes, bytes_per_second]}}
+                     (from the _done markers), generated_at (UTC ISO time)
+    thresholds       source ("RUN/dataset/thresholds.toml" or "config"), values {FilterConfig}
+    rows, partitions candidate rows (every row of RUN/scores) and scores partitions
+    funnel           table [{stage, outcome, rows}] and checks {stage: bool} from stats.funnel,
+                     final {rows_in, kept {group: n}, dropped {reason: n}, adds_up},
+                     by_group {group: {reason|"kept": n}} (final reason of every row)
+    stages           rules {reason|"kept": n}, download {status: n} (attempted rows),
+                     score {status: n} (downloaded rows), filters {reason|"passed": n} (scored)
+    languages        top [[lang, n]] (30), rest, distinct, groups {group: n},
+                     kept_top [[lang, n]] (30), kept_rest, kept_groups {group: n}
+    histograms       name -> {population, edges, counts, under, over, missing, n, sum, mean,
+                     min, max, quantiles {"p01".."p99": value}, threshold?}; names in HISTOGRAMS
+    above_cutoff     punsafe|pwatermark -> {cutoff, source ("filters"|"reference"), rows, scored,
+                     share}
+    domains          top_candidates, top_images (downloaded), top_kept [[domain, n]] (30) with
+                     distinct_* and rest_* counts
+    download_failures by_status {status: n}, by_http_status {code|"none": n},
+                     by_domain [[domain, n]] (20), rest_by_domain
+    duplicates       {rows, rate} (rule reason "duplicate" over candidate rows)
+    samples          random|threshold -> {group: [{key, shard, text, url, language,
+                     similarity, prio}]}: 8 kept rows per group by LAION's row hash, and 8
+                     scored rows per group nearest the group's similarity threshold
+
+Example
+-------
+>>> stats = build_stats("demo-run", client=client)          # doctest: +SKIP
+>>> paths = write_report("demo-run", stats, formats=("html", "md"), client=client)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import html
+import io
+import json
+import logging
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .config import FilterConfig, config_to_dict
+from .filters import (
+    FILTER_REASON,
+    FINAL_REASON,
+    add_final_reason,
+    load_thresholds,
+    similarity_threshold,
+)
+from .rundir import RunDir
+from .sketches import HistSpec, histogram, merge_all, quantiles, top_k
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "HISTOGRAMS",
+    "SCHEMA_VERSION",
+    "partition_summary",
+    "summarize_run",
+    "finalize",
+    "build_stats",
+    "render_html",
+    "render_markdown",
+    "write_report",
+    "url_domain",
+    "main",
+]
+
+SCHEMA_VERSION = 1
+TOP_LANGUAGES = 30
+TOP_DOMAINS = 30
+TOP_FAILED_DOMAINS = 20
+SAMPLES_PER_GROUP = 8
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+#: reference cut-offs when the filters keep punsafe / pwatermark as tags only (LAION-5B's)
+REFERENCE_CUTOFFS = {"punsafe": 0.5, "pwatermark": 0.8}
+
+#: name -> (population, fixed bins); populations: scored_<group>, scored, downloaded,
+#: candidates, kept
+HISTOGRAMS: dict[str, tuple[str, HistSpec]] = {
+    "similarity_en": ("scored_en", HistSpec(-1.0, 1.0, 400)),
+    "similarity_multi": ("scored_multi", HistSpec(-1.0, 1.0, 400)),
+    "similarity_nolang": ("scored_nolang", HistSpec(-1.0, 1.0, 400)),
+    "punsafe": ("scored", HistSpec(0.0, 1.0, 100)),
+    "pwatermark": ("scored", HistSpec(0.0, 1.0, 100)),
+    "original_width": ("downloaded", HistSpec(0, 4096, 128)),
+    "original_height": ("downloaded", HistSpec(0, 4096, 128)),
+    "aspect_ratio": ("downloaded", HistSpec(0.0, 5.0, 100)),
+    "stored_width": ("downloaded", HistSpec(0, 4096, 128)),
+    "stored_height": ("downloaded", HistSpec(0, 4096, 128)),
+    "original_bytes": ("downloaded", HistSpec(100.0, 1e8, 60, log=True)),
+    "caption_chars": ("candidates", HistSpec(0, 1000, 100)),
+    "caption_words": ("candidates", HistSpec(0, 200, 200)),
+    "caption_chars_kept": ("kept", HistSpec(0, 1000, 100)),
+    "caption_words_kept": ("kept", HistSpec(0, 200, 200)),
+}
+
+#: columns of RUN/scores the report reads
+COLUMNS = [
+    schema.URL,
+    schema.TEXT,
+    schema.HASH,
+    schema.LANGUAGE,
+    schema.LANGUAGE_GROUP,
+    schema.DROP_REASON,
+    schema.STATUS,
+    schema.HTTP_STATUS,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.ORIGINAL_BYTES,
+    schema.KEY,
+    schema.SHARD,
+    schema.SIMILARITY,
+    schema.PUNSAFE,
+    schema.PWATERMARK,
+    schema.SCORE_STATUS,
+]
+
+_DOMAIN_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)"
+
+
+# --- per partition --------------------------------------------------------------------------------
+
+
+def _arrow_strings(s: pd.Series) -> Any:
+    """The Arrow string array behind ``s`` (zero-copy for pandas' Arrow-backed strings)."""
+    import pyarrow as pa
+
+    arr = pa.array(s.astype("string"))
+    return (
+        arr
+        if pa.types.is_large_string(arr.type) or pa.types.is_string(arr.type)
+        else (arr.cast(pa.large_string()))
+    )
+
+
+def _domains(urls: pd.Series) -> Any:
+    """Lower-cased host of each URL as an Arrow string array (``<none>`` when there is none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = _arrow_strings(urls)
+    host = pc.utf8_lower(pc.struct_field(pc.extract_regex(arr, pattern=_DOMAIN_RE), [0]))
+    host = pc.if_else(pc.equal(host, ""), pa.scalar(None, host.type), host)
+    return host.fill_null("<none>")
+
+
+def url_domain(urls: pd.Series) -> pd.Series:
+    """Lower-cased host of each URL (``<none>`` when there is none), vectorized with Arrow."""
+    return pd.Series(_domains(urls).to_pylist(), index=urls.index, dtype="string")
+
+
+def _arrow_counts(arr: Any, mask: np.ndarray) -> dict[str, int]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    vc = pc.value_counts(pc.filter(arr, pa.array(mask, type=pa.bool_())))
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
+
+
+def _counts(s: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in s.value_counts(dropna=False).items()}
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    return df[col].astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+
+
+def _mask(s: pd.Series) -> np.ndarray:
+    return s.fillna(False).to_numpy(dtype=bool)
+
+
+def _word_counts(text: pd.Series) -> np.ndarray:
+    """Words per caption as Python's ``str.split()`` counts them (Unicode whitespace)."""
+    import pyarrow.compute as pc
+
+    arr = pc.utf8_trim_whitespace(_arrow_strings(text))
+    n = pc.list_value_length(pc.utf8_split_whitespace(arr))
+    n = pc.if_else(pc.equal(arr, ""), 0, n)
+    return np.asarray(n.to_numpy(), dtype="float64")
+
+
+def _records(
+    df: pd.DataFrame, sel: np.ndarray, prio: np.ndarray, k: int, keys: np.ndarray
+) -> list[dict[str, Any]]:
+    """The ``k`` rows of ``df[sel]`` with the smallest ``(prio, key)`` as sample records."""
+    rows = np.flatnonzero(sel)
+    if not rows.size:
+        return []
+    rows = rows[np.lexsort((keys[rows], prio[rows]))[:k]]
+    out = []
+    for i in rows:
+        row = df.iloc[i]
+        sim = row[schema.SIMILARITY]
+        out.append(
+            {
+                "key": str(row[schema.KEY]),
+                "shard": str(row[schema.SHARD]),
+                "text": str(row[schema.TEXT])[:200],
+                "url": str(row[schema.URL]),
+                "language": str(row[schema.LANGUAGE]),
+                "similarity": None if pd.isna(sim) else float(sim),
+                "prio": float(prio[i]),
+            }
+        )
+    return out
+
+
+def partition_summary(
+    df: pd.DataFrame, cfg: FilterConfig, *, samples: int = SAMPLES_PER_GROUP
+) -> dict[str, Any]:
+    """One scores partition -> a small mergeable summary (see :mod:`laion_dask.sketches`).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Rows of ``RUN/scores`` (every candidate row), at least :data:`COLUMNS`.
+    cfg : FilterConfig
+        The thresholds that decide ``kept`` (as ``materialize`` applies them).
+    samples : int
+        Sample records kept per language group (random and at the threshold).
+
+    Returns
+    -------
+    dict
+        Counts, histograms and samples; merge with :func:`laion_dask.sketches.merge`.
+    """
+    df = add_final_reason(df.reset_index(drop=True), cfg)
+    groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+    lang = df[schema.LANGUAGE].astype("string").fillna("<none>")
+    final = df[FINAL_REASON].fillna("kept")
+    kept = final.eq("kept").to_numpy(dtype=bool)
+    rule = df[schema.DROP_REASON].astype("string")
+    status = df[schema.STATUS].astype("string")
+    sstat = df[schema.SCORE_STATUS].astype("string")
+    attempted = (rule.isna() & status.notna()).to_numpy(dtype=bool)
+    downloaded = _mask(status.eq("success"))
+    scored = _mask(sstat.eq("success")) & df[schema.SIMILARITY].notna().to_numpy(dtype=bool)
+    failed = attempted & ~downloaded
+    domain = _domains(df[schema.URL])
+    text = df[schema.TEXT].astype("string").fillna("")
+    chars = text.str.len().to_numpy(dtype="float64")
+    words = _word_counts(text)
+    w, h = _num(df, schema.ORIGINAL_WIDTH), _num(df, schema.ORIGINAL_HEIGHT)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aspect = np.where(h > 0, w / h, np.nan)
+    values = {
+        "punsafe": _num(df, schema.PUNSAFE),
+        "pwatermark": _num(df, schema.PWATERMARK),
+        "original_width": w,
+        "original_height": h,
+        "aspect_ratio": aspect,
+        "stored_width": _num(df, schema.WIDTH),
+        "stored_height": _num(df, schema.HEIGHT),
+        "original_bytes": _num(df, schema.ORIGINAL_BYTES),
+        "caption_chars": chars,
+        "caption_words": words,
+        "caption_chars_kept": chars,
+        "caption_words_kept": words,
+    }
+    sim = _num(df, schema.SIMILARITY)
+    populations = {
+        "scored": scored,
+        "downloaded": downloaded,
+        "candidates": np.ones(len(df), dtype=bool),
+        "kept": kept,
+    }
+    hists = {}
+    for name, (pop, spec) in HISTOGRAMS.items():
+        if pop.startswith("scored_"):
+            sel = scored & groups.eq(pop[7:]).to_numpy(dtype=bool)
+            hists[name] = histogram(sim[sel], spec)
+        else:
+            hists[name] = histogram(values[name][populations[pop]], spec)
+    above = {}
+    for col, ref in REFERENCE_CUTOFFS.items():
+        cut = getattr(cfg, f"max_{col}")
+        cut = ref if cut is None else cut
+        above[col] = int((np.nan_to_num(values[col][scored], nan=-np.inf) > cut).sum())
+    # samples: random among kept downloaded rows; nearest the threshold among scored ones
+    keys = df[schema.KEY].astype("string").fillna("")
+    key_arr = keys.to_numpy(dtype=object)
+    # random order = LAION's row hash (mmh3 of url + text): uniform, stable, already stored
+    prio = df[schema.HASH].astype("Int64").to_numpy(dtype="float64", na_value=0.0) / 2.0**63
+    thr = similarity_threshold(groups, cfg).astype("float64")
+    dist = np.abs(sim - thr)
+    has_image = downloaded & df[schema.SHARD].notna().to_numpy(dtype=bool)
+    random_s, thresh_s = {}, {}
+    for g in schema.LANGUAGE_GROUPS:
+        in_g = groups.eq(g).to_numpy(dtype=bool)
+        sel = in_g & kept & has_image
+        random_s[g] = _records(df, sel, prio, samples, key_arr)
+        sel = in_g & scored & has_image
+        thresh_s[g] = _records(df, sel, dist, samples, key_arr)
+    return {
+        "rows": len(df),
+        "partitions": 1,
+        "final": {g: _counts(final[groups.eq(g)]) for g in schema.LANGUAGE_GROUPS},
+        "stages": {
+            "rules": _counts(rule.fillna("kept")),
+            "download": _counts(status[attempted]),
+            "score": _counts(sstat[downloaded].fillna("<none>")),
+            "filters": _counts(df.loc[scored, FILTER_REASON].astype("string").fillna("passed")),
+        },
+        "languages": {"all": _counts(lang), "kept": _counts(lang[kept])},
+        "groups": {"all": _counts(groups), "kept": _counts(groups[kept])},
+        "http_status": _counts(
+            df.loc[failed, schema.HTTP_STATUS].astype("Int64").astype("string").fillna("none")
+        ),
+        "domains": {
+            "candidates": _arrow_counts(domain, np.ones(len(df), dtype=bool)),
+            "images": _arrow_counts(domain, downloaded),
+            "kept": _arrow_counts(domain, kept),
+            "failed": _arrow_counts(domain, failed),
+        },
+        "hist": hists,
+        "above": above,
+        "scored": int(scored.sum()),
+        "samples": {"random": random_s, "threshold": thresh_s},
+    }
+
+
+def _summarize_part(part: int, run: RunDir, cfg: FilterConfig, samples: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    path = run.part_path("scores", part)
+    with run.fs.open(path, "rb") as fh:
+        present = set(pq.read_schema(fh).names)
+    df = run.read_parquet(path, columns=[c for c in COLUMNS if c in present])
+    missing = [c for c in COLUMNS if c not in present]
+    if missing:  # an older run: report what is there, counted as missing values
+        log.warning("%s lacks columns %s: counted as missing", path, missing)
+        dtypes = {
+            **schema.CANDIDATES_DTYPES,
+            **schema.DOWNLOAD_DTYPES,
+            **schema.SHARD_DTYPES,
+            **schema.SCORE_DTYPES,
+        }
+        nullable = {"int64": "Int64", "int32": "Int32"}
+        df = df.assign(
+            **{
+                c: pd.Series(None, index=df.index, dtype=nullable.get(dtypes[c], dtypes[c]))
+                for c in missing
+            }
+        )
+    return partition_summary(df, cfg, samples=samples)
+
+
+def _merge_batch(*summaries: dict[str, Any], k: int = SAMPLES_PER_GROUP) -> dict[str, Any]:
+    return merge_all(summaries, k)
+
+
+def summarize_run(
+    run: RunDir | str,
+    cfg: FilterConfig,
+    *,
+    client: Any | None = None,
+    samples: int = SAMPLES_PER_GROUP,
+    fan_in: int = 8,
+) -> dict[str, Any]:
+    """Merged :func:`partition_summary` of every scores partition: one task per partition on
+    the cluster, then a tree reduce (``fan_in`` summaries per merge task)."""
+    from .pipeline import _get_client
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    parts = sorted(run.markers("scores"))
+    if not parts:
+        raise FileNotFoundError(f"{run.path}: no scores; run the score stage first")
+    client = _get_client(client)
+    futures = [
+        client.submit(_summarize_part, p, run, cfg, samples, pure=False, retries=1) for p in parts
+    ]
+    while len(futures) > 1:
+        futures = [
+            client.submit(_merge_batch, *futures[i : i + fan_in], k=samples, pure=False)
+            for i in range(0, len(futures), fan_in)
+        ]
+    return futures[0].result()
+
+
+# --- final statistics -----------------------------------------------------------------------------
+
+
+def _thresholds(run: RunDir) -> tuple[FilterConfig, str]:
+    path = run.join("dataset", "thresholds.toml")
+    if run.exists(path):
+        return load_thresholds(path), "RUN/dataset/thresholds.toml"
+    return run.read_config().filters, "config"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in (
+        "laion-dask",
+        "dask",
+        "distributed",
+        "pandas",
+        "pyarrow",
+        "torch",
+        "transformers",
+        "bokeh",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _stage_facts(run: RunDir) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for stage, folder in (("extract", "extract"), ("download", "downloads"), ("score", "scores")):
+        markers = run.markers(folder)
+        if not markers:
+            continue
+        rows = sum(int(m.get("rows", 0)) for m in markers.values())
+        seconds = sum(float(m.get("seconds", 0.0)) for m in markers.values())
+        facts: dict[str, Any] = {"partitions": len(markers), "rows": rows, "seconds": seconds}
+        facts["rows_per_second"] = rows / seconds if seconds else None
+        if stage == "download":
+            nbytes = sum(int((m.get("stats") or {}).get("bytes") or 0) for m in markers.values())
+            facts["bytes"] = nbytes
+            facts["bytes_per_second"] = nbytes / seconds if seconds else None
+        out[stage] = facts
+    return out
+
+
+def _run_facts(run: RunDir) -> dict[str, Any]:
+    with run.fs.open(run.config_path, "rb") as fh:
+        raw = tomllib.load(fh)
+    extra = raw.get("run", {})
+    cfg = run.read_config()
+    return {
+        "path": run.path,
+        "input_files": list(cfg.input.paths),
+        "config": config_to_dict(cfg),
+        "model": cfg.clip.model,
+        "clip_resolved": extra.get("clip_resolved", {}),
+        "versions": _versions(),
+        "stages": _stage_facts(run),
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def finalize(summary: Mapping[str, Any], cfg: FilterConfig) -> dict[str, Any]:
+    """Merged summary -> the statistics part of ``stats.json`` (top-k, quantiles, shares)."""
+    rows = int(summary["rows"])
+    by_group = {g: dict(summary["final"].get(g, {})) for g in schema.LANGUAGE_GROUPS}
+    kept = {g: int(by_group[g].get("kept", 0)) for g in schema.LANGUAGE_GROUPS}
+    dropped: dict[str, int] = {}
+    for counts in by_group.values():
+        for reason, n in counts.items():
+            if reason != "kept":
+                dropped[reason] = dropped.get(reason, 0) + int(n)
+    dropped = dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+    hists = {}
+    for name, (pop, spec) in HISTOGRAMS.items():
+        hst = dict(summary["hist"][name])
+        entry: dict[str, Any] = {"population": pop, "edges": spec.edges.tolist(), **hst}
+        entry["mean"] = hst["sum"] / hst["n"] if hst["n"] else None
+        qv = quantiles(hst, spec, QUANTILES)
+        entry["quantiles"] = {
+            f"p{round(q * 100):02d}": v for q, v in zip(QUANTILES, qv, strict=True)
+        }
+        if pop.startswith("scored_"):
+            entry["threshold"] = cfg.similarity_for(pop[7:])
+        hists[name] = entry
+    scored = int(summary["scored"])
+    above = {}
+    for col, ref in REFERENCE_CUTOFFS.items():
+        cut = getattr(cfg, f"max_{col}")
+        n = int(summary["above"][col])
+        above[col] = {
+            "cutoff": ref if cut is None else cut,
+            "source": "reference" if cut is None else "filters",
+            "rows": n,
+            "scored": scored,
+            "share": n / scored if scored else None,
+        }
+    langs = summary["languages"]
+    top, rest = top_k(langs["all"], TOP_LANGUAGES)
+    ktop, krest = top_k(langs["kept"], TOP_LANGUAGES)
+    doms = summary["domains"]
+    domains: dict[str, Any] = {}
+    for name in ("candidates", "images", "kept"):
+        t, r = top_k(doms[name], TOP_DOMAINS)
+        domains[f"top_{name}"] = t
+        domains[f"rest_{name}"] = r
+        domains[f"distinct_{name}"] = len(doms[name])
+    fdom, frest = top_k(doms["failed"], TOP_FAILED_DOMAINS)
+    stages = {k: dict(sorted(v.items())) for k, v in summary["stages"].items()}
+    dup = int(stages["rules"].get("duplicate", 0))
+    return {
+        "rows": rows,
+        "partitions": int(summary["partitions"]),
+        "final": {
+            "rows_in": rows,
+            "kept": kept,
+            "dropped": dropped,
+            "adds_up": rows == sum(kept.values()) + sum(dropped.values()),
+        },
+        "by_group": by_group,
+        "stages": stages,
+        "languages": {
+            "top": top,
+            "rest": rest,
+            "distinct": len(langs["all"]),
+            "groups": {g: int(summary["groups"]["all"].get(g, 0)) for g in schema.LANGUAGE_GROUPS},
+            "kept_top": ktop,
+            "kept_rest": krest,
+            "kept_groups": {
+                g: int(summary["groups"]["kept"].get(g, 0)) for g in schema.LANGUAGE_GROUPS
+            },
+        },
+        "histograms": hists,
+        "above_cutoff": above,
+        "domains": domains,
+        "download_failures": {
+            "by_status": {k: v for k, v in stages["download"].items() if k != "success"},
+            "by_http_status": dict(sorted(summary["http_status"].items())),
+            "by_domain": fdom,
+            "rest_by_domain": frest,
+        },
+        "duplicates": {"rows": dup, "rate": dup / rows if rows else 0.0},
+        "samples": summary["samples"],
+    }
+
+
+def build_stats(
+    run: RunDir | str, *, client: Any | None = None, thresholds: FilterConfig | None = None
+) -> dict[str, Any]:
+    """Everything ``stats.json`` holds (schema in the module docstring)."""
+    from .stats import check_funnel, funnel
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if thresholds is None:
+        cfg, source = _thresholds(run)
+    else:
+        cfg, source = thresholds, "argument"
+    summary = summarize_run(run, cfg, client=client)
+    body = finalize(summary, cfg)
+    table = funnel(run)
+    final = body.pop("final")
+    by_group = body.pop("by_group")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run": _run_facts(run),
+        "thresholds": {"source": source, "values": dataclasses.asdict(cfg)},
+        "rows": body.pop("rows"),
+        "partitions": body.pop("partitions"),
+        "funnel": {
+            "table": [
+                {"stage": r.stage, "outcome": r.outcome, "rows": int(r.rows)}
+                for r in table.itertuples()
+            ],
+            "checks": check_funnel(table),
+            "final": final,
+            "by_group": by_group,
+        },
+        **body,
+    }
+
+
+# --- thumbnails -----------------------------------------------------------------------------------
+
+
+def _thumbnails(shard_path: str, keys: list[str], size: int = 160) -> dict[str, str]:
+    """``{key: data URI}`` of small JPEG thumbnails of ``keys`` in one shard (missing: left out)."""
+    from PIL import Image
+
+    from .shards import read_shard_images
+
+    out: dict[str, str] = {}
+    for key, data in read_shard_images(shard_path, keys).items():
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img = img.convert("RGB")
+                img.thumbnail((size, size))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=80)
+        except Exception as err:  # noqa: BLE001 - an unreadable image is shown as missing
+            log.warning("thumbnail %s in %s: %s", key, shard_path, err)
+            continue
+        out[key] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return out
+
+
+def collect_thumbnails(
+    run: RunDir | str, stats: Mapping[str, Any], *, client: Any | None = None
+) -> dict[str, str]:
+    """Thumbnails of every sample in ``stats`` (one task per shard): ``{shard/key: data URI}``."""
+    from .pipeline import _get_client
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    wanted: dict[str, set[str]] = {}
+    for kind in stats["samples"].values():
+        for recs in kind.values():
+            for r in recs:
+                wanted.setdefault(r["shard"], set()).add(r["key"])
+    if not wanted:
+        return {}
+    client = _get_client(client)
+    futures = {
+        shard: client.submit(_thumbnails, run.join("images", shard), sorted(keys), pure=False)
+        for shard, keys in sorted(wanted.items())
+    }
+    out = {}
+    for shard, fut in futures.items():
+        try:
+            out.update({f"{shard}/{k}": v for k, v in fut.result().items()})
+        except Exception as err:  # noqa: BLE001 - a missing shard leaves blanks, not a crash
+            log.warning("thumbnails of %s: %s", shard, err)
+    return out
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def _by_count(counts: Mapping[str, int]) -> list[tuple[str, int]]:
+    """Items by descending count, ties by name (stats.json itself is written with sorted keys)."""
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    return html.escape(str(v))
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _hist_figure(name: str, entry: Mapping[str, Any], title: str, *, log_x: bool = False) -> Any:
+    from bokeh.models import Span
+    from bokeh.plotting import figure
+
+    edges = np.asarray(entry["edges"])
+    counts = np.asarray(entry["counts"])
+    fig = figure(
+        title=f"{title} (n={entry['n']:,})",
+        height=260,
+        width=420,
+        x_axis_type="log" if log_x else "linear",
+        tools="pan,wheel_zoom,box_zoom,reset,hover,save",
+        name=f"plot-{name}",
+    )
+    fig.quad(top=counts, bottom=0, left=edges[:-1], right=edges[1:], fill_alpha=0.7)
+    fig.y_range.start = 0
+    marks = [entry[k] for k in ("threshold", "cutoff") if entry.get(k) is not None]
+    if entry.get("min") is not None and not log_x:  # zoom on the data (and the marks)
+        lo, hi = min([entry["min"], *marks]), max([entry["max"], *marks])
+        pad = max((hi - lo) * 0.05, float(edges[1] - edges[0]))
+        fig.x_range.start, fig.x_range.end = lo - pad, hi + pad
+    for key in ("threshold", "cutoff"):
+        if entry.get(key) is not None:
+            fig.add_layout(
+                Span(location=entry[key], dimension="height", line_color="red", line_width=2)
+            )
+    return fig
+
+
+def _bar_figure(name: str, items: Sequence[Sequence[Any]], title: str, *, horizontal: bool) -> Any:
+    from bokeh.models import ColumnDataSource
+    from bokeh.plotting import figure
+
+    labels = [str(k) for k, _ in items] or ["(none)"]
+    counts = [int(v) for _, v in items] or [0]
+    src = ColumnDataSource({"label": labels, "count": counts})
+    tools = "hover,save,reset"
+    if horizontal:
+        fig = figure(
+            y_range=labels[::-1],
+            title=title,
+            height=max(200, 18 * len(labels) + 60),
+            width=560,
+            tools=tools,
+            tooltips="@label: @count",
+            name=f"plot-{name}",
+        )
+        fig.hbar(y="label", right="count", height=0.8, source=src)
+        fig.x_range.start = 0
+    else:
+        fig = figure(
+            x_range=labels,
+            title=title,
+            height=280,
+            width=max(320, 22 * len(labels) + 80),
+            tools=tools,
+            tooltips="@label: @count",
+            name=f"plot-{name}",
+        )
+        fig.vbar(x="label", top="count", width=0.8, source=src)
+        fig.y_range.start = 0
+        fig.xaxis.major_label_orientation = 0.9
+    return fig
+
+
+def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """Plot name -> Bokeh figure, in page order."""
+    h = stats["histograms"]
+    final = stats["funnel"]["final"]
+    figs: dict[str, Any] = {}
+    items = [(f"kept ({g})", n) for g, n in final["kept"].items()] + _by_count(final["dropped"])
+    figs["funnel"] = _bar_figure("funnel", items, "Final fate of every candidate", horizontal=True)
+    langs = stats["languages"]
+    figs["languages"] = _bar_figure(
+        "languages",
+        [*langs["top"], ["(rest)", langs["rest"]]],
+        f"Languages of candidates (top {TOP_LANGUAGES} + rest)",
+        horizontal=False,
+    )
+    for g in schema.LANGUAGE_GROUPS:
+        figs[f"similarity_{g}"] = _hist_figure(
+            f"similarity_{g}", h[f"similarity_{g}"], f"Similarity, {g} (red: threshold)"
+        )
+    for col in ("punsafe", "pwatermark"):
+        cut = stats["above_cutoff"][col]
+        figs[col] = _hist_figure(
+            col,
+            {**h[col], "cutoff": cut["cutoff"]},
+            f"{col} (red: {cut['source']} cut-off {cut['cutoff']})",
+        )
+    for name, title in (
+        ("original_width", "Original width (px)"),
+        ("original_height", "Original height (px)"),
+        ("aspect_ratio", "Aspect ratio w/h (original)"),
+        ("stored_width", "Stored width (px)"),
+        ("stored_height", "Stored height (px)"),
+        ("caption_chars", "Caption characters (candidates)"),
+        ("caption_words", "Caption words (candidates)"),
+        ("caption_chars_kept", "Caption characters (kept)"),
+        ("caption_words_kept", "Caption words (kept)"),
+    ):
+        figs[name] = _hist_figure(name, h[name], title)
+    figs["original_bytes"] = _hist_figure(
+        "original_bytes", h["original_bytes"], "Original bytes", log_x=True
+    )
+    doms = stats["domains"]
+    figs["domains"] = _bar_figure(
+        "domains",
+        doms["top_images"],
+        f"Downloaded images per domain (top {TOP_DOMAINS})",
+        horizontal=True,
+    )
+    fails = stats["download_failures"]
+    figs["failures_status"] = _bar_figure(
+        "failures_status",
+        _by_count(fails["by_status"]),
+        "Download failures by status",
+        horizontal=False,
+    )
+    figs["failures_domain"] = _bar_figure(
+        "failures_domain",
+        fails["by_domain"],
+        f"Download failures by domain (top {TOP_FAILED_DOMAINS})",
+        horizontal=True,
+    )
+    return figs
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+h1{font-size:1.6em} h2{margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left} th{background:#f3f3f3}
+.plots{display:flex;flex-wrap:wrap;gap:12px} .ok{color:#070} .bad{color:#b00;font-weight:bold}
+.grid{display:flex;flex-wrap:wrap;gap:8px} .grid figure{margin:0;width:150px;font-size:.75em}
+.grid img{max-width:145px;max-height:145px;display:block} .missing{color:#999}
+"""
+
+
+def _samples_html(stats: Mapping[str, Any], thumbs: Mapping[str, str]) -> str:
+    parts = []
+    for kind, title in (("random", "Random kept samples"), ("threshold", "At the threshold")):
+        for g in schema.LANGUAGE_GROUPS:
+            recs = stats["samples"][kind].get(g, [])
+            thr = stats["histograms"][f"similarity_{g}"].get("threshold")
+            cells = []
+            for r in recs:
+                uri = thumbs.get(f"{r['shard']}/{r['key']}")
+                img = (
+                    f'<img src="{uri}" alt="{html.escape(r["key"])}">'
+                    if uri
+                    else '<div class="missing">(image missing)</div>'
+                )
+                cap = html.escape(r["text"][:80])
+                sim = "–" if r["similarity"] is None else f"{r['similarity']:.3f}"
+                cells.append(
+                    f"<figure>{img}<figcaption>{html.escape(r['language'])} · sim {sim}"
+                    f"<br>{cap}</figcaption></figure>"
+                )
+            body = "".join(cells) or '<p class="missing">no rows</p>'
+            parts.append(
+                f'<h3>{title}: {g} (threshold {thr})</h3><div class="grid samples-{kind}-{g}">'
+                f"{body}</div>"
+            )
+    return "".join(parts)
+
+
+def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = None) -> str:
+    """One self-contained HTML page: Bokeh JS/CSS inline, images as data URIs, no server."""
+    from bokeh.embed import components
+    from bokeh.resources import INLINE
+
+    figs = _figures(stats)
+    script, divs = components(figs)
+    fn = stats["funnel"]
+    checks = fn["checks"]
+    final = fn["final"]
+    check_rows = [
+        (s, "counts add up" if ok else "COUNTS DO NOT ADD UP") for s, ok in checks.items()
+    ]
+    check_rows.append(
+        ("final reasons (this report)", "counts add up" if final["adds_up"] else "NO")
+    )
+    run = stats["run"]
+    thr = stats["thresholds"]
+    quant = [
+        (name, e["population"], e["n"], e["mean"], *e["quantiles"].values())
+        for name, e in stats["histograms"].items()
+    ]
+    qheads = list(next(iter(stats["histograms"].values()))["quantiles"])
+    stage_rows = [
+        (
+            s,
+            f["partitions"],
+            f["rows"],
+            f["seconds"],
+            f["rows_per_second"],
+            f.get("bytes"),
+            f.get("bytes_per_second"),
+        )
+        for s, f in run["stages"].items()
+    ]
+    reasons = [r for r, _ in _by_count(final["dropped"])]
+    plot_div = "".join(f'<div class="plot" data-plot="{n}">{d}</div>' for n, d in divs.items())
+    names = ",".join(divs)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>laion-dask report: {html.escape(run["path"])}</title>
+<meta name="laion-dask-plots" content="{names}">
+<style>{_CSS}</style>
+{INLINE.render_css()}
+{INLINE.render_js()}
+</head><body>
+<h1>Dataset report</h1>
+<p>Run <code>{html.escape(run["path"])}</code>; {stats["rows"]:,} candidate rows in
+{stats["partitions"]} partitions; generated {html.escape(run["generated_at"])}.</p>
+<h2 id="funnel">Funnel</h2>
+{_table(check_rows, ["stage", "check"])}
+{_table([(r["stage"], r["outcome"], r["rows"]) for r in fn["table"]], ["stage", "outcome", "rows"])}
+<h3>Final fate by language group</h3>
+{
+        _table(
+            [
+                (g, *(fn["by_group"][g].get(k, 0) for k in ["kept", *reasons]))
+                for g in fn["by_group"]
+            ],
+            ["group", "kept", *reasons],
+        )
+    }
+<h2 id="key-numbers">Key numbers</h2>
+{_table(_key_rows(stats), ["", "value"])}
+<h2 id="plots">Plots</h2>
+<div class="plots">{plot_div}</div>
+<h2>Distributions (quantiles from merged histograms)</h2>
+{_table(quant, ["name", "population", "n", "mean", *qheads])}
+<h2 id="samples">Samples</h2>
+{_samples_html(stats, thumbs or {})}
+<h2 id="run-facts">Run facts</h2>
+{
+        _table(
+            [
+                ("input files", len(run["input_files"])),
+                ("model", run["model"]),
+                *[(f"clip {k}", v) for k, v in run["clip_resolved"].items()],
+                ("thresholds from", thr["source"]),
+                *[(f"threshold {k}", v) for k, v in thr["values"].items()],
+                *[(f"version {k}", v) for k, v in run["versions"].items()],
+            ],
+            ["", "value"],
+        )
+    }
+{_table(stage_rows, ["stage", "partitions", "rows", "seconds", "rows/s", "bytes", "bytes/s"])}
+<details><summary>input files</summary><pre>{html.escape(chr(10).join(run["input_files"]))}</pre>
+</details>
+<details><summary>resolved config</summary><pre>{
+        html.escape(json.dumps(run["config"], indent=1))
+    }</pre></details>
+<div id="render-status" data-expected="{len(divs)}">pending</div>
+{script}
+<script>
+(function () {{
+  var expected = {len(divs)}, tries = 0;
+  function check() {{
+    var done = 0;
+    document.querySelectorAll("div.plot").forEach(function (el) {{
+      var view = el.querySelector("[data-root-id] > *");
+      var shadow = view && view.shadowRoot;
+      if (shadow && shadow.querySelector(".bk-Canvas, canvas")) {{
+        el.setAttribute("data-rendered", "yes");
+        done += 1;
+      }}
+    }});
+    var el = document.getElementById("render-status");
+    if (done >= expected) {{ el.textContent = "rendered " + done; return; }}
+    if (++tries < 200) setTimeout(check, 50); else el.textContent = "incomplete " + done;
+  }}
+  window.addEventListener("load", function () {{ setTimeout(check, 50); }});
+}})();
+</script>
+</body></html>
+"""
+    return page
+
+
+def _key_rows(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    final = stats["funnel"]["final"]
+    h = stats["histograms"]
+    rows: list[tuple[str, Any]] = [
+        ("candidate rows", stats["rows"]),
+        ("kept rows", sum(final["kept"].values())),
+        *[(f"kept {g}", n) for g, n in final["kept"].items()],
+        ("duplicate rate", round(stats["duplicates"]["rate"], 4)),
+        ("distinct languages", stats["languages"]["distinct"]),
+        ("distinct domains (downloaded)", stats["domains"]["distinct_images"]),
+    ]
+    for g in schema.LANGUAGE_GROUPS:
+        e = h[f"similarity_{g}"]
+        rows.append((f"median similarity {g} (threshold {e['threshold']})", e["quantiles"]["p50"]))
+    for col, a in stats["above_cutoff"].items():
+        rows.append(
+            (f"share {col} > {a['cutoff']}", None if a["share"] is None else round(a["share"], 4))
+        )
+    for name in ("original_width", "original_height", "caption_chars_kept"):
+        rows.append((f"median {name}", h[name]["quantiles"]["p50"]))
+    return rows
+
+
+def render_markdown(stats: Mapping[str, Any]) -> str:
+    """A README-ready markdown summary: key numbers, funnel, top languages."""
+
+    def md(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return str(v).replace("|", "\\|")
+
+    final = stats["funnel"]["final"]
+    lines = ["| | value |", "|---|---:|"]
+    lines += [f"| {md(k)} | {md(v)} |" for k, v in _key_rows(stats)]
+    lines += ["", "| outcome | rows | share |", "|---|---:|---:|"]
+    rows = max(stats["rows"], 1)
+    for g, n in final["kept"].items():
+        lines.append(f"| kept ({g}) | {n:,} | {n / rows:.1%} |")
+    for reason, n in _by_count(final["dropped"]):
+        lines.append(f"| {md(reason)} | {n:,} | {n / rows:.1%} |")
+    ok = "yes" if final["adds_up"] else "NO"
+    lines.append(f"| **candidates** (adds up: {ok}) | {stats['rows']:,} | 100% |")
+    lines += ["", "| language | candidates |", "|---|---:|"]
+    lines += [f"| {md(k)} | {n:,} |" for k, n in stats["languages"]["top"][:10]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    run: RunDir | str,
+    stats: Mapping[str, Any],
+    *,
+    formats: Sequence[str] = ("html",),
+    out: str | None = None,
+    client: Any | None = None,
+) -> dict[str, str]:
+    """Write ``stats.json`` and each of ``formats`` (``html``, ``md``; ``json`` = stats only)
+    into ``out`` (default ``RUN/report``); returns ``{format: path}``."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    out = out or run.join("report")
+    fs, _ = __import__("fsspec").core.url_to_fs(out)
+    fs.makedirs(out, exist_ok=True)
+    paths = {"json": f"{out}/stats.json"}
+    run.write_json_atomic(paths["json"], dict(stats))
+    if "html" in formats:
+        thumbs = collect_thumbnails(run, stats, client=client)
+        paths["html"] = f"{out}/report.html"
+        run.write_bytes_atomic(paths["html"], render_html(stats, thumbs).encode("utf-8"))
+    if "md" in formats:
+        paths["md"] = f"{out}/report.md"
+        run.write_bytes_atomic(paths["md"], render_markdown(stats).encode("utf-8"))
+    return paths
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``laion-dask report RUN [--format html|md|json] [--out DIR]``; prints the written path."""
+    from .rundir import open_run
+
+    parser = argparse.ArgumentParser(
+        prog="laion-dask report", description="Dataset statistics of a run directory."
+    )
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--format", choices=("html", "md", "json"), default="html")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    parser.add_argument("--scheduler", default=None, help="tcp://host:8786 of a running cluster")
+    args = parser.parse_args(argv)
+    try:
+        run, cfg = open_run(args.run)
+    except FileNotFoundError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    from distributed import Client, get_client
+
+    own = None
+    try:
+        client = get_client()
+    except ValueError:
+        if args.scheduler:
+            own = Client(args.scheduler)
+        else:
+            from .cluster import make_client
+
+            own = make_client(dataclasses.replace(cfg.cluster, dashboard_address=None))
+        client = own
+    try:
+        stats = build_stats(run, client=client)
+        paths = write_report(run, stats, formats=(args.format,), out=args.out, client=client)
+    except FileNotFoundError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    finally:
+        if own is not None:
+            cluster = getattr(own, "cluster", None)
+            own.close()
+            if cluster is not None:
+                cluster.close()
+    sys.stdout.write(paths[args.format] + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""The statistics report: every number in stats.json equals a pandas recomputation on the same
+rows; report.html renders offline in headless Chromium with every plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+from laion_dask import schema
+from laion_dask.config import FilterConfig
+from laion_dask.filters import FINAL_REASON, add_final_reason
+from laion_dask.materialize import materialize
+from laion_dask.report import (
+    COLUMNS,
+    HISTOGRAMS,
+    build_stats,
+    main,
+    partition_summary,
+    render_markdown,
+    write_report,
+)
+from laion_dask.rundir import RunDir
+from laion_dask.sketches import HistSpec, histogram, merge_all, quantiles
+from tests.helpers.runs import make_scored_run, scored_frame
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_report(tmp_path_factory, client):
+    """A hand-built scored run (materialized with max_punsafe set) and its report."""
+    run = make_scored_run(tmp_path_factory.mktemp("scored") / "run", parts=3, rows=60)
+    cfg = FilterConfig(max_punsafe=0.9, min_side=80)
+    materialize(run, cfg, client=client)
+    stats = build_stats(run, client=client)
+    paths = write_report(run, stats, formats=("html", "md"), client=client)
+    return run, cfg, paths
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory, client):
+    """A tiny real demo run (crawl -> download -> CLIP -> materialize) and its report."""
+    from laion_dask.demo.corpus import CorpusSpec
+    from laion_dask.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    run_demo(out, spec=CorpusSpec(n_pages=30, seed=6), client=client, dashboard=False)
+    run = RunDir(str(out))
+    stats = build_stats(run, client=client)
+    paths = write_report(run, stats, formats=("html", "md"), client=client)
+    return run, run.read_config().filters, paths
+
+
+def _rows(run: RunDir) -> pd.DataFrame:
+    return pd.concat([run.read_parquet(p) for p in run.parts("scores")], ignore_index=True)
+
+
+def _top(counter: Counter, k: int) -> list[list]:
+    return [[n, c] for n, c in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).hostname or "<none>"
+
+
+# --- pandas recomputation -------------------------------------------------------------------------
+
+
+def check_against_pandas(run: RunDir, cfg: FilterConfig, stats: dict) -> None:
+    """Every number of stats.json recomputed with plain pandas/numpy on all rows of the run."""
+    df = add_final_reason(_rows(run), cfg)
+    n = len(df)
+    group = df[schema.LANGUAGE_GROUP].fillna("nolang")
+    final = df[FINAL_REASON].fillna("kept")
+    kept = final.eq("kept")
+    status = df[schema.STATUS]
+    rule = df[schema.DROP_REASON]
+    attempted = rule.isna() & status.notna()
+    downloaded = status.eq("success").fillna(False)
+    scored = df[schema.SCORE_STATUS].eq("success").fillna(False) & df[schema.SIMILARITY].notna()
+    failed = attempted & ~downloaded
+
+    assert stats["thresholds"]["values"] == {
+        k: getattr(cfg, k) for k in stats["thresholds"]["values"]
+    }
+    assert stats["rows"] == n
+    assert stats["partitions"] == len(run.parts("scores"))
+    # funnel: final fate by group, totals, the add-up checks, and materialize's own funnel.json
+    fn = stats["funnel"]
+    for g in schema.LANGUAGE_GROUPS:
+        assert fn["by_group"][g] == final[group.eq(g)].value_counts().to_dict()
+    assert fn["final"]["kept"] == {
+        g: int((kept & group.eq(g)).sum()) for g in schema.LANGUAGE_GROUPS
+    }
+    assert fn["final"]["dropped"] == final[~kept].value_counts().to_dict()
+    assert fn["final"]["adds_up"] is True
+    assert fn["checks"] and all(fn["checks"].values())
+    mat = json.loads(Path(run.join("dataset", "funnel.json")).read_text())
+    assert mat["rows_in"] == n
+    assert mat["kept"] == fn["final"]["kept"]
+    assert mat["dropped"] == fn["final"]["dropped"]
+    # per-stage counts
+    st = stats["stages"]
+    assert st["rules"] == rule.fillna("kept").value_counts().to_dict()
+    assert st["download"] == status[attempted].value_counts().to_dict()
+    assert (
+        st["score"]
+        == df.loc[downloaded, schema.SCORE_STATUS].fillna("<none>").value_counts().to_dict()
+    )
+    from laion_dask.filters import FILTER_REASON
+
+    assert st["filters"] == df.loc[scored, FILTER_REASON].fillna("passed").value_counts().to_dict()
+    # languages
+    lang = Counter(df[schema.LANGUAGE].fillna("<none>"))
+    assert stats["languages"]["top"] == _top(lang, 30)
+    assert stats["languages"]["rest"] == n - sum(c for _, c in _top(lang, 30))
+    assert stats["languages"]["distinct"] == len(lang)
+    assert stats["languages"]["groups"] == {
+        g: int(group.eq(g).sum()) for g in schema.LANGUAGE_GROUPS
+    }
+    assert stats["languages"]["kept_top"] == _top(Counter(df.loc[kept, schema.LANGUAGE]), 30)
+    # histograms: same edges, counts from numpy on the concatenated rows
+    text = df[schema.TEXT].fillna("")
+    w = df[schema.ORIGINAL_WIDTH].astype("float64")
+    h = df[schema.ORIGINAL_HEIGHT].astype("float64")
+    values = {
+        "punsafe": (df[schema.PUNSAFE], scored),
+        "pwatermark": (df[schema.PWATERMARK], scored),
+        "original_width": (w, downloaded),
+        "original_height": (h, downloaded),
+        "aspect_ratio": ((w / h).where(h > 0), downloaded),
+        "stored_width": (df[schema.WIDTH], downloaded),
+        "stored_height": (df[schema.HEIGHT], downloaded),
+        "original_bytes": (df[schema.ORIGINAL_BYTES], downloaded),
+        "caption_chars": (text.map(len), pd.Series(True, index=df.index)),
+        "caption_words": (text.map(lambda s: len(s.split())), pd.Series(True, index=df.index)),
+        "caption_chars_kept": (text.map(len), kept),
+        "caption_words_kept": (text.map(lambda s: len(s.split())), kept),
+    }
+    for g in schema.LANGUAGE_GROUPS:
+        values[f"similarity_{g}"] = (df[schema.SIMILARITY], scored & group.eq(g))
+    assert set(stats["histograms"]) == set(values) == set(HISTOGRAMS)
+    for name, (col, mask) in values.items():
+        e = stats["histograms"][name]
+        v = pd.Series(col)[mask.to_numpy(bool)].astype("float64").to_numpy()
+        finite = v[~np.isnan(v)]
+        expect, _ = np.histogram(finite, bins=np.asarray(e["edges"]))
+        assert e["counts"] == expect.tolist(), name
+        assert e["n"] == finite.size and e["missing"] == v.size - finite.size, name
+        assert e["under"] == int((finite < e["edges"][0]).sum()), name
+        assert e["over"] == int((finite > e["edges"][-1]).sum()), name
+        if finite.size:
+            assert e["mean"] == pytest.approx(finite.mean(), rel=1e-9), name
+            assert e["min"] == finite.min() and e["max"] == finite.max(), name
+            # the quantile lies in the bin of the order statistic of rank ceil(q * n)
+            xs = np.sort(finite)
+            for key, q in (("p05", 0.05), ("p50", 0.5), ("p95", 0.95)):
+                x = xs[max(int(np.ceil(q * xs.size)) - 1, 0)]
+                i = np.clip(
+                    np.searchsorted(e["edges"], x, side="right") - 1, 0, len(e["counts"]) - 1
+                )
+                width = e["edges"][i + 1] - e["edges"][i]
+                assert abs(e["quantiles"][key] - x) <= width + 1e-9, (name, key)
+        if name.startswith("similarity_"):
+            assert e["threshold"] == cfg.similarity_for(name.split("_")[1])
+    for col, ref in (("punsafe", 0.5), ("pwatermark", 0.8)):
+        a = stats["above_cutoff"][col]
+        cut = getattr(cfg, f"max_{col}") or ref
+        assert a["cutoff"] == cut
+        assert a["rows"] == int((df.loc[scored, col] > cut).sum())
+        assert a["scored"] == int(scored.sum())
+    # domains and failures
+    hosts = df[schema.URL].map(_host)
+    dom = stats["domains"]
+    assert dom["top_candidates"] == _top(Counter(hosts), 30)
+    assert dom["top_images"] == _top(Counter(hosts[downloaded]), 30)
+    assert dom["top_kept"] == _top(Counter(hosts[kept]), 30)
+    assert dom["distinct_images"] == hosts[downloaded].nunique()
+    fails = stats["download_failures"]
+    assert fails["by_domain"] == _top(Counter(hosts[failed]), 20)
+    assert fails["by_status"] == status[failed].value_counts().to_dict()
+    http = df.loc[failed, schema.HTTP_STATUS].map(lambda x: "none" if pd.isna(x) else str(int(x)))
+    assert fails["by_http_status"] == http.value_counts().to_dict()
+    dups = int(rule.eq("duplicate").sum())
+    assert stats["duplicates"] == {"rows": dups, "rate": pytest.approx(dups / n)}
+    # samples: random ones are kept rows of their group; threshold ones are the nearest rows
+    by_key = df.set_index(schema.KEY)
+    for g in schema.LANGUAGE_GROUPS:
+        rnd = stats["samples"]["random"][g]
+        pool = kept & group.eq(g) & downloaded
+        assert len(rnd) == min(8, int(pool.sum()))
+        assert all(by_key.loc[r["key"], FINAL_REASON] is pd.NA for r in rnd)
+        assert all(by_key.loc[r["key"], schema.LANGUAGE_GROUP] == g for r in rnd)
+        near = stats["samples"]["threshold"][g]
+        pool = scored & group.eq(g) & downloaded
+        dist = (df.loc[pool, schema.SIMILARITY].astype("float64") - cfg.similarity_for(g)).abs()
+        got = sorted(abs(r["similarity"] - cfg.similarity_for(g)) for r in near)
+        assert got == pytest.approx(sorted(dist.nsmallest(8).tolist()), abs=1e-6)
+
+
+def test_stats_equal_pandas_on_scored_run(scored_report):
+    run, cfg, paths = scored_report
+    stats = json.loads(Path(paths["json"]).read_text())
+    assert stats["thresholds"]["source"] == "RUN/dataset/thresholds.toml"
+    assert stats["above_cutoff"]["punsafe"]["source"] == "filters"
+    check_against_pandas(run, cfg, stats)
+
+
+def test_stats_equal_pandas_on_demo_run(demo_report):
+    run, cfg, paths = demo_report
+    stats = json.loads(Path(paths["json"]).read_text())
+    check_against_pandas(run, cfg, stats)
+    facts = stats["run"]
+    assert facts["input_files"] and all(p.endswith(".wat.gz") for p in facts["input_files"])
+    assert facts["clip_resolved"]  # written by run_score
+    assert {"laion-dask", "dask", "torch", "transformers"} <= set(facts["versions"])
+    assert facts["stages"]["download"]["rows"] > 0 and facts["stages"]["score"]["seconds"] > 0
+    assert stats["rows"] > 100 and sum(stats["funnel"]["final"]["kept"].values()) > 0
+
+
+# --- merging: pandas == the same summary mapped over 3 dask partitions on the cluster ------------
+
+
+def _summary_of(df: pd.DataFrame, cfg: FilterConfig) -> dict:
+    return partition_summary(df, cfg)
+
+
+def _without_sums(obj):
+    if isinstance(obj, dict):
+        return {k: _without_sums(v) for k, v in obj.items() if k != "sum"}
+    return obj
+
+
+def test_summary_of_three_dask_partitions_equals_pandas(client):
+    df = pd.concat([scored_frame(50, p) for p in range(3)], ignore_index=True)[COLUMNS]
+    cfg = FilterConfig(min_side=100)
+    whole = partition_summary(df, cfg)
+    parts = dd.from_pandas(df, npartitions=3).to_delayed()
+    assert len(parts) == 3
+    merged = client.compute(
+        dask.delayed(merge_all)([dask.delayed(_summary_of)(p, cfg) for p in parts])
+    ).result()
+    assert merged.pop("partitions") == 3 and whole.pop("partitions") == 1
+    assert _without_sums(merged) == _without_sums(whole)
+    for name, hst in whole["hist"].items():
+        assert merged["hist"][name]["sum"] == pytest.approx(hst["sum"])
+    assert whole["rows"] == len(df)
+
+
+def test_partition_summary_does_not_mutate_input():
+    df = scored_frame(30, 0)
+    before = df.copy()
+    partition_summary(df, FilterConfig())
+    pd.testing.assert_frame_equal(df, before)
+
+
+def test_histogram_quantiles_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.3, 0.05, size=5000)
+    spec = HistSpec(-1.0, 1.0, 400)
+    h = histogram(np.concatenate([x, [np.nan, 5.0]]), spec)
+    assert h["missing"] == 1 and h["over"] == 1 and h["n"] == 5001
+    q = quantiles(h, spec, [0.1, 0.5, 0.9])
+    np.testing.assert_allclose(q, np.quantile(np.append(x, 5.0), [0.1, 0.5, 0.9]), atol=0.005)
+    assert quantiles(histogram(np.array([]), spec), spec, [0.5]) == [None]
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+def test_markdown_and_cli(scored_report, client, capsys, tmp_path):
+    run, _, paths = scored_report
+    md = Path(paths["md"]).read_text()
+    assert "| candidate rows |" in md and "adds up: yes" in md
+    assert main([run.path, "--format", "md", "--out", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.strip()
+    assert written == f"{tmp_path}/report.md"
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert Path(written).read_text() == render_markdown(stats)
+    assert main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_report_without_scores_is_a_clear_error(tmp_path, client):
+    run = RunDir(str(tmp_path / "empty"))
+    from laion_dask.config import PipelineConfig
+
+    run.write_config(PipelineConfig())
+    with pytest.raises(FileNotFoundError, match="no scores"):
+        build_stats(run, client=client)
+
+
+def test_html_is_self_contained(demo_report):
+    _, _, paths = demo_report
+    page = Path(paths["html"]).read_text()
+    assert not re.search(r"<script[^>]+src=", page)
+    assert not re.search(r"<link[^>]+href=\"?https?:", page)
+    assert page.count('class="plot"') == len(
+        re.search(r'name="laion-dask-plots" content="([^"]*)"', page).group(1).split(",")
+    )
+    assert page.count("data:image/jpeg;base64,") >= 3  # sample thumbnails inline
+
+
+def _console_errors(stderr: str) -> list[str]:
+    """Console lines of a page error: uncaught exceptions, console.error, Bokeh errors."""
+    return [
+        ln
+        for ln in stderr.splitlines()
+        if ("CONSOLE" in ln or "Uncaught" in ln)
+        and ("Uncaught" in ln or ":ERROR:CONSOLE" in ln or "Error" in ln)
+    ]
+
+
+def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=15000",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent: apt-get install chromium"
+)
+@pytest.mark.parametrize("which", ["demo_report", "scored_report"])
+def test_html_renders_in_headless_chromium(which, request, tmp_path):
+    _, _, paths = request.getfixturevalue(which)
+    url = Path(paths["html"]).resolve().as_uri()
+    page = Path(paths["html"]).read_text()
+    expected = re.search(r'name="laion-dask-plots" content="([^"]*)"', page).group(1).split(",")
+    dom = _chromium(["--dump-dom", url], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not _console_errors(dom.stderr), _console_errors(dom.stderr)
+    assert any("document idle" in ln for ln in console), console  # Bokeh finished rendering
+    status = re.search(r'id="render-status"[^>]*>([^<]*)<', dom.stdout).group(1)
+    assert status == f"rendered {len(expected)}"
+    rendered = re.findall(r'data-plot="([^"]+)"[^>]*data-rendered="yes"', dom.stdout)
+    assert sorted(rendered) == sorted(expected)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / f"report-{which}.png"
+    shot.unlink(missing_ok=True)
+    res = _chromium(
+        ["--hide-scrollbars", "--window-size=1400,5000", f"--screenshot={shot}", url],
+        tmp_path / "profile-shot",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_partition_merges_as_nothing():
+    df = scored_frame(40, 1)[COLUMNS]
+    cfg = FilterConfig()
+    empty = partition_summary(df.iloc[:0], cfg)
+    assert empty["rows"] == 0 and all(h["n"] == 0 for h in empty["hist"].values())
+    merged = merge_all([empty, partition_summary(df, cfg)])
+    merged.pop("partitions")
+    alone = partition_summary(df, cfg)
+    alone.pop("partitions")
+    assert _without_sums(merged) == _without_sums(alone)
+
+
+def test_url_domain_matches_urlsplit():
+    from laion_dask.report import url_domain
+
+    urls = [
+        "http://User:pw@Img.Example.COM:8080/a.jpg?x=1#f",
+        "https://cdn.example.org/path/x.png",
+        "HTTP://UPPER.example/x",
+        "http://127.0.0.1:8000/i.jpg",
+        "//no-scheme.example/x",
+        "not a url",
+        None,
+    ]
+    got = url_domain(pd.Series(urls, dtype="string")).tolist()
+    expect = [_host(u) if u and "://" in u else "<none>" for u in urls]
+    assert got == expect
+
+
+def test_part_missing_columns_is_reported_not_a_crash(tmp_path, client):
+    run = make_scored_run(tmp_path / "run", parts=2, rows=30)
+    old = run.read_parquet(run.part_path("scores", 1))
+    run.write_parquet_atomic(
+        run.part_path("scores", 1), old.drop(columns=[schema.PWATERMARK, schema.HASH])
+    )
+    stats = build_stats(run, client=client)
+    first = run.read_parquet(run.part_path("scores", 0))
+    scored = [
+        df[schema.SCORE_STATUS].eq("success").fillna(False) & df[schema.SIMILARITY].notna()
+        for df in (first, old)
+    ]
+    assert stats["rows"] == len(first) + len(old)
+    wm = stats["histograms"]["pwatermark"]
+    assert wm["n"] == int(first.loc[scored[0], schema.PWATERMARK].notna().sum())
+    assert wm["missing"] == int(scored[1].sum())
+    assert stats["histograms"]["punsafe"]["n"] == int(sum(s.sum() for s in scored))
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent: apt-get install chromium"
+)
+def test_console_error_scan_catches_a_broken_page(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text(
+        "<!DOCTYPE html><html><body><p>x</p>"
+        "<script>console.error('bad thing'); throw new TypeError('boom');</script></body></html>"
+    )
+    res = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile")
+    errors = _console_errors(res.stderr)
+    assert any("boom" in ln for ln in errors), res.stderr[-2000:]
