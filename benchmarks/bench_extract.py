@@ -5,7 +5,8 @@ of the records describe responses, 60-150 links per page, 10-20 % of them ``IMG@
 under ``benchmarks/_work/``. Then, in one run, each measured in its own process (peak RSS is that
 process's ``ru_maxrss``):
 
-  (a) ours        laion_dask.extract.extract_file, one core
+  (a) ours        laion_dask.extract.extract_file, one core (``--baseline-root DIR``: the same
+                  measure on an older copy of the package too, as ``ours@base``)
   (b) naive       warcio ArchiveIterator + json.loads of every metadata record
   (c) gunzip      gzip decompression alone (the floor)
   (d) cc2dataset  cc2dataset.main.process_wat (pip package, own venv under benchmarks/_work/)
@@ -231,23 +232,25 @@ def ensure_data(size_mb: int, parts: int) -> list[Path]:
 
 
 # --- measured functions (each runs in its own process) --------------------------------------------
-# each returns (count, seconds); the clock starts after the imports
-def measure_ours(files: list[str]) -> tuple[int, float]:
-    sys.path.insert(0, str(REPO))
+# each returns (count, wall seconds, CPU seconds); the clocks start after the imports
+def measure_ours(files: list[str]) -> tuple[int, float, float]:
+    # --baseline-root runs this same measure on an older copy of the package
+    sys.path.insert(0, os.environ.get("BENCH_EXTRACT_ROOT", str(REPO)))
     from laion_dask.config import ExtractConfig
     from laion_dask.extract import extract_file
 
     cfg = ExtractConfig()
-    t0 = time.perf_counter()
-    return sum(extract_file(f, cfg).summary.pairs_found for f in files), time.perf_counter() - t0
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = sum(extract_file(f, cfg).summary.pairs_found for f in files)
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure_naive(files: list[str]) -> tuple[int, float]:
+def measure_naive(files: list[str]) -> tuple[int, float, float]:
     from urllib.parse import urljoin
 
     from warcio.archiveiterator import ArchiveIterator
 
-    n, t0 = 0, time.perf_counter()
+    n, c0, t0 = 0, time.process_time(), time.perf_counter()
     for f in files:
         with open(f, "rb") as fh:
             for rec in ArchiveIterator(fh):
@@ -265,26 +268,42 @@ def measure_naive(files: list[str]) -> tuple[int, float]:
                     if link.get("path") == "IMG@/src" and link.get("alt"):
                         urljoin(page, link["url"])
                         n += 1
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure_gunzip(files: list[str]) -> tuple[int, float]:
-    total, t0 = 0, time.perf_counter()
+def measure_gunzip(files: list[str]) -> tuple[int, float, float]:
+    total, c0, t0 = 0, time.process_time(), time.perf_counter()
     for f in files:
         with gzip.open(f, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 total += len(chunk)
-    return total, time.perf_counter() - t0  # bytes, not pairs
+    return total, time.perf_counter() - t0, time.process_time() - c0  # bytes, not pairs
 
 
-def measure_cc2dataset(files: list[str]) -> tuple[int, float]:
+def measure_cc2dataset(files: list[str]) -> tuple[int, float, float]:
     from cc2dataset.main import process_wat
 
-    t0 = time.perf_counter()
-    return sum(sum(1 for _ in process_wat(f, "image")) for f in files), time.perf_counter() - t0
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = sum(sum(1 for _ in process_wat(f, "image")) for f in files)
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure_dask(files: list[str], workers: int) -> tuple[int, float]:
+def _extract_timed(path: str, cfg: object) -> object:
+    """extract_pairs, adding the task thread's CPU seconds to ``sys._bench_task_cpu``."""
+    from laion_dask.extract import extract_pairs
+
+    t0 = time.thread_time()
+    try:
+        return extract_pairs(path, cfg)
+    finally:
+        sys._bench_task_cpu = getattr(sys, "_bench_task_cpu", 0.0) + time.thread_time() - t0
+
+
+def _task_cpu() -> float:
+    return getattr(sys, "_bench_task_cpu", 0.0)
+
+
+def measure_dask(files: list[str], workers: int) -> tuple[int, float, float]:
     sys.path.insert(0, str(REPO))
     import dask
     import dask.dataframe as dd
@@ -292,10 +311,11 @@ def measure_dask(files: list[str], workers: int) -> tuple[int, float]:
 
     from laion_dask import schema
     from laion_dask.config import ExtractConfig
-    from laion_dask.extract import extract_pairs
 
     # the workers' statistical profiler samples task threads every 10 ms and costs ~20 % on
-    # pure-Python tasks like this one (measured here); pipelines that care can turn it off too
+    # pure-Python tasks like this one (measured here); pipelines that care can turn it off too.
+    # (The Nanny also sets MALLOC_TRIM_THRESHOLD_ in workers, which fixes glibc's mmap threshold:
+    # extract once asked readers for 10 MB per record and paid mmap+page faults, 1.7x the CPU.)
     dask.config.set({"distributed.worker.profile.enabled": False})
     with (
         LocalCluster(
@@ -305,25 +325,27 @@ def measure_dask(files: list[str], workers: int) -> tuple[int, float]:
     ):
         client.run(lambda: __import__("laion_dask.extract"))  # warm imports outside the timing
         t0 = time.perf_counter()
-        ddf = dd.from_map(extract_pairs, files, args=(ExtractConfig(),), meta=schema.PAIRS)
+        ddf = dd.from_map(_extract_timed, files, args=(ExtractConfig(),), meta=schema.PAIRS)
         n = int(ddf.map_partitions(len).compute().sum())
-        return n, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        # CPU the extraction tasks themselves used: near ours' CPU means the workers add no
+        # work, and a wall time far above it means waiting (other load, GIL hand-offs)
+        return n, seconds, sum(client.run(_task_cpu).values())
 
 
 def _child(name: str, files: list[str], workers: int, repeat: int) -> None:
     best, cpu = float("inf"), float("inf")
     for _ in range(repeat):  # the best of a few runs: this machine is shared
-        c0 = time.process_time()
         if name == "dask":
-            n, seconds = measure_dask(files, workers)
+            n, seconds, used = measure_dask(files, workers)
         else:
-            n, seconds = {
+            n, seconds, used = {
                 "ours": measure_ours,
                 "naive": measure_naive,
                 "gunzip": measure_gunzip,
                 "cc2dataset": measure_cc2dataset,
             }[name](files)
-        best, cpu = min(best, seconds), min(cpu, time.process_time() - c0)
+        best, cpu = min(best, seconds), min(cpu, used)
     seconds = best
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
@@ -379,7 +401,13 @@ exec(code, {"__name__": "__main__", "__file__": sys.argv[0]})
 
 # --- driver ---------------------------------------------------------------------------------------
 def run_child(
-    python: str, name: str, files: list[Path], workers: int = 1, stub: bool = False, repeat: int = 1
+    python: str,
+    name: str,
+    files: list[Path],
+    workers: int = 1,
+    stub: bool = False,
+    repeat: int = 1,
+    root: str | None = None,
 ) -> dict | str:
     args = [
         str(HERE / "bench_extract.py"),
@@ -392,7 +420,8 @@ def run_child(
         *map(str, files),
     ]
     cmd = [python, "-c", _PYSPARK_STUB, *args] if stub else [python, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    env = {**os.environ, "BENCH_EXTRACT_ROOT": root} if root else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -405,6 +434,10 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=4, help="number of WAT files (Dask partitions)")
     ap.add_argument(
         "--skip", nargs="*", default=[], help="measures to skip: naive cc2dataset dask language"
+    )
+    ap.add_argument(
+        "--baseline-root",
+        help="a folder holding an older copy of the laion_dask package: measured as 'ours@base'",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=1, help="best of N runs per measure")
@@ -423,6 +456,11 @@ def main() -> None:
     mb = sum(f.stat().st_size for f in files) / 1e6
     results: dict[str, dict | str] = {}
     plan = [("ours", sys.executable, 1, False), ("gunzip", sys.executable, 1, False)]
+    if args.baseline_root:
+        print("  running ours@base ...", flush=True)
+        results["ours@base"] = run_child(
+            sys.executable, "ours", files, repeat=args.repeat, root=args.baseline_root
+        )
     if "naive" not in args.skip:
         plan.append(("naive", sys.executable, 1, False))
     if "cc2dataset" not in args.skip:
@@ -452,15 +490,16 @@ def main() -> None:
         pps = "-" if name == "gunzip" else f"{r['n'] / r['seconds']:,.0f}"
         dask = name.startswith("dask")
         rss = "-" if dask else f"{r['rss_mb']:.0f}"
-        cpu = "-" if dask else f"{r['cpu']:.2f}"
-        ratio = f"{r['cpu'] / ours['cpu']:.2f}x" if isinstance(ours, dict) and not dask else "-"
+        cpu = f"{r['cpu']:.2f}"  # dask rows: CPU of the extraction tasks on the workers
+        ratio = f"{r['cpu'] / ours['cpu']:.2f}x" if isinstance(ours, dict) else "-"
         print(
             f"{name:<14}{r['seconds']:>8.2f}{cpu:>8}{pairs!s:>10}{pps:>10}"
             f"{mb / r['seconds']:>8.1f}{rss:>8}{ratio:>10}"
         )
     print(
         "(MB/s and pairs/s from wall time; cpu/ours = that measure's CPU time over ours, so "
-        "2.00x means ours is twice as fast; dask rows: wall time of the graph, workers warm)"
+        "2.00x means ours is twice as fast; dask rows: wall time of the graph, workers warm, "
+        "cpu = the extraction tasks' thread CPU summed over workers)"
     )
     d1, d2 = results.get("dask-1w"), results.get("dask-2w")
     if isinstance(d1, dict) and isinstance(d2, dict):
@@ -477,6 +516,12 @@ def main() -> None:
                     f"{r['seconds'] / ours['seconds']:.2f}x less wall time (target >= {target}x)"
                 )
         print(f"ours peak RSS: {ours['rss_mb']:.0f} MB (target < 400 MB)")
+        base = results.get("ours@base")
+        if isinstance(base, dict):
+            print(
+                f"ours vs ours@base ({args.baseline_root}): {base['cpu'] / ours['cpu']:.2f}x "
+                f"less CPU, {base['seconds'] / ours['seconds']:.2f}x less wall time"
+            )
 
     lang = HERE / "bench_language.py"
     if lang.exists() and "language" not in args.skip:

@@ -25,12 +25,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+import mmh3
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from laion_dask import schema
 from laion_dask.config import ExtractConfig
-from laion_dask.extract.common import BadRecord, RawLink
+from laion_dask.extract.common import BadRecord, RawLink, Resolver, resolve_url
 from laion_dask.extract.records import (
     NonChunkedGzip,
     Record,
@@ -40,9 +42,9 @@ from laion_dask.extract.records import (
     iter_warcio,
     read_block,
 )
-from laion_dask.extract.text import clean_text, laion_hash, make_uid
+from laion_dask.extract.text import clean_text
 from laion_dask.extract.warc import looks_like_html, parse_html, split_http
-from laion_dask.extract.wat import IMG_MARKER, parse_wat_json
+from laion_dask.extract.wat import _IMG_SRC, IMG_MARKER, wat_image_links
 from laion_dask.sources import open_input
 
 __all__ = ["FileSummary", "ExtractResult", "extract_file", "extract_pairs", "sniff_format"]
@@ -187,38 +189,126 @@ def _surrogate_free(s: str) -> str:
         return s.encode("utf-8", "replace").decode("utf-8")
 
 
+def _arrow_strings(values: list[str]) -> tuple[pa.Array, list[str]]:
+    """(Arrow array, values) with lone surrogates replaced by ``?`` (Arrow needs UTF-8)."""
+    try:
+        return pa.array(values, type=pa.large_string()), values
+    except UnicodeEncodeError:
+        values = [_surrogate_free(v) for v in values]
+        return pa.array(values, type=pa.large_string()), values
+
+
+def _hex_strings(values: np.ndarray) -> pa.Array:
+    """16-char lower-case hex of each uint64, as ``format(v, "016x")``, without a Python loop."""
+    n = len(values)
+    data = values.astype(">u8").tobytes().hex().encode("ascii")
+    offsets = np.arange(0, 16 * (n + 1), 16, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
 class _Collector:
-    """Rows of the pairs under construction, plus the summary counters."""
+    """Columns of the pairs under construction, plus the summary counters.
+
+    Per record: offset, page URL and pair count; per pair: link index, URL and text. The frame
+    repeats the per-record values and hashes in bulk at the end.
+    """
 
     def __init__(self, source_file: str, cfg: ExtractConfig) -> None:
         self.source_file = source_file
         self.cfg = cfg
         self.summary = FileSummary(source_file=source_file)
-        self.rows: list[tuple[int, int, str, str, str]] = []  # offset, index, url, text, page
+        self.rec_offsets: list[int] = []
+        self.rec_pages: list[str] = []
+        self.rec_counts: list[int] = []
+        self.indices: list[int] = []
+        self.urls: list[str] = []
+        self.texts: list[str] = []
         self.saw_wat = False
+
+    def _close_record(self, offset: int, page_url: str, n: int) -> None:
+        if n:
+            self.rec_offsets.append(offset)
+            self.rec_pages.append(page_url)
+            self.rec_counts.append(n)
 
     def add(self, offset: int, page_url: str, links: list[RawLink]) -> None:
         if not links:
             return
         self.summary.records_with_links += 1
-        max_chars, rows = self.cfg.max_text_chars, self.rows
+        max_chars, n = self.cfg.max_text_chars, 0
         for link in links:
             text = clean_text(link.alt, max_chars)
             if text:  # LAION needs alt text; no pair without it
-                rows.append((offset, link.index, link.url, text, page_url))
+                self.indices.append(link.index)
+                self.urls.append(link.url)
+                self.texts.append(text)
+                n += 1
+        self._close_record(offset, page_url, n)
+
+    def add_wat(self, offset: int, page_url: str, base: str, imgs: list[Any]) -> None:
+        """Like :meth:`add` for the ``IMG@`` links of :func:`wat_image_links`."""
+        resolve = None
+        max_chars, indices, urls, texts = self.cfg.max_text_chars, self.indices, self.urls, []
+        found = False
+        for k, ln in enumerate(imgs):
+            if ln.path != _IMG_SRC:
+                continue
+            url, alt = ln.url, ln.alt
+            if not url or alt is None:
+                continue
+            found = True
+            if not alt:
+                continue
+            if not (
+                # already clean: printable ASCII, no entity, no space to fold, short enough
+                alt.isascii()
+                and "&" not in alt
+                and alt.isprintable()
+                and "  " not in alt
+                and alt[0] != " "
+                and alt[-1] != " "
+                and len(alt) <= max_chars
+            ):
+                alt = clean_text(alt, max_chars)
+                if not alt:  # LAION needs alt text; no pair without it
+                    continue
+            if resolve is None:
+                resolve = Resolver(resolve_url(page_url, base) if base else page_url)
+            indices.append(k)
+            urls.append(resolve(url))
+            texts.append(alt)
+        if found:
+            self.summary.records_with_links += 1
+            self.texts += texts
+            self._close_record(offset, page_url, len(texts))
 
     def frame(self) -> pd.DataFrame:
-        rows, src = self.rows, self.source_file
-        urls = [_surrogate_free(r[2]) for r in rows]
-        texts = [_surrogate_free(r[3]) for r in rows]
+        n, src = len(self.texts), self.source_file
+        counts = np.array(self.rec_counts, dtype=np.int64)
+        url_arr, urls = _arrow_strings(self.urls)
+        text_arr, texts = _arrow_strings(self.texts)
+        page_arr = _arrow_strings(self.rec_pages)[0]
+        rec_of_pair = np.repeat(np.arange(len(counts)), counts)
+        offsets = np.repeat(np.array(self.rec_offsets, dtype=np.int64), counts)
+        h64 = mmh3.hash64
+        prefix = f"{src}\0"
+        uids = np.fromiter(
+            (
+                h64(f"{prefix}{o}\0{i}", signed=False)[0]
+                for o, i in zip(offsets.tolist(), self.indices, strict=True)
+            ),
+            np.uint64,
+            n,
+        )
+        hashes = np.fromiter((h64(u + t)[0] for u, t in zip(urls, texts, strict=True)), np.int64, n)
         data = {
-            schema.UID: [make_uid(src, r[0], r[1]) for r in rows],
-            schema.URL: urls,
-            schema.TEXT: texts,
-            schema.PAGE_URL: [_surrogate_free(r[4]) for r in rows],
-            schema.SOURCE_FILE: [src] * len(rows),
-            schema.RECORD_OFFSET: np.fromiter((r[0] for r in rows), "int64", len(rows)),
-            schema.HASH: np.fromiter(map(laion_hash, urls, texts), "int64", len(rows)),
+            schema.UID: _hex_strings(uids),
+            schema.URL: url_arr,
+            schema.TEXT: text_arr,
+            schema.PAGE_URL: page_arr.take(pa.array(rec_of_pair)),
+            schema.SOURCE_FILE: pa.array([src] * n, type=pa.large_string()),
+            schema.RECORD_OFFSET: offsets,
+            schema.HASH: hashes,
         }
         return pd.DataFrame(
             {
@@ -250,8 +340,8 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
             raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
         if IMG_MARKER not in data:
             return  # cannot hold an image link: skip the JSON parse (the fast path)
-        page, links = parse_wat_json(data, rec.target_uri)
-        col.add(rec.offset, page, links)
+        page, base, links = wat_image_links(data)
+        col.add_wat(rec.offset, page or rec.target_uri, base, links)
     elif t in ("response", "resource") and cfg.format != "wat":
         data, total = read_block(rec, limit)
         if total is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple, Protocol
+from typing import Any, BinaryIO, Protocol
 
 __all__ = [
     "NonChunkedGzip",
@@ -45,15 +45,46 @@ class BlockReader(Protocol):
     def read(self, size: int = -1) -> bytes: ...
 
 
-class Record(NamedTuple):
-    """A WARC/ARC record header plus a reader positioned at the start of its block."""
+class Record:
+    """A WARC/ARC record header plus a reader positioned at the start of its block.
 
-    offset: int
-    warc_type: str  # lower case: response, resource, metadata, request, warcinfo, ...
-    target_uri: str
-    content_type: str
-    declared_length: int | None
-    reader: BlockReader
+    ``target_uri`` and ``content_type`` are read from the header on first use: a FastWARC
+    header lookup costs about a microsecond, and most records never need them.
+    """
+
+    __slots__ = ("offset", "warc_type", "declared_length", "reader", "_uri", "_ctype", "_headers")
+
+    def __init__(
+        self,
+        offset: int,
+        warc_type: str,  # lower case: response, resource, metadata, request, warcinfo, ...
+        target_uri: str | None,
+        content_type: str | None,
+        declared_length: int | None,
+        reader: BlockReader,
+        headers: Any = None,  # a FastWARC header map, for the fields given as None
+    ) -> None:
+        self.offset = offset
+        self.warc_type = warc_type
+        self.declared_length = declared_length
+        self.reader = reader
+        self._uri = target_uri
+        self._ctype = content_type
+        self._headers = headers
+
+    @property
+    def target_uri(self) -> str:
+        """``WARC-Target-URI`` (``""`` when absent)."""
+        if self._uri is None:
+            self._uri = self._headers.get("WARC-Target-URI") or ""
+        return self._uri
+
+    @property
+    def content_type(self) -> str:
+        """``Content-Type`` of the record (``""`` when absent)."""
+        if self._ctype is None:
+            self._ctype = self._headers.get("Content-Type") or ""
+        return self._ctype
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -72,10 +103,32 @@ def classify_stream_error(err: BaseException) -> StreamError:
     return StreamError("invalid_record", f"{type(err).__name__}: {text}")
 
 
+_FASTWARC_TYPES: dict[int, str] = {}  # int(WarcRecordType) -> name (the enum is not hashable)
+
+
+def _fastwarc_types() -> dict[int, str]:
+    if not _FASTWARC_TYPES:
+        from fastwarc.warc import WarcRecordType
+
+        for name in (
+            "warcinfo",
+            "response",
+            "resource",
+            "request",
+            "metadata",
+            "revisit",
+            "conversion",
+            "continuation",
+        ):
+            _FASTWARC_TYPES[int(getattr(WarcRecordType, name))] = name
+    return _FASTWARC_TYPES
+
+
 def iter_fastwarc(stream: BinaryIO) -> Iterator[Record]:
     """Records of a WARC stream read with FastWARC (gzip/zstd/lz4 detected)."""
     from fastwarc.warc import ArchiveIterator
 
+    types = _fastwarc_types()
     it = ArchiveIterator(stream, parse_http=False, fsspec_args=False, quirks_mode=True)
     prev = -1
     while True:
@@ -90,14 +143,14 @@ def iter_fastwarc(stream: BinaryIO) -> Iterator[Record]:
             raise NonChunkedGzip(f"two records start at offset {pos}")
         prev = pos
         h = rec.headers
-        yield Record(
-            pos,
-            (h.get("WARC-Type") or "").lower(),
-            h.get("WARC-Target-URI") or "",
-            h.get("Content-Type") or "",
-            _int_or_none(h.get("Content-Length")),
-            rec.reader,
-        )
+        # the parsed type and length save header lookups; anything unusual reads the header
+        warc_type = types.get(int(rec.record_type))
+        if warc_type is None:
+            warc_type = (h.get("WARC-Type") or "").lower()
+        length = rec.content_length
+        if length <= 0:
+            length = _int_or_none(h.get("Content-Length"))
+        yield Record(pos, warc_type, None, None, length, rec.reader, h)
 
 
 def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
@@ -145,7 +198,14 @@ def read_block(rec: Record, limit: int, head: int = 65536) -> tuple[bytes, int |
             data = rec.reader.read(head)
             total = len(data)
         else:
-            data = rec.reader.read(limit + 1)
+            # ask for what the header declares (+1 to see a longer block), not for ``limit``:
+            # readers allocate the size asked for, and a many-MB buffer per record costs an
+            # mmap/munmap pair and page faults where glibc's mmap threshold is fixed (Dask
+            # workers set MALLOC_TRIM_THRESHOLD_, which fixes it): 1.7x the CPU time in a worker
+            want = limit if rec.declared_length is None else min(rec.declared_length, limit)
+            data = rec.reader.read(want + 1)
+            if len(data) > want and want < limit:  # the block is longer than declared
+                data += rec.reader.read(limit - len(data) + 1)
             if len(data) <= limit:
                 return data, None
             total = len(data)

@@ -62,14 +62,19 @@ def clean_text(text: str, max_chars: int = 2000) -> str:
     if "&" in text:
         text = html.unescape(text)
     if not text.isascii():
-        if _MOJIBAKE_PAIR.search(text) or _C1.search(text):
+        # C1 controls are never printable, so printable text skips that search
+        if _MOJIBAKE_PAIR.search(text) or (not text.isprintable() and _C1.search(text)):
             # ftfy is the slow part (10-50 us a call), so only text that can be mojibake pays
             text = ftfy.fix_text(text, _FTFY)
         else:
             text = unicodedata.normalize("NFC", text)
-    if not text.isprintable():
-        text = _CONTROLS.sub("", text)
-    text = " ".join(text.split())
+    if text.isprintable():
+        # the only printable whitespace is " ": split/join changes nothing without a double,
+        # leading or trailing space
+        if "  " in text or text[:1] == " " or text[-1:] == " ":
+            text = " ".join(text.split())
+    else:
+        text = " ".join(_CONTROLS.sub("", text).split())
     if len(text) > max_chars:
         text = text[:max_chars].rstrip()
     return text

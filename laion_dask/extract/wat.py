@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from laion_dask.extract.common import BadRecord, RawLink, Resolver, resolve_url
 
-__all__ = ["IMG_MARKER", "parse_wat_json", "has_msgspec"]
+__all__ = ["IMG_MARKER", "parse_wat_json", "wat_image_links", "is_image_pair", "has_msgspec"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,40 @@ def _str_or_none(value: Any, name: str) -> str | None:
     raise BadRecord("invalid_wat", f"{name} is not a string")
 
 
+def _img_links(links: list[Any]) -> list[Any]:
+    """The ``IMG@`` links of a record, in order: a link's position here is its ``index``.
+
+    Most links are not images: the substring test drops them in one comprehension, before the
+    exact prefix test on the few left.
+    """
+    imgs = [ln for ln in links if "IMG@" in (ln.path or "")]
+    return [ln for ln in imgs if ln.path.startswith("IMG@")]
+
+
+def wat_image_links(body: bytes, *, use_msgspec: bool | None = None) -> tuple[str, str, list[Any]]:
+    """``(page_url, base, img_links)`` of one WAT record, before any filtering or resolving.
+
+    ``page_url`` is ``""`` when the JSON has no ``WARC-Target-URI``; ``img_links`` are the
+    record's ``IMG@`` links (objects with ``path``, ``url`` and ``alt``, each ``str | None``)
+    in order, so that a link's position is its ``index``. Pairs come from those whose path is
+    ``IMG@/src`` with a URL and an ``alt`` key (:func:`is_image_pair`). Raises
+    :class:`BadRecord` like :func:`parse_wat_json`.
+    """
+    fast = has_msgspec() if use_msgspec is None else use_msgspec
+    links = None
+    if fast:
+        try:
+            page, base, links = _parse_msgspec(body)
+        except BadRecord as err:
+            if err.kind != "invalid_json":
+                raise
+            # msgspec rejects escaped lone surrogates ("\ud800"), which Java-written WATs can
+            # hold; the stdlib parser accepts them (and raises for truly malformed JSON)
+    if links is None:
+        page, base, links = _parse_json(body)
+    return page, base, _img_links(links) if links else []
+
+
 def parse_wat_json(
     body: bytes, fallback_page_url: str = "", *, use_msgspec: bool | None = None
 ) -> tuple[str, list[RawLink]]:
@@ -178,27 +212,14 @@ def parse_wat_json(
     BadRecord
         ``invalid_json``, ``bad_encoding`` or ``invalid_wat`` (valid JSON of the wrong shape).
     """
-    fast = has_msgspec() if use_msgspec is None else use_msgspec
-    links = None
-    if fast:
-        try:
-            page, base, links = _parse_msgspec(body)
-        except BadRecord as err:
-            if err.kind != "invalid_json":
-                raise
-            # msgspec rejects escaped lone surrogates ("\ud800"), which Java-written WATs can
-            # hold; the stdlib parser accepts them (and raises for truly malformed JSON)
-    if links is None:
-        page, base, links = _parse_json(body)
+    page, base, imgs = wat_image_links(body, use_msgspec=use_msgspec)
     page = page or fallback_page_url
     resolve = Resolver(resolve_url(page, base) if base else page)
-    out = []
-    k = 0  # the link's ordinal among the record's IMG@ links: the same on every path
-    for ln in links:
-        path = ln.path
-        if path is None or not path.startswith("IMG@"):
-            continue
-        if path == _IMG_SRC and ln.url and ln.alt is not None:
-            out.append(RawLink(k, resolve(ln.url), ln.alt))
-        k += 1
-    return page, out
+    return page, [
+        RawLink(k, resolve(ln.url), ln.alt) for k, ln in enumerate(imgs) if is_image_pair(ln)
+    ]
+
+
+def is_image_pair(link: Any) -> bool:
+    """Whether an ``IMG@`` link from :func:`wat_image_links` gives a pair (before clean-up)."""
+    return link.path == _IMG_SRC and bool(link.url) and link.alt is not None
