@@ -260,14 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, config=False)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser(
-        "train-clip",
-        add_help=False,
-        help="train a small CLIP on webdataset shards (SHARDS... --out DIR)",
-    )
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
-    sp.set_defaults(func=cmd_train_clip)
-
     sp = sub.add_parser("train-tag-head", help="train a punsafe/pwatermark probe on embeddings")
     sp.add_argument("parquet", help="labelled rows: LABEL column + embedding column or key")
     sp.add_argument("--label", required=True, help="0/1 label column")
@@ -279,19 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=200)
     sp.set_defaults(func=cmd_train_tag_head)
 
-    sp = sub.add_parser(
-        "report", add_help=False, help="stats.json + report.html of a run (RUN [--format md])"
-    )
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
-    sp.set_defaults(func=cmd_report)
-
-    sp = sub.add_parser(
-        "demo",
-        add_help=False,
-        help="the whole pipeline offline on a generated crawl ([--out demo-run])",
-    )
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
-    sp.set_defaults(func=cmd_demo)
+    # these parse their own flags (argparse.REMAINDER would drop leading options); listed for --help
+    for name, text in _PASSTHROUGH_HELP.items():
+        sp = sub.add_parser(name, add_help=False, help=text)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -311,6 +294,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 _PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip, "report": cmd_report}
+_PASSTHROUGH_HELP = {
+    "train-clip": "train a small CLIP on webdataset shards (SHARDS... --out DIR)",
+    "report": "stats.json + report.html of a run (RUN [--format md])",
+    "demo": "the whole pipeline offline on a generated crawl ([--out demo-run])",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
