@@ -196,7 +196,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="laion-dask", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="laion-dask",
+        description="Rebuild a LAION-5B-style image-text dataset from Common Crawl with Dask.",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
