@@ -290,17 +290,29 @@ def _quiet_dask_chatter(level: int) -> None:
     logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import main as dashboard_main
+
+    return int(dashboard_main(args.rest) or 0)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import main as report_main
 
     return int(report_main(args.rest) or 0)
 
 
-_PASSTHROUGH = {"demo": cmd_demo, "train-clip": cmd_train_clip, "report": cmd_report}
+_PASSTHROUGH = {
+    "demo": cmd_demo,
+    "train-clip": cmd_train_clip,
+    "report": cmd_report,
+    "dashboard": cmd_dashboard,
+}
 _PASSTHROUGH_HELP = {
     "train-clip": "train a small CLIP on webdataset shards (SHARDS... --out DIR)",
     "report": "stats.json + report.html of a run (RUN [--format md])",
     "demo": "the whole pipeline offline on a generated crawl ([--out demo-run])",
+    "dashboard": "Panel dashboard to tune thresholds on stored scores (RUN [--port N])",
 }
 
 

@@ -174,7 +174,8 @@ def _run_tasks(
         progress(list(futures), notebook=False)
     results: list[dict] = []
     failures: dict[str, str] = {}
-    for fut in as_completed(list(futures)):
+    # the futures' own client, which need not be the default one
+    for fut in as_completed(list(futures), loop=client.loop):
         name = futures[fut]
         try:
             results.append(fut.result())

@@ -101,3 +101,23 @@ def test_materialize_without_scores_is_a_clear_error(tmp_path, client):
     run.makedirs()
     with pytest.raises(FileNotFoundError, match="no scores"):
         materialize(run, FilterConfig(), client=client)
+
+
+def test_a_client_that_is_not_the_default_one(tmp_path):
+    """Stage runners use the client they are given (the dashboard starts its own)."""
+    from distributed import Client, LocalCluster
+
+    run = make_scored_run(tmp_path / "run")
+    with LocalCluster(
+        n_workers=1,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    ) as cluster:
+        own = Client(cluster, set_as_default=False)
+        try:
+            report = materialize(run, FilterConfig(), client=own)
+        finally:
+            own.close()
+    report.check()

@@ -1,0 +1,312 @@
+"""The threshold dashboard: built without a server, then served by Panel and driven by Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import panel as pn
+import pytest
+
+from laion_dask import dashboard, explore
+from laion_dask.filters import load_thresholds
+from tests.helpers.browser import (
+    SET_WIDGET_JS,
+    browser_skip_reason,
+    chromium_page,
+    free_port,
+    panel_server,
+)
+from tests.helpers.runs import make_scored_run
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+KEPT = re.compile(r"Kept: (\d+) of (\d+) rows")
+
+
+@pytest.fixture(scope="module")
+def scored_view(tmp_path_factory):
+    run = make_scored_run(tmp_path_factory.mktemp("dash-run"), parts=3, rows=40)
+    return explore.open_run(run.path)
+
+
+@pytest.fixture(scope="module")
+def demo_view(tmp_path_factory, client):
+    """A small demo run (with ground truth) built on the LocalCluster."""
+    from laion_dask.demo.corpus import CorpusSpec
+    from laion_dask.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("dash-demo") / "run"
+    run_demo(out, spec=CorpusSpec(n_pages=30, seed=7), client=client, dashboard=False)
+    return explore.open_run(str(out), client=client)
+
+
+def _kept_text(markdown: str) -> tuple[int, int]:
+    m = KEPT.search(markdown)
+    assert m, markdown
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_build_dashboard_renders_and_funnel_follows_sliders(scored_view):
+    layout = dashboard.build_dashboard(scored_view)
+    assert isinstance(layout, pn.viewable.Viewable)
+    layout.get_root()  # the whole Bokeh model tree builds
+    board = layout.dashboard
+    assert board.config() == scored_view.thresholds
+    base = scored_view.kept_at(scored_view.thresholds)
+    assert _kept_text(board.funnel_markdown()) == (base.total_kept, len(scored_view))
+
+    board.similarity["en"].value = 0.2
+    board.max_punsafe.value = 0.5
+    cfg = dataclasses.replace(scored_view.thresholds, similarity_en=0.2, max_punsafe=0.5)
+    assert board.config() == cfg
+    assert _kept_text(board.funnel_markdown())[0] == scored_view.kept_at(cfg).total_kept
+    assert board.funnel().dropped == scored_view.kept_at(cfg).dropped
+    # 1.0 on a probability slider means "tag only"
+    board.max_punsafe.value = 1.0
+    assert board.config().max_punsafe is None
+    # no ground truth in this run: no precision/recall tab
+    tabs = [obj for obj in layout.objects if isinstance(obj, pn.Tabs)]
+    assert tabs and "Precision / recall" not in tabs[0]._names
+
+
+def _rendered_html(layout) -> str:
+    """The text of every HTML pane as its Bokeh model holds it now."""
+    texts = []
+    for pane in layout.select(pn.pane.HTML):
+        for model, _ in pane._models.values():
+            texts.append(str(model.text))
+    return "\n".join(texts)
+
+
+def test_keep_top_moves_every_group_slider(scored_view):
+    board = dashboard.ThresholdDashboard(scored_view)
+    board.layout.get_root()
+    board.keep_top.value = 30.0
+    t_en = scored_view.threshold_for_fraction("en", 0.3)
+    assert f"en · kept: similarity ≥ {t_en:.3f}" in _rendered_html(board.layout)
+    for g in scored_view.groups:
+        t = scored_view.threshold_for_fraction(g, 0.3)
+        assert board.similarity[g].value == t
+        assert scored_view.fraction_kept(g, t) == pytest.approx(0.3, abs=0.1)
+    assert "keep top 30 %" in board.status.object
+    expected = scored_view.kept_at(scored_view.with_similarity(**board.set_keep_top(30)))
+    assert board.funnel().kept == expected.kept
+
+
+def test_samples_grid_shows_both_sides(scored_view):
+    board = dashboard.ThresholdDashboard(scored_view)
+    grid = board._samples("en")
+    assert "kept: similarity ≥" in grid and "dropped: below" in grid
+    assert grid.count("data:image/png;base64") > 0
+
+
+def test_write_button_writes_thresholds_toml(scored_view):
+    board = dashboard.ThresholdDashboard(scored_view)
+    board.similarity["multi"].value = 0.31
+    board.min_side.value = 64
+    board._on_write()
+    path = Path(scored_view.run.join("thresholds.toml"))
+    assert str(path) in board.status.object
+    saved = load_thresholds(path)
+    assert saved == board.config()
+    assert saved.similarity_multi == pytest.approx(0.31) and saved.min_side == 64
+
+
+def test_materialize_button_uses_client_and_matches_kept_at(tmp_path, client):
+    run = make_scored_run(tmp_path / "run", parts=2, rows=30)
+    view = explore.open_run(run.path)
+    board = dashboard.ThresholdDashboard(view, client=client)
+    board.similarity["en"].value = 0.3
+    asyncio.run(board._on_materialize())
+    assert board.status.object.startswith("materialized"), board.status.object
+    assert not board.materialize_button.disabled and not board.progress.active
+    funnel = view.kept_at(board.config())
+    written = json.loads((tmp_path / "run" / "dataset" / "funnel.json").read_text())
+    assert written["kept"] == funnel.kept and written["dropped"] == funnel.dropped
+    assert f"{funnel.rows_in} rows in" in board.status.object
+    assert load_thresholds(tmp_path / "run" / "thresholds.toml") == board.config()
+
+
+def test_materialize_failure_is_shown_not_raised(tmp_path, scored_view, client):
+    board = dashboard.ThresholdDashboard(scored_view, client=client)
+    board.run_materialize = _boom  # a failing materialize must reach the status text
+    asyncio.run(board._on_materialize())
+    assert "materialize failed" in board.status.object and "disk full" in board.status.object
+    assert not board.materialize_button.disabled
+
+
+def _boom():
+    raise OSError("disk full")
+
+
+def test_main_reports_a_run_without_scores(tmp_path, capsys):
+    assert dashboard.main([str(tmp_path), "--no-show"]) == 2
+    assert "cannot open" in capsys.readouterr().err
+
+
+def _serve_and_get(cmd: list[str], port: int, env: dict | None = None) -> str:
+    """Start a server process, GET its page once it answers, stop it; returns the HTML."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+                    return resp.read().decode()
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    out = proc.stdout.read().decode() if proc.poll() is not None else ""
+                    raise AssertionError(f"server did not answer: {out}") from None
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_main_serves_the_app_on_loopback(scored_view):
+    port = free_port()
+    code = "import sys; from laion_dask.dashboard import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, scored_view.run.path, "--port", str(port), "--no-show"]
+    page = _serve_and_get(cmd, port)
+    assert "laion-dask thresholds" in page
+
+
+@pytest.mark.slow
+def test_panel_serve_runs_the_script(scored_view):
+    port = free_port()
+    panel = str(Path(sys.executable).with_name("panel"))
+    cmd = [panel, "serve", "dashboards/thresholds.py", "--address", "127.0.0.1"]
+    cmd += ["--port", str(port), "--allow-websocket-origin", f"127.0.0.1:{port}"]
+    env = {**os.environ, "LAION_DASK_RUN": scored_view.run.path}
+    page = _serve_and_get(cmd, port, env)
+    assert "laion-dask thresholds" in page
+
+
+def test_panel_serve_script_reads_args_or_env(scored_view, monkeypatch):
+    script = str(REPO / "dashboards" / "thresholds.py")
+    monkeypatch.setattr("sys.argv", [script, scored_view.run.path])
+    runpy.run_path(script, run_name="__main__")
+    monkeypatch.setattr("sys.argv", [script])
+    monkeypatch.delenv("LAION_DASK_RUN", raising=False)
+    with pytest.raises(SystemExit, match="LAION_DASK_RUN"):
+        runpy.run_path(script, run_name="__main__")
+
+
+def test_demo_run_has_precision_recall(demo_view):
+    board = dashboard.ThresholdDashboard(demo_view)
+    tabs = [obj for obj in board.layout.objects if isinstance(obj, pn.Tabs)]
+    assert "Precision / recall" in tabs[0]._names
+    table = board._precision_recall()
+    pr = demo_view.precision_recall(board.config())
+    assert table.loc["all", "precision"] == pytest.approx(pr["precision"], abs=1e-3)
+    assert table.loc["all", "recall"] == pytest.approx(pr["recall"], abs=1e-3)
+
+
+def _wait_kept(page, expected: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = page.get_by_text(KEPT).first.inner_text()
+        kept = _kept_text(text)[0]
+        if kept == expected or time.monotonic() > deadline:
+            return kept
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_served_dashboard_in_chromium(demo_view):
+    reason = browser_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    view = demo_view
+    boards = []
+
+    def app():
+        layout = dashboard.build_dashboard(view)
+        boards.append(layout.dashboard)
+        return layout
+
+    toml = Path(view.run.join("thresholds.toml"))
+    toml.unlink(missing_ok=True)
+    try:
+        with panel_server(app) as url, chromium_page() as (page, errors):
+            page.goto(url)
+            page.get_by_text(KEPT).first.wait_for(timeout=60_000)
+            board = boards[-1]
+            start = view.kept_at(view.thresholds)
+            shown = _kept_text(page.get_by_text(KEPT).first.inner_text())
+            assert shown == (start.total_kept, len(view))
+            assert page.get_by_text("dropped: reason").count() == 1
+
+            # the en slider's Bokeh model set as a drag sets it: keep the top half of en
+            en = view.threshold_for_fraction("en", 0.5)
+            assert page.evaluate(SET_WIDGET_JS, {"title": "similarity en", "value": en})
+            expected = view.kept_at(view.with_similarity(en=en)).total_kept
+            assert expected != start.total_kept
+            assert _wait_kept(page, expected) == expected
+
+            # the multi slider by keyboard: focus its handle, 20 steps of 0.001 to the right
+            multi = board.similarity["multi"].value
+            page.locator(".noUi-handle").nth(1).focus()
+            for _ in range(20):
+                page.keyboard.press("ArrowRight")
+            deadline = time.monotonic() + 30
+            target = multi + 0.02
+            while (
+                abs(board.similarity["multi"].value - target) > 1e-6 and time.monotonic() < deadline
+            ):
+                time.sleep(0.2)
+            assert board.similarity["multi"].value == pytest.approx(target, abs=1e-6)
+            cfg = view.with_similarity(en=en, multi=board.similarity["multi"].value)
+            expected = view.kept_at(cfg).total_kept
+            assert _wait_kept(page, expected) == expected
+
+            # "keep top 30 %" moves every group's slider
+            box = page.get_by_label(re.compile("keep top X %"))
+            box.fill("30")
+            box.press("Enter")
+            top = {g: view.threshold_for_fraction(g, 0.3) for g in view.groups}
+            expected = view.kept_at(view.with_similarity(**top)).total_kept
+            assert _wait_kept(page, expected) == expected
+            assert {g: s.value for g, s in board.similarity.items()} == top
+            page.get_by_text(f"en · kept: similarity ≥ {top['en']:.3f}").wait_for(timeout=30_000)
+
+            page.get_by_role("button", name="write thresholds.toml").click()
+            deadline = time.monotonic() + 30
+            while not toml.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert toml.exists(), "the write button did not write RUN/thresholds.toml"
+            saved = load_thresholds(toml)
+            assert saved == board.config()
+            assert saved.similarity_en == pytest.approx(top["en"])
+            page.get_by_text("wrote").first.wait_for(timeout=30_000)
+
+            # materialize on a LocalCluster the dashboard starts now
+            page.get_by_role("button", name="materialize").click()
+            page.get_by_text(re.compile("materialized .* rows in")).wait_for(timeout=120_000)
+            written = json.loads(Path(view.run.join("dataset", "funnel.json")).read_text())
+            assert written["kept"] == view.kept_at(saved).kept
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert errors == [], errors
+    finally:
+        for board in boards:
+            board.close()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -1,0 +1,163 @@
+"""HoloViews elements over a RunView: types, dimensions, and the numbers against pandas."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import pytest
+
+from laion_dask import explore, plots, schema
+from laion_dask.config import FilterConfig
+from tests.helpers.runs import make_scored_run
+
+hv.extension("bokeh")
+
+
+@pytest.fixture(scope="module")
+def view(tmp_path_factory):
+    run = make_scored_run(tmp_path_factory.mktemp("plots-run"), parts=3, rows=40)
+    return explore.open_run(run.path)
+
+
+@pytest.fixture(scope="module")
+def frame(view):
+    """The same scores recomputed with pandas from the parquet parts."""
+    parts = [pd.read_parquet(p) for p in view.run.parts("scores")]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _render(element):
+    """Every element must also render to a Bokeh figure (catches bad opts)."""
+    assert hv.render(element, backend="bokeh") is not None
+
+
+def _layers(overlay, kind):
+    return [el for el in overlay if isinstance(el, kind)]
+
+
+def test_similarity_histograms_one_histogram_per_group_and_threshold_lines(view, frame):
+    cfg = FilterConfig(similarity_en=0.3, similarity_multi=0.2, similarity_nolang=0.25)
+    overlay = plots.similarity_histograms(view, cfg)
+    assert isinstance(overlay, hv.Overlay)
+    hists = _layers(overlay, hv.Histogram)
+    assert [h.label for h in hists] == list(view.groups)
+    for h in hists:
+        assert [d.name for d in h.kdims] == [schema.SIMILARITY]
+        assert [d.name for d in h.vdims] == ["rows"]
+        expected = frame.loc[frame[schema.LANGUAGE_GROUP].eq(h.label), schema.SIMILARITY].notna()
+        assert h.dimension_values("rows").sum() == expected.sum()
+    lines = _layers(overlay, hv.VLine)
+    assert sorted(float(line.data) for line in lines) == pytest.approx([0.2, 0.25, 0.3])
+    _render(overlay)
+
+
+def test_score_histogram_draws_its_threshold_or_none(view, frame):
+    with_line = plots.score_histogram(view, schema.PUNSAFE, 0.4)
+    (hist,) = _layers(with_line, hv.Histogram)
+    assert hist.kdims[0].name == schema.PUNSAFE
+    assert hist.dimension_values("rows").sum() == frame[schema.PUNSAFE].notna().sum()
+    (line,) = _layers(with_line, hv.VLine)
+    assert float(line.data) == pytest.approx(0.4)
+    assert not _layers(plots.score_histogram(view, schema.PWATERMARK, None), hv.VLine)
+    _render(with_line)
+    with pytest.raises(ValueError, match="punsafe or pwatermark"):
+        plots.score_histogram(view, schema.SIMILARITY, 0.3)
+
+
+def test_text_length_histogram_counts_every_row(view, frame):
+    overlay = plots.text_length_histogram(view, 12)
+    hists = _layers(overlay, hv.Histogram)
+    assert sum(h.dimension_values("rows").sum() for h in hists) == len(frame)
+    assert hists[0].kdims[0].name == explore.TEXT_LENGTH
+    assert float(_layers(overlay, hv.VLine)[0].data) == 12
+    _render(overlay)
+
+
+def test_funnel_and_kept_bars_match_kept_at(view):
+    cfg = dataclasses.replace(view.thresholds, similarity_en=0.3, max_punsafe=0.5)
+    funnel = view.kept_at(cfg)
+    kept = plots.kept_bars(funnel)
+    assert isinstance(kept, hv.Bars)
+    assert [d.name for d in kept.kdims] == ["group"] and [d.name for d in kept.vdims] == ["rows"]
+    assert (
+        dict(zip(kept.dimension_values("group"), kept.dimension_values("rows"), strict=True))
+        == funnel.kept
+    )
+    dropped = plots.funnel_bars(funnel)
+    assert dropped.kdims[0].name == "reason"
+    got = dict(
+        zip(dropped.dimension_values("reason"), dropped.dimension_values("rows"), strict=True)
+    )
+    assert got == funnel.dropped and "unsafe" in got
+    assert len(dropped) == len(funnel.dropped)
+    table = plots.funnel_frame(funnel)
+    assert table["rows"].sum() == funnel.rows_in
+    _render(kept)
+    _render(dropped)
+
+
+def test_language_bars_match_value_counts(view, frame):
+    bars = plots.language_bars(view, top=10)
+    assert bars.kdims[0].name == "language"
+    expected = frame[schema.LANGUAGE].astype("string").fillna("<none>").value_counts()
+    got = dict(zip(bars.dimension_values("language"), bars.dimension_values("rows"), strict=True))
+    assert got == {str(k): int(v) for k, v in expected.items()}
+    _render(bars)
+
+
+def test_size_density_has_one_point_per_sized_row(view, frame):
+    sized = frame[schema.ORIGINAL_WIDTH].notna() & frame[schema.ORIGINAL_HEIGHT].notna()
+    hexes = plots.size_density(view)
+    assert isinstance(hexes, hv.HexTiles)
+    assert [d.name for d in hexes.kdims] == [schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
+    assert len(hexes) == sized.sum() > 0
+    np.testing.assert_array_equal(
+        np.sort(hexes.dimension_values(schema.ORIGINAL_WIDTH)),
+        np.sort(frame.loc[sized, schema.ORIGINAL_WIDTH].to_numpy("float64")),
+    )
+    _render(hexes)
+    # over max_rows: datashader when installed, otherwise still every row in HexTiles
+    many = plots.size_density(view, max_rows=10)
+    try:
+        import datashader  # noqa: F401
+    except ImportError:
+        assert isinstance(many, hv.HexTiles) and len(many) == sized.sum()
+    else:
+        assert not isinstance(many, hv.HexTiles)
+
+
+def test_precision_recall_frame_one_row_per_group():
+    pr = {
+        "precision": 0.5,
+        "recall": 0.25,
+        "f1": 1 / 3,
+        "kept": 4,
+        "true_pairs": 8,
+        "true_kept": 2,
+        "pairs": 10,
+        "groups": {
+            "en": {
+                "precision": 1.0,
+                "recall": 0.5,
+                "f1": 2 / 3,
+                "kept": 2,
+                "true_pairs": 4,
+                "true_kept": 2,
+                "pairs": 5,
+            }
+        },
+    }
+    table = plots.precision_recall_frame(pr)
+    assert list(table.index) == ["all", "en"]
+    assert table.loc["all", "recall"] == 0.25 and table.loc["en", "kept"] == 2
+
+
+def test_threshold_lines_keep_one_layer_per_group_even_when_off():
+    lines = plots.threshold_lines({"en": 0.3, "multi": None})
+    assert [type(el) for el in lines] == [hv.VLine, hv.VLine]
+    assert float(lines.get(0).data) == pytest.approx(0.3)
+    assert np.isnan(float(lines.get(1).data))
+    _render(lines)
