@@ -833,6 +833,18 @@ def _samples_html(stats: Mapping[str, Any], thumbs: Mapping[str, str]) -> str:
     return "".join(parts)
 
 
+def _inline_js() -> str:
+    """Bokeh's JavaScript, inline only.
+
+    When Panel has been imported in the same process (a notebook, the dashboard), Bokeh's
+    resources also list Panel's extension files by relative URL; a self-contained report must not
+    reference files it does not carry, and its plots need none of them.
+    """
+    from bokeh.resources import INLINE
+
+    return "\n".join(f'<script type="text/javascript">\n{raw}\n</script>' for raw in INLINE.js_raw)
+
+
 def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = None) -> str:
     """One self-contained HTML page: Bokeh JS/CSS inline, images as data URIs, no server."""
     from bokeh.embed import components
@@ -877,7 +889,7 @@ def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = Non
 <meta name="laion-dask-plots" content="{names}">
 <style>{_CSS}</style>
 {INLINE.render_css()}
-{INLINE.render_js()}
+{_inline_js()}
 </head><body>
 <h1>Dataset report</h1>
 <p>Run <code>{html.escape(run["path"])}</code>; {stats["rows"]:,} candidate rows in
