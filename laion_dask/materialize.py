@@ -252,6 +252,12 @@ def read_dataset(run: RunDir | str, group: str = "en") -> pd.DataFrame:
     fs = run.fs
     files = sorted(fs.glob(run.join("dataset", group, "*.parquet")))
     if not files:
-        return laion_columns(schema.empty(schema.CANDIDATES_DTYPES, schema.DOWNLOAD_DTYPES,
-                                          schema.SHARD_DTYPES, schema.SCORE_DTYPES))
+        return laion_columns(
+            schema.empty(
+                schema.CANDIDATES_DTYPES,
+                schema.DOWNLOAD_DTYPES,
+                schema.SHARD_DTYPES,
+                schema.SCORE_DTYPES,
+            )
+        )
     return pq.ParquetDataset(files, filesystem=fs).read().to_pandas()

@@ -201,7 +201,7 @@ def _print_summary(result: DemoResult) -> None:
     for name in ("corpus", "candidates", "downloads", "images", "scores", "embeddings", "dataset"):
         print(f"  {name:<11} {run.join(name)}")
     print(f"  config      {run.config_path}")
-    for fmt, path in result.report_files.items():
+    for path in result.report_files.values():
         print(f"  {'report/' + Path(path).name:<11} {path}")
     print("\n=== next ===")
     print(
