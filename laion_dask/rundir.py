@@ -28,20 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig, config_to_dict, dump_config, load_config
+from .config import PipelineConfig, config_to_dict, dump_config
 
 __all__ = ["RunDir", "fingerprint", "part_name"]
-
-STAGES = (
-    "extract",
-    "candidates",
-    "downloads",
-    "images",
-    "scores",
-    "embeddings",
-    "dataset",
-    "report",
-)
 
 
 def part_name(index: int) -> str:
@@ -191,8 +180,3 @@ def open_run(path: str) -> tuple[RunDir, PipelineConfig]:
     if not run.exists(run.config_path):
         raise FileNotFoundError(f"{path} is not a laion-dask run directory (no config.toml)")
     return run, run.read_config()
-
-
-def load_or_default(path: str | None) -> PipelineConfig:
-    """``load_config(path)`` or the defaults when ``path`` is None."""
-    return load_config(path) if path else PipelineConfig()
