@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_report.py                    # 10M rows: 50 parts x 200k
     .venv/bin/python benchmarks/bench_report.py --parts 10 --rows 100000
+    .venv/bin/python benchmarks/bench_report.py --profile          # cProfile of one part
 
 Prints the read baseline (twice: cold and warm), the report's statistics pass (``build_stats``,
 one task per partition + tree merge, no rows to the client) and the ratio. Target (issue 7):
@@ -37,12 +38,39 @@ def make_run(path: Path, parts: int, rows: int):
     return run
 
 
+def profile_one_part(rows: int) -> None:
+    """cProfile of ``partition_summary`` on one synthetic part (second call: warm imports)."""
+    import cProfile
+    import pstats
+
+    from laion_dask.config import FilterConfig
+    from laion_dask.report import partition_summary
+    from tests.helpers.runs import scored_frame
+
+    df, cfg = scored_frame(rows, 0), FilterConfig()
+    partition_summary(df, cfg)
+    t0 = time.perf_counter()
+    partition_summary(df, cfg)
+    print(f"partition_summary of {rows:,} rows: {time.perf_counter() - t0:.3f} s")
+    prof = cProfile.Profile()
+    prof.runcall(partition_summary, df, cfg)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", type=int, default=50)
     ap.add_argument("--rows", type=int, default=200_000, help="rows per part")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile partition_summary on one part in this process (top 25 by cumulative time)",
+    )
     args = ap.parse_args()
+    if args.profile:
+        profile_one_part(args.rows)
+        return
 
     import dask.dataframe as dd
     from distributed import Client, LocalCluster

@@ -64,11 +64,9 @@ import pandas as pd
 from . import schema
 from .config import FilterConfig, config_to_dict
 from .filters import (
-    FILTER_REASON,
+    FILTER_REASONS,
     FINAL_REASON,
-    add_final_reason,
     load_thresholds,
-    similarity_threshold,
 )
 from .rundir import RunDir
 from .sketches import HistSpec, histogram, merge_all, quantiles, top_k
@@ -86,6 +84,7 @@ __all__ = [
     "render_markdown",
     "write_report",
     "url_domain",
+    "fast_final_reason",
     "main",
 ]
 
@@ -142,6 +141,8 @@ COLUMNS = [
 ]
 
 _DOMAIN_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)"
+#: the same host for URLs without ``@`` and ``[`` (RE2 runs it without the optional group)
+_FAST_HOST_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?P<host>[^/:?#]*)"
 
 
 # --- per partition --------------------------------------------------------------------------------
@@ -159,13 +160,50 @@ def _arrow_strings(s: pd.Series) -> Any:
     )
 
 
+def _rows_with_bytes(arr: Any, chars: bytes) -> np.ndarray:
+    """Which rows of a large string array contain any of the bytes ``chars`` (on the buffer)."""
+    n = len(arr)
+    out = np.zeros(n, dtype=bool)
+    if not n or arr.buffers()[2] is None:
+        return out
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    hit = np.zeros(raw.size, dtype=bool)
+    for c in chars:
+        hit |= raw == c
+    pos = np.flatnonzero(hit) + offsets[0]
+    if pos.size:
+        rows = np.searchsorted(offsets, pos, side="right") - 1
+        out[rows] = True
+    if arr.null_count:
+        out &= np.asarray(arr.is_valid())
+    return out
+
+
+def _raw_hosts(urls: pd.Series) -> Any:
+    """Host of each URL as :data:`_DOMAIN_RE` captures it (null when it does not match).
+
+    Fast path: URLs with neither ``@`` nor ``[`` (no userinfo, no IPv6 literal) take
+    :data:`_FAST_HOST_RE`, whose host is then the full pattern's; the others take
+    :data:`_DOMAIN_RE` itself.
+    """
+    import pyarrow.compute as pc
+
+    arr = _str_array(urls)
+    host = pc.struct_field(pc.extract_regex(arr, pattern=_FAST_HOST_RE), [0])
+    odd = _rows_with_bytes(arr, b"@[")
+    if odd.any():
+        slow = pc.struct_field(pc.extract_regex(arr.filter(odd), pattern=_DOMAIN_RE), [0])
+        host = pc.replace_with_mask(host, odd, slow.cast(host.type))
+    return host
+
+
 def _domains(urls: pd.Series) -> Any:
     """Lower-cased host of each URL as an Arrow string array (``<none>`` when there is none)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    arr = _arrow_strings(urls)
-    host = pc.utf8_lower(pc.struct_field(pc.extract_regex(arr, pattern=_DOMAIN_RE), [0]))
+    host = pc.utf8_lower(_raw_hosts(urls))
     host = pc.if_else(pc.equal(host, ""), pa.scalar(None, host.type), host)
     return host.fill_null("<none>")
 
@@ -175,60 +213,253 @@ def url_domain(urls: pd.Series) -> pd.Series:
     return pd.Series(_domains(urls).to_pylist(), index=urls.index, dtype="string")
 
 
-def _arrow_counts(arr: Any, mask: np.ndarray) -> dict[str, int]:
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    s = df[col]
+    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
+        return s.to_numpy(dtype="float64", na_value=np.nan)  # no Float64 copy in between
+    return s.astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+
+
+#: bytes Python's ``str.split()`` splits ASCII text on
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+
+
+def _word_counts_arrow(text: Any) -> np.ndarray:
+    """Words per caption (``len(s.split())``) of a null-free Arrow large string array.
+
+    ASCII-only text is counted on the bytes (a word starts at a non-space byte after a space
+    or at the start of its row); any other text goes through :func:`_word_counts`'s Unicode
+    path.
+    """
+    import pyarrow.compute as pc
+
+    n = len(text)
+    if not n:
+        return np.zeros(0, dtype="float64")
+    if not pc.all(pc.string_is_ascii(text)).as_py():
+        trimmed = pc.utf8_trim_whitespace(text)
+        k = pc.list_value_length(pc.utf8_split_whitespace(trimmed))
+        k = pc.if_else(pc.equal(trimmed, ""), 0, k)
+        return np.asarray(k.to_numpy(zero_copy_only=False), dtype="float64")
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset : text.offset + n + 1]
+    data = text.buffers()[2]
+    o0, o1 = int(offsets[0]), int(offsets[-1])
+    if o1 == o0:
+        return np.zeros(n, dtype="float64")
+    raw = np.frombuffer(data, dtype=np.uint8)[o0:o1]
+    space = _ASCII_SPACE[raw]
+    start = ~space
+    start[1:] &= space[:-1]
+    rel = offsets - o0
+    row_start = rel[:-1][rel[1:] > rel[:-1]]  # non-empty rows' first byte
+    start[row_start] = ~space[row_start]
+    firsts = np.flatnonzero(start)  # byte positions where a word starts, ascending
+    return np.diff(np.searchsorted(firsts, rel, side="left")).astype("float64")
+
+
+def _samples(
+    df: pd.DataFrame, picks: Mapping[Any, tuple[np.ndarray, np.ndarray]], k: int
+) -> dict[Any, list[dict[str, Any]]]:
+    """``{name: records}``: for each ``name -> (sel, prio)`` the ``k`` rows of ``df[sel]`` with
+    the smallest ``(prio, key)``, as sample records (one gather per column for all names)."""
+    chosen: dict[Any, np.ndarray] = {}
+    for name, (sel, prio) in picks.items():
+        rows = np.flatnonzero(sel)
+        if rows.size > k:  # the k smallest priorities, ties at the k-th one included
+            p = prio[rows]
+            rows = rows[p <= np.partition(p, k - 1)[k - 1]]
+        chosen[name] = rows
+    every = np.unique(np.concatenate([np.zeros(0, np.intp), *chosen.values()]))
+    keys = df[schema.KEY].iloc[every].astype("string").fillna("").to_numpy(dtype=object)
+    for name, rows in chosen.items():  # exact (prio, key) order
+        key_sel = keys[np.searchsorted(every, rows)]
+        chosen[name] = rows[np.lexsort((key_sel, picks[name][1][rows]))[:k]]
+    every = np.unique(np.concatenate([np.zeros(0, np.intp), *chosen.values()]))
+    names = (schema.KEY, schema.SHARD, schema.TEXT, schema.URL, schema.LANGUAGE)
+    # tolist(): the same scalars ``iloc`` gives, NA included
+    cols = {c: df[c].iloc[every].tolist() for c in (*names, schema.SIMILARITY)}
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for name, rows in chosen.items():
+        prio = picks[name][1]
+        recs = []
+        for i in rows:
+            j = int(np.searchsorted(every, i))
+            sim = cols[schema.SIMILARITY][j]
+            recs.append(
+                {
+                    "key": str(cols[schema.KEY][j]),
+                    "shard": str(cols[schema.SHARD][j]),
+                    "text": str(cols[schema.TEXT][j])[:200],
+                    "url": str(cols[schema.URL][j]),
+                    "language": str(cols[schema.LANGUAGE][j]),
+                    "similarity": None if pd.isna(sim) else float(sim),
+                    "prio": float(prio[i]),
+                }
+            )
+        out[name] = recs
+    return out
+
+
+def _str_array(s: pd.Series) -> Any:
+    """``s`` as one contiguous Arrow (large) string array (nulls kept)."""
+    import pyarrow as pa
+
+    arr = _arrow_strings(s)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    return arr.cast(pa.large_string()) if not pa.types.is_large_string(arr.type) else arr
+
+
+def _encode(arr: Any, fill: str) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and labels of a string array whose nulls count as ``fill``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    vc = pc.value_counts(pc.filter(arr, pa.array(mask, type=pa.bool_())))
-    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
+    enc = pc.dictionary_encode(arr)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks() if enc.num_chunks != 1 else enc.chunk(0)
+    labels = [str(v) for v in enc.dictionary.to_pylist()]
+    idx = enc.indices
+    if idx.null_count:
+        if fill not in labels:
+            labels.append(fill)
+        idx = idx.fill_null(labels.index(fill))
+    return idx.to_numpy(zero_copy_only=False).astype(np.intp, copy=False), labels
 
 
-def _counts(s: pd.Series) -> dict[str, int]:
-    return {str(k): int(v) for k, v in s.value_counts(dropna=False).items()}
-
-
-def _num(df: pd.DataFrame, col: str) -> np.ndarray:
-    return df[col].astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
-
-
-def _mask(s: pd.Series) -> np.ndarray:
-    return s.fillna(False).to_numpy(dtype=bool)
-
-
-def _word_counts(text: pd.Series) -> np.ndarray:
-    """Words per caption as Python's ``str.split()`` counts them (Unicode whitespace)."""
+def _domain_codes(urls: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """:func:`_encode` of :func:`_domains`, lower-casing each distinct host once."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    arr = pc.utf8_trim_whitespace(_arrow_strings(text))
-    n = pc.list_value_length(pc.utf8_split_whitespace(arr))
-    n = pc.if_else(pc.equal(arr, ""), 0, n)
-    return np.asarray(n.to_numpy(), dtype="float64")
+    codes, raw = _encode(_raw_hosts(urls), "")
+    lowered = pc.utf8_lower(pa.array(raw, type=pa.large_string())).to_pylist()
+    labels, inverse = np.unique(
+        np.array([v if v else "<none>" for v in lowered], dtype=object), return_inverse=True
+    )
+    return np.asarray(inverse, dtype=np.intp).reshape(-1)[codes], [str(v) for v in labels]
 
 
-def _records(
-    df: pd.DataFrame, sel: np.ndarray, prio: np.ndarray, k: int, keys: np.ndarray
-) -> list[dict[str, Any]]:
-    """The ``k`` rows of ``df[sel]`` with the smallest ``(prio, key)`` as sample records."""
-    rows = np.flatnonzero(sel)
-    if not rows.size:
-        return []
-    rows = rows[np.lexsort((keys[rows], prio[rows]))[:k]]
-    out = []
-    for i in rows:
-        row = df.iloc[i]
-        sim = row[schema.SIMILARITY]
-        out.append(
-            {
-                "key": str(row[schema.KEY]),
-                "shard": str(row[schema.SHARD]),
-                "text": str(row[schema.TEXT])[:200],
-                "url": str(row[schema.URL]),
-                "language": str(row[schema.LANGUAGE]),
-                "similarity": None if pd.isna(sim) else float(sim),
-                "prio": float(prio[i]),
-            }
-        )
-    return out
+def _code_counts(
+    codes: np.ndarray, labels: Sequence[str], mask: np.ndarray | None = None
+) -> dict[str, int]:
+    """``{label: n}`` of the rows under ``mask``, most frequent first (as ``value_counts``;
+    ties by label), labels with no row left out."""
+    c = codes if mask is None else codes[mask]
+    n = np.bincount(c, minlength=len(labels))
+    items = sorted(((labels[i], int(n[i])) for i in np.flatnonzero(n)), key=lambda t: (-t[1], t[0]))
+    return dict(items)
+
+
+def _fast_filter_codes(
+    df: pd.DataFrame,
+    cfg: FilterConfig,
+    gcodes: np.ndarray,
+    glabels: Sequence[str],
+    chars: np.ndarray,
+    sim32: np.ndarray,
+    w: np.ndarray,
+    h: np.ndarray,
+) -> np.ndarray:
+    """Index into ``FILTER_REASONS`` (``len(FILTER_REASONS)`` = passes) per row: a vectorized
+    :func:`laion_dask.filters.add_filter_reason` (the same rules, same order, same dtypes)."""
+    n = len(df)
+    thr_of = np.array(
+        [
+            cfg.similarity_en
+            if g == "en"
+            else cfg.similarity_multi
+            if g == "multi"
+            else cfg.similarity_nolang
+            for g in glabels
+        ]
+        or [0.0],
+        dtype="float32",
+    )
+    thr = thr_of[gcodes]
+    scored = ~np.isnan(sim32)
+    zeros = np.zeros(n, dtype=bool)
+
+    def above(col: str, limit: float | None) -> np.ndarray:
+        if limit is None:
+            return zeros
+        return np.nan_to_num(_num(df, col), nan=-np.inf) > limit
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rules = {
+            "text_too_short": chars < cfg.min_text_chars,
+            "low_similarity": sim32 < thr,
+            "unsafe": above(schema.PUNSAFE, cfg.max_punsafe),
+            "watermark": above(schema.PWATERMARK, cfg.max_pwatermark),
+            "small_image": np.fmin(w, h) < cfg.min_side if cfg.min_side else zeros,
+            "extreme_aspect_ratio": (
+                np.fmax(w, h) / np.fmax(np.fmin(w, h), 1) > cfg.max_aspect_ratio
+                if cfg.max_aspect_ratio
+                else zeros
+            ),
+        }
+    code = np.full(n, len(FILTER_REASONS), dtype=np.intp)
+    for i in range(len(FILTER_REASONS) - 1, -1, -1):  # first failing rule wins
+        code[np.asarray(rules[FILTER_REASONS[i]], dtype=bool) & scored] = i
+    return code
+
+
+def _final_codes(
+    drop: tuple[np.ndarray, list[str], np.ndarray],
+    status: tuple[np.ndarray, list[str], np.ndarray],
+    sstat: tuple[np.ndarray, list[str], np.ndarray],
+    filter_codes: np.ndarray,
+) -> tuple[np.ndarray, list[str]]:
+    """:func:`laion_dask.filters.final_reason` on codes, ``"kept"`` for none: the rule reason,
+    else a failed download status, else ``unscorable_image``, else the filter reason.
+
+    ``drop``, ``status`` and ``sstat`` are ``(codes, labels, valid)`` of those columns (see
+    :func:`_encode`); the result's labels are the union of the labels that can occur.
+    """
+    index: dict[str, int] = {}
+
+    def ids(labels: Sequence[str]) -> np.ndarray:
+        return np.array([index.setdefault(v, len(index)) for v in labels] or [0], dtype=np.intp)
+
+    kept_id = int(ids(["kept"])[0])
+    out = np.append(ids(FILTER_REASONS), kept_id)[filter_codes]
+    for (codes, labels, valid), fixed in ((sstat, "unscorable_image"), (status, None)):
+        bad = valid & (codes != labels.index("success") if "success" in labels else True)
+        out[bad] = int(ids([fixed])[0]) if fixed else ids(labels)[codes[bad]]
+    codes, labels, valid = drop
+    out[valid] = ids(labels)[codes[valid]]
+    return out, list(index)
+
+
+def fast_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
+    """``add_final_reason(df, cfg)[FINAL_REASON]`` computed the way :func:`partition_summary`
+    does (Arrow + NumPy, no pandas string ops); ``df`` needs :data:`COLUMNS`."""
+    import pyarrow.compute as pc
+
+    gcodes, glabels = _encode(_str_array(df[schema.LANGUAGE_GROUP]), "nolang")
+    text = _str_array(df[schema.TEXT])
+    chars = pc.utf8_length(text).fill_null(0).to_numpy(zero_copy_only=False).astype("float64")
+    sim32 = df[schema.SIMILARITY].astype("float32").to_numpy(dtype="float32", na_value=np.nan)
+    fcodes = _fast_filter_codes(
+        df,
+        cfg,
+        gcodes,
+        glabels,
+        chars,
+        sim32,
+        _num(df, schema.ORIGINAL_WIDTH),
+        _num(df, schema.ORIGINAL_HEIGHT),
+    )
+    cols = {}
+    for col in (schema.DROP_REASON, schema.STATUS, schema.SCORE_STATUS):
+        arr = _str_array(df[col])
+        cols[col] = (*_encode(arr, ""), np.asarray(arr.is_valid()))
+    codes, labels = _final_codes(
+        cols[schema.DROP_REASON], cols[schema.STATUS], cols[schema.SCORE_STATUS], fcodes
+    )
+    final = np.array([None if v == "kept" else v for v in labels], dtype=object)[codes]
+    return pd.Series(final, index=df.index, dtype="string", name=FINAL_REASON)
 
 
 def partition_summary(
@@ -249,24 +480,60 @@ def partition_summary(
     -------
     dict
         Counts, histograms and samples; merge with :func:`laion_dask.sketches.merge`.
+
+    Notes
+    -----
+    One pass of Arrow / NumPy kernels: every string column is dictionary-encoded once and
+    every count is a ``bincount`` of its codes (no per-group pandas masks); the final reason
+    is :func:`laion_dask.filters.add_final_reason` vectorized (``tests/test_report.py``
+    checks they agree).
     """
-    df = add_final_reason(df.reset_index(drop=True), cfg)
-    groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
-    lang = df[schema.LANGUAGE].astype("string").fillna("<none>")
-    final = df[FINAL_REASON].fillna("kept")
-    kept = final.eq("kept").to_numpy(dtype=bool)
-    rule = df[schema.DROP_REASON].astype("string")
-    status = df[schema.STATUS].astype("string")
-    sstat = df[schema.SCORE_STATUS].astype("string")
-    attempted = (rule.isna() & status.notna()).to_numpy(dtype=bool)
-    downloaded = _mask(status.eq("success"))
-    scored = _mask(sstat.eq("success")) & df[schema.SIMILARITY].notna().to_numpy(dtype=bool)
-    failed = attempted & ~downloaded
-    domain = _domains(df[schema.URL])
-    text = df[schema.TEXT].astype("string").fillna("")
-    chars = text.str.len().to_numpy(dtype="float64")
-    words = _word_counts(text)
+    import pyarrow.compute as pc
+
+    df = df.reset_index(drop=True)
+    n = len(df)
+    gcodes, glabels = _encode(_str_array(df[schema.LANGUAGE_GROUP]), "nolang")
+    gidx = {g: i for i, g in enumerate(glabels)}
+    in_group = {
+        g: (gcodes == gidx[g]) if g in gidx else np.zeros(n, dtype=bool)
+        for g in schema.LANGUAGE_GROUPS
+    }
+    drop = _str_array(df[schema.DROP_REASON])
+    status_a = _str_array(df[schema.STATUS])
+    sstat_a = _str_array(df[schema.SCORE_STATUS])
+    text = _str_array(df[schema.TEXT])
+    text = text.fill_null("") if text.null_count else text
+    chars = pc.utf8_length(text).to_numpy(zero_copy_only=False).astype("float64")
+    words = _word_counts_arrow(text)
+    sim32 = df[schema.SIMILARITY].astype("float32").to_numpy(dtype="float32", na_value=np.nan)
+    sim = _num(df, schema.SIMILARITY)  # float32 for the filter rule (as filters), else float64
     w, h = _num(df, schema.ORIGINAL_WIDTH), _num(df, schema.ORIGINAL_HEIGHT)
+    fcodes = _fast_filter_codes(df, cfg, gcodes, glabels, chars, sim32, w, h)
+    rule_codes, rule_labels = _encode(drop, "kept")
+    st_codes, st_labels = _encode(status_a, "<NA>")
+    ss_codes, ss_labels = _encode(sstat_a, "<none>")
+    final_codes, final_labels = _final_codes(
+        (rule_codes, rule_labels, np.asarray(drop.is_valid())),
+        (st_codes, st_labels, np.asarray(status_a.is_valid())),
+        (ss_codes, ss_labels, np.asarray(sstat_a.is_valid())),
+        fcodes,
+    )
+    kept = final_codes == final_labels.index("kept")
+    status_ok = np.asarray(status_a.is_valid())
+    attempted = ~np.asarray(drop.is_valid()) & status_ok
+    downloaded = (
+        (st_codes == st_labels.index("success")) & status_ok
+        if "success" in st_labels
+        else np.zeros(n, dtype=bool)
+    )
+    scored = (
+        (ss_codes == ss_labels.index("success")) & np.asarray(sstat_a.is_valid())
+        if "success" in ss_labels
+        else np.zeros(n, dtype=bool)
+    ) & ~np.isnan(sim)
+    failed = attempted & ~downloaded
+    dom_codes, dom_labels = _domain_codes(df[schema.URL])
+    lang_codes, lang_labels = _encode(_str_array(df[schema.LANGUAGE]), "<none>")
     with np.errstate(divide="ignore", invalid="ignore"):
         aspect = np.where(h > 0, w / h, np.nan)
     values = {
@@ -283,18 +550,13 @@ def partition_summary(
         "caption_chars_kept": chars,
         "caption_words_kept": words,
     }
-    sim = _num(df, schema.SIMILARITY)
-    populations = {
-        "scored": scored,
-        "downloaded": downloaded,
-        "candidates": np.ones(len(df), dtype=bool),
-        "kept": kept,
-    }
+    populations = {"scored": scored, "downloaded": downloaded, "kept": kept}
     hists = {}
     for name, (pop, spec) in HISTOGRAMS.items():
         if pop.startswith("scored_"):
-            sel = scored & groups.eq(pop[7:]).to_numpy(dtype=bool)
-            hists[name] = histogram(sim[sel], spec)
+            hists[name] = histogram(sim[scored & in_group[pop[7:]]], spec)
+        elif pop == "candidates":
+            hists[name] = histogram(values[name], spec)
         else:
             hists[name] = histogram(values[name][populations[pop]], spec)
     above = {}
@@ -303,40 +565,58 @@ def partition_summary(
         cut = ref if cut is None else cut
         above[col] = int((np.nan_to_num(values[col][scored], nan=-np.inf) > cut).sum())
     # samples: random among kept downloaded rows; nearest the threshold among scored ones
-    keys = df[schema.KEY].astype("string").fillna("")
-    key_arr = keys.to_numpy(dtype=object)
     # random order = LAION's row hash (mmh3 of url + text): uniform, stable, already stored
     prio = df[schema.HASH].astype("Int64").to_numpy(dtype="float64", na_value=0.0) / 2.0**63
-    thr = similarity_threshold(groups, cfg).astype("float64")
-    dist = np.abs(sim - thr)
+    thr_of = np.array([cfg.similarity_for(g) for g in glabels] or [0.0], dtype="float32").astype(
+        "float64"
+    )  # as filters.similarity_threshold: float32
     has_image = downloaded & df[schema.SHARD].notna().to_numpy(dtype=bool)
-    random_s, thresh_s = {}, {}
+    dist = np.abs(sim - thr_of[gcodes])
+    picks = {}
     for g in schema.LANGUAGE_GROUPS:
-        in_g = groups.eq(g).to_numpy(dtype=bool)
-        sel = in_g & kept & has_image
-        random_s[g] = _records(df, sel, prio, samples, key_arr)
-        sel = in_g & scored & has_image
-        thresh_s[g] = _records(df, sel, dist, samples, key_arr)
+        picks["random", g] = (in_group[g] & kept & has_image, prio)
+        picks["threshold", g] = (in_group[g] & scored & has_image, dist)
+    picked = _samples(df, picks, samples)
+    random_s = {g: picked["random", g] for g in schema.LANGUAGE_GROUPS}
+    thresh_s = {g: picked["threshold", g] for g in schema.LANGUAGE_GROUPS}
+    # final reasons by group: one bincount of (group, reason) pairs
+    nf = len(final_labels)
+    pair = np.bincount(gcodes * nf + final_codes, minlength=len(glabels) * nf)
+    final = {}
+    for g in schema.LANGUAGE_GROUPS:
+        row = pair[gidx[g] * nf : (gidx[g] + 1) * nf] if g in gidx else np.zeros(nf, np.intp)
+        final[g] = {final_labels[i]: int(row[i]) for i in np.flatnonzero(row)}
+    http = _num(df, schema.HTTP_STATUS)[failed]
+    missing_http = np.isnan(http)
+    codes_http, counts_http = np.unique(http[~missing_http], return_counts=True)
+    http_counts = {str(int(c)): int(k) for c, k in zip(codes_http, counts_http, strict=True)}
+    if missing_http.any():
+        http_counts["none"] = int(missing_http.sum())
+    filter_labels = [*FILTER_REASONS, "passed"]
     return {
-        "rows": len(df),
+        "rows": n,
         "partitions": 1,
-        "final": {g: _counts(final[groups.eq(g)]) for g in schema.LANGUAGE_GROUPS},
+        "final": final,
         "stages": {
-            "rules": _counts(rule.fillna("kept")),
-            "download": _counts(status[attempted]),
-            "score": _counts(sstat[downloaded].fillna("<none>")),
-            "filters": _counts(df.loc[scored, FILTER_REASON].astype("string").fillna("passed")),
+            "rules": _code_counts(rule_codes, rule_labels),
+            "download": _code_counts(st_codes, st_labels, attempted),
+            "score": _code_counts(ss_codes, ss_labels, downloaded),
+            "filters": _code_counts(fcodes, filter_labels, scored),
         },
-        "languages": {"all": _counts(lang), "kept": _counts(lang[kept])},
-        "groups": {"all": _counts(groups), "kept": _counts(groups[kept])},
-        "http_status": _counts(
-            df.loc[failed, schema.HTTP_STATUS].astype("Int64").astype("string").fillna("none")
-        ),
+        "languages": {
+            "all": _code_counts(lang_codes, lang_labels),
+            "kept": _code_counts(lang_codes, lang_labels, kept),
+        },
+        "groups": {
+            "all": _code_counts(gcodes, glabels),
+            "kept": _code_counts(gcodes, glabels, kept),
+        },
+        "http_status": http_counts,
         "domains": {
-            "candidates": _arrow_counts(domain, np.ones(len(df), dtype=bool)),
-            "images": _arrow_counts(domain, downloaded),
-            "kept": _arrow_counts(domain, kept),
-            "failed": _arrow_counts(domain, failed),
+            "candidates": _code_counts(dom_codes, dom_labels),
+            "images": _code_counts(dom_codes, dom_labels, downloaded),
+            "kept": _code_counts(dom_codes, dom_labels, kept),
+            "failed": _code_counts(dom_codes, dom_labels, failed),
         },
         "hist": hists,
         "above": above,

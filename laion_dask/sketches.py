@@ -53,7 +53,10 @@ def histogram(values: np.ndarray, spec: HistSpec) -> dict[str, Any]:
     v = np.asarray(values, dtype="float64")
     finite = ~np.isnan(v)
     x = v[finite]
-    counts, _ = np.histogram(x, bins=spec.edges)
+    if spec.log:
+        counts, _ = np.histogram(x, bins=spec.edges)
+    else:  # numpy's equal-width path: same edges (linspace), same counts, no sort
+        counts, _ = np.histogram(x, bins=spec.bins, range=(float(spec.lo), float(spec.hi)))
     return {
         "counts": counts.astype("int64").tolist(),
         "under": int((x < spec.lo).sum()),

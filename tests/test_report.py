@@ -435,3 +435,81 @@ def test_console_error_scan_catches_a_broken_page(tmp_path):
     res = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile")
     errors = _console_errors(res.stderr)
     assert any("boom" in ln for ln in errors), res.stderr[-2000:]
+
+
+# --- the statistics pass's vectorized fast paths equal the reference implementations -------------
+
+
+def _edge_frame() -> pd.DataFrame:
+    """scored_frame rows plus nulls, odd captions and odd URLs in every column the report reads."""
+    df = scored_frame(400, 7)
+    rng = np.random.default_rng(3)
+    n = len(df)
+    for col in (schema.LANGUAGE_GROUP, schema.LANGUAGE, schema.TEXT, schema.URL):
+        df.loc[rng.random(n) < 0.05, col] = None
+    texts = [
+        "",
+        "  ",
+        " a\tb\x1c c ",
+        "x\x1fy",
+        "\n\nq\x0b r\r",
+        "one",
+        "héllo wörld\u2003x\u00a0y",
+    ]
+    idx = np.flatnonzero(rng.random(n) < 0.2)
+    df.loc[idx, schema.TEXT] = [texts[i % len(texts)] for i in range(len(idx))]
+    urls = [
+        "http://u:p@Host.EXAMPLE:80/x",
+        "https://[::1]:8/a",
+        "ftp://A.b/c?d",
+        "nourl",
+        "//x.y/z",
+        "http://x@/",
+        "http://ÄÖ.example/p",
+    ]
+    idx = np.flatnonzero(rng.random(n) < 0.2)
+    df.loc[idx, schema.URL] = [urls[i % len(urls)] for i in range(len(idx))]
+    return df
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FilterConfig(),
+        FilterConfig(max_punsafe=0.5, max_pwatermark=0.7, min_side=100),
+        FilterConfig(max_aspect_ratio=2.0, min_text_chars=10),
+    ],
+)
+def test_fast_final_reason_equals_filters_on_hand_made_rows(cfg):
+    from laion_dask.report import fast_final_reason
+
+    df = _edge_frame()
+    expect = add_final_reason(df, cfg)[FINAL_REASON]
+    got = fast_final_reason(df, cfg)
+    assert expect.notna().any() and expect.isna().any()
+    pd.testing.assert_series_equal(got, expect.astype("string"), check_names=False)
+
+
+def test_fast_final_reason_equals_filters_on_scored_and_demo_runs(scored_report, demo_report):
+    from laion_dask.report import fast_final_reason
+
+    for run, cfg, _ in (scored_report, demo_report):
+        df = _rows(run)
+        expect = add_final_reason(df, cfg)[FINAL_REASON]
+        got = fast_final_reason(df, cfg)
+        assert expect.notna().any()
+        pd.testing.assert_series_equal(got, expect.astype("string"), check_names=False)
+
+
+def test_word_counts_and_domains_match_python():
+    from laion_dask.report import _domain_codes, _str_array, _word_counts_arrow, url_domain
+
+    df = _edge_frame()
+    text = _str_array(df[schema.TEXT]).fill_null("")
+    got = _word_counts_arrow(text)
+    assert got.tolist() == [len(s.split()) for s in df[schema.TEXT].fillna("")]
+    ascii_only = df[schema.TEXT].fillna("").map(lambda s: s.encode("ascii", "replace").decode())
+    got = _word_counts_arrow(_str_array(ascii_only))
+    assert got.tolist() == [len(s.split()) for s in ascii_only]
+    codes, labels = _domain_codes(df[schema.URL])
+    assert [labels[c] for c in codes] == url_domain(df[schema.URL]).tolist()
