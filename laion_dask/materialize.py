@@ -149,7 +149,7 @@ def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> di
                 key=str(row[schema.KEY]),
                 image=images[str(row[schema.KEY])],
                 text=str(row["TEXT"]),
-                meta={k: _plain(v) for k, v in row.items()},
+                meta=dict(row.items()),
             )
             for _, row in table.iterrows()
             if str(row[schema.KEY]) in images
@@ -170,12 +170,6 @@ def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> di
                 table.set_index(table[schema.KEY].astype(str)).loc[keys].reset_index(drop=True),
             )
     return {"part": part, "rows": len(df), "kept": kept_counts, "dropped": dropped}
-
-
-def _plain(v: Any) -> Any:
-    if v is pd.NA or v is None or (isinstance(v, float) and np.isnan(v)):
-        return None
-    return v.item() if hasattr(v, "item") else v
 
 
 def _save_npy(run: RunDir, path: str, arr: np.ndarray) -> None:

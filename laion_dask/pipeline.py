@@ -417,7 +417,7 @@ def _write_download_part(
             key=str(row[schema.KEY]),
             image=row[schema.IMAGE],
             text=str(row[schema.TEXT]),
-            meta={c: _jsonable(row[c]) for c in meta_cols},
+            meta={c: row[c] for c in meta_cols},
         )
         for _, row in out[ok].iterrows()
     )
@@ -441,14 +441,6 @@ def _write_download_part(
     }
     run.mark_done("downloads", shard_id, info)
     return {**info, "resumed": False}
-
-
-def _jsonable(v: Any) -> Any:
-    if v is pd.NA or v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if hasattr(v, "item"):
-        return v.item()
-    return v
 
 
 def is_transient_failure(df: pd.DataFrame) -> pd.Series:

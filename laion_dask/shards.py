@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pandas as pd
 
 __all__ = ["ShardSample", "write_shard", "iter_shard", "read_shard_images", "make_key"]
 
@@ -34,6 +36,13 @@ def make_key(shard_id: int, index: int, *, index_digits: int = 4) -> str:
     """img2dataset's key: zero-padded shard id followed by the row index within the shard."""
     digits = max(index_digits, len(str(index)))
     return f"{shard_id:05d}{index:0{digits}d}"
+
+
+def _json_value(v: Any) -> Any:
+    """Missing values (None, pd.NA, NaN) as JSON null, numpy scalars as Python values."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v.item() if hasattr(v, "item") else v
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -58,7 +67,9 @@ def write_shard(path: str, samples: Iterable[ShardSample]) -> int:
             _add(
                 tar,
                 f"{s.key}.json",
-                json.dumps(dict(s.meta), sort_keys=True, default=str).encode("utf-8"),
+                json.dumps(
+                    {k: _json_value(v) for k, v in s.meta.items()}, sort_keys=True, default=str
+                ).encode("utf-8"),
             )
             n += 1
     fs, _, (real_tmp,) = fsspec.get_fs_token_paths(tmp)

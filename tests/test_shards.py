@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from laion_dask.shards import ShardSample, iter_shard, make_key, read_shard_images, write_shard
+
+
+def test_round_trip_and_json_metadata(tmp_path):
+    path = str(tmp_path / "00000.tar")
+    meta = {
+        "na": pd.NA,
+        "nan": float("nan"),
+        "none": None,
+        "i": np.int32(7),
+        "f": np.float32(0.5),
+        "s": "x",
+    }
+    n = write_shard(
+        path,
+        [
+            ShardSample(key=make_key(0, i), image=b"img%d" % i, text="t", meta=meta)
+            for i in range(3)
+        ],
+    )
+    assert n == 3 and not list(tmp_path.glob("*.tmp-*"))
+    members = dict(iter_shard(path))
+    assert sorted(members) == ["000000000", "000000001", "000000002"]
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    got = json.loads(members["000000001"]["json"], parse_constant=no_constants)
+    assert got == {"na": None, "nan": None, "none": None, "i": 7, "f": 0.5, "s": "x"}
+    assert read_shard_images(path, ["000000002"]) == {"000000002": b"img2"}
