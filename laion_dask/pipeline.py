@@ -25,6 +25,7 @@ import pandas as pd
 
 from . import schema
 from .config import PipelineConfig
+from .rules import DEDUP_COLUMNS
 from .rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -103,22 +104,14 @@ def candidates_graph(
     return ddf.map_partitions(_mark_from_frame, dups.compute(), meta=schema.CANDIDATES)
 
 
-_DEDUP_COLS = [
-    schema.UID,
-    schema.HASH,
-    schema.URL,
-    schema.TEXT,
-    schema.SOURCE_FILE,
-    schema.RECORD_OFFSET,
-    schema.DROP_REASON,
-]
-
-
 def _duplicates(ddf: dd.DataFrame) -> dd.DataFrame:
-    from .rules import find_duplicates
+    from .rules import DUPLICATES_META, find_duplicates
 
-    meta = pd.DataFrame({schema.UID: pd.Series(dtype="string")})
-    return ddf[_DEDUP_COLS].shuffle(on=schema.HASH).map_partitions(find_duplicates, meta=meta)
+    return (
+        ddf[DEDUP_COLUMNS]
+        .shuffle(on=schema.HASH)
+        .map_partitions(find_duplicates, meta=DUPLICATES_META)
+    )
 
 
 def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
@@ -236,7 +229,7 @@ def _value_counts(s: pd.Series) -> dict[str, int]:
 
 def _load_dedup_part(item: tuple[int, str], run: RunDir) -> pd.DataFrame:
     index, path = item
-    df = run.read_parquet(path, columns=_DEDUP_COLS)
+    df = run.read_parquet(path, columns=DEDUP_COLUMNS)
     return df.assign(part=pd.Series(index, index=df.index, dtype="int64"))
 
 
@@ -372,7 +365,7 @@ def _forget_stale(run: RunDir, stages: Sequence[str], keep: set[int]) -> None:
 
 
 def _load_dedup_part_meta() -> pd.DataFrame:
-    return schema.CANDIDATES[_DEDUP_COLS].assign(part=pd.Series(dtype="int64"))
+    return schema.CANDIDATES[DEDUP_COLUMNS].assign(part=pd.Series(dtype="int64"))
 
 
 # --- download -----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from laion_dask.config import RulesConfig
 __all__ = [
     "DUPLICATE",
     "DUPLICATES_META",
+    "DEDUP_COLUMNS",
     "add_drop_reason",
     "find_duplicates",
     "mark_duplicates",
@@ -42,6 +43,16 @@ log = logging.getLogger(__name__)
 DUPLICATE = "duplicate"
 #: ``meta=`` of :func:`find_duplicates`
 DUPLICATES_META = pd.DataFrame({schema.UID: pd.Series(dtype="string")})
+#: the columns find_duplicates reads (what the pipeline shuffles on ``hash``)
+DEDUP_COLUMNS = [
+    schema.UID,
+    schema.HASH,
+    schema.URL,
+    schema.TEXT,
+    schema.SOURCE_FILE,
+    schema.RECORD_OFFSET,
+    schema.DROP_REASON,
+]
 
 # scheme, then "://", then a non-empty authority (RFC 3986 scheme characters)
 _SCHEME_HOST = r"^([A-Za-z][A-Za-z0-9+.\-]*)://[^/?#\s]+"

@@ -12,6 +12,7 @@ from dask.dataframe.utils import assert_eq
 from laion_dask import schema
 from laion_dask.config import ConfigError, RulesConfig
 from laion_dask.rules import (
+    DEDUP_COLUMNS,
     DUPLICATES_META,
     add_drop_reason,
     find_duplicates,
@@ -300,17 +301,6 @@ def test_mark_duplicates_accepts_set_and_series_and_keeps_earlier_reasons() -> N
 
 def _global_duplicates_reference(pdf: pd.DataFrame) -> pd.DataFrame:
     return mark_duplicates(pdf, find_duplicates(pdf)[schema.UID])
-
-
-DEDUP_COLUMNS = [
-    schema.UID,
-    schema.HASH,
-    schema.URL,
-    schema.TEXT,
-    schema.SOURCE_FILE,
-    schema.RECORD_OFFSET,
-    schema.DROP_REASON,
-]
 
 
 def test_dask_shuffle_dedup_equals_pandas(client) -> None:
