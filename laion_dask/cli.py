@@ -56,19 +56,13 @@ def _base_config(args: argparse.Namespace, run_path: str | None) -> PipelineConf
 
 @contextlib.contextmanager
 def _client(cfg: PipelineConfig) -> Iterator[Any]:
-    from .cluster import make_client
+    from .cluster import cluster_client
 
-    client = make_client(cfg.cluster)
-    try:
+    with cluster_client(cfg.cluster) as client:
         link = getattr(client, "dashboard_link", None)
         if link and cfg.cluster.dashboard_address is not None:
             print(f"Dask dashboard: {link}", file=sys.stderr)
         yield client
-    finally:
-        cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None and cfg.cluster.scheduler_address is None:
-            cluster.close()
 
 
 def _print_report(report: Any) -> None:

@@ -5,16 +5,25 @@ existing scheduler. GPU workers declare the ``GPU`` resource; scoring tasks ask 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from distributed import Client, LocalCluster
 
 from laion_dask.config import ClusterConfig
 
-__all__ = ["make_client", "gpu_available", "dask_cuda_available", "scoring_resources"]
+__all__ = [
+    "make_client",
+    "cluster_client",
+    "close_client",
+    "gpu_available",
+    "dask_cuda_available",
+    "scoring_resources",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +99,24 @@ def scoring_resources(client: Client) -> dict[str, int] | None:
     if any((w.get("resources") or {}).get("GPU") for w in workers.values()):
         return {"GPU": 1}
     return None
+
+
+def close_client(client: Client) -> None:
+    """Close ``client`` and the local cluster :func:`make_client` started for it.
+
+    A client connected to a remote scheduler has no ``cluster``: the scheduler keeps running.
+    """
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def cluster_client(cfg: ClusterConfig) -> Iterator[Client]:
+    """``make_client(cfg)`` for the duration of a ``with`` block, then :func:`close_client`."""
+    client = make_client(cfg)
+    try:
+        yield client
+    finally:
+        close_client(client)

@@ -1341,6 +1341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from distributed import Client, get_client
 
+    from .cluster import close_client, make_client
+
     own = None
     try:
         client = get_client()
@@ -1348,8 +1350,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.scheduler:
             own = Client(args.scheduler)
         else:
-            from .cluster import make_client
-
             own = make_client(dataclasses.replace(cfg.cluster, dashboard_address=None))
         client = own
     try:
@@ -1360,10 +1360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         if own is not None:
-            cluster = getattr(own, "cluster", None)
-            own.close()
-            if cluster is not None:
-                cluster.close()
+            close_client(own)
     sys.stdout.write(paths[args.format] + "\n")
     return 0
 

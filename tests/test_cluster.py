@@ -16,7 +16,7 @@ CPU = dict(n_workers=1, threads_per_worker=1, processes=False, dashboard_address
 
 def test_cpu_machine_gets_a_local_cluster_without_gpu_resources(monkeypatch) -> None:
     monkeypatch.setattr(cluster, "gpu_available", lambda: False)
-    with cluster.make_client(ClusterConfig(**CPU)) as client:
+    with cluster.cluster_client(ClusterConfig(**CPU)) as client:
         assert isinstance(client.cluster, LocalCluster)
         assert client.submit(sum, [1, 2]).result() == 3
         assert cluster.scoring_resources(client) is None
@@ -33,7 +33,7 @@ def test_gpu_visible_without_dask_cuda_falls_back_or_raises(monkeypatch) -> None
     monkeypatch.setattr(cluster, "dask_cuda_available", lambda: False)
     with pytest.raises(RuntimeError, match="dask-cuda is not installed"):
         cluster.make_client(ClusterConfig(gpu="require", **CPU))
-    with cluster.make_client(ClusterConfig(**CPU)) as client:
+    with cluster.cluster_client(ClusterConfig(**CPU)) as client:
         assert cluster.scoring_resources(client) is None
 
 
@@ -59,13 +59,13 @@ def test_gpu_path_builds_local_cuda_cluster_with_gpu_resource(monkeypatch) -> No
     monkeypatch.setattr(cluster, "dask_cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cfg = ClusterConfig(threads_per_worker=2, dashboard_address=None)
-    with cluster.make_client(cfg) as client:
+    with cluster.cluster_client(cfg) as client:
         assert seen["resources"] == {"GPU": 1}
         assert seen["CUDA_VISIBLE_DEVICES"] == "0"
         assert cluster.scoring_resources(client) == {"GPU": 1}
     # gpu = never keeps the CPU cluster even when a GPU is visible
     seen.clear()
-    with cluster.make_client(ClusterConfig(gpu="never", **CPU)) as client:
+    with cluster.cluster_client(ClusterConfig(gpu="never", **CPU)) as client:
         assert not seen and cluster.scoring_resources(client) is None
 
 
@@ -80,3 +80,30 @@ def test_gpu_available_matches_torch() -> None:
     import torch
 
     assert cluster.gpu_available() == (torch.cuda.is_available() and torch.cuda.device_count() > 0)
+
+
+def test_cluster_client_closes_the_cluster_it_started():
+    from distributed import Client
+    from distributed.core import Status
+
+    cfg = ClusterConfig(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        gpu="never",
+        dashboard_address="127.0.0.1:0",
+    )
+    with cluster.cluster_client(cfg) as client:
+        local = client.cluster
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert local.status == Status.closed
+    # a client of a scheduler it did not start leaves that scheduler running
+    with LocalCluster(
+        n_workers=1,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    ) as remote:
+        cluster.close_client(Client(remote.scheduler_address))
+        assert remote.status == Status.running

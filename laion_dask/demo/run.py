@@ -132,7 +132,7 @@ def run_demo(
     dashboard: bool = True,
 ) -> DemoResult:
     """Run the offline demo into ``out`` (the run directory; the corpus goes to ``out/corpus``)."""
-    from ..cluster import make_client
+    from ..cluster import close_client, make_client
     from ..pipeline import run_pipeline
     from ..stats import funnel
     from ..train import demo_model_dir
@@ -160,10 +160,7 @@ def run_demo(
             report_files = _write_report(run, client)
         finally:
             if own and client is not None:
-                cluster = getattr(client, "cluster", None)
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+                close_client(client)
         quality = threshold_quality(run, info.ground_truth)
     (out / "demo_quality.json").write_text(json.dumps(quality, indent=1, default=float))
     return DemoResult(
