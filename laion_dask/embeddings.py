@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np
@@ -20,7 +21,7 @@ import pandas as pd
 from laion_dask import schema
 from laion_dask.clip import ScoreResult
 
-__all__ = ["write_embeddings", "read_embeddings", "embedding_paths"]
+__all__ = ["write_embeddings", "write_embedding_arrays", "read_embeddings", "embedding_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,29 @@ def write_embeddings(out_dir: str, part: int, result: ScoreResult, metadata: pd.
         Rows with a ``key`` column (typically ``result.frame``); the rows of ``result.keys``
         are written in that order.
     """
-    n = len(result.keys)
-    if result.image_embeddings.shape[0] != n or result.text_embeddings.shape[0] != n:
+    write_embedding_arrays(
+        out_dir, part, result.keys, result.image_embeddings, result.text_embeddings, metadata
+    )
+
+
+def write_embedding_arrays(
+    out_dir: str,
+    part: int,
+    keys: Sequence[str],
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    metadata: pd.DataFrame,
+) -> None:
+    """:func:`write_embeddings` from plain arrays (row ``i`` belongs to ``keys[i]``)."""
+    n = len(keys)
+    if image_embeddings.shape[0] != n or text_embeddings.shape[0] != n:
         raise ValueError("embeddings and keys differ in length")
-    keys = pd.DataFrame({schema.KEY: pd.array(result.keys, dtype="string")})
+    key_frame = pd.DataFrame({schema.KEY: pd.array(list(keys), dtype="string")})
     meta = metadata.assign(**{schema.KEY: metadata[schema.KEY].astype("string")})
-    meta = keys.merge(meta, on=schema.KEY, how="left", validate="one_to_one")
+    meta = key_frame.merge(meta, on=schema.KEY, how="left", validate="one_to_one")
     paths = embedding_paths(out_dir, part)
-    _atomic_write(paths["img"], _npy_bytes(result.image_embeddings))
-    _atomic_write(paths["text"], _npy_bytes(result.text_embeddings))
+    _atomic_write(paths["img"], _npy_bytes(image_embeddings))
+    _atomic_write(paths["text"], _npy_bytes(text_embeddings))
     buf = io.BytesIO()
     meta.to_parquet(buf, index=False)
     _atomic_write(paths["metadata"], buf.getvalue())

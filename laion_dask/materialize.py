@@ -29,6 +29,7 @@ import pandas as pd
 
 from . import schema
 from .config import FilterConfig
+from .embeddings import embedding_paths, write_embedding_arrays
 from .filters import FINAL_REASON, add_final_reason, dump_thresholds, load_thresholds
 from .rundir import RunDir, fingerprint
 
@@ -107,17 +108,15 @@ def laion_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_embeddings(run: RunDir, part: int) -> tuple[np.ndarray, np.ndarray, pd.DataFrame] | None:
-    base = run.join("embeddings")
-    img = f"{base}/img_emb/img_emb_{part}.npy"
-    if not run.exists(img):
+    paths = embedding_paths(run.join("embeddings"), part)
+    if not run.exists(paths["img"]):
         return None
     fs = run.fs
-    with fs.open(img, "rb") as fh:
+    with fs.open(paths["img"], "rb") as fh:
         img_emb = np.load(io.BytesIO(fh.read()))
-    with fs.open(f"{base}/text_emb/text_emb_{part}.npy", "rb") as fh:
+    with fs.open(paths["text"], "rb") as fh:
         txt_emb = np.load(io.BytesIO(fh.read()))
-    meta = run.read_parquet(f"{base}/metadata/metadata_{part}.parquet")
-    return img_emb, txt_emb, meta
+    return img_emb, txt_emb, run.read_parquet(paths["metadata"])
 
 
 def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> dict:
@@ -159,23 +158,11 @@ def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> di
             img_emb, txt_emb, meta = emb
             pos = pd.Series(np.arange(len(meta)), index=meta[schema.KEY].astype(str))
             idx = pos.reindex(table[schema.KEY].astype(str)).dropna().astype(int).to_numpy()
-            edir = f"{gdir}/embeddings"
-            for sub in ("img_emb", "text_emb", "metadata"):
-                run.fs.makedirs(f"{edir}/{sub}", exist_ok=True)
-            _save_npy(run, f"{edir}/img_emb/img_emb_{part}.npy", img_emb[idx])
-            _save_npy(run, f"{edir}/text_emb/text_emb_{part}.npy", txt_emb[idx])
             keys = meta[schema.KEY].astype(str).to_numpy()[idx]
-            run.write_parquet_atomic(
-                f"{edir}/metadata/metadata_{part}.parquet",
-                table.set_index(table[schema.KEY].astype(str)).loc[keys].reset_index(drop=True),
+            write_embedding_arrays(
+                f"{gdir}/embeddings", part, keys, img_emb[idx], txt_emb[idx], table
             )
     return {"part": part, "rows": len(df), "kept": kept_counts, "dropped": dropped}
-
-
-def _save_npy(run: RunDir, path: str, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    run.write_bytes_atomic(path, buf.getvalue())
 
 
 def materialize(
