@@ -32,11 +32,11 @@ from laion_dask.report import (
 )
 from laion_dask.rundir import RunDir
 from laion_dask.sketches import HistSpec, histogram, merge_all, quantiles
+from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.helpers.runs import make_scored_run, scored_frame
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -330,13 +330,7 @@ def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     cmd = [
         CHROMIUM,
         "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *CHROMIUM_ARGS,
         f"--user-data-dir={tmp}",
         "--enable-logging=stderr",
         "--v=0",
