@@ -755,28 +755,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        seed=args.seed,
+        device=args.device,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        max_samples=getattr(args, "max_samples", None),  # train-clip only
+    )
     if args.command == "train-clip":
-        cfg = TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            seed=args.seed,
-            max_samples=args.max_samples,
-            device=args.device,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-        )
         report = train_clip(args.shards, args.out, cfg)
     else:
-        cfg = TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            seed=args.seed,
-            device=args.device,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-        )
         report = build_demo_model(
             args.out, args.seed, n_train=args.n_train, cfg=cfg, evaluate=not args.no_eval
         )
