@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cluster import LOOPBACK_CLUSTER
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/corpus beside the checkout (CI lays it there); LAION_DASK_CORPUS overrides
 CORPUS = Path(os.environ.get("LAION_DASK_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -37,23 +39,11 @@ def corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def client():
-    """A real distributed LocalCluster: 2 workers in this process, dashboard on loopback.
-
-    TCP on 127.0.0.1 rather than inproc: inproc addresses are built from the machine's outward
-    IP, and tests talk to loopback only.
-    """
+    """A real distributed LocalCluster: 2 workers in this process, on loopback only."""
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=False,
-            protocol="tcp://",
-            host="127.0.0.1",
-            # the scheduler's HTTP server starts anyway; keep it on a free loopback port
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, **LOOPBACK_CLUSTER) as cluster,
         Client(cluster) as c,
     ):
         yield c

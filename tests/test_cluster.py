@@ -10,6 +10,7 @@ from distributed import LocalCluster
 
 from laion_dask import cluster
 from laion_dask.config import ClusterConfig
+from tests.helpers.cluster import LOOPBACK_CLUSTER
 
 CPU = dict(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
 
@@ -98,12 +99,6 @@ def test_cluster_client_closes_the_cluster_it_started():
         assert client.submit(sum, [1, 2]).result() == 3
     assert local.status == Status.closed
     # a client of a scheduler it did not start leaves that scheduler running
-    with LocalCluster(
-        n_workers=1,
-        processes=False,
-        protocol="tcp://",
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    ) as remote:
+    with LocalCluster(n_workers=1, **LOOPBACK_CLUSTER) as remote:
         cluster.close_client(Client(remote.scheduler_address))
         assert remote.status == Status.running

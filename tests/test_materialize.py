@@ -13,6 +13,7 @@ from laion_dask import schema
 from laion_dask.config import FilterConfig
 from laion_dask.filters import FINAL_REASON, add_final_reason, dump_thresholds
 from laion_dask.materialize import LAION_COLUMNS, materialize
+from tests.helpers.cluster import LOOPBACK_CLUSTER
 from tests.helpers.runs import make_scored_run
 
 
@@ -108,13 +109,7 @@ def test_a_client_that_is_not_the_default_one(tmp_path):
     from distributed import Client, LocalCluster
 
     run = make_scored_run(tmp_path / "run")
-    with LocalCluster(
-        n_workers=1,
-        processes=False,
-        protocol="tcp://",
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
+    with LocalCluster(n_workers=1, **LOOPBACK_CLUSTER) as cluster:
         own = Client(cluster, set_as_default=False)
         try:
             report = materialize(run, FilterConfig(), client=own)
