@@ -28,6 +28,7 @@ def test_round_trip_and_json_metadata(tmp_path):
     assert n == 3 and not list(tmp_path.glob("*.tmp-*"))
     members = dict(iter_shard(path))
     assert sorted(members) == ["000000000", "000000001", "000000002"]
+
     def no_constants(name: str) -> None:
         raise AssertionError(f"non-standard JSON constant {name}")
 
