@@ -28,6 +28,7 @@ __all__ = [
     "ClipConfig",
     "FilterConfig",
     "ClusterConfig",
+    "ConsentConfig",
     "PipelineConfig",
     "load_config",
     "dump_config",
@@ -375,6 +376,32 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConsentConfig:
+    """Opt-out signals honoured and blocklists applied. Everything is on by default; a run that
+    switches a check off says so in its ``config.toml``.
+    """
+
+    SECTION: ClassVar[str] = "consent"
+    #: page level, at extraction: ``<meta name="robots">`` (and crawler-specific names such as
+    #: ``googlebot``) carrying one of ``meta_tokens`` drops the page's pairs as ``page_robots_meta``
+    page_meta: bool = True
+    meta_tokens: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    #: W3C TDMRep: ``<meta name="tdm-reservation" content="1">`` drops the page's pairs as
+    #: ``page_tdm_reservation``
+    tdm_reservation: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for key in ("page_meta", "tdm_reservation"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(s, key, "must be true or false", getattr(self, key))
+        if not isinstance(self.meta_tokens, tuple) or not all(
+            isinstance(t, str) and t and t == t.strip().lower() for t in self.meta_tokens
+        ):
+            _fail(s, "meta_tokens", "must be a list of lower-case tokens", self.meta_tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """The whole run: one section per stage. ``strict`` stops at the first unreadable file."""
 
@@ -386,6 +413,7 @@ class PipelineConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    consent: ConsentConfig = field(default_factory=ConsentConfig)
     strict: bool = False
 
     def replace(self, section: str, **changes: Any) -> PipelineConfig:

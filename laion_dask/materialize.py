@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,11 @@ def materialize(
     thresholds: FilterConfig | str | Path | None = None,
     *,
     client: Any | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> MaterializeReport:
     """Write ``RUN/dataset`` for ``thresholds`` (a FilterConfig, a thresholds.toml path, or the
-    run config's ``[filters]``); returns the funnel.
+    run config's ``[filters]``); returns the funnel. ``progress(done, total, part)`` is called
+    as each partition finishes.
 
     Example
     -------
@@ -199,7 +202,9 @@ def materialize(
         fs.rm(out, recursive=True)
     fs.makedirs(out, exist_ok=True)
     tasks = [(f"{p:05d}", _materialize_part, (p, run, cfg, out)) for p in parts]
-    results, failures = _run_tasks(client, "materialize", tasks, strict=True)
+    results, failures = _run_tasks(
+        client, "materialize", tasks, strict=True, on_done=progress
+    )
     report = MaterializeReport(out_dir=out, failed=failures)
     kept: Counter[str] = Counter()
     dropped: Counter[str] = Counter()

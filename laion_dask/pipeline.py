@@ -144,8 +144,13 @@ def _run_tasks(
     strict: bool,
     resources: dict | None = None,
     show_progress: bool = False,
+    on_done: Callable[[int, int, str], None] | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
-    """Submit ``(name, func, args)`` tasks; return (results, failures by name)."""
+    """Submit ``(name, func, args)`` tasks; return (results, failures by name).
+
+    ``on_done(finished, total, name)`` is called on the calling thread as each task ends
+    (succeeded or failed), for progress bars that are not a terminal (e.g. a dashboard).
+    """
     from distributed import as_completed
 
     if not tasks:
@@ -168,7 +173,7 @@ def _run_tasks(
     results: list[dict] = []
     failures: dict[str, str] = {}
     # the futures' own client, which need not be the default one
-    for fut in as_completed(list(futures), loop=client.loop):
+    for finished, fut in enumerate(as_completed(list(futures), loop=client.loop), start=1):
         name = futures[fut]
         try:
             results.append(fut.result())
@@ -179,6 +184,9 @@ def _run_tasks(
                 for other in futures:
                     other.cancel()
                 raise StageError(f"{stage}: partition {name} failed: {failures[name]}") from err
+        finally:
+            if on_done is not None:
+                on_done(finished, len(futures), name)
     return results, failures
 
 
