@@ -46,6 +46,8 @@ LANGUAGE_GROUPS = ("en", "multi", "nolang")
 
 # drop reasons written by the extraction rules (rules.py), in the order they are checked
 EXTRACT_DROP_REASONS = (
+    "page_robots_meta",  # the page's robots meta tag says noai/noimageai/noindex/noimageindex
+    "page_tdm_reservation",  # the page reserves text-and-data-mining rights (W3C TDMRep meta)
     "bad_url_scheme",
     "url_too_long",
     "blocked_extension",
