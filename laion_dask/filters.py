@@ -9,6 +9,12 @@ fate is the first reason along the pipeline:
 4. the first failing threshold of :class:`~laion_dask.config.FilterConfig` (``filter_reason``).
 
 ``<NA>`` everywhere means kept, so rows in = kept + sum over reasons, always.
+
+Output subsets (``[filters.subsets.NAME]``, :class:`~laion_dask.config.SubsetConfig`) cut on top of
+that: a row's fate in a subset is its final reason above, then, for the rows it keeps, the
+subset's own cut-offs (:data:`SUBSET_REASONS`, :func:`subset_final_reason`). So a subset only ever
+moves kept rows to a reason, a stricter subset keeps a subset of a looser one's rows, and a row
+dropped upstream (blocked, opted out, failed) is in none.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pandas as pd
 import tomli_w
 
 from . import schema
-from .config import ConfigError, FilterConfig, config_to_dict
+from .config import ConfigError, FilterConfig, SubsetConfig, config_to_dict
 
 __all__ = [
     "FILTER_REASONS",
@@ -33,6 +39,9 @@ __all__ = [
     "add_filter_reason",
     "final_reason",
     "add_final_reason",
+    "SUBSET_REASONS",
+    "subset_final_reason",
+    "subset_final_reasons",
     "load_thresholds",
     "dump_thresholds",
     "similarity_threshold",
@@ -50,6 +59,13 @@ FILTER_REASONS = (
     "small_image",
     "extreme_aspect_ratio",
 )
+
+#: an output subset's own cut-offs, in the order they are checked on the rows ``[filters]``
+#: keeps. ``unsafe`` / ``watermark`` are the base thresholds' names for the same cut; a subset
+#: fails closed on a row without the score it cuts on (``missing_*``), unlike the base
+#: thresholds, which treat a missing tag as no reason: a safety release must not keep a row it
+#: cannot show passes.
+SUBSET_REASONS = ("unsafe", "missing_punsafe", "watermark", "missing_pwatermark")
 
 
 def similarity_threshold(groups: pd.Series, cfg: FilterConfig) -> np.ndarray:
@@ -126,11 +142,60 @@ def add_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.DataFrame:
     return out.assign(**{FINAL_REASON: final_reason(out)})
 
 
+def subset_final_reason(df: pd.DataFrame, subset: SubsetConfig) -> pd.Series:
+    """A row's fate in one output subset; ``<NA>`` = kept.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Scored rows with ``final_reason`` (from :func:`add_final_reason`: the base thresholds).
+    subset : SubsetConfig
+        The subset's cut-offs, applied only to the rows ``final_reason`` keeps.
+
+    Returns
+    -------
+    pandas.Series
+        ``final_reason`` where it names a reason, else the first failing cut of
+        :data:`SUBSET_REASONS`, else ``<NA>``; same index as ``df``, named ``final_reason``.
+    """
+    if FINAL_REASON not in df.columns:
+        raise KeyError(f"{FINAL_REASON!r} is not a column: call add_final_reason(df, cfg) first")
+    base = df[FINAL_REASON].astype("string")
+    # copies: pandas may hand out read-only views
+    reason = base.to_numpy(dtype=object, na_value=None).copy()
+    open_ = base.isna().to_numpy(dtype=bool).copy()
+    cuts = (
+        (schema.PUNSAFE, subset.max_punsafe, "unsafe", "missing_punsafe"),
+        (schema.PWATERMARK, subset.max_pwatermark, "watermark", "missing_pwatermark"),
+    )
+    for col, limit, above_name, missing_name in cuts:
+        if limit is None:
+            continue
+        values = _num(df, col)
+        missing = open_ & np.isnan(values)
+        with np.errstate(invalid="ignore"):
+            above = open_ & ~missing & (values > limit)
+        reason[missing] = missing_name
+        reason[above] = above_name
+        open_ &= ~(missing | above)
+    return pd.Series(pd.array(reason, dtype="string"), index=df.index, name=FINAL_REASON)
+
+
+def subset_final_reasons(df: pd.DataFrame, cfg: FilterConfig) -> dict[str, pd.Series]:
+    """:func:`subset_final_reason` for every subset of ``cfg`` (name -> reasons; ``{}`` when
+    there are none); ``df`` must carry ``final_reason`` for ``cfg``."""
+    return {name: subset_final_reason(df, sub) for name, sub in (cfg.subsets or {}).items()}
+
+
 # --- thresholds.toml ----------------------------------------------------------------------------
 
 
 def load_thresholds(path: str | Path, base: FilterConfig | None = None) -> FilterConfig:
-    """Read ``thresholds.toml``: a ``[filters]`` table or bare keys; unknown keys are errors."""
+    """Read ``thresholds.toml``: a ``[filters]`` table or bare keys; unknown keys are errors.
+
+    ``[filters.subsets.NAME]`` tables are the output subsets; when the file has any, they
+    replace ``base``'s (subsets are never merged one by one).
+    """
     try:
         data: Mapping[str, Any] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

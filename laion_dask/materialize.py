@@ -11,10 +11,18 @@
 Plus ``RUN/dataset/thresholds.toml`` (what was applied) and ``RUN/dataset/funnel.json`` (rows
 kept and dropped per reason and language group; the counts add up). Re-running with other
 thresholds rewrites ``RUN/dataset`` from the stored scores: nothing is re-downloaded or rescored.
+
+Output subsets (``[filters.subsets.NAME]``, e.g. Re-LAION's ``research-safe`` cut on ``punsafe``)
+are written beside the base dataset in the same pass over the scores (each partition read once):
+``RUN/dataset/NAME/{en,multi,nolang}/`` with the same files, and ``RUN/dataset/NAME/funnel.json``
+(its own funnel: the base reasons, plus the rows of the base's kept ones that the subset's cut-offs
+drop, by :data:`~laion_dask.filters.SUBSET_REASONS`). ``RUN/dataset/funnel.json`` then lists them
+under ``subsets``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -29,14 +37,27 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .config import FilterConfig
+from .config import FilterConfig, check_subset_name
 from .embeddings import embedding_paths, write_embedding_arrays
-from .filters import FINAL_REASON, add_final_reason, dump_thresholds, load_thresholds
+from .filters import (
+    FINAL_REASON,
+    add_final_reason,
+    dump_thresholds,
+    load_thresholds,
+    subset_final_reasons,
+)
 from .rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["materialize", "MaterializeReport", "laion_columns", "read_dataset", "LAION_COLUMNS"]
+__all__ = [
+    "materialize",
+    "MaterializeReport",
+    "laion_columns",
+    "read_dataset",
+    "materialized_subsets",
+    "LAION_COLUMNS",
+]
 
 LAION_COLUMNS = [
     "URL",
@@ -66,7 +87,11 @@ _OURS = [
 
 @dataclass
 class MaterializeReport:
-    """Rows in, kept per language group, dropped per reason; ``check()`` proves they add up."""
+    """Rows in, kept per language group, dropped per reason; ``check()`` proves they add up.
+
+    ``subsets`` holds one report per output subset (name -> report, ``{}`` when there are
+    none); each has the same ``rows_in`` and its own ``kept``, ``dropped`` and ``out_dir``.
+    """
 
     stage: str = "materialize"
     rows_in: int = 0
@@ -75,6 +100,7 @@ class MaterializeReport:
     out_dir: str = ""
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)
+    subsets: dict[str, MaterializeReport] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -83,7 +109,13 @@ class MaterializeReport:
     def check(self) -> None:
         total = sum(self.kept.values()) + sum(self.dropped.values())
         if total != self.rows_in:
-            raise AssertionError(f"materialize: {self.rows_in} in, {total} out")
+            raise AssertionError(f"{self.stage}: {self.rows_in} in, {total} out")
+        for sub in self.subsets.values():
+            sub.check()
+
+    def funnel(self) -> dict[str, Any]:
+        """What ``funnel.json`` holds: rows in, kept per group, dropped per reason."""
+        return {"rows_in": self.rows_in, "kept": self.kept, "dropped": self.dropped}
 
 
 def laion_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -120,39 +152,39 @@ def _read_embeddings(run: RunDir, part: int) -> tuple[np.ndarray, np.ndarray, pd
     return img_emb, txt_emb, run.read_parquet(paths["metadata"])
 
 
-def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> dict:
-    from .shards import ShardSample, read_shard_images, write_shard
+def _write_output(
+    run: RunDir,
+    part: int,
+    df: pd.DataFrame,
+    kept: np.ndarray,
+    groups: pd.Series,
+    dest: str,
+    images: Callable[[], dict[str, bytes]],
+    emb: tuple[np.ndarray, np.ndarray, pd.DataFrame] | None,
+) -> dict[str, int]:
+    """Write the ``kept`` rows of one partition to ``dest/{group}/``; kept rows per group."""
+    from .shards import ShardSample, write_shard
 
-    df = run.read_parquet(run.part_path("scores", part))
-    df = add_final_reason(df, cfg)
-    reason = df[FINAL_REASON]
-    kept = reason.isna().to_numpy(dtype=bool)
-    dropped = {str(k): int(v) for k, v in reason.dropna().value_counts().items()}
-    groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
     kept_counts: dict[str, int] = {}
-    images: dict[str, bytes] | None = None
-    emb = _read_embeddings(run, part)
     for group in schema.LANGUAGE_GROUPS:
         sel = df[kept & groups.eq(group).to_numpy(dtype=bool)]
         kept_counts[group] = len(sel)
         if sel.empty:
             continue
-        gdir = f"{out}/{group}"
+        gdir = f"{dest}/{group}"
         run.fs.makedirs(gdir, exist_ok=True)
         table = laion_columns(sel)
         run.write_parquet_atomic(f"{gdir}/{part:05d}.parquet", table)
-        if images is None:
-            shard = df[schema.SHARD].dropna()
-            images = read_shard_images(run.join("images", str(shard.iloc[0]))) if len(shard) else {}
+        blobs = images()
         samples = (
             ShardSample(
                 key=str(row[schema.KEY]),
-                image=images[str(row[schema.KEY])],
+                image=blobs[str(row[schema.KEY])],
                 text=str(row["TEXT"]),
                 meta=dict(row.items()),
             )
             for _, row in table.iterrows()
-            if str(row[schema.KEY]) in images
+            if str(row[schema.KEY]) in blobs
         )
         write_shard(f"{gdir}/{part:05d}.tar", samples)
         if emb is not None:
@@ -163,7 +195,62 @@ def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> di
             write_embedding_arrays(
                 f"{gdir}/embeddings", part, keys, img_emb[idx], txt_emb[idx], table
             )
-    return {"part": part, "rows": len(df), "kept": kept_counts, "dropped": dropped}
+    return kept_counts
+
+
+def _outcome(reason: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
+    kept = reason.isna().to_numpy(dtype=bool)
+    return kept, {str(k): int(v) for k, v in reason.dropna().value_counts().items()}
+
+
+def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> dict:
+    """One scored partition -> the base dataset and every subset (the scores, the shard and
+    the embeddings are read once, whatever the number of subsets)."""
+    from .shards import read_shard_images
+
+    df = run.read_parquet(run.part_path("scores", part))
+    df = add_final_reason(df, cfg)
+    groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+    emb = _read_embeddings(run, part)
+    cache: dict[str, dict[str, bytes]] = {}
+
+    def images() -> dict[str, bytes]:  # the partition's shard, read on first use only
+        if "images" not in cache:
+            shard = df[schema.SHARD].dropna()
+            cache["images"] = (
+                read_shard_images(run.join("images", str(shard.iloc[0]))) if len(shard) else {}
+            )
+        return cache["images"]
+
+    kept, dropped = _outcome(df[FINAL_REASON])
+    result: dict[str, Any] = {
+        "part": part,
+        "rows": len(df),
+        "kept": _write_output(run, part, df, kept, groups, out, images, emb),
+        "dropped": dropped,
+        "subsets": {},
+    }
+    for name, reason in subset_final_reasons(df, cfg).items():
+        kept, dropped = _outcome(reason)
+        result["subsets"][name] = {
+            "kept": _write_output(run, part, df, kept, groups, f"{out}/{name}", images, emb),
+            "dropped": dropped,
+        }
+    return result
+
+
+def _merge(results: list[dict], key: str | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Sum kept per group and dropped per reason over partitions (of a subset, or the base)."""
+    kept: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    for r in results:
+        r = r if key is None else r["subsets"][key]
+        kept.update(r["kept"])
+        dropped.update(r["dropped"])
+    return (
+        {g: kept.get(g, 0) for g in schema.LANGUAGE_GROUPS},
+        dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+    )
 
 
 def materialize(
@@ -177,10 +264,14 @@ def materialize(
     run config's ``[filters]``); returns the funnel. ``progress(done, total, part)`` is called
     as each partition finishes.
 
+    With output subsets (``thresholds.subsets``), each is written to ``RUN/dataset/NAME/`` in
+    the same pass, and ``report.subsets[NAME]`` is its funnel.
+
     Example
     -------
     >>> report = materialize("demo-run", "thresholds.toml")   # doctest: +SKIP
     >>> report.kept["en"]                                      # doctest: +SKIP
+    >>> report.subsets["research-safe"].dropped["unsafe"]      # doctest: +SKIP
     """
     from .pipeline import _get_client, _run_tasks
 
@@ -202,41 +293,65 @@ def materialize(
         fs.rm(out, recursive=True)
     fs.makedirs(out, exist_ok=True)
     tasks = [(f"{p:05d}", _materialize_part, (p, run, cfg, out)) for p in parts]
-    results, failures = _run_tasks(
-        client, "materialize", tasks, strict=True, on_done=progress
-    )
-    report = MaterializeReport(out_dir=out, failed=failures)
-    kept: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
-    for r in results:
-        report.rows_in += r["rows"]
-        kept.update(r["kept"])
-        dropped.update(r["dropped"])
-    report.kept = {g: kept.get(g, 0) for g in schema.LANGUAGE_GROUPS}
-    report.dropped = dict(sorted(dropped.items(), key=lambda kv: -kv[1]))
-    report.seconds = time.perf_counter() - t0
+    results, failures = _run_tasks(client, "materialize", tasks, strict=True, on_done=progress)
+    rows_in = sum(r["rows"] for r in results)
+    report = MaterializeReport(rows_in=rows_in, out_dir=out, failed=failures)
+    report.kept, report.dropped = _merge(results, None)
+    seconds = time.perf_counter() - t0
+    report.seconds = seconds
+    for name in cfg.subsets or {}:
+        sub = MaterializeReport(
+            stage=f"materialize/{name}", rows_in=rows_in, out_dir=f"{out}/{name}", seconds=seconds
+        )
+        sub.kept, sub.dropped = _merge(results, name)
+        report.subsets[name] = sub
     report.check()
-    fs.pipe(f"{out}/thresholds.toml", dump_thresholds(cfg).encode())
-    funnel = {
-        "rows_in": report.rows_in,
-        "kept": report.kept,
-        "dropped": report.dropped,
-        "thresholds_fingerprint": fingerprint(dump_thresholds(cfg)),
-    }
+    thresholds_text = dump_thresholds(cfg)
+    thresholds_fp = fingerprint(thresholds_text)
+    fs.pipe(f"{out}/thresholds.toml", thresholds_text.encode())
+    funnel: dict[str, Any] = {**report.funnel(), "thresholds_fingerprint": thresholds_fp}
+    if report.subsets:
+        funnel["subsets"] = {}
+        for name, sub in report.subsets.items():
+            cut = {k: v for k, v in dataclasses.asdict(cfg.subsets[name]).items() if v is not None}
+            sub_funnel = {"subset": name, "cut": cut, **sub.funnel()}
+            funnel["subsets"][name] = sub_funnel
+            fs.makedirs(sub.out_dir, exist_ok=True)
+            fs.pipe(
+                f"{sub.out_dir}/funnel.json",
+                json.dumps(
+                    {**sub_funnel, "thresholds_fingerprint": thresholds_fp}, indent=1
+                ).encode(),
+            )
+            note = f"# subset {name!r}: [filters] then [filters.subsets.{name}]\n"
+            fs.pipe(f"{sub.out_dir}/thresholds.toml", (note + thresholds_text).encode())
     fs.pipe(f"{out}/funnel.json", json.dumps(funnel, indent=1).encode())
     return report
 
 
-def read_dataset(run: RunDir | str, group: str = "en") -> pd.DataFrame:
+def read_dataset(run: RunDir | str, group: str = "en", subset: str | None = None) -> pd.DataFrame:
     """The materialized LAION parquet of one language group (shards and embeddings sit beside it,
-    as img2dataset lays them out, so read the ``*.parquet`` files, not the folder)."""
+    as img2dataset lays them out, so read the ``*.parquet`` files, not the folder).
+
+    ``subset`` names an output subset (``RUN/dataset/NAME``); None reads the base dataset. A name
+    the last ``materialize`` did not write is a ``FileNotFoundError`` listing the ones it did.
+    """
     import pyarrow.parquet as pq
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     if group not in schema.LANGUAGE_GROUPS:
         raise ValueError(f"group must be one of {schema.LANGUAGE_GROUPS}, got {group!r}")
     fs = run.fs
-    files = sorted(fs.glob(run.join("dataset", group, "*.parquet")))
+    root = run.join("dataset")
+    if subset is not None:
+        check_subset_name(subset, "subset")
+        if not fs.exists(f"{root}/{subset}/funnel.json"):
+            raise FileNotFoundError(
+                f"{root}: no subset {subset!r} (materialized subsets: "
+                f"{', '.join(materialized_subsets(run)) or 'none'})"
+            )
+        root = f"{root}/{subset}"
+    files = sorted(fs.glob(f"{root}/{group}/*.parquet"))
     if not files:
         return laion_columns(
             schema.empty(
@@ -247,3 +362,13 @@ def read_dataset(run: RunDir | str, group: str = "en") -> pd.DataFrame:
             )
         )
     return pq.ParquetDataset(files, filesystem=fs).read().to_pandas()
+
+
+def materialized_subsets(run: RunDir | str) -> list[str]:
+    """Names of the output subsets the last ``materialize`` wrote (from its ``funnel.json``)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    path = run.join("dataset", "funnel.json")
+    if not run.exists(path):
+        return []
+    with run.fs.open(path, "rb") as fh:
+        return list(json.load(fh).get("subsets", {}))

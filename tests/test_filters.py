@@ -1,20 +1,35 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
+import tomllib
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
 
 from laion_dask import schema
-from laion_dask.config import ConfigError, FilterConfig
+from laion_dask.config import (
+    ConfigError,
+    FilterConfig,
+    PipelineConfig,
+    SubsetConfig,
+    config_from_dict,
+    dump_config,
+)
 from laion_dask.filters import (
     FILTER_REASON,
     FINAL_REASON,
+    SUBSET_REASONS,
     add_filter_reason,
     add_final_reason,
     dump_thresholds,
     final_reason,
     load_thresholds,
+    subset_final_reason,
+    subset_final_reasons,
 )
 from tests.helpers.runs import scored_frame
 
@@ -104,3 +119,160 @@ def test_missing_tag_is_not_a_cut_reason():
     df.loc[df.index[:5], schema.PUNSAFE] = np.nan
     out = add_filter_reason(df, FilterConfig(max_punsafe=0.0))
     assert out.loc[df.index[:5], FILTER_REASON].ne("unsafe").all()
+
+
+# --- output subsets ------------------------------------------------------------------------
+
+
+def _expected_subset_reason(df, base_cfg, max_punsafe=None, max_pwatermark=None):
+    """A row's fate in a subset, spelled out row by row (independent of filters.py's numpy)."""
+    base = add_final_reason(df, base_cfg)[FINAL_REASON]
+    out = []
+    for i, reason in enumerate(base):
+        if not pd.isna(reason):
+            out.append(reason)
+            continue
+        p = df[schema.PUNSAFE].iloc[i]
+        w = df[schema.PWATERMARK].iloc[i]
+        if max_punsafe is not None and pd.isna(p):
+            out.append("missing_punsafe")
+        elif max_punsafe is not None and p > max_punsafe:
+            out.append("unsafe")
+        elif max_pwatermark is not None and pd.isna(w):
+            out.append("missing_pwatermark")
+        elif max_pwatermark is not None and w > max_pwatermark:
+            out.append("watermark")
+        else:
+            out.append(None)
+    return pd.Series(out, index=df.index, dtype="string", name=FINAL_REASON)
+
+
+def test_subsets_cut_only_the_rows_the_base_keeps(df):
+    base = FilterConfig(similarity_en=0.15, similarity_multi=0.15, similarity_nolang=0.15)
+    # rows the base keeps, some without the score a subset cuts on (missing tags pass the base)
+    df = df.copy()
+    kept = df.index[add_final_reason(df, base)[FINAL_REASON].isna().to_numpy(bool)]
+    df.loc[kept[:4], schema.PUNSAFE] = np.nan
+    low = kept[4:][df.loc[kept[4:], schema.PUNSAFE].lt(0.3).to_numpy(bool)]
+    df.loc[low[:3], schema.PWATERMARK] = np.nan
+    cfg = dataclasses.replace(
+        base,
+        max_punsafe=0.95,
+        subsets={
+            "research-safe": {"max_punsafe": 0.45},
+            "clean": {"max_punsafe": 0.3, "max_pwatermark": 0.6},
+        },
+    )
+    out = add_final_reason(df, cfg)
+    got = subset_final_reasons(out, cfg)
+    assert list(got) == ["research-safe", "clean"]
+    safe = _expected_subset_reason(df, cfg, max_punsafe=0.45)
+    clean = _expected_subset_reason(df, cfg, max_punsafe=0.3, max_pwatermark=0.6)
+    pd.testing.assert_series_equal(got["research-safe"], safe)
+    pd.testing.assert_series_equal(got["clean"], clean)
+    # every reason the base names stays; a subset only moves kept rows to its own reasons
+    named = out[FINAL_REASON].notna()
+    assert (got["clean"][named] == out[FINAL_REASON][named]).all()
+    moved = set(got["clean"][~named].dropna())
+    assert moved <= set(SUBSET_REASONS)
+    assert {"unsafe", "missing_punsafe", "watermark", "missing_pwatermark"} <= moved
+    # a stricter subset keeps a subset of a looser one's rows, which keeps a subset of the base's
+    kept = {k: v.isna().to_numpy(bool) for k, v in got.items()}
+    base_kept = out[FINAL_REASON].isna().to_numpy(bool)
+    assert (~kept["clean"] | kept["research-safe"]).all()
+    assert (~kept["research-safe"] | base_kept).all()
+    assert kept["clean"].sum() < kept["research-safe"].sum() < base_kept.sum()
+    # a row dropped upstream (rules, download, scoring) is in no subset
+    upstream = df[schema.SCORE_STATUS].ne("success").fillna(True).to_numpy(bool)
+    assert not (kept["research-safe"] & upstream).any()
+
+
+def test_subset_reason_needs_the_base_reason(df):
+    with pytest.raises(KeyError, match="add_final_reason"):
+        subset_final_reason(df, SubsetConfig(max_punsafe=0.5))
+    assert subset_final_reasons(add_final_reason(df, FilterConfig()), FilterConfig()) == {}
+
+
+def test_thresholds_toml_round_trip_with_subsets(tmp_path):
+    path = tmp_path / "thresholds.toml"
+    path.write_text(
+        "[filters]\nsimilarity_en = 0.3\nmax_punsafe = 0.95\n\n"
+        "[filters.subsets.research-safe]\nmax_punsafe = 0.45\n\n"
+        "[filters.subsets.no_watermarks]\nmax_pwatermark = 0.8\n"
+    )
+    cfg = load_thresholds(path)
+    assert cfg.subsets == {
+        "research-safe": SubsetConfig(max_punsafe=0.45),
+        "no_watermarks": SubsetConfig(max_pwatermark=0.8),
+    }
+    assert list(cfg.subsets) == ["research-safe", "no_watermarks"]  # file order is kept
+    again = tmp_path / "again.toml"
+    dump_thresholds(cfg, again)
+    assert load_thresholds(again) == cfg
+    assert "[filters.subsets.research-safe]" in again.read_text()
+    # the whole run config too, and without subsets the TOML has no trace of them
+    pipeline = PipelineConfig(filters=cfg)
+    assert config_from_dict(tomllib.loads(dump_config(pipeline))) == pipeline
+    assert "subsets" not in dump_thresholds(FilterConfig())
+    assert FilterConfig(subsets={}) == FilterConfig()  # no subsets, however spelled
+    # a file without subsets keeps the base's; one with subsets replaces them
+    path.write_text("[filters]\nsimilarity_en = 0.2\n")
+    assert load_thresholds(path, base=cfg).subsets == cfg.subsets
+
+
+def test_config_with_subsets_stays_frozen_and_hashable():
+    cfg = FilterConfig(subsets={"research-safe": {"max_punsafe": 0.45}})
+    assert hash(cfg) == hash(
+        FilterConfig(subsets={"research-safe": SubsetConfig(max_punsafe=0.45)})
+    )
+    assert {cfg: 1}[dataclasses.replace(cfg)] == 1
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.subsets["other"] = SubsetConfig(max_punsafe=0.1)  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.subsets["research-safe"].max_punsafe = 0.9  # type: ignore[misc]
+    # the dict report.py writes to stats.json
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["subsets"] == {
+        "research-safe": {"max_punsafe": 0.45, "max_pwatermark": None}
+    }
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        (
+            "[filters.subsets.research-safe]\nmax_punsafe = 1.5\n",
+            "filters.subsets.research-safe.max_punsafe",
+        ),
+        (
+            "[filters.subsets.research-safe]\nmax_punsafe = true\n",
+            "filters.subsets.research-safe.max_punsafe",
+        ),
+        (
+            "[filters.subsets.research-safe]\nmax_pwatermark = -0.1\n",
+            "filters.subsets.research-safe.max_pwatermark",
+        ),
+        (
+            "[filters.subsets.research-safe]\nmax_unsafe = 0.4\n",
+            "filters.subsets.research-safe.max_unsafe: unknown key",
+        ),
+        ("[filters.subsets.empty]\n", "filters.subsets.empty: sets no cut-off"),
+        ("[filters.subsets]\nflat = 0.4\n", "filters.subsets.flat: must be a table"),
+        ("[filters]\nsubsets = 0.4\n", "filters.subsets: must be a table of tables"),
+        ("[filters.subsets.en]\nmax_punsafe = 0.4\n", "filters.subsets.en: is a language group"),
+        ("[filters.subsets.Safe]\nmax_punsafe = 0.4\n", "filters.subsets.Safe: a subset name"),
+        (
+            "[filters.subsets.'../up']\nmax_punsafe = 0.4\n",
+            r"filters.subsets.\.\./up: a subset name",
+        ),
+        ("[filters.subsets.'a b']\nmax_punsafe = 0.4\n", "filters.subsets.a b: a subset name"),
+        ("[filters.subsets.-x]\nmax_punsafe = 0.4\n", "filters.subsets.-x: a subset name"),
+    ],
+)
+def test_bad_subsets_name_the_key(tmp_path, table, match):
+    path = tmp_path / "thresholds.toml"
+    path.write_text(table)
+    with pytest.raises(ConfigError, match=match):
+        load_thresholds(path)
+    with pytest.raises(ConfigError, match=match):  # the run config's [filters] says the same
+        config_from_dict(tomllib.loads(table))
