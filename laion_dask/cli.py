@@ -137,7 +137,12 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         report = materialize(run, args.thresholds, client=client)
     _print_report(report)
     print(f"   kept by language group: {json.dumps(report.kept)}")
+    for sub in report.subsets.values():
+        _print_report(sub)
+        print(f"   kept by language group: {json.dumps(sub.kept)}")
     print(f"\ndataset: {report.out_dir}")
+    for name, sub in report.subsets.items():
+        print(f"subset {name}: {sub.out_dir}")
     return 0
 
 

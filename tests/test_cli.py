@@ -53,6 +53,21 @@ def test_materialize_with_a_thresholds_file(tmp_path, capsys):
     assert (tmp_path / "run" / "dataset" / "funnel.json").is_file()
 
 
+def test_materialize_prints_and_writes_each_subset(tmp_path, capsys):
+    run = make_scored_run(tmp_path / "run")
+    path = tmp_path / "thresholds.toml"
+    path.write_text(
+        "[filters]\nsimilarity_en = 0.2\nmax_punsafe = 0.95\n"
+        "[filters.subsets.research-safe]\nmax_punsafe = 0.45\n"
+    )
+    assert main(["materialize", run.path, "--thresholds", str(path), *LOCAL]) == 0
+    out = capsys.readouterr().out
+    assert "== materialize/research-safe" in out
+    sub_dir = tmp_path / "run" / "dataset" / "research-safe"
+    assert f"subset research-safe: {sub_dir}" in out
+    assert (sub_dir / "funnel.json").is_file()
+
+
 def test_train_tag_head(tmp_path, capsys):
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(200, 16)).astype("float32")
