@@ -8,6 +8,7 @@ import logging
 import re
 
 import mmh3
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,7 +16,7 @@ from laion_dask import schema
 from laion_dask.config import ExtractConfig
 from laion_dask.extract import FileSummary, extract_file, extract_pairs, sniff_format
 from laion_dask.extract.common import BadRecord
-from laion_dask.extract.text import clean_text, laion_hash, make_uid
+from laion_dask.extract.text import clean_text, laion_hash, make_uid, pair_uids, record_hashes
 from laion_dask.extract.wat import parse_wat_json
 from tests.helpers.extract import EDGE_WAT, EDGE_WAT_EXPECTED, make_wat, wat_payload
 
@@ -93,13 +94,16 @@ def test_clean_text_fast_paths_match_the_full_clean_up():
     for t in texts:
         for n in (2000, 3):
             assert clean_text(t, n) == _clean_text_reference(t, n), (t, n)
-    # the collector's inline ASCII path: the same texts as clean_text, in the same order
-    col = _Collector("f", ExtractConfig(max_text_chars=3))
-    links = [SimpleNamespace(path="IMG@/src", url="x.jpg", alt=t) for t in texts]
-    col.add_wat(0, "http://a.b/", "", links)
-    expected = [clean_text(t, 3) for t in texts]
-    assert col.texts == [t for t in expected if t]
-    assert col.indices == [i for i, t in enumerate(expected) if t]
+    texts += ["Köln café", "東京 写真", "cafe\u0301", "caf\u00c3\u00a9", "ü\u0308", "Zürich x"]
+    # the collector's inline path (printable, already-NFC text kept as it is): the same texts
+    # as clean_text, in the same order
+    for n in (3, 2000):
+        col = _Collector("f", ExtractConfig(max_text_chars=n))
+        links = [SimpleNamespace(path="IMG@/src", url="x.jpg", alt=t) for t in texts]
+        col.add_wat(0, "http://a.b/", "", links)
+        expected = [clean_text(t, n) for t in texts]
+        assert col.texts == [t for t in expected if t]
+        assert col.indices == [i for i, t in enumerate(expected) if t]
 
 
 def test_clean_text_truncates():
@@ -110,8 +114,24 @@ def test_hash_and_uid():
     assert laion_hash("http://x/a.jpg", "a cat") == mmh3.hash64("http://x/a.jpga cat")[0]
     uid = make_uid("f.wat.gz", 123, 4)
     assert re.fullmatch(r"[0-9a-f]{16}", uid)
-    assert int(uid, 16) == mmh3.hash64("f.wat.gz\x00123\x004", signed=False)[0]
+    # record hash, then the link index mixed in with the splitmix64 finaliser
+    x = mmh3.hash64("f.wat.gz\x00123", signed=False)[0]
+    m = (1 << 64) - 1
+    x = (x + 5 * 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    assert int(uid, 16) == x ^ (x >> 31)
     assert make_uid("f.wat.gz", 123, 5) != uid
+    assert make_uid("f.wat.gz", 124, 4) != uid
+
+
+def test_bulk_uids_equal_make_uid():
+    offsets = [0, 17, 123, 2**40]
+    index = np.array([0, 1, 4, 2**20], dtype=np.int64)
+    got = pair_uids(record_hashes("s3://b/f.wat.gz", offsets), index)
+    want = [make_uid("s3://b/f.wat.gz", o, int(i)) for o, i in zip(offsets, index, strict=True)]
+    assert [format(int(v), "016x") for v in got] == want
+    assert len(set(want)) == len(want)
 
 
 # --- WAT edge cases -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from laion_dask.extract.records import (
     iter_warcio,
     read_block,
 )
-from laion_dask.extract.text import clean_text
+from laion_dask.extract.text import clean_text, pair_uids, record_hashes, unicode_is_clean
 from laion_dask.extract.warc import looks_like_html, parse_html, split_http
 from laion_dask.extract.wat import _IMG_SRC, IMG_MARKER, wat_image_links
 from laion_dask.sources import open_input
@@ -260,14 +260,15 @@ class _Collector:
             if not alt:
                 continue
             if not (
-                # already clean: printable ASCII, no entity, no space to fold, short enough
-                alt.isascii()
+                # already clean: printable, no entity, no space to fold, short enough, and
+                # ASCII or Unicode that clean_text would leave alone
+                alt.isprintable()
                 and "&" not in alt
-                and alt.isprintable()
                 and "  " not in alt
                 and alt[0] != " "
                 and alt[-1] != " "
                 and len(alt) <= max_chars
+                and (alt.isascii() or unicode_is_clean(alt))
             ):
                 alt = clean_text(alt, max_chars)
                 if not alt:  # LAION needs alt text; no pair without it
@@ -290,16 +291,9 @@ class _Collector:
         page_arr = _arrow_strings(self.rec_pages)[0]
         rec_of_pair = np.repeat(np.arange(len(counts)), counts)
         offsets = np.repeat(np.array(self.rec_offsets, dtype=np.int64), counts)
+        rec_hash = np.repeat(record_hashes(src, self.rec_offsets), counts)
+        uids = pair_uids(rec_hash, np.array(self.indices, dtype=np.int64))
         h64 = mmh3.hash64
-        prefix = f"{src}\0"
-        uids = np.fromiter(
-            (
-                h64(f"{prefix}{o}\0{i}", signed=False)[0]
-                for o, i in zip(offsets.tolist(), self.indices, strict=True)
-            ),
-            np.uint64,
-            n,
-        )
         hashes = np.fromiter((h64(u + t)[0] for u, t in zip(urls, texts, strict=True)), np.int64, n)
         data = {
             schema.UID: _hex_strings(uids),

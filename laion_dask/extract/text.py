@@ -12,8 +12,9 @@ import unicodedata
 
 import ftfy
 import mmh3
+import numpy as np
 
-__all__ = ["clean_text", "laion_hash", "make_uid"]
+__all__ = ["clean_text", "unicode_is_clean", "laion_hash", "make_uid", "record_hashes", "pair_uids"]
 
 # Only the mojibake repairs: quote uncurling, width folding and ligature splitting would change
 # legitimate text, and entities are unescaped once, before ftfy sees the text.
@@ -80,6 +81,16 @@ def clean_text(text: str, max_chars: int = 2000) -> str:
     return text
 
 
+def unicode_is_clean(text: str) -> bool:
+    """Whether :func:`clean_text` leaves printable non-ASCII ``text`` as it is (apart from
+    whitespace and length): no mojibake pattern and already in NFC.
+
+    For the callers' fast path: ``clean_text(t) == t`` for printable ``t`` without ``&``, double,
+    leading or trailing spaces, within the length limit, when this is true.
+    """
+    return _MOJIBAKE_PAIR.search(text) is None and unicodedata.is_normalized("NFC", text)
+
+
 def laion_hash(url: str, text: str) -> int:
     """LAION's join key: ``mmh3.hash64(url + text)[0]`` (a signed int64).
 
@@ -91,11 +102,50 @@ def laion_hash(url: str, text: str) -> int:
     return mmh3.hash64(url + text)[0]
 
 
-def make_uid(source_file: str, record_offset: int, link_index: int) -> str:
-    """Deterministic pair id: 16 hex chars of the unsigned mmh3 64-bit hash of the location.
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / phi: spreads consecutive link indices apart
+_M64 = (1 << 64) - 1
 
-    The key is ``f"{source_file}\\0{record_offset}\\0{link_index}"``, so the id does not depend on
-    how files are split into partitions or on which reader parsed the file.
+
+def _record_key(source_file: str, record_offset: int) -> str:
+    return f"{source_file}\0{record_offset}"
+
+
+def make_uid(source_file: str, record_offset: int, link_index: int) -> str:
+    """Deterministic pair id: 16 hex chars identifying (file, record offset, link index).
+
+    The record is hashed once (unsigned mmh3 64-bit of ``f"{source_file}\\0{record_offset}"``)
+    and the link index mixed in with the splitmix64 finaliser, so a file's ids are computed
+    in bulk by :func:`pair_uids` (one string hash per record, not per pair). The id does not
+    depend on how files are split into partitions or on which reader parsed the file.
+
+    Examples
+    --------
+    >>> make_uid("f.wat.gz", 123, 4) == make_uid("f.wat.gz", 123, 4)
+    True
     """
-    key = f"{source_file}\0{record_offset}\0{link_index}"
-    return format(mmh3.hash64(key, signed=False)[0], "016x")
+    x = (mmh3.hash64(_record_key(source_file, record_offset), signed=False)[0]) & _M64
+    x = (x + (link_index + 1) * _GOLDEN) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return format(x ^ (x >> 31), "016x")
+
+
+def record_hashes(source_file: str, offsets: list[int]) -> np.ndarray:
+    """Unsigned mmh3 64-bit hash of each record's key (the first step of :func:`make_uid`)."""
+    h64 = mmh3.hash64
+    return np.fromiter(
+        (h64(_record_key(source_file, o), signed=False)[0] for o in offsets),
+        np.uint64,
+        len(offsets),
+    )
+
+
+def pair_uids(record_hash: np.ndarray, link_index: np.ndarray) -> np.ndarray:
+    """:func:`make_uid` as uint64 for many pairs: ``record_hash`` repeated per pair + indices."""
+    with np.errstate(over="ignore"):
+        x = record_hash.astype(np.uint64) + (link_index.astype(np.uint64) + np.uint64(1)) * (
+            np.uint64(_GOLDEN)
+        )
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
