@@ -20,6 +20,21 @@ socket or thread behind. Inside the call:
   read) under a per-call in-flight byte budget (``cfg.max_inflight_bytes``);
 - decoding and resizing (:mod:`laion_dask.imaging`) run in a small thread pool, off the loop.
 
+Consent and safety (``[consent]``, :mod:`laion_dask.consent`), in the order they are checked:
+
+- before any request: a URL whose hash is on a URL blocklist (``blocklisted_url``) or whose host
+  is, or is under, a domain on an opt-out list (``opted_out_domain``) is never fetched;
+- per host, before its first image (and before every redirect hop to a new host): the address
+  guard, then ``/robots.txt`` for our product token (``disallowed_robots_txt``; when it cannot be
+  fetched, ``consent.robots_txt_on_4xx`` / ``robots_txt_on_error`` decide, the latter giving
+  ``robots_txt_unreachable``), then ``/.well-known/tdmrep.json`` (``disallowed_tdmrep``). Each host
+  file is fetched once per call through the same guarded session (its own
+  ``consent.host_file_timeout``) and, with ``host_cache``, once per run;
+- on the image response's headers: ``X-Robots-Tag`` (``disallowed``) and ``tdm-reservation: 1``
+  (``disallowed_tdm_reservation``), before the body is read;
+- on the body, before decoding: its MD5/SHA-1/SHA-256 against the image blocklists
+  (``blocklisted_image``); the bytes are dropped and never reach a shard.
+
 Why asyncio rather than a thread pool: on loopback, a thread pool running the same decode code was
 as fast (``benchmarks/bench_download.py``: 0.95-1.0x images/s, ~10% more CPU per image), so speed
 does not decide; asyncio gives a deadline that really cancels a slow image, many idle sockets
@@ -49,7 +64,20 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from laion_dask import schema
-from laion_dask.config import DownloadConfig
+from laion_dask.config import ConsentConfig, DownloadConfig
+from laion_dask.consent import (
+    ROBOTS_MAX_BYTES,
+    TDMREP_MAX_BYTES,
+    ConsentLists,
+    HostFile,
+    HostFileCache,
+    RobotsRules,
+    TdmRepRules,
+    load_lists,
+    parse_robots_txt,
+    parse_tdmrep,
+    product_token,
+)
 from laion_dask.imaging import process_image
 from laion_dask.netguard import BlockedAddress, Resolver, check_host, system_resolver
 
@@ -57,6 +85,7 @@ __all__ = [
     "download_images",
     "download_stats",
     "robots_disallowed",
+    "tdm_reserved",
     "is_transient",
     "ROBOTS_DIRECTIVES",
 ]
@@ -70,6 +99,15 @@ _VALUED_DIRECTIVES = frozenset(
     {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
 )
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# RFC 9309: follow at least five redirects for robots.txt; more means "unavailable"
+_HOST_FILE_REDIRECTS = 5
+_HOST_FILE_PATHS = {"robots": "/robots.txt", "tdmrep": "/.well-known/tdmrep.json"}
+_HOST_FILE_CAPS = {"robots": ROBOTS_MAX_BYTES, "tdmrep": TDMREP_MAX_BYTES}
+# no connection to the host at all: a dead host, not an answer about its host files
+_CONNECT_FAILURES: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectorError,
+    getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError),  # aiohttp >= 3.10
+)
 _TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
 _CHUNK = 64 * 1024
 # reservation for a body without Content-Length; it grows as the body does
@@ -199,7 +237,7 @@ class _GuardedResolver(AbstractResolver):
 
 
 def _ua_token(user_agent: str) -> str:
-    return user_agent.strip().split("/", 1)[0].split()[0].lower()
+    return product_token(user_agent)
 
 
 def robots_disallowed(values: Iterable[str], ua_token: str) -> str | None:
@@ -265,6 +303,9 @@ class _Fetcher:
         session: aiohttp.ClientSession,
         dns: _CheckedDNS,
         pool: ThreadPoolExecutor,
+        consent: ConsentConfig,
+        lists: ConsentLists,
+        host_cache: HostFileCache,
     ) -> None:
         self.cfg = cfg
         self.session = session
@@ -274,6 +315,11 @@ class _Fetcher:
         self.host_slots: dict[str, asyncio.Semaphore] = {}
         self.budget = _ByteBudget(cfg.max_inflight_bytes)
         self.ua_token = _ua_token(cfg.user_agent)
+        self.consent = consent
+        self.lists = lists
+        self.host_cache = host_cache
+        # one fetch per (kind, origin) per call; rows wait on the same task
+        self.host_files: dict[tuple[str, str], asyncio.Task[HostFile]] = {}
 
     def _host_slot(self, host: str) -> asyncio.Semaphore:
         sem = self.host_slots.get(host)
@@ -287,6 +333,10 @@ class _Fetcher:
         reserved = [0]  # bytes this row holds in the budget, released when the row is done
         try:
             target = _parse_url(url)
+            # the first host's guard and consent checks run before the row takes a slot and
+            # before its deadline starts: rows of one host wait together on one robots.txt
+            await self._guard(target)
+            await self._consent(target)
             body = None
             async with self._host_slot(target.host or ""), self.slots:
                 try:
@@ -346,8 +396,15 @@ class _Fetcher:
         """One try, following redirects by hand; returns the body or raises."""
         cfg = self.cfg
         seen = {str(url)}
-        for _hop in range(cfg.max_redirects + 1):
+        for hop in range(cfg.max_redirects + 1):
+            # the first URL was checked (lists, guard, robots.txt, tdmrep) before the row began;
+            # a redirect target is checked here: the lists first, so a listed host is not even
+            # looked up in DNS
+            if hop:
+                self._listed(url)
             await self._guard(url)
+            if hop:
+                await self._consent(url)
             try:
                 response_cm = self.session.get(url, allow_redirects=False)
                 async with response_cm as resp:
@@ -364,6 +421,143 @@ class _Fetcher:
             except aiohttp.ClientResponseError as err:  # malformed response
                 raise _Failed("failed_to_download", f"bad response: {err.message}") from None
         raise _Failed("failed_to_download", f"more than {cfg.max_redirects} redirects")
+
+    def _listed(self, url: URL) -> None:
+        """Raise ``_Failed`` when the user's lists remove a redirect target (no DNS, no request)."""
+        lists = self.lists
+        if lists.empty:
+            return
+        algo = lists.blocked_urls([str(url)])[0]
+        if algo is not None:
+            raise _Failed("blocklisted_url", f"redirect target URL {algo} on a URL blocklist")
+        listed = lists.opted_out_domain(url.raw_host or "")
+        if listed is not None:
+            raise _Failed("opted_out_domain", f"{url.raw_host} is covered by opted-out {listed}")
+
+    async def _consent(self, url: URL) -> None:
+        """Raise ``_Failed`` when robots.txt or tdmrep.json of ``url``'s host says no."""
+        c = self.consent
+        if not (c.robots_txt or c.tdmrep):
+            return
+        origin = url.origin()
+        path = url.raw_path_qs or "/"
+        if c.robots_txt:
+            robots = await self._host_file("robots", origin)
+            if robots.outcome == "ok" and isinstance(robots.rules, RobotsRules):
+                allowed, rule = robots.rules.decide(path)
+                if not allowed:
+                    group = robots.rules.group
+                    raise _Failed(
+                        "disallowed_robots_txt",
+                        f"robots.txt of {origin} (user-agent {group}): {rule}",
+                    )
+            elif robots.outcome == "down":  # no answer at all: the host, not its robots.txt
+                raise _Failed("failed_to_download", f"cannot connect: robots.txt of {robots.error}")
+            elif robots.outcome == "unreachable" and c.robots_txt_on_error == "disallow":
+                raise _Failed(
+                    "robots_txt_unreachable",
+                    f"robots.txt of {origin} unreachable ({robots.error}); "
+                    "consent.robots_txt_on_error = disallow",
+                )
+            elif robots.outcome == "unavailable" and c.robots_txt_on_4xx == "disallow":
+                raise _Failed(
+                    "disallowed_robots_txt",
+                    f"robots.txt of {origin} unavailable ({robots.error}); "
+                    "consent.robots_txt_on_4xx = disallow",
+                )
+        if c.tdmrep:
+            tdm = await self._host_file("tdmrep", origin)
+            if tdm.outcome == "ok" and isinstance(tdm.rules, TdmRepRules):
+                reserved, location, policy = tdm.rules.decide(path)
+                if reserved:
+                    extra = f"; tdm-policy {policy}" if policy else ""
+                    raise _Failed(
+                        "disallowed_tdmrep",
+                        f"tdmrep.json of {origin}: location {location} reserved{extra}",
+                    )
+
+    async def _host_file(self, kind: str, origin: URL) -> HostFile:
+        key = (kind, str(origin))
+        task = self.host_files.get(key)
+        if task is None:
+            task = self.host_files[key] = asyncio.ensure_future(self._load_host_file(kind, origin))
+        # shielded: a row hitting its deadline must not cancel the fetch other rows wait on
+        return await asyncio.shield(task)
+
+    async def _load_host_file(self, kind: str, origin: URL) -> HostFile:
+        cache = self.host_cache
+        loop = asyncio.get_running_loop()
+        name = str(origin)
+        published = await loop.run_in_executor(None, cache.get, kind, name)
+        if published is not None:
+            return published
+        record = await self._fetch_host_file(kind, origin)
+        if record.outcome != "ok":
+            log.debug("%s of %s: %s (%s)", kind, name, record.outcome, record.error)
+        if record.outcome == "down":  # a dead host is not an answer to keep for the whole run
+            return record
+        return await loop.run_in_executor(None, cache.put, record)
+
+    async def _fetch_host_file(self, kind: str, origin: URL) -> HostFile:
+        """GET robots.txt / tdmrep.json: guarded, redirects by hand, capped, own timeout."""
+        name = str(origin)
+        timeout = self.consent.host_file_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                code, body = await self._get_host_file(
+                    origin.with_path(_HOST_FILE_PATHS[kind]), kind
+                )
+        except TimeoutError:
+            return HostFile(kind, name, "unreachable", None, f"timeout after {timeout:g}s")
+        except _HostFileFailure as fail:
+            return HostFile(kind, name, fail.outcome, fail.http_status, str(fail))
+        try:
+            rules = (
+                parse_robots_txt(body, self.ua_token) if kind == "robots" else parse_tdmrep(body)
+            )
+        except ValueError as err:  # tdmrep.json that is not a rule list reserves nothing
+            return HostFile(kind, name, "invalid", code, f"invalid {kind} file: {err}")
+        return HostFile(kind, name, "ok", code, None, rules)
+
+    async def _get_host_file(self, url: URL, kind: str) -> tuple[int, bytes]:
+        seen = {str(url)}
+        code: int | None = None
+        for _hop in range(_HOST_FILE_REDIRECTS + 1):
+            first = code is None
+            try:
+                await self.dns.lookup(url.host or "")
+            except BlockedAddress as err:
+                raise _HostFileFailure("unreachable", code, f"refused address: {err}") from None
+            except OSError as err:
+                outcome = "down" if first else "unreachable"
+                raise _HostFileFailure(outcome, code, f"{url}: DNS lookup failed: {err}") from None
+            try:
+                async with self.session.get(url, allow_redirects=False) as resp:
+                    code = resp.status
+                    if code in _REDIRECTS:
+                        try:
+                            url = _next_hop(url, resp.headers.get("Location"))
+                        except _Failed as fail:
+                            raise _HostFileFailure("unavailable", code, str(fail)) from None
+                        if str(url) in seen:
+                            raise _HostFileFailure("unavailable", code, f"redirect loop at {url}")
+                        seen.add(str(url))
+                        continue
+                    if 200 <= code < 300:
+                        return code, await _read_capped(resp, _HOST_FILE_CAPS[kind])
+                    # 429 means "not now", not "no file": treated as unreachable, as Google does
+                    if 400 <= code < 500 and code != 429:
+                        raise _HostFileFailure("unavailable", code, f"HTTP {code}")
+                    raise _HostFileFailure("unreachable", code, f"HTTP {code}")
+            except _CONNECT_FAILURES as err:
+                # the host itself does not answer (refused, unreachable network, connect timeout)
+                outcome = "down" if first else "unreachable"
+                raise _HostFileFailure(outcome, code, f"{url}: {err}") from None
+            except (aiohttp.ClientError, OSError, ValueError, UnicodeError) as err:
+                raise _HostFileFailure(
+                    "unreachable", code, f"{type(err).__name__}: {err}"
+                ) from None
+        raise _HostFileFailure("unavailable", code, f"more than {_HOST_FILE_REDIRECTS} redirects")
 
     async def _guard(self, url: URL) -> None:
         try:
@@ -385,6 +579,10 @@ class _Fetcher:
             hit = robots_disallowed(resp.headers.getall("X-Robots-Tag", []), self.ua_token)
             if hit:
                 raise _Failed("disallowed", f"X-Robots-Tag: {hit}")
+        if self.consent.tdm_header and tdm_reserved(resp.headers.getall("tdm-reservation", [])):
+            policy = resp.headers.get("tdm-policy")
+            extra = f"; tdm-policy {policy}" if policy else ""
+            raise _Failed("disallowed_tdm_reservation", f"tdm-reservation: 1{extra}")
         length = resp.content_length
         if length is not None and length > cfg.max_bytes:
             resp.close()
@@ -411,6 +609,10 @@ class _Fetcher:
             return
         out.original_bytes = len(body)
         out.sha256 = hashlib.sha256(body).hexdigest()
+        algo = self.lists.blocked_image(body) if self.lists.image_hashes else None
+        if algo is not None:
+            # never decoded, never resized, never written: the caller drops the only reference
+            raise _Failed("blocklisted_image", f"image {algo} on an image blocklist")
         if len(body) < self.cfg.min_bytes:
             raise _Failed("too_small", f"{len(body)} bytes < min_bytes {self.cfg.min_bytes}")
         loop = asyncio.get_running_loop()
@@ -423,6 +625,39 @@ class _Fetcher:
         out.status, out.error_message = result.status, result.error_message
         out.original_width, out.original_height = result.original_width, result.original_height
         out.width, out.height, out.image = result.width, result.height, result.image
+
+
+class _HostFileFailure(Exception):
+    """A host file could not be had: ``outcome`` is ``unavailable``, ``unreachable`` or ``down``."""
+
+    def __init__(self, outcome: str, http_status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.http_status = http_status
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The first ``cap`` bytes of a body; the rest is not read (the connection is dropped)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        chunks.append(chunk[: cap - size])
+        size += len(chunks[-1])
+        if size >= cap:
+            resp.close()
+            break
+    return b"".join(chunks)
+
+
+def tdm_reserved(values: Iterable[str]) -> bool:
+    """True when a ``tdm-reservation`` response header says ``1`` (W3C TDMRep).
+
+    Examples
+    --------
+    >>> tdm_reserved(["1"]), tdm_reserved([" 0 "]), tdm_reserved([])
+    (True, False, False)
+    """
+    return any(v.strip() == "1" for v in values)
 
 
 def _parse_url(url: object) -> URL:
@@ -454,7 +689,12 @@ def _next_hop(current: URL, location: str | None) -> URL:
 
 
 async def _download_all(
-    urls: list[object], cfg: DownloadConfig, resolver: Resolver
+    urls: list[object],
+    cfg: DownloadConfig,
+    resolver: Resolver,
+    consent: ConsentConfig,
+    lists: ConsentLists,
+    host_cache: HostFileCache,
 ) -> list[_Outcome]:
     dns = _CheckedDNS(cfg, resolver)
     connector = aiohttp.TCPConnector(
@@ -475,7 +715,7 @@ async def _download_all(
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         ) as session:
-            fetcher = _Fetcher(cfg, session, dns, pool)
+            fetcher = _Fetcher(cfg, session, dns, pool, consent, lists, host_cache)
             outcomes = await asyncio.gather(*(fetcher.row(u) for u in urls))
             peak = fetcher.budget.peak
             log.debug("peak in-flight bytes %d", peak, extra={"peak": peak})
@@ -485,18 +725,45 @@ async def _download_all(
     return list(outcomes)
 
 
-def _run(urls: list[object], cfg: DownloadConfig, resolver: Resolver) -> list[_Outcome]:
+def _run(urls: list[object], cfg: DownloadConfig, resolver: Resolver, *rest: Any) -> list[_Outcome]:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_download_all(urls, cfg, resolver))
+        return asyncio.run(_download_all(urls, cfg, resolver, *rest))
     # called from inside a running loop (a notebook): run ours on a helper thread
     with ThreadPoolExecutor(1, thread_name_prefix="laion-dask-download") as helper:
-        return helper.submit(asyncio.run, _download_all(urls, cfg, resolver)).result()
+        return helper.submit(asyncio.run, _download_all(urls, cfg, resolver, *rest)).result()
+
+
+def _pre_request(urls: list[object], lists: ConsentLists) -> list[_Outcome | None]:
+    """Rows the lists remove before any request: URL blocklist first, then domain opt-outs."""
+    out: list[_Outcome | None] = [None] * len(urls)
+    if lists.empty:
+        return out
+    for i, algo in enumerate(lists.blocked_urls(urls)):
+        if algo is not None:
+            out[i] = _Outcome("blocklisted_url", f"URL {algo} on a URL blocklist")
+    if lists.domains:
+        for i, url in enumerate(urls):
+            if out[i] is not None:
+                continue
+            try:
+                host = _parse_url(url).raw_host or ""
+            except _Failed:
+                continue  # fails the same way when fetched
+            listed = lists.opted_out_domain(host)
+            if listed is not None:
+                out[i] = _Outcome("opted_out_domain", f"{host} is covered by opted-out {listed}")
+    return out
 
 
 def download_images(
-    df: pd.DataFrame, cfg: DownloadConfig, *, resolver: Resolver | None = None
+    df: pd.DataFrame,
+    cfg: DownloadConfig,
+    *,
+    consent: ConsentConfig | None = None,
+    host_cache: str | None = None,
+    resolver: Resolver | None = None,
 ) -> pd.DataFrame:
     """Download, check, decode and resize the images of the kept rows of one partition.
 
@@ -507,6 +774,11 @@ def download_images(
         ``drop_reason`` is set pass through untouched with ``status`` <NA>.
     cfg : DownloadConfig
         Limits, timeouts, resize settings, politeness and the address guard.
+    consent : ConsentConfig, optional
+        Opt-out signals and blocklists (every host-level check on when omitted).
+    host_cache : str, optional
+        Folder (local or fsspec URL) where robots.txt / tdmrep.json results are shared by every
+        call of a run (``RUN/consent``); without it they are fetched once per call.
     resolver : callable, optional
         ``resolver(host) -> [ip, ...]`` used for every lookup (the system resolver by default);
         its answers are checked by the guard before any connection.
@@ -527,12 +799,26 @@ def download_images(
         fetch = df[schema.DROP_REASON].isna().to_numpy()
     else:
         fetch = [True] * n
+    consent = consent if consent is not None else ConsentConfig()
+    lists = load_lists(consent)
     positions = [i for i in range(n) if fetch[i]]
     urls = df[schema.URL].tolist()
     outcomes: list[_Outcome | None] = [None] * n
+    pre = _pre_request([urls[i] for i in positions], lists)
+    for i, res in zip(positions, pre, strict=True):
+        outcomes[i] = res
+    positions = [i for i, res in zip(positions, pre, strict=True) if res is None]
     if positions:
         started = time.perf_counter()
-        results = _run([urls[i] for i in positions], cfg, resolver or system_resolver)
+        cache = HostFileCache(host_cache, _ua_token(cfg.user_agent))
+        results = _run(
+            [urls[i] for i in positions],
+            cfg,
+            resolver or system_resolver,
+            consent,
+            lists,
+            cache,
+        )
         for i, res in zip(positions, results, strict=True):
             outcomes[i] = res
         log.info("downloaded %d rows in %.1fs", len(positions), time.perf_counter() - started)

@@ -12,9 +12,13 @@ from typing import Any
 
 import pandas as pd
 
+from . import schema
 from .rundir import RunDir
 
-__all__ = ["funnel", "format_funnel", "check_funnel"]
+__all__ = ["funnel", "format_funnel", "check_funnel", "consent_summary"]
+
+#: extraction drop reasons that record a page's own opt-out (the rest are quality rules)
+PAGE_OPTOUT_REASONS = ("page_robots_meta", "page_tdm_reservation")
 
 
 def _extract_counts(run: RunDir) -> tuple[int, Counter[str], dict[str, int]]:
@@ -62,6 +66,23 @@ def funnel(run: RunDir | str) -> pd.DataFrame:
             {"stage": "materialize", "outcome": k, "rows": v} for k, v in mat["dropped"].items()
         ]
     return pd.DataFrame(rows, columns=["stage", "outcome", "rows"])
+
+
+def consent_summary(run: RunDir | str) -> dict[str, int]:
+    """Rows removed by each opt-out signal and blocklist, every one listed (0 when none).
+
+    Page-level opt-outs come from the extraction drop reasons, the rest from the download
+    statuses (``schema.CONSENT_STATUSES``); the same rows are counted in :func:`funnel`, this is
+    the view of them a report's consent section shows.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    _, ext, _ = _extract_counts(run)
+    dl: Counter[str] = Counter()
+    for _, m in run.iter_markers("downloads"):
+        dl.update(m["status"])
+    out = {r: int(ext.get(r, 0)) for r in PAGE_OPTOUT_REASONS}
+    out.update({s: int(dl.get(s, 0)) for s in schema.CONSENT_STATUSES})
+    return out
 
 
 _TOTALS = {"pairs_found", "attempted", "rows_in"}

@@ -282,13 +282,13 @@ def test_every_redirect_hop_is_checked(host: ImageHost, other_host: ImageHost) -
     # controls: a hop to an allowed host goes through, by name and by address
     urls.append(host.url(f"/redirect?to=http://cdn.test:{port2}/img/jpeg"))
     urls.append(f"http://cdn.test:{host.port}/img/jpeg")
-    before = len(other_host.requests)
+    before = len(other_host.content_requests())
     out = download_images(_frame(urls), cfg, resolver=resolver)
     statuses = out[schema.STATUS].tolist()
     expected = ["blocked_address"] * len(targets) + ["success", "success"]
     assert statuses == expected, out[schema.ERROR_MESSAGE].tolist()[-2:]
     assert (out[schema.HTTP_STATUS][: len(targets)] == 302).all()  # blocked after the first hop
-    assert len(other_host.requests) == before + 1  # only the allowed hop reached it
+    assert len(other_host.content_requests()) == before + 1  # only the allowed hop reached it
 
 
 @pytest.mark.usefixtures("loopback_is_the_internet")

@@ -14,6 +14,9 @@ Routes (GET):
   /redirect?to=URL          302 to URL (any scheme)
   /loop                     302 to itself
   /robots?tag=VALUE         the ``jpeg`` image with ``X-Robots-Tag: VALUE``
+  any exact path set with ``host.serve(path, body, status, ...)`` (checked first): e.g. the
+  host files ``/robots.txt`` and ``/.well-known/tdmrep.json`` (404 until served, as on most hosts),
+  with an optional delay before the answer (for timeouts)
 Every request is logged in ``host.requests`` as ``(path, monotonic_time, headers)``, and bytes a
 route managed to send before the client hung up in ``host.sent``.
 """
@@ -30,6 +33,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
+
+#: paths a consent-checking downloader asks each host for before its images
+HOST_FILES = ("/robots.txt", "/.well-known/tdmrep.json")
 
 
 def noise_image(width: int, height: int, fmt: str, *, seed: int = 0, **save: object) -> bytes:
@@ -75,7 +81,13 @@ class _Handler(BaseHTTPRequestHandler):
             host.requests.append((path, time.monotonic(), dict(self.headers)))
         jpeg = host.files["jpeg"][0]
         try:
-            if path.startswith("/img/"):
+            fixed = host.fixed.get(path)
+            if fixed is not None:
+                code, body, ctype, extra, delay = fixed
+                if delay:
+                    time.sleep(delay)
+                self._send(code, body, ctype, **extra)
+            elif path.startswith("/img/"):
                 data, ctype, extra = host.files[path[5:]]
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
@@ -168,6 +180,8 @@ class _Server(ThreadingHTTPServer):
         self.requests: list[tuple[str, float, dict[str, str]]] = []
         self.sent: dict[str, int] = {}
         self.files: dict[str, tuple[bytes, str, Mapping[str, str]]] = {}
+        # exact path -> (status, body, content type, headers, delay in seconds)
+        self.fixed: dict[str, tuple[int, bytes, str, dict[str, str], float]] = {}
         self.active = 0  # requests to /hold/ being served right now
         self.max_active = 0
 
@@ -193,6 +207,30 @@ class ImageHost:
         """Serve ``data`` at ``/img/NAME``; returns its URL."""
         self._server.files[name] = (data, ctype, dict(headers or {}))
         return self.url(f"/img/{name}")
+
+    def serve(
+        self,
+        path: str,
+        body: bytes | str = b"",
+        status: int = 200,
+        ctype: str = "text/plain",
+        headers: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Answer GET ``path`` (exact, query ignored) with this response; returns its URL."""
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        with self._server.lock:
+            self._server.fixed[path] = (status, data, ctype, dict(headers or {}), delay)
+        return self.url(path)
+
+    def unserve(self, path: str) -> None:
+        """Forget a path set with :meth:`serve` (it answers 404 again)."""
+        with self._server.lock:
+            self._server.fixed.pop(path, None)
+
+    def content_requests(self) -> list[str]:
+        """Paths requested, without the host files (robots.txt, tdmrep.json)."""
+        return [p for p, _, _ in self.requests if p not in HOST_FILES]
 
     @property
     def requests(self) -> list[tuple[str, float, dict[str, str]]]:
