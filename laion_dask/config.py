@@ -27,6 +27,7 @@ __all__ = [
     "DownloadConfig",
     "ClipConfig",
     "FilterConfig",
+    "SubsetConfig",
     "ClusterConfig",
     "ConsentConfig",
     "PipelineConfig",
@@ -313,6 +314,107 @@ class ClipConfig:
             _fail(s, "tag_head", "must be set when tags = 'head'", self.tag_head)
 
 
+class FrozenDict(dict):
+    """A read-only, hashable ``dict``: lets a frozen config hold a table of tables (and still
+    be hashed, compared, pickled and turned into TOML by :func:`dataclasses.asdict`)."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{type(self).__name__} is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict.__repr__(self)})"
+
+
+#: names a subset cannot take: the base dataset's language-group folders (schema.LANGUAGE_GROUPS)
+RESERVED_SUBSET_NAMES = ("en", "multi", "nolang")
+_SUBSET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def check_subset_name(name: Any, section: str = "filters.subsets") -> str:
+    """``name`` if it can name an output subset (a folder ``RUN/dataset/NAME``), else ConfigError.
+
+    1-64 lower-case ASCII letters, digits, ``-`` or ``_``, starting with a letter or digit, and
+    not a language group (``en``, ``multi``, ``nolang``: the base dataset's folders).
+    """
+    ok = (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and set(name) <= _SUBSET_NAME_CHARS
+        and name[0] not in "-_"
+    )
+    if not ok:
+        _fail(
+            section,
+            str(name),
+            "a subset name must be 1-64 lower-case letters, digits, '-' or '_', "
+            "starting with a letter or digit",
+            name,
+        )
+    if name in RESERVED_SUBSET_NAMES:
+        _fail(section, name, "is a language group's folder; choose another subset name", name)
+    return name
+
+
+def _check_cut(where: str, table: Mapping[str, Any]) -> None:
+    known = [f.name for f in fields(SubsetConfig)]
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+    for key in known:
+        _optional_fraction(where, key, table.get(key))
+    if all(table.get(key) is None for key in known):
+        raise ConfigError(f"{where}: sets no cut-off (give max_punsafe and/or max_pwatermark)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubsetConfig:
+    """One output subset: cut-offs applied on top of ``[filters]`` to the rows it keeps, as
+    Re-LAION's ``research`` and ``research-safe`` releases cut on ``punsafe``. Read from a
+    ``[filters.subsets.NAME]`` table; materialize writes it to ``RUN/dataset/NAME/``.
+    """
+
+    SECTION: ClassVar[str] = "filters.subsets.<name>"
+    #: drop rows whose punsafe / pwatermark exceed these (None = no cut on that tag); a row
+    #: with no score for a tag the subset cuts on is dropped too (``missing_punsafe`` ...)
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_cut(self.SECTION, {f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def _subsets(section: str, value: Any) -> FrozenDict | None:
+    """``[filters.subsets]`` -> name -> SubsetConfig (read-only); None when there are none."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        _fail(section, "subsets", "must be a table of tables ([filters.subsets.NAME])", value)
+    out: dict[str, SubsetConfig] = {}
+    for name, table in value.items():
+        where = f"{section}.subsets.{check_subset_name(name, f'{section}.subsets')}"
+        if isinstance(table, SubsetConfig):
+            out[name] = table
+            continue
+        if not isinstance(table, Mapping):
+            raise ConfigError(
+                f"{where}: must be a table with max_punsafe and/or max_pwatermark, got {table!r}"
+            )
+        _check_cut(where, table)
+        out[name] = SubsetConfig(**table)
+    return FrozenDict(out) if out else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class FilterConfig:
     """Thresholds applied to stored scores at explore/materialize time (never rescoring)."""
@@ -327,9 +429,14 @@ class FilterConfig:
     min_side: int = 0
     max_aspect_ratio: float | None = None
     min_text_chars: int = 5
+    #: extra output subsets, ``[filters.subsets.NAME]`` tables (:class:`SubsetConfig`): each
+    #: is written to ``RUN/dataset/NAME/`` with its own cut-offs on top of these thresholds;
+    #: None = none (the base dataset alone, in ``RUN/dataset/{en,multi,nolang}``)
+    subsets: Mapping[str, SubsetConfig] | None = None
 
     def __post_init__(self) -> None:
         s = self.SECTION
+        object.__setattr__(self, "subsets", _subsets(s, self.subsets))
         for key in ("similarity_en", "similarity_multi", "similarity_nolang"):
             _fraction(s, key, getattr(self, key), lo=-1.0, hi=1.0)
         _optional_fraction(s, "max_punsafe", self.max_punsafe)
@@ -386,19 +493,64 @@ class ConsentConfig:
     #: ``googlebot``) carrying one of ``meta_tokens`` drops the page's pairs as ``page_robots_meta``
     page_meta: bool = True
     meta_tokens: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    #: meta names read as robots directives (lower case; ``robots`` addresses every crawler, the
+    #: others name one: Common Crawl's, Google's and our own product token)
+    meta_names: tuple[str, ...] = ("robots", "ccbot", "googlebot", "googlebot-image", "laion-dask")
     #: W3C TDMRep: ``<meta name="tdm-reservation" content="1">`` drops the page's pairs as
     #: ``page_tdm_reservation``
     tdm_reservation: bool = True
+    #: image level, at download: a ``tdm-reservation: 1`` response header makes the row
+    #: ``disallowed_tdm_reservation`` (``X-Robots-Tag`` is ``download.respect_robots_headers``)
+    tdm_header: bool = True
+    #: host level: robots.txt for our User-Agent's product token (RFC 9309), fetched once per
+    #: host and cached in RUN/consent/; a disallowed URL is ``disallowed_robots_txt``
+    robots_txt: bool = True
+    #: what a robots.txt answering 4xx (RFC 9309 "unavailable") means: ``allow`` (RFC 9309)
+    robots_txt_on_4xx: str = "allow"
+    #: what a robots.txt answering 5xx/429 or timing out (RFC 9309 "unreachable") means:
+    #: ``disallow`` (RFC 9309; rows become ``robots_txt_unreachable``). A host that accepts no
+    #: connection at all is a download failure (``failed_to_download``, retried later), not this
+    robots_txt_on_error: str = "disallow"
+    #: host level: W3C TDMRep ``/.well-known/tdmrep.json``; a URL under a reserved location is
+    #: ``disallowed_tdmrep`` (no file, or an unreadable one, reserves nothing)
+    tdmrep: bool = True
+    #: total seconds for fetching one host file (robots.txt, tdmrep.json), redirects included
+    host_file_timeout: float = 10.0
+    #: user opt-out lists of domains (text: one per line, ``#`` comments; parquet: a ``domain``
+    #: column); a domain covers its subdomains; rows become ``opted_out_domain`` with no request
+    domain_optout_lists: tuple[str, ...] = ()
+    #: MD5 / SHA-256 hex digests of URL strings (text, or parquet with a ``hash``, ``md5`` or
+    #: ``sha256`` column); rows become ``blocklisted_url`` with no request
+    url_blocklists: tuple[str, ...] = ()
+    #: MD5 / SHA-1 / SHA-256 hex digests of original image bytes (text, or parquet with a
+    #: ``hash``, ``md5``, ``sha1`` or ``sha256`` column); checked before decoding, the bytes are
+    #: dropped and the row becomes ``blocklisted_image``
+    image_blocklists: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        for key in ("page_meta", "tdm_reservation"):
+        for key in ("page_meta", "tdm_reservation", "tdm_header", "robots_txt", "tdmrep"):
             if not isinstance(getattr(self, key), bool):
                 _fail(s, key, "must be true or false", getattr(self, key))
-        if not isinstance(self.meta_tokens, tuple) or not all(
-            isinstance(t, str) and t and t == t.strip().lower() for t in self.meta_tokens
-        ):
-            _fail(s, "meta_tokens", "must be a list of lower-case tokens", self.meta_tokens)
+        for key in ("meta_tokens", "meta_names"):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not all(
+                isinstance(t, str) and t and t == t.strip().lower() for t in value
+            ):
+                _fail(s, key, "must be a list of lower-case words", value)
+        _choice(s, "robots_txt_on_4xx", self.robots_txt_on_4xx, ("allow", "disallow"))
+        _choice(s, "robots_txt_on_error", self.robots_txt_on_error, ("allow", "disallow"))
+        _positive(s, "host_file_timeout", self.host_file_timeout)
+        for key in ("domain_optout_lists", "url_blocklists", "image_blocklists"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, key, value)
+            if not isinstance(value, tuple) or not all(
+                isinstance(p, str) and p.strip() for p in value
+            ):
+                _fail(s, key, "must be a list of file paths or URLs", value)
+            object.__setattr__(self, key, tuple(str(p).strip() for p in value))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -79,8 +79,8 @@ def _extract_tag(path: str, cfg: PipelineConfig) -> pd.DataFrame:
     from .language import add_language
     from .rules import add_drop_reason
 
-    pairs = extract_pairs(path, cfg.extract)
-    return add_drop_reason(add_language(pairs, cfg.language), cfg.rules)
+    pairs = extract_pairs(path, cfg.extract, cfg.consent)
+    return add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
 
 
 def candidates_graph(
@@ -95,9 +95,11 @@ def candidates_graph(
     from .language import add_language
     from .rules import add_drop_reason
 
-    ddf = dd.from_map(extract_pairs, list(paths), cfg=cfg.extract, meta=schema.PAIRS)
+    ddf = dd.from_map(
+        extract_pairs, list(paths), cfg=cfg.extract, consent=cfg.consent, meta=schema.PAIRS
+    )
     ddf = ddf.map_partitions(add_language, cfg.language, meta=schema.LANGUAGE_TAGGED)
-    ddf = ddf.map_partitions(add_drop_reason, cfg.rules, meta=schema.CANDIDATES)
+    ddf = ddf.map_partitions(add_drop_reason, cfg.rules, cfg.consent, meta=schema.CANDIDATES)
     if not (deduplicate and cfg.rules.deduplicate):
         return ddf
     dups = _duplicates(ddf)
@@ -203,7 +205,7 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
     from .rules import add_drop_reason
 
     t0 = time.perf_counter()
-    result = extract_file(path, cfg.extract)
+    result = extract_file(path, cfg.extract, cfg.consent)
     if result.summary.error:
         if cfg.strict:
             raise StageError(f"{path}: {result.summary.error}")
@@ -215,7 +217,7 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
             "resumed": False,
             "failed": True,
         }
-    df = add_drop_reason(add_language(result.pairs, cfg.language), cfg.rules)
+    df = add_drop_reason(add_language(result.pairs, cfg.language), cfg.rules, cfg.consent)
     run.write_parquet_atomic(run.part_path("extract", index), df)
     info = {
         "fingerprint": fp,
@@ -228,6 +230,17 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
     }
     run.mark_done("extract", index, info)
     return {**info, "resumed": False}
+
+
+def _page_consent(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``[consent]`` keys extraction depends on (others only re-run the download)."""
+    c = cfg.consent
+    return {
+        "page_meta": c.page_meta,
+        "meta_tokens": list(c.meta_tokens),
+        "meta_names": list(c.meta_names),
+        "tdm_reservation": c.tdm_reservation,
+    }
 
 
 def _value_counts(s: pd.Series) -> dict[str, int]:
@@ -303,7 +316,9 @@ def run_extract(
         if not cfg.strict
         else replace(cfg, extract=replace(cfg.extract, skip_unreadable_files=False))
     )
-    stage_cfg = run.config_dict(cfg, "extract", "language", "rules")
+    stage_cfg = run.config_dict(cfg, "extract", "language", "rules") | {
+        "consent_page": _page_consent(cfg)
+    }
     tasks = [
         (f"{i:05d}", _extract_task, (p, i, run, ex_cfg, fingerprint(p, stage_cfg)))
         for i, p in enumerate(paths)
@@ -378,6 +393,9 @@ def _load_dedup_part_meta() -> pd.DataFrame:
 
 # --- download -----------------------------------------------------------------------------------
 
+#: RUN/consent/{robots,tdmrep}/*.json: each host's robots.txt / tdmrep.json, fetched once per run
+_CONSENT_CACHE = "consent"
+
 
 def _download_task(
     index: int, chunk: int, shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str
@@ -392,7 +410,9 @@ def _download_task(
     df = run.read_parquet(run.part_path("candidates", index))
     df = df.iloc[chunk * rows : (chunk + 1) * rows].reset_index(drop=True)
     t0 = time.perf_counter()
-    out = download_images(df, cfg.download)
+    out = download_images(
+        df, cfg.download, consent=cfg.consent, host_cache=run.join(_CONSENT_CACHE)
+    )
     seconds = time.perf_counter() - t0
     return _write_download_part(
         run, shard_id, out, fp, seconds, extra={"source_part": index, "chunk": chunk}
@@ -467,7 +487,10 @@ def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
         return {**(marker or {}), "retried": 0, "resumed": True}
     t0 = time.perf_counter()
     fresh = download_images(
-        old.loc[retry, list(schema.CANDIDATES.columns)].reset_index(drop=True), cfg.download
+        old.loc[retry, list(schema.CANDIDATES.columns)].reset_index(drop=True),
+        cfg.download,
+        consent=cfg.consent,
+        host_cache=run.join(_CONSENT_CACHE),
     )
     images = read_shard_images(run.join("images", f"{shard_id:05d}.tar"))
     merged = old.drop(columns=[schema.KEY, schema.SHARD]).copy()
@@ -496,7 +519,15 @@ def run_download(
     Each candidate part is split into tasks of ``download.rows_per_task`` rows; each task writes
     one shard. With ``retry_failed`` only rows whose failure was transient are fetched again
     and merged into their finished part.
+
+    Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed
+    entry raises :class:`~laion_dask.config.ConfigError` before any task runs; their content is
+    part of each task's fingerprint (a changed list re-runs the stage). Host files (robots.txt,
+    tdmrep.json) are shared by every task through ``RUN/consent/``.
     """
+    from .consent import load_lists
+
+    lists = load_lists(cfg.consent)
     client = _get_client(client)
     t0 = time.perf_counter()
     run.makedirs("downloads", "images")
@@ -504,7 +535,7 @@ def run_download(
     if not cand:
         raise StageError(f"{run.path}: no candidates; run extract first")
     rows = cfg.download.rows_per_task
-    stage_cfg = run.config_dict(cfg, "download")
+    stage_cfg = run.config_dict(cfg, "download", "consent") | {"consent_lists": lists.fingerprint}
     tasks: list[tuple[str, Callable[..., dict], tuple]] = []
     shard_id = 0
     for index, marker in sorted(cand.items()):
@@ -642,6 +673,10 @@ def run_pipeline(
     unknown = set(stages) - set(STAGE_ORDER)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {STAGE_ORDER}")
+    if "download" in stages:
+        from .consent import load_lists
+
+        load_lists(cfg.consent)  # a missing or malformed list is a ConfigError before any work
     run.write_config(cfg)
     reports: list[Any] = []
     if "extract" in stages:

@@ -1,8 +1,15 @@
 """Extraction rules: each failing rule writes a named ``drop_reason``; ``<NA>`` means kept.
 
 Per-partition rules, checked in the order of :data:`laion_dask.schema.EXTRACT_DROP_REASONS`
-(first failing rule wins, cheapest and most fundamental first):
+(first failing rule wins, consent first, then the cheapest and most fundamental):
 
+``page_robots_meta``   the page's robots-style ``<meta>`` (``page_robots``, recorded at
+                       extraction) carries one of ``[consent].meta_tokens`` (``noai``,
+                       ``noimageai``, ``noindex``, ``noimageindex``; ``none`` counts as
+                       ``noindex``) and ``[consent].page_meta`` is on
+``page_tdm_reservation`` the page reserves text-and-data-mining rights with TDMRep's
+                       ``<meta name="tdm-reservation" content="1">`` (``page_tdm``) and
+                       ``[consent].tdm_reservation`` is on
 ``bad_url_scheme``     the URL is missing, unparsable, has no host, or its scheme is not in
                        ``cfg.allowed_schemes`` (``data:``, ``javascript:``, ``ftp:`` ...)
 ``url_too_long``       more than ``cfg.max_url_chars`` characters
@@ -20,6 +27,7 @@ run was partitioned.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -27,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from laion_dask import schema
-from laion_dask.config import RulesConfig
+from laion_dask.config import ConsentConfig, RulesConfig
 
 __all__ = [
     "DUPLICATE",
@@ -81,7 +89,31 @@ def _bad_scheme(url: pd.Series, allowed: Iterable[str]) -> np.ndarray:
     return ~ok
 
 
-def add_drop_reason(df: pd.DataFrame, cfg: RulesConfig) -> pd.DataFrame:
+def _page_optouts(df: pd.DataFrame, consent: ConsentConfig) -> dict[str, np.ndarray]:
+    """The two page-level consent rules (all False for frames without the page columns)."""
+    n = len(df)
+    robots = np.zeros(n, dtype=bool)
+    tdm = np.zeros(n, dtype=bool)
+    if consent.page_meta and schema.PAGE_ROBOTS in df.columns:
+        tokens = set(consent.meta_tokens)
+        if "noindex" in tokens:
+            tokens.add("none")  # robots "none" = "noindex, nofollow"
+        words = "|".join(re.escape(t) for t in sorted(tokens))
+        robots = (
+            df[schema.PAGE_ROBOTS]
+            .astype("string")
+            .str.contains(f"(?:^|,)(?:{words})(?:,|$)", regex=True)
+            .fillna(False)
+            .to_numpy(dtype=bool)
+        )
+    if consent.tdm_reservation and schema.PAGE_TDM in df.columns:
+        tdm = df[schema.PAGE_TDM].astype("boolean").fillna(False).to_numpy(dtype=bool)
+    return {"page_robots_meta": robots, "page_tdm_reservation": tdm}
+
+
+def add_drop_reason(
+    df: pd.DataFrame, cfg: RulesConfig, consent: ConsentConfig | None = None
+) -> pd.DataFrame:
     """Return ``df`` with ``drop_reason`` set by the first failing extraction rule.
 
     Rows already carrying a reason keep it; ``<NA>`` means the row passed every rule. Rows are
@@ -93,6 +125,9 @@ def add_drop_reason(df: pd.DataFrame, cfg: RulesConfig) -> pd.DataFrame:
         A partition with ``url`` and ``text`` columns.
     cfg
         Rule thresholds and lists.
+    consent
+        The page-level opt-out policy (``None`` = :class:`~laion_dask.config.ConsentConfig`
+        defaults: honoured).
 
     Returns
     -------
@@ -111,6 +146,7 @@ def add_drop_reason(df: pd.DataFrame, cfg: RulesConfig) -> pd.DataFrame:
     path = url.str.extract(_PATH, expand=False).str.lower()
     blocked = tuple(e.lower() for e in cfg.blocked_extensions)
     rules = {  # reason -> True where the row fails; the order is schema.EXTRACT_DROP_REASONS
+        **_page_optouts(df, consent or ConsentConfig()),
         "bad_url_scheme": _bad_scheme(url, cfg.allowed_schemes),
         "url_too_long": (url.str.len() > cfg.max_url_chars).fillna(False).to_numpy(dtype=bool),
         "blocked_extension": (

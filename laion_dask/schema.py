@@ -22,6 +22,9 @@ LANGUAGE = "language"
 LANGUAGE_SCORE = "language_score"
 LANGUAGE_GROUP = "language_group"  # en | multi | nolang
 
+# what the page said about itself, recorded at extraction; [consent] decides what it means
+PAGE_ROBOTS = "page_robots"  # sorted directives of its robots-style <meta>s ("noai,noindex")
+PAGE_TDM = "page_tdm"  # <meta name="tdm-reservation" content="1"> (TDMRep)
 DROP_REASON = "drop_reason"  # <NA> = kept
 
 KEY = "key"  # webdataset key, img2dataset style: shard id + row within shard
@@ -59,12 +62,33 @@ DOWNLOAD_STATUSES = (
     "success",
     "failed_to_download",
     "failed_to_decode",
-    "disallowed",
+    "disallowed",  # X-Robots-Tag noai / noimageai / noindex / noimageindex for our agent
     "too_small",
     "too_large",
     "unsupported_format",
     "blocked_address",
+    # consent and safety ([consent] section); see laion_dask/consent.py
+    "blocklisted_url",  # URL hash on a user blocklist: no request made
+    "opted_out_domain",  # host or a parent domain on a user opt-out list: no request made
+    "disallowed_robots_txt",  # robots.txt disallows the path for our product token
+    "robots_txt_unreachable",  # robots.txt answered 5xx / 429 or timed out: RFC 9309 says no
+    "disallowed_tdmrep",  # /.well-known/tdmrep.json reserves TDM rights for the path
+    "disallowed_tdm_reservation",  # the image response carries `tdm-reservation: 1`
+    "blocklisted_image",  # image bytes' hash on a user blocklist: bytes dropped, never stored
 )
+#: download statuses that record an opt-out or a blocklist hit (the report's consent section)
+CONSENT_STATUSES = (
+    "disallowed",
+    "blocklisted_url",
+    "opted_out_domain",
+    "disallowed_robots_txt",
+    "robots_txt_unreachable",
+    "disallowed_tdmrep",
+    "disallowed_tdm_reservation",
+    "blocklisted_image",
+)
+#: consent statuses decided before any request (the row's host is never contacted)
+PRE_REQUEST_STATUSES = ("blocklisted_url", "opted_out_domain")
 
 # --- dtypes per stage ---------------------------------------------------------------------------
 STRING = "string"
@@ -77,6 +101,8 @@ PAIRS_DTYPES: dict[str, str] = {
     SOURCE_FILE: STRING,
     RECORD_OFFSET: "int64",
     HASH: "int64",
+    PAGE_ROBOTS: STRING,
+    PAGE_TDM: "boolean",
 }
 LANGUAGE_DTYPES: dict[str, str] = {
     LANGUAGE: STRING,

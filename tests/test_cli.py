@@ -125,3 +125,15 @@ def test_run_a_config_end_to_end(tmp_path, capsys):
     for stage in ("== extract", "== download", "== score", "== materialize"):
         assert stage in out
     assert (tmp_path / "run" / "dataset" / "funnel.json").is_file()
+
+
+def test_a_missing_consent_list_stops_the_run_before_any_work(corpus, tmp_path, capsys):
+    src = corpus / "chatnoir-eu-chatnoir-resiliparse/warcfile.warc.gz"
+    cfg = tmp_path / "config.toml"
+    missing = tmp_path / "no-such-list.txt"
+    cfg.write_text(f'[input]\npaths = ["{src}"]\n[consent]\nurl_blocklists = ["{missing}"]\n')
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), *LOCAL]) == 2
+    err = capsys.readouterr().err
+    assert "consent.url_blocklists" in err and "no-such-list.txt" in err
+    assert not (out / "extract").exists()

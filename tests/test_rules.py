@@ -10,7 +10,7 @@ import pytest
 from dask.dataframe.utils import assert_eq
 
 from laion_dask import schema
-from laion_dask.config import ConfigError, RulesConfig
+from laion_dask.config import ConfigError, ConsentConfig, RulesConfig
 from laion_dask.rules import (
     DEDUP_COLUMNS,
     DUPLICATES_META,
@@ -29,6 +29,8 @@ def frame(
     source: str = "a.wat.gz",
     start: int = 0,
     hashes: list[int] | None = None,
+    robots: list[str | None] | None = None,
+    tdm: list[bool] | None = None,
 ) -> pd.DataFrame:
     """Candidate rows (url, text) with schema dtypes, LAION's hash unless ``hashes`` forces one."""
     n = len(rows)
@@ -47,6 +49,8 @@ def frame(
             schema.SOURCE_FILE: [source] * n,
             schema.RECORD_OFFSET: [1000 * (start + i) for i in range(n)],
             schema.HASH: hashes,
+            schema.PAGE_ROBOTS: robots or [None] * n,
+            schema.PAGE_TDM: tdm or [False] * n,
         },
         index=pd.RangeIndex(start, start + n),
     )
@@ -244,6 +248,57 @@ def test_dask_equivalence_add_drop_reason(client) -> None:
     meta = schema.empty(schema.PAIRS_DTYPES, schema.RULES_DTYPES)
     result = dd.from_pandas(pdf, npartitions=3).map_partitions(add_drop_reason, cfg, meta=meta)
     assert_eq(result, add_drop_reason(pdf, cfg))
+
+
+# --- page-level consent ---------------------------------------------------------------------------
+
+
+PAGE_SIGNALS = [  # (page_robots, page_tdm) -> reason under the default [consent]
+    (None, False, None),
+    ("index,follow", False, None),
+    ("noai", False, "page_robots_meta"),
+    ("follow,noimageai", False, "page_robots_meta"),
+    ("noindex", False, "page_robots_meta"),
+    ("none", False, "page_robots_meta"),  # = noindex, nofollow
+    ("noimageindex,nosnippet", True, "page_robots_meta"),  # the first rule wins
+    ("noaix,xnoai", False, None),  # whole directives only
+    (None, True, "page_tdm_reservation"),
+]
+
+
+def _page_frame() -> pd.DataFrame:
+    rows = [("https://a.org/a.jpg", "a good caption")] * len(PAGE_SIGNALS)
+    return frame(rows, robots=[r for r, _, _ in PAGE_SIGNALS], tdm=[t for _, t, _ in PAGE_SIGNALS])
+
+
+def _reasons_of(df: pd.DataFrame) -> list[object]:
+    return [None if pd.isna(r) else r for r in df[schema.DROP_REASON]]
+
+
+def test_page_opt_outs_are_the_first_rules():
+    got = _reasons_of(add_drop_reason(_page_frame(), RulesConfig()))
+    assert got == [want for _, _, want in PAGE_SIGNALS]
+    # consent comes before every other rule: a short text on an opted-out page is an opt-out
+    df = frame([("https://a.org/a.jpg", "ab")], robots=["noai"])
+    assert _reasons_of(add_drop_reason(df, RulesConfig())) == ["page_robots_meta"]
+
+
+def test_page_opt_outs_follow_the_consent_policy():
+    df = _page_frame()
+    off = ConsentConfig(page_meta=False, tdm_reservation=False)
+    assert _reasons_of(add_drop_reason(df, RulesConfig(), off)) == [None] * len(PAGE_SIGNALS)
+    only_noai = ConsentConfig(meta_tokens=("noai",))
+    got = _reasons_of(add_drop_reason(df, RulesConfig(), only_noai))
+    assert got == [
+        None, None, "page_robots_meta", None, None, None,
+        "page_tdm_reservation", None, "page_tdm_reservation",
+    ]  # fmt: skip
+
+
+def test_frames_without_page_columns_have_no_page_reasons():
+    df = frame([("https://a.org/a.jpg", "a good caption")])
+    df = df.drop(columns=[schema.PAGE_ROBOTS, schema.PAGE_TDM])
+    assert _reasons_of(add_drop_reason(df, RulesConfig())) == [None]
 
 
 # --- duplicates ---------------------------------------------------------------------------------

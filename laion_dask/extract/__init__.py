@@ -31,8 +31,9 @@ import pandas as pd
 import pyarrow as pa
 
 from laion_dask import schema
-from laion_dask.config import ExtractConfig
+from laion_dask.config import ConsentConfig, ExtractConfig
 from laion_dask.extract.common import BadRecord, RawLink, Resolver, resolve_url
+from laion_dask.extract.optout import NO_SIGNALS, page_signals
 from laion_dask.extract.records import (
     NonChunkedGzip,
     Record,
@@ -213,25 +214,35 @@ class _Collector:
     repeats the per-record values and hashes in bulk at the end.
     """
 
-    def __init__(self, source_file: str, cfg: ExtractConfig) -> None:
+    def __init__(
+        self, source_file: str, cfg: ExtractConfig, meta_names: frozenset[str] = frozenset()
+    ) -> None:
         self.source_file = source_file
         self.cfg = cfg
+        self.meta_names = meta_names
         self.summary = FileSummary(source_file=source_file)
         self.rec_offsets: list[int] = []
         self.rec_pages: list[str] = []
         self.rec_counts: list[int] = []
+        self.rec_robots: list[str | None] = []
+        self.rec_tdm: list[bool] = []
         self.indices: list[int] = []
         self.urls: list[str] = []
         self.texts: list[str] = []
         self.saw_wat = False
 
-    def _close_record(self, offset: int, page_url: str, n: int) -> None:
+    def _close_record(self, offset: int, page_url: str, n: int, metas: list[Any]) -> None:
         if n:
             self.rec_offsets.append(offset)
             self.rec_pages.append(page_url)
             self.rec_counts.append(n)
+            robots, tdm = page_signals(metas, self.meta_names) if metas else NO_SIGNALS
+            self.rec_robots.append(robots)
+            self.rec_tdm.append(tdm)
 
-    def add(self, offset: int, page_url: str, links: list[RawLink]) -> None:
+    def add(
+        self, offset: int, page_url: str, links: list[RawLink], metas: list[Any] | None = None
+    ) -> None:
         if not links:
             return
         self.summary.records_with_links += 1
@@ -243,9 +254,16 @@ class _Collector:
                 self.urls.append(link.url)
                 self.texts.append(text)
                 n += 1
-        self._close_record(offset, page_url, n)
+        self._close_record(offset, page_url, n, metas or [])
 
-    def add_wat(self, offset: int, page_url: str, base: str, imgs: list[Any]) -> None:
+    def add_wat(
+        self,
+        offset: int,
+        page_url: str,
+        base: str,
+        imgs: list[Any],
+        metas: list[Any] | None = None,
+    ) -> None:
         """Like :meth:`add` for the ``IMG@`` links of :func:`wat_image_links`."""
         resolve = None
         max_chars, indices, urls, texts = self.cfg.max_text_chars, self.indices, self.urls, []
@@ -281,7 +299,7 @@ class _Collector:
         if found:
             self.summary.records_with_links += 1
             self.texts += texts
-            self._close_record(offset, page_url, len(texts))
+            self._close_record(offset, page_url, len(texts), metas or [])
 
     def frame(self) -> pd.DataFrame:
         n, src = len(self.texts), self.source_file
@@ -303,6 +321,10 @@ class _Collector:
             schema.SOURCE_FILE: pa.array([src] * n, type=pa.large_string()),
             schema.RECORD_OFFSET: offsets,
             schema.HASH: hashes,
+            schema.PAGE_ROBOTS: pa.array(self.rec_robots, type=pa.large_string()).take(
+                pa.array(rec_of_pair)
+            ),
+            schema.PAGE_TDM: np.repeat(np.array(self.rec_tdm, dtype=bool), counts),
         }
         return pd.DataFrame(
             {
@@ -334,8 +356,8 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
             raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
         if IMG_MARKER not in data:
             return  # cannot hold an image link: skip the JSON parse (the fast path)
-        page, base, links = wat_image_links(data)
-        col.add_wat(rec.offset, page or rec.target_uri, base, links)
+        page, base, links, metas = wat_image_links(data)
+        col.add_wat(rec.offset, page or rec.target_uri, base, links, metas)
     elif t in ("response", "resource") and cfg.format != "wat":
         data, total = read_block(rec, limit)
         if total is not None:
@@ -344,9 +366,8 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
             return
         if rec.declared_length is not None and len(data) < rec.declared_length:
             raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
-        col.add(
-            rec.offset, rec.target_uri, parse_html(data, rec.target_uri, rec.content_type, limit)
-        )
+        links, metas = parse_html(data, rec.target_uri, rec.content_type, limit)
+        col.add(rec.offset, rec.target_uri, links, metas)
 
 
 @contextmanager
@@ -359,9 +380,11 @@ def _open_stream(path: str, gunzip: bool) -> Iterator[tuple[BinaryIO, BinaryIO]]
             yield raw, raw
 
 
-def _scan(path: str, cfg: ExtractConfig, reader: str, gunzip: bool) -> _Collector:
+def _scan(
+    path: str, cfg: ExtractConfig, reader: str, gunzip: bool, meta_names: frozenset[str]
+) -> _Collector:
     """One pass over the file; raises _Unreadable when not even one record could be read."""
-    col = _Collector(path, cfg)
+    col = _Collector(path, cfg, meta_names)
     col.summary.reader = reader + ("+gunzip" if gunzip else "")
     iterate = iter_fastwarc if reader == "fastwarc" else iter_warcio
     with _open_stream(path, gunzip) as (raw, stream):
@@ -407,7 +430,9 @@ def _empty_result(summary: FileSummary) -> ExtractResult:
     return ExtractResult(schema.PAIRS.copy(), summary)
 
 
-def extract_file(path: str, cfg: ExtractConfig) -> ExtractResult:
+def extract_file(
+    path: str, cfg: ExtractConfig, consent: ConsentConfig | None = None
+) -> ExtractResult:
     """Extract (image URL, alt text) pairs from one WAT, WARC or ARC file.
 
     Parameters
@@ -417,6 +442,9 @@ def extract_file(path: str, cfg: ExtractConfig) -> ExtractResult:
     cfg
         ``format`` (``auto`` handles WAT JSON and HTML responses in one pass), ``reader``,
         ``max_html_bytes``, ``max_text_chars``, ``skip_unreadable_files``.
+    consent
+        Its ``meta_names`` say which ``<meta>`` names are robots directives (recorded per pair
+        in ``page_robots`` and ``page_tdm``; the rules stage applies the policy). None = defaults.
 
     Returns
     -------
@@ -436,6 +464,7 @@ def extract_file(path: str, cfg: ExtractConfig) -> ExtractResult:
     True
     """
     t0 = time.perf_counter()
+    meta_names = frozenset((consent or ConsentConfig()).meta_names)
     summary = FileSummary(source_file=path)
     try:
         with open_input(path) as fh:
@@ -455,7 +484,7 @@ def extract_file(path: str, cfg: ExtractConfig) -> ExtractResult:
         col = None
         for reader, gunzip in _attempts(kind, gz, cfg):
             try:
-                col = _scan(path, cfg, reader, gunzip)
+                col = _scan(path, cfg, reader, gunzip, meta_names)
                 break
             except NonChunkedGzip as err:
                 log.debug("%s: %s; reading it through gzip", path, err)
@@ -487,11 +516,13 @@ def extract_file(path: str, cfg: ExtractConfig) -> ExtractResult:
     return ExtractResult(pairs, summary)
 
 
-def extract_pairs(path: str, cfg: ExtractConfig) -> pd.DataFrame:
+def extract_pairs(
+    path: str, cfg: ExtractConfig, consent: ConsentConfig | None = None
+) -> pd.DataFrame:
     """Pairs of one file (``schema.PAIRS_DTYPES``); for ``dd.from_map`` and notebooks.
 
     Examples
     --------
     >>> ddf = dd.from_map(extract_pairs, paths, args=(cfg,), meta=schema.PAIRS)  # doctest: +SKIP
     """
-    return extract_file(path, cfg).pairs
+    return extract_file(path, cfg, consent).pairs

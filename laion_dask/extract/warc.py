@@ -14,6 +14,7 @@ import codecs
 import logging
 import re
 import zlib
+from typing import NamedTuple
 
 from lxml import etree
 
@@ -26,6 +27,8 @@ __all__ = [
     "looks_like_html",
     "parse_html",
     "html_links",
+    "html_page",
+    "HtmlPage",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,8 +196,23 @@ _PARSER = etree.HTMLParser(
 )
 
 
+class HtmlPage(NamedTuple):
+    """The image links of one HTML page and its ``(name, content)`` meta pairs."""
+
+    links: list[RawLink]
+    metas: list[tuple[str | None, str | None]]
+
+
+_NO_PAGE = HtmlPage([], [])
+
+
 def html_links(text: str, page_url: str) -> list[RawLink]:
-    """``<img>`` links with alt text in one decoded HTML page.
+    """``<img>`` links with alt text in one decoded HTML page (see :func:`html_page`)."""
+    return html_page(text, page_url).links
+
+
+def html_page(text: str, page_url: str) -> HtmlPage:
+    """``<img>`` links with alt text, and the ``<meta>`` name/content pairs, of one HTML page.
 
     Parameters
     ----------
@@ -206,16 +224,18 @@ def html_links(text: str, page_url: str) -> list[RawLink]:
 
     Returns
     -------
-    list[RawLink]
-        One entry per ``<img>`` that has an ``alt`` attribute and a ``src`` (or, without ``src``,
-        a ``srcset`` whose first candidate is used); ``index`` counts every ``<img>``.
+    HtmlPage
+        ``links``: one entry per ``<img>`` that has an ``alt`` attribute and a ``src`` (or,
+        without ``src``, a ``srcset`` whose first candidate is used); ``index`` counts every
+        ``<img>``. ``metas``: ``(name, content)`` of every ``<meta>`` with a ``name`` (empty
+        when the page has no links: nothing to opt out of).
     """
     try:
         root = etree.fromstring(text.encode("utf-8", "replace"), _PARSER)
     except (etree.ParserError, ValueError):
-        return []
+        return _NO_PAGE
     if root is None:
-        return []
+        return _NO_PAGE
     base_url = page_url
     for el in root.iter("base"):
         href = el.get("href")
@@ -234,11 +254,15 @@ def html_links(text: str, page_url: str) -> list[RawLink]:
         if not src:
             continue
         out.append(RawLink(i, resolve(src), alt))
-    return out
+    if not out:
+        return _NO_PAGE
+    metas = [(el.get("name"), el.get("content")) for el in root.iter("meta") if el.get("name")]
+    return HtmlPage(out, metas)
 
 
-def parse_html(block: bytes, page_url: str, content_type: str, limit: int) -> list[RawLink]:
-    """Image links of one WARC ``response``/``resource`` block (``[]`` when it is not HTML).
+def parse_html(block: bytes, page_url: str, content_type: str, limit: int) -> HtmlPage:
+    """Image links and metas of one WARC ``response``/``resource`` block (:func:`html_page`;
+    empty when it is not HTML).
 
     Parameters
     ----------
@@ -260,11 +284,11 @@ def parse_html(block: bytes, page_url: str, content_type: str, limit: int) -> li
     ctype = headers.get("content-type", "" if status is not None else content_type).lower()
     sniff = "html" not in ctype
     if sniff and ctype and "text/plain" not in ctype and "octet-stream" not in ctype:
-        return []  # declared as something else (image, css, json...)
+        return _NO_PAGE  # declared as something else (image, css, json...)
     body = decode_body(body, headers, limit)
     if sniff and not looks_like_html(body):
-        return []
+        return _NO_PAGE
     if len(body) > limit:
         raise BadRecord("html_too_large", f"{len(body)} bytes")
     text = body.decode(detect_charset(body, headers), "replace")
-    return html_links(text, page_url)
+    return html_page(text, page_url)

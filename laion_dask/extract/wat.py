@@ -19,7 +19,14 @@ from typing import Any, NamedTuple
 
 from laion_dask.extract.common import BadRecord, RawLink, Resolver, resolve_url
 
-__all__ = ["IMG_MARKER", "parse_wat_json", "wat_image_links", "is_image_pair", "has_msgspec"]
+__all__ = [
+    "IMG_MARKER",
+    "WatPage",
+    "parse_wat_json",
+    "wat_image_links",
+    "is_image_pair",
+    "has_msgspec",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,10 @@ if msgspec is not None:
         url: str | None = None
         alt: str | None = None
 
-    class _Head(msgspec.Struct, gc=False, rename={"base": "Base"}):
+    class _Head(msgspec.Struct, gc=False, rename={"base": "Base", "metas": "Metas"}):
         base: str | None = None
+        # checked entry by entry in Python: an odd Metas entry must not cost the page its links
+        metas: Any = None
 
     class _Html(msgspec.Struct, gc=False, rename={"head": "Head", "links": "Links"}):
         head: _Head | None = None
@@ -84,7 +93,23 @@ def _decode_error(body: bytes, err: Exception) -> BadRecord:
     return BadRecord("invalid_json", str(err)[:200])
 
 
-def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any]]:
+class WatPage(NamedTuple):
+    """What one WAT record says about its page (see :func:`wat_image_links`)."""
+
+    page_url: str
+    base: str
+    img_links: list[Any]
+    metas: list[tuple[Any, Any]]
+
+
+def _meta_pairs(metas: Any) -> list[tuple[Any, Any]]:
+    """``(name, content)`` of each object in a WAT ``Head.Metas`` list (anything else ignored)."""
+    if not isinstance(metas, list):
+        return []
+    return [(m.get("name"), m.get("content")) for m in metas if isinstance(m, dict)]
+
+
+def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
     try:
         doc = _DECODER.decode(body)
     except msgspec.ValidationError as err:
@@ -100,9 +125,11 @@ def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any]]:
     resp = env.payload.response if env.payload is not None else None
     html = resp.html if resp is not None else None
     if html is None or not html.links:
-        return page or "", "", []
-    base = html.head.base if html.head is not None else None
-    return page or "", base or "", html.links
+        return page or "", "", [], []
+    head = html.head
+    if head is None:
+        return page or "", "", html.links, []
+    return page or "", head.base or "", html.links, _meta_pairs(head.metas)
 
 
 class _JsonLink(NamedTuple):
@@ -119,7 +146,7 @@ def _get(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def _parse_json(body: bytes) -> tuple[str, str, list[Any]]:
+def _parse_json(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
     try:
         doc = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -138,12 +165,13 @@ def _parse_json(body: bytes) -> tuple[str, str, list[Any]]:
     if not isinstance(links, list):
         raise BadRecord("invalid_wat", "Links is not a list")
     base = _str_or_none(_get(html, "Head", "Base"), "Base")
+    metas = _meta_pairs(_get(html, "Head", "Metas")) if links else []
     out = []
     for ln in links:
         if not isinstance(ln, dict):
             raise BadRecord("invalid_wat", "a Links entry is not an object")
         out.append(_JsonLink(*(_str_or_none(ln.get(k), k) for k in ("path", "url", "alt"))))
-    return page or "", base or "", out
+    return page or "", base or "", out, metas
 
 
 def _str_or_none(value: Any, name: str) -> str | None:
@@ -162,28 +190,29 @@ def _img_links(links: list[Any]) -> list[Any]:
     return [ln for ln in imgs if ln.path.startswith("IMG@")]
 
 
-def wat_image_links(body: bytes, *, use_msgspec: bool | None = None) -> tuple[str, str, list[Any]]:
-    """``(page_url, base, img_links)`` of one WAT record, before any filtering or resolving.
+def wat_image_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
+    """``(page_url, base, img_links, metas)`` of one WAT record, before filtering or resolving.
 
     ``page_url`` is ``""`` when the JSON has no ``WARC-Target-URI``; ``img_links`` are the
     record's ``IMG@`` links (objects with ``path``, ``url`` and ``alt``, each ``str | None``)
     in order, so that a link's position is its ``index``. Pairs come from those whose path is
-    ``IMG@/src`` with a URL and an ``alt`` key (:func:`is_image_pair`). Raises
+    ``IMG@/src`` with a URL and an ``alt`` key (:func:`is_image_pair`). ``metas`` are the
+    ``(name, content)`` of ``Head.Metas`` (empty when the page has no links). Raises
     :class:`BadRecord` like :func:`parse_wat_json`.
     """
     fast = has_msgspec() if use_msgspec is None else use_msgspec
     links = None
     if fast:
         try:
-            page, base, links = _parse_msgspec(body)
+            page, base, links, metas = _parse_msgspec(body)
         except BadRecord as err:
             if err.kind != "invalid_json":
                 raise
             # msgspec rejects escaped lone surrogates ("\ud800"), which Java-written WATs can
             # hold; the stdlib parser accepts them (and raises for truly malformed JSON)
     if links is None:
-        page, base, links = _parse_json(body)
-    return page, base, _img_links(links) if links else []
+        page, base, links, metas = _parse_json(body)
+    return WatPage(page, base, _img_links(links) if links else [], metas)
 
 
 def parse_wat_json(
@@ -212,7 +241,7 @@ def parse_wat_json(
     BadRecord
         ``invalid_json``, ``bad_encoding`` or ``invalid_wat`` (valid JSON of the wrong shape).
     """
-    page, base, imgs = wat_image_links(body, use_msgspec=use_msgspec)
+    page, base, imgs, _ = wat_image_links(body, use_msgspec=use_msgspec)
     page = page or fallback_page_url
     resolve = Resolver(resolve_url(page, base) if base else page)
     return page, [

@@ -65,9 +65,10 @@ def wat_payload(
     *,
     base: str | None = None,
     envelope_type: str = "response",
+    metas: list[Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON document of one WAT metadata record (response envelope with Links)."""
-    html: dict[str, Any] = {"Head": {"Title": "t", "Metas": []}}
+    html: dict[str, Any] = {"Head": {"Title": "t", "Metas": metas or []}}
     if base is not None:
         html["Head"]["Base"] = base
     if links is not None:
