@@ -347,15 +347,22 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
     """Parse one record into ``col``; raises BadRecord for a counted skip."""
     t = rec.warc_type
     limit = cfg.max_html_bytes
-    if t == "metadata" and cfg.format != "warc" and "json" in rec.content_type:
-        col.saw_wat = True
+    if t == "metadata" and cfg.format != "warc":
+        # the Content-Type lookup costs more than the IMG@ scan: a record that cannot hold an
+        # image link only needs it until the file is known to be a WAT (for the summary)
         data, total = read_block(rec, limit)
+        whole = total is None and (rec.declared_length is None or len(data) >= rec.declared_length)
+        if whole and IMG_MARKER not in data and col.saw_wat:
+            return  # cannot hold an image link: skip the JSON parse (the fast path)
+        if "json" not in rec.content_type:
+            return  # WARC metadata (fetch times, outlinks), not a WAT record
+        col.saw_wat = True
         if total is not None:
             raise BadRecord("record_too_large", f"{total} bytes")
-        if rec.declared_length is not None and len(data) < rec.declared_length:
+        if not whole:
             raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
         if IMG_MARKER not in data:
-            return  # cannot hold an image link: skip the JSON parse (the fast path)
+            return
         page, base, links, metas = wat_image_links(data)
         col.add_wat(rec.offset, page or rec.target_uri, base, links, metas)
     elif t in ("response", "resource") and cfg.format != "wat":
