@@ -14,6 +14,10 @@ Run (CPU, 2 cores)::
 
     nice -n 10 .venv/bin/python benchmarks/bench_score.py --n 1000
 
+``--loader-processes 0 N`` times the stage with the loader threads and with N decoder processes
+per worker (``clip.loader_processes``; the cluster is then started with
+``distributed.worker.daemon = False``). Worker CPU-seconds include the decoder processes.
+
 GPU (see gpu_check.sh)::
 
     python benchmarks/bench_score.py --n 20000 --size 256x192 --loop-n 2000 --batch-size 256 ...
@@ -38,6 +42,7 @@ import PIL.Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_decode import with_loader_processes  # noqa: E402
 from laion_dask import schema  # noqa: E402
 from laion_dask.config import ClipConfig, ClusterConfig  # noqa: E402
 from laion_dask.shards import ShardSample, read_shard_images, write_shard  # noqa: E402
@@ -209,15 +214,30 @@ def run_loop(
 
 def _warm(cfg: ClipConfig) -> int:
     """Load the encoder on a worker (outside the timed region, as the loop's load is)."""
-    from laion_dask.clip import encoder_from_config
+    from laion_dask.clip import _process_pool, encoder_from_config
 
+    n = int(getattr(cfg, "loader_processes", 0) or 0)
+    pool = _process_pool(n) if n else None
+    if pool is not None:  # start the decoder processes too (spawn: ~1 s each)
+        for f in [pool.submit(time.sleep, 0.5) for _ in range(n)]:
+            f.result()
     return encoder_from_config(cfg).dim
 
 
 def _cpu_seconds() -> float:
-    """CPU seconds (user + system) used so far by this process, all threads."""
+    """CPU seconds (user + system) used so far by this process, all threads, and its live
+    children (the decoder processes of ``loader_processes``)."""
+    import psutil
+
     t = os.times()
-    return t.user + t.system
+    total = t.user + t.system
+    for child in psutil.Process().children(recursive=True):
+        try:
+            ct = child.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += ct.user + ct.system
+    return total
 
 
 def run_ours(
@@ -254,6 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--partitions", type=int, default=None, help="default: 2 per worker thread")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--loader-threads", type=int, default=2)
+    ap.add_argument(
+        "--loader-processes",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="clip.loader_processes values to time (0 = decode in the loader threads)",
+    )
     ap.add_argument("--torch-threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpu", default="auto", help="cluster.gpu: auto / never / require")
@@ -301,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
+    if any(args.loader_processes):
+        import dask
+
+        # decoder processes are children of the worker process: it must not be daemonic
+        dask.config.set({"distributed.worker.daemon": False})
     ccfg = ClusterConfig(
         n_workers=args.workers,
         threads_per_worker=args.threads,
@@ -314,12 +346,12 @@ def main(argv: list[str] | None = None) -> None:
             f"workers={len(client.scheduler_info()['workers'])}, partitions={parts}",
             flush=True,
         )
-        variants = [(True, True)]
+        variants = [(True, True, p) for p in args.loader_processes]
         if args.no_draft:
-            variants.append((False, True))
+            variants.append((False, True, args.loader_processes[0]))
         if args.unrestricted:
-            variants.append((True, False))
-        for draft, restrict in variants:
+            variants += [(True, False, p) for p in args.loader_processes]
+        for draft, restrict, procs in variants:
             cfg = ClipConfig(
                 model=str(model_path),
                 device=args.device,
@@ -328,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch_threads=args.torch_threads,
                 jpeg_draft=draft,
             )
+            cfg = with_loader_processes(cfg, procs)
             secs, out, cpu = run_ours(client, cfg, df, parts, restrict=restrict)
             rate = args.n / secs
             ok = int((out[schema.SCORE_STATUS] == "success").sum())
@@ -335,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"ours : {args.n} images in {secs:.1f}s = {rate:.1f} images/s, "
                 f"{args.n / cpu:.2f} images per worker CPU-second (jpeg_draft={draft}, "
                 f"GPU resource={'yes' if restrict and scoring_resources(client) else 'no'}, "
-                f"batch {args.batch_size}, loader_threads {args.loader_threads}; {ok} scored)"
+                f"batch {args.batch_size}, loader_threads {args.loader_threads}, "
+                f"loader_processes {procs}; {ok} scored)"
             )
             if loop_rate is not None:
                 line += f"\n       ratio vs loop = {rate / loop_rate:.2f}x wall-clock, "
@@ -343,6 +377,10 @@ def main(argv: list[str] | None = None) -> None:
                 ours = out[schema.SIMILARITY].to_numpy()[: len(loop_sims)]
                 line += f"  max |sim diff| vs loop = {np.abs(ours - loop_sims).max():.4f}"
             print(line, flush=True)
+        if any(args.loader_processes):
+            from laion_dask.clip import shutdown_decoder_processes
+
+            client.run(shutdown_decoder_processes)  # before the workers close
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@
 #   (one scoring task at a time), 848.0 images/s without it: 1.9-2.0x the loop, below the
 #   2,000/s target. The worker used ~3.4 of 16 cores: decoding in one process's threads is the
 #   limit (Pillow bicubic resize ~1.2 ms/image + GIL hand-offs with the forward's launches).
-#   Next: decode on the GPU (torchvision.io.decode_jpeg(device="cuda") + resize there) or
-#   several decode processes per GPU.
+#   Since then: clip.loader_processes (decoder processes per worker, spawned once and reused
+#   by its tasks); this script times loader_processes 0 (threads, as above) and 12. Not yet run
+#   on a GPU. CPU-only decode numbers: benchmarks/bench_decode.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
@@ -55,12 +56,15 @@ timeout 150 python3 -m pytest tests/test_clip.py --gpu -m gpu -q -p no:cacheprov
   -W "error:::laion_dask" 2>&1 | tail -15
 
 echo "== scoring benchmark (LocalCUDACluster)"
+# --loader-processes 0 12: the loader threads alone, then 12 decoder processes (16 cores: the
+# worker's 4 threads + 12 decoders); bench_score sets distributed.worker.daemon = False for it
 ARGS=(--n "$N" --loop-n 2000 --size 341x256 --batch-size 256 --loader-threads 12 --workers 1
-      --threads 4 --partitions 8 --photos benchmarks/_work/photos --work /tmp/bench_work --unrestricted)
-timeout 300 python3 benchmarks/bench_score.py "${ARGS[@]}" --gpu require
+      --threads 4 --partitions 8 --photos benchmarks/_work/photos --work /tmp/bench_work --unrestricted
+      --loader-processes 0 12)
+timeout 330 python3 benchmarks/bench_score.py "${ARGS[@]}" --gpu require
 rc=$?
 if [ $rc -ne 0 ]; then
   echo "== LocalCUDACluster run failed (rc=$rc); retrying on a plain LocalCluster, still on cuda"
-  timeout 200 python3 benchmarks/bench_score.py "${ARGS[@]}" --gpu never --skip-loop
+  timeout 100 python3 benchmarks/bench_score.py "${ARGS[@]}" --gpu never --skip-loop
 fi
 echo "== done"

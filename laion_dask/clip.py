@@ -1,15 +1,59 @@
 """CLIP scoring: image/text embeddings, cosine similarity and safety tags over one partition.
 
-The encoder is any transformers checkpoint with ``get_image_features`` / ``get_text_features``
-(CLIP, SigLIP, AltCLIP, ...), loaded once per worker process by :func:`load_encoder`. LAION's
-multilingual recipe (ViT-B/32 image tower, CLIP text tower for ``en``, the
-``clip-ViT-B-32-multilingual-v1`` sentence-transformers tower for ``multi``/``nolang``) is the
-:meth:`laion_dask.config.ClipConfig.laion_multilingual` preset; the multilingual tower is read
-from its sentence-transformers folder layout with transformers + torch only.
+The encoder is a transformers dual encoder loaded once per worker process by
+:func:`load_encoder` through ``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor``
+``.from_pretrained``, from a hub name (with ``clip.revision``) or a local directory.
 
-Images are decoded, resized and cropped by a small thread pool while the model runs on the
-previous batch (Pillow releases the GIL); the model sees uint8 batches that are normalised on
-its own device, so a GPU receives a quarter of the bytes a float batch would need.
+Supported and tested (tests/test_clip.py builds tiny random models of each, saves them with
+``save_pretrained`` and loads them through the same ``from_pretrained`` path; similarity is
+checked against the checkpoint's own processor + ``get_image_features`` /
+``get_text_features`` + cosine):
+
+* **CLIP** (``CLIPModel``; LAION's ``openai/clip-vit-base-patch32``): shortest-edge resize +
+  center crop, text padded to the longest in the batch.
+* **SigLIP** (``SiglipModel``, e.g. ``google/siglip-base-patch16-224``): square resize without
+  crop (mean = std = 0.5), text padded to the trained length (``max_length``) because the text
+  tower pools the last position; embedding width read from the model (no ``projection_dim``).
+  Its ``SiglipTokenizer`` needs the ``sentencepiece`` and ``protobuf`` packages; without them
+  :func:`check_model_available` raises :class:`ModelUnavailableError` saying so.
+* **AltCLIP** (``AltCLIPModel``, e.g. ``BAAI/AltCLIP``): XLM-R text tower; the text length is
+  capped at the tokenizer's ``model_max_length`` and the position table less the pad offset.
+  Its text tower is multilingual already: leave ``multilingual_text_model`` unset.
+* **LAION's multilingual recipe** (:meth:`laion_dask.config.ClipConfig.laion_multilingual`):
+  ViT-B/32 image tower, CLIP text tower for ``en`` rows, and for ``multi``/``nolang`` rows the
+  ``sentence-transformers/clip-ViT-B-32-multilingual-v1`` tower read from its
+  sentence-transformers folder (``modules.json``, a transformers text model, mean or CLS
+  pooling, ``Dense`` layers with identity or tanh) with transformers + torch only.
+
+``get_*_features`` may return a tensor (transformers 4) or a ``BaseModelOutputWithPooling``
+whose ``pooler_output`` is the projected embedding (transformers 5); both are handled.
+
+Not supported: image processors with variable resolution (SigLIP2 NaFlex ``Siglip2Model``),
+models whose ``get_text_features`` needs inputs other than ``input_ids`` /
+``attention_mask``, and sentence-transformers towers with other pooling or activations; each is
+a :class:`ModelUnavailableError` at load time. Not verified: real released weights were never
+loaded here (no hub access), only architecture-identical tiny models; similarity thresholds
+(``[filters]``) are LAION's for CLIP ViT-B/32 and do not carry over to SigLIP or AltCLIP.
+
+Local copies: point ``clip.model`` (and ``clip.multilingual_text_model``) at a directory
+written by ``save_pretrained`` / ``hf download NAME --local-dir DIR`` (it must hold
+``config.json``, the tokenizer files and ``preprocessor_config.json``; a sentence-transformers
+tower its ``modules.json`` tree), or download once into the hub cache and run with
+``HF_HUB_OFFLINE=1``.
+
+Images are decoded, resized and cropped by a loader pool while the model runs on the
+previous batch (two batches ahead): ``clip.loader_threads`` threads by default (Pillow releases
+the GIL while decoding and resizing, but every image still costs the scoring process ~4 ms of
+CPU for an 800x600 JPEG), or, with ``clip.loader_processes = N``, N spawned decoder processes
+per worker process, started on first use and reused by its later tasks, which leave the scoring
+process ~0.2 ms per image (receiving the pixels). Decoder processes need a non-daemonic worker
+(``distributed.worker.daemon = False``; a daemonic one logs a warning and decodes in threads)
+and, when scoring outside Dask, a script whose work runs under ``if __name__ == "__main__":``
+(the spawn start method imports the main module again). If a decoder process dies, that
+task's remaining images are decoded in threads and the next task starts a fresh pool;
+:func:`shutdown_decoder_processes` stops the pools. The model sees uint8 batches that are
+normalised on its own device, so a GPU receives a quarter of the bytes a float batch would
+need.
 """
 
 from __future__ import annotations
@@ -20,12 +64,19 @@ import functools
 import io
 import json
 import logging
+import multiprocessing
 import os
 import tarfile
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -50,6 +101,7 @@ __all__ = [
     "check_model_available",
     "score_partition",
     "add_clip_scores",
+    "shutdown_decoder_processes",
 ]
 
 log = logging.getLogger(__name__)
@@ -441,6 +493,27 @@ class TransformersEncoder:
         return self.multilingual.encode(texts)
 
 
+#: text towers whose position ids start after the pad id (fairseq/RoBERTa style): XLM-R's
+#: ``max_position_embeddings = 514`` holds 512 tokens
+_OFFSET_POSITION_TYPES = ("roberta", "altclip_text", "xlm-roberta", "camembert")
+
+
+def _text_max_length(tokenizer: Any, text_cfg: Any) -> int:
+    """Longest token sequence the text tower accepts: the tokenizer's ``model_max_length``
+    capped by the position table (less the pad offset of RoBERTa-style towers)."""
+    limits = []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 100_000:  # unset reads as ~1e30
+        limits.append(tok_max)
+    positions = int(getattr(text_cfg, "max_position_embeddings", 0) or 0)
+    if positions:
+        model_type = str(getattr(text_cfg, "model_type", ""))
+        if model_type.startswith(_OFFSET_POSITION_TYPES):
+            positions -= int(getattr(text_cfg, "pad_token_id", 1) or 0) + 1
+        limits.append(positions)
+    return min(limits) if limits else 77
+
+
 def _commit_hash(obj: Any) -> str | None:
     cfg = getattr(obj, "config", None)
     return getattr(cfg, "_commit_hash", None)
@@ -530,17 +603,24 @@ def _load_encoder(
         net = AutoModel.from_pretrained(model, dtype=torch_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(model, **kw)
         image_processor = AutoImageProcessor.from_pretrained(model, **kw)
+    except ImportError as exc:  # e.g. SiglipTokenizer without sentencepiece / protobuf
+        raise ModelUnavailableError(_missing_package_message(model, exc)) from exc
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(_unavailable_message(model, exc)) from exc
     for method in ("get_image_features", "get_text_features"):
         if not hasattr(net, method):
             raise ModelUnavailableError(f"{model}: {type(net).__name__} has no {method}()")
+    try:
+        preprocessor = Preprocessor.from_image_processor(image_processor)
+    except ValueError as exc:
+        raise ModelUnavailableError(
+            f"{model}: {type(image_processor).__name__} is not supported ({exc}); supported are "
+            "processors that resize to a shortest edge (+ center crop) or to a fixed size"
+        ) from exc
     net = net.to(dev).eval()
     cfg = net.config
-    text_cfg = getattr(cfg, "text_config", None)
-    max_len = int(getattr(text_cfg, "max_position_embeddings", 0) or 77)
+    max_len = _text_max_length(tokenizer, getattr(cfg, "text_config", None))
     is_siglip = str(getattr(cfg, "model_type", "")).startswith("siglip")
-    dim = int(getattr(cfg, "projection_dim", 0) or 0)
     scale = getattr(net, "logit_scale", None)
     logit_scale = float(scale.detach().float().exp().item()) if scale is not None else 100.0
     tower = None
@@ -550,10 +630,10 @@ def _load_encoder(
     enc = TransformersEncoder(
         model=net,
         tokenizer=tokenizer,
-        preprocessor=Preprocessor.from_image_processor(image_processor),
+        preprocessor=preprocessor,
         device=dev,
         dtype=dt,
-        dim=dim,
+        dim=0,
         logit_scale=logit_scale,
         info={
             "model": model,
@@ -568,8 +648,9 @@ def _load_encoder(
         text_padding="max_length" if is_siglip else True,
         text_max_length=max_len,
     )
-    if not dim:  # no projection_dim in the config: ask the model
-        enc.dim = int(enc.encode_texts(["a"], ["en"]).shape[1])
+    # the width the model actually returns (SigLIP has no projection_dim: its hidden size)
+    with torch.inference_mode():
+        enc.dim = int(enc._clip_texts(["a"]).shape[-1])
     if tower is not None and tower.dim != enc.dim:
         raise ModelUnavailableError(
             f"{multilingual_text_model} gives {tower.dim}-d text embeddings, {model} {enc.dim}-d"
@@ -642,11 +723,21 @@ def _unavailable_message(name: str, why: object) -> str:
     )
 
 
+def _missing_package_message(name: str, exc: ImportError) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"model {name!r} needs a Python package that is not installed: {first} "
+        "(SigLIP's SiglipTokenizer needs `pip install sentencepiece protobuf`)."
+    )
+
+
 def check_model_available(cfg: ClipConfig) -> None:
     """Raise :class:`ModelUnavailableError` before any work if a configured model is missing.
 
     Local paths must be directories with ``config.json`` (or ``modules.json`` for a
-    sentence-transformers tower); hub names must resolve through the cache or the hub.
+    sentence-transformers tower); hub names must resolve through the cache or the hub. The
+    main model's tokenizer is loaded too, so a missing tokenizer package (``sentencepiece``
+    for SigLIP) is reported here rather than on the first worker.
     """
     models = [(cfg.model, cfg.revision, "config.json")]
     if cfg.multilingual_text_model:
@@ -665,6 +756,19 @@ def check_model_available(cfg: ClipConfig) -> None:
             hf_hub_download(name, marker, revision=revision)
         except _hub_errors() as exc:
             raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
+    _check_tokenizer(cfg.model, cfg.revision)
+
+
+def _check_tokenizer(name: str, revision: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    kw: dict[str, Any] = {} if _is_local(name) else {"revision": revision}
+    try:
+        AutoTokenizer.from_pretrained(name, **kw)
+    except ImportError as exc:
+        raise ModelUnavailableError(_missing_package_message(name, exc)) from exc
+    except _hub_errors() as exc:
+        raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
 
 
 # --- scoring -------------------------------------------------------------------------------------
@@ -739,42 +843,131 @@ def _decode_pil(data: bytes) -> PIL.Image.Image:
         return img.copy()
 
 
-def _batches(
-    data: list[bytes | None], cfg: ClipConfig, encoder: Encoder
-) -> Iterator[tuple[list[int], list[Any]]]:
-    """Yield (row indices, decoded items) per batch; decoding runs ahead in a thread pool.
+def _decode_one(item: bytes | None, pre: Preprocessor | None, draft: bool) -> Any:
+    """One decoded item (uint8 pixels with ``pre``, else a PIL image); None if undecodable."""
+    if item is None:
+        return None
+    try:
+        return pre.decode(item, draft=draft) if pre is not None else _decode_pil(item)
+    except _DECODE_ERRORS as exc:
+        log.debug("failed to decode image: %s", exc)
+        return None
 
-    Items are uint8 pixel arrays for a :class:`TransformersEncoder`, PIL images otherwise;
-    ``None`` marks an image that failed to decode.
+
+def _decode_chunk(items: list[bytes | None], pre: Preprocessor | None, draft: bool) -> list[Any]:
+    """Decode a chunk of images (runs in a loader thread or a loader process)."""
+    return [_decode_one(item, pre, draft) for item in items]
+
+
+#: one decoder process pool per worker process and size, shared by its tasks
+_process_pools: dict[int, ProcessPoolExecutor] = {}
+_process_pools_lock = threading.Lock()
+_daemon_warned = False
+
+
+def _process_pool(n: int) -> ProcessPoolExecutor | None:
+    """The cached pool of ``n`` decoder processes, or None where this process may not fork.
+
+    Dask's worker processes are daemonic by default (``distributed.worker.daemon``), and a
+    daemonic process cannot have children: there the loader threads decode instead, with one
+    log warning per process.
     """
-    pre = getattr(encoder, "preprocessor", None)
-    fast = isinstance(pre, Preprocessor) and hasattr(encoder, "encode_pixels")
+    global _daemon_warned
+    if multiprocessing.current_process().daemon:
+        if not _daemon_warned:
+            _daemon_warned = True
+            log.warning(
+                "clip.loader_processes = %d ignored: this worker process is daemonic and cannot "
+                "start decoder processes; start the cluster with distributed.worker.daemon = "
+                "False (DASK_DISTRIBUTED__WORKER__DAEMON=False). Decoding in threads instead.",
+                n,
+            )
+        return None
+    with _process_pools_lock:
+        pool = _process_pools.get(n)
+        if pool is None:
+            # spawn: never fork a process that holds a CUDA context or OpenMP threads
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            _process_pools[n] = pool
+        return pool
 
-    def work(item: bytes | None) -> Any:
-        if item is None:
-            return None
-        try:
-            return pre.decode(item, draft=cfg.jpeg_draft) if fast else _decode_pil(item)
-        except _DECODE_ERRORS as exc:
-            log.debug("failed to decode image: %s", exc)
-            return None
 
+def _drop_process_pool(n: int, pool: ProcessPoolExecutor) -> None:
+    with _process_pools_lock:
+        if _process_pools.get(n) is pool:
+            del _process_pools[n]
+    pool.shutdown(wait=False)  # its pending futures fail with BrokenProcessPool
+
+
+def shutdown_decoder_processes() -> None:
+    """Stop this process's decoder pools (they are otherwise reused until the process exits)."""
+    with _process_pools_lock:
+        pools = list(_process_pools.values())
+        _process_pools.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(
+    data: list[bytes | None], cfg: ClipConfig, pre: Preprocessor | None
+) -> Iterator[tuple[list[int], list[Any]]]:
+    """Yield (row indices, decoded items) per batch; decoding runs two batches ahead.
+
+    Items are uint8 pixel arrays when ``pre`` is given, PIL images otherwise; ``None`` marks an
+    image that failed to decode. Decoding runs in ``cfg.loader_threads`` threads, or in
+    ``cfg.loader_processes`` spawned processes when set (one item per thread task; about four
+    chunks per process and batch, so the pixels cross the process boundary in few messages).
+    """
     bs = cfg.batch_size
-    starts = range(0, len(data), bs)
-    with ThreadPoolExecutor(cfg.loader_threads, thread_name_prefix="clip-loader") as pool:
-        pending: deque[tuple[int, list[Future]]] = deque()
-        it = iter(starts)
-        # keep two batches decoding ahead of the model
-        for s in it:
-            pending.append((s, [pool.submit(work, d) for d in data[s : s + bs]]))
+    draft = cfg.jpeg_draft
+    n_proc = cfg.loader_processes
+    procs = _process_pool(n_proc) if n_proc > 0 else None
+    # about four chunks per process and batch keep the processes busy without tiny messages
+    chunk = max(1, min(64, -(-bs // (4 * n_proc)))) if procs is not None else 1
+
+    with ThreadPoolExecutor(cfg.loader_threads, thread_name_prefix="clip-loader") as threads:
+        pool: Executor = procs if procs is not None else threads
+
+        def to_threads(exc: BaseException) -> None:
+            nonlocal pool
+            if pool is procs and procs is not None:
+                log.warning("decoder processes unusable (%r): decoding in threads from here", exc)
+                _drop_process_pool(n_proc, procs)
+                pool = threads
+
+        def submit_part(part: list[bytes | None]) -> Future:
+            try:
+                return pool.submit(_decode_chunk, part, pre, draft)
+            except (BrokenExecutor, RuntimeError) as exc:  # broken, or shut down by another task
+                if pool is threads:
+                    raise
+                to_threads(exc)
+                return threads.submit(_decode_chunk, part, pre, draft)
+
+        def submit(s: int) -> tuple[int, list[tuple[list[bytes | None], Future]]]:
+            parts = [data[i : i + chunk] for i in range(s, min(s + bs, len(data)), chunk)]
+            return s, [(part, submit_part(part)) for part in parts]
+
+        def result(part: list[bytes | None], fut: Future) -> list[Any]:
+            try:
+                return fut.result()
+            except BrokenExecutor as exc:  # a decoder process died (e.g. killed for memory)
+                to_threads(exc)
+                return _decode_chunk(part, pre, draft)
+
+        pending: deque[tuple[int, list[tuple[list[bytes | None], Future]]]] = deque()
+        starts = iter(range(0, len(data), bs))
+        for s in starts:
+            pending.append(submit(s))
             if len(pending) >= 2:
                 break
         while pending:
             s, futs = pending.popleft()
-            nxt = next(it, None)
+            nxt = next(starts, None)
             if nxt is not None:
-                pending.append((nxt, [pool.submit(work, d) for d in data[nxt : nxt + bs]]))
-            yield list(range(s, s + len(futs))), [f.result() for f in futs]
+                pending.append(submit(nxt))
+            items = [x for part, fut in futs for x in result(part, fut)]
+            yield list(range(s, s + len(items))), items
 
 
 def score_partition(
@@ -837,7 +1030,8 @@ def score_partition(
         fast = hasattr(encoder, "encode_pixels") and isinstance(
             getattr(encoder, "preprocessor", None), Preprocessor
         )
-        for idx, items in _batches(data, cfg, encoder):
+        pre = encoder.preprocessor if fast else None  # type: ignore[attr-defined]
+        for idx, items in _batches(data, cfg, pre):
             ok = [j for j, it in zip(idx, items, strict=True) if it is not None]
             if not ok:
                 continue

@@ -285,6 +285,10 @@ class ClipConfig:
     write_embeddings: bool = True
     #: decode JPEGs at a reduced DCT scale when >= 2x the model's input (faster, ~1e-3 change)
     jpeg_draft: bool = True
+    #: decoder processes per worker process (0 = decode in the loader threads); they need a
+    #: non-daemonic worker (``distributed.worker.daemon = False``, which ``make_client`` sets
+    #: for a local cluster when this is > 0)
+    loader_processes: int = 0
 
     #: LAION-5B's recipe: ViT-B/32 images + English text, mCLIP text tower for other languages
     LAION_MULTILINGUAL: ClassVar[dict[str, str]] = {
@@ -307,8 +311,10 @@ class ClipConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(s, key, "must be a positive integer", value)
-        if not isinstance(self.torch_threads, int) or self.torch_threads < 0:
-            _fail(s, "torch_threads", "must be a non-negative integer", self.torch_threads)
+        for key in ("torch_threads", "loader_processes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(s, key, "must be a non-negative integer", value)
         _choice(s, "tags", self.tags, ("zero-shot", "head"))
         if self.tags == "head" and not self.tag_head:
             _fail(s, "tag_head", "must be set when tags = 'head'", self.tag_head)

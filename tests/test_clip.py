@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -25,10 +26,13 @@ from tests.helpers.clip import (
     downloads_frame,
     jpeg,
     png_rgba,
+    save_tiny_altclip,
     save_tiny_clip,
     save_tiny_multilingual,
+    save_tiny_siglip,
     write_shards,
 )
+from tests.helpers.cluster import LOOPBACK_CLUSTER
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,16 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {
         "clip": str(save_tiny_clip(root / "clip")),
         "multi": str(save_tiny_multilingual(root / "mclip")),
+    }
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny SigLIP (needs sentencepiece + protobuf for its tokenizer) and AltCLIP."""
+    root = tmp_path_factory.mktemp("other-models")
+    return {
+        "siglip": str(save_tiny_siglip(root / "siglip")),
+        "altclip": str(save_tiny_altclip(root / "altclip")),
     }
 
 
@@ -102,6 +116,87 @@ def test_similarity_equals_direct_computation(models, cfg, data) -> None:
     assert out.loc[~ok, schema.SIMILARITY].isna().all()
     assert out.loc[~ok, schema.SCORE_STATUS].isna().all()
     assert (out.loc[ok, schema.SCORE_STATUS] == "success").all()
+
+
+LONG_CAPTION = " ".join(["a red cat photo de chat"] * 12)  # past every tiny text length
+
+
+def _direct_processor(path: str, images: list[bytes], texts: list[str], padding) -> np.ndarray:
+    """Cosine similarity straight from the checkpoint's own ``AutoProcessor`` and model."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    pil = [PIL.Image.open(io.BytesIO(b)) for b in images]
+    with torch.no_grad():
+        pix = proc(images=pil, return_tensors="pt")["pixel_values"]
+        img = model.get_image_features(pixel_values=pix)
+        img = img if isinstance(img, torch.Tensor) else img.pooler_output
+        t = proc(text=texts, padding=padding, truncation=True, return_tensors="pt")
+        inputs = {k: t[k] for k in ("input_ids", "attention_mask") if k in t}
+        txt = model.get_text_features(**inputs)
+        txt = txt if isinstance(txt, torch.Tensor) else txt.pooler_output
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    return (img * txt).sum(-1).numpy()
+
+
+@pytest.mark.parametrize(
+    ("arch", "model_cls", "padding", "dim"),
+    [
+        # SigLIP: square resize without crop, mean = std = 0.5, text padded to its trained
+        # length and pooled at the last position, no projection_dim in the config
+        ("siglip", "SiglipModel", "max_length", 32),
+        # AltCLIP: XLM-R text tower (position ids offset by the pad id), CLIP vision tower
+        ("altclip", "AltCLIPModel", True, 16),
+    ],
+)
+def test_other_dual_encoders_equal_direct_computation(
+    other_models, data, arch, model_cls, padding, dim
+) -> None:
+    df, images = data
+    df = df.copy()
+    df.loc[2, schema.TEXT] = LONG_CAPTION  # truncated to the model's length, not an error
+    acfg = ClipConfig(model=other_models[arch], batch_size=4, jpeg_draft=False)
+    res = score_partition(df, acfg, images=images)
+    enc = clip.encoder_from_config(acfg)
+    assert type(enc.model).__name__ == model_cls and enc.dim == dim
+    ok = df[schema.STATUS].eq("success").to_numpy()
+    assert res.keys == df.loc[ok, schema.KEY].tolist()
+    expected = _direct_processor(
+        other_models[arch], [images[k] for k in res.keys], df.loc[ok, schema.TEXT].tolist(), padding
+    )
+    np.testing.assert_allclose(res.frame.loc[ok, schema.SIMILARITY].to_numpy(), expected, atol=2e-5)
+    assert (res.frame.loc[ok, schema.SCORE_STATUS] == "success").all()
+    assert res.image_embeddings.shape == (ok.sum(), dim)
+    assert res.frame.loc[ok, schema.PUNSAFE].between(0, 1).all()
+
+
+def test_features_accept_tensors_and_model_outputs(models) -> None:
+    """get_*_features returns a tensor in transformers 4 and an output object in 5."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    x = torch.randn(3, 16)
+    assert clip._features(x) is x
+    assert clip._features(BaseModelOutputWithPooling(pooler_output=x)) is x
+    with pytest.raises(TypeError, match="BaseModelOutputWithPooling"):
+        clip._features(BaseModelOutputWithPooling(last_hidden_state=x))
+    # what the installed transformers returns, through the encoder
+    enc = load_encoder(models["clip"], device="cpu")
+    pix = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        raw = enc.model.get_image_features(pixel_values=pix)
+    np.testing.assert_allclose(clip._features(raw).numpy(), getattr(raw, "pooler_output", raw))
+    assert clip._features(raw).shape == (1, enc.dim)
+
+
+def test_siglip_text_is_padded_to_its_trained_length(other_models) -> None:
+    """Pad-to-longest would change SigLIP's last-position pooling: the padding must be fixed."""
+    enc = load_encoder(other_models["siglip"], device="cpu")
+    assert enc.text_padding == "max_length" and enc.text_max_length == 16
+    alone = enc.encode_texts(["the dog"], ["en"])
+    with_long = enc.encode_texts(["the dog", LONG_CAPTION], ["en", "en"])
+    np.testing.assert_allclose(alone[0], with_long[0], atol=1e-5)
 
 
 def test_multilingual_rows_use_the_multilingual_tower(models, cfg, data) -> None:
@@ -223,23 +318,113 @@ def test_dask_equals_pandas_and_model_loads_once(client, cfg, data) -> None:
 
 
 def test_worker_process_loads_model_once(tmp_path, cfg, data) -> None:
+    """One load per worker process; and loader_processes on a default (daemonic) worker
+    process falls back to the loader threads, with one warning, instead of failing."""
     from distributed import Client, LocalCluster
 
     df, images = data
+    pcfg = _with_loader_processes(cfg, 2)
     write_shards(df, tmp_path / "images", images)
     meta = schema.empty(dict(df.dtypes.astype(str)), schema.SCORE_DTYPES)
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+            n_workers=1, threads_per_worker=2, **{**LOOPBACK_CLUSTER, "processes": True}
         ) as cluster,
         Client(cluster) as c,
     ):
         ddf = dd.from_pandas(df, npartitions=4)
         got = ddf.map_partitions(
-            add_clip_scores, cfg, image_root=str(tmp_path / "images"), meta=meta
+            add_clip_scores, pcfg, image_root=str(tmp_path / "images"), meta=meta
         ).compute()
         (info,) = c.run(load_encoder.cache_info).values()
+        (pools,) = c.run(lambda: (sorted(clip._process_pools), clip._daemon_warned)).values()
     assert info.misses == 1 and info.hits == 3
+    assert pools == ([], True)
+    expected = add_clip_scores(df, cfg, images=images)
+    pd.testing.assert_frame_equal(got, expected, atol=1e-5, check_exact=False)
+
+
+def _with_loader_processes(cfg: ClipConfig, n: int) -> ClipConfig:
+    return dataclasses.replace(cfg, loader_processes=n)
+
+
+def test_decoder_processes_equal_threads(cfg, data) -> None:
+    df, images = data
+    bad = dict(images)
+    keys = df.loc[df[schema.STATUS].eq("success"), schema.KEY].tolist()
+    bad[keys[0]] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+    bad[keys[5]] = jpeg(99, size=(400, 300))  # drafted at a reduced DCT scale in both paths
+    threads = score_partition(df, cfg, images=bad)
+    procs_cfg = _with_loader_processes(dataclasses.replace(cfg, batch_size=5), 2)
+    try:
+        procs = score_partition(df, procs_cfg, images=bad)
+        assert sorted(clip._process_pools) == [2]  # the decoding ran in the process pool
+        pool = clip._process_pools[2]
+        again = score_partition(df, procs_cfg, images=bad)
+        assert clip._process_pools[2] is pool  # reused by the next partition
+    finally:
+        clip.shutdown_decoder_processes()
+    assert clip._process_pools == {}
+    assert procs.keys == threads.keys == keys[1:]
+    assert procs.frame.set_index(schema.KEY).loc[keys[0], schema.SCORE_STATUS] == (
+        "failed_to_decode"
+    )
+    pd.testing.assert_frame_equal(procs.frame, threads.frame, atol=1e-6, check_exact=False)
+    pd.testing.assert_frame_equal(again.frame, procs.frame)
+    np.testing.assert_array_equal(procs.image_embeddings, again.image_embeddings)
+
+
+def test_a_dead_decoder_process_falls_back_to_threads(cfg, data, caplog) -> None:
+    import os
+    import signal
+    import time
+
+    df, images = data
+    threads = score_partition(df, cfg, images=images)
+    pcfg = _with_loader_processes(cfg, 2)
+    pool = clip._process_pool(2)
+    try:
+        assert pool is not None
+        pool.submit(time.sleep, 0).result()  # start a decoder process
+        (pid, *_) = list(pool._processes)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not pool._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool._broken
+        with caplog.at_level("WARNING", logger="laion_dask.clip"):
+            got = score_partition(df, pcfg, images=images)
+        assert 2 not in clip._process_pools  # dropped: the next task starts a fresh pool
+        assert "decoding in threads" in caplog.text
+    finally:
+        clip.shutdown_decoder_processes()
+    pd.testing.assert_frame_equal(got.frame, threads.frame, atol=1e-6, check_exact=False)
+
+
+def test_decoder_processes_on_a_dask_worker_process(tmp_path, cfg, data) -> None:
+    """A worker process started with distributed.worker.daemon = False keeps its pool."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    df, images = data
+    write_shards(df, tmp_path / "images", images)
+    meta = schema.empty(dict(df.dtypes.astype(str)), schema.SCORE_DTYPES)
+    pcfg = _with_loader_processes(cfg, 2)
+    with (
+        dask.config.set({"distributed.worker.daemon": False}),
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, **{**LOOPBACK_CLUSTER, "processes": True}
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        got = (
+            dd.from_pandas(df, npartitions=3)
+            .map_partitions(add_clip_scores, pcfg, image_root=str(tmp_path / "images"), meta=meta)
+            .compute()
+        )
+        (pools,) = c.run(lambda: sorted(clip._process_pools)).values()
+        c.run(clip.shutdown_decoder_processes)
+    assert pools == [2]
     expected = add_clip_scores(df, cfg, images=images)
     pd.testing.assert_frame_equal(got, expected, atol=1e-5, check_exact=False)
 
@@ -287,6 +472,38 @@ def test_check_model_available(models, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     with pytest.raises(ModelUnavailableError, match="laion-dask-test/not-a-model"):
         check_model_available(ClipConfig(model="laion-dask-test/not-a-model"))
+
+
+def test_missing_tokenizer_package_is_one_clear_error(other_models) -> None:
+    """A SigLIP checkpoint where sentencepiece cannot be imported: ModelUnavailableError from
+    the pre-flight check and from the loader, naming the model and the package to install."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["sentencepiece"] = None  # as if not installed
+        from laion_dask import clip
+        from laion_dask.config import ClipConfig
+        for call in (
+            lambda: clip.check_model_available(ClipConfig(model={other_models["siglip"]!r})),
+            lambda: clip.load_encoder({other_models["siglip"]!r}, device="cpu"),
+        ):
+            try:
+                call()
+            except clip.ModelUnavailableError as exc:
+                print("ERROR:", exc)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
+    ).stdout
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 2, out
+    for line in errors:
+        assert other_models["siglip"] in line and "pip install sentencepiece protobuf" in line
 
 
 def test_load_encoder_rejects_a_missing_path(tmp_path) -> None:

@@ -4,7 +4,10 @@
 image processor that ``load_encoder(dir)`` reads through ``from_pretrained``;
 ``save_tiny_multilingual(dir)`` writes a DistilBERT + mean pooling + Dense text tower in the
 ``sentence-transformers`` folder layout of ``clip-ViT-B-32-multilingual-v1``;
-``save_vit_b32(dir)`` writes the ViT-B/32 shape (``CLIPConfig()``) with random weights.
+``save_vit_b32(dir)`` writes the ViT-B/32 shape (``CLIPConfig()``) with random weights;
+``save_tiny_siglip(dir)`` a tiny ``SiglipModel`` with a real ``SiglipTokenizer`` (sentencepiece
+model trained here; needs ``sentencepiece`` + ``protobuf``) and ``save_tiny_altclip(dir)`` a tiny
+``AltCLIPModel`` with an ``XLMRobertaTokenizer`` built from a unigram vocabulary.
 """
 
 from __future__ import annotations
@@ -244,3 +247,132 @@ def write_shards(df: pd.DataFrame, root: Path, images: dict[str, bytes]) -> None
             if k in images
         ]
         write_shard(str(root / str(shard)), samples)
+
+
+SIGLIP_TEXT_LENGTH = 16
+SPM_CORPUS = (
+    "a photo of a red cat",
+    "une photo de chat",
+    "ein foto von der katze",
+    "the dog",
+    "a red dog photo",
+    "le chien rouge",
+    "der rote hund",
+)
+
+
+def _train_spm(prefix: Path, vocab_size: int) -> Path:
+    """Train a tiny unigram sentencepiece model on ``SPM_CORPUS`` (offline, in-process)."""
+    import sentencepiece as spm
+
+    corpus = prefix.with_suffix(".txt")
+    corpus.write_text("\n".join(SPM_CORPUS * 20) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    return prefix.with_suffix(".model")
+
+
+def save_tiny_siglip(out: Path, *, seed: int = 2) -> Path:
+    """A tiny ``SiglipModel`` with its own ``SiglipTokenizer`` (a sentencepiece model trained
+    here) and ``SiglipImageProcessor`` (square resize, no crop, mean = std = 0.5).
+
+    As in google/siglip-*: no ``projection_dim`` in the config (the embedding width is the
+    hidden size), text is padded to the trained length (``SIGLIP_TEXT_LENGTH`` here) and
+    pooled from the last position, and the model has a ``logit_bias``.
+    """
+    import tempfile
+
+    import torch
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+
+    try:
+        from transformers import SiglipImageProcessorPil as Proc
+    except ImportError:  # older transformers
+        from transformers import SiglipImageProcessor as Proc
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = _train_spm(Path(tmp) / "spiece", vocab_size=64)
+        tok = SiglipTokenizer(vocab_file=str(model_file), model_max_length=SIGLIP_TEXT_LENGTH)
+        tok.save_pretrained(out)
+    config = SiglipConfig(
+        text_config={
+            "vocab_size": tok.vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": SIGLIP_TEXT_LENGTH,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": None,  # SigLIP's text has no BOS (the default is CLIP's 49406)
+            "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 24,
+            "patch_size": 8,
+        },
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).eval().save_pretrained(out)
+    Proc(size={"height": 24, "width": 24}).save_pretrained(out)
+    return out
+
+
+def save_tiny_altclip(out: Path, *, seed: int = 3, projection_dim: int = 16) -> Path:
+    """A tiny ``AltCLIPModel``: XLM-R-style text tower (``XLMRobertaTokenizer``, a unigram
+    vocabulary built here, position ids offset by the pad id) + CLIP vision tower and CLIP
+    image processor (shortest-edge resize + center crop)."""
+    import torch
+    from transformers import AltCLIPConfig, AltCLIPModel, XLMRobertaTokenizer
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces = sorted({p for s in SPM_CORPUS for w in s.split() for p in ("▁" + w, w)})
+    chars = sorted({c for s in SPM_CORPUS for c in s if c != " "})
+    vocab = [(t, 0.0) for t in specials] + [(p, -1.0 - len(p) / 10) for p in pieces]
+    vocab += [(c, -10.0) for c in chars if c not in pieces] + [("▁", -5.0), ("<mask>", 0.0)]
+    tok = XLMRobertaTokenizer(vocab=vocab, model_max_length=20)
+    config = AltCLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 22,  # model_max_length + pad id + 1, as XLM-R's 514
+            "project_dim": projection_dim,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE,
+            "patch_size": 8,
+        },
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    AltCLIPModel(config).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    _image_processor(TINY_IMAGE).save_pretrained(out)
+    return out
