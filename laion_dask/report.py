@@ -3,14 +3,22 @@
 Statistics are computed per scores partition by :func:`partition_summary` (a plain function over
 one pandas frame, returning a small mergeable dict, see :mod:`laion_dask.sketches`), run on the
 cluster one task per partition and merged with a tree reduce of those dicts: rows never travel
-to the client. Histograms have fixed bins (:data:`HISTOGRAMS`), so quantiles come from merged
-counts (exact to one bin width); counters (languages, domains, statuses) are exact per
-partition and summed (fine at this project's scale; a billion-row run would swap the domain
-counter for a top-k sketch).
+to the client, and every merged object has a bounded size whatever the row count.
 
-``stats.json`` schema (``schema_version`` 1)::
+- Histograms have fixed bins (:data:`HISTOGRAMS`); quantiles come from the merged counts and are
+  within ``quantile_error`` (one bin width; a factor for log bins) of the exact order statistic
+  (ranks in the under/overflow report the min/max).
+- Counts of low-cardinality values (languages, groups, rule reasons, statuses, final reasons)
+  are exact. Every value is counted as it is: a status or reason no list knows is counted under
+  its own name, never dropped.
+- Domains are Misra-Gries heavy-hitter summaries (:data:`DOMAIN_CAPACITY` counters): each count
+  is a lower bound at most ``domains.sketch.max_undercount`` below the true one (0 = exact, the
+  case while a run has fewer distinct domains than the capacity); distinct domains are
+  k-minimum-values estimates (exact below :data:`DISTINCT_K`).
 
-    schema_version   1
+``stats.json`` schema (``schema_version`` 2)::
+
+    schema_version   2
     run              path, input_files, config (resolved, as dict), model, clip_resolved,
                      versions {package: version}, stages {extract|download|score:
                      {partitions, rows, seconds, rows_per_second[, bytes, bytes_per_second]}}
@@ -19,19 +27,27 @@ counter for a top-k sketch).
     rows, partitions candidate rows (every row of RUN/scores) and scores partitions
     funnel           table [{stage, outcome, rows}] and checks {stage: bool} from stats.funnel,
                      final {rows_in, kept {group: n}, dropped {reason: n}, adds_up},
-                     by_group {group: {reason|"kept": n}} (final reason of every row)
+                     by_group {group: {reason|"kept": n}} (final reason of every row),
+                     consent {reasons {reason: n}, rows, share}: the "consent and safety"
+                     group, final reasons matching CONSENT_PATTERN (opt-outs, robots, TDM
+                     reservations, block lists, refused addresses); the schema's names are
+                     listed even at 0
     stages           rules {reason|"kept": n}, download {status: n} (attempted rows),
                      score {status: n} (downloaded rows), filters {reason|"passed": n} (scored)
     languages        top [[lang, n]] (30), rest, distinct, groups {group: n},
                      kept_top [[lang, n]] (30), kept_rest, kept_groups {group: n}
     histograms       name -> {population, edges, counts, under, over, missing, n, sum, mean,
-                     min, max, quantiles {"p01".."p99": value}, threshold?}; names in HISTOGRAMS
+                     min, max, quantiles {"p01".."p99": value}, quantile_error {"abs": width}
+                     or {"rel": factor - 1}, threshold?}; names in HISTOGRAMS
     above_cutoff     punsafe|pwatermark -> {cutoff, source ("filters"|"reference"), rows, scored,
                      share}
     domains          top_candidates, top_images (downloaded), top_kept [[domain, n]] (30) with
-                     distinct_* and rest_* counts
+                     distinct_* and rest_* (rows not in the top list) counts; sketch {kind
+                     "misra_gries", capacity, max_undercount {candidates|images|kept|failed: n},
+                     exact {...: bool}, distinct_kind "kmv", distinct_k, distinct_exact {...}}
     download_failures by_status {status: n}, by_http_status {code|"none": n},
-                     by_domain [[domain, n]] (20), rest_by_domain
+                     by_domain [[domain, n]] (20, a lower bound within
+                     domains.sketch.max_undercount.failed), rest_by_domain
     duplicates       {rows, rate} (rule reason "duplicate" over candidate rows)
     samples          random|threshold -> {group: [{key, shard, text, url, language,
                      similarity, prio}]}: 8 kept rows per group by LAION's row hash, and 8
@@ -53,7 +69,9 @@ import html
 import io
 import json
 import logging
+import re
 import sys
+import threading
 import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -69,13 +87,29 @@ from .filters import (
     load_thresholds,
 )
 from .rundir import RunDir
-from .sketches import HistSpec, histogram, merge_all, quantiles, top_k
+from .sketches import (
+    HistSpec,
+    Workspace,
+    bincount,
+    distinct_estimate,
+    distinct_sketch,
+    heavy_hitters,
+    histogram,
+    int_histogram,
+    merge_all,
+    quantiles,
+    top_k,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "HISTOGRAMS",
     "SCHEMA_VERSION",
+    "DOMAIN_CAPACITY",
+    "DISTINCT_K",
+    "CONSENT_PATTERN",
+    "is_consent",
     "partition_summary",
     "summarize_run",
     "finalize",
@@ -88,7 +122,7 @@ __all__ = [
     "main",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOP_LANGUAGES = 30
 TOP_DOMAINS = 30
 TOP_FAILED_DOMAINS = 20
@@ -98,24 +132,34 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 REFERENCE_CUTOFFS = {"punsafe": 0.5, "pwatermark": 0.8}
 
 #: name -> (population, fixed bins); populations: scored_<group>, scored, downloaded,
-#: candidates, kept
+#: candidates, kept. Quantiles are within one bin width (``quantile_error`` in stats.json).
 HISTOGRAMS: dict[str, tuple[str, HistSpec]] = {
-    "similarity_en": ("scored_en", HistSpec(-1.0, 1.0, 400)),
-    "similarity_multi": ("scored_multi", HistSpec(-1.0, 1.0, 400)),
-    "similarity_nolang": ("scored_nolang", HistSpec(-1.0, 1.0, 400)),
-    "punsafe": ("scored", HistSpec(0.0, 1.0, 100)),
-    "pwatermark": ("scored", HistSpec(0.0, 1.0, 100)),
-    "original_width": ("downloaded", HistSpec(0, 4096, 128)),
-    "original_height": ("downloaded", HistSpec(0, 4096, 128)),
-    "aspect_ratio": ("downloaded", HistSpec(0.0, 5.0, 100)),
-    "stored_width": ("downloaded", HistSpec(0, 4096, 128)),
-    "stored_height": ("downloaded", HistSpec(0, 4096, 128)),
-    "original_bytes": ("downloaded", HistSpec(100.0, 1e8, 60, log=True)),
-    "caption_chars": ("candidates", HistSpec(0, 1000, 100)),
+    "similarity_en": ("scored_en", HistSpec(-1.0, 1.0, 2000)),
+    "similarity_multi": ("scored_multi", HistSpec(-1.0, 1.0, 2000)),
+    "similarity_nolang": ("scored_nolang", HistSpec(-1.0, 1.0, 2000)),
+    "punsafe": ("scored", HistSpec(0.0, 1.0, 1000)),
+    "pwatermark": ("scored", HistSpec(0.0, 1.0, 1000)),
+    "original_width": ("downloaded", HistSpec(0, 4096, 512)),
+    "original_height": ("downloaded", HistSpec(0, 4096, 512)),
+    "aspect_ratio": ("downloaded", HistSpec(0.0, 5.0, 500)),
+    "stored_width": ("downloaded", HistSpec(0, 4096, 512)),
+    "stored_height": ("downloaded", HistSpec(0, 4096, 512)),
+    "original_bytes": ("downloaded", HistSpec(100.0, 1e8, 300, log=True)),
+    "caption_chars": ("candidates", HistSpec(0, 1000, 1000)),
     "caption_words": ("candidates", HistSpec(0, 200, 200)),
-    "caption_chars_kept": ("kept", HistSpec(0, 1000, 100)),
+    "caption_chars_kept": ("kept", HistSpec(0, 1000, 1000)),
     "caption_words_kept": ("kept", HistSpec(0, 200, 200)),
 }
+#: bars a histogram plot shows at most (adjacent bins are summed for the plot only)
+PLOT_BINS = 200
+#: counters per domain heavy-hitter summary: counts are exact while a run has fewer distinct
+#: domains (per population), else lower bounds within ``max_undercount`` (stats.json)
+DOMAIN_CAPACITY = 4096
+#: hashes per distinct-domain sketch: exact below this many distinct domains, else about 1.6 %
+#: relative standard error
+DISTINCT_K = 4096
+#: domain populations with a distinct count
+DISTINCT_DOMAINS = ("candidates", "images", "kept")
 
 #: columns of RUN/scores the report reads
 COLUMNS = [
@@ -145,6 +189,20 @@ _DOMAIN_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/
 _FAST_HOST_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?P<host>[^/:?#]*)"
 
 
+#: what names a consent or safety drop (a reason or a download status): opt-outs (robots meta,
+#: robots.txt, X-Robots-Tag ``disallowed``, TDM reservations), user opt-out and block lists, and
+#: addresses the downloader refuses; ``blocked_extension`` is a file-type rule, not one of them
+CONSENT_PATTERN = re.compile(
+    r"disallowed|robots|tdm|opt_?out|opted|blocklist|blocked_(?!extension\b)", re.IGNORECASE
+)
+
+
+def is_consent(reason: str) -> bool:
+    """Whether a final reason counts in the funnel's "consent and safety" group: one of
+    ``schema.CONSENT_STATUSES`` or a name :data:`CONSENT_PATTERN` matches."""
+    return reason in getattr(schema, "CONSENT_STATUSES", ()) or bool(CONSENT_PATTERN.search(reason))
+
+
 # --- per partition --------------------------------------------------------------------------------
 
 
@@ -168,10 +226,19 @@ def _rows_with_bytes(arr: Any, chars: bytes) -> np.ndarray:
         return out
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    hit = np.zeros(raw.size, dtype=bool)
-    for c in chars:
-        hit |= raw == c
-    pos = np.flatnonzero(hit) + offsets[0]
+    found = []
+    step = 1 << 15  # 32 KB slices: small temporaries (no fresh pages in a Dask worker)
+    hit = np.empty(min(step, raw.size), dtype=bool)
+    eq = np.empty_like(hit)
+    for i in range(0, raw.size, step):
+        part = raw[i : i + step]
+        h, e = hit[: part.size], eq[: part.size]
+        h[:] = False
+        for c in chars:
+            h |= np.equal(part, c, out=e)
+        if h.any():
+            found.append(np.flatnonzero(h) + i)
+    pos = np.concatenate(found) + offsets[0] if found else np.zeros(0, np.int64)
     if pos.size:
         rows = np.searchsorted(offsets, pos, side="right") - 1
         out[rows] = True
@@ -220,42 +287,119 @@ def _num(df: pd.DataFrame, col: str) -> np.ndarray:
     return s.astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
 
 
-#: bytes Python's ``str.split()`` splits ASCII text on
-_ASCII_SPACE = np.zeros(256, dtype=bool)
-_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+def _f32(df: pd.DataFrame, col: str) -> np.ndarray:
+    """A float column as float32 (NaN = missing) when it is float32 already, else float64."""
+    s = df[col]
+    if s.dtype == np.float32:
+        return s.to_numpy()
+    return _num(df, col)
+
+
+def _col_values(df: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(values, valid)``: an integer column as its own integers (missing rows 0) and which rows
+    have a value; any other as float64 with NaN for missing (``valid`` None). No float64 copy of
+    an integer column: a large temporary costs fresh pages in a Dask worker."""
+    s = df[col]
+    dtype = s.dtype
+    if pd.api.types.is_integer_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
+        native = getattr(dtype, "numpy_dtype", dtype)
+        return s.to_numpy(dtype=native, na_value=0), s.notna().to_numpy(dtype=bool)
+    return _num(df, col), None
+
+
+def _as_float(values: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    x = values.astype("float64")
+    if valid is not None:
+        x[~valid] = np.nan
+    return x
+
+
+def _aspect(
+    w: tuple[np.ndarray, np.ndarray | None],
+    h: tuple[np.ndarray, np.ndarray | None],
+    mask: np.ndarray,
+) -> np.ndarray:
+    """Width / height (float64, NaN without a positive height) of the rows under ``mask``."""
+    wf = _as_float(w[0][mask], None if w[1] is None else w[1][mask])
+    hf = _as_float(h[0][mask], None if h[1] is None else h[1][mask])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(hf > 0, wf / hf, np.nan)
+
+
+def _hist(
+    values: np.ndarray,
+    valid: np.ndarray | None,
+    spec: HistSpec,
+    mask: np.ndarray | None,
+    ws: Workspace,
+) -> dict[str, Any]:
+    """Histogram of ``values[mask]``: integer values (``valid`` marks the rows that have one)
+    on integer edges by ``bincount`` (:func:`~laion_dask.sketches.int_histogram`), any other as
+    ``numpy.histogram`` bins them (NaN = missing)."""
+    if np.issubdtype(values.dtype, np.integer) and spec.integer_step is not None:
+        return int_histogram(values, spec, valid, mask, ws)
+    return histogram(values, spec, mask, valid, ws)
+
+
+def _rows_with_unicode_space(raw: np.ndarray, rel: np.ndarray) -> np.ndarray:
+    """Rows (``rel``: byte offsets) whose UTF-8 bytes hold a non-ASCII whitespace character
+    ``str.split()`` splits on (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
+    U+205F, U+3000)."""
+    rows = np.zeros(len(rel) - 1, dtype=bool)
+    lead = np.flatnonzero((raw == 0xC2) | ((raw >= 0xE1) & (raw <= 0xE3)))
+    if not lead.size:
+        return rows
+    last = raw.size - 1
+    b0 = raw[lead]
+    b1 = raw[np.minimum(lead + 1, last)]
+    b2 = raw[np.minimum(lead + 2, last)]
+    e2 = (b0 == 0xE2) & (
+        ((b1 == 0x80) & (((b2 >= 0x80) & (b2 <= 0x8A)) | np.isin(b2, (0xA8, 0xA9, 0xAF))))
+        | ((b1 == 0x81) & (b2 == 0x9F))
+    )
+    hit = (
+        ((b0 == 0xC2) & ((b1 == 0x85) | (b1 == 0xA0)))
+        | ((b0 == 0xE1) & (b1 == 0x9A) & (b2 == 0x80))
+        | e2
+        | ((b0 == 0xE3) & (b1 == 0x80) & (b2 == 0x80))
+    )
+    rows[np.searchsorted(rel, lead[hit], side="right") - 1] = True
+    return rows
 
 
 def _word_counts_arrow(text: Any) -> np.ndarray:
     """Words per caption (``len(s.split())``) of a null-free Arrow large string array.
 
-    ASCII-only text is counted on the bytes (a word starts at a non-space byte after a space
-    or at the start of its row); any other text goes through :func:`_word_counts`'s Unicode
-    path.
+    Counted on the UTF-8 bytes: a word starts at a non-space byte after a space (``str.split()``'s
+    ASCII whitespace: bytes 9-13 and 28-32; no byte of a multi-byte character is one) or at the
+    start of its row. The rare rows holding a non-ASCII whitespace character are counted by
+    ``str.split()`` itself.
     """
-    import pyarrow.compute as pc
-
     n = len(text)
     if not n:
-        return np.zeros(0, dtype="float64")
-    if not pc.all(pc.string_is_ascii(text)).as_py():
-        trimmed = pc.utf8_trim_whitespace(text)
-        k = pc.list_value_length(pc.utf8_split_whitespace(trimmed))
-        k = pc.if_else(pc.equal(trimmed, ""), 0, k)
-        return np.asarray(k.to_numpy(zero_copy_only=False), dtype="float64")
+        return np.zeros(0, dtype=np.int64)
     offsets = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset : text.offset + n + 1]
-    data = text.buffers()[2]
     o0, o1 = int(offsets[0]), int(offsets[-1])
     if o1 == o0:
-        return np.zeros(n, dtype="float64")
-    raw = np.frombuffer(data, dtype=np.uint8)[o0:o1]
-    space = _ASCII_SPACE[raw]
-    start = ~space
-    start[1:] &= space[:-1]
+        return np.zeros(n, dtype=np.int64)
+    raw = np.frombuffer(text.buffers()[2], dtype=np.uint8)[o0:o1]
     rel = offsets - o0
+    top, low = int(raw.max()), int(raw.min())
+    space = raw <= 32
+    if low < 28:  # control bytes 0-8 and 14-27 are not whitespace for str.split()
+        space &= ~((raw < 9) | ((raw > 13) & (raw < 28)))
+    start = np.empty(raw.size, dtype=bool)
+    start[0] = not space[0]
+    np.greater(space[:-1], space[1:], out=start[1:])  # space, then non-space
     row_start = rel[:-1][rel[1:] > rel[:-1]]  # non-empty rows' first byte
     start[row_start] = ~space[row_start]
     firsts = np.flatnonzero(start)  # byte positions where a word starts, ascending
-    return np.diff(np.searchsorted(firsts, rel, side="left")).astype("float64")
+    counts = np.diff(np.searchsorted(firsts, rel, side="left"))
+    if top >= 0x80:
+        odd = _rows_with_unicode_space(raw, rel)
+        if odd.any():
+            counts[odd] = [len(t.split()) for t in text.filter(odd).to_pylist()]
+    return counts
 
 
 def _samples(
@@ -325,7 +469,33 @@ def _encode(arr: Any, fill: str) -> tuple[np.ndarray, list[str]]:
         if fill not in labels:
             labels.append(fill)
         idx = idx.fill_null(labels.index(fill))
-    return idx.to_numpy(zero_copy_only=False).astype(np.intp, copy=False), labels
+    return np.asarray(idx.to_numpy(zero_copy_only=False)), labels  # int32: half of intp
+
+
+def _col_codes(s: pd.Series, fill: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``(codes, labels, valid)`` of a string column, its nulls coded as ``fill``.
+
+    A categorical column (what :func:`_read_part` reads low-cardinality columns as: Parquet's
+    own dictionary) gives its codes without hashing a string; any other goes through
+    :func:`_encode`.
+    """
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        codes = s.cat.codes.to_numpy()  # int8 for a few categories: kept small (no copy)
+        labels = [str(v) for v in s.cat.categories]
+        valid = codes >= 0
+        if len(labels) >= np.iinfo(codes.dtype).max:  # room for the fill label's code
+            codes = codes.astype(np.int32)
+        if not valid.all():
+            codes = codes.copy()
+            if fill not in labels:
+                labels.append(fill)
+            codes[~valid] = labels.index(fill)
+        if len(set(labels)) != len(labels):  # non-string categories that print alike
+            arr = _str_array(s.astype("string"))
+            return (*_encode(arr, fill), np.asarray(arr.is_valid()))
+        return codes, labels, valid
+    arr = _str_array(s)
+    return (*_encode(arr, fill), np.asarray(arr.is_valid()))
 
 
 def _domain_codes(urls: pd.Series) -> tuple[np.ndarray, list[str]]:
@@ -338,16 +508,18 @@ def _domain_codes(urls: pd.Series) -> tuple[np.ndarray, list[str]]:
     labels, inverse = np.unique(
         np.array([v if v else "<none>" for v in lowered], dtype=object), return_inverse=True
     )
-    return np.asarray(inverse, dtype=np.intp).reshape(-1)[codes], [str(v) for v in labels]
+    return np.asarray(inverse, dtype=np.int32).reshape(-1)[codes], [str(v) for v in labels]
 
 
 def _code_counts(
-    codes: np.ndarray, labels: Sequence[str], mask: np.ndarray | None = None
+    codes: np.ndarray,
+    labels: Sequence[str],
+    mask: np.ndarray | None = None,
+    ws: Workspace | None = None,
 ) -> dict[str, int]:
     """``{label: n}`` of the rows under ``mask``, most frequent first (as ``value_counts``;
     ties by label), labels with no row left out."""
-    c = codes if mask is None else codes[mask]
-    n = np.bincount(c, minlength=len(labels))
+    n = bincount(codes, len(labels), mask, ws)
     items = sorted(((labels[i], int(n[i])) for i in np.flatnonzero(n)), key=lambda t: (-t[1], t[0]))
     return dict(items)
 
@@ -359,12 +531,12 @@ def _fast_filter_codes(
     glabels: Sequence[str],
     chars: np.ndarray,
     sim32: np.ndarray,
-    w: np.ndarray,
-    h: np.ndarray,
 ) -> np.ndarray:
     """Index into ``FILTER_REASONS`` (``len(FILTER_REASONS)`` = passes) per row: a vectorized
     :func:`laion_dask.filters.add_filter_reason` (the same rules, same order, same dtypes)."""
     n = len(df)
+    if cfg.min_side or cfg.max_aspect_ratio:  # float64 sizes only for a rule that reads them
+        w, h = _num(df, schema.ORIGINAL_WIDTH), _num(df, schema.ORIGINAL_HEIGHT)
     thr_of = np.array(
         [
             cfg.similarity_en
@@ -399,7 +571,7 @@ def _fast_filter_codes(
                 else zeros
             ),
         }
-    code = np.full(n, len(FILTER_REASONS), dtype=np.intp)
+    code = np.full(n, len(FILTER_REASONS), dtype=np.int8)
     for i in range(len(FILTER_REASONS) - 1, -1, -1):  # first failing rule wins
         code[np.asarray(rules[FILTER_REASONS[i]], dtype=bool) & scored] = i
     return code
@@ -420,7 +592,7 @@ def _final_codes(
     index: dict[str, int] = {}
 
     def ids(labels: Sequence[str]) -> np.ndarray:
-        return np.array([index.setdefault(v, len(index)) for v in labels] or [0], dtype=np.intp)
+        return np.array([index.setdefault(v, len(index)) for v in labels] or [0], dtype=np.int32)
 
     kept_id = int(ids(["kept"])[0])
     out = np.append(ids(FILTER_REASONS), kept_id)[filter_codes]
@@ -437,7 +609,7 @@ def fast_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
     does (Arrow + NumPy, no pandas string ops); ``df`` needs :data:`COLUMNS`."""
     import pyarrow.compute as pc
 
-    gcodes, glabels = _encode(_str_array(df[schema.LANGUAGE_GROUP]), "nolang")
+    gcodes, glabels, _ = _col_codes(df[schema.LANGUAGE_GROUP], "nolang")
     text = _str_array(df[schema.TEXT])
     chars = pc.utf8_length(text).fill_null(0).to_numpy(zero_copy_only=False).astype("float64")
     sim32 = df[schema.SIMILARITY].astype("float32").to_numpy(dtype="float32", na_value=np.nan)
@@ -448,13 +620,10 @@ def fast_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
         glabels,
         chars,
         sim32,
-        _num(df, schema.ORIGINAL_WIDTH),
-        _num(df, schema.ORIGINAL_HEIGHT),
     )
-    cols = {}
-    for col in (schema.DROP_REASON, schema.STATUS, schema.SCORE_STATUS):
-        arr = _str_array(df[col])
-        cols[col] = (*_encode(arr, ""), np.asarray(arr.is_valid()))
+    cols = {
+        c: _col_codes(df[c], "") for c in (schema.DROP_REASON, schema.STATUS, schema.SCORE_STATUS)
+    }
     codes, labels = _final_codes(
         cols[schema.DROP_REASON], cols[schema.STATUS], cols[schema.SCORE_STATUS], fcodes
     )
@@ -462,108 +631,154 @@ def fast_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
     return pd.Series(final, index=df.index, dtype="string", name=FINAL_REASON)
 
 
+def _domain_sketches(
+    codes: np.ndarray,
+    labels: Sequence[str],
+    masks: Mapping[str, np.ndarray | None],
+    capacity: int,
+    distinct_k: int,
+    ws: Workspace | None = None,
+) -> dict[str, Any]:
+    """Per population: a Misra-Gries summary of rows per domain and (``distinct_<name>``) a
+    k-minimum-values sketch of the distinct domains (see :mod:`laion_dask.sketches`)."""
+    out: dict[str, Any] = {}
+    for name, mask in masks.items():
+        counts = bincount(codes, len(labels), mask, ws)
+        out[name] = heavy_hitters(labels, counts, capacity)
+        if name in DISTINCT_DOMAINS:
+            present = np.flatnonzero(counts)
+            out[f"distinct_{name}"] = distinct_sketch([labels[i] for i in present], distinct_k)
+    return out
+
+
+_WORKSPACES = threading.local()
+
+
+def _workspace(rows: int) -> Workspace:
+    """This thread's scratch arrays (a cache: a worker reuses them for every partition, so
+    their pages are faulted in once, not once per partition; about 60 bytes per row)."""
+    ws = getattr(_WORKSPACES, "ws", None)
+    if ws is None or ws.rows < rows:
+        ws = _WORKSPACES.ws = Workspace(rows)
+    return ws
+
+
 def partition_summary(
-    df: pd.DataFrame, cfg: FilterConfig, *, samples: int = SAMPLES_PER_GROUP
+    df: pd.DataFrame,
+    cfg: FilterConfig,
+    *,
+    samples: int = SAMPLES_PER_GROUP,
+    domain_capacity: int = DOMAIN_CAPACITY,
+    distinct_k: int = DISTINCT_K,
 ) -> dict[str, Any]:
     """One scores partition -> a small mergeable summary (see :mod:`laion_dask.sketches`).
 
     Parameters
     ----------
     df : pandas.DataFrame
-        Rows of ``RUN/scores`` (every candidate row), at least :data:`COLUMNS`.
+        Rows of ``RUN/scores`` (every candidate row), at least :data:`COLUMNS`; string columns
+        may be plain strings or categoricals (what :func:`_read_part` reads).
     cfg : FilterConfig
         The thresholds that decide ``kept`` (as ``materialize`` applies them).
     samples : int
         Sample records kept per language group (random and at the threshold).
+    domain_capacity : int
+        Counters of each domain heavy-hitter summary (exact below that many distinct domains).
+    distinct_k : int
+        Hashes of each distinct-domain sketch (exact below that many distinct domains).
 
     Returns
     -------
     dict
-        Counts, histograms and samples; merge with :func:`laion_dask.sketches.merge`.
+        Counts, histograms, sketches and samples; merge with :func:`laion_dask.sketches.merge`.
 
     Notes
     -----
-    One pass of Arrow / NumPy kernels: every string column is dictionary-encoded once and
-    every count is a ``bincount`` of its codes (no per-group pandas masks); the final reason
-    is :func:`laion_dask.filters.add_final_reason` vectorized (``tests/test_report.py``
-    checks they agree).
+    One pass of Arrow / NumPy kernels: every string column is coded once (Parquet's own
+    dictionary for the low-cardinality ones) and every count is a ``bincount`` of codes;
+    integer histograms are one ``bincount`` of the values. The final reason is
+    :func:`laion_dask.filters.add_final_reason` vectorized (``tests/test_report.py`` checks they
+    agree). Few full-length temporaries: Dask workers fix glibc's mmap threshold (the Nanny sets
+    ``MALLOC_TRIM_THRESHOLD_``), so each large temporary costs fresh pages there.
     """
     import pyarrow.compute as pc
 
     df = df.reset_index(drop=True)
     n = len(df)
-    gcodes, glabels = _encode(_str_array(df[schema.LANGUAGE_GROUP]), "nolang")
+    ws = _workspace(n)  # scratch arrays shared by the counting kernels
+    gcodes, glabels, _ = _col_codes(df[schema.LANGUAGE_GROUP], "nolang")
     gidx = {g: i for i, g in enumerate(glabels)}
     in_group = {
         g: (gcodes == gidx[g]) if g in gidx else np.zeros(n, dtype=bool)
         for g in schema.LANGUAGE_GROUPS
     }
-    drop = _str_array(df[schema.DROP_REASON])
-    status_a = _str_array(df[schema.STATUS])
-    sstat_a = _str_array(df[schema.SCORE_STATUS])
     text = _str_array(df[schema.TEXT])
     text = text.fill_null("") if text.null_count else text
-    chars = pc.utf8_length(text).to_numpy(zero_copy_only=False).astype("float64")
+    chars_i = np.asarray(pc.utf8_length(text).to_numpy(zero_copy_only=False), dtype=np.int64)
     words = _word_counts_arrow(text)
     sim32 = df[schema.SIMILARITY].astype("float32").to_numpy(dtype="float32", na_value=np.nan)
-    sim = _num(df, schema.SIMILARITY)  # float32 for the filter rule (as filters), else float64
-    w, h = _num(df, schema.ORIGINAL_WIDTH), _num(df, schema.ORIGINAL_HEIGHT)
-    fcodes = _fast_filter_codes(df, cfg, gcodes, glabels, chars, sim32, w, h)
-    rule_codes, rule_labels = _encode(drop, "kept")
-    st_codes, st_labels = _encode(status_a, "<NA>")
-    ss_codes, ss_labels = _encode(sstat_a, "<none>")
+    fcodes = _fast_filter_codes(df, cfg, gcodes, glabels, chars_i, sim32)
+    rule_codes, rule_labels, rule_valid = _col_codes(df[schema.DROP_REASON], "kept")
+    st_codes, st_labels, status_ok = _col_codes(df[schema.STATUS], "<NA>")
+    ss_codes, ss_labels, ss_valid = _col_codes(df[schema.SCORE_STATUS], "<none>")
     final_codes, final_labels = _final_codes(
-        (rule_codes, rule_labels, np.asarray(drop.is_valid())),
-        (st_codes, st_labels, np.asarray(status_a.is_valid())),
-        (ss_codes, ss_labels, np.asarray(sstat_a.is_valid())),
+        (rule_codes, rule_labels, rule_valid),
+        (st_codes, st_labels, status_ok),
+        (ss_codes, ss_labels, ss_valid),
         fcodes,
     )
     kept = final_codes == final_labels.index("kept")
-    status_ok = np.asarray(status_a.is_valid())
-    attempted = ~np.asarray(drop.is_valid()) & status_ok
+    attempted = ~rule_valid & status_ok
     downloaded = (
         (st_codes == st_labels.index("success")) & status_ok
         if "success" in st_labels
         else np.zeros(n, dtype=bool)
     )
     scored = (
-        (ss_codes == ss_labels.index("success")) & np.asarray(sstat_a.is_valid())
+        (ss_codes == ss_labels.index("success")) & ss_valid
         if "success" in ss_labels
         else np.zeros(n, dtype=bool)
-    ) & ~np.isnan(sim)
+    ) & ~np.isnan(sim32)
     failed = attempted & ~downloaded
     dom_codes, dom_labels = _domain_codes(df[schema.URL])
-    lang_codes, lang_labels = _encode(_str_array(df[schema.LANGUAGE]), "<none>")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        aspect = np.where(h > 0, w / h, np.nan)
-    values = {
-        "punsafe": _num(df, schema.PUNSAFE),
-        "pwatermark": _num(df, schema.PWATERMARK),
-        "original_width": w,
-        "original_height": h,
-        "aspect_ratio": aspect,
-        "stored_width": _num(df, schema.WIDTH),
-        "stored_height": _num(df, schema.HEIGHT),
-        "original_bytes": _num(df, schema.ORIGINAL_BYTES),
-        "caption_chars": chars,
-        "caption_words": words,
-        "caption_chars_kept": chars,
-        "caption_words_kept": words,
+    lang_codes, lang_labels, _ = _col_codes(df[schema.LANGUAGE], "<none>")
+    cols = {
+        name: _col_values(df, col)
+        for name, col in (
+            ("original_width", schema.ORIGINAL_WIDTH),
+            ("original_height", schema.ORIGINAL_HEIGHT),
+            ("stored_width", schema.WIDTH),
+            ("stored_height", schema.HEIGHT),
+            ("original_bytes", schema.ORIGINAL_BYTES),
+        )
     }
-    populations = {"scored": scored, "downloaded": downloaded, "kept": kept}
+    values = {
+        "punsafe": (_f32(df, schema.PUNSAFE), None),
+        "pwatermark": (_f32(df, schema.PWATERMARK), None),
+        **cols,
+        "aspect_ratio": (
+            _aspect(cols["original_width"], cols["original_height"], downloaded),
+            None,
+        ),
+        "caption_chars": (chars_i, None),
+        "caption_words": (words, None),
+        "caption_chars_kept": (chars_i, None),
+        "caption_words_kept": (words, None),
+    }
+    populations = {"scored": scored, "downloaded": downloaded, "kept": kept, "candidates": None}
     hists = {}
     for name, (pop, spec) in HISTOGRAMS.items():
         if pop.startswith("scored_"):
-            hists[name] = histogram(sim[scored & in_group[pop[7:]]], spec)
-        elif pop == "candidates":
-            hists[name] = histogram(values[name], spec)
+            hists[name] = histogram(sim32, spec, scored & in_group[pop[7:]], None, ws)
         else:
-            hists[name] = histogram(values[name][populations[pop]], spec)
+            mask = None if name == "aspect_ratio" else populations[pop]  # aspect: downloaded
+            hists[name] = _hist(*values[name], spec, mask, ws)
     above = {}
     for col, ref in REFERENCE_CUTOFFS.items():
         cut = getattr(cfg, f"max_{col}")
         cut = ref if cut is None else cut
-        above[col] = int((np.nan_to_num(values[col][scored], nan=-np.inf) > cut).sum())
+        # compared in float64 (as filters), NaN > cut is False
+        above[col] = int(np.count_nonzero(values[col][0][scored] > np.float64(cut)))
     # samples: random among kept downloaded rows; nearest the threshold among scored ones
     # random order = LAION's row hash (mmh3 of url + text): uniform, stable, already stored
     prio = df[schema.HASH].astype("Int64").to_numpy(dtype="float64", na_value=0.0) / 2.0**63
@@ -571,7 +786,7 @@ def partition_summary(
         "float64"
     )  # as filters.similarity_threshold: float32
     has_image = downloaded & df[schema.SHARD].notna().to_numpy(dtype=bool)
-    dist = np.abs(sim - thr_of[gcodes])
+    dist = np.abs(sim32.astype("float64") - thr_of[gcodes])
     picks = {}
     for g in schema.LANGUAGE_GROUPS:
         picks["random", g] = (in_group[g] & kept & has_image, prio)
@@ -581,57 +796,70 @@ def partition_summary(
     thresh_s = {g: picked["threshold", g] for g in schema.LANGUAGE_GROUPS}
     # final reasons by group: one bincount of (group, reason) pairs
     nf = len(final_labels)
-    pair = np.bincount(gcodes * nf + final_codes, minlength=len(glabels) * nf)
+    pair = bincount(gcodes.astype(np.int32) * nf + final_codes, len(glabels) * nf, None, ws)
     final = {}
     for g in schema.LANGUAGE_GROUPS:
         row = pair[gidx[g] * nf : (gidx[g] + 1) * nf] if g in gidx else np.zeros(nf, np.intp)
         final[g] = {final_labels[i]: int(row[i]) for i in np.flatnonzero(row)}
-    http = _num(df, schema.HTTP_STATUS)[failed]
-    missing_http = np.isnan(http)
+    http_values, http_valid = _col_values(df, schema.HTTP_STATUS)
+    http = http_values[failed]
+    missing_http = np.isnan(http) if http_valid is None else ~http_valid[failed]
     codes_http, counts_http = np.unique(http[~missing_http], return_counts=True)
     http_counts = {str(int(c)): int(k) for c, k in zip(codes_http, counts_http, strict=True)}
     if missing_http.any():
         http_counts["none"] = int(missing_http.sum())
     filter_labels = [*FILTER_REASONS, "passed"]
+    domain_pops = {"candidates": None, "images": downloaded, "kept": kept, "failed": failed}
     return {
         "rows": n,
         "partitions": 1,
         "final": final,
         "stages": {
-            "rules": _code_counts(rule_codes, rule_labels),
-            "download": _code_counts(st_codes, st_labels, attempted),
-            "score": _code_counts(ss_codes, ss_labels, downloaded),
-            "filters": _code_counts(fcodes, filter_labels, scored),
+            "rules": _code_counts(rule_codes, rule_labels, ws=ws),
+            "download": _code_counts(st_codes, st_labels, attempted, ws=ws),
+            "score": _code_counts(ss_codes, ss_labels, downloaded, ws=ws),
+            "filters": _code_counts(fcodes, filter_labels, scored, ws=ws),
         },
         "languages": {
-            "all": _code_counts(lang_codes, lang_labels),
-            "kept": _code_counts(lang_codes, lang_labels, kept),
+            "all": _code_counts(lang_codes, lang_labels, ws=ws),
+            "kept": _code_counts(lang_codes, lang_labels, kept, ws=ws),
         },
         "groups": {
-            "all": _code_counts(gcodes, glabels),
-            "kept": _code_counts(gcodes, glabels, kept),
+            "all": _code_counts(gcodes, glabels, ws=ws),
+            "kept": _code_counts(gcodes, glabels, kept, ws=ws),
         },
         "http_status": http_counts,
-        "domains": {
-            "candidates": _code_counts(dom_codes, dom_labels),
-            "images": _code_counts(dom_codes, dom_labels, downloaded),
-            "kept": _code_counts(dom_codes, dom_labels, kept),
-            "failed": _code_counts(dom_codes, dom_labels, failed),
-        },
+        "domains": _domain_sketches(
+            dom_codes, dom_labels, domain_pops, domain_capacity, distinct_k, ws
+        ),
         "hist": hists,
         "above": above,
-        "scored": int(scored.sum()),
+        "scored": int(np.count_nonzero(scored)),
         "samples": {"random": random_s, "threshold": thresh_s},
     }
 
 
-def _summarize_part(part: int, run: RunDir, cfg: FilterConfig, samples: int) -> dict[str, Any]:
+#: low-cardinality string columns read as Parquet's own dictionary (pandas categoricals)
+DICTIONARY_COLUMNS = [
+    schema.LANGUAGE,
+    schema.LANGUAGE_GROUP,
+    schema.DROP_REASON,
+    schema.STATUS,
+    schema.SCORE_STATUS,
+    schema.SHARD,
+]
+
+
+def _read_part(run: RunDir, path: str) -> pd.DataFrame:
+    """:data:`COLUMNS` of one scores part; :data:`DICTIONARY_COLUMNS` as categoricals (no string
+    is built or hashed for them); columns an older run lacks are added as missing values."""
     import pyarrow.parquet as pq
 
-    path = run.part_path("scores", part)
     with run.fs.open(path, "rb") as fh:
-        present = set(pq.read_schema(fh).names)
-    df = run.read_parquet(path, columns=[c for c in COLUMNS if c in present])
+        pf = pq.ParquetFile(fh, read_dictionary=DICTIONARY_COLUMNS)
+        present = set(pf.schema_arrow.names)
+        table = pf.read(columns=[c for c in COLUMNS if c in present])
+    df = table.to_pandas()
     missing = [c for c in COLUMNS if c not in present]
     if missing:  # an older run: report what is there, counted as missing values
         log.warning("%s lacks columns %s: counted as missing", path, missing)
@@ -648,7 +876,14 @@ def _summarize_part(part: int, run: RunDir, cfg: FilterConfig, samples: int) -> 
                 for c in missing
             }
         )
-    return partition_summary(df, cfg, samples=samples)
+    return df
+
+
+def _summarize_part(
+    part: int, run: RunDir, cfg: FilterConfig, samples: int, options: Mapping[str, int]
+) -> dict[str, Any]:
+    df = _read_part(run, run.part_path("scores", part))
+    return partition_summary(df, cfg, samples=samples, **options)
 
 
 def _merge_batch(*summaries: dict[str, Any], k: int = SAMPLES_PER_GROUP) -> dict[str, Any]:
@@ -662,6 +897,8 @@ def summarize_run(
     client: Any | None = None,
     samples: int = SAMPLES_PER_GROUP,
     fan_in: int = 8,
+    domain_capacity: int = DOMAIN_CAPACITY,
+    distinct_k: int = DISTINCT_K,
 ) -> dict[str, Any]:
     """Merged :func:`partition_summary` of every scores partition: one task per partition on
     the cluster, then a tree reduce (``fan_in`` summaries per merge task)."""
@@ -672,8 +909,10 @@ def summarize_run(
     if not parts:
         raise FileNotFoundError(f"{run.path}: no scores; run the score stage first")
     client = _get_client(client)
+    options = {"domain_capacity": domain_capacity, "distinct_k": distinct_k}
     futures = [
-        client.submit(_summarize_part, p, run, cfg, samples, pure=False, retries=1) for p in parts
+        client.submit(_summarize_part, p, run, cfg, samples, options, pure=False, retries=1)
+        for p in parts
     ]
     while len(futures) > 1:
         futures = [
@@ -769,6 +1008,7 @@ def finalize(summary: Mapping[str, Any], cfg: FilterConfig) -> dict[str, Any]:
         entry["quantiles"] = {
             f"p{round(q * 100):02d}": v for q, v in zip(QUANTILES, qv, strict=True)
         }
+        entry["quantile_error"] = spec.quantile_error
         if pop.startswith("scored_"):
             entry["threshold"] = cfg.similarity_for(pop[7:])
         hists[name] = entry
@@ -789,17 +1029,43 @@ def finalize(summary: Mapping[str, Any], cfg: FilterConfig) -> dict[str, Any]:
     ktop, krest = top_k(langs["kept"], TOP_LANGUAGES)
     doms = summary["domains"]
     domains: dict[str, Any] = {}
+    undercount: dict[str, int] = {}
+    exact_distinct: dict[str, bool] = {}
     for name in ("candidates", "images", "kept"):
-        t, r = top_k(doms[name], TOP_DOMAINS)
+        sk = doms[name]
+        t, _ = top_k(sk["counts"], TOP_DOMAINS)
         domains[f"top_{name}"] = t
-        domains[f"rest_{name}"] = r
-        domains[f"distinct_{name}"] = len(doms[name])
-    fdom, frest = top_k(doms["failed"], TOP_FAILED_DOMAINS)
+        domains[f"rest_{name}"] = int(sk["n"]) - sum(c for _, c in t)
+        domains[f"distinct_{name}"], exact_distinct[name] = distinct_estimate(
+            doms[f"distinct_{name}"]
+        )
+        undercount[name] = int(sk["error"])
+    fsk = doms["failed"]
+    fdom, _ = top_k(fsk["counts"], TOP_FAILED_DOMAINS)
+    frest = int(fsk["n"]) - sum(c for _, c in fdom)
+    undercount["failed"] = int(fsk["error"])
+    domains["sketch"] = {
+        "kind": "misra_gries",
+        "capacity": int(fsk["capacity"]),
+        "max_undercount": undercount,
+        "exact": {k: v == 0 for k, v in undercount.items()},
+        "distinct_kind": "kmv",
+        "distinct_k": int(doms["distinct_candidates"]["k"]),
+        "distinct_exact": exact_distinct,
+    }
     stages = {k: dict(sorted(v.items())) for k, v in summary["stages"].items()}
     dup = int(stages["rules"].get("duplicate", 0))
+    known = [*schema.EXTRACT_DROP_REASONS, *schema.DOWNLOAD_STATUSES]
+    known += list(getattr(schema, "CONSENT_STATUSES", ()))
+    consent = {r: int(dropped.get(r, 0)) for r in sorted({*known, *dropped}) if is_consent(r)}
     return {
         "rows": rows,
         "partitions": int(summary["partitions"]),
+        "consent": {
+            "reasons": consent,
+            "rows": sum(consent.values()),
+            "share": sum(consent.values()) / rows if rows else 0.0,
+        },
         "final": {
             "rows_in": rows,
             "kept": kept,
@@ -863,6 +1129,7 @@ def build_stats(
             "checks": check_funnel(table),
             "final": final,
             "by_group": by_group,
+            "consent": body.pop("consent"),
         },
         **body,
     }
@@ -952,6 +1219,11 @@ def _hist_figure(name: str, entry: Mapping[str, Any], title: str, *, log_x: bool
 
     edges = np.asarray(entry["edges"])
     counts = np.asarray(entry["counts"])
+    step = -(-len(counts) // PLOT_BINS)
+    if step > 1:  # fine bins (for quantiles) are summed into at most PLOT_BINS bars
+        starts = np.arange(0, len(counts), step)
+        counts = np.add.reduceat(counts, starts)
+        edges = np.append(edges[starts], edges[-1])
     fig = figure(
         title=f"{title} (n={entry['n']:,})",
         height=260,
@@ -1144,7 +1416,14 @@ def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = Non
     run = stats["run"]
     thr = stats["thresholds"]
     quant = [
-        (name, e["population"], e["n"], e["mean"], *e["quantiles"].values())
+        (
+            name,
+            e["population"],
+            e["n"],
+            e["mean"],
+            *e["quantiles"].values(),
+            _error_text(e["quantile_error"]),
+        )
         for name, e in stats["histograms"].items()
     ]
     qheads = list(next(iter(stats["histograms"].values()))["quantiles"])
@@ -1177,6 +1456,10 @@ def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = Non
 <h2 id="funnel">Funnel</h2>
 {_table(check_rows, ["stage", "check"])}
 {_table([(r["stage"], r["outcome"], r["rows"]) for r in fn["table"]], ["stage", "outcome", "rows"])}
+<h3 id="consent">Consent and safety</h3>
+<p>Rows removed because a page, a host or a list opted them out, or the downloader refused the
+address: {fn["consent"]["rows"]:,} ({fn["consent"]["share"]:.2%} of candidates).</p>
+{_table(list(fn["consent"]["reasons"].items()), ["reason", "rows"])}
 <h3>Final fate by language group</h3>
 {
         _table(
@@ -1191,8 +1474,9 @@ def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = Non
 {_table(_key_rows(stats), ["", "value"])}
 <h2 id="plots">Plots</h2>
 <div class="plots">{plot_div}</div>
-<h2>Distributions (quantiles from merged histograms)</h2>
-{_table(quant, ["name", "population", "n", "mean", *qheads])}
+<h2>Distributions (quantiles from merged fixed-bin histograms)</h2>
+{_table(quant, ["name", "population", "n", "mean", *qheads, "quantile error"])}
+{_sketch_note(stats)}
 <h2 id="samples">Samples</h2>
 {_samples_html(stats, thumbs or {})}
 <h2 id="run-facts">Run facts</h2>
@@ -1242,6 +1526,29 @@ def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = Non
     return page
 
 
+def _error_text(err: Mapping[str, float]) -> str:
+    return f"± {err['abs']:.4g}" if "abs" in err else f"± {err['rel']:.2%}"
+
+
+def _sketch_note(stats: Mapping[str, Any]) -> str:
+    sk = stats["domains"]["sketch"]
+    under = sk["max_undercount"]
+    if not any(under.values()) and all(sk["distinct_exact"].values()):
+        text = "Domain counts are exact (fewer distinct domains than the sketch capacity)."
+    else:
+        text = (
+            f"Domain counts are Misra-Gries lower bounds (capacity {sk['capacity']:,}); "
+            "each is at most this far below the true count: "
+            + ", ".join(f"{k} {v:,}" for k, v in under.items())
+            + f". Distinct counts: k-minimum-values sketches (k = {sk['distinct_k']:,}), "
+            + ", ".join(
+                f"{k} {'exact' if v else 'estimated'}" for k, v in sk["distinct_exact"].items()
+            )
+            + "."
+        )
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
 def _key_rows(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
     final = stats["funnel"]["final"]
     h = stats["histograms"]
@@ -1288,6 +1595,11 @@ def render_markdown(stats: Mapping[str, Any]) -> str:
         lines.append(f"| {md(reason)} | {n:,} | {n / rows:.1%} |")
     ok = "yes" if final["adds_up"] else "NO"
     lines.append(f"| **candidates** (adds up: {ok}) | {stats['rows']:,} | 100% |")
+    consent = stats["funnel"]["consent"]
+    lines += ["", "| consent and safety | rows | share |", "|---|---:|---:|"]
+    for reason, n in consent["reasons"].items():
+        lines.append(f"| {md(reason)} | {n:,} | {n / rows:.1%} |")
+    lines.append(f"| **all consent and safety** | {consent['rows']:,} | {consent['share']:.1%} |")
     lines += ["", "| language | candidates |", "|---|---:|"]
     lines += [f"| {md(k)} | {n:,} |" for k, n in stats["languages"]["top"][:10]]
     return "\n".join(lines) + "\n"

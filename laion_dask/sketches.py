@@ -1,14 +1,22 @@
-"""Mergeable statistics: fixed-bin histograms, exact counters, bottom-k samples.
+"""Mergeable statistics: fixed-bin histograms, heavy-hitter and distinct-count sketches, samples.
 
 Every summary here is a plain dict of ints, floats, lists and dicts, computed from one partition
-and merged by :func:`merge` (sums, element-wise sums, min/max, bottom-k), so a report over many
-partitions is one pass with a tree reduce of small objects, never a collect of rows.
+and merged by :func:`merge` (sums, element-wise sums, min/max, bottom-k, sketch merges), so a
+report over many partitions is one pass with a tree reduce of small objects, never a collect of
+rows.
 
 Histograms use fixed edges (a :class:`HistSpec`), so merging is an element-wise sum and
-quantiles come from the merged counts (exact to one bin width). Counters are exact per partition
-and merged exactly; at billions of rows a high-cardinality counter (domains) should become a
-space-saving / count-min top-k sketch, but at this project's scale exact counts are fine and
-make the report's numbers exactly reproducible.
+quantiles come from the merged counts, within :attr:`HistSpec.quantile_error` of the exact order
+statistic (one bin width; a factor for log bins) for ranks inside ``[lo, hi]``.
+
+High-cardinality counters (domains) are Misra-Gries heavy-hitter summaries
+(:func:`heavy_hitters`, Agarwal et al., *Mergeable summaries*, 2012): at most ``capacity``
+counters; every stored count is a lower bound of the true count and at most ``error`` below it
+(``error <= n / (capacity + 1)``), and every name missing from the summary has a true count of at
+most ``error``. ``error == 0`` (fewer distinct names than ``capacity`` in every merge) means every
+count is exact. Distinct counts are k-minimum-values sketches (:func:`distinct_sketch`): exact
+(up to 64-bit hash collisions) below ``k`` distinct names, else an estimate with a relative
+standard error of about ``1 / sqrt(k - 2)``.
 """
 
 from __future__ import annotations
@@ -19,13 +27,30 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HistSpec", "histogram", "merge", "merge_all", "quantiles", "top_k", "bottom_k"]
+__all__ = [
+    "HistSpec",
+    "Workspace",
+    "bincount",
+    "histogram",
+    "int_histogram",
+    "heavy_hitters",
+    "distinct_sketch",
+    "distinct_estimate",
+    "merge",
+    "merge_all",
+    "quantiles",
+    "top_k",
+    "bottom_k",
+]
 
 #: keys whose values merge by min / max instead of a sum
 _MIN_KEYS = {"min"}
 _MAX_KEYS = {"max"}
 #: key holding bottom-k sample lists (records with a ``prio`` field); its size is ``_K_KEY``
 _SAMPLE_KEY = "samples"
+#: the ``sketch`` field of a heavy-hitter / distinct-count summary
+MISRA_GRIES = "misra_gries"
+KMV = "kmv"
 
 
 @dataclass(frozen=True)
@@ -43,30 +68,322 @@ class HistSpec:
             return np.geomspace(self.lo, self.hi, self.bins + 1)
         return np.linspace(self.lo, self.hi, self.bins + 1)
 
+    @property
+    def integer_step(self) -> int | None:
+        """The bin width when every edge is an integer ``lo + i * step`` (integer data can then
+        be counted per value with one ``bincount``), else None."""
+        if self.log or self.lo != int(self.lo) or self.hi != int(self.hi):
+            return None
+        span = int(self.hi) - int(self.lo)
+        if span <= 0 or span % self.bins:
+            return None
+        step = span // self.bins
+        exact = np.array_equal(self.edges, int(self.lo) + step * np.arange(self.bins + 1))
+        return step if exact else None
 
-def histogram(values: np.ndarray, spec: HistSpec) -> dict[str, Any]:
-    """One partition's histogram of ``values`` (NaN counted as ``missing``).
+    @property
+    def quantile_error(self) -> dict[str, float]:
+        """How far a quantile from these bins can be from the exact order statistic (ranks
+        inside ``[lo, hi]``): ``{"abs": bin width}`` or, for log bins, ``{"rel": factor - 1}``."""
+        if self.log:
+            return {"rel": float((self.hi / self.lo) ** (1.0 / self.bins) - 1.0)}
+        return {"abs": float((self.hi - self.lo) / self.bins)}
+
+
+def _empty_hist(spec: HistSpec, missing: int) -> dict[str, Any]:
+    return {
+        "counts": [0] * spec.bins,
+        "under": 0,
+        "over": 0,
+        "missing": int(missing),
+        "n": 0,
+        "sum": 0.0,
+        "min": None,
+        "max": None,
+    }
+
+
+class Workspace:
+    """Reusable scratch arrays for the counting kernels (one per partition summary).
+
+    Dask workers fix glibc's mmap threshold (the Nanny sets ``MALLOC_TRIM_THRESHOLD_``), so
+    there every temporary over ~64 KB is fresh pages (page faults) each time it is allocated;
+    the kernels here write into these buffers instead (``out=``), paying for the pages once.
+    """
+
+    def __init__(self, rows: int = 0) -> None:
+        self.rows = rows  # buffers are made this long at least: one allocation per slot
+        self._bufs: dict[tuple[str, int], np.ndarray] = {}
+
+    def get(self, dtype: Any, size: int, slot: int = 0) -> np.ndarray:
+        """A scratch array of ``size`` elements (contents undefined); ``slot`` tells apart
+        buffers of one dtype that are used at the same time."""
+        key = (np.dtype(dtype).str, slot)
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(size, self.rows), dtype=dtype)
+            self._bufs[key] = buf
+        return buf[:size]
+
+    def select(
+        self, values: np.ndarray, mask: np.ndarray | None, dtype: Any, slot: int = 0
+    ) -> np.ndarray:
+        """``values[mask]`` as ``dtype``, in scratch buffers (``values`` itself when it already
+        is that dtype and there is no mask)."""
+        if mask is None:
+            if values.dtype == np.dtype(dtype):
+                return values
+            out = self.get(dtype, values.size, slot)
+            np.copyto(out, values, casting="unsafe")
+            return out
+        same = values[mask]  # (np.compress(out=) would allocate a larger index array)
+        if values.dtype == np.dtype(dtype):
+            return same
+        out = self.get(dtype, same.size, slot)
+        np.copyto(out, same, casting="unsafe")
+        return out
+
+    def both(self, a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+        """``a & b`` of two optional masks (None = every row), in a scratch buffer."""
+        if a is None or b is None:
+            return b if a is None else a
+        out = self.get(bool, a.size, 7)
+        return np.logical_and(a, b, out=out)
+
+
+def bincount(
+    codes: np.ndarray, minlength: int, mask: np.ndarray | None = None, ws: Workspace | None = None
+) -> np.ndarray:
+    """``numpy.bincount(codes[mask], minlength=minlength)``, widening small int codes to
+    ``intp`` in a scratch buffer instead of a fresh full-length copy."""
+    ws = ws or Workspace(len(codes))
+    return np.bincount(ws.select(codes, mask, np.intp, slot=5), minlength=minlength)
+
+
+def _valid_selection(
+    ws: Workspace, mask: np.ndarray | None, valid: np.ndarray | None
+) -> tuple[np.ndarray | None, int]:
+    """Rows to count (``mask & valid``) and how many rows under ``mask`` are not ``valid``."""
+    if valid is None:
+        return mask, 0
+    sel = ws.both(mask, valid)
+    under_mask = valid.size if mask is None else int(np.count_nonzero(mask))
+    return sel, under_mask - int(np.count_nonzero(sel))
+
+
+def _bounds(spec: HistSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds of the slots under, bin 0 .. bin n-1, over (``numpy.histogram``
+    semantics: ``[e_i, e_i+1)``, the last bin closed), for exact corrections of a slot."""
+    edges = spec.edges
+    above_hi = np.nextafter(edges[-1], np.inf)
+    lower = np.concatenate([[-np.inf], edges[:-1], [above_hi]])
+    upper = np.concatenate([edges[:-1], [above_hi, np.nan]])  # nothing leaves "over"
+    return lower, upper
+
+
+def histogram(
+    values: np.ndarray,
+    spec: HistSpec,
+    mask: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    ws: Workspace | None = None,
+) -> dict[str, Any]:
+    """One partition's histogram of ``values[mask]`` (NaN, and rows where ``valid`` is False,
+    counted as ``missing``).
 
     Returns ``counts`` (per bin, ``numpy.histogram`` semantics: the last bin includes ``hi``),
     ``under`` (< lo), ``over`` (> hi), ``missing``, ``n`` (non-missing), ``sum``, ``min``, ``max``.
+    Values are compared in float64 (as numpy does), in ``ws``'s scratch buffers: a slot from
+    arithmetic, then corrected against the edges, so the counts equal ``numpy.histogram``'s.
     """
-    v = np.asarray(values, dtype="float64")
-    finite = ~np.isnan(v)
-    x = v[finite]
+    v = np.asarray(values)
+    n_all = len(v)
+    ws = ws or Workspace(n_all)
+    sel, missing = _valid_selection(ws, mask, valid)
+    if v.dtype.kind == "f":  # NaN rows are missing: drop them in the same selection
+        nan = np.isnan(v, out=ws.get(bool, n_all, 2))
+        k = int(np.count_nonzero(nan if sel is None else np.logical_and(nan, sel, out=nan)))
+        if k:
+            missing += k
+            ok = np.logical_not(np.isnan(v, out=nan), out=nan)
+            sel = ok if sel is None else np.logical_and(sel, ok, out=ok)
+    x = ws.select(v, sel, np.float64, slot=0)
+    if not x.size:
+        return _empty_hist(spec, missing)
+    m, bins = x.size, spec.bins
+    lo, hi = np.float64(spec.lo), np.float64(spec.hi)
+    f = ws.get(np.float64, m, 1)
     if spec.log:
-        counts, _ = np.histogram(x, bins=spec.edges)
-    else:  # numpy's equal-width path: same edges (linspace), same counts, no sort
-        counts, _ = np.histogram(x, bins=spec.bins, range=(float(spec.lo), float(spec.hi)))
+        np.maximum(x, lo / 2, out=f)  # <= 0 is under anyway
+        np.log(f, out=f)
+        f -= np.log(lo)
+        f *= bins / (np.log(hi) - np.log(lo))
+    else:
+        np.subtract(x, lo, out=f)
+        f *= bins / (hi - lo)
+    np.clip(f, -1, bins, out=f)
+    np.floor(f, out=f)
+    slot = ws.get(np.intp, m, 1)
+    np.copyto(slot, f, casting="unsafe")
+    slot += 1  # 0 = under, 1..bins = the bins, bins + 1 = over
+    lower, upper = _bounds(spec)
+    flag = ws.get(bool, m, 0)
+    np.subtract(slot, np.less(x, np.take(lower, slot, out=f), out=flag), out=slot)
+    np.add(slot, np.greater_equal(x, np.take(upper, slot, out=f), out=flag), out=slot)
+    counts = np.bincount(slot, minlength=bins + 2)
+    with np.errstate(invalid="ignore"):  # inf + -inf: a NaN sum, no warning
+        total = float(x.sum())
     return {
-        "counts": counts.astype("int64").tolist(),
-        "under": int((x < spec.lo).sum()),
-        "over": int((x > spec.hi).sum()),
-        "missing": int((~finite).sum()),
-        "n": int(x.size),
-        "sum": float(x.sum()),
-        "min": float(x.min()) if x.size else None,
-        "max": float(x.max()) if x.size else None,
+        "counts": counts[1:-1].tolist(),
+        "under": int(counts[0]),
+        "over": int(counts[-1]),
+        "missing": missing,
+        "n": int(m),
+        "sum": total,
+        "min": float(x.min()),
+        "max": float(x.max()),
     }
+
+
+def int_histogram(
+    values: np.ndarray,
+    spec: HistSpec,
+    valid: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    ws: Workspace | None = None,
+) -> dict[str, Any]:
+    """:func:`histogram` of integer ``values[mask]`` (rows where ``valid`` is False are
+    ``missing``) for a spec with :attr:`HistSpec.integer_step`: one ``bincount`` of the values
+    (clipped to ``[lo - 1, hi + 1]``), folded into bins (the same counts as ``numpy.histogram``).
+    """
+    step = spec.integer_step
+    if step is None:
+        raise ValueError(f"{spec} has non-integer edges: use histogram()")
+    x = np.asarray(values)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"int_histogram needs integer values, got {x.dtype}")
+    ws = ws or Workspace(len(x))
+    sel, missing = _valid_selection(ws, mask, valid)
+    c = ws.select(x, sel, np.intp, slot=0)
+    if not c.size:
+        return _empty_hist(spec, missing)
+    if c is x:  # never write into the caller's array
+        c = ws.get(np.intp, x.size, 0)
+        np.copyto(c, x)
+    lo, hi = int(spec.lo), int(spec.hi)
+    low, high = int(c.min()), int(c.max())
+    total = int(c.sum(dtype=np.int64))
+    if low < lo or high > hi:
+        np.clip(c, lo - 1, hi + 1, out=c)
+    c -= lo - 1
+    per_value = np.bincount(c, minlength=hi - lo + 3)  # under, lo..hi, over
+    inner = per_value[1:-1]
+    counts = inner[:-1].reshape(spec.bins, step).sum(axis=1)
+    counts[-1] += inner[-1]  # hi itself is in the last bin
+    return {
+        "counts": counts.tolist(),
+        "under": int(per_value[0]),
+        "over": int(per_value[-1]),
+        "missing": missing,
+        "n": int(c.size),
+        "sum": float(total),
+        "min": float(low),
+        "max": float(high),
+    }
+
+
+# --- heavy hitters and distinct counts ------------------------------------------------------------
+
+
+def _prune(counts: dict[str, int], capacity: int) -> tuple[dict[str, int], int]:
+    """Misra-Gries reduction to at most ``capacity`` counters: subtract the ``capacity + 1``-th
+    largest count from every counter, drop the ones left at zero; returns (counts, subtracted)."""
+    if len(counts) <= capacity:
+        return counts, 0
+    values = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+    delta = int(np.partition(values, len(values) - capacity - 1)[len(values) - capacity - 1])
+    return {k: v - delta for k, v in counts.items() if v > delta}, delta
+
+
+def heavy_hitters(
+    labels: Sequence[str], counts: np.ndarray | Sequence[int], capacity: int
+) -> dict[str, Any]:
+    """A Misra-Gries summary of exact per-name ``counts`` (one partition), at most ``capacity``
+    counters.
+
+    Returns ``{"sketch": "misra_gries", "capacity", "n" (total count), "error" (max undercount
+    of any name), "counts" {name: lower bound}}``; merged by :func:`merge`.
+    """
+    c = np.asarray(counts, dtype=np.int64)
+    nz = np.flatnonzero(c)
+    error = 0
+    if nz.size > capacity:  # prune on the array, build the dict of survivors only
+        delta = int(np.partition(c[nz], nz.size - capacity - 1)[nz.size - capacity - 1])
+        nz = nz[c[nz] > delta]
+        kept = {labels[i]: int(c[i]) - delta for i in nz}
+        error = delta
+    else:
+        kept = {labels[i]: int(c[i]) for i in nz}
+    return {
+        "sketch": MISRA_GRIES,
+        "capacity": int(capacity),
+        "n": int(c.sum()),
+        "error": error,
+        "counts": kept,
+    }
+
+
+def _merge_heavy(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    capacity = min(int(a["capacity"]), int(b["capacity"]))
+    counts = dict(a["counts"])
+    for k, v in b["counts"].items():
+        counts[k] = counts.get(k, 0) + v
+    counts, delta = _prune(counts, capacity)
+    return {
+        "sketch": MISRA_GRIES,
+        "capacity": capacity,
+        "n": int(a["n"]) + int(b["n"]),
+        "error": int(a["error"]) + int(b["error"]) + delta,
+        "counts": counts,
+    }
+
+
+def _hashes(labels: Sequence[str]) -> np.ndarray:
+    """Stable 64-bit hashes of ``labels`` (pandas' SipHash with its fixed key: the same in every
+    process and run)."""
+    import pandas as pd
+
+    if not len(labels):
+        return np.zeros(0, dtype=np.uint64)
+    return pd.util.hash_array(np.asarray(list(labels), dtype=object), categorize=False)
+
+
+def distinct_sketch(labels: Sequence[str], k: int) -> dict[str, Any]:
+    """A k-minimum-values sketch of the distinct ``labels``: the ``k`` smallest 64-bit hashes.
+
+    Returns ``{"sketch": "kmv", "k", "hashes": [int, ...] (ascending)}``; merged by
+    :func:`merge`, read by :func:`distinct_estimate`.
+    """
+    h = np.unique(_hashes(labels))[:k]
+    return {"sketch": KMV, "k": int(k), "hashes": h.tolist()}
+
+
+def _merge_kmv(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    k = min(int(a["k"]), int(b["k"]))
+    h = np.union1d(np.asarray(a["hashes"], dtype=np.uint64), np.asarray(b["hashes"], np.uint64))
+    return {"sketch": KMV, "k": k, "hashes": h[:k].tolist()}
+
+
+def distinct_estimate(sketch: Mapping[str, Any]) -> tuple[int, bool]:
+    """``(count, exact)`` of a :func:`distinct_sketch`: the number of hashes when fewer than
+    ``k`` (exact), else ``(k - 1) / (k-th smallest hash / 2**64)`` (unbiased estimate)."""
+    h, k = sketch["hashes"], int(sketch["k"])
+    if len(h) < k:
+        return len(h), True
+    return int(round((k - 1) / ((float(h[k - 1]) + 1.0) / 2.0**64))), False
+
+
+# --- merging --------------------------------------------------------------------------------------
 
 
 def _merge_value(key: str | None, a: Any, b: Any, k: int) -> Any:
@@ -79,6 +396,12 @@ def _merge_value(key: str | None, a: Any, b: Any, k: int) -> Any:
     if key in _MAX_KEYS:
         return max(a, b)
     if isinstance(a, Mapping):
+        kind = a.get("sketch")
+        if kind is not None and kind == b.get("sketch"):
+            if kind == MISRA_GRIES:
+                return _merge_heavy(a, b)
+            if kind == KMV:
+                return _merge_kmv(a, b)
         return {
             kk: _merge_value(kk if key != _SAMPLE_KEY else _SAMPLE_KEY, a.get(kk), b.get(kk), k)
             for kk in {**a, **b}
@@ -98,7 +421,8 @@ def _merge_value(key: str | None, a: Any, b: Any, k: int) -> Any:
 
 def merge(a: Mapping[str, Any], b: Mapping[str, Any], k: int = 8) -> dict[str, Any]:
     """Merge two summaries: numbers add, lists add element-wise, ``min``/``max`` keys take the
-    min/max, lists under a ``samples`` key keep the ``k`` records with the smallest ``prio``."""
+    min/max, lists under a ``samples`` key keep the ``k`` records with the smallest ``prio``,
+    heavy-hitter and distinct-count sketches (a ``sketch`` field) merge as such."""
     return _merge_value(None, dict(a), dict(b), k)
 
 
@@ -122,7 +446,11 @@ def top_k(counts: Mapping[str, int], k: int) -> tuple[list[list[Any]], int]:
 
 
 def quantiles(hist: Mapping[str, Any], spec: HistSpec, qs: Sequence[float]) -> list[float | None]:
-    """Quantiles from a merged histogram: linear within a bin; under/overflow map to min/max."""
+    """Quantiles from a merged histogram: linear within a bin; under/overflow map to min/max.
+
+    Within :attr:`HistSpec.quantile_error` of the exact order statistic of rank ``ceil(q * n)``
+    when that rank falls inside ``[lo, hi]``.
+    """
     n = hist["n"]
     if not n:
         return [None for _ in qs]
