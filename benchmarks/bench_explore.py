@@ -6,17 +6,26 @@ Measures, in one run:
   group, per threshold change (what a dashboard slider costs on the server);
 * the baseline beside it: the straightforward pandas recomputation (``add_final_reason`` and a
   ``value_counts`` per group) on the same rows;
-* for 1M rows, the served dashboard's server-side update (Panel models refreshed) per slider move.
+* for 1M rows, the served dashboard's server-side update (Panel models refreshed) per slider move,
+  and the sample grid's refresh while a slider is dragged (selection of the nearest rows, their
+  url/caption read from the scores parts by row position, the HTML), for similarity and punsafe;
+* for runs written to disk (1M by default): the resident memory a ``RunView`` holds, against the
+  same view also holding url, caption, key and shard per row (the layout before they moved to
+  disk), each measured in a fresh process.
 
 Targets (issue 6): under 100 ms at 1M rows and under 1 s at 10M rows.
 
-    .venv/bin/python benchmarks/bench_explore.py            # 1M and 10M
+    nice -n 10 .venv/bin/python benchmarks/bench_explore.py            # 1M and 10M
     .venv/bin/python benchmarks/bench_explore.py --rows 200000 --no-dashboard
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -62,7 +71,8 @@ def synthetic_scores(n: int, seed: int = 0) -> pd.DataFrame:
             schema.STATUS: pd.array(status, dtype="string"),
             schema.SCORE_STATUS: pd.array(score_status, dtype="string"),
             schema.KEY: pd.array(keys, dtype="string"),
-            schema.SHARD: pd.array(np.full(n, "00000.tar"), dtype="string"),
+            # no image shards here: thumbnails are placeholders, the rest of a refresh is real
+            schema.SHARD: pd.array(np.full(n, None), dtype="string"),
             schema.URL: pd.array(np.char.add("http://img.test/", keys), dtype="string"),
             schema.TEXT: pd.array(text, dtype="string"),
         }
@@ -85,13 +95,115 @@ def _configs() -> list[FilterConfig]:
     ]
 
 
+def write_run(
+    df: pd.DataFrame,
+    path: str,
+    rows_per_part: int = 125_000,
+    row_group_rows: int | None = None,
+) -> RunDir:
+    """``df`` as a run's ``scores`` parts (with their done markers), as the pipeline leaves them.
+
+    ``row_group_rows`` None writes them as the pipeline does (``RunDir.write_parquet_atomic``
+    and its row groups); a number writes row groups of that many rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = RunDir(path)
+    run.makedirs("scores")
+    for i, start in enumerate(range(0, len(df), rows_per_part)):
+        part = df.iloc[start : start + rows_per_part]
+        target = run.part_path("scores", i)
+        if row_group_rows is None:
+            run.write_parquet_atomic(target, part)
+        else:
+            table = pa.Table.from_pandas(part, preserve_index=False)
+            pq.write_table(table, target, compression="zstd", row_group_size=row_group_rows)
+        run.mark_done("scores", i, {"fingerprint": "bench", "index": i})
+    return run
+
+
+def bench_samples(board, label: str) -> None:
+    """The sample grid's refresh as a slider is dragged (no session: one refresh per move)."""
+    from laion_dask import dashboard as dash
+
+    for cutoff, slider, values in (
+        ("similarity", board.similarity["en"], np.linspace(0.2, 0.35, 8)),
+        ("punsafe", board.max_punsafe, np.linspace(0.1, 0.6, 8)),
+    ):
+        board.sample_cutoff.value = cutoff
+        board.samples_seconds.clear()
+        for v in values:
+            slider.value = float(v)
+        ms = np.median(board.samples_seconds) * 1e3
+        print(
+            f"  samples refresh, {cutoff:10s} ({label}): {ms:6.1f} ms median = "
+            f"{ms / dash.SAMPLES_INTERVAL_MS:.0%} of the {dash.SAMPLES_INTERVAL_MS} ms throttle"
+        )
+
+
+def _status_mb(field: str = "VmRSS") -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MB."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_probe(path: str, with_text: bool) -> dict:
+    """In this (fresh) process: RSS growth from opening ``path`` (and holding url/text too)."""
+    import dask
+    import dask.dataframe  # noqa: F401 - imported before measuring: not the view's memory
+    import pyarrow.parquet  # noqa: F401
+
+    dask.config.set(scheduler="synchronous")  # one part in flight: the peak is the view's
+    gc.collect()
+    before = _status_mb()
+    view = explore.open_run(path)
+    if with_text:  # what the view held per row before url/caption/key/shard moved to disk
+        view.detail_rows = view.details(np.arange(len(view)))
+    gc.collect()
+    after = _status_mb()
+    peak = _status_mb("VmHWM") - before
+    frame_mb = view.rows.memory_usage(deep=True).sum() / 2**20
+    if with_text:
+        frame_mb += view.detail_rows.memory_usage(deep=True).sum() / 2**20
+    return {"rows": len(view), "rss_mb": after - before, "peak_mb": peak, "frames_mb": frame_mb}
+
+
+def _probe(path: str, with_text: bool) -> dict:
+    cmd = [sys.executable, __file__, "--rss-probe", path] + (["--with-text"] if with_text else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_memory(n: int) -> None:
+    df = synthetic_scores(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_run(df, tmp + "/run")
+        del df
+        slim = _probe(tmp + "/run", with_text=False)
+        full = _probe(tmp + "/run", with_text=True)
+    print(f"rows={n:>11,}  memory of an opened RunView (fresh process each, RSS growth):")
+    for name, m in (("url/text/key/shard held too", full), ("numeric columns only (now)", slim)):
+        print(
+            f"  {name:28s} RSS +{m['rss_mb']:7.1f} MB   peak +{m['peak_mb']:7.1f} MB   "
+            f"frames {m['frames_mb']:6.1f} MB   ({m['rss_mb'] * 2**20 / n:5.0f} B/row)"
+        )
+
+
 def bench(n: int, dashboard: bool) -> None:
     t0 = time.perf_counter()
     df = synthetic_scores(n)
     t_gen = time.perf_counter() - t0
+    tmp = tempfile.TemporaryDirectory()
     t0 = time.perf_counter()
-    rows = explore.interaction_columns(df)
-    view = explore.RunView(RunDir(tempfile.mkdtemp()), None, rows, FilterConfig())
+    if dashboard:  # the samples read url/text from the scores parts: a real run on disk
+        view = explore.open_run(write_run(df, tmp.name + "/run"))
+    else:
+        rows = explore.interaction_columns(df)
+        view = explore.RunView(RunDir(tmp.name), None, rows, FilterConfig())
     t_open = time.perf_counter() - t0
     cfgs = _configs()
     api = []
@@ -128,22 +240,39 @@ def bench(n: int, dashboard: bool) -> None:
         layout.get_root()  # create the Bokeh models as a served page would
         moves = []
         for v in np.linspace(0.15, 0.4, 11):
+            board.samples_seconds.clear()
             t0 = time.perf_counter()
             board.similarity["en"].value = float(v)
-            moves.append(time.perf_counter() - t0)
+            # without a session the sample grid refreshes inside the move: counted below
+            moves.append(time.perf_counter() - t0 - sum(board.samples_seconds))
         print(
-            f"  dashboard slider move (server side, models updated): "
+            f"  dashboard slider move (server side: funnel, bars, threshold lines updated): "
             f"{np.median(moves) * 1e3:.1f} ms median"
         )
+        # each refresh runs on a worker thread in a served session, at most one per interval;
+        # 2 x N_SAMPLES rows selected, their key/shard/url/text read from the parts by position
+        bench_samples(board, "parts as RunDir.write_parquet_atomic writes them")
+        for rg in (65_536, 16_384):
+            small = explore.open_run(write_run(df, f"{tmp.name}/rg{rg}", row_group_rows=rg))
+            bench_samples(dash.ThresholdDashboard(small), f"row groups of {rg:,} rows")
+    tmp.cleanup()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--no-dashboard", action="store_true")
+    p.add_argument("--memory-rows", type=int, nargs="*", default=[1_000_000])
+    p.add_argument("--rss-probe", help=argparse.SUPPRESS)
+    p.add_argument("--with-text", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rss_probe:
+        print(json.dumps(rss_probe(args.rss_probe, args.with_text)))
+        return
     for n in args.rows:
         bench(n, dashboard=not args.no_dashboard and n <= 1_000_000)
+    for n in args.memory_rows:
+        bench_memory(n)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,21 @@
 and ``dashboards/thresholds.py`` is the same app for ``panel serve``. The run's scores are read
 once (:func:`laion_dask.explore.open_run`, cached per path); every widget change after that is
 answered from memory: the funnel is :meth:`~laion_dask.explore.RunView.kept_at` (one numpy pass),
-histograms are drawn once from the view's precomputed bins and only their threshold lines and
-the funnel bars update in place (HoloViews ``DynamicMap``); nothing is rescored. Thumbnails and
+histograms are drawn once from the view's precomputed bins (HoloViews, rendered once per
+session) and only their threshold lines (Bokeh ``Span``) and the funnel bars' counts update in
+place; nothing is rescored. Thumbnails follow a slider while it is dragged, throttled to one
+refresh per :data:`SAMPLES_INTERVAL_MS` on a worker thread (the last position always shows);
 precision/recall refresh when a slider is released.
 
 Views: similarity histogram per language group with a slider per group and a "keep top X %"
 input that moves them, the live funnel (kept per group, dropped per reason), images with captions
-and scores just above and below the selected group's threshold, the language mix, width x height
-density, caption length, punsafe / pwatermark with their own thresholds, precision/recall when
-``RUN/corpus/ground_truth.parquet`` exists, a button writing ``RUN/thresholds.toml`` and one
-running :func:`laion_dask.materialize.materialize` on a LocalCluster started on first use.
+and scores just either side of the selected cut-off (similarity of a language group, punsafe or
+pwatermark), the language mix, width x height density, caption length, punsafe / pwatermark with
+their own thresholds, precision/recall when ``RUN/corpus/ground_truth.parquet`` exists, a button
+writing ``RUN/thresholds.toml`` and one running :func:`laion_dask.materialize.materialize` with a
+progress bar that moves as each partition finishes. Materialize runs where the run's
+``[cluster]`` config says (:func:`laion_dask.cluster.make_client`: its scheduler address, else a
+local cluster started on first use and closed with the session).
 """
 
 from __future__ import annotations
@@ -27,16 +32,18 @@ import logging
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import holoviews as hv
 import panel as pn
 import param
+from bokeh.document import without_document_lock
 
 from . import plots, schema
-from .config import FilterConfig
-from .explore import ALL, Funnel, RunView, open_run, samples_html
+from .config import ClusterConfig, FilterConfig
+from .explore import ALL, TEXT_LENGTH, Funnel, RunView, open_run, samples_html
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,14 @@ __all__ = ["ThresholdDashboard", "build_dashboard", "load_view", "main"]
 
 #: how many samples on each side of the threshold
 N_SAMPLES = 6
+#: while a slider is dragged, the samples refresh at most this often (the server stays free)
+SAMPLES_INTERVAL_MS = 250
+#: cut-offs the sample grid can follow: label -> column
+SAMPLE_CUTOFFS = {
+    "similarity": schema.SIMILARITY,
+    "punsafe": schema.PUNSAFE,
+    "pwatermark": schema.PWATERMARK,
+}
 _FRACTION_OFF = 1.0  # a punsafe / pwatermark slider at 1.0 means "tag only" (None)
 
 
@@ -67,16 +82,36 @@ class ThresholdDashboard:
     view
         The opened run.
     client
-        A ``distributed.Client`` for materialize; None starts a threaded LocalCluster (loopback,
-        no Dask dashboard) on the first click and closes it with :meth:`close`.
+        A ``distributed.Client`` for materialize (left open by :meth:`close`). None: on the first
+        click, :func:`laion_dask.cluster.make_client` of ``cluster`` connects to its scheduler or
+        starts a local cluster, which :meth:`close` closes.
+    cluster
+        Where materialize runs when no ``client`` is given; None reads the run's ``[cluster]``
+        (``RUN/config.toml``; the defaults when the run has none).
     """
 
-    def __init__(self, view: RunView, *, client: Any | None = None) -> None:
+    def __init__(
+        self,
+        view: RunView,
+        *,
+        client: Any | None = None,
+        cluster: ClusterConfig | None = None,
+    ) -> None:
+        if "bokeh" not in hv.Store.renderers:  # the plots need a backend to take options
+            hv.extension("bokeh", logo=False)
         self.view = view
         self._client = client
-        self._own_cluster: Any | None = None
+        self._own_client = False
+        self._cluster = cluster
         self._lock = threading.Lock()
         self._last_funnel: tuple[FilterConfig, Funnel] | None = None
+        self._samples_running = False  # a throttled refresh is scheduled or in flight
+        self._samples_stale = False  # the widgets moved since the grid was last computed
+        self._samples_last = 0.0
+        #: wall time of each samples refresh, seconds (the benchmark reads it)
+        self.samples_seconds: list[float] = []
+        #: the threshold lines drawn on the histograms, by (column, group)
+        self.spans: dict[tuple[str, str], Any] = {}
         base = view.thresholds
         lo, hi = self._range(schema.SIMILARITY)
         self.similarity = {
@@ -137,18 +172,34 @@ class ThresholdDashboard:
             step=0.5,
             width=280,
         )
+        self.sample_cutoff = pn.widgets.RadioButtonGroup(
+            label="samples at", options=list(SAMPLE_CUTOFFS), value="similarity"
+        )
         self.sample_group = pn.widgets.Select(
             label="samples: language group", options=list(view.groups), value=view.groups[0]
         )
+        self.samples_pane = pn.pane.HTML("", width=900)
         self.write_button = pn.widgets.Button(label="write thresholds.toml", color="primary")
         self.materialize_button = pn.widgets.Button(label="materialize", color="success")
-        self.progress = pn.indicators.Progress(
-            label="materialize", active=False, visible=False, width=280
+        self.progress = pn.widgets.Progress(
+            label="materialize", value=0, max=1, active=False, visible=False, width=280
         )
+        self.progress_text = pn.pane.Markdown("", width=300)
         self.status = pn.pane.Markdown("", width=460)
+        self.result = pn.pane.Markdown("", width=460)
         self.write_button.on_click(self._on_write)
         self.materialize_button.on_click(self._on_materialize)
         self.keep_top.param.watch(self._on_keep_top, "value")
+        # the samples follow the sliders while they move (throttled), not only on release
+        for w in (
+            *self.similarity.values(),
+            self.max_punsafe,
+            self.max_pwatermark,
+            self.sample_group,
+            self.sample_cutoff,
+        ):
+            w.param.watch(self._schedule_samples, "value")
+        self.refresh_samples()
         self.layout = self._build_layout()
 
     # --- state ------------------------------------------------------------------------------
@@ -201,41 +252,53 @@ class ThresholdDashboard:
         log.info("dashboard: wrote %s", path)
         return path
 
-    def run_materialize(self) -> Any:
-        """Write ``RUN/thresholds.toml`` then ``materialize`` the run at :meth:`config`."""
+    def run_materialize(self, progress: Any | None = None) -> Any:
+        """Write ``RUN/thresholds.toml`` then ``materialize`` the run at :meth:`config`.
+
+        ``progress(done, total, part)`` is passed to materialize: called on this thread as each
+        partition finishes.
+        """
         from .materialize import materialize
 
         cfg = self.config()
         self.view.save_thresholds(cfg)
         client = self._get_client()
         with client.as_current():  # distributed.as_completed looks up the current client
-            return materialize(self.view.run, cfg, client=client)
+            return materialize(self.view.run, cfg, client=client, progress=progress)
+
+    def cluster_config(self) -> ClusterConfig:
+        """Where materialize runs: the ``cluster`` given, else the run's ``[cluster]``."""
+        if self._cluster is not None:
+            return self._cluster
+        try:
+            return self.view.run.read_config().cluster
+        except FileNotFoundError:
+            return ClusterConfig()
 
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
-                from distributed import Client, LocalCluster
+                from .cluster import make_client
 
-                log.info("dashboard: starting a LocalCluster for materialize")
-                self._own_cluster = LocalCluster(
-                    n_workers=2,
-                    threads_per_worker=1,
-                    processes=False,
-                    protocol="tcp://",
-                    host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0",  # its HTTP server starts anyway
-                )
-                self._client = Client(self._own_cluster, set_as_default=False)
+                cfg = self.cluster_config()
+                where = cfg.scheduler_address or "a local cluster"
+                log.info("dashboard: materialize on %s", where)
+                self._client = make_client(cfg)
+                self._own_client = True
             return self._client
 
     def close(self) -> None:
-        """Close the LocalCluster this dashboard started (a given client is left open)."""
+        """Close the client this dashboard made (and the local cluster it started, if any).
+
+        A client given to the constructor is left open; a remote scheduler keeps running.
+        """
+        from .cluster import close_client
+
         with self._lock:
-            if self._own_cluster is not None:
-                self._client.close()
-                self._own_cluster.close()
-                self._own_cluster = None
+            if self._own_client and self._client is not None:
+                close_client(self._client)
                 self._client = None
+                self._own_client = False
 
     # --- callbacks --------------------------------------------------------------------------
     def _on_keep_top(self, event: Any) -> None:
@@ -254,16 +317,50 @@ class ThresholdDashboard:
             return
         self.status.object = f"wrote `{path}`"
 
+    def show_progress(self, done: int, total: int, part: str) -> None:
+        """Move the progress bar to ``done`` of ``total`` partitions (``part`` just finished)."""
+        self.progress.max = max(int(total), 1)
+        self.progress.value = int(done)
+        self.progress_text.object = f"{done} / {total} partitions (last: `{html.escape(part)}`)"
+
+    def _progress_callback(self, doc: Any) -> Any:
+        """A ``progress`` for materialize, called on its worker thread.
+
+        Bokeh documents are not thread-safe: in a served session every update is handed to the
+        session's event loop with ``doc.add_next_tick_callback`` (the one thread-safe Document
+        method) and applied there holding the document lock. Without a session (a notebook, the
+        tests) it updates the widgets directly.
+        """
+        if doc is None or doc.session_context is None:
+            return self.show_progress
+
+        def progress(done: int, total: int, part: str) -> None:
+            doc.add_next_tick_callback(
+                functools.partial(_in_doc, doc, self.show_progress, done, total, part)
+            )
+
+        return progress
+
     async def _on_materialize(self, event: Any = None) -> None:
+        doc = pn.state.curdoc  # the session's document, captured on its own thread
         self.materialize_button.disabled = True
+        self.progress.max, self.progress.value = 1, 0
         self.progress.visible = True
         self.progress.active = True
-        self.status.object = "materializing… (a LocalCluster starts on first use)"
+        self.progress_text.object = ""
+        self.result.object = ""
+        self.status.object = (
+            f"materializing… on {self.cluster_config().scheduler_address or 'a local cluster'}"
+        )
+        progress = self._progress_callback(doc)
         try:
-            report = await asyncio.get_running_loop().run_in_executor(None, self.run_materialize)
+            report = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self.run_materialize, progress)
+            )
         except Exception as err:  # noqa: BLE001 - shown to the user, logged
             log.exception("dashboard: materialize failed")
             self.status.object = f"**materialize failed**: {html.escape(str(err))}"
+            self.progress.visible = False
         else:
             kept = ", ".join(f"{g} {n}" for g, n in report.kept.items())
             self.status.object = (
@@ -271,9 +368,9 @@ class ThresholdDashboard:
                 f"{report.rows_in} rows in, kept {kept}"
                 + (f"; {len(report.failed)} parts failed" if report.failed else "")
             )
+            self.result.object = report_markdown(report)
         finally:
             self.progress.active = False
-            self.progress.visible = False
             self.materialize_button.disabled = False
 
     # --- views ------------------------------------------------------------------------------
@@ -294,46 +391,181 @@ class ThresholdDashboard:
             lines.append(f"| {r} | {n} |")
         return "\n".join(lines)
 
-    # histograms are drawn once; only their threshold lines (and the bars) update in place
-    def _similarity_lines(self, *_: Any) -> hv.Overlay:
-        cfg = self.config()
-        return plots.threshold_lines({g: cfg.similarity_for(g) for g in self.view.groups})
+    # --- live plots ---------------------------------------------------------------------------
+    # Drawn once per session. A threshold change sets a few Bokeh properties (a Span's location,
+    # a bar source's counts) instead of re-running HoloViews plots: at 1M rows a HoloViews
+    # DynamicMap refresh of the overlays cost ~200 ms of server time per slider step, this costs
+    # the funnel's numpy pass (benchmarks/bench_explore.py).
+    def _histogram_with_lines(
+        self, static: hv.Overlay, lines: dict[str, Any], name: str
+    ) -> pn.pane.Bokeh:
+        """``static`` rendered once, plus one dashed ``Span`` per ``{group: widget}``."""
+        from bokeh.models.annotations import Span
 
-    def _kept_plot(self, *_: Any) -> hv.Bars:
-        return plots.kept_bars(self.funnel()).opts(framewise=True)
+        fig = hv.render(static, backend="bokeh")
+        for group, widget in lines.items():
+            span = Span(
+                dimension="height",
+                line_color=plots.COLORS.get(group, "#000000"),
+                line_dash="dashed",
+                line_width=2,
+            )
+            fig.add_layout(span)
+            self.spans[(name, group)] = span
+            _move_span(span, name, widget.value)
+            widget.param.watch(functools.partial(_on_span_widget, span, name), "value")
+        return pn.pane.Bokeh(fig)
 
-    def _dropped_plot(self, *_: Any) -> hv.Bars:
-        return plots.funnel_bars(self.funnel(), width=420).opts(framewise=True)
+    def _bars(self, labels: list[str], *, title: str, horizontal: bool, width: int) -> Any:
+        from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+        from bokeh.plotting import figure
 
-    def _punsafe_line(self, *_: Any) -> hv.Overlay:
-        return plots.threshold_lines({ALL: self.config().max_punsafe})
+        colors = [plots.COLORS.get(x, "#4c72b0") for x in labels]  # language groups: theirs
+        source = ColumnDataSource({"label": labels, plots.ROWS: [0] * len(labels), "color": colors})
+        if horizontal:  # one bar per reason the view knows: the factors never change
+            fig = figure(
+                y_range=FactorRange(factors=list(labels)),
+                width=width,
+                height=300,
+                title=title,
+                toolbar_location=None,
+            )
+            fig.hbar(y="label", right=plots.ROWS, height=0.8, color="color", source=source)
+            fig.xaxis.axis_label = plots.ROWS
+        else:
+            fig = figure(
+                x_range=FactorRange(factors=list(labels)),
+                width=width,
+                height=260,
+                title=title,
+                toolbar_location=None,
+            )
+            fig.vbar(x="label", top=plots.ROWS, width=0.8, color="color", source=source)
+            fig.yaxis.axis_label = plots.ROWS
+        fig.add_tools(HoverTool(tooltips=[("", "@label"), (plots.ROWS, f"@{plots.ROWS}")]))
+        return fig, source
 
-    def _pwatermark_line(self, *_: Any) -> hv.Overlay:
-        return plots.threshold_lines({ALL: self.config().max_pwatermark})
+    def _update_bars(self, *_: Any) -> None:
+        """Set the bars to the funnel at the widgets' thresholds (same labels, new counts)."""
+        f = self.funnel()
+        groups, reasons = list(self.view.groups), list(self.view.reasons)
+        # same labels and colours every time: only the counts change (one small patch)
+        self.kept_source.data = {
+            **self.kept_source.data,
+            plots.ROWS: [f.kept[g] for g in groups],
+        }
+        self.dropped_source.data = {
+            **self.dropped_source.data,
+            plots.ROWS: [f.dropped.get(r, 0) for r in reasons],
+        }
+        self._kept_fig.title.text = f"kept: {f.total_kept} of {f.rows_in}"
 
-    def _text_line(self, *_: Any) -> hv.Overlay:
-        return plots.threshold_lines({ALL: self.config().min_text_chars})
+    def _samples_request(self) -> tuple[str, str, float]:
+        """What the sample grid shows now: ``(group or "all", cutoff, threshold)``.
 
-    @staticmethod
-    def _with_lines(static: hv.Overlay, lines: Any, *deps: Any) -> pn.pane.HoloViews:
-        opts = static.opts.get().kwargs
-        return pn.pane.HoloViews((static * hv.DynamicMap(pn.bind(lines, *deps))).opts(**opts))
+        Similarity: the selected group's threshold; punsafe / pwatermark: their slider, over
+        every group (at 1 the filter only tags: the split is shown as it would drop).
+        """
+        cutoff = self.sample_cutoff.value
+        if SAMPLE_CUTOFFS[cutoff] == schema.SIMILARITY:
+            group = self.sample_group.value
+            return group, cutoff, float(self.config().similarity_for(group))
+        slider = self.max_punsafe if cutoff == "punsafe" else self.max_pwatermark
+        return ALL, cutoff, float(slider.value)
 
-    def _samples(self, group: str, *_: Any) -> str:
-        t = self.config().similarity_for(group)
+    def _samples(
+        self, group: str, cutoff: str = "similarity", threshold: float | None = None
+    ) -> str:
+        """HTML: the rows just either side of ``cutoff`` at ``threshold`` (both sides read at once).
+
+        ``threshold`` None takes the widgets' value. Touches no widget when ``threshold`` is
+        given, so it may run on a worker thread.
+        """
+        column = SAMPLE_CUTOFFS[cutoff]
+        if threshold is None:
+            if column != schema.SIMILARITY:
+                group = ALL
+            threshold = (
+                self.config().similarity_for(group)
+                if column == schema.SIMILARITY
+                else float((self.max_punsafe if cutoff == "punsafe" else self.max_pwatermark).value)
+            )
+        t = float(threshold)
+        if column == schema.SIMILARITY:
+            sides = (("above", f"kept: similarity ≥ {t:.3f}"), ("below", "dropped: below"))
+        else:
+            off = " (filter off: tag only)" if t >= _FRACTION_OFF else ""
+            sides = (("below", f"kept: {cutoff} ≤ {t:.2f}{off}"), ("above", "dropped: above"))
+        try:
+            found = self.view.samples_around(
+                t, group, N_SAMPLES, column=column, sides=tuple(side for side, _ in sides)
+            )
+        except Exception as err:  # noqa: BLE001 - a broken shard must not break the page
+            log.exception("dashboard: samples_around failed")
+            return f"<p>samples unavailable ({html.escape(str(err))})</p>"
         parts = []
-        for side, title in (("above", f"kept: similarity ≥ {t:.3f}"), ("below", "dropped: below")):
-            try:
-                rows = self.view.samples_near(t, group, side, N_SAMPLES)
-            except Exception as err:  # noqa: BLE001 - a broken shard must not break the page
-                log.exception("dashboard: samples_near failed")
-                parts.append(f"<p>{side}: samples unavailable ({html.escape(str(err))})</p>")
-                continue
+        for side, title in sides:
+            rows = found[side]
             if rows.empty:
-                parts.append(f"<h4>{html.escape(title)}</h4><p>no {group} rows {side}</p>")
+                rows_of = "rows" if group == ALL else f"{group} rows"
+                parts.append(f"<h4>{html.escape(title)}</h4><p>no {rows_of} {side}</p>")
             else:
-                parts.append(samples_html(rows, title=f"{group} · {title}"))
+                parts.append(samples_html(rows, title=f"{group} · {title}", score=column))
         return "".join(parts)
+
+    def refresh_samples(self) -> None:
+        """Redraw the sample grid for the widgets' values now, on this thread (times it)."""
+        t0 = time.perf_counter()
+        self._show_samples(self._samples(*self._samples_request()))
+        self.samples_seconds.append(time.perf_counter() - t0)
+
+    def _show_samples(self, text: str) -> None:
+        # the language group picks among similarity thresholds; the probabilities are run-wide
+        self.sample_group.disabled = self.sample_cutoff.value != "similarity"
+        self.samples_pane.object = text
+        self._samples_last = time.perf_counter()
+
+    def _schedule_samples(self, *_: Any) -> None:
+        """Throttle the sample grid while a slider moves; never block the session's loop.
+
+        Without a session (notebook, tests) it refreshes at once. In a served session a change
+        marks the grid stale; if no refresh is running, one starts after what is left of
+        ``SAMPLES_INTERVAL_MS`` since the last. It reads the widgets on the loop, selects and
+        reads the rows on a worker thread (the loop keeps answering slider events), applies the
+        HTML on the loop, and goes again while changes arrived meanwhile: at most one refresh
+        per interval, and the last position always shows.
+        """
+        doc = pn.state.curdoc
+        if doc is None or doc.session_context is None:
+            self.refresh_samples()
+            return
+        self._samples_stale = True
+        if self._samples_running:
+            return
+        self._samples_running = True
+        since = (time.perf_counter() - self._samples_last) * 1000
+        delay = max(0, int(SAMPLES_INTERVAL_MS - since))
+        tick: Any = functools.partial(self._samples_loop, doc)
+        doc.add_timeout_callback(without_document_lock(tick), delay)
+
+    async def _samples_loop(self, doc: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._samples_stale:
+                self._samples_stale = False
+                t0 = time.perf_counter()
+                request = self._samples_request()  # widget values: read on the loop
+                text = await loop.run_in_executor(None, self._samples, *request)
+                done = asyncio.get_running_loop().create_future()
+                doc.add_next_tick_callback(
+                    functools.partial(_in_doc, doc, _apply, self._show_samples, text, done)
+                )
+                await done
+                self.samples_seconds.append(time.perf_counter() - t0)
+                if self._samples_stale:  # moved meanwhile: wait out the interval, then again
+                    await asyncio.sleep(SAMPLES_INTERVAL_MS / 1000)
+        finally:
+            self._samples_running = False
 
     def _precision_recall(self, *_: Any) -> Any:
         pr = self.view.precision_recall(self.config())
@@ -372,18 +604,26 @@ class ThresholdDashboard:
             self.max_aspect_ratio,
             pn.Row(self.write_button, self.materialize_button),
             self.progress,
+            self.progress_text,
             self.status,
+            self.result,
             width=320,
         )
+        self._kept_fig, self.kept_source = self._bars(
+            list(self.view.groups), title="kept", horizontal=False, width=300
+        )
+        dropped_fig, self.dropped_source = self._bars(
+            list(self.view.reasons), title="dropped per reason", horizontal=True, width=420
+        )
+        self._update_bars()
+        for w in values:
+            w.param.watch(self._update_bars, "value")
         funnel = pn.Column(
             pn.pane.Markdown(pn.bind(self.funnel_markdown, *values), width=460),
-            pn.Row(
-                pn.pane.HoloViews(hv.DynamicMap(pn.bind(self._kept_plot, *values))),
-                pn.pane.HoloViews(hv.DynamicMap(pn.bind(self._dropped_plot, *values))),
-            ),
+            pn.Row(pn.pane.Bokeh(self._kept_fig), pn.pane.Bokeh(dropped_fig)),
         )
         view = self.view
-        similarity = self._with_lines(
+        similarity = self._histogram_with_lines(
             plots.histogram_overlay(
                 view,
                 schema.SIMILARITY,
@@ -391,29 +631,29 @@ class ThresholdDashboard:
                 width=560,
                 height=300,
             ),
-            self._similarity_lines,
-            *sims,
+            self.similarity,
+            schema.SIMILARITY,
         )
         samples = pn.Column(
-            self.sample_group,
-            pn.pane.HTML(pn.bind(self._samples, self.sample_group, *throttled), width=900),
+            pn.Row(self.sample_cutoff, self.sample_group),
+            self.samples_pane,
         )
         distributions = pn.Column(
             pn.Row(
-                self._with_lines(
+                self._histogram_with_lines(
                     plots.score_histogram(view, schema.PUNSAFE),
-                    self._punsafe_line,
-                    self.max_punsafe,
+                    {ALL: self.max_punsafe},
+                    schema.PUNSAFE,
                 ),
-                self._with_lines(
+                self._histogram_with_lines(
                     plots.score_histogram(view, schema.PWATERMARK),
-                    self._pwatermark_line,
-                    self.max_pwatermark,
+                    {ALL: self.max_pwatermark},
+                    schema.PWATERMARK,
                 ),
             ),
             pn.Row(
-                self._with_lines(
-                    plots.text_length_histogram(view), self._text_line, self.min_text_chars
+                self._histogram_with_lines(
+                    plots.text_length_histogram(view), {ALL: self.min_text_chars}, TEXT_LENGTH
                 ),
                 pn.pane.HoloViews(plots.language_bars(self.view)),
             ),
@@ -445,15 +685,19 @@ class ThresholdDashboard:
 
 
 def build_dashboard(
-    run_path: str | Path | RunView, *, client: Any | None = None
+    run_path: str | Path | RunView,
+    *,
+    client: Any | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> pn.viewable.Viewable:
     """The Panel app for one run (not served). ``run_path`` may be an opened :class:`RunView`.
 
-    In a server session the LocalCluster a materialize click starts is closed with the session.
+    ``client`` / ``cluster``: where materialize runs (see :class:`ThresholdDashboard`). In a
+    server session the client a materialize click makes is closed with the session.
     """
     pn.extension(sizing_mode="fixed")
     hv.extension("bokeh", logo=False)
-    board = ThresholdDashboard(load_view(run_path), client=client)
+    board = ThresholdDashboard(load_view(run_path), client=client, cluster=cluster)
     if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
         pn.state.on_session_destroyed(functools.partial(_close, board))
     board.layout.dashboard = board  # tests and notebooks reach the widgets through the layout
@@ -462,6 +706,48 @@ def build_dashboard(
 
 def _close(board: ThresholdDashboard, session_context: Any) -> None:
     board.close()
+
+
+def _in_doc(doc: Any, func: Any, *args: Any) -> None:
+    """Run ``func(*args)`` as a callback of ``doc``'s session (Panel's current document set)."""
+    from panel.io.state import set_curdoc
+
+    with set_curdoc(doc):
+        func(*args)
+
+
+def _move_span(span: Any, column: str, value: Any) -> None:
+    """Put a threshold line at ``value``; a probability slider at 1 (tag only) hides it."""
+    off = value is None or (
+        column in (schema.PUNSAFE, schema.PWATERMARK) and value >= _FRACTION_OFF
+    )
+    span.visible = not off
+    if not off:
+        span.location = float(value)
+
+
+def _on_span_widget(span: Any, column: str, event: Any) -> None:
+    _move_span(span, column, event.new)
+
+
+def _apply(func: Any, value: Any, done: asyncio.Future) -> None:
+    """``func(value)`` then resolve ``done`` (an update handed from a lock-free coroutine)."""
+    try:
+        func(value)
+    finally:
+        if not done.done():
+            done.set_result(None)
+
+
+def report_markdown(report: Any) -> str:
+    """A materialize report as Markdown: rows in, kept per group, dropped per reason."""
+    lines = [f"#### Materialized: {report.rows_in} rows in", "", "| kept | rows |", "|---|---|"]
+    lines += [f"| {g} | {n} |" for g, n in report.kept.items()]
+    lines += ["", "| dropped: reason | rows |", "|---|---|"]
+    lines += [f"| {r} | {n} |" for r, n in report.dropped.items()]
+    if report.failed:
+        lines += ["", f"failed partitions: {', '.join(sorted(report.failed))}"]
+    return "\n".join(lines)
 
 
 def _free_port(address: str) -> int:

@@ -1,11 +1,14 @@
 """Interactive what-if over a run's stored scores: the API under the notebooks and dashboards.
 
 ``open_run(RUN)`` reads ``RUN/scores`` as a Dask dataframe (one partition per scores part, with
-``meta=``), brings into memory only the columns interaction needs, and precomputes per language
-group what plots and sliders ask for (sorted score columns, histograms). After that nothing runs
-on Dask: a threshold change is one vectorised numpy pass over in-memory arrays
-(:meth:`RunView.kept_at`) or a binary search over a sorted column
-(:meth:`RunView.fraction_kept`, :meth:`RunView.threshold_for_fraction`).
+``meta=``), brings into memory only the numeric and small categorical columns interaction needs
+(:data:`MEMORY_COLUMNS`: scores, sizes, caption length, language, the upstream reason), and
+precomputes per language group what plots and sliders ask for (sorted score columns, histograms).
+After that nothing runs on Dask: a threshold change is one vectorised numpy pass over in-memory
+arrays (:meth:`RunView.kept_at`) or a binary search over a sorted column
+(:meth:`RunView.fraction_kept`, :meth:`RunView.threshold_for_fraction`). URLs, captions and keys
+stay on disk: :meth:`RunView.details` reads them for the few sampled rows, by scores part and row
+position, so memory grows with the numeric columns only.
 
 ``kept_at`` reproduces :func:`laion_dask.filters.add_final_reason` exactly (same order of
 reasons, same float32/float64 comparisons), so the funnel shown while tuning is the one
@@ -46,6 +49,8 @@ __all__ = [
     "RunView",
     "Funnel",
     "EXPLORE_COLUMNS",
+    "MEMORY_COLUMNS",
+    "DETAIL_COLUMNS",
     "TEXT_LENGTH",
     "UPSTREAM_REASON",
     "interaction_columns",
@@ -57,8 +62,9 @@ __all__ = [
 #: columns added by :func:`interaction_columns` (not in schema.py: explore-only)
 TEXT_LENGTH = "text_length"
 UPSTREAM_REASON = "upstream_reason"  # rules / download / scoring reason, <NA> = reached filters
+SCORES_PART = "scores_part"  # index of the scores part a row comes from (open_run only)
 
-#: the scores columns brought into memory
+#: the scores columns ``open_run`` reads (per part; only :data:`MEMORY_COLUMNS` are kept)
 EXPLORE_COLUMNS = (
     schema.SIMILARITY,
     schema.PUNSAFE,
@@ -75,6 +81,23 @@ EXPLORE_COLUMNS = (
     schema.URL,
     schema.TEXT,
 )
+
+#: the columns a :class:`RunView` holds per row (strings become categoricals)
+MEMORY_COLUMNS = (
+    schema.SIMILARITY,
+    schema.PUNSAFE,
+    schema.PWATERMARK,
+    schema.LANGUAGE_GROUP,
+    schema.LANGUAGE,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+    schema.SCORE_STATUS,
+    TEXT_LENGTH,
+    UPSTREAM_REASON,
+)
+#: read from the scores parts on demand, for sampled rows only (:meth:`RunView.details`)
+DETAIL_COLUMNS = (schema.KEY, schema.SHARD, schema.URL, schema.TEXT)
+_CATEGORICAL = (schema.LANGUAGE_GROUP, schema.LANGUAGE, schema.SCORE_STATUS, UPSTREAM_REASON)
 
 #: columns ``histogram``/``quantiles`` know, and how a threshold on them keeps rows
 NUMERIC = {
@@ -102,11 +125,12 @@ def interaction_columns(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _read_part(path: str, run: RunDir, read_columns: list[str]) -> pd.DataFrame:
-    """One scores part, only ``read_columns``, conformed to the schema dtypes."""
+def _read_part(part: tuple[int, str], run: RunDir, read_columns: list[str]) -> pd.DataFrame:
+    """One scores part ``(index, path)`` reduced to :data:`MEMORY_COLUMNS` plus its index."""
+    index, path = part
     df = run.read_parquet(path, columns=read_columns)
-    df = schema.conform(df, _DTYPES)
-    return interaction_columns(df)
+    df = interaction_columns(schema.conform(df, _DTYPES))
+    return df[list(MEMORY_COLUMNS)].assign(**{SCORES_PART: np.int32(index)})
 
 
 _DTYPES = {
@@ -115,7 +139,9 @@ _DTYPES = {
     **schema.SHARD_DTYPES,
     **schema.SCORE_DTYPES,
 }
-_META = interaction_columns(schema.empty({c: _DTYPES[c] for c in EXPLORE_COLUMNS}))
+_META = interaction_columns(schema.empty({c: _DTYPES[c] for c in EXPLORE_COLUMNS}))[
+    list(MEMORY_COLUMNS)
+].assign(**{SCORES_PART: np.int32(0)})
 
 
 @dataclass
@@ -150,18 +176,40 @@ class RunView:
     ----------
     run : RunDir
     ddf : dask.dataframe.DataFrame
-        The scores (interaction columns only), one partition per scores part.
+        The scores reduced to :data:`MEMORY_COLUMNS` (plus ``scores_part``), one partition per
+        scores part (lazy).
     rows : pandas.DataFrame
-        The same rows in memory, in part order.
+        :data:`MEMORY_COLUMNS` of every row in memory, in part order (strings as categoricals);
+        url, caption, key and shard are read on demand (:meth:`details`).
     thresholds : FilterConfig
         The run config's ``[filters]`` (a starting point).
     """
 
-    def __init__(self, run: RunDir, ddf: Any, rows: pd.DataFrame, thresholds: FilterConfig):
+    def __init__(
+        self,
+        run: RunDir,
+        ddf: Any,
+        rows: pd.DataFrame,
+        thresholds: FilterConfig,
+        *,
+        part_paths: dict[int, str] | None = None,
+    ):
         self.run = run
         self.ddf = ddf
-        self.rows = rows.reset_index(drop=True)
+        # which scores part and row each in-memory row is: parts are contiguous, in index order
+        if SCORES_PART in rows.columns:
+            part = rows[SCORES_PART].to_numpy("int64")
+            if len(part) and (np.diff(part) < 0).any():
+                raise ValueError("rows must be in scores part order")
+            names, starts = np.unique(part, return_index=True)
+        else:
+            names, starts = np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64")
+        self._part_index = names
+        self._offsets = np.append(starts, len(rows)).astype("int64")
+        self._part_paths = dict(part_paths or {})
+        self.rows = _slim(rows)
         self.thresholds = thresholds
+        self._truth: tuple[str, np.ndarray, np.ndarray] | None = None
         self._prepare()
 
     # --- precomputation ---------------------------------------------------------------------
@@ -170,7 +218,8 @@ class RunView:
         n = len(df)
         groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
         self.groups = tuple(schema.LANGUAGE_GROUPS)
-        gcode = np.full(n, len(self.groups) - 1, dtype=np.int64)  # unknown -> like nolang
+        # small codes per row: memory is per row, the arithmetic casts up (kept_at)
+        gcode = np.full(n, len(self.groups) - 1, dtype=np.int8)  # unknown -> like nolang
         for i, g in enumerate(self.groups):
             gcode[groups.eq(g).to_numpy(dtype=bool)] = i
         self._gcode = gcode
@@ -181,10 +230,10 @@ class RunView:
         )
         code = {r: i + 1 for i, r in enumerate(self.reasons)}  # 0 = kept / reached filters
         self._code = code
-        self._upstream = up.map(code).fillna(0).astype("int64").to_numpy()
+        self._upstream = up.map(code).fillna(0).astype("int16").to_numpy()
         self._scored = df[schema.SIMILARITY].notna().to_numpy(dtype=bool)
         self._sim = df[schema.SIMILARITY].astype("float32").to_numpy("float32", na_value=np.nan)
-        self._text_len = df[TEXT_LENGTH].to_numpy("int64")
+        self._text_len = df[TEXT_LENGTH].to_numpy("int32")
         f64 = {c: _num(df, c) for c in (schema.PUNSAFE, schema.PWATERMARK)}
         self._w = _num(df, schema.ORIGINAL_WIDTH)
         self._h = _num(df, schema.ORIGINAL_HEIGHT)
@@ -271,7 +320,8 @@ class RunView:
         """
         codes = self._codes_at(thresholds)
         k = len(self.reasons) + 1
-        counts = np.bincount(self._gcode * k + codes, minlength=len(self.groups) * k)
+        cell = self._gcode.astype(np.intp) * k + codes
+        counts = np.bincount(cell, minlength=len(self.groups) * k)
         counts = counts.reshape(len(self.groups), k).T  # outcome x group
         table = pd.DataFrame(counts, index=["kept", *self.reasons], columns=list(self.groups))
         table = table.loc[(table.index == "kept") | (table.sum(axis=1) > 0)]
@@ -397,30 +447,42 @@ class RunView:
     ) -> pd.DataFrame:
         """The ``n`` rows of ``group`` closest to ``threshold`` on ``side``, nearest first.
 
-        ``above`` means ``value >= threshold``, ``below`` means ``value < threshold``. Ties in
-        distance are ordered by ``key`` (deterministic). Columns: key, shard, url, text,
-        similarity, punsafe, pwatermark, language, distance and (``images=True``) ``thumbnail``,
-        a PIL image no larger than ``thumb_size`` px (None when the image is not in the shards).
+        The sides split the rows as the filter does: for similarity, sizes and text length
+        ``above`` is ``value >= threshold`` (kept) and ``below`` is ``value < threshold``; for
+        punsafe and pwatermark ``below`` is ``value <= threshold`` (kept) and ``above`` is
+        ``value > threshold``. Ties in distance are ordered by position in the run (part, row):
+        deterministic. Columns: key, shard, url, text (read from the scores parts for these rows
+        only), language_group, language, similarity, punsafe, pwatermark, original sizes,
+        distance and (``images=True``) ``thumbnail``, a PIL image no larger than ``thumb_size``
+        px (None when the image is not in the shards).
         """
-        if side not in ("above", "below"):
-            raise ValueError(f"side must be 'above' or 'below', got {side!r}")
+        return self.samples_around(
+            threshold, group, n, column=column, thumb_size=thumb_size, images=images, sides=(side,)
+        )[side]
+
+    def samples_around(
+        self,
+        threshold: float,
+        group: str = ALL,
+        n: int = 8,
+        *,
+        column: str = schema.SIMILARITY,
+        thumb_size: int = 128,
+        images: bool = True,
+        sides: tuple[str, ...] = ("above", "below"),
+    ) -> dict[str, pd.DataFrame]:
+        """:meth:`samples_near` for several sides at once: ``{side: frame}``.
+
+        The rows of every side are read together, so each scores part (and image shard)
+        involved is opened once: what a view showing both sides of a cut-off wants.
+        """
+        for side in sides:
+            if side not in ("above", "below"):
+                raise ValueError(f"side must be 'above' or 'below', got {side!r}")
         col, g = _check_column(column), _group_name(self, group)
-        values = self._values[col]
-        mask = np.isfinite(values)
-        if g != ALL:
-            mask &= self._gcode == self._group_index(g)
-        t = _as_stored(col, threshold)
-        mask &= values >= t if side == "above" else values < t
-        idx = np.flatnonzero(mask)
-        dist = np.abs(values[idx] - float(t))
-        keys = self.rows[schema.KEY].astype("string").fillna("").to_numpy(dtype=object)[idx]
-        order = np.lexsort((keys.astype(str), dist))[:n]
-        idx = idx[order]
-        cols = [
-            schema.KEY,
-            schema.SHARD,
-            schema.URL,
-            schema.TEXT,
+        near = [self._nearest(col, g, threshold, side, n) for side in sides]
+        idx = np.concatenate([i for i, _ in near]) if near else np.zeros(0, dtype="int64")
+        numeric = [
             schema.LANGUAGE_GROUP,
             schema.LANGUAGE,
             schema.SIMILARITY,
@@ -429,11 +491,72 @@ class RunView:
             schema.ORIGINAL_WIDTH,
             schema.ORIGINAL_HEIGHT,
         ]
-        out = self.rows.iloc[idx][cols].reset_index(drop=True)
-        out["distance"] = dist[order]
+        held = self.rows.iloc[idx][numeric].reset_index(drop=True)
+        for c in (schema.LANGUAGE_GROUP, schema.LANGUAGE):
+            held[c] = held[c].astype("string")
+        both = pd.concat([self.details(idx), held], axis=1)
+        both["distance"] = np.concatenate([d for _, d in near]) if near else np.zeros(0)
         if images:
-            out["thumbnail"] = self._thumbnails(out, thumb_size)
+            both["thumbnail"] = self._thumbnails(both, thumb_size)
+        out, start = {}, 0
+        for side, (i, _) in zip(sides, near, strict=True):
+            out[side] = both.iloc[start : start + len(i)].reset_index(drop=True)
+            start += len(i)
         return out
+
+    def _nearest(
+        self, col: str, group: str, threshold: float, side: str, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and distances of the ``n`` rows nearest ``threshold`` on ``side``."""
+        if n <= 0:
+            return np.zeros(0, dtype="int64"), np.zeros(0)
+        values = self._values[col]
+        t = _as_stored(col, threshold)
+        with np.errstate(invalid="ignore"):  # NaN (no value) is on neither side
+            if NUMERIC[col] == "ge":
+                mask = values >= t if side == "above" else values < t
+            else:
+                mask = values > t if side == "above" else values <= t
+        if group != ALL:
+            mask &= self._gcode == self._group_index(group)
+        idx = np.flatnonzero(mask)
+        dist = np.abs(values[idx] - float(t))
+        if len(idx) > n:  # the n nearest (and every tie of the n-th) without a full sort
+            cut = np.partition(dist, n - 1)[n - 1]
+            near = dist <= cut
+            idx, dist = idx[near], dist[near]
+        order = np.lexsort((idx, dist))[:n]
+        return idx[order], dist[order]
+
+    def details(self, positions: Any, columns: tuple[str, ...] = DETAIL_COLUMNS) -> pd.DataFrame:
+        """``columns`` of the rows at ``positions`` (row numbers of :attr:`rows`), read from disk.
+
+        Only the parquet row groups holding those rows are read, one scores part at a time, so
+        a handful of samples costs a handful of row groups whatever the run's size. The result
+        has one row per position, in the order given.
+        """
+        pos = np.asarray(positions, dtype="int64").reshape(-1)
+        cols = list(columns)
+        if not len(pos):
+            return schema.empty({c: _DTYPES.get(c, "string") for c in cols})
+        if (pos < 0).any() or (pos >= len(self.rows)).any():
+            raise IndexError(f"row positions out of range 0..{len(self.rows) - 1}")
+        if not self._part_paths:
+            raise RuntimeError(
+                "this RunView was built from in-memory rows without scores parts: "
+                "use open_run to read details"
+            )
+        which = np.searchsorted(self._offsets, pos, side="right") - 1
+        frames = []
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            part = int(self._part_index[k])
+            local = pos[sel] - self._offsets[k]
+            expected = int(self._offsets[k + 1] - self._offsets[k])
+            df = _read_rows(self.run, self._part_paths[part], local, cols, expected)
+            frames.append(df.set_axis(sel))
+        out = pd.concat(frames).sort_index().reset_index(drop=True)
+        return schema.conform(out, _DTYPES)
 
     def _thumbnails(self, rows: pd.DataFrame, size: int) -> list[Any]:
         wanted: dict[str, set[str]] = defaultdict(set)
@@ -471,30 +594,48 @@ class RunView:
         not only similarity). ``ground_truth`` defaults to ``RUN/corpus/ground_truth.parquet``.
         Also per language group under ``"groups"``.
         """
-        path = ground_truth or self.run.join("corpus", "ground_truth.parquet")
-        gt = pd.read_parquet(path, columns=["url", "text", "matches"])
-        gt = gt.dropna(subset=["text"]).drop_duplicates(["url", "text"])
+        path = str(ground_truth or self.run.join("corpus", "ground_truth.parquet"))
+        if self._truth is None or self._truth[0] != path:
+            self._truth = (path, *self._join_truth(path))
+        _, pos, truth = self._truth
+        kept = self._codes_at(thresholds)[pos] == 0
         scored = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
-        kept = self.reasons_at(thresholds).isna().to_numpy(dtype=bool)
-        frame = pd.DataFrame(
-            {
-                "url": self.rows[schema.URL].astype("string"),
-                "text": self.rows[schema.TEXT].astype("string"),
-                "kept": kept,
-                "group": np.asarray(self.groups)[self._gcode],
-            }
-        )[scored]
-        gt = gt.astype({"url": "string", "text": "string"})
-        merged = frame.merge(gt, on=["url", "text"], how="inner")
-        truth = merged["matches"].astype(bool).to_numpy()
-        out = _pr(merged["kept"].to_numpy(dtype=bool), truth)
+        gcode = self._gcode[pos]
+        out = _pr(kept, truth)
         out["scored_pairs"] = int(scored.sum())
-        out["with_ground_truth"] = len(merged)
+        out["with_ground_truth"] = len(pos)
         out["groups"] = {
-            g: _pr(sub["kept"].to_numpy(dtype=bool), sub["matches"].astype(bool).to_numpy())
-            for g, sub in merged.groupby("group", sort=True)
+            g: _pr(kept[gcode == i], truth[gcode == i])
+            for i, g in enumerate(self.groups)
+            if (gcode == i).any()
         }
         return out
+
+    def _join_truth(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions of the scored pairs with a ground-truth row, and their ``matches``.
+
+        Reads url and text of one scores part at a time (they are not held in memory).
+        """
+        gt = pd.read_parquet(path, columns=["url", "text", "matches"])
+        gt = gt.dropna(subset=["text"]).drop_duplicates(["url", "text"])
+        gt = gt.astype({"url": "string", "text": "string"})
+        scored = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+        positions, truth = [], []
+        for k, part in enumerate(self._part_index):
+            lo, hi = int(self._offsets[k]), int(self._offsets[k + 1])
+            part_path = self._part_paths[int(part)]
+            df = self.run.read_parquet(part_path, columns=[schema.URL, schema.TEXT])
+            if len(df) != hi - lo:
+                raise RuntimeError(_changed(part_path, hi - lo, len(df)))
+            frame = df.astype("string").assign(_pos=np.arange(lo, hi))[scored[lo:hi]]
+            m = frame.merge(gt, on=["url", "text"], how="inner")
+            positions.append(m["_pos"].to_numpy("int64"))
+            truth.append(m["matches"].astype(bool).to_numpy())
+        if not positions:
+            return np.zeros(0, dtype="int64"), np.zeros(0, dtype=bool)
+        pos, tr = np.concatenate(positions), np.concatenate(truth)
+        order = np.argsort(pos, kind="stable")
+        return pos[order], tr[order]
 
     # --- thresholds.toml --------------------------------------------------------------------
     def save_thresholds(self, thresholds: FilterConfig, path: str | Path | None = None) -> str:
@@ -530,9 +671,10 @@ def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView
     import dask.dataframe as dd
 
     run = path if isinstance(path, RunDir) else RunDir(str(path))
-    parts = run.parts("scores")
-    if not parts:
+    part_paths = {i: run.part_path("scores", i) for i in sorted(run.markers("scores"))}
+    if not part_paths:
         raise FileNotFoundError(f"{run.path}: no finished scores partitions (run the pipeline)")
+    parts = list(part_paths.items())
     ddf = dd.from_map(_read_part, parts, run=run, read_columns=list(EXPLORE_COLUMNS), meta=_META)
     if client is not None:
         rows = client.compute(ddf).result()
@@ -543,7 +685,10 @@ def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView
     except FileNotFoundError:
         thresholds = FilterConfig()
     log.info("explore: %d rows from %d scores parts of %s", len(rows), len(parts), run.path)
-    return RunView(run, ddf, rows, thresholds)
+    view = RunView(run, ddf, rows, thresholds, part_paths=part_paths)
+    del rows
+    _release_arrow_memory()  # the parts' string buffers are freed: give the pages back
+    return view
 
 
 # --- thumbnails ---------------------------------------------------------------------------------
@@ -591,6 +736,54 @@ def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIM
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _slim(rows: pd.DataFrame) -> pd.DataFrame:
+    """:data:`MEMORY_COLUMNS` of ``rows`` (computed when missing), strings as categoricals."""
+    if TEXT_LENGTH not in rows.columns or UPSTREAM_REASON not in rows.columns:
+        rows = interaction_columns(rows)
+    out = rows[list(MEMORY_COLUMNS)].reset_index(drop=True)
+    return out.astype({c: "category" for c in _CATEGORICAL})
+
+
+def _release_arrow_memory() -> None:
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def _changed(path: str, expected: int, got: int) -> str:
+    return f"{path} has {got} rows, {expected} when the run was opened: open_run it again"
+
+
+def _read_rows(
+    run: RunDir, path: str, rows: np.ndarray, columns: list[str], expected: int
+) -> pd.DataFrame:
+    """``columns`` of rows ``rows`` (positions in the part) of one parquet file, in that order.
+
+    Reads only the row groups that hold them.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with run.fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.metadata
+        if meta.num_rows != expected:
+            raise RuntimeError(_changed(path, expected, meta.num_rows))
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype("int64")
+        group = np.searchsorted(starts, rows, side="right") - 1
+        wanted = sorted(set(group.tolist()))
+        table = pa.concat_tables([pf.read_row_group(i, columns=columns) for i in wanted])
+    # positions inside the concatenated groups
+    base = np.zeros(len(starts), dtype="int64")
+    acc = 0
+    for i in wanted:
+        base[i] = acc
+        acc += sizes[i]
+    take = base[group] + (rows - starts[group])
+    return table.take(pa.array(take)).to_pandas()
 
 
 def _num(df: pd.DataFrame, col: str) -> np.ndarray:

@@ -139,9 +139,23 @@ def kept_bars(funnel: Funnel, *, width: int = 300, height: int = 260) -> hv.Bars
     )
 
 
-def funnel_bars(funnel: Funnel, *, width: int = 460, height: int = 300) -> hv.Bars:
-    """Horizontal bars: rows dropped per reason (largest first)."""
-    items = sorted(funnel.dropped.items(), key=lambda kv: -kv[1])
+def funnel_bars(
+    funnel: Funnel,
+    *,
+    reasons: tuple[str, ...] | None = None,
+    width: int = 460,
+    height: int = 300,
+) -> hv.Bars:
+    """Horizontal bars: rows dropped per reason (largest first).
+
+    With ``reasons`` (e.g. ``RunView.reasons``) every one of them gets a bar, zero or not, in
+    that order: a live plot then keeps the same bars while thresholds move (Bokeh redraws a
+    source whose length changes under a selection with a "Size mismatch" error).
+    """
+    if reasons is None:
+        items = sorted(funnel.dropped.items(), key=lambda kv: -kv[1])
+    else:
+        items = [(r, funnel.dropped.get(r, 0)) for r in reasons]
     data = [(r, int(v)) for r, v in items] or [("(none)", 0)]
     return hv.Bars(data, kdims=["reason"], vdims=[ROWS]).opts(
         title="dropped per reason",

@@ -18,6 +18,7 @@ import panel as pn
 import pytest
 
 from laion_dask import dashboard, explore
+from laion_dask.config import ClusterConfig, PipelineConfig
 from laion_dask.filters import load_thresholds
 from tests.helpers.browser import (
     SET_WIDGET_JS,
@@ -79,6 +80,28 @@ def test_build_dashboard_renders_and_funnel_follows_sliders(scored_view):
     assert tabs and "Precision / recall" not in tabs[0]._names
 
 
+def test_live_plots_follow_the_widgets(scored_view):
+    """Bars and threshold lines are Bokeh models updated in place: their values are the funnel's."""
+    board = dashboard.ThresholdDashboard(scored_view)
+    board.layout.get_root()
+    board.similarity["multi"].value = 0.25
+    board.max_punsafe.value = 0.6
+    board.min_text_chars.value = 12
+    funnel = scored_view.kept_at(board.config())
+    kept = dict(zip(board.kept_source.data["label"], board.kept_source.data["rows"], strict=True))
+    assert kept == funnel.kept
+    dropped = board.dropped_source.data
+    assert list(dropped["label"]) == list(scored_view.reasons)  # fixed bars: only counts move
+    got = {r: n for r, n in zip(dropped["label"], dropped["rows"], strict=True) if n}
+    assert got == funnel.dropped
+    assert board.spans[("similarity", "multi")].location == pytest.approx(0.25)
+    assert board.spans[("punsafe", "all")].location == pytest.approx(0.6)
+    assert board.spans[("punsafe", "all")].visible
+    assert board.spans[("text_length", "all")].location == 12
+    board.max_punsafe.value = 1.0  # tag only: no line
+    assert not board.spans[("punsafe", "all")].visible
+
+
 def _rendered_html(layout) -> str:
     """The text of every HTML pane as its Bokeh model holds it now."""
     texts = []
@@ -110,6 +133,23 @@ def test_samples_grid_shows_both_sides(scored_view):
     assert grid.count("data:image/png;base64") > 0
 
 
+@pytest.mark.parametrize("cutoff", ["punsafe", "pwatermark"])
+def test_samples_follow_the_punsafe_and_pwatermark_cutoffs(scored_view, cutoff):
+    board = dashboard.ThresholdDashboard(scored_view)
+    board.layout.get_root()
+    slider = board.max_punsafe if cutoff == "punsafe" else board.max_pwatermark
+    board.sample_cutoff.value = cutoff
+    slider.value = 0.4  # a drag, not a release: no value_throttled
+    shown = _rendered_html(board.layout)
+    assert f"all · kept: {cutoff} ≤ 0.40" in shown and "dropped: above" in shown
+    # the scores printed under the thumbnails are the cut-off's column, on the right side
+    kept = scored_view.samples_near(0.4, "all", "below", dashboard.N_SAMPLES, column=cutoff)
+    assert f"{cutoff} {float(kept[cutoff].iloc[0]):.3f}" in shown
+    assert (kept[cutoff].to_numpy("float64") <= 0.4).all()
+    slider.value = 1.0
+    assert "(filter off: tag only)" in _rendered_html(board.layout)
+
+
 def test_write_button_writes_thresholds_toml(scored_view):
     board = dashboard.ThresholdDashboard(scored_view)
     board.similarity["multi"].value = 0.31
@@ -127,14 +167,27 @@ def test_materialize_button_uses_client_and_matches_kept_at(tmp_path, client):
     view = explore.open_run(run.path)
     board = dashboard.ThresholdDashboard(view, client=client)
     board.similarity["en"].value = 0.3
+    seen = []
+    board.progress.param.watch(lambda e: seen.append((e.new, board.progress.max)), "value")
     asyncio.run(board._on_materialize())
     assert board.status.object.startswith("materialized"), board.status.object
     assert not board.materialize_button.disabled and not board.progress.active
+    # one step per partition, as each finished, up to all of them
+    assert seen == [(1, 2), (2, 2)]
+    assert board.progress.visible and board.progress.value == board.progress.max == 2
+    assert board.progress_text.object.startswith("2 / 2 partitions")
+    # the final funnel, as materialize counted it
+    assert board.result.object.startswith("#### Materialized: 60 rows in")
+    assert "| en | " + str(funnel_kept(view, board)["en"]) + " |" in board.result.object
     funnel = view.kept_at(board.config())
     written = json.loads((tmp_path / "run" / "dataset" / "funnel.json").read_text())
     assert written["kept"] == funnel.kept and written["dropped"] == funnel.dropped
     assert f"{funnel.rows_in} rows in" in board.status.object
     assert load_thresholds(tmp_path / "run" / "thresholds.toml") == board.config()
+
+
+def funnel_kept(view, board) -> dict[str, int]:
+    return view.kept_at(board.config()).kept
 
 
 def test_materialize_failure_is_shown_not_raised(tmp_path, scored_view, client):
@@ -145,8 +198,45 @@ def test_materialize_failure_is_shown_not_raised(tmp_path, scored_view, client):
     assert not board.materialize_button.disabled
 
 
-def _boom():
+def _boom(progress=None):
     raise OSError("disk full")
+
+
+def test_materialize_honours_the_run_cluster_config(tmp_path, client):
+    """No client given: the run's ``[cluster]`` scheduler address is where materialize runs."""
+    run = make_scored_run(tmp_path / "run", parts=2, rows=20)
+    address = client.scheduler.address
+    run.write_config(PipelineConfig(cluster=ClusterConfig(scheduler_address=address)))
+    board = dashboard.ThresholdDashboard(explore.open_run(run.path))
+    assert board.cluster_config().scheduler_address == address
+    asyncio.run(board._on_materialize())
+    assert board.status.object.startswith("materialized"), board.status.object
+    own = board._client
+    assert own is not client and own.scheduler.address == address
+    assert board.progress.value == 2
+    board.close()
+    assert board._client is None and own.status == "closed"
+    # the scheduler it connected to keeps running (a remote one is not ours to close)
+    assert client.submit(sum, [1, 2]).result() == 3
+    # a cluster given explicitly wins over the run's
+    other = ClusterConfig(scheduler_address="tcp://127.0.0.1:1")
+    assert dashboard.ThresholdDashboard(board.view, cluster=other).cluster_config() == other
+
+
+def test_materialize_starts_and_closes_a_local_cluster_from_config(tmp_path):
+    """No scheduler address: make_client starts a local (process) cluster; close() ends it."""
+    run = make_scored_run(tmp_path / "run", parts=2, rows=20)
+    local = ClusterConfig(
+        n_workers=1, threads_per_worker=1, processes=True, gpu="never", dashboard_address=None
+    )
+    board = dashboard.ThresholdDashboard(explore.open_run(run.path), cluster=local)
+    asyncio.run(board._on_materialize())
+    assert board.status.object.startswith("materialized"), board.status.object
+    cluster = board._client.cluster
+    assert cluster is not None and len(cluster.workers) == 1
+    assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")  # loopback only
+    board.close()
+    assert board._client is None and cluster.status.name == "closed"
 
 
 def test_main_reports_a_run_without_scores(tmp_path, capsys):
@@ -230,15 +320,18 @@ def _wait_kept(page, expected: int, timeout: float = 30.0) -> int:
 
 
 @pytest.mark.slow
-def test_served_dashboard_in_chromium(demo_view):
+def test_served_dashboard_in_chromium(demo_view, client):
     reason = browser_skip_reason()
     if reason:
         pytest.skip(reason)
     view = demo_view
     boards = []
+    # materialize goes where a run's [cluster] points: here the test's loopback scheduler
+    cluster = ClusterConfig(scheduler_address=client.scheduler.address)
+    n_parts = len(view.run.parts("scores"))
 
     def app():
-        layout = dashboard.build_dashboard(view)
+        layout = dashboard.build_dashboard(view, cluster=cluster)
         boards.append(layout.dashboard)
         return layout
 
@@ -287,6 +380,27 @@ def test_served_dashboard_in_chromium(demo_view):
             assert {g: s.value for g, s in board.similarity.items()} == top
             page.get_by_text(f"en · kept: similarity ≥ {top['en']:.3f}").wait_for(timeout=30_000)
 
+            # samples at the punsafe cut-off follow its slider while it is dragged (no release)
+            page.get_by_role("button", name="punsafe", exact=True).click()
+            page.get_by_text("all · kept: punsafe ≤").first.wait_for(timeout=30_000)
+            drag = {"title": "max punsafe (1 = tag only)", "value": 0.4, "release": False}
+            assert page.evaluate(SET_WIDGET_JS, drag)
+            page.get_by_text("all · kept: punsafe ≤ 0.40").wait_for(timeout=30_000)
+            assert board.max_punsafe.value == pytest.approx(0.4)
+            assert board.max_punsafe.value_throttled != pytest.approx(0.4)  # still "dragging"
+            # a fast drag: ten positions at once; the grid is throttled, the last one shows
+            before = len(board.samples_seconds)
+            values = [round(0.30 + 0.01 * i, 2) for i in range(10)]
+            drag_js = f"(arg) => arg.values.map(v => ({SET_WIDGET_JS})({{...arg, value: v}}))"
+            assert all(page.evaluate(drag_js, {**drag, "values": values}))
+            page.get_by_text("all · kept: punsafe ≤ 0.39").wait_for(timeout=30_000)
+            assert board.max_punsafe.value == pytest.approx(0.39)
+            assert 1 <= len(board.samples_seconds) - before < len(values)
+            drag["value"] = 1.0  # back to tag only, released
+            drag["release"] = True
+            assert page.evaluate(SET_WIDGET_JS, drag)
+            page.get_by_text("(filter off: tag only)").wait_for(timeout=30_000)
+
             page.get_by_role("button", name="write thresholds.toml").click()
             deadline = time.monotonic() + 30
             while not toml.exists() and time.monotonic() < deadline:
@@ -297,11 +411,24 @@ def test_served_dashboard_in_chromium(demo_view):
             assert saved.similarity_en == pytest.approx(top["en"])
             page.get_by_text("wrote").first.wait_for(timeout=30_000)
 
-            # materialize on a LocalCluster the dashboard starts now
+            # materialize: a progress bar that moves one step per finished partition
+            steps = []
+            board.progress.param.watch(lambda e: steps.append(e.new), "value")
             page.get_by_role("button", name="materialize").click()
             page.get_by_text(re.compile("materialized .* rows in")).wait_for(timeout=120_000)
             written = json.loads(Path(view.run.join("dataset", "funnel.json")).read_text())
             assert written["kept"] == view.kept_at(saved).kept
+            assert steps[-n_parts:] == list(range(1, n_parts + 1))
+            bar = page.locator("progress").first
+            assert bar.get_attribute("max") == str(n_parts)
+            assert bar.get_attribute("value") == str(n_parts)
+            page.get_by_text(f"{n_parts} / {n_parts} partitions").wait_for(timeout=30_000)
+            # the final funnel as materialize counted it
+            page.get_by_text(f"Materialized: {written['rows_in']} rows in").wait_for(timeout=30_000)
+            assert (
+                board._client is not None
+                and board._client.scheduler.address == cluster.scheduler_address
+            )
 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -309,4 +436,6 @@ def test_served_dashboard_in_chromium(demo_view):
     finally:
         for board in boards:
             board.close()
+    assert all(b._client is None for b in boards)  # the clients the dashboard made are closed
+    assert client.submit(sum, [1, 2]).result() == 3  # and the scheduler they used still runs
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -132,9 +132,54 @@ def test_open_run_reads_scores_through_dask(scored_view, client):
     ddf = scored_view.ddf
     assert isinstance(ddf, dd.DataFrame)
     assert ddf.npartitions == 3
-    assert set(explore.EXPLORE_COLUMNS) <= set(ddf.columns)
-    assert "page_url" not in ddf.columns  # only what interaction needs
-    dd.utils.assert_eq(ddf, scored_view.rows, check_index=False)
+    assert list(ddf.columns) == [*explore.MEMORY_COLUMNS, "scores_part"]
+    got = client.compute(ddf).result()
+    assert got["scores_part"].tolist() == sorted(got["scores_part"].tolist())
+    # in memory: only the interaction columns, as the pandas recomputation gives them
+    rows = scored_view.rows
+    assert list(rows.columns) == list(explore.MEMORY_COLUMNS)
+    assert not set(explore.DETAIL_COLUMNS) & set(rows.columns)  # url, text, key stay on disk
+    assert not any(t is np.dtype(object) for t in rows.dtypes)
+    expected = explore.interaction_columns(_scores(scored_view))[list(explore.MEMORY_COLUMNS)]
+    strings = {c: "string" for c in rows.columns if isinstance(rows[c].dtype, pd.CategoricalDtype)}
+    pd.testing.assert_frame_equal(rows.astype(strings), expected, check_dtype=False)
+    pd.testing.assert_frame_equal(
+        got.drop(columns="scores_part").reset_index(drop=True).astype(strings),
+        expected,
+        check_dtype=False,
+    )
+
+
+def test_details_reads_rows_by_position(scored_view):
+    df = _scores(scored_view)
+    pos = [len(df) - 1, 0, 61, 5, 130, 5]  # across parts, out of order, repeated
+    got = scored_view.details(pos)
+    expected = df.iloc[pos][list(explore.DETAIL_COLUMNS)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    assert scored_view.details([], columns=(schema.URL,)).columns.tolist() == [schema.URL]
+    with pytest.raises(IndexError, match="out of range"):
+        scored_view.details([len(df)])
+
+
+def test_details_reads_only_the_needed_row_groups(tmp_path, client):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = make_scored_run(tmp_path / "run", parts=2, rows=50)
+    path = run.part_path("scores", 1)
+    table = pq.read_table(path)
+    pq.write_table(table, path, row_group_size=7)  # 8 row groups of up to 7 rows
+    view = explore.open_run(run.path, client=client)
+    df = _scores(view)
+    pos = [99, 50, 57, 63, 64, 2, 77]
+    got = view.details(pos, columns=(schema.KEY, schema.TEXT))
+    expected = df.iloc[pos][[schema.KEY, schema.TEXT]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    # a part rewritten with other rows since open_run is a clear error, not wrong captions
+    pq.write_table(table.slice(0, 10), path)
+    with pytest.raises(RuntimeError, match="open_run it again"):
+        view.details([60])
+    assert pa  # pyarrow is what the run's parts are written with
 
 
 def test_interaction_columns_dask_equivalence(scored_view, client):
@@ -267,11 +312,32 @@ def test_samples_near(view, side):
 
 def test_samples_near_captions_and_scores(scored_view):
     got = scored_view.samples_near(0.3, "multi", "below", 3, thumb_size=16)
-    rows = scored_view.rows.set_index(schema.KEY)
+    rows = _scores(scored_view).set_index(schema.KEY)
     for _, r in got.iterrows():
         assert r[schema.TEXT] == rows.at[r[schema.KEY], schema.TEXT]
         assert r[schema.SIMILARITY] == rows.at[r[schema.KEY], schema.SIMILARITY]
         assert max(r["thumbnail"].size) <= 16
+
+
+@pytest.mark.parametrize("column", [schema.PUNSAFE, schema.PWATERMARK])
+def test_samples_near_upper_cutoffs_split_as_the_filter(scored_view, column):
+    """punsafe/pwatermark keep ``value <= t``: ``below`` is the kept side, ``above`` dropped."""
+    df = _scores(scored_view)
+    values = df[column].dropna().to_numpy("float64")
+    t = float(np.sort(values)[len(values) // 2])  # a value present in the data: a tie at t
+    kept = scored_view.samples_near(t, "all", "below", 4, column=column, images=False)
+    dropped = scored_view.samples_near(t, "all", "above", 4, column=column, images=False)
+    assert (kept[column].to_numpy("float64") <= t).all()
+    assert kept[column].iloc[0] == pytest.approx(t)  # the row at the cut-off is kept
+    assert (dropped[column].to_numpy("float64") > t).all()
+    nearest = np.sort(values[values > t] - t)[: len(dropped)]
+    np.testing.assert_allclose(dropped["distance"].to_numpy(), nearest)
+    loose = dict(similarity_en=-1, similarity_multi=-1, similarity_nolang=-1, min_text_chars=0)
+    cfg = FilterConfig(**loose, min_side=0, max_aspect_ratio=None, **{f"max_{column}": t})
+    reasons = add_final_reason(df, cfg).set_index(schema.KEY)[FINAL_REASON]
+    assert reasons.loc[kept[schema.KEY]].isna().all()
+    name = "unsafe" if column == schema.PUNSAFE else "watermark"
+    assert (reasons.loc[dropped[schema.KEY]] == name).all()
 
 
 def test_thumbnail_of_garbage_is_none():

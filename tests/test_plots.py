@@ -11,6 +11,7 @@ import pytest
 
 from laion_dask import explore, plots, schema
 from laion_dask.config import FilterConfig
+from laion_dask.rundir import RunDir
 from tests.helpers.runs import make_scored_run
 
 hv.extension("bokeh")
@@ -93,6 +94,12 @@ def test_funnel_and_kept_bars_match_kept_at(view):
     )
     assert got == funnel.dropped and "unsafe" in got
     assert len(dropped) == len(funnel.dropped)
+    # every reason the view knows, zeros included, in its order (a live plot keeps its bars)
+    fixed = plots.funnel_bars(funnel, reasons=view.reasons)
+    assert list(fixed.dimension_values("reason")) == list(view.reasons)
+    assert {r: funnel.dropped.get(r, 0) for r in view.reasons} == dict(
+        zip(fixed.dimension_values("reason"), fixed.dimension_values("rows"), strict=True)
+    )
     table = plots.funnel_frame(funnel)
     assert table["rows"].sum() == funnel.rows_in
     _render(kept)
@@ -119,14 +126,62 @@ def test_size_density_has_one_point_per_sized_row(view, frame):
         np.sort(frame.loc[sized, schema.ORIGINAL_WIDTH].to_numpy("float64")),
     )
     _render(hexes)
-    # over max_rows: datashader when installed, otherwise still every row in HexTiles
+
+
+def _raster_counts(element) -> float:
+    """Rows counted by a rasterized ``size_density`` (its ``Image`` of per-pixel counts)."""
+    image = element[()] if isinstance(element, hv.DynamicMap) else element
+    assert isinstance(image, hv.Image)
+    return float(np.nansum(image.dimension_values(2)))
+
+
+def test_size_density_rasterizes_many_rows_with_datashader(view, frame):
+    pytest.importorskip("datashader", reason="datashader is in the notebook/dev extras")
+    sized = frame[schema.ORIGINAL_WIDTH].notna() & frame[schema.ORIGINAL_HEIGHT].notna()
     many = plots.size_density(view, max_rows=10)
-    try:
-        import datashader  # noqa: F401
-    except ImportError:
-        assert isinstance(many, hv.HexTiles) and len(many) == sized.sum()
-    else:
-        assert not isinstance(many, hv.HexTiles)
+    assert isinstance(many, hv.DynamicMap)  # re-rasterized on zoom in a served page
+    assert _raster_counts(many) == sized.sum()  # every sized row lands in a pixel
+    _render(many)
+
+
+def test_size_density_datashades_a_large_run(tmp_path):
+    """A run past DATASHADER_ROWS: one raster of counts, no million-point glyphs."""
+    pytest.importorskip("datashader", reason="datashader is in the notebook/dev extras")
+    n = plots.DATASHADER_ROWS + 50_000
+    rng = np.random.default_rng(3)
+    ok = rng.random(n) < 0.9
+    sizes = {
+        c: pd.array(np.where(ok, rng.integers(32, 4000, n), None), dtype="Int32")
+        for c in (schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT)
+    }
+    rows = pd.DataFrame(
+        {
+            schema.SIMILARITY: np.where(ok, rng.normal(0.3, 0.05, n), np.nan).astype("float32"),
+            schema.PUNSAFE: np.where(ok, rng.random(n), np.nan).astype("float32"),
+            schema.PWATERMARK: np.where(ok, rng.random(n), np.nan).astype("float32"),
+            schema.LANGUAGE_GROUP: pd.array(rng.choice(["en", "multi"], n), dtype="string"),
+            schema.LANGUAGE: pd.array(np.full(n, "en"), dtype="string"),
+            **sizes,
+            schema.SCORE_STATUS: pd.array(np.where(ok, "success", None), dtype="string"),
+            explore.TEXT_LENGTH: rng.integers(0, 200, n),
+            explore.UPSTREAM_REASON: pd.array(np.where(ok, None, "failed_to_download"), "string"),
+        }
+    )
+    big = explore.RunView(RunDir(str(tmp_path)), None, rows, FilterConfig())
+    density = plots.size_density(big)
+    assert isinstance(density, hv.DynamicMap)
+    assert _raster_counts(density) == ok.sum()
+    fig = hv.render(density, backend="bokeh")
+    assert fig.renderers and type(fig.renderers[0].glyph).__name__ == "Image"
+
+
+def test_size_density_without_datashader_falls_back_to_hextiles(view, frame, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "holoviews.operation.datashader", None)  # import fails
+    sized = frame[schema.ORIGINAL_WIDTH].notna() & frame[schema.ORIGINAL_HEIGHT].notna()
+    many = plots.size_density(view, max_rows=10)
+    assert isinstance(many, hv.HexTiles) and len(many) == sized.sum()
 
 
 def test_precision_recall_frame_one_row_per_group():

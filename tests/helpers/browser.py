@@ -103,14 +103,15 @@ def chromium_page() -> Iterator[tuple[Any, list[str]]]:
             browser.close()
 
 
-#: JavaScript: set the value of the Bokeh widget whose title is ``arg.title`` (returns found)
+#: JavaScript: set the value of the Bokeh widget whose title is ``arg.title`` (returns found);
+#: ``value_throttled`` too (a released drag) unless ``arg.release`` is false (still dragging)
 SET_WIDGET_JS = """
 (arg) => {
   for (const doc of Bokeh.documents) {
     for (const m of doc.all_models) {
       if (m.title === arg.title && 'value' in m) {
         m.value = arg.value;
-        if ('value_throttled' in m) { m.value_throttled = arg.value; }
+        if (arg.release !== false && 'value_throttled' in m) { m.value_throttled = arg.value; }
         return true;
       }
     }
