@@ -58,7 +58,7 @@ def _base_config(args: argparse.Namespace, run_path: str | None) -> PipelineConf
 def _client(cfg: PipelineConfig) -> Iterator[Any]:
     from .cluster import cluster_client
 
-    with cluster_client(cfg.cluster) as client:
+    with cluster_client(cfg.cluster, child_processes=cfg.clip.loader_processes > 0) as client:
         link = getattr(client, "dashboard_link", None)
         if link and cfg.cluster.dashboard_address is not None:
             print(f"Dask dashboard: {link}", file=sys.stderr)
@@ -78,6 +78,17 @@ def _print_report(report: Any) -> None:
         print(f"   FAILED {part}: {err}")
 
 
+def _refuse_changed_config(
+    args: argparse.Namespace, run: Any, cfg: PipelineConfig, *stages: str
+) -> None:
+    """Before any cluster starts or config.toml is rewritten: a changed stage needs --force."""
+    from .pipeline import ConfigChanged, check_config_changes
+
+    if not getattr(args, "force", False):
+        for name, changes in check_config_changes(run, cfg, stages).items():
+            raise ConfigChanged(name, changes)
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from .pipeline import run_extract
     from .rundir import RunDir
@@ -93,9 +104,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise ConfigError("input.paths: give at least one INPUT (file, glob, URL or crawl id)")
     paths = expand_inputs(cfg.input.paths, cfg.input)  # errors before any cluster starts
     run = RunDir(args.out)
+    _refuse_changed_config(args, run, cfg, "extract")
     run.write_config(cfg)
     with _client(cfg) as client:
-        report = run_extract(run, cfg, paths, client=client, show_progress=not args.quiet)
+        report = run_extract(
+            run, cfg, paths, client=client, show_progress=not args.quiet, force=args.force
+        )
     _print_report(report)
     print(f"\ncandidates: {run.join('candidates')}")
     return 1 if report.failed and cfg.strict else 0
@@ -110,10 +124,13 @@ def _run_stage(
 
     cfg = _base_config(args, args.run)
     run = RunDir(args.run)
+    _refuse_changed_config(args, run, cfg, stage)
     run.write_config(cfg)
     runner = getattr(pipeline, f"run_{stage}")
     with _client(cfg) as client:
-        report = runner(run, cfg, client=client, show_progress=not args.quiet, **kwargs)
+        report = runner(
+            run, cfg, client=client, show_progress=not args.quiet, force=args.force, **kwargs
+        )
     _print_report(report)
     print("\n" + "   ".join(f"{name}: {run.join(name)}" for name in outputs))
     return 1 if report.failed and cfg.strict else 0
@@ -157,9 +174,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     expand_inputs(cfg.input.paths, cfg.input)
     run = RunDir(args.out)
     stages = args.stages.split(",") if args.stages else None
+    _refuse_changed_config(args, run, cfg, *(stages or ("extract", "download", "score")))
     with _client(cfg) as client:
         kwargs = {"stages": stages} if stages else {}
-        reports = run_pipeline(run, cfg, client=client, show_progress=not args.quiet, **kwargs)
+        reports = run_pipeline(
+            run, cfg, client=client, show_progress=not args.quiet, force=args.force, **kwargs
+        )
     for r in reports:
         _print_report(r)
     return 0
@@ -185,6 +205,73 @@ def cmd_train_tag_head(args: argparse.Namespace) -> int:
         epochs=args.epochs,
     )
     print(json.dumps({"head": args.out, **metrics}, indent=1))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .knn import IndexConfig, build_index, find_near_duplicates
+    from .rundir import RunDir
+
+    cfg = _base_config(args, args.run)
+    changes = {"memory_budget": args.memory_budget} if args.memory_budget else {}
+    if args.flat_max_vectors is not None:
+        changes["flat_max_vectors"] = args.flat_max_vectors
+    if args.target_recall is not None:
+        changes["target_recall"] = args.target_recall
+    index_cfg = IndexConfig(**changes)  # ConfigError before any cluster starts
+    run = RunDir(args.run)
+    with _client(cfg) as client:
+        for modality in ("image", "text") if args.text else ("image",):
+            info = build_index(run, index_cfg, modality=modality, client=client)
+            probe = f", nprobe {info.nprobe}" if info.nprobe else ""
+            print(
+                f"{modality}: {info.factory} ({info.kind}) over {info.n} vectors of width "
+                f"{info.dim}, recall@{info.recall_k} {info.recall:.3f}{probe}, "
+                f"{info.index_bytes / 1e6:.1f} MB, {info.build_seconds:.1f} s"
+            )
+        if args.near_duplicates is not None:
+            rep = find_near_duplicates(run, args.near_duplicates, client=client)
+            print(
+                f"near-duplicates (cosine >= {rep.threshold}): {rep.groups} groups, "
+                f"{rep.near_duplicates} of {rep.images} images flagged"
+            )
+    print(f"\nindex: {run.join('index')}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.serve:
+        from .search_page import main as page_main
+
+        return int(page_main([args.run, "--port", str(args.port), "--no-show"]) or 0)
+    from .knn import RESULT_DEDUP_COSINE, search
+
+    if (args.query is None) == (args.image is None):
+        print("laion-dask search: give a QUERY text or --image PATH", file=sys.stderr)
+        return 2
+    try:
+        results = search(
+            args.run,
+            text=args.query,
+            image=args.image,
+            k=args.k,
+            modality=args.modality,
+            language_group=args.language_group,
+            max_punsafe=args.max_punsafe,
+            max_pwatermark=args.max_pwatermark,
+            dedup=None if args.no_dedup else RESULT_DEDUP_COSINE,
+            thumbnails=False,
+        )
+    except ValueError as err:
+        print(f"laion-dask search: {err}", file=sys.stderr)
+        return 2
+    cols = ["rank", "similarity", "key", "url", "text", "language_group", "collapsed"]
+    for row in results[cols].to_dict("records"):
+        if args.json:
+            print(json.dumps(row, default=str))
+        else:
+            text = str(row["text"])[:60]
+            print(f"{row['rank']:>3} {row['similarity']:.3f} {row['key']} {row['url']}  {text}")
     return 0
 
 
@@ -216,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="local cluster: threads per worker")
         sp.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
         sp.add_argument("--strict", action="store_true", help="stop at the first failed partition")
+        sp.add_argument(
+            "--force",
+            action="store_true",
+            help="recompute finished partitions whose config changed (default: refuse)",
+        )
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = sub.add_parser(
@@ -261,6 +353,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-private-networks", action="store_true")
     common(sp, config=False)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("index", help="faiss kNN index over RUN/embeddings -> RUN/index")
+    sp.add_argument("run")
+    sp.add_argument("--text", action="store_true", help="also index the caption embeddings")
+    sp.add_argument("--memory-budget", help="bytes the index may take, e.g. 4GB (default 4GB)")
+    sp.add_argument("--flat-max-vectors", type=int, help="exact Flat index up to N vectors")
+    sp.add_argument("--target-recall", type=float, help="recall@10 nprobe must reach (0.95)")
+    sp.add_argument(
+        "--near-duplicates",
+        type=float,
+        nargs="?",
+        const=0.94,
+        metavar="COSINE",
+        help="also group near-duplicate images -> RUN/neardup (default cosine 0.94)",
+    )
+    common(sp)
+    sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("search", help="search a run's index by text or image")
+    sp.add_argument("run")
+    sp.add_argument("query", nargs="?", help="text query, encoded with the run's CLIP")
+    sp.add_argument("--image", help="an image file to search by instead")
+    sp.add_argument("-k", type=int, default=10, help="results (default 10)")
+    sp.add_argument("--modality", default="image", choices=["image", "text"])
+    sp.add_argument("--language-group", choices=["en", "multi", "nolang"])
+    sp.add_argument("--max-punsafe", type=float)
+    sp.add_argument("--max-pwatermark", type=float)
+    sp.add_argument("--no-dedup", action="store_true", help="keep near-duplicate results")
+    sp.add_argument("--json", action="store_true", help="one JSON object per result")
+    sp.add_argument("--serve", action="store_true", help="serve the search page instead")
+    sp.add_argument("--port", type=int, default=5007, help="--serve: port (0 = a free one)")
+    sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("train-tag-head", help="train a punsafe/pwatermark probe on embeddings")
     sp.add_argument("parquet", help="labelled rows: LABEL column + embedding column or key")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 
 from laion_dask.config import ClusterConfig
@@ -52,16 +53,21 @@ def _local_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     return kw
 
 
-def make_client(cfg: ClusterConfig) -> Client:
+def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     """A client for ``cfg``.
 
     ``scheduler_address`` connects to a running scheduler. Otherwise, with ``gpu`` ``auto`` or
     ``require``, CUDA visible and dask-cuda installed: a ``LocalCUDACluster`` with one worker per
     GPU, each declaring ``resources={"GPU": 1}``; else a ``LocalCluster``. ``gpu = "require"``
-    without both raises ``RuntimeError``.
+    without both raises ``RuntimeError``. ``child_processes`` starts local workers non-daemonic
+    (``distributed.worker.daemon = False``) so that tasks may start processes of their own, as
+    ``clip.loader_processes`` does; a remote cluster's workers are configured where they start.
     """
     if cfg.scheduler_address is not None:
         return Client(cfg.scheduler_address)
+    if child_processes:
+        with dask.config.set({"distributed.worker.daemon": False}):
+            return make_client(cfg)
     use_gpu = cfg.gpu != "never" and gpu_available() and dask_cuda_available()
     if cfg.gpu == "require" and not use_gpu:
         raise RuntimeError(
@@ -113,9 +119,9 @@ def close_client(client: Client) -> None:
 
 
 @contextlib.contextmanager
-def cluster_client(cfg: ClusterConfig) -> Iterator[Client]:
+def cluster_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Iterator[Client]:
     """``make_client(cfg)`` for the duration of a ``with`` block, then :func:`close_client`."""
-    client = make_client(cfg)
+    client = make_client(cfg, child_processes=child_processes)
     try:
         yield client
     finally:

@@ -157,7 +157,10 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         return ImageResult("too_large", f"decompression bomb: {err}")
-    except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
+    except UnidentifiedImageError:
+        # Pillow's message names the BytesIO's address, which would make equal runs differ
+        return ImageResult("failed_to_decode", "cannot identify image: unknown or corrupt format")
+    except _DECODE_ERRORS as err:
         return ImageResult("failed_to_decode", f"cannot identify image: {err}")
     with img:
         fmt = (img.format or "").upper()

@@ -21,23 +21,27 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 
 from . import schema
 from .config import PipelineConfig
 from .rules import DEDUP_COLUMNS
-from .rundir import RunDir, fingerprint
+from .rundir import ConfigChanged, RunDir, config_changes, fingerprint
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "StageReport",
     "StageError",
+    "ConfigChanged",
     "candidates_graph",
     "run_extract",
     "run_download",
     "run_score",
     "run_pipeline",
+    "check_config_changes",
+    "host_chunks",
     "is_transient_failure",
 ]
 
@@ -120,6 +124,77 @@ def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
     from .rules import mark_duplicates
 
     return mark_duplicates(df, set(dups[schema.UID]))
+
+
+# --- stage configs ------------------------------------------------------------------------------
+
+#: keys that decide how fast or how politely a stage runs, never what it writes: left out of the
+#: fingerprints, so tuning them for a cluster resumes a run instead of redoing it
+_SPEED_KEYS = {
+    "download": ("concurrency", "per_host_concurrency", "decode_threads"),
+    "clip": ("loader_threads",),
+}
+
+#: stage name (as run_pipeline knows it) -> the folder holding its markers and _config.json
+_STAGE_FOLDER = {"extract": "extract", "download": "downloads", "score": "scores"}
+
+#: changes applied on a re-run without ``force``: a new opt-out or blocklist entry must never
+#: wait for a flag (the affected partitions are redone, as their fingerprints say)
+_ALWAYS_APPLIED = ("consent_lists",)
+
+
+def _sections(run: RunDir, cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
+    out = run.config_dict(cfg, *sections)
+    for section, keys in _SPEED_KEYS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
+def _stage_config(
+    run: RunDir, cfg: PipelineConfig, stage: str, lists_fingerprint: str | None = None
+) -> dict[str, Any]:
+    """The config a stage's fingerprints hash: its sections, less the speed knobs."""
+    if stage == "extract":
+        return _sections(run, cfg, "extract", "language", "rules") | {
+            "consent_page": _page_consent(cfg)
+        }
+    if stage == "download":
+        if lists_fingerprint is None:
+            from .consent import load_lists
+
+            lists_fingerprint = load_lists(cfg.consent).fingerprint
+        return _sections(run, cfg, "download", "consent") | {
+            "consent_lists": lists_fingerprint,
+            "chunks": _CHUNKING,
+        }
+    if stage == "score":
+        return _sections(run, cfg, "clip")
+    raise ValueError(f"no stage config for {stage!r}")
+
+
+def check_config_changes(
+    run: RunDir, cfg: PipelineConfig, stages: Iterable[str] = ("extract", "download", "score")
+) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Per stage, the config keys that differ from what its finished partitions were made with.
+
+    Reads only ``RUN/<stage>/_config.json`` and lists ``_done/``; runs nothing. A stage without
+    finished partitions (or a run made before stage configs were recorded) reports no change,
+    nor does a changed consent list file (always applied, see ``_ALWAYS_APPLIED``).
+    """
+    out: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for stage in stages:
+        folder = _STAGE_FOLDER.get(stage)
+        if folder is None:
+            continue
+        path = run.stage_config_path(folder)
+        if not (run.exists(path) and run.has_markers(folder)):
+            continue
+        changes = config_changes(run.read_json(path), _stage_config(run, cfg, stage))
+        changes = {k: v for k, v in changes.items() if k not in _ALWAYS_APPLIED}
+        if changes:
+            out[stage] = changes
+    return out
 
 
 # --- task execution -----------------------------------------------------------------------------
@@ -298,12 +373,14 @@ def run_extract(
     *,
     client: Any | None = None,
     show_progress: bool = False,
+    force: bool = False,
 ) -> StageReport:
     """Extract, tag and rule-check every input file, then mark run-wide duplicates.
 
     Writes ``RUN/extract/`` (one part per input file) and ``RUN/candidates/`` (the same rows with
     ``duplicate`` reasons added). Finished partitions are skipped; an unreadable file fails its
-    own partition only (reported by name) unless ``cfg.strict``.
+    own partition only (reported by name) unless ``cfg.strict``. A config that would change
+    finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
     """
     from .sources import expand_inputs
 
@@ -316,9 +393,8 @@ def run_extract(
         if not cfg.strict
         else replace(cfg, extract=replace(cfg.extract, skip_unreadable_files=False))
     )
-    stage_cfg = run.config_dict(cfg, "extract", "language", "rules") | {
-        "consent_page": _page_consent(cfg)
-    }
+    stage_cfg = _stage_config(run, cfg, "extract")
+    run.check_stage_config("extract", stage_cfg, force=force)
     tasks = [
         (f"{i:05d}", _extract_task, (p, i, run, ex_cfg, fingerprint(p, stage_cfg)))
         for i, p in enumerate(paths)
@@ -353,6 +429,8 @@ def run_extract(
             )
             dups = ddf.shuffle(on=schema.HASH).map_partitions(_dups_with_part, meta=meta)
             tmp = dup_dir + ".tmp"
+            if run.exists(tmp):  # left by a run killed mid-write: never mix its files in
+                run.fs.rm(tmp, recursive=True)
             dups.to_parquet(tmp, write_index=False, compute=False).compute()
             run.fs.mv(tmp, dup_dir, recursive=True)
     elif need and cfg.rules.deduplicate:
@@ -397,10 +475,31 @@ def _load_dedup_part_meta() -> pd.DataFrame:
 _CONSENT_CACHE = "consent"
 
 
+#: how candidate rows are cut into download tasks (part of the download fingerprint)
+_CHUNKING = "host-hash-v1"
+
+_HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^/?#:]*)"
+
+
+def host_chunks(urls: pd.Series, rows: int) -> list[np.ndarray]:
+    """Row positions of each download task of one candidates part, grouped by host.
+
+    Rows are ordered by a hash of their URL's host (stable, so a host's rows keep their order)
+    and cut every ``rows`` rows; each chunk lists its positions in the part's own order. A host
+    with at most ``rows`` rows in the part is then fetched by one task, or by two adjacent ones
+    when it straddles a cut, instead of by every task of the part, so the per-task
+    ``per_host_concurrency`` bounds what that part sends to the host.
+    """
+    hosts = urls.astype("string").str.extract(_HOST, expand=False).str.lower().fillna("")
+    keys = pd.util.hash_pandas_object(hosts, index=False).to_numpy()
+    order = np.argsort(keys, kind="stable")
+    return [np.sort(order[i : i + rows]) for i in range(0, len(order), rows)]
+
+
 def _download_task(
     index: int, chunk: int, shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str
 ) -> dict:
-    """Rows [chunk*R, (chunk+1)*R) of candidates part ``index`` -> one shard + downloads part."""
+    """Chunk ``chunk`` of candidates part ``index`` (:func:`host_chunks`) -> one shard + part."""
     marker = run.done_marker("downloads", shard_id, fp)
     if marker is not None:
         return {**marker, "resumed": True}
@@ -408,7 +507,7 @@ def _download_task(
 
     rows = cfg.download.rows_per_task
     df = run.read_parquet(run.part_path("candidates", index))
-    df = df.iloc[chunk * rows : (chunk + 1) * rows].reset_index(drop=True)
+    df = df.iloc[host_chunks(df[schema.URL], rows)[chunk]].reset_index(drop=True)
     t0 = time.perf_counter()
     out = download_images(
         df, cfg.download, consent=cfg.consent, host_cache=run.join(_CONSENT_CACHE)
@@ -513,17 +612,19 @@ def run_download(
     client: Any | None = None,
     retry_failed: bool = False,
     show_progress: bool = False,
+    force: bool = False,
 ) -> StageReport:
     """Download the kept candidates: ``RUN/images/NNNNN.tar`` shards + ``RUN/downloads/`` parquet.
 
-    Each candidate part is split into tasks of ``download.rows_per_task`` rows; each task writes
-    one shard. With ``retry_failed`` only rows whose failure was transient are fetched again
-    and merged into their finished part.
+    Each candidate part is split into tasks of ``download.rows_per_task`` rows grouped by host
+    (:func:`host_chunks`); each task writes one shard. With ``retry_failed`` only rows whose
+    failure was transient are fetched again and merged into their finished part.
 
     Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed
     entry raises :class:`~laion_dask.config.ConfigError` before any task runs; their content is
     part of each task's fingerprint (a changed list re-runs the stage). Host files (robots.txt,
-    tdmrep.json) are shared by every task through ``RUN/consent/``.
+    tdmrep.json) are shared by every task through ``RUN/consent/``. A config that would change
+    finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
     """
     from .consent import load_lists
 
@@ -535,7 +636,8 @@ def run_download(
     if not cand:
         raise StageError(f"{run.path}: no candidates; run extract first")
     rows = cfg.download.rows_per_task
-    stage_cfg = run.config_dict(cfg, "download", "consent") | {"consent_lists": lists.fingerprint}
+    stage_cfg = _stage_config(run, cfg, "download", lists.fingerprint)
+    run.check_stage_config("downloads", stage_cfg, force=force, allowed=_ALWAYS_APPLIED)
     tasks: list[tuple[str, Callable[..., dict], tuple]] = []
     shard_id = 0
     for index, marker in sorted(cand.items()):
@@ -592,18 +694,26 @@ def _clip_facts(cfg: Any) -> dict[str, Any]:
 
 
 def run_score(
-    run: RunDir, cfg: PipelineConfig, *, client: Any | None = None, show_progress: bool = False
+    run: RunDir,
+    cfg: PipelineConfig,
+    *,
+    client: Any | None = None,
+    show_progress: bool = False,
+    force: bool = False,
 ) -> StageReport:
     """CLIP-score every downloaded image: ``RUN/scores/`` + ``RUN/embeddings/``.
 
     Scoring tasks ask for the ``GPU`` resource when the cluster's workers declare it, so CPU
-    stages never queue behind GPUs.
+    stages never queue behind GPUs. A config that would change finished partitions raises
+    :class:`ConfigChanged` naming the keys, unless ``force``.
     """
     from .clip import check_model_available
     from .cluster import scoring_resources
 
     client = _get_client(client)
     check_model_available(cfg.clip)  # one clear error before any work
+    stage_cfg = _stage_config(run, cfg, "score")
+    run.check_stage_config("scores", stage_cfg, force=force)
     resources = scoring_resources(client)
     # record what "auto" resolved to (revision, device, dtype) where the model really loads
     facts = client.submit(_clip_facts, cfg.clip, resources=resources, pure=False).result()
@@ -611,7 +721,6 @@ def run_score(
     t0 = time.perf_counter()
     run.makedirs("scores", "embeddings")
     downloads = run.markers("downloads")
-    stage_cfg = run.config_dict(cfg, "clip")
     tasks = [
         (
             f"{k:05d}",
@@ -667,8 +776,16 @@ def run_pipeline(
     stages: Iterable[str] = STAGE_ORDER,
     thresholds: Any | None = None,
     show_progress: bool = False,
+    force: bool = False,
 ) -> list[Any]:
-    """Run the named stages in order; returns their reports."""
+    """Run the named stages in order; returns their reports.
+
+    Re-running into the same ``run`` resumes it: finished partitions are skipped. A config that
+    would change a stage's finished partitions raises :class:`ConfigChanged` (a
+    :class:`~laion_dask.config.ConfigError` naming the stage and the ``section.key`` values)
+    before any stage runs, unless ``force``: then those partitions, and everything downstream of
+    them, are recomputed.
+    """
     stages = list(stages)
     unknown = set(stages) - set(STAGE_ORDER)
     if unknown:
@@ -677,14 +794,18 @@ def run_pipeline(
         from .consent import load_lists
 
         load_lists(cfg.consent)  # a missing or malformed list is a ConfigError before any work
+    if not force:
+        for stage, changes in check_config_changes(run, cfg, stages).items():
+            raise ConfigChanged(stage, changes)
     run.write_config(cfg)
     reports: list[Any] = []
+    kw = {"client": client, "show_progress": show_progress, "force": force}
     if "extract" in stages:
-        reports.append(run_extract(run, cfg, client=client, show_progress=show_progress))
+        reports.append(run_extract(run, cfg, **kw))
     if "download" in stages:
-        reports.append(run_download(run, cfg, client=client, show_progress=show_progress))
+        reports.append(run_download(run, cfg, **kw))
     if "score" in stages:
-        reports.append(run_score(run, cfg, client=client, show_progress=show_progress))
+        reports.append(run_score(run, cfg, **kw))
     if "materialize" in stages:
         from .materialize import materialize
 

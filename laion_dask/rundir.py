@@ -5,21 +5,26 @@ Layout (``RUN`` may be local or any fsspec URL)::
     RUN/config.toml                     resolved config of the last run
     RUN/<stage>/part-00003.parquet      one file per partition
     RUN/<stage>/_done/part-00003.json   written last: partition finished (summary, fingerprint)
+    RUN/<stage>/_config.json            the config sections the stage's partitions were made with
 
 A partition is finished exactly when its ``_done`` marker exists. Data files are written to a
 temporary name and renamed, and the marker is written after the data, so a killed task leaves
 either nothing or a complete partition, never half of one. Markers are per partition (no shared
 manifest file), so workers never race on a write.
+
+A partition's fingerprint hashes its inputs (file name, upstream fingerprints) and the config
+sections that decide its output. On a re-run a partition whose fingerprint still matches is
+skipped; ``_config.json`` lets a re-run with another config be refused by name
+(:meth:`RunDir.check_stage_config`) instead of silently redoing finished work.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +33,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig, config_to_dict, dump_config
+from .config import ConfigError, PipelineConfig, config_to_dict, dump_config
 
-__all__ = ["RunDir", "fingerprint", "part_name"]
+__all__ = ["RunDir", "ConfigChanged", "config_changes", "fingerprint", "part_name"]
 
 
 def part_name(index: int) -> str:
@@ -42,6 +47,40 @@ def fingerprint(*objs: Any) -> str:
     """A short, stable hash of JSON-able objects (configs, input lists, upstream markers)."""
     blob = json.dumps(objs, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigChanged(ConfigError):
+    """A re-run's config would change partitions a stage already finished (pass ``force``)."""
+
+    def __init__(self, stage: str, changes: Mapping[str, tuple[Any, Any]]) -> None:
+        self.stage = stage
+        self.changes = dict(changes)
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
+        super().__init__(
+            f"{listed}: {stage} has finished partitions made with the old value"
+            f"{'s' if len(self.changes) > 1 else ''}; re-run with --force (force=True) to "
+            "recompute them, or write to a new run directory"
+        )
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old, new)}`` for every leaf that differs (None = absent)."""
+    a, b = _flatten(_plain(old)), _flatten(_plain(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, as they are once stored."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -124,11 +163,31 @@ class RunDir:
     def marker_path(self, stage: str, index: int) -> str:
         return self.join(stage, "_done", f"{part_name(index)}.json")
 
-    def write_parquet_atomic(self, path: str, df: pd.DataFrame) -> None:
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes_atomic(path, buf.getvalue())
+    def write_parquet_atomic(
+        self, path: str, df: pd.DataFrame, row_group_rows: int = 65_536
+    ) -> None:
+        """Write ``df`` to a temporary sibling one row group at a time, then rename.
+
+        Streaming the row groups straight to the file keeps the extra memory to one row
+        group's Arrow copy instead of a copy of the whole frame plus its encoded bytes.
+        """
+        first = pa.Table.from_pandas(df.iloc[:row_group_rows], preserve_index=False)
+        if len(df) > row_group_rows and any(pa.types.is_null(f.type) for f in first.schema):
+            # an all-missing object column in the first group: let the whole frame decide types
+            first = pa.Table.from_pandas(df, preserve_index=False)
+        fs = self.fs
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with (
+            fs.open(tmp, "wb") as fh,
+            pq.ParquetWriter(fh, first.schema, compression="zstd") as writer,
+        ):
+            writer.write_table(first, row_group_size=row_group_rows)
+            for start in range(len(first), len(df), row_group_rows):
+                chunk = df.iloc[start : start + row_group_rows]
+                writer.write_table(
+                    pa.Table.from_pandas(chunk, schema=first.schema, preserve_index=False)
+                )
+        fs.mv(tmp, path)
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pd.DataFrame:
         with self.fs.open(path, "rb") as fh:
@@ -164,6 +223,61 @@ class RunDir:
     def parts(self, stage: str) -> list[str]:
         """Finished partition data files of ``stage``, in index order."""
         return [self.part_path(stage, i) for i in sorted(self.markers(stage))]
+
+    def has_markers(self, stage: str) -> bool:
+        """True when at least one partition of ``stage`` finished (one listing, no reads)."""
+        folder = self.join(stage, "_done")
+        fs = self.fs
+        return fs.exists(folder) and any(
+            os.path.basename(p).startswith("part-") for p in fs.ls(folder, detail=False)
+        )
+
+    def stage_config_path(self, stage: str) -> str:
+        return self.join(stage, "_config.json")
+
+    def check_stage_config(
+        self,
+        stage: str,
+        config: Mapping[str, Any],
+        *,
+        force: bool = False,
+        allowed: Iterable[str] = (),
+    ) -> dict[str, tuple[Any, Any]]:
+        """Refuse a config that would change ``stage``'s finished partitions, then record it.
+
+        Parameters
+        ----------
+        stage : str
+            Stage folder (``extract``, ``downloads``, ``scores``).
+        config : mapping
+            The config sections the stage's fingerprints hash (``{"rules": {...}, ...}``).
+        force : bool
+            Record the new config and return the changes instead of raising: partitions whose
+            fingerprint changed are recomputed by the stage.
+        allowed : iterable of str
+            Keys whose change is applied without ``force`` (still returned).
+
+        Returns
+        -------
+        dict
+            ``{"section.key": (old, new)}``; empty when nothing changed or nothing finished.
+
+        Raises
+        ------
+        ConfigChanged
+            When the stage has finished partitions, their recorded config differs and not
+            ``force``.
+        """
+        path = self.stage_config_path(stage)
+        changes: dict[str, tuple[Any, Any]] = {}
+        if self.exists(path) and self.has_markers(stage):
+            changes = config_changes(self.read_json(path), config)
+            refused = {k: v for k, v in changes.items() if k not in set(allowed)}
+            if refused and not force:
+                raise ConfigChanged(stage, refused)
+        self.makedirs(stage)
+        self.write_json_atomic(path, _plain(config))
+        return changes
 
     def iter_markers(self, stage: str) -> Iterator[tuple[int, dict]]:
         yield from sorted(self.markers(stage).items())

@@ -102,3 +102,28 @@ def test_cluster_client_closes_the_cluster_it_started():
     with LocalCluster(n_workers=1, **LOOPBACK_CLUSTER) as remote:
         cluster.close_client(Client(remote.scheduler_address))
         assert remote.status == Status.running
+
+
+def _child_pid() -> int:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=sum, args=([1, 2],))
+    proc.start()  # a daemonic worker process raises here
+    proc.join()
+    return proc.exitcode
+
+
+def test_child_processes_start_non_daemonic_local_workers():
+    cfg = ClusterConfig(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        gpu="never",
+        dashboard_address="127.0.0.1:0",
+    )
+    with cluster.cluster_client(cfg, child_processes=True) as client:
+        assert client.submit(_child_pid, pure=False).result() == 0
+    with cluster.cluster_client(cfg) as client:  # the default: daemonic, as distributed has it
+        with pytest.raises(AssertionError, match="daemonic"):
+            client.submit(_child_pid, pure=False).result()

@@ -10,7 +10,7 @@ import pytest
 
 from laion_dask import schema
 from laion_dask.config import PipelineConfig
-from laion_dask.pipeline import StageError, candidates_graph, run_extract
+from laion_dask.pipeline import ConfigChanged, StageError, candidates_graph, run_extract
 from laion_dask.rundir import RunDir
 
 WARC = "chatnoir-eu-chatnoir-resiliparse/warcfile.warc.gz"
@@ -67,9 +67,12 @@ def test_resume_skips_finished_partitions_and_gives_identical_output(inputs, tmp
     assert again.counts == first.counts
     pd.testing.assert_frame_equal(_candidates(run), before)
     assert {i: m["seconds"] for i, m in run.markers("extract").items()} == marker_times
-    # a changed rule re-runs every partition (its fingerprint differs)
+    # a changed rule is refused, naming the key; forced, every partition re-runs
     cfg = PipelineConfig().replace("rules", min_text_chars=10)
-    changed = run_extract(run, cfg, inputs, client=client)
+    with pytest.raises(ConfigChanged, match=r"rules\.min_text_chars: 5 -> 10"):
+        run_extract(run, cfg, inputs, client=client)
+    assert {i: m["seconds"] for i, m in run.markers("extract").items()} == marker_times
+    changed = run_extract(run, cfg, inputs, client=client, force=True)
     assert changed.resumed == 0
     assert changed.counts.get("text_too_short", 0) > first.counts.get("text_too_short", 0)
 

@@ -152,7 +152,7 @@ def run_demo(
         )
         own = client is None
         if own:
-            client = make_client(cfg.cluster)
+            client = make_client(cfg.cluster, child_processes=cfg.clip.loader_processes > 0)
             if dashboard and show_progress:
                 print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         try:
