@@ -69,6 +69,8 @@ def pairs_frame(texts: list[object], *, start: int = 0) -> pd.DataFrame:
             schema.SOURCE_FILE: ["file-0.warc.wat.gz"] * n,
             schema.RECORD_OFFSET: list(range(start, start + n)),
             schema.HASH: list(range(start, start + n)),
+            schema.PAGE_ROBOTS: [None] * n,
+            schema.PAGE_TDM: [False] * n,
         },
         index=pd.RangeIndex(100 + start, 100 + start + n),
     )
