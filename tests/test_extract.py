@@ -470,3 +470,30 @@ def test_lone_surrogates_do_not_break_the_frame(tmp_path):
     assert df["text"].iloc[0].encode("utf-8")  # valid UTF-8 after clean-up
     assert df["url"].iloc[0].encode("utf-8")
     df.to_parquet(tmp_path / "x.parquet")  # arrow accepts it
+
+
+@pytest.mark.parametrize(
+    ("cut", "compression", "limit"),
+    [(0, "record", 2000), (-200, "none", 2000), (-30, "record", 2000), (0, "none", 900)],
+)
+def test_fused_fastwarc_pass_equals_the_plain_one_on_edge_cases(
+    tmp_path, monkeypatch, cut, compression, limit
+):
+    """Truncated blocks, cut gzip members and oversized records leave the inline hot path for
+    Record + _handle; the results are those of the plain pass."""
+    import laion_dask.extract as ex
+    from laion_dask.extract.records import PrefixedReader
+
+    data = make_wat(EDGE_WAT, compression=compression)
+    path = tmp_path / ("e.wat.gz" if compression == "record" else "e.wat")
+    path.write_bytes(data[:cut] if cut else data)
+    cfg = ExtractConfig(max_html_bytes=limit)
+    fused = extract_file(str(path), cfg)
+    monkeypatch.setitem(ex._PASSES, "fastwarc", ex._PASSES["fastwarc-plain"])
+    plain = extract_file(str(path), cfg)
+    pd.testing.assert_frame_equal(fused.pairs, plain.pairs)
+    assert fused.summary.bad_records == plain.summary.bad_records
+    assert fused.summary.records_read == plain.summary.records_read
+    # the reader that hands back what the hot path already read
+    r = PrefixedReader(b"abc", __import__("io").BytesIO(b"defg"))
+    assert [r.read(2), r.read(2), r.read(-1), r.read(1)] == [b"ab", b"cd", b"efg", b""]

@@ -297,6 +297,20 @@ def test_corpus_file(corpus, name):
             assert set(ref) <= set(got)
 
 
+@pytest.mark.parametrize("name", _corpus_files())
+def test_fused_fastwarc_pass_equals_the_plain_one(corpus, name, monkeypatch):
+    """The inline WAT hot path gives what Record + _handle give, on every corpus file."""
+    import laion_dask.extract as ex
+
+    fused = extract_file(str(corpus / name), CFG)
+    monkeypatch.setitem(ex._PASSES, "fastwarc", ex._PASSES["fastwarc-plain"])
+    plain = extract_file(str(corpus / name), CFG)
+    pd.testing.assert_frame_equal(fused.pairs, plain.pairs)
+    a, b = fused.summary.to_dict(), plain.summary.to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
 class _nullcontext:
     def __enter__(self):
         return None

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -36,10 +36,14 @@ from laion_dask.extract.common import BadRecord, RawLink, Resolver, resolve_url
 from laion_dask.extract.optout import NO_SIGNALS, page_signals
 from laion_dask.extract.records import (
     NonChunkedGzip,
+    PrefixedReader,
     Record,
     StreamError,
     classify_stream_error,
+    fastwarc_record,
+    fastwarc_type_code,
     iter_fastwarc,
+    iter_fastwarc_raw,
     iter_warcio,
     read_block,
 )
@@ -343,28 +347,43 @@ def _is_html_head(head: bytes, content_type: str) -> bool:
     return "html" in ctype or (not ctype and looks_like_html(body))
 
 
+def _wat_block(
+    data: bytes, offset: int, col: _Collector, header: Callable[[str], str | None]
+) -> None:
+    """One whole WAT metadata block into ``col``; ``header(name)`` reads its WARC header."""
+    if IMG_MARKER not in data:
+        # cannot hold an image link: skip the JSON parse (the fast path). The Content-Type
+        # lookup costs more than the IMG@ scan, so it is only made until the file is known to
+        # be a WAT (for the summary)
+        if not col.saw_wat and "json" in (header("Content-Type") or ""):
+            col.saw_wat = True
+        return
+    if "json" not in (header("Content-Type") or ""):
+        return  # WARC metadata (fetch times, outlinks), not a WAT record
+    col.saw_wat = True
+    page, base, links, metas = wat_image_links(data)
+    col.add_wat(offset, page or header("WARC-Target-URI") or "", base, links, metas)
+
+
+def _record_header(rec: Record) -> Callable[[str], str | None]:
+    return lambda name: rec.content_type if name == "Content-Type" else rec.target_uri
+
+
 def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
     """Parse one record into ``col``; raises BadRecord for a counted skip."""
     t = rec.warc_type
     limit = cfg.max_html_bytes
     if t == "metadata" and cfg.format != "warc":
-        # the Content-Type lookup costs more than the IMG@ scan: a record that cannot hold an
-        # image link only needs it until the file is known to be a WAT (for the summary)
         data, total = read_block(rec, limit)
-        whole = total is None and (rec.declared_length is None or len(data) >= rec.declared_length)
-        if whole and IMG_MARKER not in data and col.saw_wat:
-            return  # cannot hold an image link: skip the JSON parse (the fast path)
+        if total is None and (rec.declared_length is None or len(data) >= rec.declared_length):
+            _wat_block(data, rec.offset, col, _record_header(rec))
+            return
         if "json" not in rec.content_type:
-            return  # WARC metadata (fetch times, outlinks), not a WAT record
+            return
         col.saw_wat = True
         if total is not None:
             raise BadRecord("record_too_large", f"{total} bytes")
-        if not whole:
-            raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
-        if IMG_MARKER not in data:
-            return
-        page, base, links, metas = wat_image_links(data)
-        col.add_wat(rec.offset, page or rec.target_uri, base, links, metas)
+        raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
     elif t in ("response", "resource") and cfg.format != "wat":
         data, total = read_block(rec, limit)
         if total is not None:
@@ -387,22 +406,68 @@ def _open_stream(path: str, gunzip: bool) -> Iterator[tuple[BinaryIO, BinaryIO]]
             yield raw, raw
 
 
+def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+    """The FastWARC pass. A WAT metadata record whose declared block is read whole (nearly all
+    of them) takes :func:`_wat_block` inline, without a :class:`Record` or a :func:`read_block`
+    call; every other record goes through :func:`_handle`, so both give the same result.
+    """
+    limit = cfg.max_html_bytes
+    wat = cfg.format != "warc"
+    metadata = fastwarc_type_code("metadata")
+    summary = col.summary
+    for frec, pos in iter_fastwarc_raw(stream):
+        summary.records_read += 1
+        try:
+            length = frec.content_length
+            if wat and 0 < length <= limit and int(frec.record_type) == metadata:
+                try:
+                    data = frec.reader.read(length + 1)
+                except (OSError, EOFError, zlib.error, ValueError) as err:
+                    raise classify_stream_error(err) from err
+                if len(data) == length:
+                    _wat_block(data, pos, col, frec.headers.get)
+                    continue
+                rec = fastwarc_record(frec, pos, PrefixedReader(data, frec.reader))
+            else:
+                rec = fastwarc_record(frec, pos)
+            _handle(rec, col, cfg)
+        except BadRecord as err:
+            summary.count(err.kind)
+            log.debug("%s @%d: skipped record: %s", col.source_file, pos, err)
+
+
+def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., None]:
+    def run(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+        for rec in iterate(stream):
+            col.summary.records_read += 1
+            try:
+                _handle(rec, col, cfg)
+            except BadRecord as err:
+                col.summary.count(err.kind)
+                log.debug("%s @%d: skipped record: %s", col.source_file, rec.offset, err)
+
+    return run
+
+
+#: reader name -> the pass over its records (tests compare the fused FastWARC pass with the plain
+#: one: ``_PASSES["fastwarc-plain"]``)
+_PASSES: dict[str, Callable[..., None]] = {
+    "fastwarc": _records_fastwarc,
+    "fastwarc-plain": _records(iter_fastwarc),
+    "warcio": _records(iter_warcio),
+}
+
+
 def _scan(
     path: str, cfg: ExtractConfig, reader: str, gunzip: bool, meta_names: frozenset[str]
 ) -> _Collector:
     """One pass over the file; raises _Unreadable when not even one record could be read."""
     col = _Collector(path, cfg, meta_names)
     col.summary.reader = reader + ("+gunzip" if gunzip else "")
-    iterate = iter_fastwarc if reader == "fastwarc" else iter_warcio
+    records = _PASSES[reader]
     with _open_stream(path, gunzip) as (raw, stream):
         try:
-            for rec in iterate(stream):
-                col.summary.records_read += 1
-                try:
-                    _handle(rec, col, cfg)
-                except BadRecord as err:
-                    col.summary.count(err.kind)
-                    log.debug("%s @%d: skipped record: %s", path, rec.offset, err)
+            records(stream, col, cfg)
         except StreamError as err:
             if col.summary.records_read == 0:
                 raise _Unreadable(str(err), err.kind) from err

@@ -23,6 +23,10 @@ __all__ = [
     "Record",
     "BlockReader",
     "iter_fastwarc",
+    "iter_fastwarc_raw",
+    "fastwarc_record",
+    "fastwarc_type_code",
+    "PrefixedReader",
     "iter_warcio",
     "read_block",
     "classify_stream_error",
@@ -124,11 +128,12 @@ def _fastwarc_types() -> dict[int, str]:
     return _FASTWARC_TYPES
 
 
-def iter_fastwarc(stream: BinaryIO) -> Iterator[Record]:
-    """Records of a WARC stream read with FastWARC (gzip/zstd/lz4 detected)."""
+def iter_fastwarc_raw(stream: BinaryIO) -> Iterator[tuple[Any, int]]:
+    """``(FastWARC record, offset)`` of a WARC stream (gzip/zstd/lz4 detected), with stream
+    errors classified and several records in one gzip member refused (:class:`NonChunkedGzip`).
+    """
     from fastwarc.warc import ArchiveIterator
 
-    types = _fastwarc_types()
     it = ArchiveIterator(stream, parse_http=False, fsspec_args=False, quirks_mode=True)
     prev = -1
     while True:
@@ -142,15 +147,53 @@ def iter_fastwarc(stream: BinaryIO) -> Iterator[Record]:
         if pos == prev:
             raise NonChunkedGzip(f"two records start at offset {pos}")
         prev = pos
-        h = rec.headers
-        # the parsed type and length save header lookups; anything unusual reads the header
-        warc_type = types.get(int(rec.record_type))
-        if warc_type is None:
-            warc_type = (h.get("WARC-Type") or "").lower()
-        length = rec.content_length
-        if length <= 0:
-            length = _int_or_none(h.get("Content-Length"))
-        yield Record(pos, warc_type, None, None, length, rec.reader, h)
+        yield rec, pos
+
+
+def fastwarc_record(rec: Any, pos: int, reader: BlockReader | None = None) -> Record:
+    """A :class:`Record` over a FastWARC record (``reader`` replaces its block reader)."""
+    h = rec.headers
+    # the parsed type and length save header lookups; anything unusual reads the header
+    warc_type = _fastwarc_types().get(int(rec.record_type))
+    if warc_type is None:
+        warc_type = (h.get("WARC-Type") or "").lower()
+    length = rec.content_length
+    if length <= 0:
+        length = _int_or_none(h.get("Content-Length"))
+    return Record(pos, warc_type, None, None, length, reader or rec.reader, h)
+
+
+def iter_fastwarc(stream: BinaryIO) -> Iterator[Record]:
+    """Records of a WARC stream read with FastWARC (gzip/zstd/lz4 detected)."""
+    for rec, pos in iter_fastwarc_raw(stream):
+        yield fastwarc_record(rec, pos)
+
+
+def fastwarc_type_code(name: str) -> int:
+    """FastWARC's integer code of a WARC-Type (``metadata``, ``response``, ...)."""
+    return next(code for code, n in _fastwarc_types().items() if n == name)
+
+
+class PrefixedReader:
+    """A block reader that returns bytes already read from ``reader`` before the rest of it."""
+
+    __slots__ = ("head", "reader")
+
+    def __init__(self, head: bytes, reader: BlockReader) -> None:
+        self.head, self.reader = head, reader
+
+    def read(self, size: int = -1) -> bytes:
+        head = self.head
+        if not head:
+            return self.reader.read(size)
+        if size is None or size < 0:
+            self.head = b""
+            return head + self.reader.read()
+        if size <= len(head):
+            self.head = head[size:]
+            return head[:size]
+        self.head = b""
+        return head + self.reader.read(size - len(head))
 
 
 def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
