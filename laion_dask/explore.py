@@ -127,9 +127,11 @@ def interaction_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 def _read_part(part: tuple[int, str], run: RunDir, read_columns: list[str]) -> pd.DataFrame:
     """One scores part ``(index, path)`` reduced to :data:`MEMORY_COLUMNS` plus its index."""
+    from .knn import join_part_near_duplicates
+
     index, path = part
     df = run.read_parquet(path, columns=read_columns)
-    df = interaction_columns(schema.conform(df, _DTYPES))
+    df = interaction_columns(join_part_near_duplicates(run, index, schema.conform(df, _DTYPES)))
     return df[list(MEMORY_COLUMNS)].assign(**{SCORES_PART: np.int32(index)})
 
 

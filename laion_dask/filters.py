@@ -6,6 +6,9 @@ fate is the first reason along the pipeline:
 1. the extraction rules' ``drop_reason`` (``bad_url_scheme`` ... ``duplicate``),
 2. the download ``status`` when it is not ``success`` (``failed_to_download``, ``disallowed``, ...),
 3. ``unscorable_image`` when CLIP could not decode the stored image,
+   then ``near_duplicate`` for every member of a near-duplicate image group but its canonical
+   one, when ``laion-dask index RUN --near-duplicates`` found them (``RUN/neardup``, joined per
+   partition by :func:`laion_dask.knn.join_part_near_duplicates`),
 4. the first failing threshold of :class:`~laion_dask.config.FilterConfig` (``filter_reason``).
 
 ``<NA>`` everywhere means kept, so rows in = kept + sum over reasons, always.
@@ -32,7 +35,11 @@ import tomli_w
 from . import schema
 from .config import ConfigError, FilterConfig, SubsetConfig, config_to_dict
 
+#: the column (bool) and the reason of an image that repeats a better one of its group
+NEAR_DUPLICATE = "near_duplicate"
+
 __all__ = [
+    "NEAR_DUPLICATE",
     "FILTER_REASONS",
     "FINAL_REASON",
     "FILTER_REASON",
@@ -131,6 +138,11 @@ def final_reason(df: pd.DataFrame) -> pd.Series:
             failed, "unscorable_image"
         )
         reason = reason.fillna(unscorable)
+    if NEAR_DUPLICATE in df.columns:
+        near = df[NEAR_DUPLICATE].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        reason = reason.fillna(
+            pd.Series(pd.NA, index=df.index, dtype="string").mask(near, NEAR_DUPLICATE)
+        )
     if FILTER_REASON in df.columns:
         reason = reason.fillna(df[FILTER_REASON].astype("string"))
     return reason.rename(FINAL_REASON)

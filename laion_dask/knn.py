@@ -1321,3 +1321,16 @@ def add_near_duplicate(df: pd.DataFrame, neardup: pd.DataFrame) -> pd.DataFrame:
             NEAR_DUPLICATE: flag,
         }
     )
+
+
+def join_part_near_duplicates(run: RunDir, part: int, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (scores part ``part``) joined with ``RUN/neardup`` part ``part`` when
+    :func:`find_near_duplicates` wrote it (:func:`add_near_duplicate`); unchanged otherwise.
+
+    What ``materialize``, ``explore`` and ``report`` call per partition, so a run's
+    near-duplicates become the ``near_duplicate`` drop reason everywhere at once.
+    """
+    path = run.part_path("neardup", part)
+    if schema.KEY not in df.columns or not run.exists(path):
+        return df
+    return add_near_duplicate(df, run.read_parquet(path))

@@ -206,10 +206,11 @@ def _outcome(reason: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
 def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> dict:
     """One scored partition -> the base dataset and every subset (the scores, the shard and
     the embeddings are read once, whatever the number of subsets)."""
+    from .knn import join_part_near_duplicates
     from .shards import read_shard_images
 
     df = run.read_parquet(run.part_path("scores", part))
-    df = add_final_reason(df, cfg)
+    df = add_final_reason(join_part_near_duplicates(run, part, df), cfg)
     groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
     emb = _read_embeddings(run, part)
     cache: dict[str, dict[str, bytes]] = {}

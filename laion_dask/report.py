@@ -84,6 +84,7 @@ from .config import FilterConfig, config_to_dict
 from .filters import (
     FILTER_REASONS,
     FINAL_REASON,
+    NEAR_DUPLICATE,
     load_thresholds,
 )
 from .rundir import RunDir
@@ -582,9 +583,11 @@ def _final_codes(
     status: tuple[np.ndarray, list[str], np.ndarray],
     sstat: tuple[np.ndarray, list[str], np.ndarray],
     filter_codes: np.ndarray,
+    near: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """:func:`laion_dask.filters.final_reason` on codes, ``"kept"`` for none: the rule reason,
-    else a failed download status, else ``unscorable_image``, else the filter reason.
+    else a failed download status, else ``unscorable_image``, else ``near_duplicate`` (where
+    ``near`` is True), else the filter reason.
 
     ``drop``, ``status`` and ``sstat`` are ``(codes, labels, valid)`` of those columns (see
     :func:`_encode`); the result's labels are the union of the labels that can occur.
@@ -596,12 +599,21 @@ def _final_codes(
 
     kept_id = int(ids(["kept"])[0])
     out = np.append(ids(FILTER_REASONS), kept_id)[filter_codes]
+    if near is not None and near.any():
+        out[near] = int(ids([NEAR_DUPLICATE])[0])
     for (codes, labels, valid), fixed in ((sstat, "unscorable_image"), (status, None)):
         bad = valid & (codes != labels.index("success") if "success" in labels else True)
         out[bad] = int(ids([fixed])[0]) if fixed else ids(labels)[codes[bad]]
     codes, labels, valid = drop
     out[valid] = ids(labels)[codes[valid]]
     return out, list(index)
+
+
+def _near_mask(df: pd.DataFrame) -> np.ndarray | None:
+    """The ``near_duplicate`` flags joined from ``RUN/neardup``, when there are any."""
+    if NEAR_DUPLICATE not in df.columns:
+        return None
+    return df[NEAR_DUPLICATE].astype("boolean").fillna(False).to_numpy(dtype=bool)
 
 
 def fast_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
@@ -625,7 +637,11 @@ def fast_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
         c: _col_codes(df[c], "") for c in (schema.DROP_REASON, schema.STATUS, schema.SCORE_STATUS)
     }
     codes, labels = _final_codes(
-        cols[schema.DROP_REASON], cols[schema.STATUS], cols[schema.SCORE_STATUS], fcodes
+        cols[schema.DROP_REASON],
+        cols[schema.STATUS],
+        cols[schema.SCORE_STATUS],
+        fcodes,
+        _near_mask(df),
     )
     final = np.array([None if v == "kept" else v for v in labels], dtype=object)[codes]
     return pd.Series(final, index=df.index, dtype="string", name=FINAL_REASON)
@@ -726,6 +742,7 @@ def partition_summary(
         (st_codes, st_labels, status_ok),
         (ss_codes, ss_labels, ss_valid),
         fcodes,
+        _near_mask(df),
     )
     kept = final_codes == final_labels.index("kept")
     attempted = ~rule_valid & status_ok
@@ -882,7 +899,9 @@ def _read_part(run: RunDir, path: str) -> pd.DataFrame:
 def _summarize_part(
     part: int, run: RunDir, cfg: FilterConfig, samples: int, options: Mapping[str, int]
 ) -> dict[str, Any]:
-    df = _read_part(run, run.part_path("scores", part))
+    from .knn import join_part_near_duplicates
+
+    df = join_part_near_duplicates(run, part, _read_part(run, run.part_path("scores", part)))
     return partition_summary(df, cfg, samples=samples, **options)
 
 

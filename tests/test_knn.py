@@ -265,3 +265,52 @@ def test_cli_index_and_search(scene_run, client, capsys, tmp_path):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(rows) == 2 and rows[0]["rank"] == 1 and "thumbnail" not in rows[0]
     assert cli.main(["search", run.path, "--image", str(tmp_path / "none.jpg")]) == 2
+
+
+def test_near_duplicate_reason_reaches_filters_explore_report_and_materialize(tmp_path, client):
+    """RUN/neardup flags become the ``near_duplicate`` final reason in all three places that
+    compute it (filters, explore's numpy path, the report's codes) and in materialize's output."""
+    from laion_dask import explore
+    from laion_dask.config import FilterConfig
+    from laion_dask.filters import FINAL_REASON, add_final_reason
+    from laion_dask.materialize import materialize, read_dataset
+    from laion_dask.report import fast_final_reason
+    from tests.helpers.runs import make_scored_run
+
+    run = make_scored_run(tmp_path / "run")
+    cfg = FilterConfig(similarity_en=-1, similarity_multi=-1, similarity_nolang=-1)
+    joined, flagged = [], set()
+    for p in sorted(run.markers("scores")):
+        df = run.read_parquet(run.part_path("scores", p))
+        keys = df[schema.KEY].dropna().astype(str).tolist()
+        members = keys[::3]  # every third scored row repeats an image of its group
+        flagged |= set(members[1:])
+        nd = pd.DataFrame(
+            {
+                schema.KEY: members,
+                knn.DUPLICATE_GROUP: [p] * len(members),
+                "canonical_key": [members[0]] * len(members),
+                knn.NEAR_DUPLICATE: [False] + [True] * (len(members) - 1),
+            }
+        )
+        run.makedirs("neardup")
+        run.write_parquet_atomic(run.part_path("neardup", p), nd)
+        joined.append(knn.join_part_near_duplicates(run, p, df))
+    df = pd.concat(joined, ignore_index=True)
+    expect = add_final_reason(df, cfg)[FINAL_REASON]
+    near = df[schema.KEY].isin(flagged)
+    upstream = add_final_reason(df.drop(columns=[knn.NEAR_DUPLICATE]), cfg)[FINAL_REASON]
+    # flagged rows the pipeline kept become near_duplicate; earlier reasons still win
+    assert (expect[near & upstream.isna()] == "near_duplicate").all()
+    assert (expect[near & upstream.notna()] == upstream[near & upstream.notna()]).all()
+    assert (expect[~near] == upstream[~near]).all()
+    assert (expect == "near_duplicate").sum() > 0
+    pd.testing.assert_series_equal(fast_final_reason(df, cfg), expect)
+    view = explore.open_run(run, client=client)
+    pd.testing.assert_series_equal(view.reasons_at(cfg), expect, check_names=False)
+    report = materialize(run, cfg, client=client)
+    assert report.dropped["near_duplicate"] == int((expect == "near_duplicate").sum())
+    out_keys = set(
+        pd.concat([read_dataset(run, g) for g in schema.LANGUAGE_GROUPS])[schema.KEY].astype(str)
+    )
+    assert not out_keys & flagged
