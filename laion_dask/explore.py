@@ -718,16 +718,19 @@ def png_bytes(img: Any) -> bytes:
     return buf.getvalue()
 
 
+def thumbnail_html(img: Any) -> str:
+    """A PIL thumbnail as an inline ``<img>`` (base64 PNG), or a grey "no image" box."""
+    if img is None:
+        return '<div style="width:128px;height:96px;background:#ddd">no image</div>'
+    b64 = base64.b64encode(png_bytes(img)).decode("ascii")
+    return f'<img src="data:image/png;base64,{b64}" style="max-width:128px">'
+
+
 def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIMILARITY) -> str:
     """An HTML grid of ``samples_near`` rows: base64 PNG thumbnail, score and caption."""
     cells = []
     for _, row in samples.iterrows():
-        img = row.get("thumbnail")
-        if img is not None:
-            b64 = base64.b64encode(png_bytes(img)).decode("ascii")
-            pic = f'<img src="data:image/png;base64,{b64}" style="max-width:128px">'
-        else:
-            pic = '<div style="width:128px;height:96px;background:#ddd">no image</div>'
+        pic = thumbnail_html(row.get("thumbnail"))
         caption = html.escape(str(row[schema.TEXT])[:80])
         cells.append(
             f'<div style="width:140px;margin:4px;font-size:11px">{pic}'

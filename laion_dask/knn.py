@@ -1115,19 +1115,13 @@ def _thumbnails(run: RunDir, rows: pd.DataFrame, size: int) -> list[Any]:
 
 def results_html(results: pd.DataFrame, title: str = "") -> str:
     """An HTML grid of :func:`search` results: thumbnail, similarity, caption, URL link."""
-    import base64
     import html
 
-    from .explore import png_bytes
+    from .explore import thumbnail_html
 
     cells = []
     for _, row in results.iterrows():
-        img = row.get("thumbnail")
-        if img is not None:
-            b64 = base64.b64encode(png_bytes(img)).decode("ascii")
-            pic = f'<img src="data:image/png;base64,{b64}" style="max-width:128px">'
-        else:
-            pic = '<div style="width:128px;height:96px;background:#ddd">no image</div>'
+        pic = thumbnail_html(row.get("thumbnail"))
         url = "" if pd.isna(row[schema.URL]) else str(row[schema.URL])
         caption = "" if pd.isna(row[schema.TEXT]) else str(row[schema.TEXT])
         extra = f" (+{int(row['collapsed'])} near-dup)" if int(row.get("collapsed", 0)) else ""

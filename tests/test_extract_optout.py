@@ -57,7 +57,13 @@ def _check(df: pd.DataFrame, pages) -> None:
     assert [None if pd.isna(v) else v for v in reasons] == [d for _, _, _, d in pages]
 
 
-def test_wat_pages_record_their_signals(tmp_path):
+@pytest.mark.parametrize("use_json", [False, True])
+def test_wat_pages_record_their_signals(tmp_path, monkeypatch, use_json):
+    """msgspec and the stdlib json fallback read Head.Metas alike."""
+    import laion_dask.extract.wat as wat
+
+    if use_json:
+        monkeypatch.setattr(wat, "has_msgspec", lambda: False)
     records = [
         wat_payload(
             f"http://p{i:02d}.example/",
@@ -72,25 +78,6 @@ def test_wat_pages_record_their_signals(tmp_path):
     assert res.summary.bad_records == {}
     _check(res.pairs, PAGES)
     assert dict(res.pairs.dtypes.astype(str)) == schema.PAIRS_DTYPES
-
-
-@pytest.mark.parametrize("use_json", [False, True])
-def test_wat_json_fallback_agrees(tmp_path, monkeypatch, use_json):
-    import laion_dask.extract.wat as wat
-
-    if use_json:
-        monkeypatch.setattr(wat, "has_msgspec", lambda: False)
-    records = [
-        wat_payload(
-            f"http://p{i:02d}.example/",
-            [{"path": "IMG@/src", "url": "/a.jpg", "alt": "a red bicycle"}],
-            metas=metas,
-        )
-        for i, (metas, *_) in enumerate(PAGES)
-    ]
-    path = tmp_path / "j.wat.gz"
-    path.write_bytes(make_wat(records))
-    _check(extract_file(str(path), ExtractConfig()).pairs, PAGES)
 
 
 def test_warc_pages_record_their_signals(tmp_path):
