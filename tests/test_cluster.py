@@ -83,17 +83,22 @@ def test_gpu_available_matches_torch() -> None:
     assert cluster.gpu_available() == (torch.cuda.is_available() and torch.cuda.device_count() > 0)
 
 
+def _one_worker(processes: bool) -> ClusterConfig:
+    """A one-worker local cluster on loopback, its dashboard on a free port."""
+    return ClusterConfig(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=processes,
+        gpu="never",
+        dashboard_address="127.0.0.1:0",
+    )
+
+
 def test_cluster_client_closes_the_cluster_it_started():
     from distributed import Client
     from distributed.core import Status
 
-    cfg = ClusterConfig(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=False,
-        gpu="never",
-        dashboard_address="127.0.0.1:0",
-    )
+    cfg = _one_worker(processes=False)
     with cluster.cluster_client(cfg) as client:
         local = client.cluster
         assert client.submit(sum, [1, 2]).result() == 3
@@ -115,13 +120,7 @@ def _child_pid() -> int:
 
 
 def test_child_processes_start_non_daemonic_local_workers():
-    cfg = ClusterConfig(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        gpu="never",
-        dashboard_address="127.0.0.1:0",
-    )
+    cfg = _one_worker(processes=True)
     with cluster.cluster_client(cfg, child_processes=True) as client:
         assert client.submit(_child_pid, pure=False).result() == 0
     with cluster.cluster_client(cfg) as client:  # the default: daemonic, as distributed has it

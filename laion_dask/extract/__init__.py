@@ -235,6 +235,11 @@ class _Collector:
         self.texts: list[str] = []
         self.saw_wat = False
 
+    def skipped(self, offset: int, err: BadRecord) -> None:
+        """Count a record skipped for ``err`` (a named counter in ``bad_records``)."""
+        self.summary.count(err.kind)
+        log.debug("%s @%d: skipped record: %s", self.source_file, offset, err)
+
     def _close_record(self, offset: int, page_url: str, n: int, metas: list[Any]) -> None:
         if n:
             self.rec_offsets.append(offset)
@@ -432,8 +437,7 @@ def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> 
                 rec = fastwarc_record(frec, pos)
             _handle(rec, col, cfg)
         except BadRecord as err:
-            summary.count(err.kind)
-            log.debug("%s @%d: skipped record: %s", col.source_file, pos, err)
+            col.skipped(pos, err)
 
 
 def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., None]:
@@ -443,8 +447,7 @@ def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., N
             try:
                 _handle(rec, col, cfg)
             except BadRecord as err:
-                col.summary.count(err.kind)
-                log.debug("%s @%d: skipped record: %s", col.source_file, rec.offset, err)
+                col.skipped(rec.offset, err)
 
     return run
 

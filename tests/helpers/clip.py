@@ -44,6 +44,18 @@ def _image_processor(size: int):
     return Proc(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def _tiny_vision(image_size: int = TINY_IMAGE) -> dict[str, int]:
+    """The vision tower every tiny test model shares (a fresh dict: configs may keep it)."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": 8,
+    }
+
+
 def _save_clip(out: Path, config, seed: int) -> Path:
     import torch
     from transformers import CLIPModel, CLIPTokenizer
@@ -74,14 +86,7 @@ def save_tiny_clip(out: Path, *, seed: int = 0, projection_dim: int = 16) -> Pat
             "eos_token_id": 1,
             "pad_token_id": 1,
         },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TINY_IMAGE,
-            "patch_size": 8,
-        },
+        vision_config=_tiny_vision(),
         projection_dim=projection_dim,
     )
     return _save_clip(out, config, seed)
@@ -319,14 +324,7 @@ def save_tiny_siglip(out: Path, *, seed: int = 2) -> Path:
             "bos_token_id": None,  # SigLIP's text has no BOS (the default is CLIP's 49406)
             "eos_token_id": tok.eos_token_id,
         },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 24,
-            "patch_size": 8,
-        },
+        vision_config=_tiny_vision(image_size=24),
     )
     torch.manual_seed(seed)
     SiglipModel(config).eval().save_pretrained(out)
@@ -360,14 +358,7 @@ def save_tiny_altclip(out: Path, *, seed: int = 3, projection_dim: int = 16) -> 
             "bos_token_id": 0,
             "eos_token_id": 2,
         },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TINY_IMAGE,
-            "patch_size": 8,
-        },
+        vision_config=_tiny_vision(),
         projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
