@@ -25,13 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-import mmh3
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from laion_dask import schema
 from laion_dask.config import ConsentConfig, ExtractConfig
+from laion_dask.extract import common
 from laion_dask.extract.common import BadRecord, RawLink, Resolver, resolve_url
 from laion_dask.extract.optout import NO_SIGNALS, page_signals
 from laion_dask.extract.records import (
@@ -47,9 +47,15 @@ from laion_dask.extract.records import (
     iter_warcio,
     read_block,
 )
-from laion_dask.extract.text import clean_text, pair_uids, record_hashes, unicode_is_clean
+from laion_dask.extract.text import (
+    clean_text,
+    laion_hashes,
+    pair_uids,
+    record_hashes,
+    unicode_is_clean,
+)
 from laion_dask.extract.warc import looks_like_html, parse_html, split_http
-from laion_dask.extract.wat import _IMG_SRC, IMG_MARKER, wat_image_links
+from laion_dask.extract.wat import _IMG_SRC, IMG_MARKER, img_links, wat_links
 from laion_dask.sources import open_input
 
 __all__ = ["FileSummary", "ExtractResult", "extract_file", "extract_pairs", "sniff_format"]
@@ -270,14 +276,35 @@ class _Collector:
         offset: int,
         page_url: str,
         base: str,
-        imgs: list[Any],
+        links: list[Any],
         metas: list[Any] | None = None,
     ) -> None:
-        """Like :meth:`add` for the ``IMG@`` links of :func:`wat_image_links`."""
+        """Like :meth:`add` for the links of :func:`~laion_dask.extract.wat.wat_links`.
+
+        Pairs come from ``IMG@/src`` links with a URL and an ``alt`` key; a pair's index is its
+        position among the record's ``IMG@`` links. The compiled ``img_pairs``
+        (``common.speedups``) does the same as the Python loop below; tests hold them equal.
+        """
+        max_chars = self.cfg.max_text_chars
+        fast = common.speedups
+        if fast is not None:
+            found, n = fast.img_pairs(
+                links,
+                self.indices,
+                self.urls,
+                self.texts,
+                max_chars,
+                lambda alt: clean_text(alt, max_chars),
+                lambda: Resolver(resolve_url(page_url, base) if base else page_url),
+            )
+            if found:
+                self.summary.records_with_links += 1
+                self._close_record(offset, page_url, n, metas or [])
+            return
         resolve = None
-        max_chars, indices, urls, texts = self.cfg.max_text_chars, self.indices, self.urls, []
+        indices, urls, texts = self.indices, self.urls, []
         found = False
-        for k, ln in enumerate(imgs):
+        for k, ln in enumerate(img_links(links)):
             if ln.path != _IMG_SRC:
                 continue
             url, alt = ln.url, ln.alt
@@ -320,8 +347,7 @@ class _Collector:
         offsets = np.repeat(np.array(self.rec_offsets, dtype=np.int64), counts)
         rec_hash = np.repeat(record_hashes(src, self.rec_offsets), counts)
         uids = pair_uids(rec_hash, np.array(self.indices, dtype=np.int64))
-        h64 = mmh3.hash64
-        hashes = np.fromiter((h64(u + t)[0] for u, t in zip(urls, texts, strict=True)), np.int64, n)
+        hashes = laion_hashes(urls, texts)
         data = {
             schema.UID: _hex_strings(uids),
             schema.URL: url_arr,
@@ -366,7 +392,7 @@ def _wat_block(
     if "json" not in (header("Content-Type") or ""):
         return  # WARC metadata (fetch times, outlinks), not a WAT record
     col.saw_wat = True
-    page, base, links, metas = wat_image_links(data)
+    page, base, links, metas = wat_links(data)
     col.add_wat(offset, page or header("WARC-Target-URI") or "", base, links, metas)
 
 

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import re
+from types import ModuleType
 from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
-__all__ = ["BadRecord", "RawLink", "resolve_url", "Resolver"]
+__all__ = ["BadRecord", "RawLink", "resolve_url", "Resolver", "speedups"]
+
+
+def _load_speedups() -> ModuleType | None:
+    if os.environ.get("LAION_DASK_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from laion_dask.extract import _speedups
+    except ImportError:  # built without a C compiler: the Python twins give the same output
+        return None
+    return _speedups
+
+
+#: the compiled fast paths (``laion_dask/extract/_speedups.c``), or None when they were not built
+#: or ``LAION_DASK_PURE_PYTHON=1``: then the pure-Python code runs, with the same output, slower.
+#: Read it as ``common.speedups`` at call time (tests switch it off).
+speedups = _load_speedups()
 
 
 class BadRecord(Exception):

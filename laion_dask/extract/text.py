@@ -14,7 +14,17 @@ import ftfy
 import mmh3
 import numpy as np
 
-__all__ = ["clean_text", "unicode_is_clean", "laion_hash", "make_uid", "record_hashes", "pair_uids"]
+from laion_dask.extract import common
+
+__all__ = [
+    "clean_text",
+    "unicode_is_clean",
+    "laion_hash",
+    "laion_hashes",
+    "make_uid",
+    "record_hashes",
+    "pair_uids",
+]
 
 # Only the mojibake repairs: quote uncurling, width folding and ligature splitting would change
 # legitimate text, and entities are unescaped once, before ftfy sees the text.
@@ -91,15 +101,31 @@ def unicode_is_clean(text: str) -> bool:
     return _MOJIBAKE_PAIR.search(text) is None and unicodedata.is_normalized("NFC", text)
 
 
+def laion_hashes(urls: list[str], texts: list[str]) -> np.ndarray:
+    """:func:`laion_hash` of each pair, as int64."""
+    fast = common.speedups
+    if fast is not None:
+        try:
+            return np.frombuffer(fast.pair_hashes(urls, texts), np.int64)
+        except TypeError:
+            pass  # not lists of str: the Python loop decides
+    h64 = mmh3.hash64
+    pairs = zip(urls, texts, strict=True)
+    return np.fromiter((h64((u + t).encode())[0] for u, t in pairs), np.int64, len(urls))
+
+
 def laion_hash(url: str, text: str) -> int:
     """LAION's join key: ``mmh3.hash64(url + text)[0]`` (a signed int64).
+
+    Text UTF-8 cannot encode (lone surrogates) raises UnicodeEncodeError; the string is encoded
+    here because mmh3 5.3 crashes the interpreter on such a ``str``.
 
     Examples
     --------
     >>> laion_hash("http://a.b/c.jpg", "a cat") == laion_hash("http://a.b/c.jpg", "a cat")
     True
     """
-    return mmh3.hash64(url + text)[0]
+    return mmh3.hash64((url + text).encode())[0]
 
 
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / phi: spreads consecutive link indices apart
@@ -123,7 +149,7 @@ def make_uid(source_file: str, record_offset: int, link_index: int) -> str:
     >>> make_uid("f.wat.gz", 123, 4) == make_uid("f.wat.gz", 123, 4)
     True
     """
-    x = (mmh3.hash64(_record_key(source_file, record_offset), signed=False)[0]) & _M64
+    x = mmh3.hash64(_record_key(source_file, record_offset).encode(), signed=False)[0] & _M64
     x = (x + (link_index + 1) * _GOLDEN) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
@@ -132,9 +158,17 @@ def make_uid(source_file: str, record_offset: int, link_index: int) -> str:
 
 def record_hashes(source_file: str, offsets: list[int]) -> np.ndarray:
     """Unsigned mmh3 64-bit hash of each record's key (the first step of :func:`make_uid`)."""
+    fast = common.speedups
+    if fast is not None:
+        try:
+            prefix = _record_key(source_file, 0)[:-1].encode("utf-8")
+            return np.frombuffer(fast.record_hashes(prefix, offsets), np.uint64)
+        except (UnicodeEncodeError, ValueError, TypeError, OverflowError):
+            pass  # a path UTF-8 cannot encode, an odd offset: the Python loop decides
     h64 = mmh3.hash64
     return np.fromiter(
-        (h64(_record_key(source_file, o), signed=False)[0] for o in offsets),
+        # encoded here: mmh3 5.3 crashes on a str holding lone surrogates
+        (h64(_record_key(source_file, o).encode(), signed=False)[0] for o in offsets),
         np.uint64,
         len(offsets),
     )

@@ -24,6 +24,8 @@ __all__ = [
     "WatPage",
     "parse_wat_json",
     "wat_image_links",
+    "wat_links",
+    "img_links",
     "is_image_pair",
     "has_msgspec",
 ]
@@ -94,11 +96,12 @@ def _decode_error(body: bytes, err: Exception) -> BadRecord:
 
 
 class WatPage(NamedTuple):
-    """What one WAT record says about its page (see :func:`wat_image_links`)."""
+    """What one WAT record says about its page (see :func:`wat_image_links`): ``links`` are
+    all of its links (:func:`wat_links`) or only the ``IMG@`` ones (:func:`wat_image_links`)."""
 
     page_url: str
     base: str
-    img_links: list[Any]
+    links: list[Any]
     metas: list[tuple[Any, Any]]
 
 
@@ -180,7 +183,7 @@ def _str_or_none(value: Any, name: str) -> str | None:
     raise BadRecord("invalid_wat", f"{name} is not a string")
 
 
-def _img_links(links: list[Any]) -> list[Any]:
+def img_links(links: list[Any]) -> list[Any]:
     """The ``IMG@`` links of a record, in order: a link's position here is its ``index``.
 
     Most links are not images: the substring test drops them in one comprehension, before the
@@ -188,6 +191,20 @@ def _img_links(links: list[Any]) -> list[Any]:
     """
     imgs = [ln for ln in links if "IMG@" in (ln.path or "")]
     return [ln for ln in imgs if ln.path.startswith("IMG@")]
+
+
+def wat_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
+    """Like :func:`wat_image_links`, with all of the record's links (not only ``IMG@``)."""
+    fast = has_msgspec() if use_msgspec is None else use_msgspec
+    if fast:
+        try:
+            return WatPage(*_parse_msgspec(body))
+        except BadRecord as err:
+            if err.kind != "invalid_json":
+                raise
+            # msgspec rejects escaped lone surrogates ("\ud800"), which Java-written WATs can
+            # hold; the stdlib parser accepts them (and raises for truly malformed JSON)
+    return WatPage(*_parse_json(body))
 
 
 def wat_image_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
@@ -200,19 +217,8 @@ def wat_image_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
     ``(name, content)`` of ``Head.Metas`` (empty when the page has no links). Raises
     :class:`BadRecord` like :func:`parse_wat_json`.
     """
-    fast = has_msgspec() if use_msgspec is None else use_msgspec
-    links = None
-    if fast:
-        try:
-            page, base, links, metas = _parse_msgspec(body)
-        except BadRecord as err:
-            if err.kind != "invalid_json":
-                raise
-            # msgspec rejects escaped lone surrogates ("\ud800"), which Java-written WATs can
-            # hold; the stdlib parser accepts them (and raises for truly malformed JSON)
-    if links is None:
-        page, base, links, metas = _parse_json(body)
-    return WatPage(page, base, _img_links(links) if links else [], metas)
+    page, base, links, metas = wat_links(body, use_msgspec=use_msgspec)
+    return WatPage(page, base, img_links(links) if links else [], metas)
 
 
 def parse_wat_json(
