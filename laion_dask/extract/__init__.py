@@ -58,7 +58,19 @@ from laion_dask.extract.warc import looks_like_html, parse_html, split_http
 from laion_dask.extract.wat import _IMG_SRC, IMG_MARKER, img_links, wat_links
 from laion_dask.sources import open_input
 
-__all__ = ["FileSummary", "ExtractResult", "extract_file", "extract_pairs", "sniff_format"]
+__all__ = [
+    "FileSummary",
+    "ExtractResult",
+    "extract_file",
+    "stream_file",
+    "extract_pairs",
+    "sniff_format",
+    "CHUNK_ROWS",
+]
+
+#: pairs per chunk handed to a :func:`stream_file` sink: what extraction holds in memory (about
+#: 1.4 KB a pair as Python strings, so ~90 MB), whatever the input file's size
+CHUNK_ROWS = 65_536
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +233,31 @@ class _Collector:
     """Columns of the pairs under construction, plus the summary counters.
 
     Per record: offset, page URL and pair count; per pair: link index, URL and text. The frame
-    repeats the per-record values and hashes in bulk at the end.
+    repeats the per-record values and hashes in bulk at the end. With a ``sink``, every
+    ``chunk_rows`` pairs (at a record boundary) become a frame handed to it and are forgotten,
+    so memory does not grow with the file. Nothing is handed on before the second record has
+    been read: a reader that gives up on the first record (or finds one gzip member holding
+    several) is replaced by another one without duplicating pairs.
     """
 
     def __init__(
-        self, source_file: str, cfg: ExtractConfig, meta_names: frozenset[str] = frozenset()
+        self,
+        source_file: str,
+        cfg: ExtractConfig,
+        meta_names: frozenset[str] = frozenset(),
+        sink: Callable[[pd.DataFrame], None] | None = None,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         self.source_file = source_file
         self.cfg = cfg
         self.meta_names = meta_names
+        self.sink = sink
+        self.chunk_rows = chunk_rows
         self.summary = FileSummary(source_file=source_file)
+        self._reset()
+        self.saw_wat = False
+
+    def _reset(self) -> None:
         self.rec_offsets: list[int] = []
         self.rec_pages: list[str] = []
         self.rec_counts: list[int] = []
@@ -239,7 +266,15 @@ class _Collector:
         self.indices: list[int] = []
         self.urls: list[str] = []
         self.texts: list[str] = []
-        self.saw_wat = False
+
+    def flush(self) -> None:
+        """Hand the pairs so far to the sink (an empty frame too) and forget them."""
+        if self.sink is None:
+            raise RuntimeError("flush() needs a sink")
+        frame = self.frame()
+        self.summary.pairs_found += len(frame)
+        self._reset()
+        self.sink(frame)
 
     def skipped(self, offset: int, err: BadRecord) -> None:
         """Count a record skipped for ``err`` (a named counter in ``bad_records``)."""
@@ -254,6 +289,12 @@ class _Collector:
             robots, tdm = page_signals(metas, self.meta_names) if metas else NO_SIGNALS
             self.rec_robots.append(robots)
             self.rec_tdm.append(tdm)
+            if (
+                self.sink is not None
+                and len(self.texts) >= self.chunk_rows
+                and self.summary.records_read >= 2
+            ):
+                self.flush()
 
     def add(
         self, offset: int, page_url: str, links: list[RawLink], metas: list[Any] | None = None
@@ -488,10 +529,16 @@ _PASSES: dict[str, Callable[..., None]] = {
 
 
 def _scan(
-    path: str, cfg: ExtractConfig, reader: str, gunzip: bool, meta_names: frozenset[str]
+    path: str,
+    cfg: ExtractConfig,
+    reader: str,
+    gunzip: bool,
+    meta_names: frozenset[str],
+    sink: Callable[[pd.DataFrame], None],
+    chunk_rows: int,
 ) -> _Collector:
     """One pass over the file; raises _Unreadable when not even one record could be read."""
-    col = _Collector(path, cfg, meta_names)
+    col = _Collector(path, cfg, meta_names, sink, chunk_rows)
     col.summary.reader = reader + ("+gunzip" if gunzip else "")
     records = _PASSES[reader]
     with _open_stream(path, gunzip) as (raw, stream):
@@ -515,20 +562,149 @@ def _scan(
     return col
 
 
-def _attempts(kind: str, gz: bool, cfg: ExtractConfig) -> list[tuple[str, bool]]:
+def _attempts(kind: str, gz: bool, cfg: ExtractConfig, whole: bool) -> list[tuple[str, bool]]:
     readers = ["fastwarc", "warcio"] if cfg.reader == "auto" else [cfg.reader]
     if kind == "arc" and cfg.reader == "auto":
         readers = ["warcio"]  # FastWARC reads WARC only
     out = []
     for r in readers:
-        out.append((r, False))
+        if not whole:
+            out.append((r, False))
         if gz:
             out.append((r, True))
     return out
 
 
-def _empty_result(summary: FileSummary) -> ExtractResult:
-    return ExtractResult(schema.PAIRS.copy(), summary)
+def _whole_file_gzip(path: str, limit: int = 1 << 20) -> bool:
+    """Whether the first gzip member of a WARC holds more than its first record.
+
+    Common Crawl compresses each record as its own member; a file gzipped whole (one member for
+    everything) has no per-record offsets and is read through ``gzip`` instead. Deciding that
+    here, from the first record's Content-Length, keeps a streaming pass from handing on pairs
+    and then being replaced by another reader. Decompresses the first record only (its header
+    at most ``limit`` bytes); anything unclear says False and the readers decide as before.
+    """
+    d = zlib.decompressobj(31)
+    head, seen, end, after = b"", 0, -1, b""
+    try:
+        with open_input(path) as fh:
+            while not d.eof:
+                data = fh.read(65536)
+                if not data:
+                    return False
+                chunk = d.decompress(data)
+                if end < 0:
+                    head += chunk
+                    head_end = head.find(b"\r\n\r\n")
+                    if head_end < 0:
+                        if len(head) > limit:
+                            return False
+                        continue
+                    m = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head[:head_end])
+                    if m is None:
+                        return False
+                    end = head_end + 4 + int(m.group(1))
+                    chunk, seen = head, 0
+                if seen + len(chunk) > end:
+                    after += chunk[max(end - seen, 0) :][:64]
+                    if after.strip(b"\r\n"):
+                        return True  # the next record, in the same member
+                seen += len(chunk)
+    except (OSError, EOFError, zlib.error, ValueError):
+        return False
+    return False
+
+
+def stream_file(
+    path: str,
+    cfg: ExtractConfig,
+    consent: ConsentConfig | None = None,
+    *,
+    sink: Callable[[pd.DataFrame], None],
+    chunk_rows: int = CHUNK_ROWS,
+) -> FileSummary:
+    """Extract the pairs of one WAT, WARC or ARC file chunk by chunk, in bounded memory.
+
+    Like :func:`extract_file`, but the pairs are handed to ``sink`` as frames of about
+    ``chunk_rows`` rows (cut at record boundaries, in file order, ``schema.PAIRS_DTYPES``)
+    instead of being returned, so the memory used does not depend on the file's size. ``sink``
+    is called at least once (with an empty frame when the file has no pairs or is skipped).
+
+    Returns
+    -------
+    FileSummary
+        ``pairs_found`` is the number of rows handed to ``sink``.
+
+    Raises
+    ------
+    OSError
+        As :func:`extract_file`.
+    """
+    t0 = time.perf_counter()
+    meta_names = frozenset((consent or ConsentConfig()).meta_names)
+    summary = FileSummary(source_file=path)
+    try:
+        with open_input(path) as fh:
+            head = fh.read(65536)
+        kind, gz = sniff_format(head)
+        summary.format = _format_from_name(path, kind)
+        if kind == "empty":
+            summary.count("empty_file")
+            summary.seconds = time.perf_counter() - t0
+            sink(schema.PAIRS.copy())
+            return summary
+        if kind == "corrupt_gzip":
+            raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
+        if kind == "unknown":
+            start = _plain_head(head)[0][:40]
+            raise _Unreadable(f"not a WARC or ARC file (its content starts with {start!r})")
+        first_error: _Unreadable | None = None
+        col = None
+        whole = gz and kind == "warc" and _whole_file_gzip(path)
+        handed = [0]
+
+        def counted(frame: pd.DataFrame) -> None:
+            handed[0] += len(frame)
+            sink(frame)
+
+        for reader, gunzip in _attempts(kind, gz, cfg, whole):
+            try:
+                col = _scan(path, cfg, reader, gunzip, meta_names, counted, chunk_rows)
+                break
+            except NonChunkedGzip as err:
+                if handed[0]:
+                    # gzip members of one record at first, then one holding several: the
+                    # pairs handed on cannot be taken back, so the file fails by name
+                    raise _Unreadable(
+                        f"{err} after {handed[0]} pairs were written; gunzip the file first"
+                    ) from err
+                log.debug("%s: %s; reading it through gzip", path, err)
+                continue
+            except _Unreadable as err:
+                first_error = first_error or err
+                log.debug("%s: %s cannot read it: %s", path, reader, err)
+                continue
+        if col is None:
+            raise first_error or _Unreadable("no reader could read it")
+    except (_Unreadable, OSError) as err:
+        message = f"cannot read {path}: {err}"
+        if not cfg.skip_unreadable_files:
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(message) from err
+            raise OSError(message) from err
+        log.warning("%s (skipped: empty partition)", message)
+        summary.error = message
+        if isinstance(err, _Unreadable) and err.kind:
+            summary.count(err.kind)
+        summary.seconds = time.perf_counter() - t0
+        sink(schema.PAIRS.copy())
+        return summary
+    col.flush()
+    summary = col.summary
+    summary.format = _format_from_name(path, "wat" if col.saw_wat else kind)
+    summary.bad_records = dict(sorted(summary.bad_records.items()))
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
 
 def extract_file(
@@ -551,6 +727,7 @@ def extract_file(
     -------
     ExtractResult
         ``pairs`` with exactly ``schema.PAIRS_DTYPES`` and the file's :class:`FileSummary`.
+        All pairs are held in memory: :func:`stream_file` hands them on chunk by chunk.
 
     Raises
     ------
@@ -564,56 +741,9 @@ def extract_file(
     >>> res.summary.pairs_found == len(res.pairs)  # doctest: +SKIP
     True
     """
-    t0 = time.perf_counter()
-    meta_names = frozenset((consent or ConsentConfig()).meta_names)
-    summary = FileSummary(source_file=path)
-    try:
-        with open_input(path) as fh:
-            head = fh.read(65536)
-        kind, gz = sniff_format(head)
-        summary.format = _format_from_name(path, kind)
-        if kind == "empty":
-            summary.count("empty_file")
-            summary.seconds = time.perf_counter() - t0
-            return _empty_result(summary)
-        if kind == "corrupt_gzip":
-            raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
-        if kind == "unknown":
-            start = _plain_head(head)[0][:40]
-            raise _Unreadable(f"not a WARC or ARC file (its content starts with {start!r})")
-        first_error: _Unreadable | None = None
-        col = None
-        for reader, gunzip in _attempts(kind, gz, cfg):
-            try:
-                col = _scan(path, cfg, reader, gunzip, meta_names)
-                break
-            except NonChunkedGzip as err:
-                log.debug("%s: %s; reading it through gzip", path, err)
-                continue
-            except _Unreadable as err:
-                first_error = first_error or err
-                log.debug("%s: %s cannot read it: %s", path, reader, err)
-                continue
-        if col is None:
-            raise first_error or _Unreadable("no reader could read it")
-    except (_Unreadable, OSError) as err:
-        message = f"cannot read {path}: {err}"
-        if not cfg.skip_unreadable_files:
-            if isinstance(err, FileNotFoundError):
-                raise FileNotFoundError(message) from err
-            raise OSError(message) from err
-        log.warning("%s (skipped: empty partition)", message)
-        summary.error = message
-        if isinstance(err, _Unreadable) and err.kind:
-            summary.count(err.kind)
-        summary.seconds = time.perf_counter() - t0
-        return _empty_result(summary)
-    pairs = col.frame()
-    summary = col.summary
-    summary.format = _format_from_name(path, "wat" if col.saw_wat else kind)
-    summary.pairs_found = len(pairs)
-    summary.bad_records = dict(sorted(summary.bad_records.items()))
-    summary.seconds = time.perf_counter() - t0
+    chunks: list[pd.DataFrame] = []
+    summary = stream_file(path, cfg, consent, sink=chunks.append, chunk_rows=2**62)
+    pairs = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
     return ExtractResult(pairs, summary)
 
 

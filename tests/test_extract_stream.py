@@ -1,0 +1,121 @@
+"""stream_file: the pairs of one file handed on chunk by chunk, equal to extract_file."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from laion_dask import schema
+from laion_dask.config import ExtractConfig
+from laion_dask.extract import extract_file, stream_file
+from tests.helpers.extract import make_wat, wat_payload
+
+CFG = ExtractConfig()
+
+
+def _pages(n: int, links_per_page: int = 7) -> list[dict]:
+    return [
+        wat_payload(
+            f"http://h{i % 13}.com/p{i}.html",
+            [
+                {"path": "IMG@/src", "url": f"img/{i}-{k}.jpg", "alt": f"photo {i} number {k}"}
+                for k in range(links_per_page)
+            ]
+            + [{"path": "A@/href", "url": "x.html"}],
+        )
+        for i in range(n)
+    ]
+
+
+def _stream(path, chunk_rows, cfg=CFG):
+    chunks: list[pd.DataFrame] = []
+    summary = stream_file(str(path), cfg, sink=chunks.append, chunk_rows=chunk_rows)
+    return chunks, summary
+
+
+@pytest.mark.parametrize("compression", ["record", "file", "none"])
+@pytest.mark.parametrize("chunk_rows", [1, 20, 10_000])
+def test_chunks_concatenate_to_extract_file(tmp_path, compression, chunk_rows):
+    path = tmp_path / f"f-{compression}.wat.gz"
+    path.write_bytes(make_wat(_pages(60), compression))
+    whole = extract_file(str(path), CFG)
+    chunks, summary = _stream(path, chunk_rows)
+    # whole-file gzip is refused by FastWARC at the second record and read again through gzip:
+    # the first reader must not have handed anything on (no duplicated pairs)
+    got = pd.concat(chunks, ignore_index=True)
+    pd.testing.assert_frame_equal(got, whole.pairs)
+    assert summary.pairs_found == len(got) == 60 * 7
+    a, b = summary.to_dict(), whole.summary.to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    for c in chunks:
+        assert dict(c.dtypes.astype(str)) == schema.PAIRS_DTYPES
+        # cut at record boundaries once chunk_rows pairs are reached: at most one page more
+        assert len(c) < max(chunk_rows, 1) + 7
+    if chunk_rows == 20:
+        assert len(chunks) > 10
+    assert got["uid"].is_unique
+
+
+def test_sink_sees_an_empty_frame_for_empty_and_unreadable_files(tmp_path):
+    empty = tmp_path / "empty.wat.gz"
+    empty.write_bytes(b"")
+    chunks, summary = _stream(empty, 5)
+    assert [len(c) for c in chunks] == [0]
+    assert summary.bad_records == {"empty_file": 1}
+    bad = tmp_path / "bad.wat.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage" * 3)
+    chunks, summary = _stream(bad, 5)
+    assert [len(c) for c in chunks] == [0] and summary.error
+    assert dict(chunks[0].dtypes.astype(str)) == schema.PAIRS_DTYPES
+    with pytest.raises(OSError, match="bad.wat.gz"):
+        _stream(bad, 5, ExtractConfig(skip_unreadable_files=False))
+
+
+def test_streaming_holds_one_chunk_at_a_time(tmp_path):
+    """The collector forgets what it handed on: its lists never exceed one chunk + one page."""
+    import laion_dask.extract as ex
+
+    path = tmp_path / "many.wat.gz"
+    path.write_bytes(make_wat(_pages(400)))
+    seen: list[int] = []
+    original = ex._Collector.flush
+
+    def watch(self):
+        seen.append(len(self.texts))
+        original(self)
+        assert self.texts == [] and self.urls == [] and self.rec_offsets == []
+
+    ex._Collector.flush = watch
+    try:
+        chunks, summary = _stream(path, 50)
+    finally:
+        ex._Collector.flush = original
+    assert max(seen) < 50 + 7
+    assert sum(seen) == summary.pairs_found == 400 * 7
+
+
+def test_whole_file_gzip_is_known_before_reading(tmp_path):
+    import laion_dask.extract as ex
+
+    for compression, whole in (("file", True), ("record", False), ("none", False)):
+        path = tmp_path / f"w-{compression}.wat.gz"
+        path.write_bytes(make_wat(_pages(3), compression))
+        assert ex._whole_file_gzip(str(path)) is whole, compression
+    one = tmp_path / "one.wat.gz"
+    one.write_bytes(make_wat([], "file"))  # a single record: nothing to tell apart
+    assert ex._whole_file_gzip(str(one)) is False
+
+
+def test_reader_giving_up_after_handing_on_pairs_fails_the_file(tmp_path, monkeypatch):
+    """Pairs already handed on cannot be taken back: the file fails by name, no duplicates."""
+    import laion_dask.extract as ex
+
+    monkeypatch.setattr(ex, "_whole_file_gzip", lambda path: False)
+    path = tmp_path / "f.wat.gz"
+    path.write_bytes(make_wat(_pages(60), "file"))
+    chunks, summary = _stream(path, 1)
+    assert summary.error and "gunzip the file first" in summary.error
+    # what was handed on before the failure is the caller's to discard (the pipeline writes a
+    # temporary file and renames it only on success)
+    assert len(chunks[-1]) == 0
