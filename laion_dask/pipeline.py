@@ -41,7 +41,8 @@ __all__ = [
     "run_score",
     "run_pipeline",
     "check_config_changes",
-    "host_chunks",
+    "host_keys",
+    "chunk_bounds",
     "is_transient_failure",
 ]
 
@@ -216,13 +217,13 @@ def _get_client(client: Any | None) -> Any:
 def _run_tasks(
     client: Any,
     stage: str,
-    tasks: Sequence[tuple[str, Callable[..., dict], tuple]],
+    tasks: Sequence[tuple[str, Callable[..., Any], tuple]],
     *,
     strict: bool,
     resources: dict | None = None,
     show_progress: bool = False,
     on_done: Callable[[int, int, str], None] | None = None,
-) -> tuple[list[dict], dict[str, str]]:
+) -> tuple[list[Any], dict[str, str]]:
     """Submit ``(name, func, args)`` tasks; return (results, failures by name).
 
     ``on_done(finished, total, name)`` is called on the calling thread as each task ends
@@ -247,7 +248,7 @@ def _run_tasks(
         from distributed import progress
 
         progress(list(futures), notebook=False)
-    results: list[dict] = []
+    results: list[Any] = []
     failures: dict[str, str] = {}
     # the futures' own client, which need not be the default one
     for finished, fut in enumerate(as_completed(list(futures), loop=client.loop), start=1):
@@ -388,6 +389,7 @@ def run_extract(
     t0 = time.perf_counter()
     paths = list(paths) if paths is not None else expand_inputs(cfg.input.paths, cfg.input)
     run.makedirs("extract", "candidates")
+    _remove_tmp(run, "extract", ("extract", "candidates"))
     ex_cfg = (
         cfg
         if not cfg.strict
@@ -476,46 +478,329 @@ _CONSENT_CACHE = "consent"
 
 
 #: how candidate rows are cut into download tasks (part of the download fingerprint)
-_CHUNKING = "host-hash-v1"
+_CHUNKING = "host-bucket-v2"
+
+#: RUN/download_plan/<fingerprint>/: every candidate row, shuffled into host buckets
+_PLAN = "download_plan"
 
 _HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^/?#:]*)"
 
+#: helper columns of the plan shuffle, never written to a bucket file
+_PLAN_COLUMNS = ("_bucket", "_key", "_part", "_row")
 
-def host_chunks(urls: pd.Series, rows: int) -> list[np.ndarray]:
-    """Row positions of each download task of one candidates part, grouped by host.
 
-    Rows are ordered by a hash of their URL's host (stable, so a host's rows keep their order)
-    and cut every ``rows`` rows; each chunk lists its positions in the part's own order. A host
-    with at most ``rows`` rows in the part is then fetched by one task, or by two adjacent ones
-    when it straddles a cut, instead of by every task of the part, so the per-task
-    ``per_host_concurrency`` bounds what that part sends to the host.
+def host_keys(df: pd.DataFrame) -> np.ndarray:
+    """The ``uint64`` key that puts each candidate row into its download bucket.
+
+    A row that will be fetched (no ``drop_reason`` and a URL with a host) is keyed by a hash of
+    its URL's host (lower case, without user info, port or trailing dot), so every row of a
+    host has the same key whatever input file it came from. A row that is never fetched (a
+    ``drop_reason``, or no host to contact) is keyed by its ``uid`` instead: such rows cost no
+    request, and keying them by uid spreads them over the buckets rather than piling, say,
+    every ``data:`` URI of the crawl into one.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Candidate rows (``url``, ``uid`` and ``drop_reason`` columns).
+
+    Returns
+    -------
+    numpy.ndarray
+        One ``uint64`` per row; stable across processes, runs and library versions of pandas
+        that keep ``pandas.util.hash_array`` (SipHash with a fixed key).
     """
-    hosts = urls.astype("string").str.extract(_HOST, expand=False).str.lower().fillna("")
-    keys = pd.util.hash_pandas_object(hosts, index=False).to_numpy()
-    order = np.argsort(keys, kind="stable")
-    return [np.sort(order[i : i + rows]) for i in range(0, len(order), rows)]
+    return _keys_and_fetched(df)[0]
 
 
-def _download_task(
-    index: int, chunk: int, shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str
-) -> dict:
-    """Chunk ``chunk`` of candidates part ``index`` (:func:`host_chunks`) -> one shard + part."""
-    marker = run.done_marker("downloads", shard_id, fp)
-    if marker is not None:
-        return {**marker, "resumed": True}
+def _keys_and_fetched(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bucket keys, fetched mask, uid hashes) of candidate rows (see :func:`host_keys`)."""
+    urls = df[schema.URL].astype("string")
+    hosts = urls.str.extract(_HOST, expand=False).str.lower().str.rstrip(".").fillna("")
+    host_hash = pd.util.hash_array(hosts.to_numpy(dtype=object))
+    uid_hash = pd.util.hash_array(df[schema.UID].astype("string").to_numpy(dtype=object))
+    fetched = df[schema.DROP_REASON].isna().to_numpy(dtype=bool) & hosts.ne("").to_numpy(dtype=bool)
+    return np.where(fetched, host_hash, uid_hash), fetched, uid_hash
+
+
+def chunk_bounds(rows: int, rows_per_task: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: a bucket of ``rows`` rows cut into even chunks, none larger
+    than ``rows_per_task`` and none empty (each chunk is one shard).
+
+    Examples
+    --------
+    >>> chunk_bounds(42, 10)
+    [(0, 9), (9, 18), (18, 27), (27, 36), (36, 42)]
+    """
+    n = math.ceil(rows / rows_per_task)
+    size = math.ceil(rows / n) if n else 0
+    return [(c * size, min(rows, (c + 1) * size)) for c in range(n)]
+
+
+#: a host with more than this many x ``rows_per_task`` fetched rows is big: it gets buckets of
+#: its own, each about this size, chained in one task (so no bucket, shuffle partition or
+#: download chunk grows with the host)
+_BIG_HOST = 8
+
+
+def _host_counts(item: tuple[int, str], run: RunDir) -> pd.DataFrame:
+    """Fetched rows per host key in one candidates part (the big-host count's input)."""
+    _, path = item
+    df = run.read_parquet(path, columns=[schema.UID, schema.URL, schema.DROP_REASON])
+    keys, fetched, _ = _keys_and_fetched(df)
+    counts = pd.Series(keys[fetched]).value_counts()
+    return pd.DataFrame(
+        {"_key": counts.index.to_numpy(dtype="uint64"), "n": counts.to_numpy(dtype="int64")}
+    )
+
+
+_HOST_COUNTS_META = pd.DataFrame({"_key": pd.Series(dtype="uint64"), "n": pd.Series(dtype="int64")})
+
+
+def _big_hosts(
+    run: RunDir, parts: list[int], rows_per_task: int, n_buckets: int, client: Any
+) -> pd.DataFrame:
+    """Hosts with more than ``_BIG_HOST x rows_per_task`` fetched rows, each with its buckets.
+
+    Per-part counts are summed by a Dask groupby; only the big hosts (at most
+    ``rows / (_BIG_HOST x rows_per_task)`` of them) come back to the client. Returns
+    ``_key, n, first, k`` sorted by key: host ``_key`` owns buckets ``first .. first + k - 1``,
+    numbered after the ``n_buckets`` hashed ones.
+    """
+    ddf = dd.from_map(
+        _host_counts,
+        [(i, run.part_path("candidates", i)) for i in parts],
+        run=run,
+        meta=_HOST_COUNTS_META,
+    )
+    total = ddf.groupby("_key")["n"].sum(split_out=max(1, len(parts) // 16))
+    big = client.compute(total[total > _BIG_HOST * rows_per_task]).result()
+    big = big.sort_index()
+    k = np.ceil(big.to_numpy() / (_BIG_HOST * rows_per_task)).astype("int64")
+    first = (n_buckets + np.cumsum(k) - k).astype("int64")
+    return pd.DataFrame(
+        {
+            "_key": big.index.to_numpy(dtype="uint64"),
+            "n": big.to_numpy(dtype="int64"),
+            "first": first,
+            "k": k,
+        }
+    )
+
+
+def _plan_part(
+    item: tuple[int, str], run: RunDir, n_buckets: int, big_path: str | None
+) -> pd.DataFrame:
+    """One candidates part with its bucket, key and position (the plan shuffle's input)."""
+    index, path = item
+    df = schema.conform(run.read_parquet(path), schema.CANDIDATES_DTYPES)
+    df = df[list(schema.CANDIDATES.columns)]
+    keys, fetched, uid_hash = _keys_and_fetched(df)
+    bucket = (keys % np.uint64(n_buckets)).astype("int64")
+    big = run.read_parquet(big_path) if big_path is not None else None
+    if big is not None and len(big) and len(df):
+        big_keys = big["_key"].to_numpy(dtype="uint64")
+        pos = np.minimum(np.searchsorted(big_keys, keys), len(big_keys) - 1)
+        hit = fetched & (big_keys[pos] == keys)
+        # a big host's rows spread over its own buckets by uid: each about _BIG_HOST tasks' worth
+        first, k = big["first"].to_numpy()[pos[hit]], big["k"].to_numpy()[pos[hit]]
+        bucket[hit] = first + (uid_hash[hit] % k.astype("uint64")).astype("int64")
+    return df.assign(
+        _bucket=bucket,
+        _key=keys,
+        _part=np.full(len(df), index, dtype="int64"),
+        _row=np.arange(len(df), dtype="int64"),
+    )
+
+
+def _plan_part_meta() -> pd.DataFrame:
+    return schema.CANDIDATES.assign(
+        _bucket=pd.Series(dtype="int64"),
+        _key=pd.Series(dtype="uint64"),
+        _part=pd.Series(dtype="int64"),
+        _row=pd.Series(dtype="int64"),
+    )
+
+
+_BUCKET_COUNTS_META = pd.DataFrame(
+    {"bucket": pd.Series(dtype="int64"), "rows": pd.Series(dtype="int64")}
+)
+
+
+def _bucket_path(folder: str, bucket: int) -> str:
+    return f"{folder}/bucket-{bucket:05d}.parquet"
+
+
+def _write_buckets(df: pd.DataFrame, run: RunDir, folder: str, rows_per_task: int) -> pd.DataFrame:
+    """Write each bucket of one shuffled partition to its own file; return rows per bucket.
+
+    Rows are sorted by (host key, candidates part, row in part), so a bucket's content and order
+    depend only on the candidates, never on how the shuffle delivered them. Row groups are the
+    bucket's chunks, so a download task reads one chunk at a time even for a huge bucket.
+    """
+    buckets: list[int] = []
+    counts: list[int] = []
+    columns = [c for c in df.columns if c not in _PLAN_COLUMNS]
+    df = df.sort_values(["_bucket", "_key", "_part", "_row"], kind="stable")
+    bucket = df["_bucket"].to_numpy()
+    frame = schema.conform(df[columns].reset_index(drop=True), schema.CANDIDATES_DTYPES)
+    # a shuffle partition may be empty (more partitions than buckets hashed into them)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]]) if len(bucket) else bucket
+    stops = np.r_[starts[1:], len(bucket)] if len(bucket) else bucket
+    for start, stop in zip(starts, stops, strict=True):
+        size = chunk_bounds(int(stop - start), rows_per_task)[0][1]
+        path = _bucket_path(folder, int(bucket[start]))
+        run.write_parquet_atomic(path, frame.iloc[start:stop], row_group_rows=size)
+        buckets.append(int(bucket[start]))
+        counts.append(int(stop - start))
+    return pd.DataFrame(
+        {"bucket": np.array(buckets, dtype="int64"), "rows": np.array(counts, dtype="int64")}
+    )
+
+
+def _download_plan(
+    run: RunDir, cfg: PipelineConfig, cand: dict[int, dict], client: Any
+) -> dict[str, Any]:
+    """Shuffle every candidate row into host buckets, once per candidates + ``rows_per_task``.
+
+    ``n_buckets = ceil(candidate rows / rows_per_task)``; a row goes to bucket
+    ``host_keys(row) % n_buckets``, so all rows of a host, from every input file, share one
+    bucket. A big host (more than ``_BIG_HOST x rows_per_task`` fetched rows) instead gets
+    buckets of its own, numbered after those, its rows spread over them by uid; they form one
+    *chain*, downloaded by one task bucket after bucket. Every other bucket is a chain of one.
+
+    The shuffle is Dask's (disk-backed P2P on a distributed cluster): tasks write
+    ``RUN/download_plan/<fp>/bucket-NNNNN.parquet`` and only per-bucket row counts and the big
+    hosts come back to the client. ``_plan.json`` is written last: a plan without it (a killed
+    run) is redone. Nothing in the plan depends on the number of workers.
+    """
+    rows = cfg.download.rows_per_task
+    total = sum(int(m["rows"]) for m in cand.values())
+    parts = sorted(cand)
+    plan_fp = fingerprint(
+        _CHUNKING, _BIG_HOST, rows, [(i, cand[i]["fingerprint"], cand[i]["rows"]) for i in parts]
+    )
+    folder = run.join(_PLAN, plan_fp)
+    info_path = f"{folder}/_plan.json"
+    fs = run.fs
+    if run.exists(info_path):
+        return {**run.read_json(info_path), "folder": folder}
+    if fs.exists(folder):  # left by a run killed while planning: never mix its files in
+        fs.rm(folder, recursive=True)
+    fs.makedirs(folder, exist_ok=True)
+    n_buckets = max(1, math.ceil(total / rows))
+    buckets: list[list[int]] = []
+    chains: list[list[int]] = []
+    if total:
+        big = _big_hosts(run, parts, rows, n_buckets, client)
+        big_path = None
+        if len(big):
+            big_path = f"{folder}/_big_hosts.parquet"
+            run.write_parquet_atomic(big_path, big)
+        ddf = dd.from_map(
+            _plan_part,
+            [(i, run.part_path("candidates", i)) for i in parts],
+            run=run,
+            n_buckets=n_buckets,
+            big_path=big_path,
+            meta=_plan_part_meta(),
+        )
+        npartitions = max(1, min(len(parts), n_buckets + int(big["k"].sum())))
+        counts = ddf.shuffle(on="_bucket", npartitions=npartitions).map_partitions(
+            _write_buckets, run, folder, rows, meta=_BUCKET_COUNTS_META
+        )
+        got = client.compute(counts).result()
+        buckets = sorted([int(b), int(n)] for b, n in zip(got["bucket"], got["rows"], strict=True))
+        present = {b for b, _ in buckets}
+        chains = [[b] for b, _ in buckets if b < n_buckets]
+        for first, k in zip(big["first"], big["k"], strict=True):
+            chain = [b for b in range(int(first), int(first + k)) if b in present]
+            if chain:
+                chains.append(chain)
+    if sum(n for _, n in buckets) != total:
+        raise StageError(
+            f"download plan holds {sum(n for _, n in buckets)} rows, candidates {total}"
+        )
+    info = {
+        "fingerprint": plan_fp,
+        "chunking": _CHUNKING,
+        "rows_per_task": rows,
+        "n_buckets": n_buckets,
+        "rows": total,
+        "buckets": buckets,  # [bucket, rows] of the non-empty buckets, in bucket order
+        "chains": chains,  # buckets downloaded one after the other by one task
+    }
+    run.write_json_atomic(info_path, info)
+    # plans made from other candidates or another rows_per_task are never read again
+    for path in fs.ls(run.join(_PLAN), detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] != plan_fp:
+            fs.rm(path, recursive=True)
+    return {**info, "folder": folder}
+
+
+def _download_chain_task(
+    chain: list[tuple[int, int, list[tuple[int, str]]]],
+    folder: str,
+    run: RunDir,
+    cfg: PipelineConfig,
+    retry_failed: bool,
+) -> list[dict]:
+    """The buckets of one chain, one after the other (see :func:`_download_bucket`)."""
+    first = chain[0][0]
+    out: list[dict] = []
+    for bucket, n_rows, shards in chain:
+        out += _download_bucket(bucket, n_rows, shards, folder, run, cfg, retry_failed, first)
+    return out
+
+
+def _download_bucket(
+    bucket: int,
+    n_rows: int,
+    shards: list[tuple[int, str]],
+    folder: str,
+    run: RunDir,
+    cfg: PipelineConfig,
+    retry_failed: bool,
+    chain: int,
+) -> list[dict]:
+    """Every chunk of one plan bucket, one after the other -> one shard + part per chunk.
+
+    The chunks of a bucket (and the buckets of a chain) never run at once, so the hosts of the
+    bucket see at most ``per_host_concurrency`` requests from the whole cluster. Each chunk has
+    its own marker: a task killed halfway resumes at its first unfinished chunk.
+    """
     from .download import download_images
 
-    rows = cfg.download.rows_per_task
-    df = run.read_parquet(run.part_path("candidates", index))
-    df = df.iloc[host_chunks(df[schema.URL], rows)[chunk]].reset_index(drop=True)
-    t0 = time.perf_counter()
-    out = download_images(
-        df, cfg.download, consent=cfg.consent, host_cache=run.join(_CONSENT_CACHE)
-    )
-    seconds = time.perf_counter() - t0
-    return _write_download_part(
-        run, shard_id, out, fp, seconds, extra={"source_part": index, "chunk": chunk}
-    )
+    path = _bucket_path(folder, bucket)
+    bounds = chunk_bounds(n_rows, cfg.download.rows_per_task)
+    if len(bounds) != len(shards):
+        raise StageError(f"{path}: {len(bounds)} chunks planned, {len(shards)} shards given")
+    out: list[dict] = []
+    for chunk, ((shard_id, fp), (start, stop)) in enumerate(zip(shards, bounds, strict=True)):
+        if retry_failed and run.done_marker("downloads", shard_id) is not None:
+            out.append(_retry_task(shard_id, run, cfg, fp))
+            continue
+        marker = run.done_marker("downloads", shard_id, fp)
+        if marker is not None:
+            out.append({**marker, "resumed": True})
+            continue
+        df = schema.conform(run.read_parquet_rows(path, start, stop), schema.CANDIDATES_DTYPES)
+        t0 = time.perf_counter()
+        result = download_images(
+            df, cfg.download, consent=cfg.consent, host_cache=run.join(_CONSENT_CACHE)
+        )
+        seconds = time.perf_counter() - t0
+        out.append(
+            _write_download_part(
+                run,
+                shard_id,
+                result,
+                fp,
+                seconds,
+                extra={"chain": chain, "bucket": bucket, "chunk": chunk},
+            )
+        )
+    return out
 
 
 def _write_download_part(
@@ -599,7 +884,7 @@ def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
     )
     merged.loc[retry, list(fresh.columns)] = fresh.set_index(merged.index[retry]).to_numpy()
     merged = schema.conform(merged, schema.DOWNLOAD_DTYPES, schema.CANDIDATES_DTYPES)
-    extra = {k: marker[k] for k in ("source_part", "chunk") if marker and k in marker}
+    extra = {k: marker[k] for k in ("chain", "bucket", "chunk") if marker and k in marker}
     info = _write_download_part(run, shard_id, merged, fp, time.perf_counter() - t0, extra)
     info["retried"] = int(retry.sum())
     return info
@@ -616,15 +901,24 @@ def run_download(
 ) -> StageReport:
     """Download the kept candidates: ``RUN/images/NNNNN.tar`` shards + ``RUN/downloads/`` parquet.
 
-    Each candidate part is split into tasks of ``download.rows_per_task`` rows grouped by host
-    (:func:`host_chunks`); each task writes one shard. With ``retry_failed`` only rows whose
-    failure was transient are fetched again and merged into their finished part.
+    Every candidate row, from every input file, is first shuffled into a host bucket
+    (:func:`host_keys`, ``RUN/download_plan/``), so all rows of a host share one bucket, or, for
+    a host with more than 8 x ``rows_per_task`` rows, a chain of buckets of its own. One task
+    per chain downloads it in chunks of at most ``download.rows_per_task`` rows, one chunk after
+    the other, each chunk writing one shard; a host is therefore fetched by one task at a time
+    in the whole cluster and ``download.per_host_concurrency`` bounds what the cluster sends it.
+    A big host makes a longer task, never two at once; the longest chains are submitted first.
+    Shard ids follow the plan's order, so the same candidates and config give the same shards
+    whatever the number of workers. With ``retry_failed`` only rows whose failure was transient
+    are fetched again and merged into their finished part (chunk by chunk, in the same order).
 
     Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed
     entry raises :class:`~laion_dask.config.ConfigError` before any task runs; their content is
     part of each task's fingerprint (a changed list re-runs the stage). Host files (robots.txt,
     tdmrep.json) are shared by every task through ``RUN/consent/``. A config that would change
     finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
+    Temporary files left by tasks of an earlier, killed attempt are removed first
+    (:meth:`RunDir.remove_tmp_files`).
     """
     from .consent import load_lists
 
@@ -638,23 +932,64 @@ def run_download(
     rows = cfg.download.rows_per_task
     stage_cfg = _stage_config(run, cfg, "download", lists.fingerprint)
     run.check_stage_config("downloads", stage_cfg, force=force, allowed=_ALWAYS_APPLIED)
-    tasks: list[tuple[str, Callable[..., dict], tuple]] = []
+    _remove_tmp(run, "download", ("downloads", "images", _CONSENT_CACHE, _PLAN))
+    plan = _download_plan(run, cfg, cand, client)
+    planned: list[tuple[int, int, tuple[str, Callable[..., Any], tuple]]] = []
+    n_rows = dict(plan["buckets"])
     shard_id = 0
-    for index, marker in sorted(cand.items()):
-        n_chunks = math.ceil(marker["rows"] / rows)
-        for chunk in range(n_chunks):
-            fp = fingerprint(marker["fingerprint"], chunk, stage_cfg)
-            if retry_failed and run.done_marker("downloads", shard_id) is not None:
-                tasks.append((f"{shard_id:05d}", _retry_task, (shard_id, run, cfg, fp)))
-            else:
-                tasks.append(
-                    (f"{shard_id:05d}", _download_task, (index, chunk, shard_id, run, cfg, fp))
-                )
-            shard_id += 1
+    for chain in plan["chains"]:
+        work = []
+        for bucket in chain:
+            n_chunks = len(chunk_bounds(n_rows[bucket], rows))
+            shards = [
+                (shard_id + c, fingerprint(plan["fingerprint"], bucket, c, stage_cfg))
+                for c in range(n_chunks)
+            ]
+            work.append((bucket, n_rows[bucket], shards))
+            shard_id += n_chunks
+        args = (work, plan["folder"], run, cfg, retry_failed)
+        size = sum(n_rows[b] for b in chain)
+        planned.append((size, chain[0], (f"bucket-{chain[0]:05d}", _download_chain_task, args)))
+    _forget_shards_from(run, shard_id)
+    # longest first: a big host's chain bounds the stage's wall time, so it starts at once
+    planned.sort(key=lambda p: (-p[0], p[1]))
     results, failures = _run_tasks(
-        client, "download", tasks, strict=cfg.strict, show_progress=show_progress
+        client,
+        "download",
+        [task for _, _, task in planned],
+        strict=cfg.strict,
+        show_progress=show_progress,
     )
-    return _stage_report("download", len(tasks), results, failures, "status", t0)
+    chunks = [r for bucket_results in results for r in bucket_results]
+    return _stage_report("download", shard_id, chunks, failures, "status", t0)
+
+
+def _forget_shards_from(run: RunDir, first: int) -> None:
+    """Drop download partitions numbered ``first`` or above: left by a plan with more shards."""
+    fs = run.fs
+    for index in run.marker_indices("downloads"):
+        if index < first:
+            continue
+        paths = [run.marker_path("downloads", index), run.part_path("downloads", index)]
+        paths += [run.join("images", f"{index:05d}{ext}") for ext in _SHARD_FILES]
+        for path in paths:
+            if fs.exists(path):
+                fs.rm(path)
+
+
+#: the files of one shard in RUN/images/, img2dataset style
+_SHARD_FILES = (".tar", ".parquet", "_stats.json")
+
+
+def _remove_tmp(run: RunDir, stage: str, folders: Sequence[str]) -> None:
+    """Remove what killed tasks of an earlier attempt left half-written in ``folders``.
+
+    Called as a stage starts, before it submits a task: no task of this attempt can be writing
+    there yet (stages run one after the other), so every ``*.tmp-*`` file is a leftover.
+    """
+    removed = run.remove_tmp_files(*folders)
+    if removed:
+        log.info("%s: removed %d temporary files left by killed tasks", stage, len(removed))
 
 
 # --- score --------------------------------------------------------------------------------------
@@ -720,6 +1055,7 @@ def run_score(
     run.write_config(cfg, extra={"clip_resolved": facts})
     t0 = time.perf_counter()
     run.makedirs("scores", "embeddings")
+    _remove_tmp(run, "score", ("scores", "embeddings"))
     downloads = run.markers("downloads")
     tasks = [
         (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ import pyarrow.parquet as pq
 from .config import ConfigError, PipelineConfig, config_to_dict, dump_config
 
 __all__ = ["RunDir", "ConfigChanged", "config_changes", "fingerprint", "part_name"]
+
+#: what the atomic writers here and in shards.py, embeddings.py, consent.py name a file being
+#: written: ``<final name>.tmp-<8 hex digits or a process id>``
+_TMP_NAME = re.compile(r"\.tmp-[0-9a-f]+$")
 
 
 def part_name(index: int) -> str:
@@ -193,6 +198,24 @@ class RunDir:
         with self.fs.open(path, "rb") as fh:
             return pq.read_table(fh, columns=columns).to_pandas()
 
+    def read_parquet_rows(self, path: str, start: int, stop: int) -> pd.DataFrame:
+        """Rows ``start:stop`` of a parquet file, reading only the row groups that hold them."""
+        with self.fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            groups: list[int] = []
+            offset, first = 0, 0
+            for i in range(pf.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if offset < stop and offset + n > start:
+                    if not groups:
+                        first = offset
+                    groups.append(i)
+                offset += n
+            if stop > offset or start < 0 or start > stop:
+                raise ValueError(f"{path}: rows {start}:{stop} asked, the file has {offset}")
+            table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        return table.slice(start - first, stop - start).to_pandas()
+
     def mark_done(self, stage: str, index: int, info: Mapping[str, Any]) -> None:
         self.write_json_atomic(self.marker_path(stage, index), dict(info))
 
@@ -217,8 +240,55 @@ class RunDir:
             name = os.path.basename(p)
             if name.startswith("part-") and name.endswith(".json"):
                 with fs.open(p, "rb") as fh:
-                    out[int(name[5:10])] = json.load(fh)
+                    out[int(name[5:-5])] = json.load(fh)
         return out
+
+    def marker_indices(self, stage: str) -> list[int]:
+        """Indices of the finished partitions of ``stage`` (one listing, no marker read)."""
+        folder = self.join(stage, "_done")
+        fs = self.fs
+        if not fs.exists(folder):
+            return []
+        names = (os.path.basename(p) for p in fs.ls(folder, detail=False))
+        return sorted(int(n[5:-5]) for n in names if n.startswith("part-") and n.endswith(".json"))
+
+    def remove_tmp_files(self, *folders: str) -> list[str]:
+        """Delete the ``*.tmp-*`` files under ``folders`` (relative to the run); return them.
+
+        Every writer of a run directory writes ``NAME.tmp-XXXXXXXX`` and renames it to ``NAME``
+        when complete, so a task killed mid-write leaves its temporary file behind. A stage
+        calls this as it starts, before it submits any task: no task of the current attempt can
+        be writing in its folders yet, so what is found is a leftover of an earlier attempt. Its
+        partition is either finished (the marker exists) or about to be recomputed. A task of
+        an earlier attempt that is somehow still running (its client was killed, not its
+        worker) loses its rename and fails; its partition is recomputed or already done.
+
+        Parameters
+        ----------
+        *folders : str
+            Folders under the run directory, searched recursively (``"downloads"``,
+            ``"images"``, ``"consent"``, ...); missing ones are skipped.
+
+        Returns
+        -------
+        list of str
+            The paths removed (a file renamed or removed by someone else meanwhile is skipped).
+        """
+        fs = self.fs
+        removed: list[str] = []
+        for folder in folders:
+            root = self.join(folder)
+            if not fs.exists(root):
+                continue
+            for path in fs.find(root):
+                if not _TMP_NAME.search(os.path.basename(path)):
+                    continue
+                try:
+                    fs.rm_file(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
+        return removed
 
     def parts(self, stage: str) -> list[str]:
         """Finished partition data files of ``stage``, in index order."""

@@ -10,7 +10,7 @@ import pytest
 
 from laion_dask import schema
 from laion_dask.config import PipelineConfig
-from laion_dask.pipeline import is_transient_failure, run_download, run_extract
+from laion_dask.pipeline import ConfigChanged, is_transient_failure, run_download, run_extract
 from laion_dask.rundir import RunDir
 from laion_dask.shards import iter_shard
 from tests.helpers.extract import make_wat, wat_payload
@@ -135,3 +135,55 @@ def test_private_networks_are_refused_by_default(host, tmp_path, client):
     assert report.counts.get("success", 0) == 0
     assert report.counts["blocked_address"] == 42
     assert len(host.requests) == n_requests
+
+
+def test_a_smaller_plan_forgets_the_shards_it_no_longer_has(host, tmp_path, client):
+    paths = _build_inputs(host, tmp_path, "d")
+    run = RunDir(str(tmp_path / "run"))
+    run_extract(run, _cfg(), paths, client=client)
+    small = run_download(run, _cfg(), client=client)
+    bigger = _cfg(rows_per_task=25)
+    with pytest.raises(ConfigChanged, match=r"download\.rows_per_task: 10 -> 25"):
+        run_download(run, bigger, client=client)
+    report = run_download(run, bigger, client=client, force=True)
+    report.check()
+    assert report.partitions < small.partitions and report.resumed == 0
+    markers = run.markers("downloads")
+    assert sorted(markers) == list(range(report.partitions))
+    assert len(glob.glob(f"{run.path}/images/*.tar")) == report.partitions
+    dl = _downloads(run)
+    assert len(dl) == report.rows_in == small.rows_in and dl[schema.UID].is_unique
+    assert dl.groupby(schema.SHARD).size().max() <= 25
+    # one plan kept: the one the finished partitions were made from
+    assert len(glob.glob(f"{run.path}/download_plan/*/_plan.json")) == 1
+
+
+def test_leftover_tmp_files_are_removed_when_a_stage_starts(host, tmp_path, client):
+    """Files a killed task was writing (NAME.tmp-XXXXXXXX) go when the stage runs again."""
+    paths = _build_inputs(host, tmp_path, "e")
+    run = RunDir(str(tmp_path / "run"))
+    cfg = _cfg()
+    run_extract(run, cfg, paths, client=client)
+    run_download(run, cfg, client=client)
+    before = _downloads(run)
+    root = tmp_path / "run"
+    planted = {
+        "extract": root / "extract" / "part-00000.parquet.tmp-0a1b2c3d",
+        "candidates": root / "candidates" / "_done" / "part-00001.json.tmp-deadbeef",
+        "downloads": root / "downloads" / "part-00002.parquet.tmp-1234abcd",
+        "marker": root / "downloads" / "_done" / "part-00002.json.tmp-1234abce",
+        "shard": root / "images" / "00002.tar.tmp-4242",  # shards.py: pid suffix
+        "consent": next((root / "consent").rglob("*.json")).with_suffix(".json.tmp-00ff00ff"),
+    }
+    keep = root / "images" / "notes.tmp-file.txt"  # not a temporary name: left alone
+    for path in [*planted.values(), keep]:
+        path.write_bytes(b"half written")
+    ext = run_extract(run, cfg, paths, client=client)
+    assert ext.resumed == 2
+    assert not planted["extract"].exists() and not planted["candidates"].exists()
+    assert planted["downloads"].exists()  # another stage's folder: its own start cleans it
+    again = run_download(run, cfg, client=client)
+    assert again.resumed == again.partitions
+    assert not any(p.exists() for p in planted.values())
+    assert keep.exists()
+    pd.testing.assert_frame_equal(_downloads(run), before)

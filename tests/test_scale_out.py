@@ -473,30 +473,39 @@ def test_a_changed_config_is_refused_unless_forced(cluster, cfg, reference, tmp_
     assert run.markers("downloads") == reference.run.markers("downloads")
 
 
-def test_download_tasks_group_each_hosts_rows(reference):
-    """Within a candidates part, a host's rows fill adjacent download tasks, not all of them."""
+def test_each_hosts_rows_are_downloaded_by_one_task(reference):
+    """Every host's fetched rows, from every input file, are in the chunks of one plan bucket."""
     run = reference.run
     downloads = reference.outputs["downloads"]
-    host = downloads[schema.URL].str.extract(r"//([^/:]+)", expand=False)
-    chunk_of = {
-        f"{i:05d}.tar": (m["source_part"], m["chunk"]) for i, m in run.markers("downloads").items()
-    }
+    markers = run.markers("downloads")
+    chain_of = {f"{i:05d}.tar": m["chain"] for i, m in markers.items()}
+    fetched = downloads[downloads[schema.STATUS].notna()]
     where = pd.DataFrame(
         {
-            "part": downloads[schema.SHARD].map(lambda s: chunk_of[s][0]),
-            "chunk": downloads[schema.SHARD].map(lambda s: chunk_of[s][1]),
-            "host": host,
+            "host": fetched[schema.URL].str.extract(r"//([^/:]+)", expand=False),
+            "chain": fetched[schema.SHARD].map(chain_of),
+            "file": fetched[schema.SOURCE_FILE],
         }
-    ).drop_duplicates()
-    assert where["host"].nunique() >= 2 and where["chunk"].max() >= 2
-    for (_part, _host), g in where.groupby(["part", "host"]):
-        chunks = sorted(g["chunk"])
-        assert chunks == list(range(chunks[0], chunks[-1] + 1)), (_part, _host, chunks)
-    # and every chunk but the last of a part holds exactly rows_per_task rows
-    sizes = downloads.groupby(schema.SHARD).size()
-    last = where.groupby("part")["chunk"].max()
-    full = [s for s, (p, c) in chunk_of.items() if c < last[p] and s in sizes.index]
-    assert (sizes[full] == 5).all()
+    )
+    assert where["host"].nunique() >= 2
+    # hosts have rows in several input files, and more than one task's worth of rows...
+    assert where.groupby("host")["file"].nunique().max() >= 2
+    assert where.groupby("host").size().max() > 5
+    # ... yet each host is in exactly one chain of buckets, i.e. one task's sequential stream
+    assert where.groupby("host")["chain"].nunique().eq(1).all()
+    # a chain's chunks are shards with consecutive ids, bucket by bucket, chunk 0, 1, ...
+    by_chain: dict[int, list[tuple[int, int, int]]] = {}
+    for i, m in sorted(markers.items()):
+        by_chain.setdefault(m["chain"], []).append((i, m["bucket"], m["chunk"]))
+    for chain, shards in by_chain.items():
+        ids = [i for i, _, _ in shards]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), chain
+        assert shards[0][1] == chain
+        for bucket in {b for _, b, _ in shards}:
+            chunks = [c for _, b, c in shards if b == bucket]
+            assert chunks == list(range(len(chunks))), (chain, bucket)
+    assert max(m["rows"] for m in markers.values()) <= 5
+    assert max(len(s) for s in by_chain.values()) >= 2  # a host bigger than a task
 
 
 # --- memory -------------------------------------------------------------------------------------

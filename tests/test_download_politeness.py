@@ -1,0 +1,271 @@
+"""Politeness at scale: per-host limits hold for the whole cluster, not per input file.
+
+Five loopback hosts (127.0.0.1..5, one ``ThreadingHTTPServer`` each, shared books) serve images
+slowly and record, per ``Host``, how many image requests they were answering at once and when
+each one started and ended. Every host has rows in every input file, and the last one is big
+(more rows than 8 download tasks take: its own chain of buckets). A run on a real
+``distributed`` cluster of two worker processes with ``per_host_concurrency = 1`` must never
+have two requests in flight to one host, while the cluster as a whole does run downloads in
+parallel (two hosts at once). Before the download plan (per-file host chunks), the same run put
+one host in several tasks at once and this test failed (max 2 in flight to one host).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from laion_dask import schema
+from laion_dask.config import PipelineConfig
+from laion_dask.pipeline import chunk_bounds, host_keys, run_download, run_extract
+from laion_dask.rundir import RunDir
+from tests.helpers.cluster import LOOPBACK_CLUSTER
+from tests.helpers.extract import make_wat, wat_payload
+from tests.helpers.imagehost import noise_image
+
+N_FILES = 4
+#: images of each host in each input file; the last host is big: 40 rows, more than
+#: 8 x rows_per_task (4), so the plan gives it buckets of its own, chained in one task
+PER_FILE = (3, 3, 3, 3, 10)
+N_HOSTS = len(PER_FILE)
+#: how long a host takes to answer an image: long enough that tasks holding the same host
+#: overlap on a 2-worker cluster (a wait inside the server, never a measured bound)
+HOLD_S = 0.1
+
+
+@dataclass
+class Books:
+    """What the hosts saw, per host (the ``Host`` header without its port)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    max_active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    spans: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
+    all_active: int = 0
+    max_all_active: int = 0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+        return None
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        books: Books = self.server.books  # type: ignore[attr-defined]
+        images: dict[str, bytes] = self.server.images  # type: ignore[attr-defined]
+        body = images.get(self.path)
+        if body is None:  # robots.txt, tdmrep.json: none, as on most hosts
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        host = self.headers.get("Host", "").rsplit(":", 1)[0]
+        with books.lock:
+            books.active[host] += 1
+            books.all_active += 1
+            books.max_active[host] = max(books.max_active[host], books.active[host])
+            books.max_all_active = max(books.max_all_active, books.all_active)
+        start = time.monotonic()
+        time.sleep(HOLD_S)
+        # leave the books before the answer goes out: the client's next request to this host
+        # can only start once it has the answer, so a count of 2 is a real overlap
+        with books.lock:
+            books.active[host] -= 1
+            books.all_active -= 1
+            books.spans[host].append((start, time.monotonic()))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@dataclass
+class Hosts:
+    urls: list[str]  # base URL per host
+    books: Books
+    images: dict[str, bytes]
+
+
+@contextmanager
+def serve_hosts(n: int) -> Iterator[Hosts]:
+    books, images = Books(), {}
+    with ExitStack() as stack:
+        urls = []
+        for i in range(n):
+            server = ThreadingHTTPServer((f"127.0.0.{i + 1}", 0), _Handler)
+            server.daemon_threads = True
+            server.books, server.images = books, images  # type: ignore[attr-defined]
+            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread.start()
+            stack.callback(thread.join)
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            urls.append(f"http://127.0.0.{i + 1}:{server.server_address[1]}")
+        yield Hosts(urls, books, images)
+
+
+def _inputs(hosts: Hosts, folder: Path) -> list[str]:
+    """Input files in which every host has ``PER_FILE`` images (plus rows the rules drop)."""
+    paths = []
+    for f in range(N_FILES):
+        links = []
+        for h, base in enumerate(hosts.urls):
+            for i in range(PER_FILE[h]):
+                path = f"/img/f{f}-h{h}-{i}.jpg"
+                hosts.images[path] = noise_image(200, 150, "JPEG", seed=1000 * f + 10 * h + i)
+                links.append({"path": "IMG@/src", "url": base + path, "alt": f"photo {f} {h} {i}"})
+        links.append({"path": "IMG@/src", "url": "data:image/png;base64,AAAA", "alt": "inline"})
+        out = folder / f"crawl-{f}.warc.wat.gz"
+        out.write_bytes(make_wat([wat_payload(f"http://pages.test/{f}.html", links)]))
+        paths.append(str(out))
+    return paths
+
+
+def _cfg(**download: object) -> PipelineConfig:
+    base = {
+        "allow_private_networks": True,
+        "retries": 0,
+        "rows_per_task": 4,
+        "per_host_concurrency": 1,
+        "concurrency": 8,
+        "connect_timeout": 10.0,
+        "read_timeout": 10.0,
+        "deadline": 60.0,
+    }
+    return PipelineConfig().replace("download", **(base | download))
+
+
+def _downloads(run: RunDir) -> pd.DataFrame:
+    return pd.concat([run.read_parquet(p) for p in run.parts("downloads")], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def process_client():
+    """Two ``dask worker`` processes (one thread each) on loopback: a real cluster."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, **(LOOPBACK_CLUSTER | {"processes": True})
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def test_per_host_concurrency_holds_across_the_cluster(process_client, tmp_path):
+    with serve_hosts(N_HOSTS) as hosts:
+        run = RunDir(str(tmp_path / "run"))
+        cfg = _cfg()
+        run_extract(run, cfg, _inputs(hosts, tmp_path), client=process_client)
+        report = run_download(run, cfg, client=process_client)
+        books = hosts.books
+    report.check()
+    assert not report.failed
+    # the bound: never two requests at once to one host, from the whole cluster
+    addresses = [u.split("//")[1].split(":")[0] for u in hosts.urls]
+    assert set(books.max_active) == set(addresses)
+    assert max(books.max_active.values()) == 1, dict(books.max_active)
+    for h, host in enumerate(addresses):
+        spans = sorted(books.spans[host])
+        assert len(spans) == N_FILES * PER_FILE[h], host
+        assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:], strict=False)), host
+    # while the cluster did download in parallel (two hosts at a time): the bound is the
+    # plan's doing, not a cluster that ran one task at a time
+    assert books.max_all_active >= 2
+
+    dl = _downloads(run)
+    assert report.counts["success"] == N_FILES * sum(PER_FILE)
+    assert report.counts["not_attempted"] == N_FILES  # the data: URIs, in downloads all the same
+    markers = {f"{i:05d}.tar": m for i, m in run.markers("downloads").items()}
+    fetched = dl[dl[schema.STATUS].notna()]
+    where = pd.DataFrame(
+        {
+            "host": fetched[schema.URL].str.extract(r"//([^/:]+)", expand=False),
+            "file": fetched[schema.SOURCE_FILE],
+            "shard": fetched[schema.SHARD],
+            "bucket": fetched[schema.SHARD].map(lambda s: markers[s]["bucket"]),
+            "chain": fetched[schema.SHARD].map(lambda s: markers[s]["chain"]),
+        }
+    ).groupby("host")
+    # each host's rows came from every input file, more than one task's worth of them...
+    assert where["file"].nunique().eq(N_FILES).all()
+    assert where["shard"].nunique().min() >= 2
+    # ... and went to one chain: one bucket, or for the big host buckets of its own
+    assert where["chain"].nunique().eq(1).all()
+    assert where["bucket"].nunique()[addresses[-1]] >= 2
+    assert where["bucket"].nunique()[addresses[:-1]].eq(1).all()
+    big_buckets = set(fetched.loc[fetched[schema.URL].str.contains(addresses[-1]), schema.SHARD])
+    assert not set(dl.loc[~dl[schema.URL].str.contains(addresses[-1]), schema.SHARD]) & big_buckets
+
+
+def test_the_plan_does_not_depend_on_the_cluster(process_client, tmp_path):
+    """Same candidates -> same buckets, shard ids and shard contents on 1 or 2 workers."""
+    from distributed import Client, LocalCluster
+
+    with serve_hosts(N_HOSTS) as hosts:
+        paths = _inputs(hosts, tmp_path)
+        cfg = _cfg(rows_per_task=5)
+        runs = {}
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, **LOOPBACK_CLUSTER) as one,
+            Client(one) as one_client,
+        ):
+            for name, c in (("one", one_client), ("two", process_client)):
+                run = RunDir(str(tmp_path / name))
+                run_extract(run, cfg, paths, client=c)
+                run_download(run, cfg, client=c).check()
+                runs[name] = run
+    a, b = (_downloads(runs[n]) for n in ("one", "two"))
+    pd.testing.assert_frame_equal(a, b)
+    assert runs["one"].markers("downloads").keys() == runs["two"].markers("downloads").keys()
+    strip = ("seconds", "stats")
+    for (i, ma), (_, mb) in zip(
+        runs["one"].iter_markers("downloads"), runs["two"].iter_markers("downloads"), strict=True
+    ):
+        assert {k: v for k, v in ma.items() if k not in strip} == {
+            k: v for k, v in mb.items() if k not in strip
+        }, i
+
+
+def test_every_host_lands_in_one_bucket_and_unfetched_rows_spread():
+    urls = [f"http://Host{h % 3}.example:80{h % 2}/a/{h}.jpg" for h in range(60)]
+    df = pd.DataFrame(
+        {
+            schema.UID: pd.array([f"u{i}" for i in range(60)], dtype="string"),
+            schema.URL: pd.array(urls, dtype="string"),
+            schema.DROP_REASON: pd.array([None] * 50 + ["text_too_short"] * 10, dtype="string"),
+        }
+    )
+    keys = host_keys(df)
+    kept = df[schema.DROP_REASON].isna().to_numpy()
+    # port and case do not split a host; hosts differ
+    host = df[schema.URL].str.lower().str.extract(r"//([^:/]+)", expand=False).to_numpy()
+    for h in set(host):
+        assert len(set(keys[kept & (host == h)])) == 1
+    assert len(set(keys[kept])) == 3
+    # rows never fetched are keyed by uid: one key each, not their host's
+    assert len(set(keys[~kept])) == 10 and not set(keys[~kept]) & set(keys[kept])
+    # and the keys are the same in another call (another process would agree: SipHash, fixed key)
+    assert (host_keys(df.iloc[::-1]) == keys[::-1]).all()
+
+
+@pytest.mark.parametrize(("rows", "per_task"), [(42, 10), (10, 3), (5, 5), (1, 4), (2000, 7)])
+def test_chunk_bounds_cover_a_bucket_evenly(rows, per_task):
+    bounds = chunk_bounds(rows, per_task)
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    sizes = [b - a for a, b in bounds]
+    assert min(sizes) >= 1 and max(sizes) <= per_task
+    assert len(bounds) == -(-rows // per_task)  # as few chunks as rows_per_task allows

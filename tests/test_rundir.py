@@ -1,0 +1,55 @@
+"""RunDir helpers the download plan and the stage starts lean on."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from laion_dask.rundir import RunDir
+
+
+def test_read_parquet_rows_reads_any_slice_across_row_groups(tmp_path):
+    run = RunDir(str(tmp_path))
+    df = pd.DataFrame({"i": range(23), "s": pd.array([f"r{i}" for i in range(23)], "string")})
+    path = run.join("x.parquet")
+    run.write_parquet_atomic(path, df, row_group_rows=5)
+    for start, stop in [(0, 5), (3, 12), (20, 23), (0, 23), (7, 7)]:
+        got = run.read_parquet_rows(path, start, stop)
+        pd.testing.assert_frame_equal(got, df.iloc[start:stop].reset_index(drop=True))
+    with pytest.raises(ValueError, match="rows 20:24 asked, the file has 23"):
+        run.read_parquet_rows(path, 20, 24)
+
+
+def test_remove_tmp_files_takes_only_temporary_names(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.makedirs("downloads")
+    names = {
+        "downloads/part-00001.parquet.tmp-0a1b2c3d": True,  # rundir: 8 hex digits
+        "downloads/_done/part-00001.json.tmp-ffffffff": True,
+        "images/00001.tar.tmp-31337": True,  # shards.py: a process id
+        "images/deep/er/x.npy.tmp-12": True,
+        "downloads/part-00001.parquet": False,
+        "images/00001.tar": False,
+        "images/a.tmp-notes": False,
+        "images/b.tmp-12.txt": False,
+        "scores/part-00001.parquet.tmp-0a1b2c3d": False,  # a folder not asked for
+    }
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    removed = run.remove_tmp_files("downloads", "images", "missing")
+    assert sorted(p.removeprefix(str(tmp_path) + "/") for p in removed) == sorted(
+        n for n, tmp in names.items() if tmp
+    )
+    assert {n for n in names if (tmp_path / n).exists()} == {n for n, t in names.items() if not t}
+
+
+def test_markers_past_five_digits_keep_their_index(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.makedirs("downloads")
+    for index in (7, 99_999, 100_000, 123_456):
+        run.mark_done("downloads", index, {"index": index})
+    markers = run.markers("downloads")
+    assert sorted(markers) == [7, 99_999, 100_000, 123_456]
+    assert all(m["index"] == i for i, m in markers.items())
+    assert run.marker_indices("downloads") == [7, 99_999, 100_000, 123_456]
