@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import dask.dataframe as dd
 import numpy as np
@@ -271,37 +271,61 @@ def _run_tasks(
 # --- extract + candidates -----------------------------------------------------------------------
 
 
+class _FileFailed(Exception):
+    def __init__(self, summary: Any) -> None:
+        super().__init__(summary.error)
+        self.summary = summary
+
+
 def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
-    """One input file -> RUN/extract/part-N.parquet (pairs + language + rule reasons)."""
+    """One input file -> RUN/extract/part-N.parquet (pairs + language + rule reasons).
+
+    Streamed: the file's pairs arrive in chunks of ``extract.CHUNK_ROWS``
+    (:func:`~laion_dask.extract.stream_file`), each tagged and written as one row group, so the
+    task holds one chunk whatever the file's size. A file that fails leaves no part.
+    """
     marker = run.done_marker("extract", index, fp)
     if marker is not None:
         return {**marker, "resumed": True}
-    from .extract import extract_file
+    from .extract import stream_file
     from .language import add_language
     from .rules import add_drop_reason
 
     t0 = time.perf_counter()
-    result = extract_file(path, cfg.extract, cfg.consent)
-    if result.summary.error:
+    reasons: Counter[str] = Counter()
+
+    def tag(part: Any) -> Callable[[pd.DataFrame], None]:
+        def write(pairs: pd.DataFrame) -> None:
+            df = add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
+            reasons.update(_value_counts(df[schema.DROP_REASON]))
+            part.write(df)
+
+        return write
+
+    try:
+        with run.parquet_writer_atomic(run.part_path("extract", index), schema.CANDIDATES) as part:
+            summary = stream_file(path, cfg.extract, cfg.consent, sink=tag(part))
+            if summary.error:
+                raise _FileFailed(summary)  # leaves the block: the partial part is removed
+    except _FileFailed as failed:
         if cfg.strict:
-            raise StageError(f"{path}: {result.summary.error}")
-        # no marker: the file is reported by name and retried by the next run
+            raise StageError(f"{path}: {failed.summary.error}") from None
+        # no part, no marker: the file is reported by name and retried by the next run
         return {
             "index": index,
             "source_file": path,
-            "summary": result.summary.to_dict(),
+            "summary": failed.summary.to_dict(),
             "resumed": False,
             "failed": True,
         }
-    df = add_drop_reason(add_language(result.pairs, cfg.language), cfg.rules, cfg.consent)
-    run.write_parquet_atomic(run.part_path("extract", index), df)
     info = {
         "fingerprint": fp,
         "index": index,
         "source_file": path,
-        "rows": len(df),
-        "summary": result.summary.to_dict(),
-        "drop_reasons": _value_counts(df[schema.DROP_REASON]),
+        "rows": summary.pairs_found,
+        "row_groups": part.row_groups,
+        "summary": summary.to_dict(),
+        "drop_reasons": dict(reasons),
         "seconds": time.perf_counter() - t0,
     }
     run.mark_done("extract", index, info)
@@ -324,10 +348,41 @@ def _value_counts(s: pd.Series) -> dict[str, int]:
     return {str(k): int(v) for k, v in counts.items()}
 
 
-def _load_dedup_part(item: tuple[int, str], run: RunDir) -> pd.DataFrame:
-    index, path = item
-    df = run.read_parquet(path, columns=DEDUP_COLUMNS)
-    return df.assign(part=pd.Series(index, index=df.index, dtype="int64"))
+def _part_groups(run: RunDir, stage: str, indices: Sequence[int]) -> list[PartGroup]:
+    """One item per row group of each finished part of ``stage``, from its marker.
+
+    Dask partitions over these hold one row group (at most ``extract.CHUNK_ROWS`` rows), not one
+    input file's rows. A marker from before row groups were recorded gives one whole-part item.
+    """
+    items: list[PartGroup] = []
+    for index in indices:
+        path = run.part_path(stage, index)
+        groups = (run.done_marker(stage, index) or {}).get("row_groups")
+        if groups is None:
+            items.append(PartGroup(index, path, None, 0))
+            continue
+        first = 0
+        for g, n in enumerate(groups):
+            items.append(PartGroup(index, path, g, first))
+            first += n
+        if not groups:  # an empty part still gives the shuffle its (empty) partition
+            items.append(PartGroup(index, path, None, 0))
+    return items
+
+
+class PartGroup(NamedTuple):
+    """A row group of one stage part: ``group`` None = the whole part; ``first_row`` its
+    position in the part."""
+
+    index: int
+    path: str
+    group: int | None
+    first_row: int
+
+
+def _load_dedup_part(item: PartGroup, run: RunDir) -> pd.DataFrame:
+    df = run.read_parquet_group(item.path, item.group, columns=DEDUP_COLUMNS)
+    return df.assign(part=pd.Series(item.index, index=df.index, dtype="int64"))
 
 
 def _dups_with_part(df: pd.DataFrame) -> pd.DataFrame:
@@ -344,7 +399,6 @@ def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> d
     marker = run.done_marker("candidates", index, fp)
     if marker is not None:
         return {**marker, "resumed": True}
-    df = run.read_parquet(run.part_path("extract", index))
     dup_uids: set[str] = set()
     if dup_dir is not None:
         import pyarrow.dataset as pds
@@ -355,13 +409,19 @@ def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> d
                 columns=[schema.UID], filter=pds.field("part") == index
             )
             dup_uids = set(table.column(schema.UID).to_pylist())
-    out = mark_duplicates(df, dup_uids)
-    run.write_parquet_atomic(run.part_path("candidates", index), out)
+    reasons: Counter[str] = Counter()
+    # row group by row group: the task holds one chunk of the part, whatever the file's size
+    with run.parquet_writer_atomic(run.part_path("candidates", index), schema.CANDIDATES) as part:
+        for df in run.iter_parquet_groups(run.part_path("extract", index)):
+            out = mark_duplicates(df, dup_uids)
+            reasons.update(_value_counts(out[schema.DROP_REASON]))
+            part.write(out)
     info = {
         "fingerprint": fp,
         "index": index,
-        "rows": len(out),
-        "drop_reasons": _value_counts(out[schema.DROP_REASON]),
+        "rows": sum(part.row_groups),
+        "row_groups": part.row_groups,
+        "drop_reasons": dict(reasons),
     }
     run.mark_done("candidates", index, info)
     return {**info, "resumed": False}
@@ -422,7 +482,7 @@ def run_extract(
         if not run.exists(dup_dir):
             ddf = dd.from_map(
                 _load_dedup_part,
-                [(i, run.part_path("extract", i)) for i in done],
+                _part_groups(run, "extract", done),
                 run=run,
                 meta=_load_dedup_part_meta(),
             )
@@ -543,10 +603,10 @@ def chunk_bounds(rows: int, rows_per_task: int) -> list[tuple[int, int]]:
 _BIG_HOST = 8
 
 
-def _host_counts(item: tuple[int, str], run: RunDir) -> pd.DataFrame:
-    """Fetched rows per host key in one candidates part (the big-host count's input)."""
-    _, path = item
-    df = run.read_parquet(path, columns=[schema.UID, schema.URL, schema.DROP_REASON])
+def _host_counts(item: PartGroup, run: RunDir) -> pd.DataFrame:
+    """Fetched rows per host key in one candidates row group (the big-host count's input)."""
+    columns = [schema.UID, schema.URL, schema.DROP_REASON]
+    df = run.read_parquet_group(item.path, item.group, columns=columns)
     keys, fetched, _ = _keys_and_fetched(df)
     counts = pd.Series(keys[fetched]).value_counts()
     return pd.DataFrame(
@@ -568,10 +628,7 @@ def _big_hosts(
     numbered after the ``n_buckets`` hashed ones.
     """
     ddf = dd.from_map(
-        _host_counts,
-        [(i, run.part_path("candidates", i)) for i in parts],
-        run=run,
-        meta=_HOST_COUNTS_META,
+        _host_counts, _part_groups(run, "candidates", parts), run=run, meta=_HOST_COUNTS_META
     )
     total = ddf.groupby("_key")["n"].sum(split_out=max(1, len(parts) // 16))
     big = client.compute(total[total > _BIG_HOST * rows_per_task]).result()
@@ -588,12 +645,9 @@ def _big_hosts(
     )
 
 
-def _plan_part(
-    item: tuple[int, str], run: RunDir, n_buckets: int, big_path: str | None
-) -> pd.DataFrame:
-    """One candidates part with its bucket, key and position (the plan shuffle's input)."""
-    index, path = item
-    df = schema.conform(run.read_parquet(path), schema.CANDIDATES_DTYPES)
+def _plan_part(item: PartGroup, run: RunDir, n_buckets: int, big_path: str | None) -> pd.DataFrame:
+    """One candidates row group with its bucket, key and position (the plan shuffle's input)."""
+    df = schema.conform(run.read_parquet_group(item.path, item.group), schema.CANDIDATES_DTYPES)
     df = df[list(schema.CANDIDATES.columns)]
     keys, fetched, uid_hash = _keys_and_fetched(df)
     bucket = (keys % np.uint64(n_buckets)).astype("int64")
@@ -608,8 +662,8 @@ def _plan_part(
     return df.assign(
         _bucket=bucket,
         _key=keys,
-        _part=np.full(len(df), index, dtype="int64"),
-        _row=np.arange(len(df), dtype="int64"),
+        _part=np.full(len(df), item.index, dtype="int64"),
+        _row=np.arange(item.first_row, item.first_row + len(df), dtype="int64"),
     )
 
 
@@ -699,13 +753,18 @@ def _download_plan(
             run.write_parquet_atomic(big_path, big)
         ddf = dd.from_map(
             _plan_part,
-            [(i, run.part_path("candidates", i)) for i in parts],
+            _part_groups(run, "candidates", parts),
             run=run,
             n_buckets=n_buckets,
             big_path=big_path,
             meta=_plan_part_meta(),
         )
-        npartitions = max(1, min(len(parts), n_buckets + int(big["k"].sum())))
+        # output partitions of about one extraction chunk each (never one input file's rows)
+        from .extract import CHUNK_ROWS
+
+        npartitions = max(
+            1, min(n_buckets + int(big["k"].sum()), max(len(parts), math.ceil(total / CHUNK_ROWS)))
+        )
         counts = ddf.shuffle(on="_bucket", npartitions=npartitions).map_partitions(
             _write_buckets, run, folder, rows, meta=_BUCKET_COUNTS_META
         )

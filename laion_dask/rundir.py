@@ -26,7 +26,8 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -193,6 +194,48 @@ class RunDir:
                     pa.Table.from_pandas(chunk, schema=first.schema, preserve_index=False)
                 )
         fs.mv(tmp, path)
+
+    @contextmanager
+    def parquet_writer_atomic(self, path: str, meta: pd.DataFrame) -> Iterator[PartWriter]:
+        """Write a parquet file frame by frame, under a temporary name renamed to ``path`` when
+        the block ends; when the block raises, the temporary file is removed and nothing appears.
+
+        Each :meth:`PartWriter.write` call is one row group of ``meta``'s Arrow schema, so a
+        stage can write a part of any size while holding one chunk. A block that writes nothing
+        leaves a file with the schema and no rows.
+        """
+        arrow_schema = pa.Schema.from_pandas(meta, preserve_index=False)
+        fs = self.fs
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with (
+                fs.open(tmp, "wb") as fh,
+                pq.ParquetWriter(fh, arrow_schema, compression="zstd") as writer,
+            ):
+                yield PartWriter(writer, arrow_schema)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
+        fs.mv(tmp, path)
+
+    def iter_parquet_groups(
+        self, path: str, columns: list[str] | None = None
+    ) -> Iterator[pd.DataFrame]:
+        """The row groups of a parquet file one after another, as frames."""
+        with self.fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            for i in range(pf.num_row_groups):
+                yield pf.read_row_group(i, columns=columns).to_pandas()
+
+    def read_parquet_group(
+        self, path: str, group: int | None, columns: list[str] | None = None
+    ) -> pd.DataFrame:
+        """Row group ``group`` of a parquet file (None: the whole file)."""
+        if group is None:
+            return self.read_parquet(path, columns=columns)
+        with self.fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).read_row_group(group, columns=columns).to_pandas()
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pd.DataFrame:
         with self.fs.open(path, "rb") as fh:
@@ -364,3 +407,22 @@ def open_run(path: str) -> tuple[RunDir, PipelineConfig]:
     if not run.exists(run.config_path):
         raise FileNotFoundError(f"{path} is not a laion-dask run directory (no config.toml)")
     return run, run.read_config()
+
+
+@dataclass
+class PartWriter:
+    """What :meth:`RunDir.parquet_writer_atomic` yields: ``write(df)`` adds one row group."""
+
+    writer: pq.ParquetWriter
+    schema: pa.Schema
+    #: rows of each row group written, in order
+    row_groups: list[int] = field(default_factory=list)
+
+    def write(self, df: pd.DataFrame) -> None:
+        """Append ``df`` (the writer's columns and dtypes) as one row group; empty frames add
+        nothing."""
+        if len(df) == 0:
+            return
+        table = pa.Table.from_pandas(df, schema=self.schema, preserve_index=False)
+        self.writer.write_table(table, row_group_size=len(df))
+        self.row_groups.append(len(df))
