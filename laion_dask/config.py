@@ -187,7 +187,12 @@ class DownloadConfig:
     SECTION: ClassVar[str] = "download"
     #: concurrent requests per partition task
     concurrency: int = 64
+    #: requests in flight to one host; the download plan gives a host to one task at a time,
+    #: so this bounds the whole cluster
     per_host_concurrency: int = 8
+    #: minimum seconds between the starts of two requests to one host (0 = no spacing), kept
+    #: across the calls of a host's chain: a cluster-wide rate of at most 1/interval per host
+    per_host_interval: float = 0.0
     connect_timeout: float = 10.0
     read_timeout: float = 10.0
     #: overall per-image deadline: a trickling server cannot hold a slot longer than this
@@ -240,6 +245,16 @@ class DownloadConfig:
             _positive(s, key, getattr(self, key))
         _positive(s, "retry_backoff", self.retry_backoff, allow_zero=True)
         _positive(s, "max_retry_after", self.max_retry_after, allow_zero=True)
+        _positive(s, "per_host_interval", self.per_host_interval, allow_zero=True)
+        if self.per_host_interval * self.per_host_concurrency >= self.deadline:
+            # a row waits for the spacing inside its deadline: it would fail without a request
+            _fail(
+                s,
+                "per_host_interval",
+                f"x per_host_concurrency ({self.per_host_concurrency}) must be under deadline "
+                f"({self.deadline:g}s)",
+                self.per_host_interval,
+            )
         for key in ("retries", "max_redirects", "min_bytes"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

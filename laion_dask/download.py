@@ -5,7 +5,10 @@ it works the same in a notebook, a plain script or a Dask worker thread, and lea
 socket or thread behind. Inside the call:
 
 - at most ``cfg.concurrency`` requests run at once, at most ``cfg.per_host_concurrency`` per host
-  (a row waiting for a busy host does not hold a global slot);
+  (a row waiting for a busy host does not hold a global slot); with ``cfg.per_host_interval`` > 0,
+  two requests to one host (image, retry or redirect hop) start at least that many seconds apart,
+  also across the calls a worker process makes one after another (the download plan gives a host's
+  rows to one chain of calls, so this holds for the whole cluster);
 - each host is resolved once per call and checked by :mod:`laion_dask.netguard` on the first
   request and on every redirect hop; aiohttp connects through a resolver that hands out only those
   checked addresses, so DNS cannot change between check and connect (no rebinding);
@@ -51,6 +54,7 @@ import email.utils
 import hashlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -294,6 +298,31 @@ def _retry_after(headers: Any, cap: float) -> float | None:
     return min(max(seconds, 0.0), cap)
 
 
+class _HostPacer:
+    """Start times of the last request per host, for ``per_host_interval``, shared by every call
+    in this process: the download plan hands all of a host's rows to one chain of calls, so
+    consecutive calls must keep the spacing too. Entries older than any interval are pruned.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.lock = threading.Lock()  # download tasks of one worker run in several threads
+
+    def reserve(self, host: str, interval: float) -> float:
+        """Book the next start for ``host``; return how long to wait for it (seconds)."""
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.last.get(host, -interval) + interval)
+            self.last[host] = start
+            if len(self.last) > 100_000:  # hosts of finished chains: no longer matter
+                horizon = now - interval
+                self.last = {h: t for h, t in self.last.items() if t > horizon}
+            return start - now
+
+
+_PACER = _HostPacer()
+
+
 class _Fetcher:
     """Everything one call shares: session, limits, DNS cache, byte budget, decode pool."""
 
@@ -405,6 +434,9 @@ class _Fetcher:
             await self._guard(url)
             if hop:
                 await self._consent(url)
+            if cfg.per_host_interval > 0:
+                # booked, then slept: requests of one host keep their order and spacing
+                await asyncio.sleep(_PACER.reserve(url.host or "", cfg.per_host_interval))
             try:
                 response_cm = self.session.get(url, allow_redirects=False)
                 async with response_cm as resp:

@@ -132,7 +132,7 @@ def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
 #: keys that decide how fast or how politely a stage runs, never what it writes: left out of the
 #: fingerprints, so tuning them for a cluster resumes a run instead of redoing it
 _SPEED_KEYS = {
-    "download": ("concurrency", "per_host_concurrency", "decode_threads"),
+    "download": ("concurrency", "per_host_concurrency", "per_host_interval", "decode_threads"),
     "clip": ("loader_threads",),
 }
 

@@ -269,3 +269,35 @@ def test_chunk_bounds_cover_a_bucket_evenly(rows, per_task):
     sizes = [b - a for a, b in bounds]
     assert min(sizes) >= 1 and max(sizes) <= per_task
     assert len(bounds) == -(-rows // per_task)  # as few chunks as rows_per_task allows
+
+
+def test_per_host_interval_spaces_requests_across_the_cluster(process_client, tmp_path):
+    """``per_host_interval``: two requests to one host start at least that far apart, from the
+    whole cluster and across the chunks (calls) of a host's chain."""
+    interval = 0.15
+    with serve_hosts(N_HOSTS) as hosts:
+        run = RunDir(str(tmp_path / "run"))
+        cfg = _cfg(per_host_concurrency=2, per_host_interval=interval)
+        run_extract(run, cfg, _inputs(hosts, tmp_path), client=process_client)
+        report = run_download(run, cfg, client=process_client)
+        books = hosts.books
+    report.check()
+    assert report.counts["success"] == N_FILES * sum(PER_FILE)
+    for h, url in enumerate(hosts.urls):
+        host = url.split("//")[1].split(":")[0]
+        starts = sorted(start for start, _ in books.spans[host])
+        assert len(starts) == N_FILES * PER_FILE[h]
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        # the client books starts `interval` apart; the server sees them within loopback jitter
+        assert min(gaps) > interval - 0.05, (host, min(gaps))
+
+
+def test_host_pacer_books_starts_apart():
+    from laion_dask.download import _HostPacer
+
+    pacer = _HostPacer()
+    waits = [pacer.reserve("a", 10.0) for _ in range(3)]
+    assert waits[0] == 0.0
+    assert 9.9 < waits[1] <= 10.0 and 19.9 < waits[2] <= 20.0
+    assert pacer.reserve("b", 10.0) == 0.0  # hosts are independent
+    assert pacer.reserve("a", 0.0) == pytest.approx(20.0, abs=0.1)  # booked starts stand
