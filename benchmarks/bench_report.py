@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/bench_report.py --parts 10 --rows 100000
     .venv/bin/python benchmarks/bench_report.py --profile          # cProfile of one part
 
-Prints, on one ``LocalCluster`` (``--workers`` processes, one thread each):
+Prints, on one ``LocalCluster`` from ``laion_dask.cluster.make_client`` (``--workers``
+processes, one thread each; ``--malloc-mmap-threshold`` sets ``ClusterConfig.
+malloc_mmap_threshold`` for both phases alike):
 
 - the read baseline, twice (cold, warm): ``dd.read_parquet(files, columns=COLUMNS)
   .map_partitions(len)`` -- every needed column materialised as pandas (``len`` cannot be
@@ -15,7 +17,9 @@ Prints, on one ``LocalCluster`` (``--workers`` processes, one thread each):
   shared machine, where wall times wander), and, inside the workers, the thread CPU of the
   report's read and of ``partition_summary`` per part next to the same in this process (the
   workers' Nanny sets ``MALLOC_TRIM_THRESHOLD_``, which makes large temporaries cost page faults
-  there: ``--profile`` runs in this process, so set it yourself to see the workers' cost).
+  there: ``--profile`` runs in this process, so set it yourself to see the workers' cost). The
+  report's read (``report._read_part``) decodes with Arrow threads, whose CPU the per-part
+  thread time leaves out; the workers' CPU seconds count it.
 
 The run is cached under benchmarks/_work/report-run.
 """
@@ -73,9 +77,9 @@ def profile_one_part(rows: int) -> None:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
-def timed_part(path: str, part: int) -> tuple[float, float, str | None]:
+def timed_part(path: str, part: int) -> tuple[float, float, str]:
     """Thread CPU seconds of the report's read and of ``partition_summary`` of one part, and
-    the ``MALLOC_TRIM_THRESHOLD_`` this process runs with."""
+    the ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` this process runs with."""
     from laion_dask import report
     from laion_dask.config import FilterConfig
     from laion_dask.report import partition_summary
@@ -90,7 +94,10 @@ def timed_part(path: str, part: int) -> tuple[float, float, str | None]:
         df = run.read_parquet(path, columns=report.COLUMNS)
     t1 = time.thread_time()
     partition_summary(df, FilterConfig())
-    return t1 - t0, time.thread_time() - t1, os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    malloc = ", ".join(
+        f"{k}={os.environ.get(k)}" for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+    )
+    return t1 - t0, time.thread_time() - t1, malloc
 
 
 def _cpu_seconds() -> float:
@@ -105,6 +112,13 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=50)
     ap.add_argument("--rows", type=int, default=200_000, help="rows per part")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="ClusterConfig.malloc_mmap_threshold for the cluster both phases run on (bytes; "
+        "default: unset, Dask's own worker environment)",
+    )
     ap.add_argument(
         "--run-dir",
         default=str(REPO / "benchmarks/_work/report-run"),
@@ -122,21 +136,24 @@ def main() -> None:
 
     import dask
     import dask.dataframe as dd
-    from distributed import Client, LocalCluster
 
+    from laion_dask.cluster import cluster_client
+    from laion_dask.config import ClusterConfig
     from laion_dask.report import COLUMNS, build_stats
 
     t0 = time.perf_counter()
     run = make_run(Path(args.run_dir), args.parts, args.rows)
     print(f"run with {args.parts * args.rows:,} rows ready in {time.perf_counter() - t0:.1f} s")
     env = dask.config.get("distributed.nanny.pre-spawn-environ")
-    print(f"workers' pre-spawn environment: {env}")
-    with (
-        LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    cluster_cfg = ClusterConfig(
+        n_workers=args.workers,
+        threads_per_worker=1,
+        gpu="never",
+        dashboard_address=None,
+        malloc_mmap_threshold=args.malloc_mmap_threshold,
+    )
+    print(f"Dask's pre-spawn environment: {env}; {cluster_cfg}")
+    with cluster_client(cluster_cfg) as client:  # one cluster for the baseline and the report
         files = run.parts("scores")
 
         def phase(fn) -> tuple[float, float]:
@@ -172,10 +189,10 @@ def main() -> None:
     )
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(
-        f"per part, thread CPU: in the workers (MALLOC_TRIM_THRESHOLD_={inside[0][2]}) read "
+        f"per part, thread CPU: in the workers ({inside[0][2]}) read "
         f"{mean([r for r, _, _ in inside]) * 1e3:.0f} ms + partition_summary "
         f"{mean([s for _, s, _ in inside]) * 1e3:.0f} ms; in this process "
-        f"(MALLOC_TRIM_THRESHOLD_={here[0][2]}) read {mean([r for r, _, _ in here]) * 1e3:.0f} ms"
+        f"({here[0][2]}) read {mean([r for r, _, _ in here]) * 1e3:.0f} ms"
         f" + partition_summary {mean([s for _, s, _ in here]) * 1e3:.0f} ms"
     )
     ratio = rep_wall / read_wall

@@ -6,6 +6,7 @@ existing scheduler. GPU workers declare the ``GPU`` resource; scoring tasks ask 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -62,12 +63,23 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     without both raises ``RuntimeError``. ``child_processes`` starts local workers non-daemonic
     (``distributed.worker.daemon = False``) so that tasks may start processes of their own, as
     ``clip.loader_processes`` does; a remote cluster's workers are configured where they start.
+    ``malloc_mmap_threshold`` adds ``MALLOC_MMAP_THRESHOLD_`` to the environment the Nanny gives
+    local worker processes (``distributed.nanny.pre-spawn-environ``, next to Dask's own
+    ``MALLOC_TRIM_THRESHOLD_``); see :class:`~laion_dask.config.ClusterConfig` for the memory
+    trade-off. Unset (the default), Dask's environment is left as it is. (The Nanny also
+    writes its pre-spawn variables into this process's ``os.environ`` before it starts a
+    worker, so local clusters started later by the same process inherit the value.)
     """
     if cfg.scheduler_address is not None:
         return Client(cfg.scheduler_address)
     if child_processes:
         with dask.config.set({"distributed.worker.daemon": False}):
             return make_client(cfg)
+    if cfg.malloc_mmap_threshold is not None:
+        env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+        env["MALLOC_MMAP_THRESHOLD_"] = int(cfg.malloc_mmap_threshold)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            return make_client(dataclasses.replace(cfg, malloc_mmap_threshold=None))
     use_gpu = cfg.gpu != "never" and gpu_available() and dask_cuda_available()
     if cfg.gpu == "require" and not use_gpu:
         raise RuntimeError(

@@ -46,6 +46,8 @@ __all__ = [
 #: keys whose values merge by min / max instead of a sum
 _MIN_KEYS = {"min"}
 _MAX_KEYS = {"max"}
+#: values per block in :func:`histogram`'s passes (64 KB of float64: they stay in cache)
+BLOCK = 8192
 #: key holding bottom-k sample lists (records with a ``prio`` field); its size is ``_K_KEY``
 _SAMPLE_KEY = "samples"
 #: the ``sketch`` field of a heavy-hitter / distinct-count summary
@@ -104,7 +106,8 @@ def _empty_hist(spec: HistSpec, missing: int) -> dict[str, Any]:
 
 
 class Workspace:
-    """Reusable scratch arrays for the counting kernels (one per partition summary).
+    """Reusable scratch arrays for the counting kernels (``report`` keeps one per worker thread
+    while a statistics pass runs).
 
     Dask workers fix glibc's mmap threshold (the Nanny sets ``MALLOC_TRIM_THRESHOLD_``), so
     there every temporary over ~64 KB is fresh pages (page faults) each time it is allocated;
@@ -114,6 +117,11 @@ class Workspace:
     def __init__(self, rows: int = 0) -> None:
         self.rows = rows  # buffers are made this long at least: one allocation per slot
         self._bufs: dict[tuple[str, int], np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the scratch arrays."""
+        return sum(b.nbytes for b in self._bufs.values())
 
     def get(self, dtype: Any, size: int, slot: int = 0) -> np.ndarray:
         """A scratch array of ``size`` elements (contents undefined); ``slot`` tells apart
@@ -154,10 +162,19 @@ class Workspace:
 def bincount(
     codes: np.ndarray, minlength: int, mask: np.ndarray | None = None, ws: Workspace | None = None
 ) -> np.ndarray:
-    """``numpy.bincount(codes[mask], minlength=minlength)``, widening small int codes to
-    ``intp`` in a scratch buffer instead of a fresh full-length copy."""
+    """``numpy.bincount(codes[mask], minlength=minlength)`` (non-negative ``codes``), widening
+    small int codes to ``intp`` in a scratch buffer instead of a fresh full-length copy.
+
+    With a mask, no selection is made: ``2 * code + mask`` is counted and the odd slots kept.
+    """
     ws = ws or Workspace(len(codes))
-    return np.bincount(ws.select(codes, mask, np.intp, slot=5), minlength=minlength)
+    if mask is None:
+        return np.bincount(ws.select(codes, None, np.intp, slot=5), minlength=minlength)
+    pair = ws.get(np.intp, len(codes), 5)
+    np.copyto(pair, codes, casting="unsafe")
+    np.left_shift(pair, 1, out=pair)
+    np.add(pair, mask, out=pair, casting="unsafe")
+    return np.bincount(pair, minlength=2 * minlength)[1::2].copy()
 
 
 def _valid_selection(
@@ -207,32 +224,43 @@ def histogram(
             missing += k
             ok = np.logical_not(np.isnan(v, out=nan), out=nan)
             sel = ok if sel is None else np.logical_and(sel, ok, out=ok)
-    x = ws.select(v, sel, np.float64, slot=0)
-    if not x.size:
+    xs = v if sel is None else v[sel]  # (a masked selection is the one fresh array)
+    m, bins = xs.size, spec.bins
+    if not m:
         return _empty_hist(spec, missing)
-    m, bins = x.size, spec.bins
     lo, hi = np.float64(spec.lo), np.float64(spec.hi)
-    f = ws.get(np.float64, m, 1)
-    if spec.log:
-        np.maximum(x, lo / 2, out=f)  # <= 0 is under anyway
-        np.log(f, out=f)
-        f -= np.log(lo)
-        f *= bins / (np.log(hi) - np.log(lo))
-    else:
-        np.subtract(x, lo, out=f)
-        f *= bins / (hi - lo)
-    np.clip(f, -1, bins, out=f)
-    np.floor(f, out=f)
-    slot = ws.get(np.intp, m, 1)
-    np.copyto(slot, f, casting="unsafe")
-    slot += 1  # 0 = under, 1..bins = the bins, bins + 1 = over
     lower, upper = _bounds(spec)
-    flag = ws.get(bool, m, 0)
-    np.subtract(slot, np.less(x, np.take(lower, slot, out=f), out=flag), out=slot)
-    np.add(slot, np.greater_equal(x, np.take(upper, slot, out=f), out=flag), out=slot)
-    counts = np.bincount(slot, minlength=bins + 2)
-    with np.errstate(invalid="ignore"):  # inf + -inf: a NaN sum, no warning
-        total = float(x.sum())
+    counts = np.zeros(bins + 2, dtype=np.int64)
+    total, low, high = 0.0, np.inf, -np.inf
+    size = min(m, BLOCK)
+    xbuf, fbuf = ws.get(np.float64, size, 0), ws.get(np.float64, size, 1)
+    sbuf, flagbuf = ws.get(np.intp, size, 1), ws.get(bool, size, 0)
+    # blocks of BLOCK values: every temporary of the ~15 passes below stays in cache
+    for b in range(0, m, BLOCK):
+        k = min(BLOCK, m - b)
+        x, f, slot, flag = xbuf[:k], fbuf[:k], sbuf[:k], flagbuf[:k]
+        np.copyto(x, xs[b : b + k], casting="unsafe")
+        if spec.log:
+            np.maximum(x, lo / 2, out=f)  # <= 0 is under anyway
+            np.log(f, out=f)
+            f -= np.log(lo)
+            f *= bins / (np.log(hi) - np.log(lo))
+        else:
+            np.subtract(x, lo, out=f)
+            f *= bins / (hi - lo)
+        np.clip(f, -1, bins, out=f)
+        np.floor(f, out=f)
+        np.copyto(slot, f, casting="unsafe")
+        slot += 1  # 0 = under, 1..bins = the bins, bins + 1 = over
+        # (mode="clip": the slots are in range; "raise" with out= buffers a fresh copy)
+        np.subtract(slot, np.less(x, np.take(lower, slot, out=f, mode="clip"), out=flag), out=slot)
+        np.add(
+            slot, np.greater_equal(x, np.take(upper, slot, out=f, mode="clip"), out=flag), out=slot
+        )
+        counts += np.bincount(slot, minlength=bins + 2)
+        with np.errstate(invalid="ignore"):  # inf + -inf: a NaN sum, no warning
+            total += float(x.sum())
+        low, high = min(low, float(x.min())), max(high, float(x.max()))
     return {
         "counts": counts[1:-1].tolist(),
         "under": int(counts[0]),
@@ -240,8 +268,8 @@ def histogram(
         "missing": missing,
         "n": int(m),
         "sum": total,
-        "min": float(x.min()),
-        "max": float(x.max()),
+        "min": low,
+        "max": high,
     }
 
 

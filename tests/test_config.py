@@ -89,3 +89,30 @@ def test_bad_toml_is_a_config_error(tmp_path):
 def test_similarity_for_group():
     f = FilterConfig(similarity_en=0.3, similarity_multi=0.2, similarity_nolang=0.1)
     assert [f.similarity_for(g) for g in ("en", "multi", "nolang", "xx")] == [0.3, 0.2, 0.1, 0.1]
+
+
+def test_cluster_malloc_mmap_threshold_is_checked_and_round_trips(tmp_path):
+    from laion_dask.config import ClusterConfig
+
+    assert ClusterConfig().malloc_mmap_threshold is None  # Dask's worker environment as it is
+    for bad in (-1, 2**25 + 1, 1.5, "32MiB", True):
+        with pytest.raises(ConfigError, match="cluster.malloc_mmap_threshold"):
+            ClusterConfig(malloc_mmap_threshold=bad)
+    cfg = PipelineConfig().replace("cluster", malloc_mmap_threshold=2**25)
+    path = tmp_path / "c.toml"
+    dump_config(cfg, path)
+    assert "malloc_mmap_threshold = 33554432" in path.read_text()
+    assert load_config(path).cluster.malloc_mmap_threshold == 2**25
+    dump_config(PipelineConfig(), path)  # unset: left out of the TOML, read back unset
+    assert "malloc_mmap_threshold" not in path.read_text()
+    assert load_config(path).cluster.malloc_mmap_threshold is None
+
+
+def test_per_host_interval_is_checked_against_the_deadline():
+    from laion_dask.config import ConfigError, DownloadConfig
+
+    assert DownloadConfig(per_host_interval=0.5).per_host_interval == 0.5
+    with pytest.raises(ConfigError, match="download.per_host_interval"):
+        DownloadConfig(per_host_interval=-1)
+    with pytest.raises(ConfigError, match="download.per_host_interval.*deadline"):
+        DownloadConfig(per_host_interval=4.0, per_host_concurrency=8, deadline=30.0)

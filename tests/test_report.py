@@ -701,3 +701,152 @@ def test_consent_group_counts_new_statuses_and_reasons(tmp_path, client):
     md = render_markdown(stats)
     assert "| consent and safety | rows | share |" in md
     assert f"| **all consent and safety** | {consent['rows']:,} |" in md
+
+
+# --- the Arrow-backed read and the byte-level kernels equal the plain pandas / regex paths -------
+
+
+@pytest.mark.parametrize("row_group_size", [None, 37])  # one chunk per column, or many
+def test_arrow_backed_read_gives_the_pandas_frames_summary(tmp_path, row_group_size):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laion_dask.report import _read_part
+
+    df = _edge_frame()
+    run = RunDir(str(tmp_path / "run"))
+    run.makedirs("scores")
+    if row_group_size is None:
+        run.write_parquet_atomic(run.part_path("scores", 0), df)
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        pq.write_table(table, run.part_path("scores", 0), row_group_size=row_group_size)
+    read = _read_part(run, run.part_path("scores", 0))
+    assert all(isinstance(t, pd.ArrowDtype) for t in read.dtypes)  # the zero-copy path
+    for cfg in (FilterConfig(), FilterConfig(max_punsafe=0.5, min_side=100, max_aspect_ratio=2)):
+        got, expect = partition_summary(read, cfg), partition_summary(df[COLUMNS], cfg)
+        assert _without_sums(got) == _without_sums(expect)
+        for name, hst in expect["hist"].items():
+            assert got["hist"][name]["sum"] == pytest.approx(hst["sum"]), name
+
+
+def test_host_fast_path_equals_the_regex_on_random_urls():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from laion_dask.report import _DOMAIN_RE, _raw_hosts, _str_array
+    from laion_dask.sketches import Workspace
+
+    def regex(urls: pd.Series) -> list:
+        arr = _str_array(urls)
+        return pc.struct_field(pc.extract_regex(arr, pattern=_DOMAIN_RE), [0]).to_pylist()
+
+    rng = np.random.default_rng(11)
+    bits = ["http://", "https://", "HTTP://", "ftp://", "/", ":", "?", "#", "@", "[", "]", "a"]
+    bits += ["B", "é", "x.y", "日", "", "//", "80", "-", " "]
+    ws = Workspace(4)  # grows and is reused across calls, as in a worker
+    for trial in range(400):
+        urls = []
+        for _ in range(int(rng.integers(0, 40))):
+            u = "".join(rng.choice(bits, size=int(rng.integers(0, 8))))
+            if rng.random() < 0.6:
+                u = str(rng.choice(["http://", "https://"])) + u
+            if rng.random() < 0.05:  # hosts across several 64-bit words of the bitmap
+                u += "h" * int(rng.integers(50, 300))
+            urls.append(None if rng.random() < 0.1 else u)
+        s = pd.Series(urls, dtype="string")
+        s = s.iloc[2:] if trial % 3 == 0 else s
+        assert _raw_hosts(s, ws if trial % 2 else None).to_pylist() == regex(s), list(s)
+    # a sliced Arrow-backed column
+    arr = pa.array([f"https://{'b' * k}.example:8/{k}" for k in range(150)], pa.large_string())
+    s = pd.Series(pd.arrays.ArrowExtensionArray(arr.slice(7, 120)))
+    assert _raw_hosts(s).to_pylist() == regex(s)
+
+
+def test_word_counts_on_random_text_and_without_numpy_bitwise_count(monkeypatch):
+    import pyarrow as pa
+
+    from laion_dask.report import _word_counts_arrow
+    from laion_dask.sketches import Workspace
+
+    rng = np.random.default_rng(12)
+    alphabet = list("ab c\t\n\x0b\x1c\x1f\x0e\x01é日\u3000\u00a0\u2028 ")
+    ws = Workspace(3)
+
+    def check() -> None:
+        for trial in range(150):
+            n = int(rng.integers(0, 60))
+            texts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 70)))) for _ in range(n)]
+            arr = pa.array(texts, pa.large_string())
+            if n > 4 and trial % 2:
+                arr, texts = arr.slice(1, n - 2), texts[1 : n - 1]
+            got = _word_counts_arrow(arr, ws if trial % 3 else None)
+            assert got.tolist() == [len(t.split()) for t in texts], texts
+
+    check()
+    monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy < 2: the lookup table
+    check()
+
+
+def test_sample_candidates_by_group_equal_the_whole_groups_picks():
+    from laion_dask.report import _candidates_by_group
+
+    rng = np.random.default_rng(13)
+    k = 8
+    for n, rare in ((100, 0.3), (5_000, 0.3), (5_000, 0.002), (20_000, 0.0005)):
+        gcodes = rng.choice([0, 1, 2], size=n, p=[0.7 - rare, 0.3, rare]).astype(np.int8)
+        prio = rng.integers(0, 50, size=n).astype("float64")  # many ties at the k-th value
+        prio[gcodes == 2] += 40  # the rare group's rows sit above most others' (past the cut)
+        rows = np.flatnonzero(rng.random(n) < 0.9)
+        got = _candidates_by_group(rows, prio[rows], gcodes, {"en": 0, "multi": 1, "nolang": 2}, k)
+        for g, code in (("en", 0), ("multi", 1), ("nolang", 2)):
+            whole = rows[gcodes[rows] == code]
+            p = prio[whole]
+            expect = set(whole[p <= np.sort(p)[k - 1]]) if p.size > k else set(whole)
+            sub_rows, sub_prio = got[g]
+            assert (prio[sub_rows] == sub_prio).all()
+            if sub_rows.size > k:
+                sub_rows = sub_rows[sub_prio <= np.sort(sub_prio)[k - 1]]
+            assert set(sub_rows) == expect, (n, rare, g)
+
+
+def test_statistics_pass_releases_the_workers_scratch_arrays(tmp_path, client):
+    from laion_dask import report
+
+    run = make_scored_run(tmp_path / "run", parts=2, rows=30)
+    build_stats(run, client=client)  # the session cluster's workers run in this process
+    assert report._WORKSPACES == {}
+    report.partition_summary(scored_frame(30, 1)[COLUMNS], FilterConfig())
+    assert report.release_workspaces() > 0 and report._WORKSPACES == {}
+
+
+def test_arrow_buffers_read_as_pandas_reads_them_on_sliced_arrays():
+    import pyarrow as pa
+
+    from laion_dask.report import _col_codes, _col_values, _float32, _valid_of, _values_of
+
+    rng = np.random.default_rng(14)
+    n = 1_000
+    ints = pa.array([None if rng.random() < 0.3 else int(v) for v in rng.integers(0, 9, n)])
+    floats = pa.array(
+        [None if rng.random() < 0.3 else float(v) for v in rng.random(n)], pa.float32()
+    )
+    words = pa.array(
+        [None if rng.random() < 0.3 else str(rng.choice(["a", "b", "c"])) for _ in range(n)]
+    )
+    for lo, hi in ((0, n), (3, 700), (77, 78)):
+        i, f = ints.slice(lo, hi - lo), floats.slice(lo, hi - lo)
+        d = words.dictionary_encode().slice(lo, hi - lo)
+        assert _valid_of(i).tolist() == i.is_valid().to_pylist()
+        ok = _valid_of(i)
+        assert _values_of(i)[ok].tolist() == [v for v in i.to_pylist() if v is not None]
+        arrow = pd.DataFrame({"i": pd.arrays.ArrowExtensionArray(i)})
+        values, valid = _col_values(arrow, "i")
+        assert values[valid].tolist() == [v for v in i.to_pylist() if v is not None]
+        assert valid.tolist() == i.is_valid().to_pylist()
+        got = _float32(pd.Series(pd.arrays.ArrowExtensionArray(f)))
+        expect = pd.Series(f.to_pylist(), dtype="Float32").to_numpy("float32", na_value=np.nan)
+        np.testing.assert_array_equal(got, expect)
+        codes, labels, valid = _col_codes(pd.Series(pd.arrays.ArrowExtensionArray(d)), "<none>")
+        assert [labels[c] for c in codes] == [v or "<none>" for v in d.to_pylist()]
+        assert valid.tolist() == d.is_valid().to_pylist()
