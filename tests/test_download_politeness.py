@@ -31,6 +31,7 @@ from laion_dask.rundir import RunDir
 from tests.helpers.cluster import LOOPBACK_CLUSTER
 from tests.helpers.extract import make_wat, wat_payload
 from tests.helpers.imagehost import noise_image
+from tests.test_pipeline_download import _downloads
 
 N_FILES = 4
 #: images of each host in each input file; the last host is big: 40 rows, more than
@@ -144,10 +145,6 @@ def _cfg(**download: object) -> PipelineConfig:
         "deadline": 60.0,
     }
     return PipelineConfig().replace("download", **(base | download))
-
-
-def _downloads(run: RunDir) -> pd.DataFrame:
-    return pd.concat([run.read_parquet(p) for p in run.parts("downloads")], ignore_index=True)
 
 
 @pytest.fixture(scope="module")
