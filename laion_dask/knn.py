@@ -76,6 +76,7 @@ __all__ = [
     "read_near_duplicates",
     "add_near_duplicate",
     "results_html",
+    "StaleNearDuplicates",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,9 @@ class IndexInfo:
     #: PQ candidates re-ranked per result (IVF-PQ with re-ranking)
     k_factor: int | None = None
     skipped_parts: dict[str, str] = field(default_factory=dict)
+    #: the ``scores`` marker fingerprint of each part indexed (empty in indexes built before
+    #: this was recorded): near-duplicate groups refuse an index whose scores changed since
+    scores_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -290,6 +294,15 @@ class IndexInfo:
 
 
 # --- reading the run's embeddings ---------------------------------------------------------------
+
+
+class StaleNearDuplicates(ValueError):
+    """``RUN/index`` or ``RUN/neardup`` was computed from scores that have changed since."""
+
+
+def _scores_fingerprint(run: RunDir, part: int) -> str:
+    """The fingerprint of scores part ``part`` (``""`` without a marker)."""
+    return str((run.done_marker("scores", part) or {}).get("fingerprint", ""))
 
 
 _PART = re.compile(r"metadata_(\d+)\.parquet$")
@@ -710,6 +723,7 @@ def build_index(
         reason=plan.reason,
         meets_floor=bool(recall >= cfg.target_recall),
     )
+    info.scores_fingerprints = {str(p): _scores_fingerprint(run, p) for p in parts}
     run.write_json_atomic(run.join(INDEX_DIR, f"{modality}.json"), info.to_json())
     run.fs.rm(run.join(INDEX_DIR, "_parts"), recursive=True)
     if not info.meets_floor:
@@ -1217,6 +1231,15 @@ def find_near_duplicates(
     n = len(meta)
     parts = meta["part"].to_numpy()
     starts = {int(p): int(np.flatnonzero(parts == p)[0]) for p in np.unique(parts)}
+    current = {str(p): _scores_fingerprint(run, p) for p in starts}
+    changed = sorted(
+        int(p) for p, fp in knn.info.scores_fingerprints.items() if current.get(p, fp) != fp
+    )
+    if changed:
+        raise StaleNearDuplicates(
+            f"{run.path}: RUN/index was built from other scores (parts {changed} were re-scored "
+            "since): rebuild it first with `laion-dask index RUN`"
+        )
     index_path = _index_path(run, "image")
     client = _get_client(client)
     tasks = [
@@ -1258,6 +1281,7 @@ def find_near_duplicates(
                 "members": len(rows),
                 "near_duplicates": int(rows[NEAR_DUPLICATE].sum()),
                 "threshold": float(threshold),
+                "scores_fingerprint": current[str(p)],
             },
         )
     report = NearDupReport(
@@ -1323,8 +1347,22 @@ def join_part_near_duplicates(run: RunDir, part: int, df: pd.DataFrame) -> pd.Da
 
     What ``materialize``, ``explore`` and ``report`` call per partition, so a run's
     near-duplicates become the ``near_duplicate`` drop reason everywhere at once.
+
+    Raises
+    ------
+    StaleNearDuplicates
+        The part was re-scored after the groups were found: its keys may now name other
+        images, so the groups would drop the wrong rows. Re-run
+        ``laion-dask index RUN --near-duplicates`` (or delete ``RUN/neardup``).
     """
-    path = run.part_path("neardup", part)
+    path = run.part_path(NEARDUP_DIR, part)
     if schema.KEY not in df.columns or not run.exists(path):
         return df
+    marker = run.done_marker(NEARDUP_DIR, part) or {}
+    recorded = marker.get("scores_fingerprint")
+    if recorded is not None and recorded != _scores_fingerprint(run, part):
+        raise StaleNearDuplicates(
+            f"{run.path}: near-duplicate groups of part {part} were found before it was "
+            "re-scored: re-run `laion-dask index RUN --near-duplicates`, or delete RUN/neardup"
+        )
     return add_near_duplicate(df, run.read_parquet(path))

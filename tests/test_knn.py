@@ -209,6 +209,32 @@ def test_near_duplicate_groups_are_planted_sets(tmp_path, client):
     assert not set(res["id"]) & ({5, 60, 100} - {int(res["id"].iloc[0])})
 
 
+def test_groups_from_other_scores_are_refused(tmp_path, client):
+    """A part re-scored after the index or the groups were made: its keys may name other
+    images now, so neither the groups nor the index they came from are used silently."""
+    rng = np.random.default_rng(3)
+    data = _unit(rng, 80, 16).astype(np.float16)
+    data[60] = data[5]
+    run = make_vector_run(tmp_path / "run", [data[:40], data[40:]])
+    knn.build_index(run, client=client)
+    assert knn.load_index(run).info.scores_fingerprints == {"0": "x", "1": "x"}
+    knn.find_near_duplicates(run, 0.99, client=client)
+    parts = {p: run.read_parquet(run.part_path("scores", p)) for p in (0, 1)}
+    assert knn.join_part_near_duplicates(run, 1, parts[1])[knn.DUPLICATE_GROUP].notna().any()
+    # part 1 re-scored (another config): its marker's fingerprint changes
+    marker = run.done_marker("scores", 1)
+    run.mark_done("scores", 1, {**marker, "fingerprint": "y"})
+    with pytest.raises(knn.StaleNearDuplicates, match="part 1 .*re-scored"):
+        knn.join_part_near_duplicates(run, 1, parts[1])
+    knn.join_part_near_duplicates(run, 0, parts[0])  # part 0 is unchanged: still joins
+    with pytest.raises(knn.StaleNearDuplicates, match=r"parts \[1\].*laion-dask index"):
+        knn.find_near_duplicates(run, 0.99, client=client)
+    # rebuilt from the current scores, both work again
+    knn.build_index(run, client=client)
+    knn.find_near_duplicates(run, 0.99, client=client)
+    assert knn.join_part_near_duplicates(run, 1, parts[1])[knn.DUPLICATE_GROUP].notna().any()
+
+
 def test_text_search_with_the_runs_own_clip_finds_the_scene(scene_run):
     run, scenes = scene_run
     meta = knn.load_index(run).metadata
