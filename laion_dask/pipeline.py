@@ -1116,6 +1116,7 @@ def run_score(
     run.makedirs("scores", "embeddings")
     _remove_tmp(run, "score", ("scores", "embeddings"))
     downloads = run.markers("downloads")
+    _forget_stale_scores(run, keep=set(downloads))
     tasks = [
         (
             f"{k:05d}",
@@ -1133,6 +1134,25 @@ def run_score(
         show_progress=show_progress,
     )
     return _stage_report("score", len(tasks), results, failures, "score_status", t0)
+
+
+def _forget_stale_scores(run: RunDir, keep: set[int]) -> None:
+    """Drop scores parts (and their embeddings) of shards that no longer exist.
+
+    A new download plan with fewer shards (another ``rows_per_task``, fewer inputs) removes the
+    shards beyond it; their scores would otherwise stay in RUN/scores and reach materialize,
+    explore and the report as rows nobody downloaded in this run.
+    """
+    from .embeddings import embedding_paths
+
+    fs = run.fs
+    for index in set(run.marker_indices("scores")) - keep:
+        paths = [run.marker_path("scores", index), run.part_path("scores", index)]
+        paths += list(embedding_paths(run.join("embeddings"), index).values())
+        for path in paths:
+            if fs.exists(path):
+                fs.rm(path)
+        log.info("score: removed scores part %d (its shard is gone)", index)
 
 
 def _stage_report(

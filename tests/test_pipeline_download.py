@@ -187,3 +187,29 @@ def test_leftover_tmp_files_are_removed_when_a_stage_starts(host, tmp_path, clie
     assert not any(p.exists() for p in planted.values())
     assert keep.exists()
     pd.testing.assert_frame_equal(_downloads(run), before)
+
+
+def test_scores_of_shards_a_smaller_plan_dropped_are_forgotten(host, tmp_path, client):
+    """After a re-plan with fewer shards, the scores (and embeddings) of the shards that are
+    gone must not stay behind for materialize, explore and the report to read."""
+    from laion_dask.pipeline import run_score
+    from tests.helpers.clip import save_tiny_clip
+
+    paths = _build_inputs(host, tmp_path, "f")
+    run = RunDir(str(tmp_path / "run"))
+    cfg = _cfg().replace("clip", model=str(save_tiny_clip(tmp_path / "clip")))
+    run_extract(run, cfg, paths, client=client)
+    run_download(run, cfg, client=client)
+    run_score(run, cfg, client=client)
+    before = sorted(run.markers("scores"))
+    bigger = cfg.replace("download", rows_per_task=25)
+    shards = run_download(run, bigger, client=client, force=True).partitions
+    assert shards < len(before)
+    run_score(run, bigger, client=client)
+    assert sorted(run.markers("scores")) == sorted(run.markers("downloads")) == list(range(shards))
+    assert len(run.parts("scores")) == shards
+    for kind in ("img_emb", "text_emb", "metadata"):
+        assert len(glob.glob(f"{run.path}/embeddings/{kind}/*")) == shards, kind
+    scores = pd.concat([run.read_parquet(p) for p in run.parts("scores")], ignore_index=True)
+    # every downloaded row once (scores keep the rows they could not score, with a status)
+    assert len(scores) == len(_downloads(run)) and scores[schema.UID].is_unique
