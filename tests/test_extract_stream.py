@@ -119,3 +119,24 @@ def test_reader_giving_up_after_handing_on_pairs_fails_the_file(tmp_path, monkey
     # what was handed on before the failure is the caller's to discard (the pipeline writes a
     # temporary file and renames it only on success)
     assert len(chunks[-1]) == 0
+
+
+@pytest.mark.parametrize("chunk_rows", [20, 10_000])
+def test_a_failing_sink_stops_the_file_and_is_never_a_counted_skip(tmp_path, chunk_rows):
+    """A sink that cannot write (disk full) must raise, not look like a broken input stream
+    (an OSError from the reader is counted as a skip and the file would end early)."""
+    path = tmp_path / "f.wat.gz"
+    path.write_bytes(make_wat(_pages(60)))
+    calls = []
+
+    def full_disk(frame: pd.DataFrame) -> None:
+        calls.append(len(frame))
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        stream_file(str(path), CFG, sink=full_disk, chunk_rows=chunk_rows)
+    assert len(calls) == 1
+    empty = tmp_path / "empty.wat.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(OSError, match="No space left"):
+        stream_file(str(empty), CFG, sink=full_disk)

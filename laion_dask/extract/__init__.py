@@ -146,6 +146,14 @@ class ExtractResult:
     summary: FileSummary
 
 
+class _SinkFailed(Exception):
+    """Raised through the readers when a :func:`stream_file` sink fails; re-raised as is."""
+
+    def __init__(self, err: Exception) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
 class _Unreadable(Exception):
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)
@@ -274,7 +282,12 @@ class _Collector:
         frame = self.frame()
         self.summary.pairs_found += len(frame)
         self._reset()
-        self.sink(frame)
+        try:
+            self.sink(frame)
+        except Exception as err:
+            # the sink's own failure (a full disk, say) must stop the file, never be mistaken
+            # for a broken input stream and counted as a skip
+            raise _SinkFailed(err) from err
 
     def skipped(self, offset: int, err: BadRecord) -> None:
         """Count a record skipped for ``err`` (a named counter in ``bad_records``)."""
@@ -640,6 +653,25 @@ def stream_file(
     OSError
         As :func:`extract_file`.
     """
+    try:
+        return _stream_file(path, cfg, consent, sink, chunk_rows)
+    except _SinkFailed as failed:
+        raise failed.err from failed.err.__cause__
+
+
+def _stream_file(
+    path: str,
+    cfg: ExtractConfig,
+    consent: ConsentConfig | None,
+    sink: Callable[[pd.DataFrame], None],
+    chunk_rows: int,
+) -> FileSummary:
+    def emit(frame: pd.DataFrame) -> None:  # a direct call: the collector wraps its own
+        try:
+            sink(frame)
+        except Exception as err:
+            raise _SinkFailed(err) from err
+
     t0 = time.perf_counter()
     meta_names = frozenset((consent or ConsentConfig()).meta_names)
     summary = FileSummary(source_file=path)
@@ -651,7 +683,7 @@ def stream_file(
         if kind == "empty":
             summary.count("empty_file")
             summary.seconds = time.perf_counter() - t0
-            sink(schema.PAIRS.copy())
+            emit(schema.PAIRS.copy())
             return summary
         if kind == "corrupt_gzip":
             raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
@@ -697,7 +729,7 @@ def stream_file(
         if isinstance(err, _Unreadable) and err.kind:
             summary.count(err.kind)
         summary.seconds = time.perf_counter() - t0
-        sink(schema.PAIRS.copy())
+        emit(schema.PAIRS.copy())
         return summary
     col.flush()
     summary = col.summary
