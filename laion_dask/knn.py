@@ -835,14 +835,16 @@ class KnnIndex:
             active = True
         return mask if active else None
 
-    def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple:
+    def _search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None = None
+    ) -> tuple:
         faiss = _faiss()
         bitmap = sel = None
         if allowed is not None:
             # the bitmap and the selector must outlive the search call
             bitmap = np.packbits(allowed, bitorder="little")
             sel = faiss.IDSelectorBitmap(bitmap)
-        params = _params(self.index, self.info.nprobe, sel, self.info.k_factor)
+        params = _params(self.index, nprobe or self.info.nprobe, sel, self.info.k_factor)
         sims, ids = self.index.search(queries, int(k), params=params)
         del bitmap, sel, params
         return sims, ids
@@ -862,8 +864,10 @@ class KnnIndex:
         With ``dedup``, a result whose vector has cosine >= ``dedup`` with a better-ranked
         result, or shares its ``duplicate_group``, is collapsed into it (``collapsed`` counts
         them); the search widens until ``k`` distinct results are found or the rows run out.
-        Each frame: ``id``, ``similarity`` (the query's cosine), ``collapsed`` and the metadata
-        columns.
+        With an IVF index, a filter can leave the probed lists short of rows: the search then
+        probes more lists (x4, up to all of them) rather than return fewer than ``k`` while
+        allowed rows remain. Each frame: ``id``, ``similarity`` (the query's cosine),
+        ``collapsed`` and the metadata columns.
         """
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if q.shape[1] != self.dim:
@@ -874,17 +878,23 @@ class KnnIndex:
             language_group=language_group, max_punsafe=max_punsafe, max_pwatermark=max_pwatermark
         )
         available = len(self) if allowed is None else int(allowed.sum())
+        nlist = self.info.nlist if _ivf(self.index) is not None else None
         out = []
         for row in q:
             fetch = min(available, k if dedup is None else 3 * k + 10)
+            nprobe = self.info.nprobe
             while True:
                 if fetch == 0:
                     ids = np.zeros(0, np.int64)
                     sims = np.zeros(0, np.float32)
                 else:
-                    sims, ids = self._search(row[None, :], fetch, allowed)
+                    sims, ids = self._search(row[None, :], fetch, allowed, nprobe)
                     sims, ids = sims[0], ids[0]
                     sims, ids = sims[ids >= 0], ids[ids >= 0]
+                if len(ids) < fetch and nlist and nprobe and nprobe < nlist:
+                    # the probed lists ran out of (allowed) rows: probe more before giving up
+                    nprobe = min(nlist, nprobe * 4)
+                    continue
                 if dedup is None:
                     kept, collapsed = np.arange(len(ids)), np.zeros(len(ids), np.int64)
                 else:

@@ -160,6 +160,26 @@ def test_ivfpq_recall_is_measured_and_holds_on_fresh_queries(tmp_path, client):
     assert hits / (10 * len(qids)) >= info.recall_floor
 
 
+def test_ivf_probes_more_lists_when_a_filter_leaves_them_short(tmp_path, client):
+    """A selective filter: its few rows sit in lists the query's nprobe does not reach. The
+    search must still return every allowed row (up to k), not the few in the probed lists."""
+    data = clustered_vectors(6000, 32, seed=8)
+    run = make_vector_run(tmp_path / "run", [data[:3000], data[3000:]])
+    cfg = knn.IndexConfig(flat_max_vectors=1000, nlist=32, eval_queries=200, target_recall=0.8)
+    info = knn.build_index(run, cfg, client=client)
+    assert info.kind == "ivfpq" and info.nprobe < info.nlist
+    index = knn.load_index(run)
+    punsafe = index.metadata[schema.PUNSAFE].to_numpy(dtype="float64")
+    cut = float(np.sort(punsafe)[11])  # 12 rows pass, spread over the clusters
+    allowed = set(np.flatnonzero(punsafe <= cut).tolist())
+    assert len(allowed) == 12
+    for qid in (0, 2500, 5999):
+        (got,) = index.search_vectors(data[qid].astype(np.float32), 12, max_punsafe=cut, dedup=None)
+        assert set(got["id"]) == allowed
+        assert (got[schema.PUNSAFE] <= cut).all()
+        assert got["similarity"].is_monotonic_decreasing
+
+
 def test_collapse_near_duplicates_keeps_the_best_ranked():
     v = np.array([[1, 0, 0], [0.99, 0.141, 0], [0, 1, 0], [0, 0.99, 0.141], [0, 0, 1]], float)
     kept, collapsed = knn.collapse_near_duplicates(v, 0.94)
