@@ -209,16 +209,16 @@ def cmd_train_tag_head(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .knn import IndexConfig, build_index, find_near_duplicates
+    from .knn import build_index, find_near_duplicates
     from .rundir import RunDir
 
-    cfg = _base_config(args, args.run)
+    cfg = _base_config(args, args.run)  # [index] from --config or the run's config.toml
     changes = {"memory_budget": args.memory_budget} if args.memory_budget else {}
     if args.flat_max_vectors is not None:
         changes["flat_max_vectors"] = args.flat_max_vectors
     if args.target_recall is not None:
         changes["target_recall"] = args.target_recall
-    index_cfg = IndexConfig(**changes)  # ConfigError before any cluster starts
+    index_cfg = cfg.replace("index", **changes).index  # ConfigError before any cluster starts
     run = RunDir(args.run)
     with _client(cfg) as client:
         for modality in ("image", "text") if args.text else ("image",):

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .config import ConfigError
+from .config import IndexConfig
 from .embeddings import embedding_paths
 from .rundir import RunDir
 
@@ -110,69 +110,6 @@ _META_COLUMNS = (
 
 
 # --- configuration ------------------------------------------------------------------------------
-
-
-def _parse_bytes(value: int | str, where: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected bytes (e.g. 4GB), got {value!r}")
-    if isinstance(value, int):
-        out = value
-    else:
-        from dask.utils import parse_bytes
-
-        try:
-            out = int(parse_bytes(value))
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{where}: cannot read {value!r} as bytes (e.g. 4GB)") from err
-    if out <= 0:
-        raise ConfigError(f"{where}: must be positive, got {value!r}")
-    return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexConfig:
-    """How ``laion-dask index`` chooses, trains and checks an index (TOML table ``[index]``)."""
-
-    #: bytes the index may take in memory when searched (``"4GB"`` or an int)
-    memory_budget: int | str = "4GB"
-    #: exact Flat search up to this many vectors (a Flat query scans every vector)
-    flat_max_vectors: int = 100_000
-    #: nprobe is the smallest reaching this recall@k on the evaluation queries
-    target_recall: float = 0.95
-    recall_k: int = 10
-    #: evaluation queries, drawn from the run's own vectors (their own id excluded)
-    eval_queries: int = 500
-    #: IVF lists; None = a power of two near sqrt(n)
-    nlist: int | None = None
-    #: training vectors per IVF list (faiss asks for at least 39)
-    train_per_list: int = 40
-    max_train_vectors: int = 200_000
-    #: a faiss index_factory string that overrides the choice (inner-product metric)
-    factory: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "memory_budget", _parse_bytes(self.memory_budget, "index.memory_budget")
-        )
-        ints = {
-            "flat_max_vectors": (self.flat_max_vectors, 0),
-            "recall_k": (self.recall_k, 1),
-            "eval_queries": (self.eval_queries, 1),
-            "train_per_list": (self.train_per_list, 1),
-            "max_train_vectors": (self.max_train_vectors, 1),
-        }
-        for key, (value, low) in ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"index.{key}: expected an integer >= {low}, got {value!r}")
-        if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist < 1):
-            raise ConfigError(f"index.nlist: expected an integer >= 1, got {self.nlist!r}")
-        if not 0.0 < float(self.target_recall) <= 1.0:
-            raise ConfigError(f"index.target_recall: must be in (0, 1], got {self.target_recall}")
-
-    @property
-    def budget_bytes(self) -> int:
-        return int(self.memory_budget)
 
 
 @dataclass(frozen=True)

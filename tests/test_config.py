@@ -116,3 +116,22 @@ def test_per_host_interval_is_checked_against_the_deadline():
         DownloadConfig(per_host_interval=-1)
     with pytest.raises(ConfigError, match="download.per_host_interval.*deadline"):
         DownloadConfig(per_host_interval=4.0, per_host_concurrency=8, deadline=30.0)
+
+
+def test_index_section_is_read_validated_and_round_trips(tmp_path):
+    from laion_dask.config import ConfigError, dump_config, load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text('[index]\nmemory_budget = "1GB"\ntarget_recall = 0.9\nnlist = 64\n')
+    cfg = load_config(path)
+    assert cfg.index.budget_bytes == 1_000_000_000 and cfg.index.target_recall == 0.9
+    assert cfg.index.nlist == 64
+    again = tmp_path / "again.toml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again) == cfg
+    path.write_text("[index]\nnprobe = 3\n")
+    with pytest.raises(ConfigError, match=r"index\.nprobe: unknown key"):
+        load_config(path)
+    path.write_text("[index]\ntarget_recall = 1.5\n")
+    with pytest.raises(ConfigError, match=r"index\.target_recall"):
+        load_config(path)

@@ -311,6 +311,13 @@ def test_cli_index_and_search(scene_run, client, capsys, tmp_path):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(rows) == 2 and rows[0]["rank"] == 1 and "thumbnail" not in rows[0]
     assert cli.main(["search", run.path, "--image", str(tmp_path / "none.jpg")]) == 2
+    # [index] of the config is read; a flag wins over it
+    toml = tmp_path / "index.toml"
+    toml.write_text("[index]\ntarget_recall = 0.8\nrecall_k = 5\n")
+    args = ["index", run.path, "--config", str(toml), "--scheduler", address]
+    assert cli.main([*args, "--target-recall", "0.9"]) == 0
+    saved = json.loads(Path(run.join("index", "image.json")).read_text())
+    assert (saved["recall_floor"], saved["recall_k"]) == (0.9, 5)
 
 
 def test_near_duplicate_reason_reaches_filters_explore_report_and_materialize(tmp_path, client):
