@@ -34,7 +34,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import re
 import threading
 import uuid
@@ -45,7 +44,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from .config import ConfigError, ConsentConfig
 
@@ -385,92 +383,119 @@ class HostFile:
 
 
 class HostFileCache:
-    """Host-file results shared by every task of a run: an in-process LRU plus ``directory``.
+    """Host-file results of a run: kept in this process and journaled under ``directory``.
 
-    Each result is one JSON file ``<directory>/<kind>/<sha256(token, origin)>.json`` written once:
-    the first task to fetch a host publishes its result, and a task that fetched it at the same
-    time adopts the published one, so every row of a run sees the same answer for a host (and a
-    resumed or retried run reuses it instead of asking again). ``directory=None`` keeps results
-    for the life of this object only.
+    Results are written as JSON lines, one file per :meth:`flush` (one per download call:
+    ``<directory>/<token hash>-<id>.jsonl``), not one file per host, so a crawl of a hundred
+    million hosts makes about as many cache files as it makes shards. The pipeline gives each
+    download chain its own directory (every row of a host is in one chain, see
+    ``pipeline.run_download``), so a call reads only its own chain's journals, once per process.
+    The first result published for a (kind, origin) wins and is what every later call of the run
+    sees, so a resumed or retried chain reuses it instead of asking the host again.
+    ``directory=None`` keeps results for the life of this object only.
     """
 
-    _shared: OrderedDict[tuple[str, str, str, str], HostFile] = OrderedDict()
+    #: (directory, token) -> results and the journal files already read, per process (LRU)
+    _shared: OrderedDict[tuple[str, str], _Journal] = OrderedDict()
     _shared_lock = threading.Lock()
-    #: results kept in memory per process (the files hold the rest)
-    MEMORY_ENTRIES = 50_000
+    #: directories kept in memory per process
+    MEMORY_DIRECTORIES = 64
 
     def __init__(self, directory: str | None, token: str) -> None:
         self.directory = directory.rstrip("/") if directory else None
         self.token = token
-        self._local: dict[tuple[str, str], HostFile] = {}
+        self.prefix = hashlib.sha256(token.encode()).hexdigest()[:8]
+        self._journal = _Journal()
+        self._pending: list[HostFile] = []
+        self._lock = threading.Lock()
+        self._synced = False
 
-    def _path(self, kind: str, origin: str) -> str:
-        digest = hashlib.sha256(f"{self.token}\n{origin}".encode()).hexdigest()[:32]
-        return f"{self.directory}/{kind}/{digest}.json"
+    def _sync(self) -> _Journal:
+        """The shared journal of this directory, with every journal file on disk read."""
+        if self.directory is None:
+            return self._journal
+        key = (self.directory, self.token)
+        with self._shared_lock:
+            journal = self._shared.get(key)
+            if journal is None:
+                journal = self._shared[key] = _Journal()
+            self._shared.move_to_end(key)
+            while len(self._shared) > self.MEMORY_DIRECTORIES:
+                self._shared.popitem(last=False)
+        if not self._synced:
+            self._synced = True
+            fs, root = fsspec.core.url_to_fs(self.directory)
+            try:
+                names = sorted(fs.glob(f"{root}/{self.prefix}-*.jsonl"))
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                if name in journal.files:
+                    continue
+                records = _read_journal(fs, name)
+                with journal.lock:
+                    journal.files.add(name)
+                    for record in records:
+                        journal.records.setdefault((record.kind, record.origin), record)
+        return journal
 
     def get(self, kind: str, origin: str) -> HostFile | None:
         """A published result, or None (never blocks on a fetch)."""
-        if self.directory is None:
-            return self._local.get((kind, origin))
-        key = (self.directory, self.token, kind, origin)
-        with self._shared_lock:
-            hit = self._shared.get(key)
-            if hit is not None:
-                self._shared.move_to_end(key)
-                return hit
-        path = self._path(kind, origin)
-        fs, fpath = fsspec.core.url_to_fs(path)
-        try:
-            with fs.open(fpath, "rb") as fh:
-                record = HostFile.from_json(json.load(fh))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring unreadable host-file cache entry %s: %s", path, err)
-            return None
-        self._remember(key, record)
-        return record
+        journal = self._sync()
+        with journal.lock:
+            return journal.records.get((kind, origin))
 
     def put(self, record: HostFile) -> HostFile:
-        """Publish ``record`` unless another task did first; return the published result."""
-        if self.directory is None:
-            return self._local.setdefault((record.kind, record.origin), record)
-        path = self._path(record.kind, record.origin)
-        fs, fpath = fsspec.core.url_to_fs(path)
-        blob = json.dumps(record.to_json(), sort_keys=True).encode("utf-8")
-        parent = fpath.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
-        tmp = f"{fpath}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(blob)
-        published = record
-        if isinstance(fs, LocalFileSystem):
-            try:
-                os.link(tmp, fpath)  # create-if-absent: the first publisher wins
-            except FileExistsError:
-                existing = self._read(fs, fpath)
-                published = existing if existing is not None else record
-            finally:
-                os.unlink(tmp)
-        else:  # object stores: no exclusive create; the last writer wins (same host, same answer)
-            fs.mv(tmp, fpath)
-        self._remember((self.directory, self.token, record.kind, record.origin), published)
+        """Publish ``record`` unless a result for its host was published first; return the
+        published one. It reaches the directory at :meth:`flush`."""
+        journal = self._sync()
+        with journal.lock:
+            published = journal.records.setdefault((record.kind, record.origin), record)
+        if published is record:
+            with self._lock:
+                self._pending.append(record)
         return published
 
-    @staticmethod
-    def _read(fs: Any, fpath: str) -> HostFile | None:
-        try:
-            with fs.open(fpath, "rb") as fh:
-                return HostFile.from_json(json.load(fh))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def flush(self) -> None:
+        """Write the results this object published as one journal file (atomic rename)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if self.directory is None or not pending:
+            return
+        fs, root = fsspec.core.url_to_fs(self.directory)
+        fs.makedirs(root, exist_ok=True)
+        path = f"{root}/{self.prefix}-{uuid.uuid4().hex}.jsonl"
+        blob = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in pending)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as fh:
+            fh.write(blob.encode("utf-8"))
+        fs.mv(tmp, path)
+        journal = self._sync()
+        with journal.lock:
+            journal.files.add(path)
 
-    def _remember(self, key: tuple[str, str, str, str], record: HostFile) -> None:
-        with self._shared_lock:
-            self._shared[key] = record
-            self._shared.move_to_end(key)
-            while len(self._shared) > self.MEMORY_ENTRIES:
-                self._shared.popitem(last=False)
+
+@dataclass
+class _Journal:
+    records: dict[tuple[str, str], HostFile] = field(default_factory=dict)
+    files: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _read_journal(fs: Any, path: str) -> list[HostFile]:
+    try:
+        with fs.open(path, "rb") as fh:
+            lines = fh.read().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        log.warning("ignoring unreadable host-file journal %s: %s", path, err)
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(HostFile.from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring a bad line of host-file journal %s: %s", path, err)
+    return out
 
 
 # --- user-supplied lists ------------------------------------------------------------------------

@@ -32,7 +32,8 @@ Consent and safety (``[consent]``, :mod:`laion_dask.consent`), in the order they
   fetched, ``consent.robots_txt_on_4xx`` / ``robots_txt_on_error`` decide, the latter giving
   ``robots_txt_unreachable``), then ``/.well-known/tdmrep.json`` (``disallowed_tdmrep``). Each host
   file is fetched once per call through the same guarded session (its own
-  ``consent.host_file_timeout``) and, with ``host_cache``, once per run;
+  ``consent.host_file_timeout``) and, with ``host_cache``, once per run (the pipeline keeps one
+  cache folder per download chain, which holds all of a host's rows);
 - on the image response's headers: ``X-Robots-Tag`` (``disallowed``) and ``tdm-reservation: 1``
   (``disallowed_tdm_reservation``), before the body is read;
 - on the body, before decoding: its MD5/SHA-1/SHA-256 against the image blocklists
@@ -809,8 +810,9 @@ def download_images(
     consent : ConsentConfig, optional
         Opt-out signals and blocklists (every host-level check on when omitted).
     host_cache : str, optional
-        Folder (local or fsspec URL) where robots.txt / tdmrep.json results are shared by every
-        call of a run (``RUN/consent``); without it they are fetched once per call.
+        Folder (local or fsspec URL) where robots.txt / tdmrep.json results are shared by the
+        calls that use it (the pipeline: one folder per download chain, ``RUN/consent/chain-N``);
+        each call adds one journal file. Without it they are fetched once per call.
     resolver : callable, optional
         ``resolver(host) -> [ip, ...]`` used for every lookup (the system resolver by default);
         its answers are checked by the guard before any connection.
@@ -843,14 +845,17 @@ def download_images(
     if positions:
         started = time.perf_counter()
         cache = HostFileCache(host_cache, _ua_token(cfg.user_agent))
-        results = _run(
-            [urls[i] for i in positions],
-            cfg,
-            resolver or system_resolver,
-            consent,
-            lists,
-            cache,
-        )
+        try:
+            results = _run(
+                [urls[i] for i in positions],
+                cfg,
+                resolver or system_resolver,
+                consent,
+                lists,
+                cache,
+            )
+        finally:
+            cache.flush()  # what this call learned about hosts: one journal file
         for i, res in zip(positions, results, strict=True):
             outcomes[i] = res
         log.info("downloaded %d rows in %.1fs", len(positions), time.perf_counter() - started)

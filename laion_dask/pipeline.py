@@ -533,7 +533,8 @@ def _load_dedup_part_meta() -> pd.DataFrame:
 
 # --- download -----------------------------------------------------------------------------------
 
-#: RUN/consent/{robots,tdmrep}/*.json: each host's robots.txt / tdmrep.json, fetched once per run
+#: RUN/consent/chain-N/*.jsonl: robots.txt / tdmrep.json results of a chain's hosts, fetched once
+#: per run (one journal file per download call; see consent.HostFileCache)
 _CONSENT_CACHE = "consent"
 
 
@@ -846,7 +847,7 @@ def _download_bucket(
         df = schema.conform(run.read_parquet_rows(path, start, stop), schema.CANDIDATES_DTYPES)
         t0 = time.perf_counter()
         result = download_images(
-            df, cfg.download, consent=cfg.consent, host_cache=run.join(_CONSENT_CACHE)
+            df, cfg.download, consent=cfg.consent, host_cache=_host_cache(run, chain)
         )
         seconds = time.perf_counter() - t0
         out.append(
@@ -918,6 +919,13 @@ def is_transient_failure(df: pd.DataFrame) -> pd.Series:
     return pd.Series(flags, index=df.index, dtype=bool)
 
 
+def _host_cache(run: RunDir, chain: int | None) -> str:
+    """The host-file cache folder of a download chain: every row of a host is in one chain, so
+    a chain's calls (chunks, resumes, retries) share what they learn about its hosts."""
+    name = "unchained" if chain is None else f"chain-{int(chain):05d}"
+    return run.join(_CONSENT_CACHE, name)
+
+
 def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
     """Re-fetch the transient failures of one finished part and merge them in place."""
     from .download import download_images
@@ -933,7 +941,7 @@ def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
         old.loc[retry, list(schema.CANDIDATES.columns)].reset_index(drop=True),
         cfg.download,
         consent=cfg.consent,
-        host_cache=run.join(_CONSENT_CACHE),
+        host_cache=_host_cache(run, (marker or {}).get("chain")),
     )
     images = read_shard_images(run.join("images", f"{shard_id:05d}.tar"))
     merged = old.drop(columns=[schema.KEY, schema.SHARD]).copy()
@@ -974,7 +982,7 @@ def run_download(
     Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed
     entry raises :class:`~laion_dask.config.ConfigError` before any task runs; their content is
     part of each task's fingerprint (a changed list re-runs the stage). Host files (robots.txt,
-    tdmrep.json) are shared by every task through ``RUN/consent/``. A config that would change
+    tdmrep.json) are journaled per chain in ``RUN/consent/chain-N/``. A config that would change
     finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
     Temporary files left by tasks of an earlier, killed attempt are removed first
     (:meth:`RunDir.remove_tmp_files`).

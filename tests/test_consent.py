@@ -550,13 +550,26 @@ def test_host_files_are_fetched_once_per_run(host: ImageHost, tmp_path: Path) ->
     paths = [p for p, _, _ in host.requests]
     assert paths.count("/robots.txt") == 1
     assert paths.count("/.well-known/tdmrep.json") == 1
-    files = sorted(glob.glob(f"{cache}/*/*.json"))
-    assert len(files) == 2
-    records = [HostFile.from_json(json.loads(Path(f).read_text())) for f in files]
+    # one journal file per call that learned something (the second call only read it)
+    files = sorted(glob.glob(f"{cache}/*.jsonl"))
+    assert len(files) == 1
+    records = _journal_records(Path(cache))
     assert {r.kind: r.outcome for r in records} == {"robots": "ok", "tdmrep": "unavailable"}
     # a new run directory asks again
     third = download_images(_frame(urls), _dl(), host_cache=str(tmp_path / "other-run"))
     assert _statuses(third) == ["disallowed_robots_txt"] * 2
+
+
+def _journal_records(folder: Path) -> list[HostFile]:
+    """Every well-formed record of the host-file journals under ``folder``."""
+    out = []
+    for path in sorted(folder.rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                out.append(HostFile.from_json(json.loads(line)))
+            except ValueError:
+                continue
+    return out
 
 
 def test_host_file_cache_first_publisher_wins(tmp_path: Path) -> None:
@@ -566,13 +579,36 @@ def test_host_file_cache_first_publisher_wins(tmp_path: Path) -> None:
     rec2 = HostFile("robots", "http://h.test:1", "unreachable", 503, "HTTP 503")
     assert a.put(rec1) == rec1
     assert b.put(rec2) == rec1  # published first: adopted, not overwritten
+    a.flush(), b.flush()
+    assert _journal_records(tmp_path) == [rec1]  # b had nothing of its own to write
     assert HostFileCache(str(tmp_path), "otherbot").get("robots", "http://h.test:1") is None
     assert not list(tmp_path.rglob("*.tmp-*"))
-    # a run directory on an fsspec store (no exclusive create there: the write is a rename)
+    # another process (another worker, a resumed run) reads the journal
+    HostFileCache._shared.clear()
+    assert HostFileCache(str(tmp_path), TOKEN).get("robots", "http://h.test:1") == rec1
+    # a run directory on an fsspec store
     remote = f"memory://consent-{tmp_path.name}"
-    HostFileCache(remote, TOKEN).put(rec2)
+    c = HostFileCache(remote, TOKEN)
+    c.put(rec2)
+    c.flush()
     HostFileCache._shared.clear()  # force a read from the store, as another worker would
     assert HostFileCache(remote, TOKEN).get("robots", "http://h.test:1") == rec2
+
+
+def test_host_file_journal_survives_bad_lines_and_grows_by_a_file_per_call(tmp_path: Path) -> None:
+    recs = [HostFile("robots", f"http://h{i}.test:1", "unavailable", 404) for i in range(3)]
+    first = HostFileCache(str(tmp_path), TOKEN)
+    for r in recs[:2]:
+        first.put(r)
+    first.flush()
+    (path,) = tmp_path.glob("*.jsonl")
+    path.write_text(path.read_text() + "{not json\n")
+    HostFileCache._shared.clear()
+    second = HostFileCache(str(tmp_path), TOKEN)
+    assert [second.get("robots", r.origin) for r in recs] == [recs[0], recs[1], None]
+    second.put(recs[2])
+    second.flush()
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2 and len(_journal_records(tmp_path)) == 3
 
 
 def test_lists_on_an_fsspec_store(tmp_path: Path) -> None:
@@ -671,7 +707,9 @@ def test_pipeline_download_honours_every_signal(tmp_path: Path, client) -> None:
         # host files are shared by the run's tasks: fewer fetches than tasks
         robots_a = [p for p, _, _ in a.requests].count("/robots.txt")
         assert 1 <= robots_a < report.partitions
-        assert len(glob.glob(f"{run.path}/consent/robots/*.json")) == 2
+        # one robots.txt result per host, in the journal of the one chain holding the host
+        robots = [r for r in _journal_records(Path(run.path) / "consent") if r.kind == "robots"]
+        assert len(robots) == len({r.origin for r in robots}) == 2
 
         # the funnel counts every new status and still adds up
         table = funnel(run)
@@ -720,6 +758,6 @@ def test_demo_host_has_no_host_files_so_everything_is_allowed(tmp_path: Path) ->
         urls = [f"{base}/a.jpg" for base in demo.base_urls]
         out = download_images(_frame(urls), _dl(), host_cache=str(cache))
     assert _statuses(out) == ["success", "success"]
-    records = [HostFile.from_json(json.loads(p.read_text())) for p in cache.rglob("*.json")]
+    records = _journal_records(cache)
     assert len(records) == 4  # robots.txt and tdmrep.json of each host
     assert {(r.outcome, r.http_status) for r in records} == {("unavailable", 404)}

@@ -173,7 +173,7 @@ def test_leftover_tmp_files_are_removed_when_a_stage_starts(host, tmp_path, clie
         "downloads": root / "downloads" / "part-00002.parquet.tmp-1234abcd",
         "marker": root / "downloads" / "_done" / "part-00002.json.tmp-1234abce",
         "shard": root / "images" / "00002.tar.tmp-4242",  # shards.py: pid suffix
-        "consent": next((root / "consent").rglob("*.json")).with_suffix(".json.tmp-00ff00ff"),
+        "consent": next((root / "consent").rglob("*.jsonl")).with_suffix(".jsonl.tmp-00ff00ff"),
     }
     keep = root / "images" / "notes.tmp-file.txt"  # not a temporary name: left alone
     for path in [*planted.values(), keep]:
