@@ -36,6 +36,7 @@ import json
 import logging
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -401,9 +402,15 @@ class HostFileCache:
     #: directories kept in memory per process
     MEMORY_DIRECTORIES = 64
 
-    def __init__(self, directory: str | None, token: str) -> None:
+    def __init__(
+        self, directory: str | None, token: str, *, refresh_unreachable: bool = False
+    ) -> None:
         self.directory = directory.rstrip("/") if directory else None
         self.token = token
+        #: ``--retry-failed``: an ``unreachable`` answer (5xx, 429, timeout) is asked again, and
+        #: the new answer replaces it for the rest of the run
+        self.refresh_unreachable = refresh_unreachable
+        self._refreshed: set[tuple[str, str]] = set()
         self.prefix = hashlib.sha256(token.encode()).hexdigest()[:8]
         self._journal = _Journal()
         self._pending: list[HostFile] = []
@@ -429,28 +436,42 @@ class HostFileCache:
                 names = sorted(fs.glob(f"{root}/{self.prefix}-*.jsonl"))
             except FileNotFoundError:
                 names = []
-            for name in names:
+            for name in names:  # oldest first: the names start with their write time
                 if name in journal.files:
                     continue
                 records = _read_journal(fs, name)
                 with journal.lock:
                     journal.files.add(name)
                     for record in records:
-                        journal.records.setdefault((record.kind, record.origin), record)
+                        _publish(journal.records, record)
         return journal
 
     def get(self, kind: str, origin: str) -> HostFile | None:
         """A published result, or None (never blocks on a fetch)."""
         journal = self._sync()
         with journal.lock:
-            return journal.records.get((kind, origin))
+            record = journal.records.get((kind, origin))
+        if (
+            record is not None
+            and self.refresh_unreachable
+            and record.outcome == "unreachable"
+            and (kind, origin) not in self._refreshed
+        ):
+            return None  # ask the host again
+        return record
 
     def put(self, record: HostFile) -> HostFile:
         """Publish ``record`` unless a result for its host was published first; return the
         published one. It reaches the directory at :meth:`flush`."""
         journal = self._sync()
+        key = (record.kind, record.origin)
         with journal.lock:
-            published = journal.records.setdefault((record.kind, record.origin), record)
+            if self.refresh_unreachable and key not in self._refreshed:
+                self._refreshed.add(key)
+                old = journal.records.get(key)
+                if old is not None and old.outcome == "unreachable":
+                    del journal.records[key]
+            published = _publish(journal.records, record)
         if published is record:
             with self._lock:
                 self._pending.append(record)
@@ -464,7 +485,8 @@ class HostFileCache:
             return
         fs, root = fsspec.core.url_to_fs(self.directory)
         fs.makedirs(root, exist_ok=True)
-        path = f"{root}/{self.prefix}-{uuid.uuid4().hex}.jsonl"
+        # named by write time, so readers replay journals in the order they were written
+        path = f"{root}/{self.prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
         blob = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in pending)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open(tmp, "wb") as fh:
@@ -473,6 +495,17 @@ class HostFileCache:
         journal = self._sync()
         with journal.lock:
             journal.files.add(path)
+
+
+def _publish(records: dict[tuple[str, str], HostFile], record: HostFile) -> HostFile:
+    """Keep the first answer for a host, except that a later one replaces ``unreachable`` (a
+    retried fetch); return the answer kept."""
+    key = (record.kind, record.origin)
+    old = records.get(key)
+    if old is None or (old.outcome == "unreachable" and record.outcome != "unreachable"):
+        records[key] = record
+        return record
+    return old
 
 
 @dataclass

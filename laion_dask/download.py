@@ -278,6 +278,8 @@ def is_transient(status: str | None, error_message: str | None) -> bool:
 
     Used by ``--retry-failed``: everything else (404, blocked, disallowed, bad image) is final.
     """
+    if status == "robots_txt_unreachable":
+        return True  # robots.txt answered 5xx/429 or timed out: asked again by a retry
     if status != "failed_to_download" or not error_message:
         return False
     return error_message.startswith(_TRANSIENT_PREFIXES)
@@ -797,6 +799,7 @@ def download_images(
     consent: ConsentConfig | None = None,
     host_cache: str | None = None,
     resolver: Resolver | None = None,
+    refresh_unreachable: bool = False,
 ) -> pd.DataFrame:
     """Download, check, decode and resize the images of the kept rows of one partition.
 
@@ -816,6 +819,9 @@ def download_images(
     resolver : callable, optional
         ``resolver(host) -> [ip, ...]`` used for every lookup (the system resolver by default);
         its answers are checked by the guard before any connection.
+    refresh_unreachable : bool
+        Ask again a host whose robots.txt / tdmrep.json was ``unreachable`` in ``host_cache``
+        (``--retry-failed``); the new answer replaces it for the rest of the run.
 
     Returns
     -------
@@ -844,7 +850,9 @@ def download_images(
     positions = [i for i, res in zip(positions, pre, strict=True) if res is None]
     if positions:
         started = time.perf_counter()
-        cache = HostFileCache(host_cache, _ua_token(cfg.user_agent))
+        cache = HostFileCache(
+            host_cache, _ua_token(cfg.user_agent), refresh_unreachable=refresh_unreachable
+        )
         try:
             results = _run(
                 [urls[i] for i in positions],

@@ -942,6 +942,7 @@ def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
         cfg.download,
         consent=cfg.consent,
         host_cache=_host_cache(run, (marker or {}).get("chain")),
+        refresh_unreachable=True,
     )
     images = read_shard_images(run.join("images", f"{shard_id:05d}.tar"))
     merged = old.drop(columns=[schema.KEY, schema.SHARD]).copy()

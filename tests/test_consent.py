@@ -375,7 +375,7 @@ def test_a_host_that_is_down_is_a_download_failure(tmp_path: Path) -> None:
     assert _statuses(out) == ["failed_to_download"] * 2
     assert out[schema.ERROR_MESSAGE][0].startswith("cannot connect: robots.txt of")
     assert is_transient("failed_to_download", out[schema.ERROR_MESSAGE][0])
-    assert not glob.glob(f"{cache}/*/*.json")
+    assert not glob.glob(f"{cache}/*.jsonl")  # nothing recorded for a dead host
 
 
 def test_host_files_go_through_the_address_guard(
@@ -738,6 +738,23 @@ def test_pipeline_download_honours_every_signal(tmp_path: Path, client) -> None:
         again = run_download(run, cfg, client=client)
         assert again.resumed == again.partitions
         assert (len(a.requests), len(b.requests)) == (n_a, n_b)
+        # --retry-failed asks an unreachable robots.txt again: host b now has none (404: allow)
+        b.serve("/robots.txt", status=404)
+        retried = run_download(run, cfg, client=client, retry_failed=True)
+        retried.check()
+        assert "robots_txt_unreachable" not in retried.counts
+        unreachable = sum(1 for k in kinds.values() if k == "robots_txt_unreachable")
+        assert retried.counts["success"] == unreachable + dlf["success"]
+        assert [p for p, _, _ in b.requests].count("/robots.txt") == 2  # the run + the retry
+        assert len(b.content_requests()) == unreachable
+        # the new answer replaced the old one for the rest of the run, in every reader
+        HostFileCache._shared.clear()
+        robots = {
+            r.origin: r.outcome
+            for r in _journal_records(Path(run.path) / "consent")
+            if r.kind == "robots" and r.outcome != "unreachable"
+        }
+        assert sorted(robots.values()) == ["ok", "unavailable"]
         # a changed list is a different stage: its fingerprint changes and the rows follow it
         (lists / "domains.txt").write_text("optout.invalid\n127.0.0.1\n")
         changed = run_download(run, cfg, client=client)
@@ -761,3 +778,27 @@ def test_demo_host_has_no_host_files_so_everything_is_allowed(tmp_path: Path) ->
     records = _journal_records(cache)
     assert len(records) == 4  # robots.txt and tdmrep.json of each host
     assert {(r.outcome, r.http_status) for r in records} == {("unavailable", 404)}
+
+
+def test_a_retry_replaces_an_unreachable_answer_for_the_rest_of_the_run(tmp_path: Path) -> None:
+    origin = "http://h.test:1"
+    down = HostFile("robots", origin, "unreachable", 503, "HTTP 503")
+    up = HostFile("robots", origin, "ok", 200, None, RobotsRules("*", ((False, "/"),)))
+    first = HostFileCache(str(tmp_path), TOKEN)
+    first.put(down)
+    first.flush()
+    # an ordinary later call keeps the run's answer; it does not ask again
+    assert HostFileCache(str(tmp_path), TOKEN).get("robots", origin) == down
+    retry = HostFileCache(str(tmp_path), TOKEN, refresh_unreachable=True)
+    assert retry.get("robots", origin) is None  # ask the host again
+    assert retry.put(up) == up
+    assert retry.get("robots", origin) == up
+    retry.flush()
+    for fresh_process in (False, True):
+        if fresh_process:
+            HostFileCache._shared.clear()  # replayed from the journals, oldest first
+        assert HostFileCache(str(tmp_path), TOKEN).get("robots", origin) == up
+    # an answer that is not "unreachable" is never replaced, not even by a retry
+    again = HostFileCache(str(tmp_path), TOKEN, refresh_unreachable=True)
+    assert again.get("robots", origin) == up
+    assert again.put(down) == up
