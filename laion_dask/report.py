@@ -334,10 +334,13 @@ def _first_set_bit(
     np.subtract(low, one, out=low)  # its trailing zeros as ones (64 of them when none)
     hit = np.left_shift(w, 6, out=ws.get(np.int64, n, 22))  # the next word's first position
     np.subtract(hit, 64, out=hit)
-    np.add(hit, np.left_shift(first_empty, 6, dtype=np.int64), out=hit)
+    shift = np.left_shift(first_empty, 6, out=ws.get(np.int64, n, 23), dtype=np.int64)
+    np.add(hit, shift, out=hit)
     np.add(hit, _popcount(low, ws.get(np.uint8, n, 21)), out=hit)
     # rows with no set bit in either word have hit = the start of the word after them
-    todo = np.flatnonzero((bits == 0) & (hit < stop))
+    none = np.equal(bits, 0, out=ws.get(bool, n, 23))
+    np.logical_and(none, np.less(hit, stop, out=ws.get(bool, n, 24)), out=none)
+    todo = np.flatnonzero(none)
     out = np.minimum(hit, stop, out=ws.get(np.int64, n, 47))
     out[todo] = stop[todo]  # until a set bit turns up
     pos = hit[todo]
@@ -365,9 +368,12 @@ def _fast_host_spans(arr: Any, ws: Workspace) -> tuple[np.ndarray, np.ndarray, n
 
     n = len(arr)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
-    https = _bools_of(pc.starts_with(arr, "https://"))
-    ok = _bools_of(pc.starts_with(arr, "http://")) | https
-    ok &= ~_rows_with_bytes(arr, b"@[", ws)
+    https = _bools_of(pc.starts_with(arr, "https://"), ws, 10)
+    ok = np.logical_or(
+        _bools_of(pc.starts_with(arr, "http://"), ws, 11), https, out=ws.get(bool, n, 12)
+    )
+    odd = _rows_with_bytes(arr, b"@[", ws)
+    ok &= np.logical_not(odd, out=odd)
     o0 = int(offsets[0])
     raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[o0 : int(offsets[-1])]
     start = np.subtract(offsets[:-1], o0, out=ws.get(np.int64, n, 44))  # within raw
@@ -407,7 +413,7 @@ def _raw_hosts(urls: pd.Series, ws: Workspace | None = None) -> Any:
     spans = pa.LargeStringArray.from_buffers(
         2 * n - 1, pa.py_buffer(inter), arr.buffers()[2], null_count=0
     )
-    host = spans.take(pa.array(np.arange(0, 2 * n, 2, dtype=np.int64)))
+    host = spans.take(pa.array(ws.arange(n, 2)))
     if not ok.all():
         slow = pc.struct_field(pc.extract_regex(arr.filter(~ok), pattern=_DOMAIN_RE), [0])
         host = pc.replace_with_mask(host, pa.array(~ok), slow.cast(host.type))
@@ -429,24 +435,61 @@ def url_domain(urls: pd.Series) -> pd.Series:
     return pd.Series(_domains(urls).to_pylist(), index=urls.index, dtype="string")
 
 
-def _valid_of(arr: Any) -> np.ndarray:
+#: byte value -> its 8 bits (least significant first) as 8 bytes of 0/1, one ``uint64`` each
+_BYTE_UNPACKED = (
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    .view(np.uint64)
+    .reshape(256)
+)
+
+
+def _unpack_bits(bitmap: Any, offset: int, n: int, ws: Workspace, slot: int) -> np.ndarray:
+    """Bits ``offset .. offset + n`` of an Arrow bitmap (least significant bit first) as bools,
+    in ``ws``'s scratch buffer ``slot``: one lookup of 8 bools per byte, no fresh array."""
+    nb = (offset + n + 7) // 8
+    idx = ws.get(np.intp, nb, 92)
+    np.copyto(idx, np.frombuffer(bitmap, dtype=np.uint8)[:nb], casting="unsafe")
+    out = ws.get(np.uint8, 8 * nb, 100 + slot).view(np.uint64)
+    np.take(_BYTE_UNPACKED, idx, out=out, mode="clip")
+    return out.view(bool)[offset : offset + n]
+
+
+def _valid_of(arr: Any, ws: Workspace | None = None, slot: int = 0) -> np.ndarray:
     """Which rows of an Arrow array (a dictionary array: its indices) hold a value: its
-    validity bitmap unpacked to bools."""
+    validity bitmap unpacked to bools (in ``ws``'s scratch buffer ``slot`` when given: a
+    lookup of 8 bools per bitmap byte, no fresh array)."""
     n = len(arr)
     bitmap = arr.buffers()[0] if arr.null_count else None
     if bitmap is None:
         return np.asarray(arr.is_valid()) if arr.null_count else np.ones(n, dtype=bool)
+    if ws is not None:
+        return _unpack_bits(bitmap, arr.offset, n, ws, slot)
     bits = np.unpackbits(
         np.frombuffer(bitmap, dtype=np.uint8), count=arr.offset + n, bitorder="little"
     )
     return bits[arr.offset :].view(bool)
 
 
-def _bools_of(arr: Any) -> np.ndarray:
-    """An Arrow boolean array as NumPy bools, null = False (its bits unpacked)."""
+def _has_value(s: pd.Series, ws: Workspace | None = None, slot: int = 0) -> np.ndarray:
+    """``s.notna().to_numpy(dtype=bool)``; an Arrow-backed column's validity bitmap read
+    directly (a dictionary column's when its dictionary has no null; see :func:`_valid_of`
+    for ``ws`` and ``slot``)."""
+    import pyarrow as pa
+
+    arr = _arrow_of(s)
+    if arr is None or (pa.types.is_dictionary(arr.type) and arr.dictionary.null_count):
+        return s.notna().to_numpy(dtype=bool)
+    return _valid_of(arr, ws, slot)
+
+
+def _bools_of(arr: Any, ws: Workspace | None = None, slot: int = 0) -> np.ndarray:
+    """An Arrow boolean array as NumPy bools, null = False (its bits unpacked; without nulls
+    in ``ws``'s scratch buffer ``slot`` when given, see :func:`_unpack_bits`)."""
     n = len(arr)
     if not n or arr.buffers()[1] is None:
         return np.zeros(n, dtype=bool)
+    if ws is not None and not arr.null_count:
+        return _unpack_bits(arr.buffers()[1], arr.offset, n, ws, slot)
     bits = np.unpackbits(
         np.frombuffer(arr.buffers()[1], dtype=np.uint8), count=arr.offset + n, bitorder="little"
     )
@@ -494,48 +537,98 @@ def _f32(df: pd.DataFrame, col: str) -> np.ndarray:
     return _num(df, col)
 
 
-def _float_values(df: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _float_values(
+    df: pd.DataFrame, col: str, ws: Workspace | None = None, slot: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``(values, valid)`` of a float column: an Arrow-backed one as its own value buffer (no
-    copy; values under nulls are arbitrary) and its validity (None without nulls), any other as
-    :func:`_f32` (NaN = missing, ``valid`` None)."""
+    copy; values under nulls are arbitrary) and its validity (None without nulls; in ``ws``'s
+    scratch buffer ``slot`` when given), any other as :func:`_f32` (NaN = missing, ``valid``
+    None)."""
     arr = _arrow_of(df[col])
     if arr is None or str(arr.type) not in ("float", "double"):
         return _f32(df, col), None
     dtype = np.float32 if str(arr.type) == "float" else np.float64
     values = np.frombuffer(arr.buffers()[1], dtype=dtype)[arr.offset : arr.offset + len(arr)]
-    return values, (_valid_of(arr) if arr.null_count else None)
+    return values, (_valid_of(arr, ws, slot) if arr.null_count else None)
 
 
-def _float32(s: pd.Series) -> np.ndarray:
+def _fill_where_invalid(
+    codes: np.ndarray, valid: np.ndarray, fill: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``numpy.where(valid, codes, fill)`` for integer ``codes`` (into ``out``, else a new
+    array), as ``(codes - fill) * valid + fill``: no branch per row (``numpy.where`` over a
+    random mask costs ten times more). Values under ``valid == False`` are arbitrary and never
+    read out."""
+    # (wraps for garbage under nulls: times 0)
+    out = np.subtract(codes, codes.dtype.type(fill), out=out)
+    np.multiply(out, valid, out=out)
+    np.add(out, codes.dtype.type(fill), out=out)
+    return out
+
+
+def _nan_where_invalid(
+    values: np.ndarray,
+    valid: np.ndarray,
+    out: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
+    """``numpy.where(valid, values, nan)`` for a float32 array, on the bits: ``values & m |
+    NAN & ~m`` with ``m`` all ones where ``valid``, no branch per row. The values under
+    ``valid == False`` are arbitrary (whatever bits: never read out). ``out`` and ``scratch``
+    (``uint32``, when given) hold the result and ``m``."""
+    bits = values.view(np.uint32)
+    # 0xFFFFFFFF where valid, else 0
+    m = np.subtract(np.uint32(0), valid, out=scratch, dtype=np.uint32)
+    out = np.bitwise_and(bits, m, out=out)
+    np.bitwise_not(m, out=m)
+    np.bitwise_and(m, np.float32(np.nan).view(np.uint32), out=m)
+    np.bitwise_or(out, m, out=out)
+    return out.view(np.float32)
+
+
+def _float32(s: pd.Series, ws: Workspace | None = None, slot: int = 0) -> np.ndarray:
     """``s.astype("float32").to_numpy(dtype="float32", na_value=np.nan)``, without the copies
-    for an Arrow-backed column."""
+    for an Arrow-backed column (one with nulls: written to ``ws``'s scratch buffers ``slot``
+    and ``slot + 1`` when given)."""
     arr = _arrow_of(s)
     if arr is not None and str(arr.type) == "float":
         values = _values_of(arr)
-        return np.where(_valid_of(arr), values, np.float32(np.nan)) if arr.null_count else values
+        if not arr.null_count:
+            return values
+        n = len(values)
+        bufs = (ws.get(np.uint32, n, slot), ws.get(np.uint32, n, slot + 1)) if ws else ()
+        return _nan_where_invalid(values, _valid_of(arr, ws, slot), *bufs)
     if arr is not None:
         return _arrow_numbers(arr, "float32")
     return s.astype("float32").to_numpy(dtype="float32", na_value=np.nan)
 
 
-def _hash_prio(s: pd.Series, rows: np.ndarray) -> np.ndarray:
+def _hash_prio(s: pd.Series, rows: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
     """LAION's int64 row hash of ``rows`` as float64 in [-1, 1) (missing = 0): the samples'
-    random order."""
+    random order (an Arrow-backed column's: in ``ws``'s scratch buffers when given)."""
     arr = _arrow_of(s)
     if arr is not None and str(arr.type) == "int64":
         values = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr)]
-        x = values[rows].astype("float64")
+        if ws is None:
+            x = values[rows] / 2.0**63
+        else:
+            m = rows.size
+            h = np.take(values, rows, out=ws.get(np.int64, m, 91), mode="clip")
+            x = np.divide(h, 2.0**63, out=ws.get(np.float64, m, 91))  # (widened, then divided)
         if arr.null_count:
             x[~_valid_of(arr)[rows]] = 0.0
-    else:
-        x = s.iloc[rows].astype("Int64").to_numpy(dtype="float64", na_value=0.0)
+        return x
+    x = s.iloc[rows].astype("Int64").to_numpy(dtype="float64", na_value=0.0)
     return x / 2.0**63
 
 
-def _col_values(df: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _col_values(
+    df: pd.DataFrame, col: str, ws: Workspace | None = None, slot: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``(values, valid)``: an integer column as its own integers (missing rows 0) and which rows
     have a value; any other as float64 with NaN for missing (``valid`` None). No float64 copy of
-    an integer column: a large temporary costs fresh pages in a Dask worker."""
+    an integer column: a large temporary costs fresh pages in a Dask worker (an Arrow-backed
+    column's ``valid``: in ``ws``'s scratch buffer ``slot`` when given)."""
     s = df[col]
     dtype = s.dtype
     arr = _arrow_of(s)
@@ -545,7 +638,7 @@ def _col_values(df: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray | No
         values = np.frombuffer(arr.buffers()[1], dtype=arr.type.to_pandas_dtype())
         values = values[arr.offset : arr.offset + len(arr)]
         if arr.null_count:
-            return values, _valid_of(arr)
+            return values, _valid_of(arr, ws, slot)
         return values, np.ones(len(arr), dtype=bool)
     if arr is not None:
         return _arrow_numbers(arr, "float64"), None
@@ -643,9 +736,9 @@ def _rows_with_unicode_space(raw: np.ndarray, rel: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _char_counts(text: Any) -> np.ndarray:
+def _char_counts(text: Any, ws: Workspace | None = None) -> np.ndarray:
     """Characters per row of a null-free Arrow large string array (``utf8_length``); the byte
-    lengths themselves when every byte is ASCII."""
+    lengths themselves when every byte is ASCII (in ``ws``'s scratch buffers when given)."""
     import pyarrow.compute as pc
 
     n = len(text)
@@ -654,7 +747,8 @@ def _char_counts(text: Any) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     raw = raw[int(offsets[0]) : int(offsets[-1])] if n else raw[:0]
     if not raw.size or int(raw.max()) < 0x80:
-        return np.subtract(offsets[1:], offsets[:-1], dtype=np.int32)
+        out = ws.get(np.int32, n, 105) if ws is not None else None
+        return np.subtract(offsets[1:], offsets[:-1], out=out, dtype=np.int32)
     return np.asarray(pc.utf8_length(text).to_numpy(zero_copy_only=False))
 
 
@@ -725,7 +819,7 @@ def _word_counts_arrow(text: Any, ws: Workspace | None = None) -> np.ndarray:
     np.bitwise_and(part, low_bits, out=part)
     prefix = np.take(cum, w, out=ws.get(np.int64, n + 1, 24), mode="clip")
     np.add(prefix, _popcount(part, ws.get(np.uint8, n + 1, 21)), out=prefix)
-    counts = np.subtract(prefix[1:], prefix[:-1], dtype=np.int32)
+    counts = np.subtract(prefix[1:], prefix[:-1], out=ws.get(np.int32, n, 106), dtype=np.int32)
     if top >= 0x80:
         odd = _rows_with_unicode_space(raw, rel)
         if odd.any():
@@ -751,7 +845,12 @@ def _values_at(s: pd.Series, rows: np.ndarray) -> list[Any]:
 
 
 def _candidates_by_group(
-    rows: np.ndarray, prio: np.ndarray, gcodes: np.ndarray, gidx: Mapping[str, int], k: int
+    rows: np.ndarray,
+    prio: np.ndarray,
+    gcodes: np.ndarray,
+    gidx: Mapping[str, int],
+    k: int,
+    ws: Workspace | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per language group, ``(rows, prio)`` holding every row of the group whose priority is
     among its ``k`` smallest (ties included), as :func:`_samples` picks them.
@@ -759,12 +858,24 @@ def _candidates_by_group(
     Only the rows under a cut (the ``64 k``-th smallest priority of all) are split by group;
     a group with fewer than ``k`` of its rows under the cut is taken whole (then its k-th
     smallest may lie above the cut), so the picks are those of the whole group either way.
+    The full-length temporaries go to ``ws``'s scratch buffers when given.
     """
-    groups = gcodes[rows]
+    m = rows.size
+    if ws is None:
+        groups = gcodes[rows]
+    else:
+        groups = np.take(gcodes, rows, out=ws.get(gcodes.dtype, m, 108), mode="clip")
     cut_rows, cut_prio, cut_groups = rows, prio, groups
-    wide = rows.size > 64 * k
+    wide = m > 64 * k
     if wide:
-        under = prio <= np.partition(prio, 64 * k - 1)[64 * k - 1]
+        if ws is None:
+            cut = np.partition(prio, 64 * k - 1)[64 * k - 1]
+        else:  # the same value, partitioned in place in a scratch copy
+            tmp = ws.get(prio.dtype, m, 108)
+            np.copyto(tmp, prio)
+            tmp.partition(64 * k - 1)
+            cut = tmp[64 * k - 1]
+        under = np.less_equal(prio, cut, out=ws.get(bool, m, 108) if ws is not None else None)
         cut_rows, cut_prio, cut_groups = rows[under], prio[under], groups[under]
     out = {}
     for g in schema.LANGUAGE_GROUPS:
@@ -849,8 +960,11 @@ def _encode(arr: Any, fill: str) -> tuple[np.ndarray, list[str]]:
     return np.asarray(idx.to_numpy(zero_copy_only=False)), labels  # int32: half of intp
 
 
-def _col_codes(s: pd.Series, fill: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """``(codes, labels, valid)`` of a string column, its nulls coded as ``fill``.
+def _col_codes(
+    s: pd.Series, fill: str, ws: Workspace | None = None, slot: int = 0
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``(codes, labels, valid)`` of a string column, its nulls coded as ``fill`` (codes that
+    need filling are written to ``ws``'s scratch buffer ``slot`` when given, else a new array).
 
     A categorical column (what :func:`_read_part` reads low-cardinality columns as: Parquet's
     own dictionary) gives its codes without hashing a string; any other goes through
@@ -869,11 +983,12 @@ def _col_codes(s: pd.Series, fill: str) -> tuple[np.ndarray, list[str], np.ndarr
             return (*_encode(arr, fill), _valid_of(arr))
         idx = arr.indices
         codes = _values_of(idx)  # Parquet's dictionary indices, no copy
-        valid = _valid_of(idx)
+        valid = _valid_of(idx, ws, slot)
         if idx.null_count:
             if fill not in labels:
                 labels.append(fill)
-            codes = np.where(valid, codes, np.array(labels.index(fill), dtype=codes.dtype))
+            out = ws.get(codes.dtype, len(codes), slot) if ws is not None else None
+            codes = _fill_where_invalid(codes, valid, labels.index(fill), out)
         return codes, labels, valid
     if isinstance(s.dtype, pd.CategoricalDtype):
         codes = s.cat.codes.to_numpy()  # int8 for a few categories: kept small (no copy)
@@ -904,7 +1019,13 @@ def _domain_codes(urls: pd.Series, ws: Workspace | None = None) -> tuple[np.ndar
     labels, inverse = np.unique(
         np.array([v if v else "<none>" for v in lowered], dtype=object), return_inverse=True
     )
-    return np.asarray(inverse, dtype=np.int32).reshape(-1)[codes], [str(v) for v in labels]
+    inverse = np.asarray(inverse, dtype=np.int32).reshape(-1)
+    if ws is None:
+        return inverse[codes], [str(v) for v in labels]
+    idx = ws.get(np.intp, len(codes), 70)  # (int32 indices would be copied to intp anyway)
+    np.copyto(idx, codes, casting="unsafe")
+    out = np.take(inverse, idx, out=ws.get(np.int32, len(codes), 83), mode="clip")
+    return out, [str(v) for v in labels]
 
 
 def _code_counts(
@@ -1020,9 +1141,12 @@ def _final_codes(
         return np.array([index.setdefault(v, len(index)) for v in labels] or [0], dtype=np.int32)
 
     n = len(filter_codes)
+    own_ws = ws is not None  # the result in its scratch buffer (else a new array)
     ws = ws or Workspace(n)
     kept_id = int(ids(["kept"])[0])
-    out = _lookup(np.append(ids(FILTER_REASONS), kept_id), filter_codes, ws).copy()
+    table = np.append(ids(FILTER_REASONS), kept_id)
+    out = ws.get(table.dtype, n, 90) if own_ws else np.empty(n, dtype=table.dtype)
+    np.copyto(out, _lookup(table, filter_codes, ws))  # (out of _lookup's buffer, reused below)
     if near is not None and near.any():
         _put(out, near, int(ids([NEAR_DUPLICATE])[0]), ws)
     flag = ws.get(bool, n, 50)
@@ -1102,9 +1226,12 @@ _WORKSPACES_LOCK = threading.Lock()
 
 def _workspace(rows: int) -> Workspace:
     """This thread's scratch arrays: a cache, so that a worker faults their pages in once, not
-    once per partition. About 230 bytes per row of the largest partition seen, plus 2 bytes
-    per byte of its longest text column (URLs or captions; ~60 MB per 200,000 rows of short
-    captions); :func:`summarize_run` releases them when it is done (:func:`release_workspaces`).
+    once per partition. About 360 bytes per row of the largest partition seen (not all of it
+    ever touched), plus 2 bytes per byte of its longest text column (URLs or captions; ~85 MB
+    per 200,000 rows of short captions); :func:`summarize_run` releases them when it is done
+    (:func:`release_workspaces`). :func:`partition_summary` keeps the columns it reads in named
+    slots of them (its codes, validity, float32 similarity, counts): no slot number is shared
+    by two arrays of one dtype that are alive at once.
     """
     key = threading.get_ident()
     ws = _WORKSPACES.get(key)
@@ -1168,12 +1295,15 @@ def partition_summary(
     full-length temporaries go to this thread's scratch arrays (:func:`_workspace`): Dask's
     Nanny sets ``MALLOC_TRIM_THRESHOLD_``, which pins glibc's mmap threshold at 128 KiB, so in
     a worker each fresh large array costs page faults (see
-    ``ClusterConfig.malloc_mmap_threshold``).
+    ``ClusterConfig.malloc_mmap_threshold``). That goes for the per-column arrays too (codes,
+    validity bitmaps unpacked by a byte lookup, the float32 similarity, counts): each has a
+    slot of its own. Nulls are filled with no branch per row (``(codes - fill) * valid + fill``,
+    NaN by bit masks): ``numpy.where`` over a random mask costs ten times more.
     """
     df = df.reset_index(drop=True)
     n = len(df)
     ws = _workspace(n)  # scratch arrays shared by the counting kernels
-    gcodes, glabels, _ = _col_codes(df[schema.LANGUAGE_GROUP], "nolang")
+    gcodes, glabels, _ = _col_codes(df[schema.LANGUAGE_GROUP], "nolang", ws, 93)
     gidx = {g: i for i, g in enumerate(glabels)}
     in_group = {
         g: (gcodes == gidx[g]) if g in gidx else np.zeros(n, dtype=bool)
@@ -1181,13 +1311,13 @@ def partition_summary(
     }
     text = _str_array(df[schema.TEXT])
     text = text.fill_null("") if text.null_count else text
-    chars_i = _char_counts(text)
+    chars_i = _char_counts(text, ws)
     words = _word_counts_arrow(text, ws)
-    sim32 = _float32(df[schema.SIMILARITY])
+    sim32 = _float32(df[schema.SIMILARITY], ws, 87)
     fcodes = _fast_filter_codes(df, cfg, gcodes, glabels, chars_i, sim32, ws)
-    rule_codes, rule_labels, rule_valid = _col_codes(df[schema.DROP_REASON], "kept")
-    st_codes, st_labels, status_ok = _col_codes(df[schema.STATUS], "<NA>")
-    ss_codes, ss_labels, ss_valid = _col_codes(df[schema.SCORE_STATUS], "<none>")
+    rule_codes, rule_labels, rule_valid = _col_codes(df[schema.DROP_REASON], "kept", ws, 84)
+    st_codes, st_labels, status_ok = _col_codes(df[schema.STATUS], "<NA>", ws, 85)
+    ss_codes, ss_labels, ss_valid = _col_codes(df[schema.SCORE_STATUS], "<none>", ws, 86)
     final_codes, final_labels = _final_codes(
         (rule_codes, rule_labels, rule_valid),
         (st_codes, st_labels, status_ok),
@@ -1210,20 +1340,20 @@ def partition_summary(
     ) & ~np.isnan(sim32)
     failed = attempted & ~downloaded
     dom_codes, dom_labels = _domain_codes(df[schema.URL], ws)
-    lang_codes, lang_labels, _ = _col_codes(df[schema.LANGUAGE], "<none>")
+    lang_codes, lang_labels, _ = _col_codes(df[schema.LANGUAGE], "<none>", ws, 94)
     cols = {
-        name: _col_values(df, col)
-        for name, col in (
-            ("original_width", schema.ORIGINAL_WIDTH),
-            ("original_height", schema.ORIGINAL_HEIGHT),
-            ("stored_width", schema.WIDTH),
-            ("stored_height", schema.HEIGHT),
-            ("original_bytes", schema.ORIGINAL_BYTES),
+        name: _col_values(df, col, ws, slot)
+        for name, col, slot in (
+            ("original_width", schema.ORIGINAL_WIDTH, 95),
+            ("original_height", schema.ORIGINAL_HEIGHT, 96),
+            ("stored_width", schema.WIDTH, 97),
+            ("stored_height", schema.HEIGHT, 98),
+            ("original_bytes", schema.ORIGINAL_BYTES, 99),
         )
     }
     values = {
-        "punsafe": _float_values(df, schema.PUNSAFE),
-        "pwatermark": _float_values(df, schema.PWATERMARK),
+        "punsafe": _float_values(df, schema.PUNSAFE, ws, 102),
+        "pwatermark": _float_values(df, schema.PWATERMARK, ws, 103),
         **cols,
         "caption_chars": (chars_i, None),
         "caption_words": (words, None),
@@ -1261,15 +1391,22 @@ def partition_summary(
     thr_of = np.array([cfg.similarity_for(g) for g in glabels] or [0.0], dtype="float32").astype(
         "float64"
     )  # as filters.similarity_threshold: float32
-    has_image = downloaded & df[schema.SHARD].notna().to_numpy(dtype=bool)
+    has_image = downloaded & _has_value(df[schema.SHARD], ws, 104)
     # the candidates' rows only: random order = LAION's row hash (uniform, stable, stored)
     r_rows = np.flatnonzero(np.logical_and(kept, has_image, out=ws.get(bool, n, 30)))
-    r_prio = _hash_prio(df[schema.HASH], r_rows)
+    r_prio = _hash_prio(df[schema.HASH], r_rows, ws)
     t_rows = np.flatnonzero(np.logical_and(scored, has_image, out=ws.get(bool, n, 30)))
-    t_dist = np.abs(sim32[t_rows].astype("float64") - thr_of[gcodes[t_rows]])
+    # |similarity - threshold| in float64 (float32 values widened: exact), in scratch buffers
+    m = t_rows.size
+    t_sim = np.take(sim32, t_rows, out=ws.get(sim32.dtype, m, 80), mode="clip")
+    t_thr = _lookup(
+        thr_of, np.take(gcodes, t_rows, out=ws.get(gcodes.dtype, m, 80), mode="clip"), ws
+    )
+    t_dist = np.subtract(t_sim, t_thr, out=ws.get(np.float64, m, 80), dtype=np.float64)
+    np.abs(t_dist, out=t_dist)
     picks = {}
     for kind, rows, prio in (("random", r_rows, r_prio), ("threshold", t_rows, t_dist)):
-        for g, pick in _candidates_by_group(rows, prio, gcodes, gidx, samples).items():
+        for g, pick in _candidates_by_group(rows, prio, gcodes, gidx, samples, ws).items():
             picks[kind, g] = pick
     picked = _samples(df, picks, samples)
     random_s = {g: picked["random", g] for g in schema.LANGUAGE_GROUPS}
@@ -1292,9 +1429,14 @@ def partition_summary(
     np.left_shift(lang_kept, 1, out=lang_kept)
     np.add(lang_kept, kept, out=lang_kept, casting="unsafe")
     lang_kept = np.bincount(lang_kept, minlength=2 * len(lang_labels))
-    http_values, http_valid = _col_values(df, schema.HTTP_STATUS)
-    http = http_values[failed]
-    missing_http = np.isnan(http) if http_valid is None else ~http_valid[failed]
+    http_values, http_valid = _col_values(df, schema.HTTP_STATUS, ws, 101)
+    f_rows = np.flatnonzero(failed)
+    http = np.take(http_values, f_rows, out=ws.get(http_values.dtype, f_rows.size, 81), mode="clip")
+    if http_valid is None:
+        missing_http = np.isnan(http)
+    else:
+        missing_http = np.take(http_valid, f_rows, out=ws.get(bool, f_rows.size, 81), mode="clip")
+        np.logical_not(missing_http, out=missing_http)
     codes_http, counts_http = np.unique(http[~missing_http], return_counts=True)
     http_counts = {str(int(c)): int(k) for c, k in zip(codes_http, counts_http, strict=True)}
     if missing_http.any():

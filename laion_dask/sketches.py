@@ -117,11 +117,12 @@ class Workspace:
     def __init__(self, rows: int = 0) -> None:
         self.rows = rows  # buffers are made this long at least: one allocation per slot
         self._bufs: dict[tuple[str, int], np.ndarray] = {}
+        self._ranges: dict[tuple[str, int], np.ndarray] = {}
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the scratch arrays."""
-        return sum(b.nbytes for b in self._bufs.values())
+        return sum(b.nbytes for b in (*self._bufs.values(), *self._ranges.values()))
 
     def get(self, dtype: Any, size: int, slot: int = 0) -> np.ndarray:
         """A scratch array of ``size`` elements (contents undefined); ``slot`` tells apart
@@ -131,6 +132,17 @@ class Workspace:
         if buf is None or buf.size < size:
             buf = np.empty(max(size, self.rows), dtype=dtype)
             self._bufs[key] = buf
+        return buf[:size]
+
+    def arange(self, size: int, step: int = 1) -> np.ndarray:
+        """``numpy.arange(0, size * step, step)`` as ``int64`` (read only: a cached array,
+        made once per ``step`` for the largest size asked)."""
+        key = ("arange", step)
+        buf = self._ranges.get(key)
+        if buf is None or buf.size < size:
+            buf = np.arange(0, max(size, self.rows) * step, step, dtype=np.int64)
+            buf.flags.writeable = False
+            self._ranges[key] = buf
         return buf[:size]
 
     def select(

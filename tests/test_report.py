@@ -790,15 +790,23 @@ def test_word_counts_on_random_text_and_without_numpy_bitwise_count(monkeypatch)
 
 def test_sample_candidates_by_group_equal_the_whole_groups_picks():
     from laion_dask.report import _candidates_by_group
+    from laion_dask.sketches import Workspace
 
     rng = np.random.default_rng(13)
     k = 8
-    for n, rare in ((100, 0.3), (5_000, 0.3), (5_000, 0.002), (20_000, 0.0005)):
+    ws = Workspace(10)
+    for n, rare in ((100, 0.3), (5_000, 0.3), (20_000, 0.0005), (5_000, 0.002), (600, 0.3)):
         gcodes = rng.choice([0, 1, 2], size=n, p=[0.7 - rare, 0.3, rare]).astype(np.int8)
         prio = rng.integers(0, 50, size=n).astype("float64")  # many ties at the k-th value
         prio[gcodes == 2] += 40  # the rare group's rows sit above most others' (past the cut)
         rows = np.flatnonzero(rng.random(n) < 0.9)
-        got = _candidates_by_group(rows, prio[rows], gcodes, {"en": 0, "multi": 1, "nolang": 2}, k)
+        gidx = {"en": 0, "multi": 1, "nolang": 2}
+        got = _candidates_by_group(rows, prio[rows], gcodes, gidx, k)
+        # in scratch buffers (reused from the previous, larger round: stale contents)
+        with_ws = _candidates_by_group(rows, prio[rows], gcodes, gidx, k, ws)
+        for g in gidx:
+            for a, b in zip(got[g], with_ws[g], strict=True):
+                np.testing.assert_array_equal(a, b)
         for g, code in (("en", 0), ("multi", 1), ("nolang", 2)):
             whole = rows[gcodes[rows] == code]
             p = prio[whole]
@@ -850,3 +858,151 @@ def test_arrow_buffers_read_as_pandas_reads_them_on_sliced_arrays():
         codes, labels, valid = _col_codes(pd.Series(pd.arrays.ArrowExtensionArray(d)), "<none>")
         assert [labels[c] for c in codes] == [v or "<none>" for v in d.to_pylist()]
         assert valid.tolist() == d.is_valid().to_pylist()
+
+
+def _with_garbage_under_nulls(values: np.ndarray, valid: np.ndarray, offset: int = 0):
+    """An Arrow array of ``values`` whose rows where ``valid`` is False are null but keep their
+    bytes (what a reader may leave under a null), sliced from ``offset``."""
+    import pyarrow as pa
+
+    bits = np.packbits(valid, bitorder="little")
+    arr = pa.Array.from_buffers(
+        pa.from_numpy_dtype(values.dtype),
+        len(values),
+        [pa.py_buffer(bits.tobytes()), pa.py_buffer(values.tobytes())],
+        null_count=int(np.count_nonzero(~valid)),
+    )
+    return arr.slice(offset)
+
+
+def test_scratch_buffer_kernels_equal_numpy_where_and_unpackbits():
+    import pyarrow as pa
+
+    from laion_dask.report import (
+        _bools_of,
+        _char_counts,
+        _col_codes,
+        _fill_where_invalid,
+        _float32,
+        _hash_prio,
+        _nan_where_invalid,
+        _valid_of,
+    )
+    from laion_dask.sketches import Workspace
+
+    rng = np.random.default_rng(15)
+    ws = Workspace(5)  # grows; stale contents from the previous round must not leak
+    for n, p_null in ((1, 0.5), (9, 0.5), (64, 0.0), (1_000, 0.3), (3_001, 0.9), (200, 0.3)):
+        valid = rng.random(n) >= p_null
+        if not valid.all():
+            valid[rng.integers(0, n)] = True
+        # garbage under the nulls: extreme integers, NaN, inf, -0.0, huge floats
+        codes = rng.integers(0, 7, n).astype(np.int32)
+        codes[~valid] = rng.choice([np.iinfo(np.int32).min, -1, 2**31 - 1, 5], (~valid).sum())
+        floats = rng.random(n).astype(np.float32)
+        junk = np.array([np.nan, np.inf, -np.inf, -0.0, 3e38, 0.5], dtype=np.float32)
+        floats[~valid] = rng.choice(junk, (~valid).sum())
+        for fill in (0, 6, 7):
+            expect = np.where(valid, codes, np.int32(fill))
+            np.testing.assert_array_equal(_fill_where_invalid(codes, valid, fill), expect)
+            out = ws.get(np.int32, n, 84)
+            out[:] = 12345
+            got = _fill_where_invalid(codes, valid, fill, out)
+            assert got.base is out.base or got is out
+            np.testing.assert_array_equal(got, expect)
+        expect = np.where(valid, floats, np.float32(np.nan)).view(np.uint32)
+        for bufs in ((), (ws.get(np.uint32, n, 87), ws.get(np.uint32, n, 88))):
+            got = _nan_where_invalid(floats, valid, *bufs)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got.view(np.uint32), expect)  # bit for bit
+        for offset in sorted({0, 1, 7, 8, 9, n - 1} & set(range(n))):
+            i = _with_garbage_under_nulls(codes, valid, offset)
+            f = _with_garbage_under_nulls(floats, valid, offset)
+            flags = pa.array(rng.random(n - offset) < 0.5)
+            for slot in (0, 3):
+                got = _valid_of(i, ws, slot)
+                assert got.dtype == bool and got.tolist() == i.is_valid().to_pylist()
+                assert _bools_of(flags, ws, slot).tolist() == flags.to_pylist()
+            series = pd.Series(pd.arrays.ArrowExtensionArray(f))
+            fresh = _float32(series)
+            np.testing.assert_array_equal(
+                _float32(series, ws, 87).view(np.uint32), fresh.view(np.uint32)
+            )
+            expect32 = pd.Series(f.to_pylist(), dtype="Float32").to_numpy(
+                "float32", na_value=np.nan
+            )
+            np.testing.assert_array_equal(fresh, expect32)
+            d = pa.array(
+                [
+                    None if not v else str(c)
+                    for v, c in zip(valid[offset:], codes[offset:] % 5, strict=True)
+                ]
+            ).dictionary_encode()
+            ds = pd.Series(pd.arrays.ArrowExtensionArray(d))
+            c1, l1, v1 = _col_codes(ds, "<none>")
+            c2, l2, v2 = _col_codes(ds, "<none>", ws, 85)
+            assert (
+                [l2[c] for c in c2] == [l1[c] for c in c1] == [v or "<none>" for v in d.to_pylist()]
+            )
+            assert v2.tolist() == v1.tolist() == d.is_valid().to_pylist()
+            h = _with_garbage_under_nulls(rng.integers(-(2**63), 2**63 - 1, n), valid, offset)
+            hs = pd.Series(pd.arrays.ArrowExtensionArray(h))
+            rows = np.flatnonzero(rng.random(n - offset) < 0.6)
+            expect_prio = hs.iloc[rows].astype("Int64").to_numpy("float64", na_value=0.0) / 2.0**63
+            np.testing.assert_array_equal(_hash_prio(hs, rows), expect_prio)
+            np.testing.assert_array_equal(_hash_prio(hs, rows, ws), expect_prio)
+        text = pa.array(["".join(rng.choice(list("ab c"), int(k))) for k in rng.integers(0, 9, n)])
+        text = text.cast(pa.large_string())
+        np.testing.assert_array_equal(_char_counts(text, ws), _char_counts(text))
+        assert _char_counts(text, ws).tolist() == [len(t) for t in text.to_pylist()]
+    assert ws.arange(5, 2).tolist() == [0, 2, 4, 6, 8]
+    big = ws.arange(10_000, 2)
+    np.testing.assert_array_equal(big, np.arange(0, 20_000, 2))
+    assert not big.flags.writeable and ws.arange(3).tolist() == [0, 1, 2]
+
+
+def test_summaries_in_one_thread_equal_those_with_fresh_scratch_arrays(tmp_path):
+    """partition_summary keeps columns in its thread's scratch arrays (named slots): summaries
+    of different frames one after the other (small after large, Arrow after pandas) must equal
+    those made with fresh ones."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from laion_dask import report
+
+    frames = []
+    run = RunDir(str(tmp_path / "run"))
+    run.makedirs("scores")
+    for i, df in enumerate((scored_frame(3_000, 1), _edge_frame(), scored_frame(500, 2))):
+        run.write_parquet_atomic(run.part_path("scores", i), df)
+        frames += [report._read_part(run, run.part_path("scores", i)), df[COLUMNS]]
+    # every column with nulls of its own (buffers of two columns mixed up must show)
+    rng = np.random.default_rng(16)
+    table = pa.Table.from_pandas(scored_frame(2_000, 3)[COLUMNS], preserve_index=False)
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        mask = pa.array(rng.random(len(col)) < rng.uniform(0.05, 0.5))
+        table = table.set_column(
+            table.column_names.index(name), name, pc.if_else(mask, pa.scalar(None, col.type), col)
+        )
+    pq.write_table(table, run.part_path("scores", 3))
+    frames += [report._read_part(run, run.part_path("scores", 3))]
+    cfg = FilterConfig(max_punsafe=0.5, min_side=100, max_aspect_ratio=2)
+
+    def dump(summary):
+        return json.dumps(summary, sort_keys=True, default=str)
+
+    fresh = []
+    for df in frames:
+        report.release_workspaces()
+        fresh.append(dump(partition_summary(df, cfg)))
+    for _ in range(2):
+        for df, expect in zip(frames[::-1], fresh[::-1], strict=True):
+            assert dump(partition_summary(df, cfg)) == expect
+    # and the frame with nulls of its own per column as pandas reads it (no Arrow buffers)
+    got, expect = partition_summary(frames[-1], cfg), partition_summary(table.to_pandas(), cfg)
+    assert _without_sums(got) == _without_sums(expect)
+    for name, hst in expect["hist"].items():
+        assert got["hist"][name]["sum"] == pytest.approx(hst["sum"]), name
+    report.release_workspaces()
