@@ -79,12 +79,11 @@ class StageReport:
 # --- lazy graph for notebooks -------------------------------------------------------------------
 
 
-def _extract_tag(path: str, cfg: PipelineConfig) -> pd.DataFrame:
-    from .extract import extract_pairs
+def _tag_pairs(pairs: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Extracted pairs -> candidates rows: language, then the rules' drop reasons."""
     from .language import add_language
     from .rules import add_drop_reason
 
-    pairs = extract_pairs(path, cfg.extract, cfg.consent)
     return add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
 
 
@@ -288,23 +287,18 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
     if marker is not None:
         return {**marker, "resumed": True}
     from .extract import stream_file
-    from .language import add_language
-    from .rules import add_drop_reason
 
     t0 = time.perf_counter()
     reasons: Counter[str] = Counter()
-
-    def tag(part: Any) -> Callable[[pd.DataFrame], None]:
-        def write(pairs: pd.DataFrame) -> None:
-            df = add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
-            reasons.update(_value_counts(df[schema.DROP_REASON]))
-            part.write(df)
-
-        return write
-
     try:
         with run.parquet_writer_atomic(run.part_path("extract", index), schema.CANDIDATES) as part:
-            summary = stream_file(path, cfg.extract, cfg.consent, sink=tag(part))
+
+            def write(pairs: pd.DataFrame) -> None:
+                df = _tag_pairs(pairs, cfg)
+                reasons.update(_value_counts(df[schema.DROP_REASON]))
+                part.write(df)
+
+            summary = stream_file(path, cfg.extract, cfg.consent, sink=write)
             if summary.error:
                 raise _FileFailed(summary)  # leaves the block: the partial part is removed
     except _FileFailed as failed:

@@ -282,12 +282,7 @@ class _Collector:
         frame = self.frame()
         self.summary.pairs_found += len(frame)
         self._reset()
-        try:
-            self.sink(frame)
-        except Exception as err:
-            # the sink's own failure (a full disk, say) must stop the file, never be mistaken
-            # for a broken input stream and counted as a skip
-            raise _SinkFailed(err) from err
+        self.sink(frame)
 
     def skipped(self, offset: int, err: BadRecord) -> None:
         """Count a record skipped for ``err`` (a named counter in ``bad_records``)."""
@@ -666,10 +661,15 @@ def _stream_file(
     sink: Callable[[pd.DataFrame], None],
     chunk_rows: int,
 ) -> FileSummary:
-    def emit(frame: pd.DataFrame) -> None:  # a direct call: the collector wraps its own
+    handed = [0]  # rows handed to the sink so far
+
+    def deliver(frame: pd.DataFrame) -> None:
+        handed[0] += len(frame)
         try:
             sink(frame)
         except Exception as err:
+            # the sink's own failure (a full disk, say) must stop the file, never be mistaken
+            # by the readers for a broken input stream and counted as a skip
             raise _SinkFailed(err) from err
 
     t0 = time.perf_counter()
@@ -683,7 +683,7 @@ def _stream_file(
         if kind == "empty":
             summary.count("empty_file")
             summary.seconds = time.perf_counter() - t0
-            emit(schema.PAIRS.copy())
+            deliver(schema.PAIRS.copy())
             return summary
         if kind == "corrupt_gzip":
             raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
@@ -693,15 +693,9 @@ def _stream_file(
         first_error: _Unreadable | None = None
         col = None
         whole = gz and kind == "warc" and _whole_file_gzip(path)
-        handed = [0]
-
-        def counted(frame: pd.DataFrame) -> None:
-            handed[0] += len(frame)
-            sink(frame)
-
         for reader, gunzip in _attempts(kind, gz, cfg, whole):
             try:
-                col = _scan(path, cfg, reader, gunzip, meta_names, counted, chunk_rows)
+                col = _scan(path, cfg, reader, gunzip, meta_names, deliver, chunk_rows)
                 break
             except NonChunkedGzip as err:
                 if handed[0]:
@@ -729,7 +723,7 @@ def _stream_file(
         if isinstance(err, _Unreadable) and err.kind:
             summary.count(err.kind)
         summary.seconds = time.perf_counter() - t0
-        emit(schema.PAIRS.copy())
+        deliver(schema.PAIRS.copy())
         return summary
     col.flush()
     summary = col.summary
