@@ -1,6 +1,6 @@
 """Build script for the optional C fast paths; everything else is in pyproject.toml.
 
-``laion_dask.extract._speedups`` is ``optional``: without a C compiler (or Python headers) the
+``laion_dask.stages.extract._speedups`` is ``optional``: without a C compiler (or Python headers) the
 install still succeeds and extraction runs its pure-Python twin, with the same output, slower.
 """
 
@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "laion_dask.extract._speedups",
-            ["laion_dask/extract/_speedups.c"],
+            "laion_dask.stages.extract._speedups",
+            ["laion_dask/stages/extract/_speedups.c"],
             extra_compile_args=["-O2"],
             optional=True,
         )

@@ -1,7 +1,8 @@
 """Benchmark: image decode + preprocess alone (no model), loader threads vs decoder processes.
 
 Reads the JPEGs of ``--images`` (webdataset shards, e.g. ``benchmarks/_work/images_n1000_800x600``
-written by ``bench_score.py``) into memory, then times ``laion_dask.clip._batches`` (the loader
+written by ``bench_score.py``) into memory, then times ``laion_dask.stages.clip._batches`` (the
+loader
 that ``score_partition`` uses) with the ViT-B/32 image processor (shortest edge 224, center crop
 224, bicubic): the images/s a GPU could be fed at most, and the CPU time per image spent in the
 process that would also run the model (threads: all of it, under one GIL; processes: only
@@ -22,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from laion_dask import clip  # noqa: E402
-from laion_dask.config import ClipConfig  # noqa: E402
+from laion_dask.ground.config import ClipConfig  # noqa: E402
+from laion_dask.stages import clip  # noqa: E402
 
 
 def read_images(root: Path, limit: int | None) -> list[bytes | None]:

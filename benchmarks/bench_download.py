@@ -78,8 +78,8 @@ def measure_draft(images: list[Path], n: int = 200) -> tuple[float, float]:
 
     from PIL import Image
 
-    from laion_dask.config import DownloadConfig
-    from laion_dask.imaging import process_image, target_size
+    from laion_dask.ground.config import DownloadConfig
+    from laion_dask.stages.imaging import process_image, target_size
 
     cfg = DownloadConfig()
     datas = [p.read_bytes() for p in images[:n]]
@@ -193,9 +193,9 @@ def _ours_chunk(args: tuple[int, list[str], str, int]) -> tuple[int, int]:
     """One shard: download_images over its rows, then write the webdataset tar."""
     import pandas as pd
 
-    from laion_dask.config import DownloadConfig
-    from laion_dask.download import download_images
-    from laion_dask.shards import ShardSample, make_key, write_shard
+    from laion_dask.ground.config import DownloadConfig
+    from laion_dask.ground.shards import ShardSample, make_key, write_shard
+    from laion_dask.stages.download import download_images
 
     shard_id, urls, out_dir, threads = args
     df = pd.DataFrame({"uid": [str(i) for i in range(len(urls))], "url": urls})
@@ -227,9 +227,9 @@ def _threads_chunk(args: tuple[int, list[str], str, int]) -> tuple[int, int]:
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from laion_dask.config import DownloadConfig
-    from laion_dask.imaging import process_image
-    from laion_dask.shards import ShardSample, make_key, write_shard
+    from laion_dask.ground.config import DownloadConfig
+    from laion_dask.ground.shards import ShardSample, make_key, write_shard
+    from laion_dask.stages.imaging import process_image
 
     shard_id, urls, out_dir, threads = args
     cfg = DownloadConfig(allow_private_networks=True)

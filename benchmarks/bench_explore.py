@@ -32,10 +32,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from laion_dask import explore, schema
-from laion_dask.config import FilterConfig
-from laion_dask.filters import FINAL_REASON, add_final_reason
-from laion_dask.rundir import RunDir
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products import explore
+from laion_dask.stages.filters import FINAL_REASON, add_final_reason
 
 
 def synthetic_scores(n: int, seed: int = 0) -> pd.DataFrame:
@@ -125,7 +126,7 @@ def write_run(
 
 def bench_samples(board, label: str) -> None:
     """The sample grid's refresh as a slider is dragged (no session: one refresh per move)."""
-    from laion_dask import dashboard as dash
+    from laion_dask.faces import dashboard as dash
 
     for cutoff, slider, values in (
         ("similarity", board.similarity["en"], np.linspace(0.2, 0.35, 8)),
@@ -233,7 +234,7 @@ def bench(n: int, dashboard: bool) -> None:
         f"{'met' if api_ms < (100 if n <= 1_000_000 else 1000) else 'MISSED'}"
     )
     if dashboard:
-        from laion_dask import dashboard as dash
+        from laion_dask.faces import dashboard as dash
 
         layout = dash.build_dashboard(view)
         board = layout.dashboard

@@ -5,7 +5,8 @@ of the records describe responses, 60-150 links per page, 10-20 % of them ``IMG@
 under ``benchmarks/_work/``. Then, in one run, each measured in its own process (peak RSS is that
 process's ``ru_maxrss``):
 
-  (a) ours        laion_dask.extract.extract_file, one core (``--baseline-root DIR``: the same
+  (a) ours        laion_dask.stages.extract.extract_file, one core (``--baseline-root DIR``: the
+  same
                   measure on an older copy of the package too, as ``ours@base``)
   (b) naive       warcio ArchiveIterator + json.loads of every metadata record
   (c) gunzip      gzip decompression alone (the floor)
@@ -236,8 +237,8 @@ def ensure_data(size_mb: int, parts: int) -> list[Path]:
 def measure_ours(files: list[str]) -> tuple[int, float, float]:
     # --baseline-root runs this same measure on an older copy of the package
     sys.path.insert(0, os.environ.get("BENCH_EXTRACT_ROOT", str(REPO)))
-    from laion_dask.config import ExtractConfig
-    from laion_dask.extract import extract_file
+    from laion_dask.ground.config import ExtractConfig
+    from laion_dask.stages.extract import extract_file
 
     cfg = ExtractConfig()
     c0, t0 = time.process_time(), time.perf_counter()
@@ -290,7 +291,7 @@ def measure_cc2dataset(files: list[str]) -> tuple[int, float, float]:
 
 def _extract_timed(path: str, cfg: object) -> object:
     """extract_pairs, adding the task thread's CPU seconds to ``sys._bench_task_cpu``."""
-    from laion_dask.extract import extract_pairs
+    from laion_dask.stages.extract import extract_pairs
 
     t0 = time.thread_time()
     try:
@@ -309,8 +310,8 @@ def measure_dask(files: list[str], workers: int) -> tuple[int, float, float]:
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
 
-    from laion_dask import schema
-    from laion_dask.config import ExtractConfig
+    from laion_dask.ground import schema
+    from laion_dask.ground.config import ExtractConfig
 
     # the workers' statistical profiler samples task threads every 10 ms and costs ~20 % on
     # pure-Python tasks like this one (measured here); pipelines that care can turn it off too.
@@ -323,7 +324,9 @@ def measure_dask(files: list[str], workers: int) -> tuple[int, float, float]:
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.run(lambda: __import__("laion_dask.extract"))  # warm imports outside the timing
+        client.run(
+            lambda: __import__("laion_dask.stages.extract")
+        )  # warm imports outside the timing
         t0 = time.perf_counter()
         ddf = dd.from_map(_extract_timed, files, args=(ExtractConfig(),), meta=schema.PAIRS)
         n = int(ddf.map_partitions(len).compute().sum())

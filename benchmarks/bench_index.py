@@ -5,7 +5,7 @@
 Synthetic float16 unit vectors with neighbourhood structure (1,000 centres, 10 sub-centres
 each, points around a sub-centre: what CLIP embeddings look like more than uniform noise, on
 which no index beats brute force), written as a run's embeddings in clip-retrieval layout,
-indexed by ``laion_dask.knn.build_index`` on a 2-worker LocalCluster (the index type is
+indexed by ``laion_dask.products.knn.build_index`` on a 2-worker LocalCluster (the index type is
 ``build_index``'s own choice). Recall@10 is measured on fresh queries (rows of the run, their
 own id excluded, plus perturbed copies) against exact NumPy search. Latency: one query at a
 time through ``KnnIndex.search_vectors`` (k = 10, near-duplicate collapsing on), and for text
@@ -43,11 +43,11 @@ def synth(n: int, dim: int, seed: int, spread: float = 0.6) -> np.ndarray:
 
 
 def write_run(root: Path, data: np.ndarray, parts: int):
-    from laion_dask import schema
-    from laion_dask.config import PipelineConfig
-    from laion_dask.embeddings import write_embedding_arrays
-    from laion_dask.rundir import RunDir
-    from laion_dask.train import demo_model_dir
+    from laion_dask.ground import schema
+    from laion_dask.ground.config import PipelineConfig
+    from laion_dask.orchestration.rundir import RunDir
+    from laion_dask.products.train import demo_model_dir
+    from laion_dask.stages.embeddings import write_embedding_arrays
 
     run = RunDir(str(root))
     run.makedirs("scores")
@@ -88,9 +88,9 @@ def main() -> None:
     ap.add_argument("--out", help="keep the run here (default: a temporary directory)")
     args = ap.parse_args()
 
-    from laion_dask import knn
-    from laion_dask.cluster import cluster_client
-    from laion_dask.config import ClusterConfig
+    from laion_dask.ground.config import ClusterConfig
+    from laion_dask.orchestration.cluster import cluster_client
+    from laion_dask.products import knn
 
     t0 = time.perf_counter()
     data = synth(args.n, args.dim, seed=0, spread=args.spread)
@@ -139,7 +139,7 @@ def main() -> None:
             lat_dedup.append(time.perf_counter() - t)
 
         # text queries with the demo CLIP (encode included)
-        from laion_dask.clip import encoder_from_config
+        from laion_dask.stages.clip import encoder_from_config
 
         encoder = encoder_from_config(run.read_config().clip)
         words = ["red", "green", "blue", "yellow", "circle", "square", "star", "car", "house"]

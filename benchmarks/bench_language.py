@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from laion_dask.language import (  # noqa: E402
+from laion_dask.stages.language import (  # noqa: E402
     _BACKEND_CLASSES,
     alt_text_windows,
     apply_english_prior,
@@ -175,7 +175,7 @@ def speed(sentences, n_texts: int, chunk: int = 1_000) -> None:
 
 
 def _iso(label: str) -> str:
-    from laion_dask.language import _TO_ISO639_1
+    from laion_dask.stages.language import _TO_ISO639_1
 
     return _TO_ISO639_1.get(label, label)
 

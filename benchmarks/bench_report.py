@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_report.py --parts 10 --rows 100000
     .venv/bin/python benchmarks/bench_report.py --profile          # cProfile of one part
 
-Prints, on one ``LocalCluster`` from ``laion_dask.cluster.make_client`` (``--workers``
+Prints, on one ``LocalCluster`` from ``laion_dask.orchestration.cluster.make_client`` (``--workers``
 processes, one thread each; ``--malloc-mmap-threshold`` sets ``ClusterConfig.
 malloc_mmap_threshold`` for both phases alike):
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))  # for tests.helpers.runs.scored_frame (synthetic 
 
 
 def make_run(path: Path, parts: int, rows: int):
-    from laion_dask.config import PipelineConfig
-    from laion_dask.rundir import RunDir
+    from laion_dask.ground.config import PipelineConfig
+    from laion_dask.orchestration.rundir import RunDir
     from tests.helpers.runs import scored_frame
 
     run = RunDir(str(path))
@@ -63,8 +63,8 @@ def profile_one_part(rows: int) -> None:
     import cProfile
     import pstats
 
-    from laion_dask.config import FilterConfig
-    from laion_dask.report import partition_summary
+    from laion_dask.ground.config import FilterConfig
+    from laion_dask.products.report import partition_summary
     from tests.helpers.runs import scored_frame
 
     df, cfg = scored_frame(rows, 0), FilterConfig()
@@ -80,10 +80,10 @@ def profile_one_part(rows: int) -> None:
 def timed_part(path: str, part: int) -> tuple[float, float, str]:
     """Thread CPU seconds of the report's read and of ``partition_summary`` of one part, and
     the ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` this process runs with."""
-    from laion_dask import report
-    from laion_dask.config import FilterConfig
-    from laion_dask.report import partition_summary
-    from laion_dask.rundir import RunDir
+    from laion_dask.ground.config import FilterConfig
+    from laion_dask.orchestration.rundir import RunDir
+    from laion_dask.products import report
+    from laion_dask.products.report import partition_summary
 
     run = RunDir(path)
     t0 = time.thread_time()
@@ -137,9 +137,9 @@ def main() -> None:
     import dask
     import dask.dataframe as dd
 
-    from laion_dask.cluster import cluster_client
-    from laion_dask.config import ClusterConfig
-    from laion_dask.report import COLUMNS, build_stats
+    from laion_dask.ground.config import ClusterConfig
+    from laion_dask.orchestration.cluster import cluster_client
+    from laion_dask.products.report import COLUMNS, build_stats
 
     t0 = time.perf_counter()
     run = make_run(Path(args.run_dir), args.parts, args.rows)

@@ -24,22 +24,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from laion_dask import schema
-from laion_dask.cluster import close_client, make_client
-from laion_dask.config import ClusterConfig, PipelineConfig
-from laion_dask.demo.corpus import CorpusSpec
-from laion_dask.demo.host import serve_demo_corpus
-from laion_dask.demo.run import demo_config
-from laion_dask.pipeline import run_pipeline
-from laion_dask.rundir import RunDir
-from laion_dask.train import demo_model_dir
+from laion_dask.faces.demo.host import serve_demo_corpus
+from laion_dask.faces.demo.run import demo_config
+from laion_dask.ground import schema
+from laion_dask.ground.config import ClusterConfig, PipelineConfig
+from laion_dask.orchestration.cluster import close_client, make_client
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.run import run_pipeline
+from laion_dask.products.synthetic.corpus import CorpusSpec
+from laion_dask.products.train import demo_model_dir
 
 STAGES = ("extract", "download", "score", "materialize")
 
 
 def _warm(clip_cfg: object) -> int:
     """Load the CLIP model on a worker (cached per process) so no stage pays for it."""
-    from laion_dask.clip import encoder_from_config
+    from laion_dask.stages.clip import encoder_from_config
 
     encoder_from_config(clip_cfg)
     return os.getpid()

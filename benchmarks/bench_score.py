@@ -8,7 +8,8 @@ shards of 250, with captions. Both sides read the same shards.
 * loop: read the shards, Pillow decode, the model's own image processor and tokenizer,
   batches of 64, ``get_image_features`` / ``get_text_features``, cosine.
 * ours: ``add_clip_scores`` mapped over the partitions on a cluster from
-  ``laion_dask.cluster.make_client`` (LocalCluster on CPU, LocalCUDACluster on a GPU machine).
+  ``laion_dask.orchestration.cluster.make_client`` (LocalCluster on CPU, LocalCUDACluster on a GPU
+  machine).
 
 Run (CPU, 2 cores)::
 
@@ -43,9 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_decode import with_loader_processes  # noqa: E402
-from laion_dask import schema  # noqa: E402
-from laion_dask.config import ClipConfig, ClusterConfig  # noqa: E402
-from laion_dask.shards import ShardSample, read_shard_images, write_shard  # noqa: E402
+from laion_dask.ground import schema  # noqa: E402
+from laion_dask.ground.config import ClipConfig, ClusterConfig  # noqa: E402
+from laion_dask.ground.shards import ShardSample, read_shard_images, write_shard  # noqa: E402
 
 CORPUS = Path(os.environ.get("LAION_DASK_CORPUS", REPO.parent / "shared" / "corpus"))
 PHOTOS = [
@@ -104,7 +105,7 @@ def _sources(photo_dir: Path | None) -> list[PIL.Image.Image]:
 
 def make_dataset(work: Path, n: int, size: tuple[int, int], photo_dir: Path | None) -> pd.DataFrame:
     """Write ``n`` JPEGs into shards under ``work/images`` (reused when present)."""
-    from laion_dask.shards import make_key
+    from laion_dask.ground.shards import make_key
 
     tag = f"n{n}_{size[0]}x{size[1]}"
     root = work / f"images_{tag}"
@@ -214,7 +215,7 @@ def run_loop(
 
 def _warm(cfg: ClipConfig) -> int:
     """Load the encoder on a worker (outside the timed region, as the loop's load is)."""
-    from laion_dask.clip import _process_pool, encoder_from_config
+    from laion_dask.stages.clip import _process_pool, encoder_from_config
 
     n = int(getattr(cfg, "loader_processes", 0) or 0)
     pool = _process_pool(n) if n else None
@@ -245,8 +246,8 @@ def run_ours(
 ) -> tuple[float, pd.DataFrame, float]:
     import dask.dataframe as dd
 
-    from laion_dask.clip import add_clip_scores
-    from laion_dask.cluster import scoring_resources
+    from laion_dask.orchestration.cluster import scoring_resources
+    from laion_dask.stages.clip import add_clip_scores
 
     client.run(_warm, cfg)
     meta = schema.empty(dict(df.dtypes.astype(str)), schema.SCORE_DTYPES)
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from laion_dask.cluster import make_client, scoring_resources
+    from laion_dask.orchestration.cluster import make_client, scoring_resources
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                 line += f"  max |sim diff| vs loop = {np.abs(ours - loop_sims).max():.4f}"
             print(line, flush=True)
         if any(args.loader_processes):
-            from laion_dask.clip import shutdown_decoder_processes
+            from laion_dask.stages.clip import shutdown_decoder_processes
 
             client.run(shutdown_decoder_processes)  # before the workers close
 

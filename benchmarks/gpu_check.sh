@@ -3,7 +3,7 @@
 #   1. installs what its image lacks from wheels carried in .whl/ (dask, distributed, dask-cuda,
 #      tornado, zict, tblib, partd, locket, tomli-w; torch/transformers/pandas are already there),
 #   2. runs the tests marked `gpu` (tests/test_clip.py --gpu),
-#   3. starts a LocalCUDACluster through laion_dask.cluster.make_client(gpu="require") and scores
+#   3. starts a LocalCUDACluster through laion_dask.orchestration.cluster.make_client(gpu="require") and scores
 #      20,000 JPEGs (341x256, the size the download stage stores) with a ViT-B/32-shaped CLIPModel
 #      (random weights, fp16) through add_clip_scores; prints images/s, and the plain loop on 2,000
 #      images (model processor, batches of 64) on the same GPU for a ratio.

@@ -3,7 +3,7 @@
     panel serve dashboards/search.py --args RUN
     LAION_DASK_RUN=RUN panel serve dashboards/search.py
 
-The app itself is :func:`laion_dask.search_page.build_search_page` (also
+The app itself is :func:`laion_dask.faces.search_page.build_search_page` (also
 ``laion-dask search RUN --serve``); the run needs an index (``laion-dask index RUN``).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from laion_dask.search_page import build_search_page
+from laion_dask.faces.search_page import build_search_page
 
 RUN = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LAION_DASK_RUN")
 if not RUN:

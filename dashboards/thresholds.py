@@ -3,7 +3,8 @@
     panel serve dashboards/thresholds.py --args RUN
     LAION_DASK_RUN=RUN panel serve dashboards/thresholds.py
 
-The app itself is :func:`laion_dask.dashboard.build_dashboard` (also ``laion-dask dashboard RUN``).
+The app itself is :func:`laion_dask.faces.dashboard.build_dashboard` (also ``laion-dask dashboard
+RUN``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from laion_dask.dashboard import build_dashboard
+from laion_dask.faces.dashboard import build_dashboard
 
 RUN = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LAION_DASK_RUN")
 if not RUN:

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask.cli import main
-from laion_dask.config import FilterConfig
-from laion_dask.filters import dump_thresholds
-from laion_dask.rundir import RunDir
+from laion_dask.faces.cli import main
+from laion_dask.ground.config import FilterConfig
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.stages.filters import dump_thresholds
 from tests.helpers.runs import make_scored_run
 
 LOCAL = ["--workers", "1", "--threads", "1", "--no-dashboard", "-q"]
@@ -109,10 +109,10 @@ def test_help_lists_every_command(capsys):
 
 def test_run_a_config_end_to_end(tmp_path, capsys):
     """`laion-dask run CONFIG.toml --out RUN`: every stage from one file, on the demo's hosts."""
-    from laion_dask.config import PipelineConfig, dump_config
-    from laion_dask.demo.corpus import CorpusSpec
-    from laion_dask.demo.host import serve_demo_corpus
-    from laion_dask.train import demo_model_dir
+    from laion_dask.faces.demo.host import serve_demo_corpus
+    from laion_dask.ground.config import PipelineConfig, dump_config
+    from laion_dask.products.synthetic.corpus import CorpusSpec
+    from laion_dask.products.train import demo_model_dir
 
     with serve_demo_corpus(tmp_path / "corpus", CorpusSpec(n_pages=10, seed=9)) as (info, _):
         cfg = PipelineConfig().replace("input", paths=tuple(str(p) for p in info.wat_files))

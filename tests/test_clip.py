@@ -13,15 +13,16 @@ import PIL.Image
 import pytest
 import torch
 
-from laion_dask import clip, schema
-from laion_dask.clip import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import ClipConfig
+from laion_dask.stages import clip
+from laion_dask.stages.clip import (
     ModelUnavailableError,
     add_clip_scores,
     check_model_available,
     load_encoder,
     score_partition,
 )
-from laion_dask.config import ClipConfig
 from tests.helpers.clip import (
     downloads_frame,
     jpeg,
@@ -392,7 +393,7 @@ def test_a_dead_decoder_process_falls_back_to_threads(cfg, data, caplog) -> None
         while not pool._broken and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pool._broken
-        with caplog.at_level("WARNING", logger="laion_dask.clip"):
+        with caplog.at_level("WARNING", logger="laion_dask.stages.clip"):
             got = score_partition(df, pcfg, images=images)
         assert 2 not in clip._process_pools  # dropped: the next task starts a fresh pool
         assert "decoding in threads" in caplog.text
@@ -485,8 +486,8 @@ def test_missing_tokenizer_package_is_one_clear_error(other_models) -> None:
         f"""
         import sys
         sys.modules["sentencepiece"] = None  # as if not installed
-        from laion_dask import clip
-        from laion_dask.config import ClipConfig
+        from laion_dask.stages import clip
+        from laion_dask.ground.config import ClipConfig
         for call in (
             lambda: clip.check_model_available(ClipConfig(model={other_models["siglip"]!r})),
             lambda: clip.load_encoder({other_models["siglip"]!r}, device="cpu"),

@@ -8,8 +8,8 @@ import types
 import pytest
 from distributed import LocalCluster
 
-from laion_dask import cluster
-from laion_dask.config import ClusterConfig
+from laion_dask.ground.config import ClusterConfig
+from laion_dask.orchestration import cluster
 from tests.helpers.cluster import LOOPBACK_CLUSTER
 
 CPU = dict(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)

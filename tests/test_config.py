@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from laion_dask.config import (
+from laion_dask.ground.config import (
     ConfigError,
     DownloadConfig,
     FilterConfig,
@@ -92,7 +92,7 @@ def test_similarity_for_group():
 
 
 def test_cluster_malloc_mmap_threshold_is_checked_and_round_trips(tmp_path):
-    from laion_dask.config import ClusterConfig
+    from laion_dask.ground.config import ClusterConfig
 
     assert ClusterConfig().malloc_mmap_threshold is None  # Dask's worker environment as it is
     for bad in (-1, 2**25 + 1, 1.5, "32MiB", True):
@@ -109,7 +109,7 @@ def test_cluster_malloc_mmap_threshold_is_checked_and_round_trips(tmp_path):
 
 
 def test_per_host_interval_is_checked_against_the_deadline():
-    from laion_dask.config import ConfigError, DownloadConfig
+    from laion_dask.ground.config import ConfigError, DownloadConfig
 
     assert DownloadConfig(per_host_interval=0.5).per_host_interval == 0.5
     with pytest.raises(ConfigError, match="download.per_host_interval"):
@@ -119,7 +119,7 @@ def test_per_host_interval_is_checked_against_the_deadline():
 
 
 def test_index_section_is_read_validated_and_round_trips(tmp_path):
-    from laion_dask.config import ConfigError, dump_config, load_config
+    from laion_dask.ground.config import ConfigError, dump_config, load_config
 
     path = tmp_path / "c.toml"
     path.write_text('[index]\nmemory_budget = "1GB"\ntarget_recall = 0.9\nnlist = 64\n')

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import (
     ConfigError,
     ConsentConfig,
     PipelineConfig,
@@ -24,7 +24,11 @@ from laion_dask.config import (
     dump_config,
     load_config,
 )
-from laion_dask.consent import (
+from laion_dask.ground.shards import iter_shard
+from laion_dask.orchestration.pipeline import run_download, run_extract
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.stats import check_funnel, consent_summary, funnel
+from laion_dask.stages.consent import (
     HostFile,
     HostFileCache,
     RobotsRules,
@@ -34,11 +38,7 @@ from laion_dask.consent import (
     parse_tdmrep,
     pattern_matches,
 )
-from laion_dask.download import download_images, download_stats, is_transient
-from laion_dask.pipeline import run_download, run_extract
-from laion_dask.rundir import RunDir
-from laion_dask.shards import iter_shard
-from laion_dask.stats import check_funnel, consent_summary, funnel
+from laion_dask.stages.download import download_images, download_stats, is_transient
 from tests.helpers.extract import make_wat, wat_payload
 from tests.helpers.imagehost import ImageHost, noise_image, serve_images
 
@@ -53,7 +53,7 @@ FAST = dict(
 
 
 def _dl(**kw: object):  # noqa: ANN202
-    from laion_dask.config import DownloadConfig
+    from laion_dask.ground.config import DownloadConfig
 
     return DownloadConfig(**(FAST | kw))
 
@@ -382,7 +382,7 @@ def test_host_files_go_through_the_address_guard(
     host: ImageHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """robots.txt redirecting to a private address is refused like an image would be."""
-    from laion_dask import netguard
+    from laion_dask.stages import netguard
 
     real = netguard._is_public
     # tests may only talk to loopback: let exactly 127.0.0.1 stand for a public server
@@ -765,7 +765,7 @@ def test_pipeline_download_honours_every_signal(tmp_path: Path, client) -> None:
 
 def test_demo_host_has_no_host_files_so_everything_is_allowed(tmp_path: Path) -> None:
     """The offline demo's hosts serve no robots.txt or tdmrep.json: 404, RFC 9309 "allow"."""
-    from laion_dask.demo.host import ImageHost as DemoHost
+    from laion_dask.faces.demo.host import ImageHost as DemoHost
 
     for i in range(2):
         (tmp_path / "images" / f"host{i}").mkdir(parents=True)

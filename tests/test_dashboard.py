@@ -17,9 +17,10 @@ from pathlib import Path
 import panel as pn
 import pytest
 
-from laion_dask import dashboard, explore
-from laion_dask.config import ClusterConfig, PipelineConfig
-from laion_dask.filters import load_thresholds
+from laion_dask.faces import dashboard
+from laion_dask.ground.config import ClusterConfig, PipelineConfig
+from laion_dask.products import explore
+from laion_dask.stages.filters import load_thresholds
 from tests.helpers.browser import (
     SET_WIDGET_JS,
     browser_skip_reason,
@@ -43,8 +44,8 @@ def scored_view(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_view(tmp_path_factory, client):
     """A small demo run (with ground truth) built on the LocalCluster."""
-    from laion_dask.demo.corpus import CorpusSpec
-    from laion_dask.demo.run import run_demo
+    from laion_dask.faces.demo.run import run_demo
+    from laion_dask.products.synthetic.corpus import CorpusSpec
 
     out = tmp_path_factory.mktemp("dash-demo") / "run"
     run_demo(out, spec=CorpusSpec(n_pages=30, seed=7), client=client, dashboard=False)
@@ -272,7 +273,7 @@ def _serve_and_get(cmd: list[str], port: int, env: dict | None = None) -> str:
 @pytest.mark.slow
 def test_main_serves_the_app_on_loopback(scored_view):
     port = free_port()
-    code = "import sys; from laion_dask.dashboard import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from laion_dask.faces.dashboard import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, scored_view.run.path, "--port", str(port), "--no-show"]
     page = _serve_and_get(cmd, port)
     assert "laion-dask thresholds" in page

@@ -9,11 +9,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dask.config import FilterConfig
-from laion_dask.demo.corpus import CorpusSpec
-from laion_dask.demo.run import main, run_demo
-from laion_dask.materialize import LAION_COLUMNS, materialize, read_dataset
-from laion_dask.stats import check_funnel
+from laion_dask.faces.demo.run import main, run_demo
+from laion_dask.ground.config import FilterConfig
+from laion_dask.products.materialize import LAION_COLUMNS, materialize, read_dataset
+from laion_dask.products.stats import check_funnel
+from laion_dask.products.synthetic.corpus import CorpusSpec
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,13 @@ from bs4 import BeautifulSoup
 from PIL import Image
 from warcio.archiveiterator import ArchiveIterator
 
-from laion_dask.demo.corpus import (
+from laion_dask.products.synthetic.corpus import (
     DEFAULT_NOISE,
     CorpusSpec,
     generate_corpus,
     load_corpus_info,
 )
-from laion_dask.demo.draw import COLOURS, LANGUAGES, SHAPES, all_scenes, caption
+from laion_dask.products.synthetic.draw import COLOURS, LANGUAGES, SHAPES, all_scenes, caption
 from tests.helpers.demo import (  # noqa: F401  (fixtures)
     FAKE_BASE_URLS,
     SMALL_SPEC,
@@ -244,10 +244,10 @@ def test_needs_a_noai_host(tmp_path: Path) -> None:
 
 
 def test_extract_pairs_finds_the_ground_truth_links(small_corpus) -> None:  # noqa: F811
-    extract = pytest.importorskip("laion_dask.extract")
+    extract = pytest.importorskip("laion_dask.stages.extract")
     if not hasattr(extract, "extract_pairs"):
-        pytest.skip("laion_dask.extract.extract_pairs not available")
-    from laion_dask.config import ExtractConfig
+        pytest.skip("laion_dask.stages.extract.extract_pairs not available")
+    from laion_dask.ground.config import ExtractConfig
 
     gt = _gt(small_corpus)
     want = gt[gt["extracted"]]

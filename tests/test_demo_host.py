@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from laion_dask.demo.corpus import load_corpus_info
-from laion_dask.demo.host import ImageHost, host_address, serve_demo_corpus
+from laion_dask.faces.demo.host import ImageHost, host_address, serve_demo_corpus
+from laion_dask.products.synthetic.corpus import load_corpus_info
 from tests.helpers.demo import SMALL_SPEC, tree_digest
 
 
@@ -135,10 +135,10 @@ def test_serve_demo_corpus_reuses_or_regenerates(tmp_path: Path) -> None:
 # 12000x9000 is over the cap but under Pillow's bomb error: Pillow warns before the guard says no
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_real_downloader_gives_the_expected_status(served) -> None:
-    download = pytest.importorskip("laion_dask.download")
+    download = pytest.importorskip("laion_dask.stages.download")
     if not hasattr(download, "download_images"):
-        pytest.skip("laion_dask.download.download_images not available")
-    from laion_dask.config import DownloadConfig
+        pytest.skip("laion_dask.stages.download.download_images not available")
+    from laion_dask.ground.config import DownloadConfig
 
     _, _, gt = served
     rows = gt[gt["expected_status"].notna()].reset_index(drop=True)

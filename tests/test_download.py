@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from laion_dask import netguard, schema
-from laion_dask.config import DownloadConfig
-from laion_dask.download import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import DownloadConfig
+from laion_dask.stages import netguard
+from laion_dask.stages.download import (
     download_images,
     download_stats,
     is_transient,
@@ -335,7 +336,7 @@ def test_per_host_and_global_concurrency_limits(host: ImageHost) -> None:
 def test_in_flight_bytes_are_bounded(host: ImageHost, caplog: pytest.LogCaptureFixture) -> None:
     bodies = [noise_image(320, 240, "JPEG", seed=10 + i) for i in range(12)]
     urls = [host.add(f"b{i}.jpg", data) for i, data in enumerate(bodies)]
-    caplog.set_level(logging.DEBUG, logger="laion_dask.download")
+    caplog.set_level(logging.DEBUG, logger="laion_dask.stages.download")
     # a budget smaller than one body: rows run one at a time, and none deadlocks
     cfg = DownloadConfig(allow_private_networks=True, max_inflight_bytes=30_000, deadline=10.0)
     out = download_images(_frame(urls), cfg)

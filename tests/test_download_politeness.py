@@ -24,10 +24,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import PipelineConfig
-from laion_dask.pipeline import chunk_bounds, host_keys, run_download, run_extract
-from laion_dask.rundir import RunDir
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig
+from laion_dask.orchestration.pipeline import chunk_bounds, host_keys, run_download, run_extract
+from laion_dask.orchestration.rundir import RunDir
 from tests.helpers.cluster import LOOPBACK_CLUSTER
 from tests.helpers.extract import make_wat, wat_payload
 from tests.helpers.imagehost import noise_image
@@ -290,7 +290,7 @@ def test_per_host_interval_spaces_requests_across_the_cluster(process_client, tm
 
 
 def test_host_pacer_books_starts_apart():
-    from laion_dask.download import _HostPacer
+    from laion_dask.stages.download import _HostPacer
 
     pacer = _HostPacer()
     waits = [pacer.reserve("a", 10.0) for _ in range(3)]

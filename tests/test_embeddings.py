@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.clip import ScoreResult
-from laion_dask.embeddings import embedding_paths, read_embeddings, write_embeddings
+from laion_dask.ground import schema
+from laion_dask.stages.clip import ScoreResult
+from laion_dask.stages.embeddings import embedding_paths, read_embeddings, write_embeddings
 
 
 def _result(keys: list[str], seed: int) -> ScoreResult:

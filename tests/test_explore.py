@@ -1,4 +1,4 @@
-"""laion_dask.explore: the interactive API, checked against pandas recomputations."""
+"""laion_dask.products.explore: the interactive API, checked against pandas recomputations."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from laion_dask import explore, schema
-from laion_dask.config import FilterConfig
-from laion_dask.filters import FINAL_REASON, add_final_reason, load_thresholds
-from laion_dask.materialize import materialize
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.products import explore
+from laion_dask.products.materialize import materialize
+from laion_dask.stages.filters import FINAL_REASON, add_final_reason, load_thresholds
 from tests.helpers.runs import make_scored_run
 
 CONFIGS = [
@@ -41,8 +42,8 @@ def scored_view(tmp_path_factory, client):
 
 @pytest.fixture(scope="module")
 def demo_view(tmp_path_factory, client):
-    from laion_dask.demo.corpus import CorpusSpec
-    from laion_dask.demo.run import run_demo
+    from laion_dask.faces.demo.run import run_demo
+    from laion_dask.products.synthetic.corpus import CorpusSpec
 
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, spec=CorpusSpec(n_pages=30, seed=4), client=client, dashboard=False)

@@ -12,12 +12,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import ExtractConfig
-from laion_dask.extract import FileSummary, extract_file, extract_pairs, sniff_format
-from laion_dask.extract.common import BadRecord
-from laion_dask.extract.text import clean_text, laion_hash, make_uid, pair_uids, record_hashes
-from laion_dask.extract.wat import parse_wat_json
+from laion_dask.ground import schema
+from laion_dask.ground.config import ExtractConfig
+from laion_dask.stages.extract import FileSummary, extract_file, extract_pairs, sniff_format
+from laion_dask.stages.extract.common import BadRecord
+from laion_dask.stages.extract.text import (
+    clean_text,
+    laion_hash,
+    make_uid,
+    pair_uids,
+    record_hashes,
+)
+from laion_dask.stages.extract.wat import parse_wat_json
 from tests.helpers.extract import EDGE_WAT, EDGE_WAT_EXPECTED, make_wat, wat_payload
 
 CFG = ExtractConfig()
@@ -58,7 +64,7 @@ def _clean_text_reference(text: str, max_chars: int = 2000) -> str:
 
     import ftfy
 
-    from laion_dask.extract import text as mod
+    from laion_dask.stages.extract import text as mod
 
     if not text:
         return ""
@@ -80,8 +86,8 @@ def test_clean_text_fast_paths_match_the_full_clean_up():
     import random
     from types import SimpleNamespace
 
-    from laion_dask.config import ExtractConfig
-    from laion_dask.extract import _Collector
+    from laion_dask.ground.config import ExtractConfig
+    from laion_dask.stages.extract import _Collector
 
     rng = random.Random(7)
     alphabet = list("ab Z&;#1 ") + [
@@ -310,7 +316,7 @@ def test_missing_file_raises_or_is_skipped(tmp_path, caplog):
     missing = str(tmp_path / "nope.wat.gz")
     with pytest.raises(FileNotFoundError, match="nope.wat.gz"):
         extract_file(missing, ExtractConfig(skip_unreadable_files=False))
-    with caplog.at_level(logging.WARNING, logger="laion_dask.extract"):
+    with caplog.at_level(logging.WARNING, logger="laion_dask.stages.extract"):
         res = extract_file(missing, ExtractConfig(skip_unreadable_files=True))
     assert "nope.wat.gz" in res.summary.error
     assert any("nope.wat.gz" in r.getMessage() for r in caplog.records)
@@ -386,7 +392,7 @@ def test_from_map_equals_pandas(tmp_path, client):
 def test_resolver_matches_urljoin():
     import itertools
 
-    from laion_dask.extract.common import Resolver, resolve_url
+    from laion_dask.stages.extract.common import Resolver, resolve_url
 
     bases = [
         "http://a.b/c/d.html",
@@ -481,8 +487,8 @@ def test_fused_fastwarc_pass_equals_the_plain_one_on_edge_cases(
 ):
     """Truncated blocks, cut gzip members and oversized records leave the inline hot path for
     Record + _handle; the results are those of the plain pass."""
-    import laion_dask.extract as ex
-    from laion_dask.extract.records import PrefixedReader
+    import laion_dask.stages.extract as ex
+    from laion_dask.stages.extract.records import PrefixedReader
 
     data = make_wat(EDGE_WAT, compression=compression)
     path = tmp_path / ("e.wat.gz" if compression == "record" else "e.wat")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import ConsentConfig, ExtractConfig, RulesConfig
-from laion_dask.extract import extract_file
-from laion_dask.extract.optout import page_signals
-from laion_dask.rules import add_drop_reason
+from laion_dask.ground import schema
+from laion_dask.ground.config import ConsentConfig, ExtractConfig, RulesConfig
+from laion_dask.stages.extract import extract_file
+from laion_dask.stages.extract.optout import page_signals
+from laion_dask.stages.rules import add_drop_reason
 from tests.helpers.extract import http_response, make_warc, make_wat, wat_payload
 
 NAMES = frozenset(ConsentConfig().meta_names)
@@ -60,7 +60,7 @@ def _check(df: pd.DataFrame, pages) -> None:
 @pytest.mark.parametrize("use_json", [False, True])
 def test_wat_pages_record_their_signals(tmp_path, monkeypatch, use_json):
     """msgspec and the stdlib json fallback read Head.Metas alike."""
-    import laion_dask.extract.wat as wat
+    import laion_dask.stages.extract.wat as wat
 
     if use_json:
         monkeypatch.setattr(wat, "has_msgspec", lambda: False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import ExtractConfig
-from laion_dask.extract import extract_file, stream_file
+from laion_dask.ground import schema
+from laion_dask.ground.config import ExtractConfig
+from laion_dask.stages.extract import extract_file, stream_file
 from tests.helpers.extract import make_wat, wat_payload
 
 CFG = ExtractConfig()
@@ -74,7 +74,7 @@ def test_sink_sees_an_empty_frame_for_empty_and_unreadable_files(tmp_path):
 
 def test_streaming_holds_one_chunk_at_a_time(tmp_path):
     """The collector forgets what it handed on: its lists never exceed one chunk + one page."""
-    import laion_dask.extract as ex
+    import laion_dask.stages.extract as ex
 
     path = tmp_path / "many.wat.gz"
     path.write_bytes(make_wat(_pages(400)))
@@ -96,7 +96,7 @@ def test_streaming_holds_one_chunk_at_a_time(tmp_path):
 
 
 def test_whole_file_gzip_is_known_before_reading(tmp_path):
-    import laion_dask.extract as ex
+    import laion_dask.stages.extract as ex
 
     for compression, whole in (("file", True), ("record", False), ("none", False)):
         path = tmp_path / f"w-{compression}.wat.gz"
@@ -109,7 +109,7 @@ def test_whole_file_gzip_is_known_before_reading(tmp_path):
 
 def test_reader_giving_up_after_handing_on_pairs_fails_the_file(tmp_path, monkeypatch):
     """Pairs already handed on cannot be taken back: the file fails by name, no duplicates."""
-    import laion_dask.extract as ex
+    import laion_dask.stages.extract as ex
 
     monkeypatch.setattr(ex, "_whole_file_gzip", lambda path: False)
     path = tmp_path / "f.wat.gz"

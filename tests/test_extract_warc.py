@@ -10,10 +10,10 @@ from urllib.parse import urljoin
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import ExtractConfig
-from laion_dask.extract import extract_file
-from laion_dask.extract.text import clean_text
+from laion_dask.ground import schema
+from laion_dask.ground.config import ExtractConfig
+from laion_dask.stages.extract import extract_file
+from laion_dask.stages.extract.text import clean_text
 from tests.helpers.extract import http_response, make_warc
 
 CFG = ExtractConfig()
@@ -300,7 +300,7 @@ def test_corpus_file(corpus, name):
 @pytest.mark.parametrize("name", _corpus_files())
 def test_fused_fastwarc_pass_equals_the_plain_one(corpus, name, monkeypatch):
     """The inline WAT hot path gives what Record + _handle give, on every corpus file."""
-    import laion_dask.extract as ex
+    import laion_dask.stages.extract as ex
 
     fused = extract_file(str(corpus / name), CFG)
     monkeypatch.setitem(ex._PASSES, "fastwarc", ex._PASSES["fastwarc-plain"])

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import (
     ConfigError,
     FilterConfig,
     PipelineConfig,
@@ -19,7 +19,7 @@ from laion_dask.config import (
     config_from_dict,
     dump_config,
 )
-from laion_dask.filters import (
+from laion_dask.stages.filters import (
     FILTER_REASON,
     FINAL_REASON,
     SUBSET_REASONS,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from laion_dask.config import DownloadConfig
-from laion_dask.imaging import process_image, target_size
+from laion_dask.ground.config import DownloadConfig
+from laion_dask.stages.imaging import process_image, target_size
 from tests.helpers.imagehost import noise_image
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import knn, schema
-from laion_dask.config import ConfigError
-from laion_dask.embeddings import read_embeddings
+from laion_dask.ground import schema
+from laion_dask.ground.config import ConfigError
+from laion_dask.products import knn
+from laion_dask.stages.embeddings import read_embeddings
 from tests.helpers.knn import clustered_vectors, make_scene_run, make_vector_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def test_search_works_from_the_saved_index_in_a_fresh_process(flat_run):
     here = knn.search(run, vector=query, k=7, thumbnails=False)
     code = (
         "import json, sys, numpy as np\n"
-        "from laion_dask.knn import search\n"
+        "from laion_dask.products.knn import search\n"
         "q = np.array(json.loads(sys.argv[2]), dtype=np.float32)\n"
         "r = search(sys.argv[1], vector=q, k=7, thumbnails=False)\n"
         "print(json.dumps({'key': r['key'].tolist(), 'sim': r['similarity'].tolist()}))\n"
@@ -272,7 +273,7 @@ def test_text_search_with_the_runs_own_clip_finds_the_scene(scene_run):
 
 def test_image_query_finds_itself_and_collapses_its_copy(scene_run):
     run, scenes = scene_run
-    from laion_dask.shards import read_shard_images
+    from laion_dask.ground.shards import read_shard_images
 
     image = read_shard_images(run.join("images", "00000.tar"), ["000000000"])["000000000"]
     res = knn.search(run, image=image, k=3, thumbnails=False)
@@ -299,7 +300,7 @@ def test_missing_index_is_a_clear_error(tmp_path):
 
 
 def test_cli_index_and_search(scene_run, client, capsys, tmp_path):
-    from laion_dask import cli
+    from laion_dask.faces import cli
 
     run, scenes = scene_run
     address = client.scheduler.address
@@ -323,11 +324,11 @@ def test_cli_index_and_search(scene_run, client, capsys, tmp_path):
 def test_near_duplicate_reason_reaches_filters_explore_report_and_materialize(tmp_path, client):
     """RUN/neardup flags become the ``near_duplicate`` final reason in all three places that
     compute it (filters, explore's numpy path, the report's codes) and in materialize's output."""
-    from laion_dask import explore
-    from laion_dask.config import FilterConfig
-    from laion_dask.filters import FINAL_REASON, add_final_reason
-    from laion_dask.materialize import materialize, read_dataset
-    from laion_dask.report import fast_final_reason
+    from laion_dask.ground.config import FilterConfig
+    from laion_dask.products import explore
+    from laion_dask.products.materialize import materialize, read_dataset
+    from laion_dask.products.report import fast_final_reason
+    from laion_dask.stages.filters import FINAL_REASON, add_final_reason
     from tests.helpers.runs import make_scored_run
 
     run = make_scored_run(tmp_path / "run")

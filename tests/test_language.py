@@ -11,9 +11,9 @@ import pandas.testing as pdt
 import pytest
 from dask.dataframe.utils import assert_eq
 
-from laion_dask import schema
-from laion_dask.config import ConfigError, LanguageConfig
-from laion_dask.language import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import ConfigError, LanguageConfig
+from laion_dask.stages.language import (
     LangidModel,
     LanguageModel,
     LinguaModel,
@@ -107,7 +107,7 @@ def test_py3langid_backend_equals_library_classify() -> None:
 
 
 def test_predict_in_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    import laion_dask.language as language
+    import laion_dask.stages.language as language
 
     model = Py3langidModel(english_prior=10.0)
     texts = list(CLEAR.values()) + ["red dress", "logo", "Fußball", "hello there"]

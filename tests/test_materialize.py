@@ -9,17 +9,22 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import FilterConfig
-from laion_dask.filters import FINAL_REASON, add_final_reason, dump_thresholds, load_thresholds
-from laion_dask.materialize import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.materialize import (
     LAION_COLUMNS,
     _materialize_part,
     materialize,
     materialized_subsets,
     read_dataset,
 )
-from laion_dask.rundir import RunDir
+from laion_dask.stages.filters import (
+    FINAL_REASON,
+    add_final_reason,
+    dump_thresholds,
+    load_thresholds,
+)
 from tests.helpers.cluster import LOOPBACK_CLUSTER
 from tests.helpers.runs import make_scored_run
 

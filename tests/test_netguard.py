@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from laion_dask.netguard import (
+from laion_dask.stages.netguard import (
     BlockedAddress,
     check_host,
     check_url,

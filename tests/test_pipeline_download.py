@@ -8,11 +8,16 @@ import glob
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import PipelineConfig
-from laion_dask.pipeline import ConfigChanged, is_transient_failure, run_download, run_extract
-from laion_dask.rundir import RunDir
-from laion_dask.shards import iter_shard
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig
+from laion_dask.ground.shards import iter_shard
+from laion_dask.orchestration.pipeline import (
+    ConfigChanged,
+    is_transient_failure,
+    run_download,
+    run_extract,
+)
+from laion_dask.orchestration.rundir import RunDir
 from tests.helpers.extract import make_wat, wat_payload
 from tests.helpers.imagehost import noise_image, serve_images
 
@@ -192,7 +197,7 @@ def test_leftover_tmp_files_are_removed_when_a_stage_starts(host, tmp_path, clie
 def test_scores_of_shards_a_smaller_plan_dropped_are_forgotten(host, tmp_path, client):
     """After a re-plan with fewer shards, the scores (and embeddings) of the shards that are
     gone must not stay behind for materialize, explore and the report to read."""
-    from laion_dask.pipeline import run_score
+    from laion_dask.orchestration.pipeline import run_score
     from tests.helpers.clip import save_tiny_clip
 
     paths = _build_inputs(host, tmp_path, "f")

@@ -8,10 +8,15 @@ import shutil
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import PipelineConfig
-from laion_dask.pipeline import ConfigChanged, StageError, candidates_graph, run_extract
-from laion_dask.rundir import RunDir
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig
+from laion_dask.orchestration.pipeline import (
+    ConfigChanged,
+    StageError,
+    candidates_graph,
+    run_extract,
+)
+from laion_dask.orchestration.rundir import RunDir
 
 WARC = "chatnoir-eu-chatnoir-resiliparse/warcfile.warc.gz"
 WAT = "eugeneware-warc/CC-MAIN-20140820021334-00006-ip-10-180-136-8.ec2.internal.warc.wat"

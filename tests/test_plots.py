@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import explore, plots, schema
-from laion_dask.config import FilterConfig
-from laion_dask.rundir import RunDir
+from laion_dask.faces import plots
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products import explore
 from tests.helpers.runs import make_scored_run
 
 hv.extension("bokeh")

@@ -17,22 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import FilterConfig
-from laion_dask.filters import FINAL_REASON, add_final_reason
-from laion_dask.materialize import materialize
-from laion_dask.report import (
-    COLUMNS,
-    HISTOGRAMS,
-    QUANTILES,
-    build_stats,
-    main,
-    partition_summary,
-    render_markdown,
-    write_report,
-)
-from laion_dask.rundir import RunDir
-from laion_dask.sketches import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.ground.sketches import (
     HistSpec,
     bincount,
     distinct_estimate,
@@ -44,6 +31,19 @@ from laion_dask.sketches import (
     merge_all,
     quantiles,
 )
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.materialize import materialize
+from laion_dask.products.report import (
+    COLUMNS,
+    HISTOGRAMS,
+    QUANTILES,
+    build_stats,
+    main,
+    partition_summary,
+    render_markdown,
+    write_report,
+)
+from laion_dask.stages.filters import FINAL_REASON, add_final_reason
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.helpers.runs import make_scored_run, scored_frame
 
@@ -68,8 +68,8 @@ def scored_report(tmp_path_factory, client):
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory, client):
     """A tiny real demo run (crawl -> download -> CLIP -> materialize) and its report."""
-    from laion_dask.demo.corpus import CorpusSpec
-    from laion_dask.demo.run import run_demo
+    from laion_dask.faces.demo.run import run_demo
+    from laion_dask.products.synthetic.corpus import CorpusSpec
 
     out = tmp_path_factory.mktemp("demo") / "run"
     run_demo(out, spec=CorpusSpec(n_pages=30, seed=6), client=client, dashboard=False)
@@ -135,7 +135,7 @@ def check_against_pandas(run: RunDir, cfg: FilterConfig, stats: dict) -> None:
         st["score"]
         == df.loc[downloaded, schema.SCORE_STATUS].fillna("<none>").value_counts().to_dict()
     )
-    from laion_dask.filters import FILTER_REASON
+    from laion_dask.stages.filters import FILTER_REASON
 
     assert st["filters"] == df.loc[scored, FILTER_REASON].fillna("passed").value_counts().to_dict()
     # languages
@@ -330,7 +330,7 @@ def test_markdown_and_cli(scored_report, client, capsys, tmp_path):
 
 def test_report_without_scores_is_a_clear_error(tmp_path, client):
     run = RunDir(str(tmp_path / "empty"))
-    from laion_dask.config import PipelineConfig
+    from laion_dask.ground.config import PipelineConfig
 
     run.write_config(PipelineConfig())
     with pytest.raises(FileNotFoundError, match="no scores"):
@@ -414,7 +414,7 @@ def test_empty_partition_merges_as_nothing():
 
 
 def test_url_domain_matches_urlsplit():
-    from laion_dask.report import url_domain
+    from laion_dask.products.report import url_domain
 
     urls = [
         "http://User:pw@Img.Example.COM:8080/a.jpg?x=1#f",
@@ -512,7 +512,7 @@ def _edge_frame() -> pd.DataFrame:
     ],
 )
 def test_fast_final_reason_equals_filters_on_hand_made_rows(cfg):
-    from laion_dask.report import fast_final_reason
+    from laion_dask.products.report import fast_final_reason
 
     df = _edge_frame()
     expect = add_final_reason(df, cfg)[FINAL_REASON]
@@ -522,7 +522,7 @@ def test_fast_final_reason_equals_filters_on_hand_made_rows(cfg):
 
 
 def test_fast_final_reason_equals_filters_on_scored_and_demo_runs(scored_report, demo_report):
-    from laion_dask.report import fast_final_reason
+    from laion_dask.products.report import fast_final_reason
 
     for run, cfg, _ in (scored_report, demo_report):
         df = _rows(run)
@@ -533,7 +533,7 @@ def test_fast_final_reason_equals_filters_on_scored_and_demo_runs(scored_report,
 
 
 def test_word_counts_and_domains_match_python():
-    from laion_dask.report import _domain_codes, _str_array, _word_counts_arrow, url_domain
+    from laion_dask.products.report import _domain_codes, _str_array, _word_counts_arrow, url_domain
 
     df = _edge_frame()
     text = _str_array(df[schema.TEXT]).fill_null("")
@@ -631,7 +631,7 @@ def test_distinct_sketch_exact_below_k_and_close_above():
 
 
 def test_small_domain_capacity_reports_its_error_and_stays_within_it(tmp_path, client):
-    from laion_dask.report import finalize, summarize_run
+    from laion_dask.products.report import finalize, summarize_run
 
     run = make_scored_run(tmp_path / "run", parts=3, rows=80)
     frames = [run.read_parquet(p) for p in run.parts("scores")]
@@ -656,7 +656,7 @@ def test_small_domain_capacity_reports_its_error_and_stays_within_it(tmp_path, c
 
 
 def test_categorical_columns_summarize_like_strings():
-    from laion_dask.report import DICTIONARY_COLUMNS
+    from laion_dask.products.report import DICTIONARY_COLUMNS
 
     df = _edge_frame()
     df.loc[df.index[:5], schema.STATUS] = "some_new_status"  # not in schema: still counted
@@ -711,7 +711,7 @@ def test_arrow_backed_read_gives_the_pandas_frames_summary(tmp_path, row_group_s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laion_dask.report import _read_part
+    from laion_dask.products.report import _read_part
 
     df = _edge_frame()
     run = RunDir(str(tmp_path / "run"))
@@ -734,8 +734,8 @@ def test_host_fast_path_equals_the_regex_on_random_urls():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from laion_dask.report import _DOMAIN_RE, _raw_hosts, _str_array
-    from laion_dask.sketches import Workspace
+    from laion_dask.ground.sketches import Workspace
+    from laion_dask.products.report import _DOMAIN_RE, _raw_hosts, _str_array
 
     def regex(urls: pd.Series) -> list:
         arr = _str_array(urls)
@@ -766,8 +766,8 @@ def test_host_fast_path_equals_the_regex_on_random_urls():
 def test_word_counts_on_random_text_and_without_numpy_bitwise_count(monkeypatch):
     import pyarrow as pa
 
-    from laion_dask.report import _word_counts_arrow
-    from laion_dask.sketches import Workspace
+    from laion_dask.ground.sketches import Workspace
+    from laion_dask.products.report import _word_counts_arrow
 
     rng = np.random.default_rng(12)
     alphabet = list("ab c\t\n\x0b\x1c\x1f\x0e\x01é日\u3000\u00a0\u2028 ")
@@ -789,8 +789,8 @@ def test_word_counts_on_random_text_and_without_numpy_bitwise_count(monkeypatch)
 
 
 def test_sample_candidates_by_group_equal_the_whole_groups_picks():
-    from laion_dask.report import _candidates_by_group
-    from laion_dask.sketches import Workspace
+    from laion_dask.ground.sketches import Workspace
+    from laion_dask.products.report import _candidates_by_group
 
     rng = np.random.default_rng(13)
     k = 8
@@ -819,7 +819,7 @@ def test_sample_candidates_by_group_equal_the_whole_groups_picks():
 
 
 def test_statistics_pass_releases_the_workers_scratch_arrays(tmp_path, client):
-    from laion_dask import report
+    from laion_dask.products import report
 
     run = make_scored_run(tmp_path / "run", parts=2, rows=30)
     build_stats(run, client=client)  # the session cluster's workers run in this process
@@ -831,7 +831,7 @@ def test_statistics_pass_releases_the_workers_scratch_arrays(tmp_path, client):
 def test_arrow_buffers_read_as_pandas_reads_them_on_sliced_arrays():
     import pyarrow as pa
 
-    from laion_dask.report import _col_codes, _col_values, _float32, _valid_of, _values_of
+    from laion_dask.products.report import _col_codes, _col_values, _float32, _valid_of, _values_of
 
     rng = np.random.default_rng(14)
     n = 1_000
@@ -878,7 +878,8 @@ def _with_garbage_under_nulls(values: np.ndarray, valid: np.ndarray, offset: int
 def test_scratch_buffer_kernels_equal_numpy_where_and_unpackbits():
     import pyarrow as pa
 
-    from laion_dask.report import (
+    from laion_dask.ground.sketches import Workspace
+    from laion_dask.products.report import (
         _bools_of,
         _char_counts,
         _col_codes,
@@ -888,7 +889,6 @@ def test_scratch_buffer_kernels_equal_numpy_where_and_unpackbits():
         _nan_where_invalid,
         _valid_of,
     )
-    from laion_dask.sketches import Workspace
 
     rng = np.random.default_rng(15)
     ws = Workspace(5)  # grows; stale contents from the previous round must not leak
@@ -969,7 +969,7 @@ def test_summaries_in_one_thread_equal_those_with_fresh_scratch_arrays(tmp_path)
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from laion_dask import report
+    from laion_dask.products import report
 
     frames = []
     run = RunDir(str(tmp_path / "run"))

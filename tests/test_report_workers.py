@@ -8,8 +8,8 @@ import os
 
 import dask
 
-from laion_dask import cluster
-from laion_dask.config import ClusterConfig
+from laion_dask.ground.config import ClusterConfig
+from laion_dask.orchestration import cluster
 
 
 def _malloc_env() -> dict[str, str | None]:

@@ -9,9 +9,9 @@ import pandas.testing as pdt
 import pytest
 from dask.dataframe.utils import assert_eq
 
-from laion_dask import schema
-from laion_dask.config import ConfigError, ConsentConfig, RulesConfig
-from laion_dask.rules import (
+from laion_dask.ground import schema
+from laion_dask.ground.config import ConfigError, ConsentConfig, RulesConfig
+from laion_dask.stages.rules import (
     DEDUP_COLUMNS,
     DUPLICATES_META,
     add_drop_reason,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from laion_dask.rundir import RunDir
+from laion_dask.orchestration.rundir import RunDir
 
 
 def test_read_parquet_rows_reads_any_slice_across_row_groups(tmp_path):

@@ -29,13 +29,14 @@ import pandas as pd
 import psutil
 import pytest
 
-from laion_dask import schema
-from laion_dask.config import PipelineConfig, dump_config
-from laion_dask.demo import host as demo_host
-from laion_dask.demo.corpus import CorpusSpec
-from laion_dask.demo.run import demo_config
-from laion_dask.pipeline import ConfigChanged, run_extract, run_pipeline
-from laion_dask.rundir import RunDir
+from laion_dask.faces.demo import host as demo_host
+from laion_dask.faces.demo.run import demo_config
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig, dump_config
+from laion_dask.orchestration.pipeline import ConfigChanged, run_extract
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.run import run_pipeline
+from laion_dask.products.synthetic.corpus import CorpusSpec
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +115,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(corpus) -> PipelineConfig:
     """The demo's config with small download tasks (many partitions) and patient timeouts."""
-    from laion_dask.train import demo_model_dir
+    from laion_dask.products.train import demo_model_dir
 
     cfg = demo_config([str(p) for p in corpus.wat_files], str(demo_model_dir()), dashboard=False)
     # 5 rows per task: a dozen partitions per stage; timeouts far above any gate hold
@@ -437,8 +438,8 @@ def test_a_killed_run_resumes_only_its_missing_partitions(cluster, cfg, referenc
 
 
 def test_a_changed_config_is_refused_unless_forced(cluster, cfg, reference, tmp_path, capsys):
-    from laion_dask.cli import main
-    from laion_dask.config import ConfigError
+    from laion_dask.faces.cli import main
+    from laion_dask.ground.config import ConfigError
 
     run = reference.seed(tmp_path / "run", "extract", "candidates", "downloads", "images")
     stages = ("extract", "download")

@@ -6,8 +6,10 @@ import re
 
 import pytest
 
-from laion_dask import knn, schema, search_page
-from laion_dask.shards import read_shard_images
+from laion_dask.faces import search_page
+from laion_dask.ground import schema
+from laion_dask.ground.shards import read_shard_images
+from laion_dask.products import knn
 from tests.helpers.browser import browser_skip_reason, chromium_page, panel_server
 from tests.helpers.knn import make_scene_run
 

@@ -5,7 +5,13 @@ import json
 import numpy as np
 import pandas as pd
 
-from laion_dask.shards import ShardSample, iter_shard, make_key, read_shard_images, write_shard
+from laion_dask.ground.shards import (
+    ShardSample,
+    iter_shard,
+    make_key,
+    read_shard_images,
+    write_shard,
+)
 
 
 def test_round_trip_and_json_metadata(tmp_path):

@@ -10,9 +10,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from laion_dask.config import ExtractConfig, InputConfig
-from laion_dask.extract import extract_file
-from laion_dask.sources import expand_inputs, is_crawl_id, open_input, read_listing
+from laion_dask.ground.config import ExtractConfig, InputConfig
+from laion_dask.stages.extract import extract_file
+from laion_dask.stages.sources import expand_inputs, is_crawl_id, open_input, read_listing
 from tests.helpers.extract import EDGE_WAT, EDGE_WAT_EXPECTED, make_wat
 
 CRAWL = "CC-MAIN-2024-22"

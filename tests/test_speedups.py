@@ -1,4 +1,5 @@
-"""The compiled fast paths (laion_dask/extract/_speedups.c) give what their Python twins give.
+"""The compiled fast paths (laion_dask/stages/extract/_speedups.c) give what their Python twins
+give.
 
 Each test runs the same input through ``common.speedups`` and through the pure-Python code
 (``common.speedups = None``) and compares. CI builds the extension and sets
@@ -19,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask.config import ExtractConfig
-from laion_dask.extract import _Collector, common, extract_file
-from laion_dask.extract.text import laion_hashes, record_hashes
+from laion_dask.ground.config import ExtractConfig
+from laion_dask.stages.extract import _Collector, common, extract_file
+from laion_dask.stages.extract.text import laion_hashes, record_hashes
 from tests.helpers.extract import make_wat, wat_payload
 from tests.test_extract_warc import _corpus_files
 
@@ -35,9 +36,9 @@ needs_fast = pytest.mark.skipif(
 def test_built_where_required():
     """CI builds the extension; a build that silently fell back to Python must fail there."""
     if os.environ.get("LAION_DASK_REQUIRE_SPEEDUPS") == "1":
-        assert FAST is not None, "laion_dask.extract._speedups was not built"
+        assert FAST is not None, "laion_dask.stages.extract._speedups was not built"
     assert (FAST is None) == (
-        importlib.util.find_spec("laion_dask.extract._speedups") is None
+        importlib.util.find_spec("laion_dask.stages.extract._speedups") is None
         or os.environ.get("LAION_DASK_PURE_PYTHON", "") not in ("", "0")
     )
 

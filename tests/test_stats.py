@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import shutil
 
-from laion_dask.config import FilterConfig, PipelineConfig
-from laion_dask.materialize import materialize
-from laion_dask.pipeline import run_extract
-from laion_dask.rundir import RunDir
-from laion_dask.stats import check_funnel, format_funnel, funnel
+from laion_dask.ground.config import FilterConfig, PipelineConfig
+from laion_dask.orchestration.pipeline import run_extract
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.materialize import materialize
+from laion_dask.products.stats import check_funnel, format_funnel, funnel
 from tests.helpers.runs import make_scored_run
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from laion_dask import schema, tags
-from laion_dask.clip import load_encoder, score_partition
-from laion_dask.config import ClipConfig
+from laion_dask.ground import schema
+from laion_dask.ground.config import ClipConfig
+from laion_dask.stages import tags
+from laion_dask.stages.clip import load_encoder, score_partition
 from tests.helpers.clip import downloads_frame, jpeg, save_tiny_clip
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from laion_dask.demo.corpus import CorpusSpec, generate_corpus
-from laion_dask.shards import ShardSample, write_shard
-from laion_dask.train import (
+from laion_dask.ground.shards import ShardSample, write_shard
+from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus
+from laion_dask.products.train import (
     DEMO_MODEL_DIR,
     TrainConfig,
     clip_loss,

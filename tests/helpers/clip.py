@@ -199,8 +199,8 @@ CAPTIONS = [
 
 def downloads_frame(n: int, *, shard_size: int = 4, failed_every: int = 5) -> pd.DataFrame:
     """``n`` download rows (schema.DOWNLOADS columns); every ``failed_every``-th failed."""
-    from laion_dask import schema
-    from laion_dask.shards import make_key
+    from laion_dask.ground import schema
+    from laion_dask.ground.shards import make_key
 
     rows = []
     for i in range(n):
@@ -227,7 +227,7 @@ def downloads_frame(n: int, *, shard_size: int = 4, failed_every: int = 5) -> pd
 
 
 def _all_dtypes():
-    from laion_dask import schema
+    from laion_dask.ground import schema
 
     return (
         schema.PAIRS_DTYPES,
@@ -240,8 +240,8 @@ def _all_dtypes():
 
 def write_shards(df: pd.DataFrame, root: Path, images: dict[str, bytes]) -> None:
     """Write the successful rows' ``images`` into webdataset shards under ``root``."""
-    from laion_dask import schema
-    from laion_dask.shards import ShardSample, write_shard
+    from laion_dask.ground import schema
+    from laion_dask.ground.shards import ShardSample, write_shard
 
     root.mkdir(parents=True, exist_ok=True)
     ok = df[df[schema.STATUS].eq("success").fillna(False)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from laion_dask.demo.corpus import CorpusInfo, CorpusSpec, generate_corpus
+from laion_dask.products.synthetic.corpus import CorpusInfo, CorpusSpec, generate_corpus
 
 #: never fetched: tests that only read files use these (port 9 = discard)
 FAKE_BASE_URLS = ("http://127.0.0.1:9", "http://127.0.0.2:9", "http://127.0.0.3:9")

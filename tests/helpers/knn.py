@@ -8,18 +8,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from laion_dask import schema
-from laion_dask.config import PipelineConfig
-from laion_dask.demo.draw import Scene, caption, draw_scene, encode_image, random_scene
-from laion_dask.embeddings import write_embedding_arrays
-from laion_dask.rundir import RunDir
-from laion_dask.shards import ShardSample, make_key, write_shard
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig
+from laion_dask.ground.shards import ShardSample, make_key, write_shard
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.synthetic.draw import (
+    Scene,
+    caption,
+    draw_scene,
+    encode_image,
+    random_scene,
+)
+from laion_dask.stages.embeddings import write_embedding_arrays
 from tests.helpers.clip import _all_dtypes
 
 
 def scene_config() -> PipelineConfig:
     """LAION defaults with the committed demo CLIP on CPU (float32, deterministic)."""
-    from laion_dask.train import demo_model_dir
+    from laion_dask.products.train import demo_model_dir
 
     return PipelineConfig().replace(
         "clip",
@@ -39,7 +45,7 @@ def make_scene_run(
     Returns the run and the scene behind each key. Row 0 of part 1 repeats row 0 of part 0's
     scene drawn with the same seed (an exact duplicate image under another URL).
     """
-    from laion_dask.pipeline import run_score
+    from laion_dask.orchestration.pipeline import run_score
 
     rng = random.Random(seed)
     run = RunDir(str(path))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from laion_dask import schema
+from laion_dask.ground import schema
 
 # marker word -> (label, probability); the first marker found in a text decides
 FAKE_RULES = {

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from laion_dask import schema
-from laion_dask.config import PipelineConfig
-from laion_dask.rundir import RunDir
-from laion_dask.shards import ShardSample, make_key, write_shard
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig
+from laion_dask.ground.shards import ShardSample, make_key, write_shard
+from laion_dask.orchestration.rundir import RunDir
 
 
 def _jpeg(seed: int) -> bytes:

@@ -1,0 +1,216 @@
+"""HoloViews elements over a :class:`laion_dask.products.explore.RunView` (no Panel, no server).
+
+Every function reads the view's precomputed histograms or in-memory columns, so redrawing after a
+threshold change costs O(bins) (histograms, threshold lines) or one numpy pass (funnel), never a
+Dask job. The dashboard (:mod:`laion_dask.faces.dashboard`) and the notebooks both use them.
+
+Example
+-------
+>>> view = explore.open_run("demo-run")                                     # doctest: +SKIP
+>>> similarity_histograms(view, view.thresholds) + funnel_bars(view.kept_at(view.thresholds))
+... # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.products.explore import ALL, TEXT_LENGTH, Funnel, RunView
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COLORS",
+    "DATASHADER_ROWS",
+    "histogram_overlay",
+    "threshold_line",
+    "threshold_lines",
+    "similarity_histograms",
+    "score_histogram",
+    "text_length_histogram",
+    "funnel_bars",
+    "kept_bars",
+    "funnel_frame",
+    "language_bars",
+    "size_density",
+    "precision_recall_frame",
+]
+
+#: one colour per language group, shared by every plot
+COLORS = {"en": "#1f77b4", "multi": "#ff7f0e", "nolang": "#2ca02c", ALL: "#555555"}
+#: above this many sized rows, ``size_density`` rasterizes with datashader when it is installed
+DATASHADER_ROWS = 200_000
+ROWS = "rows"
+
+
+def histogram_overlay(
+    view: RunView,
+    column: str,
+    thresholds: dict[str, float | None] | None = None,
+    *,
+    groups: tuple[str, ...] | None = None,
+    title: str | None = None,
+    width: int = 460,
+    height: int = 260,
+) -> hv.Overlay:
+    """One ``hv.Histogram`` per language group of ``column`` plus a ``hv.VLine`` per threshold.
+
+    ``thresholds`` maps a group (or ``"all"``) to a threshold; None values draw no line.
+    Uses the view's precomputed histograms (shared edges across groups).
+    """
+    layers: list[Any] = []
+    for g in groups if groups is not None else view.groups:
+        counts, edges = view.histogram(column, g)
+        layers.append(
+            hv.Histogram((edges, counts), kdims=[column], vdims=[ROWS], label=g).opts(
+                alpha=0.45, color=COLORS.get(g, "#777777")
+            )
+        )
+    for g, t in (thresholds or {}).items():
+        if t is not None and np.isfinite(t):
+            layers.append(threshold_line(g, t))
+    return hv.Overlay(layers).opts(
+        title=title or column,
+        width=width,
+        height=height,
+        legend_position="top_left",
+        show_legend=True,
+    )
+
+
+def threshold_line(group: str, threshold: float | None) -> hv.VLine:
+    """A dashed vertical line at ``threshold`` in ``group``'s colour (None: NaN, drawn nowhere)."""
+    x = float("nan") if threshold is None else float(threshold)
+    return hv.VLine(x, label=f"threshold {group}").opts(
+        color=COLORS.get(group, "#000000"), line_dash="dashed", line_width=2
+    )
+
+
+def threshold_lines(thresholds: dict[str, float | None]) -> hv.Overlay:
+    """One :func:`threshold_line` per group, always the same layers (for a ``DynamicMap``)."""
+    return hv.Overlay([threshold_line(g, t) for g, t in thresholds.items()])
+
+
+def similarity_histograms(view: RunView, thresholds: FilterConfig, **kw: Any) -> hv.Overlay:
+    """Similarity per language group with each group's threshold drawn (dashed line)."""
+    lines = {g: thresholds.similarity_for(g) for g in view.groups}
+    kw.setdefault("title", "CLIP similarity per language group")
+    return histogram_overlay(view, schema.SIMILARITY, lines, **kw)
+
+
+def score_histogram(
+    view: RunView, column: str, threshold: float | None = None, **kw: Any
+) -> hv.Overlay:
+    """``punsafe`` or ``pwatermark`` over every group, with its drop threshold (None: no line)."""
+    if column not in (schema.PUNSAFE, schema.PWATERMARK):
+        raise ValueError(f"column must be punsafe or pwatermark, got {column!r}")
+    kw.setdefault("title", f"{column} (drop above the line)")
+    return histogram_overlay(view, column, {ALL: threshold}, groups=(ALL,), **kw)
+
+
+def text_length_histogram(view: RunView, min_chars: int | None = None, **kw: Any) -> hv.Overlay:
+    """Caption length in characters per group, with ``min_text_chars`` drawn."""
+    kw.setdefault("title", "caption length (chars)")
+    return histogram_overlay(view, TEXT_LENGTH, {ALL: min_chars}, **kw)
+
+
+def funnel_frame(funnel: Funnel) -> pd.DataFrame:
+    """The funnel as rows ``outcome, group, rows``: one ``kept`` row per group, one per reason."""
+    kept = [("kept", g, int(v)) for g, v in funnel.kept.items()]
+    dropped = [(f"dropped: {r}", "all", int(v)) for r, v in funnel.dropped.items()]
+    return pd.DataFrame(kept + dropped, columns=["outcome", "group", ROWS])
+
+
+def kept_bars(funnel: Funnel, *, width: int = 300, height: int = 260) -> hv.Bars:
+    """Rows kept per language group."""
+    data = [(g, int(v)) for g, v in funnel.kept.items()]
+    return hv.Bars(data, kdims=["group"], vdims=[ROWS]).opts(
+        title=f"kept: {funnel.total_kept} of {funnel.rows_in}",
+        width=width,
+        height=height,
+        tools=["hover"],
+    )
+
+
+def funnel_bars(
+    funnel: Funnel,
+    *,
+    reasons: tuple[str, ...] | None = None,
+    width: int = 460,
+    height: int = 300,
+) -> hv.Bars:
+    """Horizontal bars: rows dropped per reason (largest first).
+
+    With ``reasons`` (e.g. ``RunView.reasons``) every one of them gets a bar, zero or not, in
+    that order: a live plot then keeps the same bars while thresholds move (Bokeh redraws a
+    source whose length changes under a selection with a "Size mismatch" error).
+    """
+    if reasons is None:
+        items = sorted(funnel.dropped.items(), key=lambda kv: -kv[1])
+    else:
+        items = [(r, funnel.dropped.get(r, 0)) for r in reasons]
+    data = [(r, int(v)) for r, v in items] or [("(none)", 0)]
+    return hv.Bars(data, kdims=["reason"], vdims=[ROWS]).opts(
+        title="dropped per reason",
+        invert_axes=True,
+        width=width,
+        height=height,
+        tools=["hover"],
+    )
+
+
+def language_bars(view: RunView, top: int = 15, *, width: int = 460, height: int = 260) -> hv.Bars:
+    """Rows per detected language (``top`` most frequent)."""
+    langs = view.language_counts(top=top)
+    data = [(str(k), int(v)) for k, v in langs.items()]
+    return hv.Bars(data, kdims=["language"], vdims=[ROWS]).opts(
+        title="languages", width=width, height=height, xrotation=45, tools=["hover"]
+    )
+
+
+def size_density(
+    view: RunView,
+    *,
+    max_rows: int = DATASHADER_ROWS,
+    width: int = 460,
+    height: int = 320,
+) -> hv.Element:
+    """Original width x height of the downloaded rows.
+
+    ``hv.HexTiles`` up to ``max_rows`` sized rows; above, a datashader ``rasterize`` of the points
+    when datashader is installed (else HexTiles over the full arrays, still vectorised).
+    """
+    w = view._w  # noqa: SLF001 - the view's in-memory float64 columns (NaN = not downloaded)
+    h = view._h  # noqa: SLF001
+    ok = np.isfinite(w) & np.isfinite(h)
+    data = pd.DataFrame({schema.ORIGINAL_WIDTH: w[ok], schema.ORIGINAL_HEIGHT: h[ok]})
+    kdims = [schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]
+    title = f"width x height ({len(data)} rows)"
+    if len(data) > max_rows:
+        try:
+            from holoviews.operation.datashader import rasterize
+        except ImportError:
+            log.info("plots: %d sized rows and no datashader: using HexTiles", len(data))
+        else:
+            return rasterize(hv.Points(data, kdims=kdims)).opts(
+                width=width, height=height, title=title, colorbar=True, cnorm="log"
+            )
+    return hv.HexTiles(data, kdims=kdims).opts(
+        width=width, height=height, title=title, colorbar=True, tools=["hover"]
+    )
+
+
+def precision_recall_frame(pr: dict[str, Any]) -> pd.DataFrame:
+    """``RunView.precision_recall`` output as a table: one row for ``all``, one per group."""
+    keys = ("precision", "recall", "f1", "kept", "true_pairs", "true_kept", "pairs")
+    rows = {"all": {k: pr[k] for k in keys}}
+    for g, sub in pr.get("groups", {}).items():
+        rows[g] = {k: sub[k] for k in keys}
+    return pd.DataFrame(rows).T

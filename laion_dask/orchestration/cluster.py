@@ -1,0 +1,140 @@
+"""Where the graph runs: a LocalCUDACluster on GPU machines, a LocalCluster otherwise, or an
+existing scheduler. GPU workers declare the ``GPU`` resource; scoring tasks ask for it
+(:func:`scoring_resources`), so CPU stages never queue behind the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+from distributed import Client, LocalCluster
+
+from laion_dask.ground.config import ClusterConfig
+
+__all__ = [
+    "make_client",
+    "cluster_client",
+    "close_client",
+    "gpu_available",
+    "dask_cuda_available",
+    "scoring_resources",
+]
+
+log = logging.getLogger(__name__)
+
+
+def gpu_available() -> bool:
+    """True when torch sees at least one CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
+
+
+def dask_cuda_available() -> bool:
+    """True when the ``gpu`` extra (dask-cuda) is installed."""
+    return importlib.util.find_spec("dask_cuda") is not None
+
+
+def _local_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "memory_limit": cfg.memory_limit,
+        "dashboard_address": cfg.dashboard_address,
+    }
+    if cfg.threads_per_worker is not None:
+        kw["threads_per_worker"] = cfg.threads_per_worker
+    return kw
+
+
+def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
+    """A client for ``cfg``.
+
+    ``scheduler_address`` connects to a running scheduler. Otherwise, with ``gpu`` ``auto`` or
+    ``require``, CUDA visible and dask-cuda installed: a ``LocalCUDACluster`` with one worker per
+    GPU, each declaring ``resources={"GPU": 1}``; else a ``LocalCluster``. ``gpu = "require"``
+    without both raises ``RuntimeError``. ``child_processes`` starts local workers non-daemonic
+    (``distributed.worker.daemon = False``) so that tasks may start processes of their own, as
+    ``clip.loader_processes`` does; a remote cluster's workers are configured where they start.
+    ``malloc_mmap_threshold`` adds ``MALLOC_MMAP_THRESHOLD_`` to the environment the Nanny gives
+    local worker processes (``distributed.nanny.pre-spawn-environ``, next to Dask's own
+    ``MALLOC_TRIM_THRESHOLD_``); see :class:`~laion_dask.ground.config.ClusterConfig` for the memory
+    trade-off. Unset (the default), Dask's environment is left as it is. (The Nanny also
+    writes its pre-spawn variables into this process's ``os.environ`` before it starts a
+    worker, so local clusters started later by the same process inherit the value.)
+    """
+    if cfg.scheduler_address is not None:
+        return Client(cfg.scheduler_address)
+    if child_processes:
+        with dask.config.set({"distributed.worker.daemon": False}):
+            return make_client(cfg)
+    if cfg.malloc_mmap_threshold is not None:
+        env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+        env["MALLOC_MMAP_THRESHOLD_"] = int(cfg.malloc_mmap_threshold)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            return make_client(dataclasses.replace(cfg, malloc_mmap_threshold=None))
+    use_gpu = cfg.gpu != "never" and gpu_available() and dask_cuda_available()
+    if cfg.gpu == "require" and not use_gpu:
+        raise RuntimeError(
+            "cluster.gpu = 'require' but "
+            + ("torch sees no CUDA device" if not gpu_available() else "dask-cuda is not installed")
+            + " (pip install 'laion-dask[gpu]', or set cluster.gpu = 'auto')"
+        )
+    kw = _local_kwargs(cfg)
+    if use_gpu:
+        import torch
+        from dask_cuda import LocalCUDACluster
+
+        n_gpus = torch.cuda.device_count()
+        n = min(cfg.n_workers or n_gpus, n_gpus)
+        if "threads_per_worker" not in kw:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            kw["threads_per_worker"] = max(1, (cpus or 1) // n)
+        visible = ",".join(str(i) for i in range(n))
+        log.info("starting LocalCUDACluster with %d GPU worker(s)", n)
+        cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, resources={"GPU": 1}, **kw)
+    else:
+        if cfg.gpu == "auto" and gpu_available():
+            log.warning("CUDA is visible but dask-cuda is not installed: using a LocalCluster")
+        cluster = LocalCluster(n_workers=cfg.n_workers, processes=cfg.processes, **kw)
+    return Client(cluster)
+
+
+def scoring_resources(client: Client) -> dict[str, int] | None:
+    """``{"GPU": 1}`` when any worker declares a GPU resource, else None.
+
+    Pass it as ``client.compute(scored, resources=...)``: ``dask.annotate(resources=...)`` is
+    ignored by dask-expr DataFrame collections (dask 2026.8 warns and drops it).
+    """
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if any((w.get("resources") or {}).get("GPU") for w in workers.values()):
+        return {"GPU": 1}
+    return None
+
+
+def close_client(client: Client) -> None:
+    """Close ``client`` and the local cluster :func:`make_client` started for it.
+
+    A client connected to a remote scheduler has no ``cluster``: the scheduler keeps running.
+    """
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def cluster_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Iterator[Client]:
+    """``make_client(cfg)`` for the duration of a ``with`` block, then :func:`close_client`."""
+    client = make_client(cfg, child_processes=child_processes)
+    try:
+        yield client
+    finally:
+        close_client(client)

@@ -1,0 +1,1114 @@
+"""The Dask wiring: the only module that maps stages over Dask collections.
+
+Two faces:
+
+* lazy graphs for notebooks (:func:`candidates_graph`): ``dd.from_map`` + ``map_partitions`` with
+  ``meta=`` from :mod:`laion_dask.ground.schema`; nothing runs until the user computes;
+* checkpointed stage runners (:func:`run_extract`, :func:`run_download`, :func:`run_score`) that
+  write one parquet part + one ``_done`` marker per partition into the run directory, skip
+  finished partitions on re-run, and report per-partition failures by name instead of losing the
+  run (or stop at the first one with ``strict``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+from laion_dask.ground import schema
+from laion_dask.ground.config import PipelineConfig
+from laion_dask.orchestration.rundir import ConfigChanged, RunDir, config_changes, fingerprint
+from laion_dask.orchestration.runner import StageError, get_client, run_tasks
+from laion_dask.stages.rules import DEDUP_COLUMNS
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "StageReport",
+    "StageError",
+    "ConfigChanged",
+    "candidates_graph",
+    "run_extract",
+    "run_download",
+    "run_score",
+    "check_config_changes",
+    "host_keys",
+    "chunk_bounds",
+    "is_transient_failure",
+]
+
+
+@dataclass
+class StageReport:
+    """What one stage did: partitions run/resumed/failed and counts that add up."""
+
+    stage: str
+    partitions: int = 0
+    resumed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # partition name -> error
+    rows_in: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # outcome -> rows
+    seconds: float = 0.0
+
+    @property
+    def rows_out(self) -> int:
+        return sum(self.counts.values())
+
+    def check(self) -> None:
+        """Raise if the counts do not add up (rows in = sum of outcomes)."""
+        if self.rows_in != self.rows_out:
+            raise AssertionError(
+                f"{self.stage}: counts do not add up: {self.rows_in} in, "
+                f"{self.rows_out} out {self.counts}"
+            )
+
+
+# --- lazy graph for notebooks -------------------------------------------------------------------
+
+
+def _tag_pairs(pairs: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Extracted pairs -> candidates rows: language, then the rules' drop reasons."""
+    from laion_dask.stages.language import add_language
+    from laion_dask.stages.rules import add_drop_reason
+
+    return add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
+
+
+def candidates_graph(
+    paths: Sequence[str], cfg: PipelineConfig, *, deduplicate: bool = True
+) -> dd.DataFrame:
+    """A lazy Dask frame of candidates: one partition per input file, duplicates marked.
+
+    Nothing is written and nothing runs until ``.compute()``/``.to_parquet()``; use it in a
+    notebook to look at a sample, and :func:`run_extract` for a checkpointed run.
+    """
+    from laion_dask.stages.extract import extract_pairs
+    from laion_dask.stages.language import add_language
+    from laion_dask.stages.rules import add_drop_reason
+
+    ddf = dd.from_map(
+        extract_pairs, list(paths), cfg=cfg.extract, consent=cfg.consent, meta=schema.PAIRS
+    )
+    ddf = ddf.map_partitions(add_language, cfg.language, meta=schema.LANGUAGE_TAGGED)
+    ddf = ddf.map_partitions(add_drop_reason, cfg.rules, cfg.consent, meta=schema.CANDIDATES)
+    if not (deduplicate and cfg.rules.deduplicate):
+        return ddf
+    dups = _duplicates(ddf)
+    return ddf.map_partitions(_mark_from_frame, dups.compute(), meta=schema.CANDIDATES)
+
+
+def _duplicates(ddf: dd.DataFrame) -> dd.DataFrame:
+    from laion_dask.stages.rules import DUPLICATES_META, find_duplicates
+
+    return (
+        ddf[DEDUP_COLUMNS]
+        .shuffle(on=schema.HASH)
+        .map_partitions(find_duplicates, meta=DUPLICATES_META)
+    )
+
+
+def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
+    from laion_dask.stages.rules import mark_duplicates
+
+    return mark_duplicates(df, set(dups[schema.UID]))
+
+
+# --- stage configs ------------------------------------------------------------------------------
+
+#: keys that decide how fast or how politely a stage runs, never what it writes: left out of the
+#: fingerprints, so tuning them for a cluster resumes a run instead of redoing it
+_SPEED_KEYS = {
+    "download": ("concurrency", "per_host_concurrency", "per_host_interval", "decode_threads"),
+    "clip": ("loader_threads",),
+}
+
+#: stage name (as run_pipeline knows it) -> the folder holding its markers and _config.json
+_STAGE_FOLDER = {"extract": "extract", "download": "downloads", "score": "scores"}
+
+#: changes applied on a re-run without ``force``: a new opt-out or blocklist entry must never
+#: wait for a flag (the affected partitions are redone, as their fingerprints say)
+_ALWAYS_APPLIED = ("consent_lists",)
+
+
+def _sections(run: RunDir, cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
+    out = run.config_dict(cfg, *sections)
+    for section, keys in _SPEED_KEYS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
+def _stage_config(
+    run: RunDir, cfg: PipelineConfig, stage: str, lists_fingerprint: str | None = None
+) -> dict[str, Any]:
+    """The config a stage's fingerprints hash: its sections, less the speed knobs."""
+    if stage == "extract":
+        return _sections(run, cfg, "extract", "language", "rules") | {
+            "consent_page": _page_consent(cfg)
+        }
+    if stage == "download":
+        if lists_fingerprint is None:
+            from laion_dask.stages.consent import load_lists
+
+            lists_fingerprint = load_lists(cfg.consent).fingerprint
+        return _sections(run, cfg, "download", "consent") | {
+            "consent_lists": lists_fingerprint,
+            "chunks": _CHUNKING,
+        }
+    if stage == "score":
+        return _sections(run, cfg, "clip")
+    raise ValueError(f"no stage config for {stage!r}")
+
+
+def check_config_changes(
+    run: RunDir, cfg: PipelineConfig, stages: Iterable[str] = ("extract", "download", "score")
+) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Per stage, the config keys that differ from what its finished partitions were made with.
+
+    Reads only ``RUN/<stage>/_config.json`` and lists ``_done/``; runs nothing. A stage without
+    finished partitions (or a run made before stage configs were recorded) reports no change,
+    nor does a changed consent list file (always applied, see ``_ALWAYS_APPLIED``).
+    """
+    out: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for stage in stages:
+        folder = _STAGE_FOLDER.get(stage)
+        if folder is None:
+            continue
+        path = run.stage_config_path(folder)
+        if not (run.exists(path) and run.has_markers(folder)):
+            continue
+        changes = config_changes(run.read_json(path), _stage_config(run, cfg, stage))
+        changes = {k: v for k, v in changes.items() if k not in _ALWAYS_APPLIED}
+        if changes:
+            out[stage] = changes
+    return out
+
+
+# --- extract + candidates -----------------------------------------------------------------------
+
+
+class _FileFailed(Exception):
+    def __init__(self, summary: Any) -> None:
+        super().__init__(summary.error)
+        self.summary = summary
+
+
+def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
+    """One input file -> RUN/extract/part-N.parquet (pairs + language + rule reasons).
+
+    Streamed: the file's pairs arrive in chunks of ``extract.CHUNK_ROWS``
+    (:func:`~laion_dask.stages.extract.stream_file`), each tagged and written as one row group, so
+    the
+    task holds one chunk whatever the file's size. A file that fails leaves no part.
+    """
+    marker = run.done_marker("extract", index, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    from laion_dask.stages.extract import stream_file
+
+    t0 = time.perf_counter()
+    reasons: Counter[str] = Counter()
+    try:
+        with run.parquet_writer_atomic(run.part_path("extract", index), schema.CANDIDATES) as part:
+
+            def write(pairs: pd.DataFrame) -> None:
+                df = _tag_pairs(pairs, cfg)
+                reasons.update(_value_counts(df[schema.DROP_REASON]))
+                part.write(df)
+
+            summary = stream_file(path, cfg.extract, cfg.consent, sink=write)
+            if summary.error:
+                raise _FileFailed(summary)  # leaves the block: the partial part is removed
+    except _FileFailed as failed:
+        if cfg.strict:
+            raise StageError(f"{path}: {failed.summary.error}") from None
+        # no part, no marker: the file is reported by name and retried by the next run
+        return {
+            "index": index,
+            "source_file": path,
+            "summary": failed.summary.to_dict(),
+            "resumed": False,
+            "failed": True,
+        }
+    info = {
+        "fingerprint": fp,
+        "index": index,
+        "source_file": path,
+        "rows": summary.pairs_found,
+        "row_groups": part.row_groups,
+        "summary": summary.to_dict(),
+        "drop_reasons": dict(reasons),
+        "seconds": time.perf_counter() - t0,
+    }
+    run.mark_done("extract", index, info)
+    return {**info, "resumed": False}
+
+
+def _page_consent(cfg: PipelineConfig) -> dict[str, Any]:
+    """The ``[consent]`` keys extraction depends on (others only re-run the download)."""
+    c = cfg.consent
+    return {
+        "page_meta": c.page_meta,
+        "meta_tokens": list(c.meta_tokens),
+        "meta_names": list(c.meta_names),
+        "tdm_reservation": c.tdm_reservation,
+    }
+
+
+def _value_counts(s: pd.Series) -> dict[str, int]:
+    counts = s.fillna("kept").value_counts()
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def _part_groups(run: RunDir, stage: str, indices: Sequence[int]) -> list[PartGroup]:
+    """One item per row group of each finished part of ``stage``, from its marker.
+
+    Dask partitions over these hold one row group (at most ``extract.CHUNK_ROWS`` rows), not one
+    input file's rows. A marker from before row groups were recorded gives one whole-part item.
+    """
+    items: list[PartGroup] = []
+    for index in indices:
+        path = run.part_path(stage, index)
+        groups = (run.done_marker(stage, index) or {}).get("row_groups")
+        if groups is None:
+            items.append(PartGroup(index, path, None, 0))
+            continue
+        first = 0
+        for g, n in enumerate(groups):
+            items.append(PartGroup(index, path, g, first))
+            first += n
+        if not groups:  # an empty part still gives the shuffle its (empty) partition
+            items.append(PartGroup(index, path, None, 0))
+    return items
+
+
+class PartGroup(NamedTuple):
+    """A row group of one stage part: ``group`` None = the whole part; ``first_row`` its
+    position in the part."""
+
+    index: int
+    path: str
+    group: int | None
+    first_row: int
+
+
+def _load_dedup_part(item: PartGroup, run: RunDir) -> pd.DataFrame:
+    df = run.read_parquet_group(item.path, item.group, columns=DEDUP_COLUMNS)
+    return df.assign(part=pd.Series(item.index, index=df.index, dtype="int64"))
+
+
+def _dups_with_part(df: pd.DataFrame) -> pd.DataFrame:
+    from laion_dask.stages.rules import find_duplicates
+
+    dup = find_duplicates(df.drop(columns=["part"]))
+    hit = df[schema.UID].isin(set(dup[schema.UID]))
+    return df.loc[hit, [schema.UID, "part"]].reset_index(drop=True)
+
+
+def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> dict:
+    from laion_dask.stages.rules import mark_duplicates
+
+    marker = run.done_marker("candidates", index, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    dup_uids: set[str] = set()
+    if dup_dir is not None:
+        import pyarrow.dataset as pds
+
+        fs = run.fs
+        if fs.exists(dup_dir) and fs.ls(dup_dir):
+            table = pds.dataset(dup_dir, format="parquet", filesystem=fs).to_table(
+                columns=[schema.UID], filter=pds.field("part") == index
+            )
+            dup_uids = set(table.column(schema.UID).to_pylist())
+    reasons: Counter[str] = Counter()
+    # row group by row group: the task holds one chunk of the part, whatever the file's size
+    with run.parquet_writer_atomic(run.part_path("candidates", index), schema.CANDIDATES) as part:
+        for df in run.iter_parquet_groups(run.part_path("extract", index)):
+            out = mark_duplicates(df, dup_uids)
+            reasons.update(_value_counts(out[schema.DROP_REASON]))
+            part.write(out)
+    info = {
+        "fingerprint": fp,
+        "index": index,
+        "rows": sum(part.row_groups),
+        "row_groups": part.row_groups,
+        "drop_reasons": dict(reasons),
+    }
+    run.mark_done("candidates", index, info)
+    return {**info, "resumed": False}
+
+
+def run_extract(
+    run: RunDir,
+    cfg: PipelineConfig,
+    paths: Sequence[str] | None = None,
+    *,
+    client: Any | None = None,
+    show_progress: bool = False,
+    force: bool = False,
+) -> StageReport:
+    """Extract, tag and rule-check every input file, then mark run-wide duplicates.
+
+    Writes ``RUN/extract/`` (one part per input file) and ``RUN/candidates/`` (the same rows with
+    ``duplicate`` reasons added). Finished partitions are skipped; an unreadable file fails its
+    own partition only (reported by name) unless ``cfg.strict``. A config that would change
+    finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
+    """
+    from laion_dask.stages.sources import expand_inputs
+
+    client = get_client(client)
+    t0 = time.perf_counter()
+    paths = list(paths) if paths is not None else expand_inputs(cfg.input.paths, cfg.input)
+    run.makedirs("extract", "candidates")
+    _remove_tmp(run, "extract", ("extract", "candidates"))
+    ex_cfg = (
+        cfg
+        if not cfg.strict
+        else replace(cfg, extract=replace(cfg.extract, skip_unreadable_files=False))
+    )
+    stage_cfg = _stage_config(run, cfg, "extract")
+    run.check_stage_config("extract", stage_cfg, force=force)
+    tasks = [
+        (f"{i:05d}", _extract_task, (p, i, run, ex_cfg, fingerprint(p, stage_cfg)))
+        for i, p in enumerate(paths)
+    ]
+    results, failures = run_tasks(
+        client, "extract", tasks, strict=cfg.strict, show_progress=show_progress
+    )
+    results.sort(key=lambda r: r["index"])
+    failures = {paths[int(k)]: v for k, v in failures.items()}
+    for r in results:
+        if r.get("failed"):
+            failures[r["source_file"]] = r["summary"].get("error")
+
+    # run-wide duplicates: shuffle (hash, url, text, order) so equal pairs meet in one partition
+    results = [r for r in results if not r.get("failed")]
+    fps = [r["fingerprint"] for r in results]
+    cand_fp = fingerprint(fps, stage_cfg)
+    dup_dir = None
+    done = [r["index"] for r in results]
+    need = [i for i in done if run.done_marker("candidates", i, cand_fp) is None]
+    if need and cfg.rules.deduplicate and done:
+        dup_dir = run.join("duplicates", cand_fp)
+        if not run.exists(dup_dir):
+            ddf = dd.from_map(
+                _load_dedup_part,
+                _part_groups(run, "extract", done),
+                run=run,
+                meta=_load_dedup_part_meta(),
+            )
+            meta = pd.DataFrame(
+                {schema.UID: pd.Series(dtype="string"), "part": pd.Series(dtype="int64")}
+            )
+            dups = ddf.shuffle(on=schema.HASH).map_partitions(_dups_with_part, meta=meta)
+            tmp = dup_dir + ".tmp"
+            if run.exists(tmp):  # left by a run killed mid-write: never mix its files in
+                run.fs.rm(tmp, recursive=True)
+            dups.to_parquet(tmp, write_index=False, compute=False).compute()
+            run.fs.mv(tmp, dup_dir, recursive=True)
+    elif need and cfg.rules.deduplicate:
+        dup_dir = None
+    _forget_stale(run, ("extract", "candidates"), keep=set(done))
+    cand_tasks = [(f"{i:05d}", _candidates_task, (i, run, dup_dir, cand_fp)) for i in done]
+    cand_results, cand_fail = run_tasks(client, "candidates", cand_tasks, strict=cfg.strict)
+
+    report = StageReport("extract", partitions=len(paths))
+    report.resumed = sum(1 for r in results if r.get("resumed"))
+    report.failed = failures | {f"candidates-{k}": v for k, v in cand_fail.items()}
+    counter: Counter[str] = Counter()
+    for r in cand_results:
+        counter.update(r["drop_reasons"])
+    report.counts = dict(counter)
+    report.rows_in = sum(
+        r["summary"]["pairs_found"]
+        for r in results
+        if r["index"] not in {int(k) for k in cand_fail}
+    )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _forget_stale(run: RunDir, stages: Sequence[str], keep: set[int]) -> None:
+    """Drop partitions left by an earlier run with other inputs, so later stages never read them."""
+    fs = run.fs
+    for stage in stages:
+        for index in set(run.markers(stage)) - keep:
+            for path in (run.marker_path(stage, index), run.part_path(stage, index)):
+                if fs.exists(path):
+                    fs.rm(path)
+
+
+def _load_dedup_part_meta() -> pd.DataFrame:
+    return schema.CANDIDATES[DEDUP_COLUMNS].assign(part=pd.Series(dtype="int64"))
+
+
+# --- download -----------------------------------------------------------------------------------
+
+#: RUN/consent/chain-N/*.jsonl: robots.txt / tdmrep.json results of a chain's hosts, fetched once
+#: per run (one journal file per download call; see consent.HostFileCache)
+_CONSENT_CACHE = "consent"
+
+
+#: how candidate rows are cut into download tasks (part of the download fingerprint)
+_CHUNKING = "host-bucket-v2"
+
+#: RUN/download_plan/<fingerprint>/: every candidate row, shuffled into host buckets
+_PLAN = "download_plan"
+
+_HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^/?#:]*)"
+
+#: helper columns of the plan shuffle, never written to a bucket file
+_PLAN_COLUMNS = ("_bucket", "_key", "_part", "_row")
+
+
+def host_keys(df: pd.DataFrame) -> np.ndarray:
+    """The ``uint64`` key that puts each candidate row into its download bucket.
+
+    A row that will be fetched (no ``drop_reason`` and a URL with a host) is keyed by a hash of
+    its URL's host (lower case, without user info, port or trailing dot), so every row of a
+    host has the same key whatever input file it came from. A row that is never fetched (a
+    ``drop_reason``, or no host to contact) is keyed by its ``uid`` instead: such rows cost no
+    request, and keying them by uid spreads them over the buckets rather than piling, say,
+    every ``data:`` URI of the crawl into one.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Candidate rows (``url``, ``uid`` and ``drop_reason`` columns).
+
+    Returns
+    -------
+    numpy.ndarray
+        One ``uint64`` per row; stable across processes, runs and library versions of pandas
+        that keep ``pandas.util.hash_array`` (SipHash with a fixed key).
+    """
+    return _keys_and_fetched(df)[0]
+
+
+def _keys_and_fetched(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bucket keys, fetched mask, uid hashes) of candidate rows (see :func:`host_keys`)."""
+    urls = df[schema.URL].astype("string")
+    hosts = urls.str.extract(_HOST, expand=False).str.lower().str.rstrip(".").fillna("")
+    host_hash = pd.util.hash_array(hosts.to_numpy(dtype=object))
+    uid_hash = pd.util.hash_array(df[schema.UID].astype("string").to_numpy(dtype=object))
+    fetched = df[schema.DROP_REASON].isna().to_numpy(dtype=bool) & hosts.ne("").to_numpy(dtype=bool)
+    return np.where(fetched, host_hash, uid_hash), fetched, uid_hash
+
+
+def chunk_bounds(rows: int, rows_per_task: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: a bucket of ``rows`` rows cut into even chunks, none larger
+    than ``rows_per_task`` and none empty (each chunk is one shard).
+
+    Examples
+    --------
+    >>> chunk_bounds(42, 10)
+    [(0, 9), (9, 18), (18, 27), (27, 36), (36, 42)]
+    """
+    n = math.ceil(rows / rows_per_task)
+    size = math.ceil(rows / n) if n else 0
+    return [(c * size, min(rows, (c + 1) * size)) for c in range(n)]
+
+
+#: a host with more than this many x ``rows_per_task`` fetched rows is big: it gets buckets of
+#: its own, each about this size, chained in one task (so no bucket, shuffle partition or
+#: download chunk grows with the host)
+_BIG_HOST = 8
+
+
+def _host_counts(item: PartGroup, run: RunDir) -> pd.DataFrame:
+    """Fetched rows per host key in one candidates row group (the big-host count's input)."""
+    columns = [schema.UID, schema.URL, schema.DROP_REASON]
+    df = run.read_parquet_group(item.path, item.group, columns=columns)
+    keys, fetched, _ = _keys_and_fetched(df)
+    counts = pd.Series(keys[fetched]).value_counts()
+    return pd.DataFrame(
+        {"_key": counts.index.to_numpy(dtype="uint64"), "n": counts.to_numpy(dtype="int64")}
+    )
+
+
+_HOST_COUNTS_META = pd.DataFrame({"_key": pd.Series(dtype="uint64"), "n": pd.Series(dtype="int64")})
+
+
+def _big_hosts(
+    run: RunDir, parts: list[int], rows_per_task: int, n_buckets: int, client: Any
+) -> pd.DataFrame:
+    """Hosts with more than ``_BIG_HOST x rows_per_task`` fetched rows, each with its buckets.
+
+    Per-part counts are summed by a Dask groupby; only the big hosts (at most
+    ``rows / (_BIG_HOST x rows_per_task)`` of them) come back to the client. Returns
+    ``_key, n, first, k`` sorted by key: host ``_key`` owns buckets ``first .. first + k - 1``,
+    numbered after the ``n_buckets`` hashed ones.
+    """
+    ddf = dd.from_map(
+        _host_counts, _part_groups(run, "candidates", parts), run=run, meta=_HOST_COUNTS_META
+    )
+    total = ddf.groupby("_key")["n"].sum(split_out=max(1, len(parts) // 16))
+    big = client.compute(total[total > _BIG_HOST * rows_per_task]).result()
+    big = big.sort_index()
+    k = np.ceil(big.to_numpy() / (_BIG_HOST * rows_per_task)).astype("int64")
+    first = (n_buckets + np.cumsum(k) - k).astype("int64")
+    return pd.DataFrame(
+        {
+            "_key": big.index.to_numpy(dtype="uint64"),
+            "n": big.to_numpy(dtype="int64"),
+            "first": first,
+            "k": k,
+        }
+    )
+
+
+def _plan_part(item: PartGroup, run: RunDir, n_buckets: int, big_path: str | None) -> pd.DataFrame:
+    """One candidates row group with its bucket, key and position (the plan shuffle's input)."""
+    df = schema.conform(run.read_parquet_group(item.path, item.group), schema.CANDIDATES_DTYPES)
+    df = df[list(schema.CANDIDATES.columns)]
+    keys, fetched, uid_hash = _keys_and_fetched(df)
+    bucket = (keys % np.uint64(n_buckets)).astype("int64")
+    big = run.read_parquet(big_path) if big_path is not None else None
+    if big is not None and len(big) and len(df):
+        big_keys = big["_key"].to_numpy(dtype="uint64")
+        pos = np.minimum(np.searchsorted(big_keys, keys), len(big_keys) - 1)
+        hit = fetched & (big_keys[pos] == keys)
+        # a big host's rows spread over its own buckets by uid: each about _BIG_HOST tasks' worth
+        first, k = big["first"].to_numpy()[pos[hit]], big["k"].to_numpy()[pos[hit]]
+        bucket[hit] = first + (uid_hash[hit] % k.astype("uint64")).astype("int64")
+    return df.assign(
+        _bucket=bucket,
+        _key=keys,
+        _part=np.full(len(df), item.index, dtype="int64"),
+        _row=np.arange(item.first_row, item.first_row + len(df), dtype="int64"),
+    )
+
+
+def _plan_part_meta() -> pd.DataFrame:
+    return schema.CANDIDATES.assign(
+        _bucket=pd.Series(dtype="int64"),
+        _key=pd.Series(dtype="uint64"),
+        _part=pd.Series(dtype="int64"),
+        _row=pd.Series(dtype="int64"),
+    )
+
+
+_BUCKET_COUNTS_META = pd.DataFrame(
+    {"bucket": pd.Series(dtype="int64"), "rows": pd.Series(dtype="int64")}
+)
+
+
+def _bucket_path(folder: str, bucket: int) -> str:
+    return f"{folder}/bucket-{bucket:05d}.parquet"
+
+
+def _write_buckets(df: pd.DataFrame, run: RunDir, folder: str, rows_per_task: int) -> pd.DataFrame:
+    """Write each bucket of one shuffled partition to its own file; return rows per bucket.
+
+    Rows are sorted by (host key, candidates part, row in part), so a bucket's content and order
+    depend only on the candidates, never on how the shuffle delivered them. Row groups are the
+    bucket's chunks, so a download task reads one chunk at a time even for a huge bucket.
+    """
+    buckets: list[int] = []
+    counts: list[int] = []
+    columns = [c for c in df.columns if c not in _PLAN_COLUMNS]
+    df = df.sort_values(["_bucket", "_key", "_part", "_row"], kind="stable")
+    bucket = df["_bucket"].to_numpy()
+    frame = schema.conform(df[columns].reset_index(drop=True), schema.CANDIDATES_DTYPES)
+    # a shuffle partition may be empty (more partitions than buckets hashed into them)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]]) if len(bucket) else bucket
+    stops = np.r_[starts[1:], len(bucket)] if len(bucket) else bucket
+    for start, stop in zip(starts, stops, strict=True):
+        size = chunk_bounds(int(stop - start), rows_per_task)[0][1]
+        path = _bucket_path(folder, int(bucket[start]))
+        run.write_parquet_atomic(path, frame.iloc[start:stop], row_group_rows=size)
+        buckets.append(int(bucket[start]))
+        counts.append(int(stop - start))
+    return pd.DataFrame(
+        {"bucket": np.array(buckets, dtype="int64"), "rows": np.array(counts, dtype="int64")}
+    )
+
+
+def _download_plan(
+    run: RunDir, cfg: PipelineConfig, cand: dict[int, dict], client: Any
+) -> dict[str, Any]:
+    """Shuffle every candidate row into host buckets, once per candidates + ``rows_per_task``.
+
+    ``n_buckets = ceil(candidate rows / rows_per_task)``; a row goes to bucket
+    ``host_keys(row) % n_buckets``, so all rows of a host, from every input file, share one
+    bucket. A big host (more than ``_BIG_HOST x rows_per_task`` fetched rows) instead gets
+    buckets of its own, numbered after those, its rows spread over them by uid; they form one
+    *chain*, downloaded by one task bucket after bucket. Every other bucket is a chain of one.
+
+    The shuffle is Dask's (disk-backed P2P on a distributed cluster): tasks write
+    ``RUN/download_plan/<fp>/bucket-NNNNN.parquet`` and only per-bucket row counts and the big
+    hosts come back to the client. ``_plan.json`` is written last: a plan without it (a killed
+    run) is redone. Nothing in the plan depends on the number of workers.
+    """
+    rows = cfg.download.rows_per_task
+    total = sum(int(m["rows"]) for m in cand.values())
+    parts = sorted(cand)
+    plan_fp = fingerprint(
+        _CHUNKING, _BIG_HOST, rows, [(i, cand[i]["fingerprint"], cand[i]["rows"]) for i in parts]
+    )
+    folder = run.join(_PLAN, plan_fp)
+    info_path = f"{folder}/_plan.json"
+    fs = run.fs
+    if run.exists(info_path):
+        return {**run.read_json(info_path), "folder": folder}
+    if fs.exists(folder):  # left by a run killed while planning: never mix its files in
+        fs.rm(folder, recursive=True)
+    fs.makedirs(folder, exist_ok=True)
+    n_buckets = max(1, math.ceil(total / rows))
+    buckets: list[list[int]] = []
+    chains: list[list[int]] = []
+    if total:
+        big = _big_hosts(run, parts, rows, n_buckets, client)
+        big_path = None
+        if len(big):
+            big_path = f"{folder}/_big_hosts.parquet"
+            run.write_parquet_atomic(big_path, big)
+        ddf = dd.from_map(
+            _plan_part,
+            _part_groups(run, "candidates", parts),
+            run=run,
+            n_buckets=n_buckets,
+            big_path=big_path,
+            meta=_plan_part_meta(),
+        )
+        # output partitions of about one extraction chunk each (never one input file's rows)
+        from laion_dask.stages.extract import CHUNK_ROWS
+
+        npartitions = max(
+            1, min(n_buckets + int(big["k"].sum()), max(len(parts), math.ceil(total / CHUNK_ROWS)))
+        )
+        counts = ddf.shuffle(on="_bucket", npartitions=npartitions).map_partitions(
+            _write_buckets, run, folder, rows, meta=_BUCKET_COUNTS_META
+        )
+        got = client.compute(counts).result()
+        buckets = sorted([int(b), int(n)] for b, n in zip(got["bucket"], got["rows"], strict=True))
+        present = {b for b, _ in buckets}
+        chains = [[b] for b, _ in buckets if b < n_buckets]
+        for first, k in zip(big["first"], big["k"], strict=True):
+            chain = [b for b in range(int(first), int(first + k)) if b in present]
+            if chain:
+                chains.append(chain)
+    if sum(n for _, n in buckets) != total:
+        raise StageError(
+            f"download plan holds {sum(n for _, n in buckets)} rows, candidates {total}"
+        )
+    info = {
+        "fingerprint": plan_fp,
+        "chunking": _CHUNKING,
+        "rows_per_task": rows,
+        "n_buckets": n_buckets,
+        "rows": total,
+        "buckets": buckets,  # [bucket, rows] of the non-empty buckets, in bucket order
+        "chains": chains,  # buckets downloaded one after the other by one task
+    }
+    run.write_json_atomic(info_path, info)
+    # plans made from other candidates or another rows_per_task are never read again
+    for path in fs.ls(run.join(_PLAN), detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] != plan_fp:
+            fs.rm(path, recursive=True)
+    return {**info, "folder": folder}
+
+
+def _download_chain_task(
+    chain: list[tuple[int, int, list[tuple[int, str]]]],
+    folder: str,
+    run: RunDir,
+    cfg: PipelineConfig,
+    retry_failed: bool,
+) -> list[dict]:
+    """The buckets of one chain, one after the other (see :func:`_download_bucket`)."""
+    first = chain[0][0]
+    out: list[dict] = []
+    for bucket, n_rows, shards in chain:
+        out += _download_bucket(bucket, n_rows, shards, folder, run, cfg, retry_failed, first)
+    return out
+
+
+def _download_bucket(
+    bucket: int,
+    n_rows: int,
+    shards: list[tuple[int, str]],
+    folder: str,
+    run: RunDir,
+    cfg: PipelineConfig,
+    retry_failed: bool,
+    chain: int,
+) -> list[dict]:
+    """Every chunk of one plan bucket, one after the other -> one shard + part per chunk.
+
+    The chunks of a bucket (and the buckets of a chain) never run at once, so the hosts of the
+    bucket see at most ``per_host_concurrency`` requests from the whole cluster. Each chunk has
+    its own marker: a task killed halfway resumes at its first unfinished chunk.
+    """
+    from laion_dask.stages.download import download_images
+
+    path = _bucket_path(folder, bucket)
+    bounds = chunk_bounds(n_rows, cfg.download.rows_per_task)
+    if len(bounds) != len(shards):
+        raise StageError(f"{path}: {len(bounds)} chunks planned, {len(shards)} shards given")
+    out: list[dict] = []
+    for chunk, ((shard_id, fp), (start, stop)) in enumerate(zip(shards, bounds, strict=True)):
+        if retry_failed and run.done_marker("downloads", shard_id) is not None:
+            out.append(_retry_task(shard_id, run, cfg, fp))
+            continue
+        marker = run.done_marker("downloads", shard_id, fp)
+        if marker is not None:
+            out.append({**marker, "resumed": True})
+            continue
+        df = schema.conform(run.read_parquet_rows(path, start, stop), schema.CANDIDATES_DTYPES)
+        t0 = time.perf_counter()
+        result = download_images(
+            df, cfg.download, consent=cfg.consent, host_cache=_host_cache(run, chain)
+        )
+        seconds = time.perf_counter() - t0
+        out.append(
+            _write_download_part(
+                run,
+                shard_id,
+                result,
+                fp,
+                seconds,
+                extra={"chain": chain, "bucket": bucket, "chunk": chunk},
+            )
+        )
+    return out
+
+
+def _write_download_part(
+    run: RunDir, shard_id: int, out: pd.DataFrame, fp: str, seconds: float, extra: dict
+) -> dict:
+    """Write the shard (successes only) and the downloads part (every row, no image bytes)."""
+    from laion_dask.ground.shards import ShardSample, make_key, write_shard
+    from laion_dask.stages.download import download_stats
+
+    keys = pd.array([make_key(shard_id, i) for i in range(len(out))], dtype="string")
+    shard_name = f"{shard_id:05d}.tar"
+    out = out.assign(
+        **{schema.KEY: keys, schema.SHARD: pd.array([shard_name] * len(out), dtype="string")}
+    )
+    ok = out[schema.STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+    meta_cols = [c for c in out.columns if c != schema.IMAGE]
+    samples = (
+        ShardSample(
+            key=str(row[schema.KEY]),
+            image=row[schema.IMAGE],
+            text=str(row[schema.TEXT]),
+            meta={c: row[c] for c in meta_cols},
+        )
+        for _, row in out[ok].iterrows()
+    )
+    write_shard(run.join("images", shard_name), samples)
+    table = out.drop(columns=[schema.IMAGE])
+    run.write_parquet_atomic(run.part_path("downloads", shard_id), table)
+    # img2dataset writes NNNNN.parquet and NNNNN_stats.json beside each tar
+    run.write_parquet_atomic(run.join("images", f"{shard_id:05d}.parquet"), table[ok])
+    stats = download_stats(out, seconds)
+    run.write_json_atomic(run.join("images", f"{shard_id:05d}_stats.json"), stats)
+    info = {
+        "fingerprint": fp,
+        "index": shard_id,
+        "rows": len(out),
+        "stats": stats,
+        "status": _value_counts(
+            out[schema.STATUS].mask(out[schema.DROP_REASON].notna(), "not_attempted")
+        ),
+        "seconds": seconds,
+        **extra,
+    }
+    run.mark_done("downloads", shard_id, info)
+    return {**info, "resumed": False}
+
+
+def is_transient_failure(df: pd.DataFrame) -> pd.Series:
+    """Rows whose download failure may succeed later (429, 5xx, timeouts, dropped connections)."""
+    from laion_dask.stages.download import is_transient
+
+    flags = [
+        is_transient(None if pd.isna(s) else str(s), None if pd.isna(m) else str(m))
+        for s, m in zip(df[schema.STATUS], df[schema.ERROR_MESSAGE], strict=True)
+    ]
+    return pd.Series(flags, index=df.index, dtype=bool)
+
+
+def _host_cache(run: RunDir, chain: int | None) -> str:
+    """The host-file cache folder of a download chain: every row of a host is in one chain, so
+    a chain's calls (chunks, resumes, retries) share what they learn about its hosts."""
+    name = "unchained" if chain is None else f"chain-{int(chain):05d}"
+    return run.join(_CONSENT_CACHE, name)
+
+
+def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
+    """Re-fetch the transient failures of one finished part and merge them in place."""
+    from laion_dask.ground.shards import read_shard_images
+    from laion_dask.stages.download import download_images
+
+    marker = run.done_marker("downloads", shard_id)
+    old = run.read_parquet(run.part_path("downloads", shard_id))
+    retry = is_transient_failure(old).to_numpy(dtype=bool)
+    if not retry.any():
+        return {**(marker or {}), "retried": 0, "resumed": True}
+    t0 = time.perf_counter()
+    fresh = download_images(
+        old.loc[retry, list(schema.CANDIDATES.columns)].reset_index(drop=True),
+        cfg.download,
+        consent=cfg.consent,
+        host_cache=_host_cache(run, (marker or {}).get("chain")),
+        refresh_unreachable=True,
+    )
+    images = read_shard_images(run.join("images", f"{shard_id:05d}.tar"))
+    merged = old.drop(columns=[schema.KEY, schema.SHARD]).copy()
+    merged[schema.IMAGE] = [images.get(k) for k in old[schema.KEY]]
+    merged = merged.astype(
+        {c: fresh[c].dtype for c in merged.columns if c in fresh.columns}, errors="ignore"
+    )
+    merged.loc[retry, list(fresh.columns)] = fresh.set_index(merged.index[retry]).to_numpy()
+    merged = schema.conform(merged, schema.DOWNLOAD_DTYPES, schema.CANDIDATES_DTYPES)
+    extra = {k: marker[k] for k in ("chain", "bucket", "chunk") if marker and k in marker}
+    info = _write_download_part(run, shard_id, merged, fp, time.perf_counter() - t0, extra)
+    info["retried"] = int(retry.sum())
+    return info
+
+
+def run_download(
+    run: RunDir,
+    cfg: PipelineConfig,
+    *,
+    client: Any | None = None,
+    retry_failed: bool = False,
+    show_progress: bool = False,
+    force: bool = False,
+) -> StageReport:
+    """Download the kept candidates: ``RUN/images/NNNNN.tar`` shards + ``RUN/downloads/`` parquet.
+
+    Every candidate row, from every input file, is first shuffled into a host bucket
+    (:func:`host_keys`, ``RUN/download_plan/``), so all rows of a host share one bucket, or, for
+    a host with more than 8 x ``rows_per_task`` rows, a chain of buckets of its own. One task
+    per chain downloads it in chunks of at most ``download.rows_per_task`` rows, one chunk after
+    the other, each chunk writing one shard; a host is therefore fetched by one task at a time
+    in the whole cluster and ``download.per_host_concurrency`` bounds what the cluster sends it.
+    A big host makes a longer task, never two at once; the longest chains are submitted first.
+    Shard ids follow the plan's order, so the same candidates and config give the same shards
+    whatever the number of workers. With ``retry_failed`` only rows whose failure was transient
+    are fetched again and merged into their finished part (chunk by chunk, in the same order).
+
+    Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed
+    entry raises :class:`~laion_dask.ground.config.ConfigError` before any task runs; their
+    content is
+    part of each task's fingerprint (a changed list re-runs the stage). Host files (robots.txt,
+    tdmrep.json) are journaled per chain in ``RUN/consent/chain-N/``. A config that would change
+    finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
+    Temporary files left by tasks of an earlier, killed attempt are removed first
+    (:meth:`RunDir.remove_tmp_files`).
+    """
+    from laion_dask.stages.consent import load_lists
+
+    lists = load_lists(cfg.consent)
+    client = get_client(client)
+    t0 = time.perf_counter()
+    run.makedirs("downloads", "images")
+    cand = run.markers("candidates")
+    if not cand:
+        raise StageError(f"{run.path}: no candidates; run extract first")
+    rows = cfg.download.rows_per_task
+    stage_cfg = _stage_config(run, cfg, "download", lists.fingerprint)
+    run.check_stage_config("downloads", stage_cfg, force=force, allowed=_ALWAYS_APPLIED)
+    _remove_tmp(run, "download", ("downloads", "images", _CONSENT_CACHE, _PLAN))
+    plan = _download_plan(run, cfg, cand, client)
+    planned: list[tuple[int, int, tuple[str, Callable[..., Any], tuple]]] = []
+    n_rows = dict(plan["buckets"])
+    shard_id = 0
+    for chain in plan["chains"]:
+        work = []
+        for bucket in chain:
+            n_chunks = len(chunk_bounds(n_rows[bucket], rows))
+            shards = [
+                (shard_id + c, fingerprint(plan["fingerprint"], bucket, c, stage_cfg))
+                for c in range(n_chunks)
+            ]
+            work.append((bucket, n_rows[bucket], shards))
+            shard_id += n_chunks
+        args = (work, plan["folder"], run, cfg, retry_failed)
+        size = sum(n_rows[b] for b in chain)
+        planned.append((size, chain[0], (f"bucket-{chain[0]:05d}", _download_chain_task, args)))
+    _forget_shards_from(run, shard_id)
+    # longest first: a big host's chain bounds the stage's wall time, so it starts at once
+    planned.sort(key=lambda p: (-p[0], p[1]))
+    results, failures = run_tasks(
+        client,
+        "download",
+        [task for _, _, task in planned],
+        strict=cfg.strict,
+        show_progress=show_progress,
+    )
+    chunks = [r for bucket_results in results for r in bucket_results]
+    return _stage_report("download", shard_id, chunks, failures, "status", t0)
+
+
+def _forget_shards_from(run: RunDir, first: int) -> None:
+    """Drop download partitions numbered ``first`` or above: left by a plan with more shards."""
+    fs = run.fs
+    for index in run.marker_indices("downloads"):
+        if index < first:
+            continue
+        paths = [run.marker_path("downloads", index), run.part_path("downloads", index)]
+        paths += [run.join("images", f"{index:05d}{ext}") for ext in _SHARD_FILES]
+        for path in paths:
+            if fs.exists(path):
+                fs.rm(path)
+
+
+#: the files of one shard in RUN/images/, img2dataset style
+_SHARD_FILES = (".tar", ".parquet", "_stats.json")
+
+
+def _remove_tmp(run: RunDir, stage: str, folders: Sequence[str]) -> None:
+    """Remove what killed tasks of an earlier attempt left half-written in ``folders``.
+
+    Called as a stage starts, before it submits a task: no task of this attempt can be writing
+    there yet (stages run one after the other), so every ``*.tmp-*`` file is a leftover.
+    """
+    removed = run.remove_tmp_files(*folders)
+    if removed:
+        log.info("%s: removed %d temporary files left by killed tasks", stage, len(removed))
+
+
+# --- score --------------------------------------------------------------------------------------
+
+
+def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
+    marker = run.done_marker("scores", shard_id, fp)
+    if marker is not None:
+        return {**marker, "resumed": True}
+    from laion_dask.stages.clip import score_partition
+    from laion_dask.stages.embeddings import write_embeddings
+
+    t0 = time.perf_counter()
+    df = run.read_parquet(run.part_path("downloads", shard_id))
+    result = score_partition(df, cfg.clip, image_root=run.join("images"))
+    frame = result.frame
+    run.write_parquet_atomic(run.part_path("scores", shard_id), frame)
+    if cfg.clip.write_embeddings:
+        meta = frame.set_index(schema.KEY).loc[result.keys].reset_index()
+        write_embeddings(run.join("embeddings"), shard_id, result, meta)
+    attempted = frame[schema.STATUS].eq("success").fillna(False)
+    info = {
+        "fingerprint": fp,
+        "index": shard_id,
+        "rows": int(attempted.sum()),
+        "score_status": _value_counts(frame.loc[attempted, schema.SCORE_STATUS]),
+        "seconds": time.perf_counter() - t0,
+    }
+    run.mark_done("scores", shard_id, info)
+    return {**info, "resumed": False}
+
+
+def _clip_facts(cfg: Any) -> dict[str, Any]:
+    from laion_dask.stages.clip import encoder_from_config, encoder_info
+
+    return {k: v for k, v in encoder_info(encoder_from_config(cfg)).items() if v is not None}
+
+
+def run_score(
+    run: RunDir,
+    cfg: PipelineConfig,
+    *,
+    client: Any | None = None,
+    show_progress: bool = False,
+    force: bool = False,
+) -> StageReport:
+    """CLIP-score every downloaded image: ``RUN/scores/`` + ``RUN/embeddings/``.
+
+    Scoring tasks ask for the ``GPU`` resource when the cluster's workers declare it, so CPU
+    stages never queue behind GPUs. A config that would change finished partitions raises
+    :class:`ConfigChanged` naming the keys, unless ``force``.
+    """
+    from laion_dask.orchestration.cluster import scoring_resources
+    from laion_dask.stages.clip import check_model_available
+
+    client = get_client(client)
+    check_model_available(cfg.clip)  # one clear error before any work
+    stage_cfg = _stage_config(run, cfg, "score")
+    run.check_stage_config("scores", stage_cfg, force=force)
+    resources = scoring_resources(client)
+    # record what "auto" resolved to (revision, device, dtype) where the model really loads
+    facts = client.submit(_clip_facts, cfg.clip, resources=resources, pure=False).result()
+    run.write_config(cfg, extra={"clip_resolved": facts})
+    t0 = time.perf_counter()
+    run.makedirs("scores", "embeddings")
+    _remove_tmp(run, "score", ("scores", "embeddings"))
+    downloads = run.markers("downloads")
+    _forget_stale_scores(run, keep=set(downloads))
+    tasks = [
+        (
+            f"{k:05d}",
+            _score_task,
+            (k, run, cfg, fingerprint(m["fingerprint"], m.get("retried"), stage_cfg)),
+        )
+        for k, m in sorted(downloads.items())
+    ]
+    results, failures = run_tasks(
+        client,
+        "score",
+        tasks,
+        strict=cfg.strict,
+        resources=resources,
+        show_progress=show_progress,
+    )
+    return _stage_report("score", len(tasks), results, failures, "score_status", t0)
+
+
+def _forget_stale_scores(run: RunDir, keep: set[int]) -> None:
+    """Drop scores parts (and their embeddings) of shards that no longer exist.
+
+    A new download plan with fewer shards (another ``rows_per_task``, fewer inputs) removes the
+    shards beyond it; their scores would otherwise stay in RUN/scores and reach materialize,
+    explore and the report as rows nobody downloaded in this run.
+    """
+    from laion_dask.stages.embeddings import embedding_paths
+
+    fs = run.fs
+    for index in set(run.marker_indices("scores")) - keep:
+        paths = [run.marker_path("scores", index), run.part_path("scores", index)]
+        paths += list(embedding_paths(run.join("embeddings"), index).values())
+        for path in paths:
+            if fs.exists(path):
+                fs.rm(path)
+        log.info("score: removed scores part %d (its shard is gone)", index)
+
+
+def _stage_report(
+    stage: str,
+    partitions: int,
+    results: list[dict],
+    failures: dict[str, str],
+    counts_key: str,
+    t0: float,
+) -> StageReport:
+    """Sum the per-partition markers' counts into one report."""
+    counter: Counter[str] = Counter()
+    for r in results:
+        counter.update(r[counts_key])
+    return StageReport(
+        stage,
+        partitions=partitions,
+        resumed=sum(1 for r in results if r.get("resumed")),
+        failed=failures,
+        rows_in=sum(r["rows"] for r in results),
+        counts=dict(counter),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# --- all of it ----------------------------------------------------------------------------------
+
+STAGE_ORDER = ("extract", "download", "score", "materialize")

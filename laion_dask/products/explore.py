@@ -1,0 +1,844 @@
+"""Interactive what-if over a run's stored scores: the API under the notebooks and dashboards.
+
+``open_run(RUN)`` reads ``RUN/scores`` as a Dask dataframe (one partition per scores part, with
+``meta=``), brings into memory only the numeric and small categorical columns interaction needs
+(:data:`MEMORY_COLUMNS`: scores, sizes, caption length, language, the upstream reason), and
+precomputes per language group what plots and sliders ask for (sorted score columns, histograms).
+After that nothing runs on Dask: a threshold change is one vectorised numpy pass over in-memory
+arrays (:meth:`RunView.kept_at`) or a binary search over a sorted column
+(:meth:`RunView.fraction_kept`, :meth:`RunView.threshold_for_fraction`). URLs, captions and keys
+stay on disk: :meth:`RunView.details` reads them for the few sampled rows, by scores part and row
+position, so memory grows with the numeric columns only.
+
+``kept_at`` reproduces :func:`laion_dask.stages.filters.add_final_reason` exactly (same order of
+reasons, same float32/float64 comparisons), so the funnel shown while tuning is the one
+``materialize`` writes for the same thresholds.
+
+Example
+-------
+>>> view = open_run("demo-run")                                     # doctest: +SKIP
+>>> t = view.threshold_for_fraction("en", 0.3)   # keep the top 30 % # doctest: +SKIP
+>>> view.kept_at(FilterConfig(similarity_en=t)).kept                # doctest: +SKIP
+>>> view.save_thresholds(FilterConfig(similarity_en=t), "thresholds.toml")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from laion_dask.ground import schema
+from laion_dask.ground.config import FilterConfig
+from laion_dask.orchestration.rundir import RunDir
+from laion_dask.stages.filters import FILTER_REASONS, dump_thresholds, final_reason, load_thresholds
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "open_run",
+    "RunView",
+    "Funnel",
+    "EXPLORE_COLUMNS",
+    "MEMORY_COLUMNS",
+    "DETAIL_COLUMNS",
+    "TEXT_LENGTH",
+    "UPSTREAM_REASON",
+    "interaction_columns",
+    "thumbnail",
+    "png_bytes",
+    "samples_html",
+]
+
+#: columns added by :func:`interaction_columns` (not in schema.py: explore-only)
+TEXT_LENGTH = "text_length"
+UPSTREAM_REASON = "upstream_reason"  # rules / download / scoring reason, <NA> = reached filters
+SCORES_PART = "scores_part"  # index of the scores part a row comes from (open_run only)
+
+#: the scores columns ``open_run`` reads (per part; only :data:`MEMORY_COLUMNS` are kept)
+EXPLORE_COLUMNS = (
+    schema.SIMILARITY,
+    schema.PUNSAFE,
+    schema.PWATERMARK,
+    schema.LANGUAGE_GROUP,
+    schema.LANGUAGE,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+    schema.DROP_REASON,
+    schema.STATUS,
+    schema.SCORE_STATUS,
+    schema.KEY,
+    schema.SHARD,
+    schema.URL,
+    schema.TEXT,
+)
+
+#: the columns a :class:`RunView` holds per row (strings become categoricals)
+MEMORY_COLUMNS = (
+    schema.SIMILARITY,
+    schema.PUNSAFE,
+    schema.PWATERMARK,
+    schema.LANGUAGE_GROUP,
+    schema.LANGUAGE,
+    schema.ORIGINAL_WIDTH,
+    schema.ORIGINAL_HEIGHT,
+    schema.SCORE_STATUS,
+    TEXT_LENGTH,
+    UPSTREAM_REASON,
+)
+#: read from the scores parts on demand, for sampled rows only (:meth:`RunView.details`)
+DETAIL_COLUMNS = (schema.KEY, schema.SHARD, schema.URL, schema.TEXT)
+_CATEGORICAL = (schema.LANGUAGE_GROUP, schema.LANGUAGE, schema.SCORE_STATUS, UPSTREAM_REASON)
+
+#: columns ``histogram``/``quantiles`` know, and how a threshold on them keeps rows
+NUMERIC = {
+    schema.SIMILARITY: "ge",  # kept when value >= threshold
+    schema.PUNSAFE: "le",  # kept when value <= threshold
+    schema.PWATERMARK: "le",
+    schema.ORIGINAL_WIDTH: "ge",
+    schema.ORIGINAL_HEIGHT: "ge",
+    TEXT_LENGTH: "ge",
+}
+ALL = "all"  # the group name meaning every language group
+_BINS = 50
+
+
+def interaction_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Return ``df`` with ``text_length`` and ``upstream_reason`` (threshold-free reasons) added.
+
+    Pure function over one scores partition; ``upstream_reason`` is
+    :func:`laion_dask.stages.filters.final_reason` without the threshold filters.
+    """
+    text_len = df[schema.TEXT].astype("string").str.len().fillna(0).astype("int64")
+    upstream = final_reason(df.drop(columns=["filter_reason"], errors="ignore"))
+    return df.assign(
+        **{TEXT_LENGTH: text_len.to_numpy(), UPSTREAM_REASON: upstream.astype("string").to_numpy()}
+    )
+
+
+def _read_part(part: tuple[int, str], run: RunDir, read_columns: list[str]) -> pd.DataFrame:
+    """One scores part ``(index, path)`` reduced to :data:`MEMORY_COLUMNS` plus its index."""
+    from laion_dask.products.knn import join_part_near_duplicates
+
+    index, path = part
+    df = run.read_parquet(path, columns=read_columns)
+    df = interaction_columns(join_part_near_duplicates(run, index, schema.conform(df, _DTYPES)))
+    return df[list(MEMORY_COLUMNS)].assign(**{SCORES_PART: np.int32(index)})
+
+
+_DTYPES = {
+    **schema.CANDIDATES_DTYPES,
+    **schema.DOWNLOAD_DTYPES,
+    **schema.SHARD_DTYPES,
+    **schema.SCORE_DTYPES,
+}
+_META = interaction_columns(schema.empty({c: _DTYPES[c] for c in EXPLORE_COLUMNS}))[
+    list(MEMORY_COLUMNS)
+].assign(**{SCORES_PART: np.int32(0)})
+
+
+@dataclass
+class Funnel:
+    """Rows in, kept per language group, dropped per reason, and the group x outcome table.
+
+    ``table`` has one row per outcome (``kept`` then each reason seen) and one column per language
+    group (a missing or unknown group counts as ``nolang``, as the similarity filter treats it);
+    ``rows_in == sum(kept) + sum(dropped)`` always (:meth:`check`).
+    """
+
+    rows_in: int
+    kept: dict[str, int]
+    dropped: dict[str, int]
+    table: pd.DataFrame = field(repr=False)
+
+    @property
+    def total_kept(self) -> int:
+        """Rows kept over all groups."""
+        return sum(self.kept.values())
+
+    def check(self) -> None:
+        """Raise when kept + dropped does not equal rows in."""
+        if self.total_kept + sum(self.dropped.values()) != self.rows_in:
+            raise AssertionError(f"funnel: {self.rows_in} in, counts do not add up")
+
+
+class RunView:
+    """A run's scores held for interaction. Build it with :func:`open_run`.
+
+    Attributes
+    ----------
+    run : RunDir
+    ddf : dask.dataframe.DataFrame
+        The scores reduced to :data:`MEMORY_COLUMNS` (plus ``scores_part``), one partition per
+        scores part (lazy).
+    rows : pandas.DataFrame
+        :data:`MEMORY_COLUMNS` of every row in memory, in part order (strings as categoricals);
+        url, caption, key and shard are read on demand (:meth:`details`).
+    thresholds : FilterConfig
+        The run config's ``[filters]`` (a starting point).
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        ddf: Any,
+        rows: pd.DataFrame,
+        thresholds: FilterConfig,
+        *,
+        part_paths: dict[int, str] | None = None,
+    ):
+        self.run = run
+        self.ddf = ddf
+        # which scores part and row each in-memory row is: parts are contiguous, in index order
+        if SCORES_PART in rows.columns:
+            part = rows[SCORES_PART].to_numpy("int64")
+            if len(part) and (np.diff(part) < 0).any():
+                raise ValueError("rows must be in scores part order")
+            names, starts = np.unique(part, return_index=True)
+        else:
+            names, starts = np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64")
+        self._part_index = names
+        self._offsets = np.append(starts, len(rows)).astype("int64")
+        self._part_paths = dict(part_paths or {})
+        self.rows = _slim(rows)
+        self.thresholds = thresholds
+        self._truth: tuple[str, np.ndarray, np.ndarray] | None = None
+        self._prepare()
+
+    # --- precomputation ---------------------------------------------------------------------
+    def _prepare(self) -> None:
+        df = self.rows
+        n = len(df)
+        groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+        self.groups = tuple(schema.LANGUAGE_GROUPS)
+        # small codes per row: memory is per row, the arithmetic casts up (kept_at)
+        gcode = np.full(n, len(self.groups) - 1, dtype=np.int8)  # unknown -> like nolang
+        for i, g in enumerate(self.groups):
+            gcode[groups.eq(g).to_numpy(dtype=bool)] = i
+        self._gcode = gcode
+        up = df[UPSTREAM_REASON].astype("string")
+        self._upstream_names = tuple(sorted(up.dropna().unique().tolist()))
+        self.reasons = self._upstream_names + tuple(
+            r for r in FILTER_REASONS if r not in self._upstream_names
+        )
+        code = {r: i + 1 for i, r in enumerate(self.reasons)}  # 0 = kept / reached filters
+        self._code = code
+        self._upstream = up.map(code).fillna(0).astype("int16").to_numpy()
+        self._scored = df[schema.SIMILARITY].notna().to_numpy(dtype=bool)
+        self._sim = df[schema.SIMILARITY].astype("float32").to_numpy("float32", na_value=np.nan)
+        self._text_len = df[TEXT_LENGTH].to_numpy("int32")
+        f64 = {c: _num(df, c) for c in (schema.PUNSAFE, schema.PWATERMARK)}
+        self._w = _num(df, schema.ORIGINAL_WIDTH)
+        self._h = _num(df, schema.ORIGINAL_HEIGHT)
+        self._values: dict[str, np.ndarray] = {
+            schema.SIMILARITY: self._sim.astype("float64"),
+            **f64,
+            schema.ORIGINAL_WIDTH: self._w,
+            schema.ORIGINAL_HEIGHT: self._h,
+            TEXT_LENGTH: self._text_len.astype("float64"),
+        }
+        # per group (and "all"): sorted non-missing values, and default histograms
+        self._sorted: dict[tuple[str, str], np.ndarray] = {}
+        self._hist: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._edges: dict[str, np.ndarray] = {}
+        for col, values in self._values.items():
+            finite = values[np.isfinite(values)]
+            lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+            if col in (schema.PUNSAFE, schema.PWATERMARK):
+                lo, hi = 0.0, 1.0
+            self._edges[col] = np.linspace(lo, hi if hi > lo else lo + 1.0, _BINS + 1)
+            for g in (*self.groups, ALL):
+                v = self._group_values(col, g)
+                v = np.sort(v[np.isfinite(v)])
+                self._sorted[(col, g)] = v
+                self._hist[(col, g)] = np.histogram(v, bins=self._edges[col])
+
+    def _group_values(self, column: str, group: str) -> np.ndarray:
+        values = self._values[_check_column(column)]
+        if group == ALL:
+            return values
+        return values[self._gcode == self._group_index(group)]
+
+    def _group_index(self, group: str) -> int:
+        if group not in self.groups:
+            raise ValueError(f"unknown language group {group!r} (known: {self.groups}, {ALL!r})")
+        return self.groups.index(group)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"RunView({self.run.path!r}, rows={len(self)}, scored={int(self._scored.sum())})"
+
+    # --- thresholds -> funnel ---------------------------------------------------------------
+    def reasons_at(self, thresholds: FilterConfig) -> pd.Series:
+        """Per-row final reason at ``thresholds`` (``<NA>`` = kept), as ``add_final_reason``."""
+        codes = self._codes_at(thresholds)
+        names = np.array([None, *self.reasons], dtype=object)
+        return pd.Series(names[codes], dtype="string", name="final_reason")
+
+    def _codes_at(self, cfg: FilterConfig) -> np.ndarray:
+        w, h = self._w, self._h
+        sim_thr = np.array(
+            [cfg.similarity_en, cfg.similarity_multi, cfg.similarity_nolang], dtype="float32"
+        )[np.minimum(self._gcode, 2)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rules = {
+                "text_too_short": self._text_len < cfg.min_text_chars,
+                "low_similarity": self._sim < sim_thr,
+                "unsafe": _above(self._values[schema.PUNSAFE], cfg.max_punsafe),
+                "watermark": _above(self._values[schema.PWATERMARK], cfg.max_pwatermark),
+                "small_image": np.fmin(w, h) < cfg.min_side if cfg.min_side else None,
+                "extreme_aspect_ratio": (
+                    np.fmax(w, h) / np.fmax(np.fmin(w, h), 1) > cfg.max_aspect_ratio
+                    if cfg.max_aspect_ratio
+                    else None
+                ),
+            }
+        codes = self._upstream.copy()
+        open_ = (codes == 0) & self._scored
+        for name in FILTER_REASONS:  # first failing rule wins
+            hit = rules[name]
+            if hit is None:
+                continue
+            hit = open_ & hit
+            codes[hit] = self._code[name]
+            open_ &= ~hit
+        return codes
+
+    def kept_at(self, thresholds: FilterConfig) -> Funnel:
+        """The funnel at ``thresholds``: kept per group, dropped per reason (numpy, no Dask job).
+
+        Equals ``filters.add_final_reason`` over the same rows, counted.
+        """
+        codes = self._codes_at(thresholds)
+        k = len(self.reasons) + 1
+        cell = self._gcode.astype(np.intp) * k + codes
+        counts = np.bincount(cell, minlength=len(self.groups) * k)
+        counts = counts.reshape(len(self.groups), k).T  # outcome x group
+        table = pd.DataFrame(counts, index=["kept", *self.reasons], columns=list(self.groups))
+        table = table.loc[(table.index == "kept") | (table.sum(axis=1) > 0)]
+        kept = {g: int(table.at["kept", g]) for g in self.groups}
+        totals = table.drop(index="kept").sum(axis=1)
+        dropped = {str(r): int(v) for r, v in totals.items() if v}
+        return Funnel(rows_in=len(self.rows), kept=kept, dropped=dropped, table=table)
+
+    def compare(
+        self, a: FilterConfig, b: FilterConfig, names: tuple[str, str] = ("a", "b")
+    ) -> pd.DataFrame:
+        """Two threshold sets side by side: rows per outcome (``kept_<group>``, reasons)."""
+        cols = {}
+        for name, cfg in zip(names, (a, b), strict=True):
+            f = self.kept_at(cfg)
+            cols[name] = pd.Series({**{f"kept_{g}": v for g, v in f.kept.items()}, **f.dropped})
+        out = pd.DataFrame(cols).fillna(0).astype("int64")
+        order = [f"kept_{g}" for g in self.groups] + list(self.reasons)
+        out = out.reindex([r for r in order if r in out.index])
+        out["change"] = out[names[1]] - out[names[0]]
+        return out
+
+    # --- threshold <-> kept fraction --------------------------------------------------------
+    def fraction_kept(self, group: str, threshold: float, column: str = schema.SIMILARITY) -> float:
+        """Fraction of ``group``'s rows with a ``column`` value that pass ``threshold`` alone.
+
+        Similarity, sizes and text length keep ``value >= threshold``; punsafe and pwatermark keep
+        ``value <= threshold``. Similarity is compared in float32, as the filters do.
+        """
+        v = self._sorted[(_check_column(column), _group_name(self, group))]
+        if not len(v):
+            return float("nan")
+        t = _as_stored(column, threshold)
+        if NUMERIC[column] == "ge":
+            return float(len(v) - np.searchsorted(v, t, side="left")) / len(v)
+        return float(np.searchsorted(v, t, side="right")) / len(v)
+
+    def threshold_for_fraction(
+        self, group: str, fraction: float, column: str = schema.SIMILARITY
+    ) -> float:
+        """The threshold that keeps the top ``fraction`` of ``group`` ("keep the top 30 %").
+
+        Returns a value present in the data (ties may keep slightly more); ``fraction == 0``
+        gives a threshold just past the extreme, keeping nothing.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        v = self._sorted[(_check_column(column), _group_name(self, group))]
+        if not len(v):
+            raise ValueError(f"group {group!r} has no {column} values")
+        k = int(round(fraction * len(v)))
+        if NUMERIC[column] == "ge":
+            if k == 0:
+                return _past(column, v[-1], +1)
+            return float(v[len(v) - k])
+        if k == 0:
+            return _past(column, v[0], -1)
+        return float(v[k - 1])
+
+    # --- distributions ----------------------------------------------------------------------
+    def histogram(
+        self,
+        column: str,
+        group: str = ALL,
+        bins: int | np.ndarray | None = None,
+        range: tuple[float, float] | None = None,  # noqa: A002 (numpy's name)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts, edges)`` of ``column`` over ``group``'s rows with a value.
+
+        With the defaults the precomputed histogram is returned (shared edges across groups).
+        """
+        col, g = _check_column(column), _group_name(self, group)
+        if bins is None and range is None:
+            counts, edges = self._hist[(col, g)]
+            return counts.copy(), edges.copy()
+        v = self._sorted[(col, g)]
+        return np.histogram(v, bins=_BINS if bins is None else bins, range=range)
+
+    def quantiles(
+        self, column: str, group: str = ALL, q: Any = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+    ) -> pd.Series:
+        """Quantiles of ``column`` over ``group`` (linear interpolation), indexed by ``q``."""
+        v = self._sorted[(_check_column(column), _group_name(self, group))]
+        qs = np.atleast_1d(np.asarray(q, dtype="float64"))
+        vals = np.quantile(v, qs) if len(v) else np.full(len(qs), np.nan)
+        return pd.Series(vals, index=pd.Index(qs, name="q"), name=column)
+
+    def describe(self, column: str = schema.SIMILARITY) -> pd.DataFrame:
+        """Count, mean and quartiles of ``column`` per language group (from the cache)."""
+        out = {}
+        for g in (*self.groups, ALL):
+            v = self._sorted[(_check_column(column), g)]
+            q = np.quantile(v, [0.25, 0.5, 0.75]) if len(v) else [np.nan] * 3
+            out[g] = {
+                "count": len(v),
+                "mean": float(v.mean()) if len(v) else np.nan,
+                "min": float(v[0]) if len(v) else np.nan,
+                "25%": q[0],
+                "50%": q[1],
+                "75%": q[2],
+                "max": float(v[-1]) if len(v) else np.nan,
+            }
+        return pd.DataFrame(out).T
+
+    def language_counts(self, group: str = ALL, top: int = 20) -> pd.Series:
+        """Rows per detected language (most frequent first), within ``group``."""
+        lang = self.rows[schema.LANGUAGE].astype("string").fillna("<none>")
+        if group != ALL:
+            lang = lang[self._gcode == self._group_index(group)]
+        return lang.value_counts().head(top)
+
+    # --- samples at the edge of a threshold -------------------------------------------------
+    def samples_near(
+        self,
+        threshold: float,
+        group: str = ALL,
+        side: Literal["above", "below"] = "above",
+        n: int = 8,
+        *,
+        column: str = schema.SIMILARITY,
+        thumb_size: int = 128,
+        images: bool = True,
+    ) -> pd.DataFrame:
+        """The ``n`` rows of ``group`` closest to ``threshold`` on ``side``, nearest first.
+
+        The sides split the rows as the filter does: for similarity, sizes and text length
+        ``above`` is ``value >= threshold`` (kept) and ``below`` is ``value < threshold``; for
+        punsafe and pwatermark ``below`` is ``value <= threshold`` (kept) and ``above`` is
+        ``value > threshold``. Ties in distance are ordered by position in the run (part, row):
+        deterministic. Columns: key, shard, url, text (read from the scores parts for these rows
+        only), language_group, language, similarity, punsafe, pwatermark, original sizes,
+        distance and (``images=True``) ``thumbnail``, a PIL image no larger than ``thumb_size``
+        px (None when the image is not in the shards).
+        """
+        return self.samples_around(
+            threshold, group, n, column=column, thumb_size=thumb_size, images=images, sides=(side,)
+        )[side]
+
+    def samples_around(
+        self,
+        threshold: float,
+        group: str = ALL,
+        n: int = 8,
+        *,
+        column: str = schema.SIMILARITY,
+        thumb_size: int = 128,
+        images: bool = True,
+        sides: tuple[str, ...] = ("above", "below"),
+    ) -> dict[str, pd.DataFrame]:
+        """:meth:`samples_near` for several sides at once: ``{side: frame}``.
+
+        The rows of every side are read together, so each scores part (and image shard)
+        involved is opened once: what a view showing both sides of a cut-off wants.
+        """
+        for side in sides:
+            if side not in ("above", "below"):
+                raise ValueError(f"side must be 'above' or 'below', got {side!r}")
+        col, g = _check_column(column), _group_name(self, group)
+        near = [self._nearest(col, g, threshold, side, n) for side in sides]
+        idx = np.concatenate([i for i, _ in near]) if near else np.zeros(0, dtype="int64")
+        numeric = [
+            schema.LANGUAGE_GROUP,
+            schema.LANGUAGE,
+            schema.SIMILARITY,
+            schema.PUNSAFE,
+            schema.PWATERMARK,
+            schema.ORIGINAL_WIDTH,
+            schema.ORIGINAL_HEIGHT,
+        ]
+        held = self.rows.iloc[idx][numeric].reset_index(drop=True)
+        for c in (schema.LANGUAGE_GROUP, schema.LANGUAGE):
+            held[c] = held[c].astype("string")
+        both = pd.concat([self.details(idx), held], axis=1)
+        both["distance"] = np.concatenate([d for _, d in near]) if near else np.zeros(0)
+        if images:
+            both["thumbnail"] = self._thumbnails(both, thumb_size)
+        out, start = {}, 0
+        for side, (i, _) in zip(sides, near, strict=True):
+            out[side] = both.iloc[start : start + len(i)].reset_index(drop=True)
+            start += len(i)
+        return out
+
+    def _nearest(
+        self, col: str, group: str, threshold: float, side: str, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and distances of the ``n`` rows nearest ``threshold`` on ``side``."""
+        if n <= 0:
+            return np.zeros(0, dtype="int64"), np.zeros(0)
+        values = self._values[col]
+        t = _as_stored(col, threshold)
+        with np.errstate(invalid="ignore"):  # NaN (no value) is on neither side
+            if NUMERIC[col] == "ge":
+                mask = values >= t if side == "above" else values < t
+            else:
+                mask = values > t if side == "above" else values <= t
+        if group != ALL:
+            mask &= self._gcode == self._group_index(group)
+        idx = np.flatnonzero(mask)
+        dist = np.abs(values[idx] - float(t))
+        if len(idx) > n:  # the n nearest (and every tie of the n-th) without a full sort
+            cut = np.partition(dist, n - 1)[n - 1]
+            near = dist <= cut
+            idx, dist = idx[near], dist[near]
+        order = np.lexsort((idx, dist))[:n]
+        return idx[order], dist[order]
+
+    def details(self, positions: Any, columns: tuple[str, ...] = DETAIL_COLUMNS) -> pd.DataFrame:
+        """``columns`` of the rows at ``positions`` (row numbers of :attr:`rows`), read from disk.
+
+        Only the parquet row groups holding those rows are read, one scores part at a time, so
+        a handful of samples costs a handful of row groups whatever the run's size. The result
+        has one row per position, in the order given.
+        """
+        pos = np.asarray(positions, dtype="int64").reshape(-1)
+        cols = list(columns)
+        if not len(pos):
+            return schema.empty({c: _DTYPES.get(c, "string") for c in cols})
+        if (pos < 0).any() or (pos >= len(self.rows)).any():
+            raise IndexError(f"row positions out of range 0..{len(self.rows) - 1}")
+        if not self._part_paths:
+            raise RuntimeError(
+                "this RunView was built from in-memory rows without scores parts: "
+                "use open_run to read details"
+            )
+        which = np.searchsorted(self._offsets, pos, side="right") - 1
+        frames = []
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            part = int(self._part_index[k])
+            local = pos[sel] - self._offsets[k]
+            expected = int(self._offsets[k + 1] - self._offsets[k])
+            df = _read_rows(self.run, self._part_paths[part], local, cols, expected)
+            frames.append(df.set_axis(sel))
+        out = pd.concat(frames).sort_index().reset_index(drop=True)
+        return schema.conform(out, _DTYPES)
+
+    def _thumbnails(self, rows: pd.DataFrame, size: int) -> list[Any]:
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for key, shard in zip(rows[schema.KEY], rows[schema.SHARD], strict=True):
+            if pd.notna(key) and pd.notna(shard):
+                wanted[str(shard)].add(str(key))
+        from laion_dask.ground.shards import read_shard_images
+
+        found: dict[str, bytes] = {}
+        for shard, keys in sorted(wanted.items()):
+            path = self.run.join("images", shard)
+            if not self.run.exists(path):
+                log.warning("explore: shard %s missing: %d thumbnails skipped", path, len(keys))
+                continue
+            found.update(read_shard_images(path, keys))
+        thumbs = []
+        missing = 0
+        for key in rows[schema.KEY]:
+            data = found.get(str(key)) if pd.notna(key) else None
+            img = thumbnail(data, size) if data is not None else None
+            missing += img is None
+            thumbs.append(img)
+        if missing:
+            log.info("explore: %d of %d samples have no decodable image", missing, len(rows))
+        return thumbs
+
+    # --- ground truth (demo runs) -----------------------------------------------------------
+    def precision_recall(
+        self, thresholds: FilterConfig, ground_truth: str | Path | None = None
+    ) -> dict[str, Any]:
+        """Precision/recall of ``thresholds`` against a ground truth parquet (url, text, matches).
+
+        Over the scored pairs (``score_status == success``) that have a ground-truth row: a pair
+        is relevant when ``matches``; it is retrieved when kept at ``thresholds`` (every filter,
+        not only similarity). ``ground_truth`` defaults to ``RUN/corpus/ground_truth.parquet``.
+        Also per language group under ``"groups"``.
+        """
+        path = str(ground_truth or self.run.join("corpus", "ground_truth.parquet"))
+        if self._truth is None or self._truth[0] != path:
+            self._truth = (path, *self._join_truth(path))
+        _, pos, truth = self._truth
+        kept = self._codes_at(thresholds)[pos] == 0
+        scored = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+        gcode = self._gcode[pos]
+        out = _pr(kept, truth)
+        out["scored_pairs"] = int(scored.sum())
+        out["with_ground_truth"] = len(pos)
+        out["groups"] = {
+            g: _pr(kept[gcode == i], truth[gcode == i])
+            for i, g in enumerate(self.groups)
+            if (gcode == i).any()
+        }
+        return out
+
+    def _join_truth(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions of the scored pairs with a ground-truth row, and their ``matches``.
+
+        Reads url and text of one scores part at a time (they are not held in memory).
+        """
+        gt = pd.read_parquet(path, columns=["url", "text", "matches"])
+        gt = gt.dropna(subset=["text"]).drop_duplicates(["url", "text"])
+        gt = gt.astype({"url": "string", "text": "string"})
+        scored = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+        positions, truth = [], []
+        for k, part in enumerate(self._part_index):
+            lo, hi = int(self._offsets[k]), int(self._offsets[k + 1])
+            part_path = self._part_paths[int(part)]
+            df = self.run.read_parquet(part_path, columns=[schema.URL, schema.TEXT])
+            if len(df) != hi - lo:
+                raise RuntimeError(_changed(part_path, hi - lo, len(df)))
+            frame = df.astype("string").assign(_pos=np.arange(lo, hi))[scored[lo:hi]]
+            m = frame.merge(gt, on=["url", "text"], how="inner")
+            positions.append(m["_pos"].to_numpy("int64"))
+            truth.append(m["matches"].astype(bool).to_numpy())
+        if not positions:
+            return np.zeros(0, dtype="int64"), np.zeros(0, dtype=bool)
+        pos, tr = np.concatenate(positions), np.concatenate(truth)
+        order = np.argsort(pos, kind="stable")
+        return pos[order], tr[order]
+
+    # --- thresholds.toml --------------------------------------------------------------------
+    def save_thresholds(self, thresholds: FilterConfig, path: str | Path | None = None) -> str:
+        """Write ``thresholds`` as the ``thresholds.toml`` materialize reads; returns the path.
+
+        ``path`` defaults to ``RUN/thresholds.toml``.
+        """
+        target = str(path) if path is not None else self.run.join("thresholds.toml")
+        text = dump_thresholds(thresholds)
+        self.run.write_bytes_atomic(target, text.encode("utf-8"))
+        return target
+
+    def load_thresholds(self, path: str | Path) -> FilterConfig:
+        """Read a ``thresholds.toml`` (missing keys from this run's config)."""
+        return load_thresholds(path, base=self.thresholds)
+
+    def with_similarity(self, **by_group: float) -> FilterConfig:
+        """This run's thresholds with ``similarity_<group>`` replaced, e.g. ``en=0.3``."""
+        changes = {f"similarity_{g}": float(v) for g, v in by_group.items()}
+        return dataclasses.replace(self.thresholds, **changes)
+
+
+def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView:
+    """Open a run's scores for interaction (one Dask job now; none per threshold change).
+
+    Parameters
+    ----------
+    path
+        The run directory (local path or fsspec URL) with finished ``scores`` partitions.
+    client
+        A ``distributed.Client`` to read the parts on; None uses Dask's default scheduler.
+    """
+    import dask.dataframe as dd
+
+    run = path if isinstance(path, RunDir) else RunDir(str(path))
+    part_paths = {i: run.part_path("scores", i) for i in sorted(run.markers("scores"))}
+    if not part_paths:
+        raise FileNotFoundError(f"{run.path}: no finished scores partitions (run the pipeline)")
+    parts = list(part_paths.items())
+    ddf = dd.from_map(_read_part, parts, run=run, read_columns=list(EXPLORE_COLUMNS), meta=_META)
+    if client is not None:
+        rows = client.compute(ddf).result()
+    else:
+        rows = ddf.compute()
+    try:
+        thresholds = run.read_config().filters
+    except FileNotFoundError:
+        thresholds = FilterConfig()
+    log.info("explore: %d rows from %d scores parts of %s", len(rows), len(parts), run.path)
+    view = RunView(run, ddf, rows, thresholds, part_paths=part_paths)
+    del rows
+    _release_arrow_memory()  # the parts' string buffers are freed: give the pages back
+    return view
+
+
+# --- thumbnails ---------------------------------------------------------------------------------
+
+
+def thumbnail(data: bytes, size: int = 128) -> Any | None:
+    """Decode image bytes to an RGB PIL image no larger than ``size`` px; None when undecodable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (size, size))
+            img = im.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a counted skip
+        log.debug("explore: undecodable image: %s", err)
+        return None
+    img.thumbnail((size, size))
+    return img
+
+
+def png_bytes(img: Any) -> bytes:
+    """A PIL image as PNG bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def thumbnail_html(img: Any) -> str:
+    """A PIL thumbnail as an inline ``<img>`` (base64 PNG), or a grey "no image" box."""
+    if img is None:
+        return '<div style="width:128px;height:96px;background:#ddd">no image</div>'
+    b64 = base64.b64encode(png_bytes(img)).decode("ascii")
+    return f'<img src="data:image/png;base64,{b64}" style="max-width:128px">'
+
+
+def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIMILARITY) -> str:
+    """An HTML grid of ``samples_near`` rows: base64 PNG thumbnail, score and caption."""
+    cells = []
+    for _, row in samples.iterrows():
+        pic = thumbnail_html(row.get("thumbnail"))
+        caption = html.escape(str(row[schema.TEXT])[:80])
+        cells.append(
+            f'<div style="width:140px;margin:4px;font-size:11px">{pic}'
+            f"<br><b>{score} {float(row[score]):.3f}</b><br>{caption}</div>"
+        )
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    return f'{head}<div style="display:flex;flex-wrap:wrap">{"".join(cells)}</div>'
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _slim(rows: pd.DataFrame) -> pd.DataFrame:
+    """:data:`MEMORY_COLUMNS` of ``rows`` (computed when missing), strings as categoricals."""
+    if TEXT_LENGTH not in rows.columns or UPSTREAM_REASON not in rows.columns:
+        rows = interaction_columns(rows)
+    out = rows[list(MEMORY_COLUMNS)].reset_index(drop=True)
+    return out.astype({c: "category" for c in _CATEGORICAL})
+
+
+def _release_arrow_memory() -> None:
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def _changed(path: str, expected: int, got: int) -> str:
+    return f"{path} has {got} rows, {expected} when the run was opened: open_run it again"
+
+
+def _read_rows(
+    run: RunDir, path: str, rows: np.ndarray, columns: list[str], expected: int
+) -> pd.DataFrame:
+    """``columns`` of rows ``rows`` (positions in the part) of one parquet file, in that order.
+
+    Reads only the row groups that hold them.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with run.fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        meta = pf.metadata
+        if meta.num_rows != expected:
+            raise RuntimeError(_changed(path, expected, meta.num_rows))
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype("int64")
+        group = np.searchsorted(starts, rows, side="right") - 1
+        wanted = sorted(set(group.tolist()))
+        table = pa.concat_tables([pf.read_row_group(i, columns=columns) for i in wanted])
+    # positions inside the concatenated groups
+    base = np.zeros(len(starts), dtype="int64")
+    acc = 0
+    for i in wanted:
+        base[i] = acc
+        acc += sizes[i]
+    take = base[group] + (rows - starts[group])
+    return table.take(pa.array(take)).to_pandas()
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    return df[col].astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+
+
+def _above(values: np.ndarray, limit: float | None) -> np.ndarray | None:
+    if limit is None:
+        return None
+    return np.nan_to_num(values, nan=-np.inf) > limit
+
+
+def _check_column(column: str) -> str:
+    if column not in NUMERIC:
+        raise ValueError(f"unknown column {column!r} (known: {', '.join(NUMERIC)})")
+    return column
+
+
+def _group_name(view: RunView, group: str) -> str:
+    if group != ALL:
+        view._group_index(group)
+    return group
+
+
+def _as_stored(column: str, threshold: float) -> float:
+    """The threshold as the filters compare it (similarity in float32)."""
+    if column == schema.SIMILARITY:
+        return float(np.float32(threshold))
+    return float(threshold)
+
+
+def _past(column: str, value: float, direction: int) -> float:
+    if column == schema.SIMILARITY:
+        v = np.float32(value)
+        return float(np.nextafter(v, np.float32(direction * np.inf)))
+    return float(np.nextafter(value, direction * np.inf))
+
+
+def _pr(kept: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    tp = int((kept & truth).sum())
+    nk, nt = int(kept.sum()), int(truth.sum())
+    precision = tp / nk if nk else float("nan")
+    recall = tp / nt if nt else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "kept": nk,
+        "true_pairs": nt,
+        "true_kept": tp,
+        "pairs": len(truth),
+    }

@@ -1,0 +1,1102 @@
+"""CLIP scoring: image/text embeddings, cosine similarity and safety tags over one partition.
+
+The encoder is a transformers dual encoder loaded once per worker process by
+:func:`load_encoder` through ``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor``
+``.from_pretrained``, from a hub name (with ``clip.revision``) or a local directory.
+
+Supported and tested (tests/test_clip.py builds tiny random models of each, saves them with
+``save_pretrained`` and loads them through the same ``from_pretrained`` path; similarity is
+checked against the checkpoint's own processor + ``get_image_features`` /
+``get_text_features`` + cosine):
+
+* **CLIP** (``CLIPModel``; LAION's ``openai/clip-vit-base-patch32``): shortest-edge resize +
+  center crop, text padded to the longest in the batch.
+* **SigLIP** (``SiglipModel``, e.g. ``google/siglip-base-patch16-224``): square resize without
+  crop (mean = std = 0.5), text padded to the trained length (``max_length``) because the text
+  tower pools the last position; embedding width read from the model (no ``projection_dim``).
+  Its ``SiglipTokenizer`` needs the ``sentencepiece`` and ``protobuf`` packages; without them
+  :func:`check_model_available` raises :class:`ModelUnavailableError` saying so.
+* **AltCLIP** (``AltCLIPModel``, e.g. ``BAAI/AltCLIP``): XLM-R text tower; the text length is
+  capped at the tokenizer's ``model_max_length`` and the position table less the pad offset.
+  Its text tower is multilingual already: leave ``multilingual_text_model`` unset.
+* **LAION's multilingual recipe** (:meth:`laion_dask.ground.config.ClipConfig.laion_multilingual`):
+  ViT-B/32 image tower, CLIP text tower for ``en`` rows, and for ``multi``/``nolang`` rows the
+  ``sentence-transformers/clip-ViT-B-32-multilingual-v1`` tower read from its
+  sentence-transformers folder (``modules.json``, a transformers text model, mean or CLS
+  pooling, ``Dense`` layers with identity or tanh) with transformers + torch only.
+
+``get_*_features`` may return a tensor (transformers 4) or a ``BaseModelOutputWithPooling``
+whose ``pooler_output`` is the projected embedding (transformers 5); both are handled.
+
+Not supported: image processors with variable resolution (SigLIP2 NaFlex ``Siglip2Model``),
+models whose ``get_text_features`` needs inputs other than ``input_ids`` /
+``attention_mask``, and sentence-transformers towers with other pooling or activations; each is
+a :class:`ModelUnavailableError` at load time. Not verified: real released weights were never
+loaded here (no hub access), only architecture-identical tiny models; similarity thresholds
+(``[filters]``) are LAION's for CLIP ViT-B/32 and do not carry over to SigLIP or AltCLIP.
+
+Local copies: point ``clip.model`` (and ``clip.multilingual_text_model``) at a directory
+written by ``save_pretrained`` / ``hf download NAME --local-dir DIR`` (it must hold
+``config.json``, the tokenizer files and ``preprocessor_config.json``; a sentence-transformers
+tower its ``modules.json`` tree), or download once into the hub cache and run with
+``HF_HUB_OFFLINE=1``.
+
+Images are decoded, resized and cropped by a loader pool while the model runs on the
+previous batch (two batches ahead): ``clip.loader_threads`` threads by default (Pillow releases
+the GIL while decoding and resizing, but every image still costs the scoring process ~4 ms of
+CPU for an 800x600 JPEG), or, with ``clip.loader_processes = N``, N spawned decoder processes
+per worker process, started on first use and reused by its later tasks, which leave the scoring
+process ~0.2 ms per image (receiving the pixels). Decoder processes need a non-daemonic worker
+(``distributed.worker.daemon = False``; a daemonic one logs a warning and decodes in threads)
+and, when scoring outside Dask, a script whose work runs under ``if __name__ == "__main__":``
+(the spawn start method imports the main module again). If a decoder process dies, that
+task's remaining images are decoded in threads and the next task starts a fresh pool;
+:func:`shutdown_decoder_processes` stops the pools. The model sees uint8 batches that are
+normalised on its own device, so a GPU receives a quarter of the bytes a float batch would
+need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import PIL.Image
+
+from laion_dask.ground import schema
+from laion_dask.ground.config import ClipConfig
+
+__all__ = [
+    "Encoder",
+    "ModelUnavailableError",
+    "ScoreResult",
+    "TransformersEncoder",
+    "SCORE_STATUSES",
+    "load_encoder",
+    "encoder_from_config",
+    "encoder_info",
+    "resolved_config",
+    "check_model_available",
+    "score_partition",
+    "add_clip_scores",
+    "shutdown_decoder_processes",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``score_status`` values: <NA> marks rows not attempted (download failed)
+SCORE_SUCCESS = "success"
+SCORE_FAILED_TO_DECODE = "failed_to_decode"
+#: the row says ``success`` but its key is absent from its shard (or the shard is unreadable)
+SCORE_IMAGE_MISSING = "image_missing"
+SCORE_STATUSES = (SCORE_SUCCESS, SCORE_FAILED_TO_DECODE, SCORE_IMAGE_MISSING)
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model named in the config cannot be loaded (not cached, hub unreachable, bad path)."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What :func:`score_partition` needs from a model: unit-norm float32 embeddings."""
+
+    dim: int
+
+    def encode_images(self, images: Sequence[PIL.Image.Image]) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str], groups: Sequence[str]) -> np.ndarray: ...
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+
+def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB as transformers' ``convert_to_rgb`` does: transparency composited onto white."""
+    if img.mode == "RGB":
+        return img
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The image processor's resize / crop / normalise, done with Pillow on uint8 pixels.
+
+    Built from the checkpoint's image processor, so its values (size, crop, mean, std,
+    resample) are the model's own. ``resize_to`` is ``("shortest_edge", s)`` (CLIP) or
+    ``("fixed", h, w)`` (SigLIP).
+    """
+
+    resize_to: tuple[Any, ...] | None
+    crop: tuple[int, int] | None
+    resample: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float
+    normalize: bool
+
+    @classmethod
+    def from_image_processor(cls, proc: Any) -> Preprocessor:
+        """Read the settings of a transformers image processor (CLIP-style or SigLIP-style)."""
+
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(proc, name, default)
+
+        size = _as_dict(get("size"), "shortest_edge")
+        resize_to: tuple[Any, ...] | None = None
+        if get("do_resize", True):
+            if "shortest_edge" in size and "longest_edge" not in size:
+                resize_to = ("shortest_edge", int(size["shortest_edge"]))
+            elif "height" in size and "width" in size:
+                resize_to = ("fixed", int(size["height"]), int(size["width"]))
+            else:
+                raise ValueError(f"unsupported image processor size {size!r}")
+        crop = None
+        if get("do_center_crop", False):
+            cs = _as_dict(get("crop_size"), "height")
+            cs.setdefault("width", cs["height"])
+            crop = (int(cs["height"]), int(cs["width"]))
+        resample = get("resample", PIL.Image.Resampling.BICUBIC)
+        resample = int(getattr(resample, "value", resample))
+        mean = tuple(float(x) for x in np.broadcast_to(get("image_mean", 0.0), 3))
+        std = tuple(float(x) for x in np.broadcast_to(get("image_std", 1.0), 3))
+        rescale = float(get("rescale_factor", 1 / 255)) if get("do_rescale", True) else 1.0
+        return cls(resize_to, crop, resample, mean, std, rescale, bool(get("do_normalize", True)))
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every preprocessed image, or None when it depends on the input."""
+        if self.crop is not None:
+            return self.crop
+        if self.resize_to is not None and self.resize_to[0] == "fixed":
+            return (self.resize_to[1], self.resize_to[2])
+        return None
+
+    def _target(self, width: int, height: int) -> tuple[int, int]:
+        assert self.resize_to is not None
+        if self.resize_to[0] == "fixed":
+            return self.resize_to[2], self.resize_to[1]
+        s = self.resize_to[1]
+        if width <= height:
+            return s, int(s * height / width)
+        return int(s * width / height), s
+
+    def pixels(self, img: PIL.Image.Image) -> np.ndarray:
+        """Resize and crop one image; returns (H, W, 3) uint8."""
+        img = _to_rgb(img)
+        if self.resize_to is not None:
+            img = img.resize(self._target(*img.size), resample=self.resample)
+        arr = np.asarray(img)
+        if self.crop is not None:
+            arr = _center_crop(arr, *self.crop)
+        return arr
+
+    def decode(self, data: bytes, *, draft: bool = True) -> np.ndarray:
+        """Decode encoded image bytes and preprocess them; raises on undecodable data.
+
+        With ``draft``, a JPEG at least twice the target size is decoded at a reduced DCT scale
+        (1/2, 1/4, 1/8) that stays at or above the target, which is several times faster and
+        changes similarities by about 1e-3.
+        """
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            if draft and img.format == "JPEG" and self.resize_to is not None:
+                w, h = img.size
+                tw, th = self._target(w, h)
+                if w >= 2 * tw and h >= 2 * th:
+                    # draft keeps both sides >= the request; pixels() recomputes the target
+                    img.draft("RGB", (tw, th))
+            img.load()
+            return self.pixels(img)
+
+    def to_tensor(self, batch: np.ndarray, device: Any, dtype: Any) -> Any:
+        """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) tensor on ``device`` in ``dtype``."""
+        import torch
+
+        if not batch.flags.writeable:  # a view of a PIL image: torch wants writable memory
+            batch = batch.copy()
+        x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        x = x.to(torch.float32) * self.rescale
+        if self.normalize:
+            mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        return x.to(dtype).contiguous()
+
+
+def _as_dict(value: Any, int_key: str) -> dict[str, int]:
+    """A processor size (dict, transformers 5 ``SizeDict`` dataclass, or int) as a dict."""
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {int_key: value}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return {k: int(v) for k, v in dict(value).items() if v is not None}
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """Center crop as transformers does, zero-padding when the image is smaller."""
+    h, w = arr.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return arr[top : top + ch, left : left + cw]
+    out = np.zeros((max(h, ch), max(w, cw), arr.shape[2]), dtype=arr.dtype)
+    tp, lp = -(-(max(h, ch) - h) // 2), -(-(max(w, cw) - w) // 2)
+    out[tp : tp + h, lp : lp + w] = arr
+    top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
+    return out[top : top + ch, left : left + cw]
+
+
+# --- encoders ------------------------------------------------------------------------------------
+
+
+def _features(out: Any) -> Any:
+    """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"cannot find projected features in {type(out).__name__}")
+    return pooled
+
+
+def _normalize(x: Any) -> np.ndarray:
+
+    x = x.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError("clip.device = 'cuda' but torch sees no CUDA device")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    return dtype
+
+
+def _is_local(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name)
+
+
+class _SentenceTransformerTower:
+    """A sentence-transformers text model read with transformers + torch only.
+
+    Folder layout (``sentence-transformers/clip-ViT-B-32-multilingual-v1``): ``modules.json``
+    lists the modules; the Transformer module's folder (usually the root) holds a transformers
+    checkpoint and tokenizer; ``1_Pooling/config.json`` picks mean or CLS pooling;
+    ``2_Dense/config.json`` holds ``in_features``, ``out_features``, ``bias`` and
+    ``activation_function`` with weights ``linear.weight`` (+ ``linear.bias``) in
+    ``model.safetensors`` or ``pytorch_model.bin``.
+    """
+
+    _ACTIVATIONS = {
+        "torch.nn.modules.linear.Identity": "identity",
+        "torch.nn.modules.activation.Tanh": "tanh",
+    }
+
+    def __init__(self, root: Path, device: str, dtype: Any) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        modules = json.loads((root / "modules.json").read_text())
+        by_type = {m["type"].rsplit(".", 1)[-1]: root / m["path"] for m in modules}
+        if "Transformer" not in by_type:
+            raise ModelUnavailableError(f"{root}: modules.json names no Transformer module")
+        tdir = by_type["Transformer"]
+        self.tokenizer = AutoTokenizer.from_pretrained(tdir)
+        self.model = AutoModel.from_pretrained(tdir, dtype=dtype).to(device).eval()
+        st_cfg = tdir / "sentence_bert_config.json"
+        st = json.loads(st_cfg.read_text()) if st_cfg.is_file() else {}
+        self.max_length = int(st.get("max_seq_length") or self.tokenizer.model_max_length or 128)
+        self.pooling = "mean"
+        if "Pooling" in by_type:
+            pcfg = json.loads((by_type["Pooling"] / "config.json").read_text())
+            if pcfg.get("pooling_mode_cls_token"):
+                self.pooling = "cls"
+            elif not pcfg.get("pooling_mode_mean_tokens", True):
+                raise ModelUnavailableError(f"{root}: only mean or CLS pooling is supported")
+        self.dense: list[tuple[Any, str]] = []
+        for m in modules:
+            if m["type"].rsplit(".", 1)[-1] != "Dense":
+                continue
+            ddir = root / m["path"]
+            dcfg = json.loads((ddir / "config.json").read_text())
+            act = self._ACTIVATIONS.get(dcfg.get("activation_function", ""), None)
+            if act is None:
+                raise ModelUnavailableError(
+                    f"{ddir}: unsupported activation {dcfg.get('activation_function')!r}"
+                )
+            layer = torch.nn.Linear(
+                dcfg["in_features"], dcfg["out_features"], bias=bool(dcfg.get("bias", True))
+            )
+            layer.load_state_dict(_read_dense_weights(ddir))
+            self.dense.append((layer.to(device=device, dtype=dtype).eval(), act))
+        self.device = device
+        out_dim = self.dense[-1][0].out_features if self.dense else self.model.config.hidden_size
+        self.dim = int(out_dim)
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        import torch
+
+        tok = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(**tok).last_hidden_state
+        if self.pooling == "cls":
+            x = hidden[:, 0]
+        else:
+            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            x = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        for layer, act in self.dense:
+            x = layer(x)
+            if act == "tanh":
+                x = torch.tanh(x)
+        return x
+
+
+def _read_dense_weights(ddir: Path) -> dict[str, Any]:
+    import torch
+
+    st = ddir / "model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(st))
+    else:
+        state = torch.load(ddir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return {k.removeprefix("linear."): v for k, v in state.items()}
+
+
+@dataclass(eq=False)
+class TransformersEncoder:
+    """A transformers dual encoder (+ optional multilingual text tower); see :func:`load_encoder`.
+
+    ``info`` holds the resolved model, revision (commit hash when loaded from the hub cache),
+    device and dtype, for the run's ``config.toml``.
+    """
+
+    model: Any
+    tokenizer: Any
+    preprocessor: Preprocessor
+    device: str
+    dtype: str
+    dim: int
+    logit_scale: float
+    info: dict[str, Any]
+    multilingual: _SentenceTransformerTower | None = None
+    text_padding: str | bool = True
+    text_max_length: int = 77
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _forward_lock(self) -> Any:
+        """On an accelerator, one forward at a time per process (tasks share the device, and
+        the loader threads of the waiting task keep decoding). On CPU, concurrent tasks run
+        their forwards side by side: each uses its own OpenMP team, which beats serialising
+        one team that the loader threads keep preempting."""
+        return self._lock if self.device != "cpu" else contextlib.nullcontext()
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 preprocessed pixels -> (N, dim) unit-norm float32."""
+        import torch
+
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        with self._forward_lock(), torch.inference_mode():
+            x = self.preprocessor.to_tensor(batch, self.device, self.torch_dtype)
+            return _normalize(_features(self.model.get_image_features(pixel_values=x)))
+
+    def encode_images(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
+        """Unit-norm float32 image embeddings, shape (n, dim)."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return self.encode_pixels(np.stack([self.preprocessor.pixels(im) for im in images]))
+
+    def _clip_texts(self, texts: Sequence[str]) -> Any:
+        tok = self.tokenizer(
+            list(texts),
+            padding=self.text_padding,
+            truncation=True,
+            max_length=self.text_max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        kwargs = {k: v for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return _features(self.model.get_text_features(**kwargs))
+
+    def encode_texts(self, texts: Sequence[str], groups: Sequence[str]) -> np.ndarray:
+        """Unit-norm float32 text embeddings; ``multi``/``nolang`` use the multilingual tower."""
+        import torch
+
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if len(texts) == 0:
+            return out
+        texts = ["" if t is None or t is pd.NA else str(t) for t in texts]
+        multi = np.array([g != "en" for g in groups], dtype=bool)
+        if self.multilingual is None:
+            multi[:] = False
+        with self._forward_lock(), torch.inference_mode():
+            for sel, fn in ((~multi, self._clip_texts), (multi, self._multi_texts)):
+                idx = np.flatnonzero(sel)
+                if len(idx):
+                    out[idx] = _normalize(fn([texts[i] for i in idx]))
+        return out
+
+    def _multi_texts(self, texts: Sequence[str]) -> Any:
+        assert self.multilingual is not None
+        return self.multilingual.encode(texts)
+
+
+#: text towers whose position ids start after the pad id (fairseq/RoBERTa style): XLM-R's
+#: ``max_position_embeddings = 514`` holds 512 tokens
+_OFFSET_POSITION_TYPES = ("roberta", "altclip_text", "xlm-roberta", "camembert")
+
+
+def _text_max_length(tokenizer: Any, text_cfg: Any) -> int:
+    """Longest token sequence the text tower accepts: the tokenizer's ``model_max_length``
+    capped by the position table (less the pad offset of RoBERTa-style towers)."""
+    limits = []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 100_000:  # unset reads as ~1e30
+        limits.append(tok_max)
+    positions = int(getattr(text_cfg, "max_position_embeddings", 0) or 0)
+    if positions:
+        model_type = str(getattr(text_cfg, "model_type", ""))
+        if model_type.startswith(_OFFSET_POSITION_TYPES):
+            positions -= int(getattr(text_cfg, "pad_token_id", 1) or 0) + 1
+        limits.append(positions)
+    return min(limits) if limits else 77
+
+
+def _commit_hash(obj: Any) -> str | None:
+    cfg = getattr(obj, "config", None)
+    return getattr(cfg, "_commit_hash", None)
+
+
+def _local_snapshot(name: str, revision: str | None) -> Path:
+    """A local folder for ``name``: the path itself, or the hub snapshot (cache or download)."""
+    if _is_local(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelUnavailableError(_unavailable_message(name, "no such directory"))
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        # transformers + torch read safetensors/bin; skip other frameworks' weights
+        ignore = ["*.h5", "*.ot", "*.msgpack", "*.onnx", "onnx/*", "openvino/*", "*.tflite"]
+        return Path(snapshot_download(name, revision=revision, ignore_patterns=ignore))
+    except _hub_errors() as exc:
+        raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
+
+
+_load_lock = threading.Lock()
+
+
+def load_encoder(
+    model: str,
+    *,
+    revision: str | None = None,
+    multilingual_text_model: str | None = None,
+    multilingual_revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> TransformersEncoder:
+    """Load a dual encoder once per process (``functools.lru_cache(maxsize=2)``).
+
+    The cache is guarded by a lock, so the threads of one worker that start scoring together
+    wait for a single load instead of each loading the model (``load_encoder.cache_info()``
+    counts loads as misses).
+
+    Parameters
+    ----------
+    model
+        Hub name or local directory of any transformers model with ``get_image_features`` /
+        ``get_text_features``, plus its tokenizer and image processor.
+    revision
+        Hub revision (branch, tag or commit); ignored for local paths.
+    multilingual_text_model
+        Sentence-transformers text tower for ``multi``/``nolang`` rows, aligned to ``model``'s
+        embedding space; None uses ``model``'s own text tower for every row.
+    device, dtype
+        ``auto`` picks cuda + float16 when CUDA is visible, cpu + float32 otherwise.
+
+    Returns
+    -------
+    TransformersEncoder
+    """
+    with _load_lock:
+        return _load_encoder(
+            model,
+            revision=revision,
+            multilingual_text_model=multilingual_text_model,
+            multilingual_revision=multilingual_revision,
+            device=device,
+            dtype=dtype,
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder(
+    model: str,
+    *,
+    revision: str | None,
+    multilingual_text_model: str | None,
+    multilingual_revision: str | None,
+    device: str,
+    dtype: str,
+) -> TransformersEncoder:
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    torch_dtype = getattr(torch, dt)
+    kw: dict[str, Any] = {} if _is_local(model) else {"revision": revision}
+    try:
+        net = AutoModel.from_pretrained(model, dtype=torch_dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(model, **kw)
+        image_processor = AutoImageProcessor.from_pretrained(model, **kw)
+    except ImportError as exc:  # e.g. SiglipTokenizer without sentencepiece / protobuf
+        raise ModelUnavailableError(_missing_package_message(model, exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(_unavailable_message(model, exc)) from exc
+    for method in ("get_image_features", "get_text_features"):
+        if not hasattr(net, method):
+            raise ModelUnavailableError(f"{model}: {type(net).__name__} has no {method}()")
+    try:
+        preprocessor = Preprocessor.from_image_processor(image_processor)
+    except ValueError as exc:
+        raise ModelUnavailableError(
+            f"{model}: {type(image_processor).__name__} is not supported ({exc}); supported are "
+            "processors that resize to a shortest edge (+ center crop) or to a fixed size"
+        ) from exc
+    net = net.to(dev).eval()
+    cfg = net.config
+    max_len = _text_max_length(tokenizer, getattr(cfg, "text_config", None))
+    is_siglip = str(getattr(cfg, "model_type", "")).startswith("siglip")
+    scale = getattr(net, "logit_scale", None)
+    logit_scale = float(scale.detach().float().exp().item()) if scale is not None else 100.0
+    tower = None
+    if multilingual_text_model:
+        root = _local_snapshot(multilingual_text_model, multilingual_revision)
+        tower = _SentenceTransformerTower(root, dev, torch_dtype)
+    enc = TransformersEncoder(
+        model=net,
+        tokenizer=tokenizer,
+        preprocessor=preprocessor,
+        device=dev,
+        dtype=dt,
+        dim=0,
+        logit_scale=logit_scale,
+        info={
+            "model": model,
+            "revision": _commit_hash(net) or revision,
+            "multilingual_text_model": multilingual_text_model,
+            "multilingual_revision": multilingual_revision,
+            "device": dev,
+            "dtype": dt,
+        },
+        multilingual=tower,
+        # SigLIP was trained on max_length-padded text; CLIP pads to the longest in the batch
+        text_padding="max_length" if is_siglip else True,
+        text_max_length=max_len,
+    )
+    # the width the model actually returns (SigLIP has no projection_dim: its hidden size)
+    with torch.inference_mode():
+        enc.dim = int(enc._clip_texts(["a"]).shape[-1])
+    if tower is not None and tower.dim != enc.dim:
+        raise ModelUnavailableError(
+            f"{multilingual_text_model} gives {tower.dim}-d text embeddings, {model} {enc.dim}-d"
+        )
+    log.info("loaded encoder %s", enc.info)
+    return enc
+
+
+load_encoder.cache_info = _load_encoder.cache_info  # type: ignore[attr-defined]
+load_encoder.cache_clear = _load_encoder.cache_clear  # type: ignore[attr-defined]
+
+
+def encoder_from_config(cfg: ClipConfig) -> TransformersEncoder:
+    """The cached encoder for ``cfg`` (see :func:`load_encoder`)."""
+    return load_encoder(
+        cfg.model,
+        revision=cfg.revision,
+        multilingual_text_model=cfg.multilingual_text_model,
+        multilingual_revision=cfg.multilingual_revision,
+        device=cfg.device,
+        dtype=cfg.dtype,
+    )
+
+
+def encoder_info(encoder: Encoder) -> dict[str, Any]:
+    """Resolved model, revision, device and dtype of ``encoder`` ({} for foreign encoders)."""
+    return dict(getattr(encoder, "info", {}))
+
+
+def resolved_config(cfg: ClipConfig, encoder: Encoder | None = None) -> ClipConfig:
+    """``cfg`` with the encoder's resolved revision, device and dtype, for the run's config.toml.
+
+    Call it where the model loads (e.g. ``client.submit(resolved_config, cfg, resources=...)``
+    on a GPU worker) so ``auto`` becomes what was actually used.
+    """
+    info = encoder_info(encoder if encoder is not None else encoder_from_config(cfg))
+    if not info:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        revision=info.get("revision") or cfg.revision,
+        device=info.get("device", cfg.device),
+        dtype=info.get("dtype", cfg.dtype),
+    )
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        errors.append(HfHubHTTPError)
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _unavailable_message(name: str, why: object) -> str:
+    return (
+        f"model {name!r} is not available ({why}). Either download it once where the Hugging Face "
+        f"hub is reachable (`hf download {name}`) and run with HF_HUB_OFFLINE=1 to use that "
+        "cache, or point the config at a local directory written by save_pretrained "
+        "(clip.model / clip.multilingual_text_model = '/path/to/model')."
+    )
+
+
+def _missing_package_message(name: str, exc: ImportError) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"model {name!r} needs a Python package that is not installed: {first} "
+        "(SigLIP's SiglipTokenizer needs `pip install sentencepiece protobuf`)."
+    )
+
+
+def check_model_available(cfg: ClipConfig) -> None:
+    """Raise :class:`ModelUnavailableError` before any work if a configured model is missing.
+
+    Local paths must be directories with ``config.json`` (or ``modules.json`` for a
+    sentence-transformers tower); hub names must resolve through the cache or the hub. The
+    main model's tokenizer is loaded too, so a missing tokenizer package (``sentencepiece``
+    for SigLIP) is reported here rather than on the first worker.
+    """
+    models = [(cfg.model, cfg.revision, "config.json")]
+    if cfg.multilingual_text_model:
+        models.append((cfg.multilingual_text_model, cfg.multilingual_revision, "modules.json"))
+    for name, revision, marker in models:
+        if _is_local(name):
+            path = Path(name).expanduser()
+            if not (path / marker).is_file():
+                raise ModelUnavailableError(
+                    _unavailable_message(name, f"{path / marker} not found")
+                )
+            continue
+        from huggingface_hub import hf_hub_download
+
+        try:
+            hf_hub_download(name, marker, revision=revision)
+        except _hub_errors() as exc:
+            raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
+    _check_tokenizer(cfg.model, cfg.revision)
+
+
+def _check_tokenizer(name: str, revision: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    kw: dict[str, Any] = {} if _is_local(name) else {"revision": revision}
+    try:
+        AutoTokenizer.from_pretrained(name, **kw)
+    except ImportError as exc:
+        raise ModelUnavailableError(_missing_package_message(name, exc)) from exc
+    except _hub_errors() as exc:
+        raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    """One scored partition: the frame plus float16 unit-norm embeddings aligned with ``keys``."""
+
+    frame: pd.DataFrame
+    image_embeddings: np.ndarray
+    text_embeddings: np.ndarray
+    keys: list[str]
+
+
+def _set_torch_threads(cfg: ClipConfig, encoder: Encoder) -> None:
+    if getattr(encoder, "device", "cpu") != "cpu":
+        return
+    import torch
+
+    n = cfg.torch_threads or _worker_threads()
+    # every task, not once: torch also sets MKL's count, which is per calling thread, and a Dask
+    # worker process starts with OMP_NUM_THREADS = MKL_NUM_THREADS = 1
+    torch.set_num_threads(n)
+
+
+def _worker_threads() -> int:
+    """Threads of the Dask worker running this task, else the CPUs this process may use."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+
+
+def _gather_bytes(
+    keys: list[str],
+    shards: list[Any],
+    images: Mapping[str, bytes] | None,
+    image_root: str | None,
+) -> list[bytes | None]:
+    if images is not None:
+        return [images.get(k) for k in keys]
+    if image_root is None:
+        raise ValueError("score_partition needs `images` or `image_root`")
+    from laion_dask.ground.shards import read_shard_images
+
+    wanted: dict[str, list[str]] = {}
+    for k, s in zip(keys, shards, strict=True):
+        if s is not None and s is not pd.NA:
+            wanted.setdefault(str(s), []).append(k)
+    found: dict[str, bytes] = {}
+    for shard, ks in wanted.items():
+        path = f"{image_root.rstrip('/')}/{shard}"
+        try:
+            found.update(read_shard_images(path, ks))
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            log.warning(
+                "cannot read shard %s (%s): its %d rows are image_missing", path, exc, len(ks)
+            )
+    return [found.get(k) for k in keys]
+
+
+def _decode_pil(data: bytes) -> PIL.Image.Image:
+    with PIL.Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.copy()
+
+
+def _decode_one(item: bytes | None, pre: Preprocessor | None, draft: bool) -> Any:
+    """One decoded item (uint8 pixels with ``pre``, else a PIL image); None if undecodable."""
+    if item is None:
+        return None
+    try:
+        return pre.decode(item, draft=draft) if pre is not None else _decode_pil(item)
+    except _DECODE_ERRORS as exc:
+        log.debug("failed to decode image: %s", exc)
+        return None
+
+
+def _decode_chunk(items: list[bytes | None], pre: Preprocessor | None, draft: bool) -> list[Any]:
+    """Decode a chunk of images (runs in a loader thread or a loader process)."""
+    return [_decode_one(item, pre, draft) for item in items]
+
+
+#: one decoder process pool per worker process and size, shared by its tasks
+_process_pools: dict[int, ProcessPoolExecutor] = {}
+_process_pools_lock = threading.Lock()
+_daemon_warned = False
+
+
+def _process_pool(n: int) -> ProcessPoolExecutor | None:
+    """The cached pool of ``n`` decoder processes, or None where this process may not fork.
+
+    Dask's worker processes are daemonic by default (``distributed.worker.daemon``), and a
+    daemonic process cannot have children: there the loader threads decode instead, with one
+    log warning per process.
+    """
+    global _daemon_warned
+    if multiprocessing.current_process().daemon:
+        if not _daemon_warned:
+            _daemon_warned = True
+            log.warning(
+                "clip.loader_processes = %d ignored: this worker process is daemonic and cannot "
+                "start decoder processes; start the cluster with distributed.worker.daemon = "
+                "False (DASK_DISTRIBUTED__WORKER__DAEMON=False). Decoding in threads instead.",
+                n,
+            )
+        return None
+    with _process_pools_lock:
+        pool = _process_pools.get(n)
+        if pool is None:
+            # spawn: never fork a process that holds a CUDA context or OpenMP threads
+            pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+            _process_pools[n] = pool
+        return pool
+
+
+def _drop_process_pool(n: int, pool: ProcessPoolExecutor) -> None:
+    with _process_pools_lock:
+        if _process_pools.get(n) is pool:
+            del _process_pools[n]
+    pool.shutdown(wait=False)  # its pending futures fail with BrokenProcessPool
+
+
+def shutdown_decoder_processes() -> None:
+    """Stop this process's decoder pools (they are otherwise reused until the process exits)."""
+    with _process_pools_lock:
+        pools = list(_process_pools.values())
+        _process_pools.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(
+    data: list[bytes | None], cfg: ClipConfig, pre: Preprocessor | None
+) -> Iterator[tuple[list[int], list[Any]]]:
+    """Yield (row indices, decoded items) per batch; decoding runs two batches ahead.
+
+    Items are uint8 pixel arrays when ``pre`` is given, PIL images otherwise; ``None`` marks an
+    image that failed to decode. Decoding runs in ``cfg.loader_threads`` threads, or in
+    ``cfg.loader_processes`` spawned processes when set (one item per thread task; about four
+    chunks per process and batch, so the pixels cross the process boundary in few messages).
+    """
+    bs = cfg.batch_size
+    draft = cfg.jpeg_draft
+    n_proc = cfg.loader_processes
+    procs = _process_pool(n_proc) if n_proc > 0 else None
+    # about four chunks per process and batch keep the processes busy without tiny messages
+    chunk = max(1, min(64, -(-bs // (4 * n_proc)))) if procs is not None else 1
+
+    with ThreadPoolExecutor(cfg.loader_threads, thread_name_prefix="clip-loader") as threads:
+        pool: Executor = procs if procs is not None else threads
+
+        def to_threads(exc: BaseException) -> None:
+            nonlocal pool
+            if pool is procs and procs is not None:
+                log.warning("decoder processes unusable (%r): decoding in threads from here", exc)
+                _drop_process_pool(n_proc, procs)
+                pool = threads
+
+        def submit_part(part: list[bytes | None]) -> Future:
+            try:
+                return pool.submit(_decode_chunk, part, pre, draft)
+            except (BrokenExecutor, RuntimeError) as exc:  # broken, or shut down by another task
+                if pool is threads:
+                    raise
+                to_threads(exc)
+                return threads.submit(_decode_chunk, part, pre, draft)
+
+        def submit(s: int) -> tuple[int, list[tuple[list[bytes | None], Future]]]:
+            parts = [data[i : i + chunk] for i in range(s, min(s + bs, len(data)), chunk)]
+            return s, [(part, submit_part(part)) for part in parts]
+
+        def result(part: list[bytes | None], fut: Future) -> list[Any]:
+            try:
+                return fut.result()
+            except BrokenExecutor as exc:  # a decoder process died (e.g. killed for memory)
+                to_threads(exc)
+                return _decode_chunk(part, pre, draft)
+
+        pending: deque[tuple[int, list[tuple[list[bytes | None], Future]]]] = deque()
+        starts = iter(range(0, len(data), bs))
+        for s in starts:
+            pending.append(submit(s))
+            if len(pending) >= 2:
+                break
+        while pending:
+            s, futs = pending.popleft()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(submit(nxt))
+            items = [x for part, fut in futs for x in result(part, fut)]
+            yield list(range(s, s + len(items))), items
+
+
+def score_partition(
+    df: pd.DataFrame,
+    cfg: ClipConfig,
+    *,
+    encoder: Encoder | None = None,
+    images: Mapping[str, bytes] | None = None,
+    image_root: str | None = None,
+) -> ScoreResult:
+    """Embed the downloaded rows of one partition and score image-text similarity and tags.
+
+    Parameters
+    ----------
+    df
+        Download rows (``schema.DOWNLOADS``); only ``status == "success"`` rows are scored.
+    cfg
+        The ``[clip]`` section.
+    encoder
+        Injected encoder; None loads the cached one for ``cfg``.
+    images
+        ``key -> encoded image bytes``; otherwise images are read from
+        ``f"{image_root}/{shard}"`` webdataset shards.
+
+    Returns
+    -------
+    ScoreResult
+        ``frame`` is ``df`` plus ``schema.SCORE_DTYPES`` columns (every row kept; ``score_status``
+        <NA> for rows not attempted); embeddings are float16, unit-norm, aligned with ``keys``.
+    """
+    from laion_dask.stages import tags
+
+    n = len(df)
+    status = np.full(n, None, dtype=object)
+    sim = np.full(n, np.nan, np.float32)
+    punsafe = np.full(n, np.nan, np.float32)
+    pwatermark = np.full(n, np.nan, np.float32)
+    todo = np.flatnonzero(df[schema.STATUS].eq("success").fillna(False).to_numpy(dtype=bool))
+    img_parts: list[np.ndarray] = []
+    txt_parts: list[np.ndarray] = []
+    done_rows: list[np.ndarray] = []
+    if len(todo):
+        encoder = encoder_from_config(cfg) if encoder is None else encoder
+        _set_torch_threads(cfg, encoder)
+        keys_all = df[schema.KEY].astype("string").to_numpy(dtype=object)
+        shards = (
+            df[schema.SHARD].to_numpy(dtype=object)
+            if schema.SHARD in df.columns
+            else np.full(n, None, dtype=object)
+        )
+        texts = df[schema.TEXT].astype("string").fillna("").to_numpy(dtype=object)
+        groups = (
+            df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang").to_numpy(dtype=object)
+            if schema.LANGUAGE_GROUP in df.columns
+            else np.full(n, "en", dtype=object)
+        )
+        data = _gather_bytes(list(keys_all[todo]), list(shards[todo]), images, image_root)
+        for i, d in zip(todo, data, strict=True):
+            status[i] = SCORE_IMAGE_MISSING if d is None else SCORE_FAILED_TO_DECODE
+        fast = hasattr(encoder, "encode_pixels") and isinstance(
+            getattr(encoder, "preprocessor", None), Preprocessor
+        )
+        pre = encoder.preprocessor if fast else None  # type: ignore[attr-defined]
+        for idx, items in _batches(data, cfg, pre):
+            ok = [j for j, it in zip(idx, items, strict=True) if it is not None]
+            if not ok:
+                continue
+            good = [it for it in items if it is not None]
+            if fast:
+                emb = encoder.encode_pixels(_stack(good))  # type: ignore[attr-defined]
+            else:
+                emb = np.asarray(encoder.encode_images(good), dtype=np.float32)
+            rows = todo[ok]
+            temb = np.asarray(
+                encoder.encode_texts(list(texts[rows]), list(groups[rows])), dtype=np.float32
+            )
+            img_parts.append(emb)
+            txt_parts.append(temb)
+            done_rows.append(rows)
+    dim = int(getattr(encoder, "dim", 0)) if encoder is not None else 0
+    rows = np.concatenate(done_rows) if done_rows else np.zeros(0, np.int64)
+    img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
+    txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
+    if len(rows):
+        sim[rows] = np.einsum("ij,ij->i", img, txt)
+        status[rows] = SCORE_SUCCESS
+        assert encoder is not None
+        tag_values = tags.compute_tags(img, cfg, encoder=encoder)
+        punsafe[rows] = tag_values[schema.PUNSAFE]
+        pwatermark[rows] = tag_values[schema.PWATERMARK]
+    n_failed = int(sum(s not in (None, SCORE_SUCCESS) for s in status))
+    if n_failed:
+        log.info("scored %d rows, %d failed (%s)", len(rows), n_failed, _count(status))
+    frame = df.assign(
+        **{
+            schema.SIMILARITY: sim,
+            schema.PUNSAFE: punsafe,
+            schema.PWATERMARK: pwatermark,
+            schema.SCORE_STATUS: pd.array(status, dtype="string"),
+        }
+    )
+    frame = schema.conform(frame, schema.SCORE_DTYPES)
+    keys = [str(k) for k in df[schema.KEY].iloc[rows]] if len(rows) else []
+    return ScoreResult(frame, img.astype(np.float16), txt.astype(np.float16), keys)
+
+
+def _stack(items: list[np.ndarray]) -> np.ndarray:
+    """Stack preprocessed images (same size whenever the processor crops or resizes to fixed)."""
+    shapes = {a.shape for a in items}
+    if len(shapes) == 1:
+        return np.stack(items)
+    raise ValueError(f"preprocessed images differ in size {sorted(shapes)}; configure a crop size")
+
+
+def _count(status: np.ndarray) -> dict[str, int]:
+    vals, counts = np.unique([s for s in status if s is not None], return_counts=True)
+    return {str(v): int(c) for v, c in zip(vals, counts, strict=True)}
+
+
+def add_clip_scores(
+    df: pd.DataFrame,
+    cfg: ClipConfig,
+    *,
+    encoder: Encoder | None = None,
+    images: Mapping[str, bytes] | None = None,
+    image_root: str | None = None,
+) -> pd.DataFrame:
+    """Return ``df`` with ``similarity``, ``punsafe``, ``pwatermark`` and ``score_status``.
+
+    The frame of :func:`score_partition`; use that function to keep the embeddings too.
+    """
+    return score_partition(df, cfg, encoder=encoder, images=images, image_root=image_root).frame

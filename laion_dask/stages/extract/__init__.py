@@ -1,0 +1,785 @@
+"""Extraction stage: one WAT/WARC/ARC file -> one partition of (image URL, alt text) pairs.
+
+``extract_file`` streams the file record by record (never whole), picks FastWARC where it reads
+the file and warcio where it does not (ARC, odd files), and returns the pairs plus a
+:class:`FileSummary` whose counters say what was read and what was skipped, by kind. Bad records
+are counted and skipped; a file that cannot be read at all raises, or with
+``cfg.skip_unreadable_files`` becomes an empty partition with ``summary.error`` set.
+
+Skip kinds in ``bad_records``: ``empty_file``, ``corrupt_gzip``, ``invalid_record`` (the archive
+stream cannot be parsed further), ``truncated_record`` (block shorter than its Content-Length),
+``invalid_json``, ``bad_encoding``, ``invalid_wat`` (JSON of the wrong shape), ``record_too_large``
+(a WAT JSON over ``max_html_bytes``), ``html_too_large``, ``bad_http``, ``bad_content_encoding``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from laion_dask.ground import schema
+from laion_dask.ground.config import ConsentConfig, ExtractConfig
+from laion_dask.stages.extract import common
+from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url
+from laion_dask.stages.extract.optout import NO_SIGNALS, page_signals
+from laion_dask.stages.extract.records import (
+    NonChunkedGzip,
+    PrefixedReader,
+    Record,
+    StreamError,
+    classify_stream_error,
+    fastwarc_record,
+    fastwarc_type_code,
+    iter_fastwarc,
+    iter_fastwarc_raw,
+    iter_warcio,
+    read_block,
+)
+from laion_dask.stages.extract.text import (
+    clean_text,
+    laion_hashes,
+    pair_uids,
+    record_hashes,
+    unicode_is_clean,
+)
+from laion_dask.stages.extract.warc import looks_like_html, parse_html, split_http
+from laion_dask.stages.extract.wat import _IMG_SRC, IMG_MARKER, img_links, wat_links
+from laion_dask.stages.sources import open_input
+
+__all__ = [
+    "FileSummary",
+    "ExtractResult",
+    "extract_file",
+    "stream_file",
+    "extract_pairs",
+    "sniff_format",
+    "CHUNK_ROWS",
+]
+
+#: pairs per chunk handed to a :func:`stream_file` sink: what extraction holds in memory (about
+#: 1.4 KB a pair as Python strings, so ~90 MB), whatever the input file's size
+CHUNK_ROWS = 65_536
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FileSummary:
+    """What one input file gave; summaries add up with ``+``.
+
+    ``records_read`` counts every record seen; ``records_with_links`` those holding at least one
+    image link with an ``alt`` attribute; ``pairs_found`` the pairs returned (alt text non-empty
+    after clean-up); ``bad_records`` the skipped records (or stream breaks) by kind.
+    """
+
+    source_file: str
+    format: str = "unknown"  # wat | warc | wet | arc | unknown
+    reader: str = "none"  # fastwarc | warcio, "+gunzip" when read through gzip (whole-file gzip)
+    records_read: int = 0
+    records_with_links: int = 0
+    pairs_found: int = 0
+    bad_records: dict[str, int] = field(default_factory=dict)
+    bytes_read: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def records_skipped(self) -> int:
+        """Total of ``bad_records``."""
+        return sum(self.bad_records.values())
+
+    def count(self, kind: str, n: int = 1) -> None:
+        """Add ``n`` to the ``kind`` counter of ``bad_records``."""
+        self.bad_records[kind] = self.bad_records.get(kind, 0) + n
+
+    def __add__(self, other: FileSummary) -> FileSummary:
+        if not isinstance(other, FileSummary):
+            return NotImplemented
+
+        def same(a: str, b: str, mixed: str) -> str:
+            return a if a == b else mixed
+
+        bad = dict(self.bad_records)
+        for k, v in other.bad_records.items():
+            bad[k] = bad.get(k, 0) + v
+        errors = [e for e in (self.error, other.error) if e]
+        return FileSummary(
+            source_file=same(self.source_file, other.source_file, "*"),
+            format=same(self.format, other.format, "mixed"),
+            reader=same(self.reader, other.reader, "mixed"),
+            records_read=self.records_read + other.records_read,
+            records_with_links=self.records_with_links + other.records_with_links,
+            pairs_found=self.pairs_found + other.pairs_found,
+            bad_records=dict(sorted(bad.items())),
+            bytes_read=self.bytes_read + other.bytes_read,
+            seconds=self.seconds + other.seconds,
+            error="; ".join(errors) if errors else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileSummary:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        return cls(**{**data, "bad_records": dict(data.get("bad_records") or {})})
+
+
+@dataclass
+class ExtractResult:
+    """Pairs of one file (``schema.PAIRS_DTYPES`` columns) and its summary."""
+
+    pairs: pd.DataFrame
+    summary: FileSummary
+
+
+class _SinkFailed(Exception):
+    """Raised through the readers when a :func:`stream_file` sink fails; re-raised as is."""
+
+    def __init__(self, err: Exception) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
+class _Unreadable(Exception):
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+_ARC_FIRST_LINE = re.compile(rb"^(?:filedesc://|\S+ \d{1,3}(?:\.\d{1,3}){3} \d{14} )")
+
+
+def _plain_head(head: bytes) -> tuple[bytes, bool, bool]:
+    """(first decompressed bytes, gzipped, corrupt) of a file's first bytes."""
+    if head[:2] != b"\x1f\x8b":
+        return head, False, False
+    plain, data = b"", head
+    try:
+        while data and len(plain) < 64:  # skip empty members, as gzip readers do
+            d = zlib.decompressobj(31)
+            plain += d.decompress(data, 4096)
+            if not d.eof:
+                # a stream that ends inside the first member's header is corrupt
+                return plain, True, not plain
+            data = d.unused_data
+    except zlib.error:
+        return plain, True, True
+    return plain, True, False
+
+
+def sniff_format(head: bytes) -> tuple[str, bool]:
+    """Container of a file from its first bytes.
+
+    Returns
+    -------
+    (kind, gzipped)
+        ``kind`` is ``warc``, ``arc``, ``empty``, ``corrupt_gzip`` or ``unknown``.
+    """
+    plain, gz, corrupt = _plain_head(head)
+    if corrupt:
+        return "corrupt_gzip", gz
+    stripped = plain.lstrip(b"\r\n\t ")
+    if not stripped:
+        return "empty", gz
+    if stripped.startswith(b"WARC/"):
+        return "warc", gz
+    if _ARC_FIRST_LINE.match(stripped):
+        return "arc", gz
+    return "unknown", gz
+
+
+def _format_from_name(path: str, sniffed: str) -> str:
+    name = path.rsplit("/", 1)[-1].lower()
+    for fmt in ("wat", "wet", "arc"):
+        if re.search(rf"\.{fmt}(?:\.|$)", name):
+            return fmt
+    return sniffed
+
+
+def _surrogate_free(s: str) -> str:
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _arrow_strings(values: list[str]) -> tuple[pa.Array, list[str]]:
+    """(Arrow array, values) with lone surrogates replaced by ``?`` (Arrow needs UTF-8)."""
+    try:
+        return pa.array(values, type=pa.large_string()), values
+    except UnicodeEncodeError:
+        values = [_surrogate_free(v) for v in values]
+        return pa.array(values, type=pa.large_string()), values
+
+
+def _hex_strings(values: np.ndarray) -> pa.Array:
+    """16-char lower-case hex of each uint64, as ``format(v, "016x")``, without a Python loop."""
+    n = len(values)
+    data = values.astype(">u8").tobytes().hex().encode("ascii")
+    offsets = np.arange(0, 16 * (n + 1), 16, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+class _Collector:
+    """Columns of the pairs under construction, plus the summary counters.
+
+    Per record: offset, page URL and pair count; per pair: link index, URL and text. The frame
+    repeats the per-record values and hashes in bulk at the end. With a ``sink``, every
+    ``chunk_rows`` pairs (at a record boundary) become a frame handed to it and are forgotten,
+    so memory does not grow with the file. Nothing is handed on before the second record has
+    been read: a reader that gives up on the first record (or finds one gzip member holding
+    several) is replaced by another one without duplicating pairs.
+    """
+
+    def __init__(
+        self,
+        source_file: str,
+        cfg: ExtractConfig,
+        meta_names: frozenset[str] = frozenset(),
+        sink: Callable[[pd.DataFrame], None] | None = None,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> None:
+        self.source_file = source_file
+        self.cfg = cfg
+        self.meta_names = meta_names
+        self.sink = sink
+        self.chunk_rows = chunk_rows
+        self.summary = FileSummary(source_file=source_file)
+        self._reset()
+        self.saw_wat = False
+
+    def _reset(self) -> None:
+        self.rec_offsets: list[int] = []
+        self.rec_pages: list[str] = []
+        self.rec_counts: list[int] = []
+        self.rec_robots: list[str | None] = []
+        self.rec_tdm: list[bool] = []
+        self.indices: list[int] = []
+        self.urls: list[str] = []
+        self.texts: list[str] = []
+
+    def flush(self) -> None:
+        """Hand the pairs so far to the sink (an empty frame too) and forget them."""
+        if self.sink is None:
+            raise RuntimeError("flush() needs a sink")
+        frame = self.frame()
+        self.summary.pairs_found += len(frame)
+        self._reset()
+        self.sink(frame)
+
+    def skipped(self, offset: int, err: BadRecord) -> None:
+        """Count a record skipped for ``err`` (a named counter in ``bad_records``)."""
+        self.summary.count(err.kind)
+        log.debug("%s @%d: skipped record: %s", self.source_file, offset, err)
+
+    def _close_record(self, offset: int, page_url: str, n: int, metas: list[Any]) -> None:
+        if n:
+            self.rec_offsets.append(offset)
+            self.rec_pages.append(page_url)
+            self.rec_counts.append(n)
+            robots, tdm = page_signals(metas, self.meta_names) if metas else NO_SIGNALS
+            self.rec_robots.append(robots)
+            self.rec_tdm.append(tdm)
+            if (
+                self.sink is not None
+                and len(self.texts) >= self.chunk_rows
+                and self.summary.records_read >= 2
+            ):
+                self.flush()
+
+    def add(
+        self, offset: int, page_url: str, links: list[RawLink], metas: list[Any] | None = None
+    ) -> None:
+        if not links:
+            return
+        self.summary.records_with_links += 1
+        max_chars, n = self.cfg.max_text_chars, 0
+        for link in links:
+            text = clean_text(link.alt, max_chars)
+            if text:  # LAION needs alt text; no pair without it
+                self.indices.append(link.index)
+                self.urls.append(link.url)
+                self.texts.append(text)
+                n += 1
+        self._close_record(offset, page_url, n, metas or [])
+
+    def add_wat(
+        self,
+        offset: int,
+        page_url: str,
+        base: str,
+        links: list[Any],
+        metas: list[Any] | None = None,
+    ) -> None:
+        """Like :meth:`add` for the links of :func:`~laion_dask.stages.extract.wat.wat_links`.
+
+        Pairs come from ``IMG@/src`` links with a URL and an ``alt`` key; a pair's index is its
+        position among the record's ``IMG@`` links. The compiled ``img_pairs``
+        (``common.speedups``) does the same as the Python loop below; tests hold them equal.
+        """
+        max_chars = self.cfg.max_text_chars
+        fast = common.speedups
+        if fast is not None:
+            found, n = fast.img_pairs(
+                links,
+                self.indices,
+                self.urls,
+                self.texts,
+                max_chars,
+                lambda alt: clean_text(alt, max_chars),
+                lambda: Resolver(resolve_url(page_url, base) if base else page_url),
+            )
+            if found:
+                self.summary.records_with_links += 1
+                self._close_record(offset, page_url, n, metas or [])
+            return
+        resolve = None
+        indices, urls, texts = self.indices, self.urls, []
+        found = False
+        for k, ln in enumerate(img_links(links)):
+            if ln.path != _IMG_SRC:
+                continue
+            url, alt = ln.url, ln.alt
+            if not url or alt is None:
+                continue
+            found = True
+            if not alt:
+                continue
+            if not (
+                # already clean: printable, no entity, no space to fold, short enough, and
+                # ASCII or Unicode that clean_text would leave alone
+                alt.isprintable()
+                and "&" not in alt
+                and "  " not in alt
+                and alt[0] != " "
+                and alt[-1] != " "
+                and len(alt) <= max_chars
+                and (alt.isascii() or unicode_is_clean(alt))
+            ):
+                alt = clean_text(alt, max_chars)
+                if not alt:  # LAION needs alt text; no pair without it
+                    continue
+            if resolve is None:
+                resolve = Resolver(resolve_url(page_url, base) if base else page_url)
+            indices.append(k)
+            urls.append(resolve(url))
+            texts.append(alt)
+        if found:
+            self.summary.records_with_links += 1
+            self.texts += texts
+            self._close_record(offset, page_url, len(texts), metas or [])
+
+    def frame(self) -> pd.DataFrame:
+        n, src = len(self.texts), self.source_file
+        counts = np.array(self.rec_counts, dtype=np.int64)
+        url_arr, urls = _arrow_strings(self.urls)
+        text_arr, texts = _arrow_strings(self.texts)
+        page_arr = _arrow_strings(self.rec_pages)[0]
+        rec_of_pair = np.repeat(np.arange(len(counts)), counts)
+        offsets = np.repeat(np.array(self.rec_offsets, dtype=np.int64), counts)
+        rec_hash = np.repeat(record_hashes(src, self.rec_offsets), counts)
+        uids = pair_uids(rec_hash, np.array(self.indices, dtype=np.int64))
+        hashes = laion_hashes(urls, texts)
+        data = {
+            schema.UID: _hex_strings(uids),
+            schema.URL: url_arr,
+            schema.TEXT: text_arr,
+            schema.PAGE_URL: page_arr.take(pa.array(rec_of_pair)),
+            schema.SOURCE_FILE: pa.array([src] * n, type=pa.large_string()),
+            schema.RECORD_OFFSET: offsets,
+            schema.HASH: hashes,
+            schema.PAGE_ROBOTS: pa.array(self.rec_robots, type=pa.large_string()).take(
+                pa.array(rec_of_pair)
+            ),
+            schema.PAGE_TDM: np.repeat(np.array(self.rec_tdm, dtype=bool), counts),
+        }
+        return pd.DataFrame(
+            {
+                c: data[c] if t == "int64" else pd.array(data[c], dtype=t)
+                for c, t in schema.PAIRS_DTYPES.items()
+            }
+        )
+
+
+def _is_html_head(head: bytes, content_type: str) -> bool:
+    try:
+        status, headers, body = split_http(head)
+    except BadRecord:
+        return True  # headers longer than the head we kept: cannot tell, count it
+    ctype = headers.get("content-type", "" if status is not None else content_type).lower()
+    return "html" in ctype or (not ctype and looks_like_html(body))
+
+
+def _wat_block(
+    data: bytes, offset: int, col: _Collector, header: Callable[[str], str | None]
+) -> None:
+    """One whole WAT metadata block into ``col``; ``header(name)`` reads its WARC header."""
+    if IMG_MARKER not in data:
+        # cannot hold an image link: skip the JSON parse (the fast path). The Content-Type
+        # lookup costs more than the IMG@ scan, so it is only made until the file is known to
+        # be a WAT (for the summary)
+        if not col.saw_wat and "json" in (header("Content-Type") or ""):
+            col.saw_wat = True
+        return
+    if "json" not in (header("Content-Type") or ""):
+        return  # WARC metadata (fetch times, outlinks), not a WAT record
+    col.saw_wat = True
+    page, base, links, metas = wat_links(data)
+    col.add_wat(offset, page or header("WARC-Target-URI") or "", base, links, metas)
+
+
+def _record_header(rec: Record) -> Callable[[str], str | None]:
+    return lambda name: rec.content_type if name == "Content-Type" else rec.target_uri
+
+
+def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
+    """Parse one record into ``col``; raises BadRecord for a counted skip."""
+    t = rec.warc_type
+    limit = cfg.max_html_bytes
+    if t == "metadata" and cfg.format != "warc":
+        data, total = read_block(rec, limit)
+        if total is None and (rec.declared_length is None or len(data) >= rec.declared_length):
+            _wat_block(data, rec.offset, col, _record_header(rec))
+            return
+        if "json" not in rec.content_type:
+            return
+        col.saw_wat = True
+        if total is not None:
+            raise BadRecord("record_too_large", f"{total} bytes")
+        raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
+    elif t in ("response", "resource") and cfg.format != "wat":
+        data, total = read_block(rec, limit)
+        if total is not None:
+            if _is_html_head(data, rec.content_type):
+                raise BadRecord("html_too_large", f"{total} bytes")
+            return
+        if rec.declared_length is not None and len(data) < rec.declared_length:
+            raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
+        links, metas = parse_html(data, rec.target_uri, rec.content_type, limit)
+        col.add(rec.offset, rec.target_uri, links, metas)
+
+
+@contextmanager
+def _open_stream(path: str, gunzip: bool) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    with open_input(path) as raw:
+        if gunzip:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield raw, gz  # type: ignore[misc]
+        else:
+            yield raw, raw
+
+
+def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+    """The FastWARC pass. A WAT metadata record whose declared block is read whole (nearly all
+    of them) takes :func:`_wat_block` inline, without a :class:`Record` or a :func:`read_block`
+    call; every other record goes through :func:`_handle`, so both give the same result.
+    """
+    limit = cfg.max_html_bytes
+    wat = cfg.format != "warc"
+    metadata = fastwarc_type_code("metadata")
+    summary = col.summary
+    for frec, pos in iter_fastwarc_raw(stream):
+        summary.records_read += 1
+        try:
+            length = frec.content_length
+            if wat and 0 < length <= limit and int(frec.record_type) == metadata:
+                try:
+                    data = frec.reader.read(length + 1)
+                except (OSError, EOFError, zlib.error, ValueError) as err:
+                    raise classify_stream_error(err) from err
+                if len(data) == length:
+                    _wat_block(data, pos, col, frec.headers.get)
+                    continue
+                rec = fastwarc_record(frec, pos, PrefixedReader(data, frec.reader))
+            else:
+                rec = fastwarc_record(frec, pos)
+            _handle(rec, col, cfg)
+        except BadRecord as err:
+            col.skipped(pos, err)
+
+
+def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., None]:
+    def run(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+        for rec in iterate(stream):
+            col.summary.records_read += 1
+            try:
+                _handle(rec, col, cfg)
+            except BadRecord as err:
+                col.skipped(rec.offset, err)
+
+    return run
+
+
+#: reader name -> the pass over its records (tests compare the fused FastWARC pass with the plain
+#: one: ``_PASSES["fastwarc-plain"]``)
+_PASSES: dict[str, Callable[..., None]] = {
+    "fastwarc": _records_fastwarc,
+    "fastwarc-plain": _records(iter_fastwarc),
+    "warcio": _records(iter_warcio),
+}
+
+
+def _scan(
+    path: str,
+    cfg: ExtractConfig,
+    reader: str,
+    gunzip: bool,
+    meta_names: frozenset[str],
+    sink: Callable[[pd.DataFrame], None],
+    chunk_rows: int,
+) -> _Collector:
+    """One pass over the file; raises _Unreadable when not even one record could be read."""
+    col = _Collector(path, cfg, meta_names, sink, chunk_rows)
+    col.summary.reader = reader + ("+gunzip" if gunzip else "")
+    records = _PASSES[reader]
+    with _open_stream(path, gunzip) as (raw, stream):
+        try:
+            records(stream, col, cfg)
+        except StreamError as err:
+            if col.summary.records_read == 0:
+                raise _Unreadable(str(err), err.kind) from err
+            col.summary.count(err.kind)
+            log.debug("%s: stopped after %d records: %s", path, col.summary.records_read, err)
+        except (OSError, EOFError, zlib.error) as err:  # from the gzip layer around the reader
+            serr = classify_stream_error(err)
+            if col.summary.records_read == 0:
+                raise _Unreadable(str(serr), serr.kind) from err
+            col.summary.count(serr.kind)
+            log.debug("%s: stopped after %d records: %s", path, col.summary.records_read, serr)
+        try:
+            col.summary.bytes_read = raw.tell()
+        except (OSError, ValueError):
+            col.summary.bytes_read = 0
+    return col
+
+
+def _attempts(kind: str, gz: bool, cfg: ExtractConfig, whole: bool) -> list[tuple[str, bool]]:
+    readers = ["fastwarc", "warcio"] if cfg.reader == "auto" else [cfg.reader]
+    if kind == "arc" and cfg.reader == "auto":
+        readers = ["warcio"]  # FastWARC reads WARC only
+    out = []
+    for r in readers:
+        if not whole:
+            out.append((r, False))
+        if gz:
+            out.append((r, True))
+    return out
+
+
+def _whole_file_gzip(path: str, limit: int = 1 << 20) -> bool:
+    """Whether the first gzip member of a WARC holds more than its first record.
+
+    Common Crawl compresses each record as its own member; a file gzipped whole (one member for
+    everything) has no per-record offsets and is read through ``gzip`` instead. Deciding that
+    here, from the first record's Content-Length, keeps a streaming pass from handing on pairs
+    and then being replaced by another reader. Decompresses the first record only (its header
+    at most ``limit`` bytes); anything unclear says False and the readers decide as before.
+    """
+    d = zlib.decompressobj(31)
+    head, seen, end, after = b"", 0, -1, b""
+    try:
+        with open_input(path) as fh:
+            while not d.eof:
+                data = fh.read(65536)
+                if not data:
+                    return False
+                chunk = d.decompress(data)
+                if end < 0:
+                    head += chunk
+                    head_end = head.find(b"\r\n\r\n")
+                    if head_end < 0:
+                        if len(head) > limit:
+                            return False
+                        continue
+                    m = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head[:head_end])
+                    if m is None:
+                        return False
+                    end = head_end + 4 + int(m.group(1))
+                    chunk, seen = head, 0
+                if seen + len(chunk) > end:
+                    after += chunk[max(end - seen, 0) :][:64]
+                    if after.strip(b"\r\n"):
+                        return True  # the next record, in the same member
+                seen += len(chunk)
+    except (OSError, EOFError, zlib.error, ValueError):
+        return False
+    return False
+
+
+def stream_file(
+    path: str,
+    cfg: ExtractConfig,
+    consent: ConsentConfig | None = None,
+    *,
+    sink: Callable[[pd.DataFrame], None],
+    chunk_rows: int = CHUNK_ROWS,
+) -> FileSummary:
+    """Extract the pairs of one WAT, WARC or ARC file chunk by chunk, in bounded memory.
+
+    Like :func:`extract_file`, but the pairs are handed to ``sink`` as frames of about
+    ``chunk_rows`` rows (cut at record boundaries, in file order, ``schema.PAIRS_DTYPES``)
+    instead of being returned, so the memory used does not depend on the file's size. ``sink``
+    is called at least once (with an empty frame when the file has no pairs or is skipped).
+
+    Returns
+    -------
+    FileSummary
+        ``pairs_found`` is the number of rows handed to ``sink``.
+
+    Raises
+    ------
+    OSError
+        As :func:`extract_file`.
+    """
+    try:
+        return _stream_file(path, cfg, consent, sink, chunk_rows)
+    except _SinkFailed as failed:
+        raise failed.err from failed.err.__cause__
+
+
+def _stream_file(
+    path: str,
+    cfg: ExtractConfig,
+    consent: ConsentConfig | None,
+    sink: Callable[[pd.DataFrame], None],
+    chunk_rows: int,
+) -> FileSummary:
+    handed = [0]  # rows handed to the sink so far
+
+    def deliver(frame: pd.DataFrame) -> None:
+        handed[0] += len(frame)
+        try:
+            sink(frame)
+        except Exception as err:
+            # the sink's own failure (a full disk, say) must stop the file, never be mistaken
+            # by the readers for a broken input stream and counted as a skip
+            raise _SinkFailed(err) from err
+
+    t0 = time.perf_counter()
+    meta_names = frozenset((consent or ConsentConfig()).meta_names)
+    summary = FileSummary(source_file=path)
+    try:
+        with open_input(path) as fh:
+            head = fh.read(65536)
+        kind, gz = sniff_format(head)
+        summary.format = _format_from_name(path, kind)
+        if kind == "empty":
+            summary.count("empty_file")
+            summary.seconds = time.perf_counter() - t0
+            deliver(schema.PAIRS.copy())
+            return summary
+        if kind == "corrupt_gzip":
+            raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
+        if kind == "unknown":
+            start = _plain_head(head)[0][:40]
+            raise _Unreadable(f"not a WARC or ARC file (its content starts with {start!r})")
+        first_error: _Unreadable | None = None
+        col = None
+        whole = gz and kind == "warc" and _whole_file_gzip(path)
+        for reader, gunzip in _attempts(kind, gz, cfg, whole):
+            try:
+                col = _scan(path, cfg, reader, gunzip, meta_names, deliver, chunk_rows)
+                break
+            except NonChunkedGzip as err:
+                if handed[0]:
+                    # gzip members of one record at first, then one holding several: the
+                    # pairs handed on cannot be taken back, so the file fails by name
+                    raise _Unreadable(
+                        f"{err} after {handed[0]} pairs were written; gunzip the file first"
+                    ) from err
+                log.debug("%s: %s; reading it through gzip", path, err)
+                continue
+            except _Unreadable as err:
+                first_error = first_error or err
+                log.debug("%s: %s cannot read it: %s", path, reader, err)
+                continue
+        if col is None:
+            raise first_error or _Unreadable("no reader could read it")
+    except (_Unreadable, OSError) as err:
+        message = f"cannot read {path}: {err}"
+        if not cfg.skip_unreadable_files:
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(message) from err
+            raise OSError(message) from err
+        log.warning("%s (skipped: empty partition)", message)
+        summary.error = message
+        if isinstance(err, _Unreadable) and err.kind:
+            summary.count(err.kind)
+        summary.seconds = time.perf_counter() - t0
+        deliver(schema.PAIRS.copy())
+        return summary
+    col.flush()
+    summary = col.summary
+    summary.format = _format_from_name(path, "wat" if col.saw_wat else kind)
+    summary.bad_records = dict(sorted(summary.bad_records.items()))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def extract_file(
+    path: str, cfg: ExtractConfig, consent: ConsentConfig | None = None
+) -> ExtractResult:
+    """Extract (image URL, alt text) pairs from one WAT, WARC or ARC file.
+
+    Parameters
+    ----------
+    path
+        Local path or fsspec URL, as given by the user (it becomes ``source_file``).
+    cfg
+        ``format`` (``auto`` handles WAT JSON and HTML responses in one pass), ``reader``,
+        ``max_html_bytes``, ``max_text_chars``, ``skip_unreadable_files``.
+    consent
+        Its ``meta_names`` say which ``<meta>`` names are robots directives (recorded per pair
+        in ``page_robots`` and ``page_tdm``; the rules stage applies the policy). None = defaults.
+
+    Returns
+    -------
+    ExtractResult
+        ``pairs`` with exactly ``schema.PAIRS_DTYPES`` and the file's :class:`FileSummary`.
+        All pairs are held in memory: :func:`stream_file` hands them on chunk by chunk.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read at all and ``cfg.skip_unreadable_files`` is False; the message
+        names the file.
+
+    Examples
+    --------
+    >>> res = extract_file("tests/data/tiny.wat.gz", ExtractConfig())  # doctest: +SKIP
+    >>> res.summary.pairs_found == len(res.pairs)  # doctest: +SKIP
+    True
+    """
+    chunks: list[pd.DataFrame] = []
+    summary = stream_file(path, cfg, consent, sink=chunks.append, chunk_rows=2**62)
+    pairs = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+    return ExtractResult(pairs, summary)
+
+
+def extract_pairs(
+    path: str, cfg: ExtractConfig, consent: ConsentConfig | None = None
+) -> pd.DataFrame:
+    """Pairs of one file (``schema.PAIRS_DTYPES``); for ``dd.from_map`` and notebooks.
+
+    Examples
+    --------
+    >>> ddf = dd.from_map(extract_pairs, paths, args=(cfg,), meta=schema.PAIRS)  # doctest: +SKIP
+    """
+    return extract_file(path, cfg, consent).pairs
