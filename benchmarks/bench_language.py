@@ -30,6 +30,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
+from _results import save  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -124,7 +125,7 @@ def per_language(gold, raw, prior, threshold, title):
     )
 
 
-def speed(sentences, n_texts: int, chunk: int = 1_000) -> None:
+def speed(sentences, n_texts: int, chunk: int = 1_000) -> dict[str, int]:
     """Time four implementations on the same texts, interleaved chunk by chunk.
 
     Interleaving makes load from other processes hit all four alike, so the ratios hold even on
@@ -172,6 +173,7 @@ def speed(sentences, n_texts: int, chunk: int = 1_000) -> None:
         f"\nlangid / py3langid label agreement: {agree_windows:.1%} on the {len(texts):,} alt "
         f"texts, {agree_full:.1%} on the {len(full):,} full corpus sentences"
     )
+    return {name: round(len(texts) / seconds[name]) for name in impls}
 
 
 def _iso(label: str) -> str:
@@ -246,8 +248,27 @@ def main() -> None:
                 f"| {backend} | {prior:g} | {threshold:.2f} | {lab:.1%} | {acc:.3f} | "
                 f"{en_nl:.1%} | {ot_nl:.1%} | {en_prec:.3f} | {en_prec_web:.3f} |"
             )
-    if args.speed_texts:
-        speed(sentences, args.speed_texts)
+    rates = speed(sentences, args.speed_texts) if args.speed_texts else {}
+    chosen = {}
+    for backend, prior, threshold, row in summary:
+        if row is not None:
+            lab, acc, en_nl, ot_nl, en_prec, en_prec_web = row
+            chosen[backend] = {
+                "english prior": prior,
+                "min_confidence": round(threshold, 2),
+                "labelled": round(lab, 3),
+                "accuracy": round(acc, 3),
+                "en nolang": round(en_nl, 3),
+                "others nolang": round(ot_nl, 3),
+            }
+    save(
+        "language",
+        summary=(
+            f"Language ID on {len(test_texts):,} held-out 2-4-word alt texts in {len(sentences)} "
+            "languages (chosen prior/threshold per backend), and texts/s against langid.classify."
+        ),
+        figures={"held-out": chosen, "texts per second": rates},
+    )
 
 
 if __name__ == "__main__":

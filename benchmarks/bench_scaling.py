@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from _results import save
 
 from laion_dask.faces.demo.host import serve_demo_corpus
 from laion_dask.faces.demo.run import demo_config
@@ -119,6 +120,22 @@ def main() -> None:
         t1, t2 = results[1][stage], results[2][stage]
         print(f"{stage:<12} {t1:>8.2f}s {t2:>9.2f}s {t1 / t2:>8.2f}x {t1 / (2 * t2):>10.0%}")
     print(f"columns that differ between the two runs: {differ or 'none'}")
+    save(
+        "scaling",
+        summary=(
+            f"The demo pipeline ({args.pages} pages, {args.files} WAT files, {n_links} image "
+            "links) on 1 and on 2 single-thread workers: seconds per stage, speed-up T1/T2."
+        ),
+        figures={
+            stage: {
+                "1 worker s": round(results[1][stage], 2),
+                "2 workers s": round(results[2][stage], 2),
+                "speed-up": round(results[1][stage] / results[2][stage], 2),
+            }
+            for stage in (*STAGES, "total")
+        }
+        | {"columns that differ": ", ".join(f"{k}: {v}" for k, v in differ.items()) or "none"},
+    )
 
 
 if __name__ == "__main__":
