@@ -18,6 +18,13 @@ What it does, in one run:
 
 ``--repeat R`` runs the contenders R times, alternating, and reports the best run of each (the
 machine may be shared: the least disturbed run is the fairest); every run is printed too.
+
+``--commands`` times what a user types instead (issue 17): the whole ``laion-dask download RUN``
+command in a fresh process (default cluster, progress off, start-up included) on a run whose
+candidates point at the served images, beside img2dataset's two usual configurations
+(``--processes_count 2 --thread_count 32`` and ``4/64``), alternating, ``--repeat`` rounds (3 by
+default here); it prints best and median per contender and writes
+``benchmarks/results/download.json``. Wall and CPU cover each command's whole process tree.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _results import save
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"
@@ -294,6 +302,117 @@ def count_tar_images(folder: Path) -> int:
     return n
 
 
+# --- whole commands, as users time them ---------------------------------------------------------
+def write_pages_warc(urls: list[str], path: Path, per_page: int = 100) -> None:
+    """A WARC of HTML pages whose ``<img>`` tags link every URL once, each with its own alt text."""
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with path.open("wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for page, start in enumerate(range(0, len(urls), per_page)):
+            tags = "".join(
+                f'<img src="{u}" alt="benchmark photograph number {start + i}">'
+                for i, u in enumerate(urls[start : start + per_page])
+            )
+            body = f"<html><head><title>p{page}</title></head><body>{tags}</body></html>"
+            headers = StatusAndHeaders(
+                "200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1"
+            )
+            rec = writer.create_warc_record(
+                f"http://bench.example/page{page}.html",
+                "response",
+                payload=io.BytesIO(body.encode()),
+                http_headers=headers,
+            )
+            writer.write_record(rec)
+
+
+def prepare_run(urls: list[str], threads: int) -> tuple[Path, Path]:
+    """``laion-dask extract`` once (untimed) into a template run; returns (run, config.toml)."""
+    from laion_dask.ground.config import PipelineConfig, dump_config
+
+    base = WORK / "cmd"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    warc = base / "pages.warc.gz"
+    write_pages_warc(urls, warc)
+    cfg = PipelineConfig().replace(
+        "download",
+        allow_private_networks=True,  # nginx on loopback
+        per_host_concurrency=threads * 2,  # one host serves everything here
+        rows_per_task=SHARD_SIZE,  # the same shard size as img2dataset's
+    )
+    conf = base / "config.toml"
+    dump_config(cfg, conf)
+    template = base / "template"
+    laion = Path(sys.executable).with_name("laion-dask")
+    proc = subprocess.run(
+        [str(laion), "extract", str(warc), "--out", str(template), "--config", str(conf), "-q"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"laion-dask extract failed: {proc.stderr[-2000:]}")
+    return template, conf
+
+
+def run_commands(urls: list[str], url_file: Path, i2d: Path, args: argparse.Namespace) -> dict:
+    """Alternating rounds of img2dataset (2/32 and 4/64) and ``laion-dask download``."""
+    template, conf = prepare_run(urls, args.threads)
+    laion = Path(sys.executable).with_name("laion-dask")
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    contenders = {
+        "img2dataset 2x32": ("i2d", 2, 32),
+        "img2dataset 4x64": ("i2d", 4, 64),
+        "laion-dask download": ("ours", 0, 0),
+    }
+    runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in contenders}
+    for rep in range(args.repeat):
+        for name, (kind, procs, threads) in contenders.items():
+            out = WORK / "cmd" / f"out-{kind}"
+            shutil.rmtree(out, ignore_errors=True)
+            if kind == "i2d":
+                cmd = [
+                    str(i2d), "--url_list", str(url_file), "--input_format", "txt",
+                    "--output_folder", str(out), "--output_format", "webdataset",
+                    "--image_size", "256", "--resize_mode", "keep_ratio",
+                    "--processes_count", str(procs), "--thread_count", str(threads),
+                    "--number_sample_per_shard", str(SHARD_SIZE),
+                    "--timeout", "10", "--retries", "0",
+                    "--distributor", "multiprocessing", "--enable_wandb", "False",
+                ]  # fmt: skip
+                folder = out
+            else:
+                shutil.copytree(template, out)
+                cmd = [str(laion), "download", str(out), "--config", str(conf), "-q"]
+                folder = out / "images"
+            wall, cpu, _ = timed(cmd, env=env, cwd=WORK)
+            ok = count_tar_images(folder)
+            runs[name].append((ok, wall, cpu))
+            print(f"round {rep + 1} {name:<20} {ok} images  wall {wall:6.1f}s  "
+                  f"CPU {cpu / max(ok, 1) * 1e3:5.2f} ms/image", flush=True)  # fmt: skip
+    summary = {}
+    for name, rs in runs.items():
+        walls = sorted(w for _, w, _ in rs)
+        summary[name] = {
+            "images": max(ok for ok, _, _ in rs),
+            "best wall s": round(walls[0], 2),
+            "median wall s": round(float(np.median(walls)), 2),
+            "best CPU ms per image": round(min(c / max(ok, 1) for ok, _, c in rs) * 1e3, 2),
+        }
+    i2d_best = min(summary[n]["best wall s"] for n in contenders if n.startswith("img2dataset"))
+    i2d_median = min(summary[n]["median wall s"] for n in contenders if n.startswith("img2"))
+    ours = summary["laion-dask download"]
+    summary["ratio, best wall (img2dataset's best config / ours)"] = round(
+        i2d_best / ours["best wall s"], 2
+    )
+    summary["ratio, median wall"] = round(i2d_median / ours["median wall s"], 2)
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -301,13 +420,21 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000, help="images to serve and download")
     ap.add_argument("--procs", type=int, default=2, help="processes for each contender")
     ap.add_argument("--threads", type=int, default=32, help="concurrent requests per process")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each contender (alternating)")
+    ap.add_argument(
+        "--repeat", type=int, help="runs of each contender, alternating (1; 3 with --commands)"
+    )
+    ap.add_argument(
+        "--commands",
+        action="store_true",
+        help="time `laion-dask download RUN` as a user runs it, beside img2dataset (issue 17)",
+    )
     ap.add_argument("--_run", nargs=3, metavar=("MODE", "URLS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._run:
         mode, urls_path, out = args._run
         run_mode(mode, Path(urls_path), Path(out), args.procs, args.threads)
         return
+    args.repeat = args.repeat or (3 if args.commands else 1)
 
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -334,6 +461,21 @@ def main() -> None:
             "nginx alone (1 worker, one Python aiohttp client, 64 concurrent): "
             f"{rps:,.0f} req/s, {mbps:,.0f} MB/s (a lower bound: the client is the limit)"
         )
+        if args.commands:
+            summary = run_commands(urls, url_file, i2d, args)
+            for name, fig in summary.items():
+                print(f"{name}: {fig}")
+            save(
+                "download",
+                summary=(
+                    f"`laion-dask download RUN` (whole command, default cluster, -q) against "
+                    f"img2dataset 1.x's best of 2x32 / 4x64, {len(urls):,} 800x600 JPEGs from "
+                    f"nginx on loopback, 256 keep_ratio, webdataset shards of {SHARD_SIZE}, "
+                    f"{args.repeat} alternating rounds."
+                ),
+                figures=summary,
+            )
+            return
 
         runs: dict[str, list[tuple[int, float, float]]] = {}
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT)}

@@ -14,10 +14,24 @@ process's ``ru_maxrss``):
   (e) dask        dd.from_map(extract_pairs) on a LocalCluster (processes) with 1 and 2 workers
   (f) language    benchmarks/bench_language.py, when it exists
 
+``--commands`` times what a user types instead (issue 17), each as a whole process (start-up
+included), alternating, ``--repeat`` rounds (3 by default there), on two ~100 MB WATs shaped like
+Common Crawl's (``--alt-share 0.55``: a third of the records are responses, ~15 ``IMG@/src``
+links per response, 55 % with alt text):
+
+  laion-dask extract   ``laion-dask extract F1 F2 --out RUN -q`` (language ID, rules, run-wide
+                       dedup), against the plain loop a data scientist would write: warcio +
+                       ``json.loads`` + py3langid on each distinct alt text, one process;
+  extract_file alone   ``extract_file`` on F1 in a fresh process, against cc2dataset's
+                       ``process_wat`` on F1 in a fresh process.
+
+It prints best and median wall seconds and writes ``benchmarks/results/extract.json``.
+
 Usage::
 
     python benchmarks/bench_extract.py                 # 200 MB, the issue's size
     python benchmarks/bench_extract.py --size-mb 20    # a quick run
+    python benchmarks/bench_extract.py --commands      # whole commands vs their anchors
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ import time
 import uuid
 from pathlib import Path
 
+from _results import save
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / "_work"
@@ -47,6 +63,8 @@ WORDS = (
 ).split()
 TLDS = ("com", "org", "net", "de", "fr", "co.uk", "jp", "ru", "com.br", "info")
 IMG_EXT = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".svg", ".jpg?w=640", "")
+#: share of IMG@/src links with a non-empty alt (``--alt-share``; Common Crawl's is about 0.55)
+ALT_SHARE = 0.75
 
 
 def _words(rng: random.Random, lo: int, hi: int) -> str:
@@ -97,9 +115,9 @@ def _links(rng: random.Random, host: str) -> list[dict]:
                 "url": src + f"{rng.getrandbits(40):x}" + rng.choice(IMG_EXT),
             }
             r = rng.random()
-            if r < 0.75:
+            if r < ALT_SHARE:
                 link["alt"] = _words(rng, 1, 12)
-            elif r < 0.9:
+            elif r < ALT_SHARE + 0.15:
                 link["alt"] = ""
             if rng.random() < 0.5:  # the 2014 key order puts alt first
                 link = dict(sorted(link.items()))
@@ -219,7 +237,8 @@ def ensure_data(size_mb: int, parts: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for p in range(parts):
-        path = folder / f"bench-{size_mb}mb-{p:02d}of{parts:02d}.warc.wat.gz"
+        alt = "" if ALT_SHARE == 0.75 else f"-alt{round(ALT_SHARE * 100)}"
+        path = folder / f"bench-{size_mb}mb{alt}-{p:02d}of{parts:02d}.warc.wat.gz"
         if not path.exists():
             t0 = time.perf_counter()
             generate(path, size_mb * 1_000_000 // parts, seed=1000 + p)
@@ -269,6 +288,38 @@ def measure_naive(files: list[str]) -> tuple[int, float, float]:
                     if link.get("path") == "IMG@/src" and link.get("alt"):
                         urljoin(page, link["url"])
                         n += 1
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure_plainloop(files: list[str]) -> tuple[int, float, float]:
+    """What a data scientist would write: warcio + json.loads, then py3langid per distinct alt."""
+    from urllib.parse import urljoin
+
+    import py3langid
+    from warcio.archiveiterator import ArchiveIterator
+
+    n, c0, t0 = 0, time.process_time(), time.perf_counter()
+    texts: dict[str, str] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            for rec in ArchiveIterator(fh):
+                if rec.rec_type != "metadata":
+                    continue
+                env = json.loads(rec.content_stream().read())["Envelope"]
+                html = (
+                    env.get("Payload-Metadata", {})
+                    .get("HTTP-Response-Metadata", {})
+                    .get("HTML-Metadata", {})
+                )
+                page = env["WARC-Header-Metadata"].get("WARC-Target-URI", "")
+                for link in html.get("Links", []):
+                    alt = (link.get("alt") or "").strip()
+                    if link.get("path") == "IMG@/src" and len(alt) >= 5:
+                        urljoin(page, link["url"])
+                        texts.setdefault(alt, "")
+                        n += 1
+    for text in texts:
+        texts[text] = py3langid.classify(text)[0]
     return n, time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -345,6 +396,7 @@ def _child(name: str, files: list[str], workers: int, repeat: int) -> None:
             n, seconds, used = {
                 "ours": measure_ours,
                 "naive": measure_naive,
+                "plainloop": measure_plainloop,
                 "gunzip": measure_gunzip,
                 "cc2dataset": measure_cc2dataset,
             }[name](files)
@@ -402,6 +454,69 @@ exec(code, {"__name__": "__main__", "__file__": sys.argv[0]})
 """
 
 
+# --- whole commands -----------------------------------------------------------------------------
+def _whole(cmd: list[str], **kw: object) -> tuple[float, float]:
+    """Wall and CPU seconds of a whole command (its process tree), failing loudly."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, **kw)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run_commands(files: list[Path], repeat: int) -> dict:
+    """Alternating rounds of the four whole-process contenders; best and median wall."""
+    import numpy as np
+
+    laion = Path(sys.executable).with_name("laion-dask")
+    me = str(HERE / "bench_extract.py")
+    out = WORK / "cmd-run"
+    contenders: dict[str, list[str] | None] = {
+        "laion-dask extract (2 files)": [
+            str(laion), "extract", *map(str, files), "--out", str(out), "-q", "--no-dashboard"
+        ],
+        "plain loop (2 files)": [sys.executable, me, "--child", "plainloop", *map(str, files)],
+        "extract_file alone (1 file)": [sys.executable, me, "--child", "ours", str(files[0])],
+        "cc2dataset process_wat (1 file)": None,
+    }  # fmt: skip
+    py, why = cc2dataset_python()
+    if py is not None:
+        contenders["cc2dataset process_wat (1 file)"] = [
+            py, "-c", _PYSPARK_STUB, me, "--child", "cc2dataset", str(files[0])
+        ]  # fmt: skip
+    else:
+        print(f"  cc2dataset skipped: {why}")
+        del contenders["cc2dataset process_wat (1 file)"]
+    walls: dict[str, list[float]] = {name: [] for name in contenders}
+    cpus: dict[str, list[float]] = {name: [] for name in contenders}
+    for rep in range(repeat):
+        for name, cmd in contenders.items():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            wall, cpu = _whole(cmd)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            print(f"round {rep + 1} {name:<34} wall {wall:6.2f}s  CPU {cpu:6.2f}s", flush=True)
+    fig: dict = {
+        name: {
+            "best wall s": round(min(w), 2),
+            "median wall s": round(float(np.median(w)), 2),
+            "best CPU s": round(min(cpus[name]), 2),
+        }
+        for name, w in walls.items()
+    }
+    pairs = [("laion-dask extract (2 files)", "plain loop (2 files)", 3.0)]
+    if "cc2dataset process_wat (1 file)" in fig:
+        pairs.append(("extract_file alone (1 file)", "cc2dataset process_wat (1 file)", 2.0))
+    for ours, anchor, target in pairs:
+        for stat in ("best wall s", "median wall s"):
+            ratio = fig[anchor][stat] / fig[ours][stat]
+            fig[f"{anchor} / {ours}, {stat[:-2]}"] = f"{ratio:.2f}x (target {target:g}x)"
+    return fig
+
+
 # --- driver ---------------------------------------------------------------------------------------
 def run_child(
     python: str,
@@ -443,13 +558,40 @@ def main() -> None:
         help="a folder holding an older copy of the laion_dask package: measured as 'ours@base'",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--repeat", type=int, default=1, help="best of N runs per measure")
+    ap.add_argument(
+        "--repeat", type=int, help="best of N runs per measure (1; rounds with --commands: 3)"
+    )
+    ap.add_argument(
+        "--commands", action="store_true", help="time whole commands beside their anchors"
+    )
+    ap.add_argument(
+        "--alt-share", type=float, help="share of IMG links with alt text (0.75; --commands 0.55)"
+    )
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(args.child, args.files, args.workers, args.repeat)
+        _child(args.child, args.files, args.workers, args.repeat or 1)
         return
+    global ALT_SHARE
+    ALT_SHARE = args.alt_share or (0.55 if args.commands else ALT_SHARE)
+    if args.commands:
+        parts = args.parts if args.parts != 4 else 2  # two ~100 MB files by default
+        files = ensure_data(args.size_mb, parts)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        fig = run_commands(files, args.repeat or 3)
+        for name, value in fig.items():
+            print(f"{name}: {value}")
+        save(
+            "extract",
+            summary=(
+                f"Whole commands, start-up included, on {len(files)} Common-Crawl-shaped WATs "
+                f"({mb:.0f} MB, alt share {ALT_SHARE:g}), {args.repeat or 3} alternating rounds."
+            ),
+            figures=fig,
+        )
+        return
+    args.repeat = args.repeat or 1
 
     print(
         f"bench_extract: {args.size_mb} MB of WAT in {args.parts} files, cpus={os.cpu_count()}",
