@@ -7,7 +7,8 @@ are counted and skipped; a file that cannot be read at all raises, or with
 ``cfg.skip_unreadable_files`` becomes an empty partition with ``summary.error`` set.
 
 Skip kinds in ``bad_records``: ``empty_file``, ``corrupt_gzip``, ``invalid_record`` (the archive
-stream cannot be parsed further), ``truncated_record`` (block shorter than its Content-Length),
+stream cannot be parsed further), ``truncated_record`` (a block shorter than its Content-Length,
+or an HTTP body cut short: an HTML page keeps the pairs of its tags complete before the cut),
 ``invalid_json``, ``bad_encoding``, ``invalid_wat`` (JSON of the wrong shape), ``record_too_large``
 (a WAT JSON over ``max_html_bytes``), ``html_too_large``, ``bad_http``, ``bad_content_encoding``.
 """
@@ -32,16 +33,18 @@ import pyarrow as pa
 from laion_dask.ground import schema
 from laion_dask.ground.config import ConsentConfig, ExtractConfig
 from laion_dask.stages.extract import common
-from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url
+from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url, warc_uri
 from laion_dask.stages.extract.optout import NO_SIGNALS, page_signals
 from laion_dask.stages.extract.records import (
     NonChunkedGzip,
     PrefixedReader,
+    ReaderCannot,
     Record,
     StreamError,
     classify_stream_error,
     fastwarc_record,
     fastwarc_type_code,
+    iter_arc,
     iter_fastwarc,
     iter_fastwarc_raw,
     iter_warcio,
@@ -86,7 +89,8 @@ class FileSummary:
 
     source_file: str
     format: str = "unknown"  # wat | warc | wet | arc | unknown
-    reader: str = "none"  # fastwarc | warcio, "+gunzip" when read through gzip (whole-file gzip)
+    # fastwarc | warcio | arc, "+gunzip" when read through gzip (whole-file gzip)
+    reader: str = "none"
     records_read: int = 0
     records_with_links: int = 0
     pairs_found: int = 0
@@ -442,11 +446,11 @@ def _wat_block(
         return  # WARC metadata (fetch times, outlinks), not a WAT record
     col.saw_wat = True
     page, base, links, metas = wat_links(data)
-    col.add_wat(offset, page or header("WARC-Target-URI") or "", base, links, metas)
+    col.add_wat(offset, page or warc_uri(header("WARC-Target-URI")), base, links, metas)
 
 
 def _record_header(rec: Record) -> Callable[[str], str | None]:
-    return lambda name: rec.content_type if name == "Content-Type" else rec.target_uri
+    return rec.header
 
 
 def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
@@ -470,10 +474,21 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
             if _is_html_head(data, rec.content_type):
                 raise BadRecord("html_too_large", f"{total} bytes")
             return
-        if rec.declared_length is not None and len(data) < rec.declared_length:
+        short = rec.declared_length is not None and len(data) < rec.declared_length
+        try:
+            page = parse_html(data, rec.target_uri, rec.content_type, limit, truncated=short)
+        except BadRecord as err:
+            if short:  # the cut is why the rest cannot be read
+                raise BadRecord(
+                    "truncated_record", f"{len(data)} of {rec.declared_length} bytes; {err}"
+                ) from None
+            raise
+        # a page cut short keeps the pairs of its complete tags, and is counted as truncated
+        col.add(rec.offset, rec.target_uri, page.links, page.metas)
+        if short:
             raise BadRecord("truncated_record", f"{len(data)} of {rec.declared_length} bytes")
-        links, metas = parse_html(data, rec.target_uri, rec.content_type, limit)
-        col.add(rec.offset, rec.target_uri, links, metas)
+        if page.truncated:
+            raise BadRecord("truncated_record", "HTTP body cut short")
 
 
 @contextmanager
@@ -527,12 +542,27 @@ def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., N
     return run
 
 
+def _records_arc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+    def bad(offset: int, err: StreamError) -> None:
+        # a header line that cannot be read is a record seen and skipped; reading goes on
+        col.summary.records_read += 1
+        col.skipped(offset, BadRecord(err.kind, str(err)))
+
+    for rec in iter_arc(stream, on_bad=bad):
+        col.summary.records_read += 1
+        try:
+            _handle(rec, col, cfg)
+        except BadRecord as err:
+            col.skipped(rec.offset, err)
+
+
 #: reader name -> the pass over its records (tests compare the fused FastWARC pass with the plain
 #: one: ``_PASSES["fastwarc-plain"]``)
 _PASSES: dict[str, Callable[..., None]] = {
     "fastwarc": _records_fastwarc,
     "fastwarc-plain": _records(iter_fastwarc),
     "warcio": _records(iter_warcio),
+    "arc": _records_arc,
 }
 
 
@@ -571,9 +601,12 @@ def _scan(
 
 
 def _attempts(kind: str, gz: bool, cfg: ExtractConfig, whole: bool) -> list[tuple[str, bool]]:
-    readers = ["fastwarc", "warcio"] if cfg.reader == "auto" else [cfg.reader]
     if kind == "arc" and cfg.reader == "auto":
-        readers = ["warcio"]  # FastWARC reads WARC only
+        # FastWARC reads WARC only; warcio reads ARC gzipped per record (with the members'
+        # offsets) but loses the next record when one lacks its trailing newline, which
+        # iter_arc, framing by length alone, does not: it reads plain streams
+        return [("warcio", False), ("arc", True)] if gz else [("arc", False)]
+    readers = ["fastwarc", "warcio"] if cfg.reader == "auto" else [cfg.reader]
     out = []
     for r in readers:
         if not whole:
@@ -697,14 +730,17 @@ def _stream_file(
             try:
                 col = _scan(path, cfg, reader, gunzip, meta_names, deliver, chunk_rows)
                 break
-            except NonChunkedGzip as err:
+            except ReaderCannot as err:
                 if handed[0]:
-                    # gzip members of one record at first, then one holding several: the
+                    # e.g. gzip members of one record at first, then one holding several: the
                     # pairs handed on cannot be taken back, so the file fails by name
-                    raise _Unreadable(
-                        f"{err} after {handed[0]} pairs were written; gunzip the file first"
-                    ) from err
-                log.debug("%s: %s; reading it through gzip", path, err)
+                    fix = (
+                        "gunzip the file first"
+                        if isinstance(err, NonChunkedGzip)
+                        else 'read it with [extract] reader = "warcio"'
+                    )
+                    raise _Unreadable(f"{err} after {handed[0]} pairs were written; {fix}") from err
+                log.debug("%s: %s; reading it with the next reader", path, err)
                 continue
             except _Unreadable as err:
                 first_error = first_error or err

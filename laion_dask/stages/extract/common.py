@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from types import ModuleType
 from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
-__all__ = ["BadRecord", "RawLink", "resolve_url", "Resolver", "speedups"]
+__all__ = ["BadRecord", "RawLink", "resolve_url", "Resolver", "speedups", "warc_uri"]
 
 
 def _load_speedups() -> ModuleType | None:
     if os.environ.get("LAION_DASK_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        from laion_dask.stages.extract import _speedups
+        # by its full name: the compiled module is a leaf (it imports nothing of ours), but
+        # import graphs cannot see a compiled module, so ``from <package> import _speedups``
+        # reads to them as an import of the package's __init__, which imports this module
+        return importlib.import_module(f"{__package__}._speedups")
     except ImportError:  # built without a C compiler: the Python twins give the same output
         return None
-    return _speedups
 
 
 #: the compiled fast paths (``laion_dask/stages/extract/_speedups.c``), or None when they were not
@@ -26,6 +29,30 @@ def _load_speedups() -> ModuleType | None:
 #: or ``LAION_DASK_PURE_PYTHON=1``: then the pure-Python code runs, with the same output, slower.
 #: Read it as ``common.speedups`` at call time (tests switch it off).
 speedups = _load_speedups()
+
+
+def warc_uri(value: str | None) -> str:
+    """A URI-valued WARC header field as the URI it holds (``""`` when absent).
+
+    WARC 1.0's grammar writes every URI field as ``"<" uri ">"`` (section 5: ``uri = "<"
+    <'URI' per RFC3986> ">"``), and wget, among others, writes ``WARC-Target-URI: <http://...>``;
+    WARC 1.1 drops the brackets for ``WARC-Target-URI``, ``WARC-Refers-To-Target-URI`` and
+    ``WARC-Profile``. Both forms give the bare URI: surrounding whitespace and one enclosing
+    pair of angle brackets are removed.
+
+    Examples
+    --------
+    >>> warc_uri(" <http://a.example/x> ")
+    'http://a.example/x'
+    >>> warc_uri("http://a.example/x")
+    'http://a.example/x'
+    """
+    if not value:
+        return ""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == "<" and value[-1] == ">":
+        value = value[1:-1].strip()
+    return value
 
 
 class BadRecord(Exception):

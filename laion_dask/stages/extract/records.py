@@ -1,8 +1,12 @@
 """One interface over FastWARC and warcio: records with an offset and a bounded block reader.
 
 FastWARC is about 6x faster than warcio and reads WARC (gzip per record, plain, zstd/lz4) but
-not ARC; warcio reads ARC and some odd files. Both read the WARC block raw (no HTTP parsing), so
-the rest of the code sees the same bytes whichever reader ran.
+not ARC, nor WARC headers whose field names are not in the spec's case; warcio reads ARC gzipped
+per record and odd WARC files; :func:`iter_arc` reads plain ARC streams (uncompressed, or one gzip
+member for the whole file), whose records need not end with the newline warcio expects. All read
+the block raw (no HTTP parsing), so the rest of the code sees the same bytes whichever reader ran.
+URI-valued header fields are read through :func:`~laion_dask.stages.extract.common.warc_uri`
+(WARC 1.0 writes them in angle brackets), whichever reader ran.
 
 Whole-file gzip (one member holding many records) has no per-record compressed offset: FastWARC
 reports the same ``stream_pos`` for every record in the member and warcio refuses the file. Both
@@ -13,11 +17,16 @@ offsets are positions in the decompressed stream, distinct per record.
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
+from laion_dask.stages.extract.common import warc_uri
+
 __all__ = [
+    "URI_FIELDS",
+    "ReaderCannot",
     "NonChunkedGzip",
     "StreamError",
     "Record",
@@ -28,12 +37,33 @@ __all__ = [
     "fastwarc_type_code",
     "PrefixedReader",
     "iter_warcio",
+    "iter_arc",
     "read_block",
     "classify_stream_error",
 ]
 
 
-class NonChunkedGzip(Exception):
+#: the WARC header fields whose value is a URI (WARC 1.1 section 5; lower case): WARC 1.0 writes
+#: each as ``<uri>``, and :meth:`Record.header` gives the bare URI
+URI_FIELDS = frozenset(
+    {
+        "warc-target-uri",
+        "warc-refers-to-target-uri",
+        "warc-profile",
+        "warc-record-id",
+        "warc-refers-to",
+        "warc-concurrent-to",
+        "warc-warcinfo-id",
+        "warc-segment-origin-id",
+    }
+)
+
+
+class ReaderCannot(Exception):
+    """This reader cannot read the file correctly: the next reader should read it instead."""
+
+
+class NonChunkedGzip(ReaderCannot):
     """The file is one gzip member holding several records: read it decompressed instead."""
 
 
@@ -78,10 +108,19 @@ class Record:
 
     @property
     def target_uri(self) -> str:
-        """``WARC-Target-URI`` (``""`` when absent)."""
+        """``WARC-Target-URI`` as a bare URI (``""`` when absent)."""
         if self._uri is None:
-            self._uri = self._headers.get("WARC-Target-URI") or ""
+            self._uri = warc_uri(self._headers.get("WARC-Target-URI"))
         return self._uri
+
+    def header(self, name: str) -> str:
+        """A WARC header field (``""`` when absent); URI fields without WARC 1.0's ``<>``."""
+        if self._headers is None:
+            return {"warc-target-uri": self.target_uri, "content-type": self.content_type}.get(
+                name.lower(), ""
+            )
+        value = self._headers.get(name) or ""
+        return warc_uri(value) if name.lower() in URI_FIELDS else value
 
     @property
     def content_type(self) -> str:
@@ -146,6 +185,11 @@ def iter_fastwarc_raw(stream: BinaryIO) -> Iterator[tuple[Any, int]]:
         pos = rec.stream_pos
         if pos == prev:
             raise NonChunkedGzip(f"two records start at offset {pos}")
+        if rec.content_length == 0 and _int_or_none(rec.headers.get("Content-Length")):
+            # field names are case-insensitive (WARC 1.1 section 4), but FastWARC matches them
+            # case-sensitively: a ``content-length`` header leaves it a 0-byte block and the
+            # record's bytes skipped, so this file is warcio's
+            raise ReaderCannot(f"FastWARC cannot read the block of the record at {pos}")
         prev = pos
         yield rec, pos
 
@@ -215,7 +259,8 @@ def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
         except (OSError, EOFError, zlib.error, ValueError) as err:
             raise classify_stream_error(err) from err
         h = rec.rec_headers
-        uri = (h.get_header("WARC-Target-URI") or "").strip("<>")
+        # warcio strips the brackets of a wget-style ``<uri>`` itself, not other URI forms
+        uri = warc_uri(h.get_header("WARC-Target-URI"))
         yield Record(
             it.offset,  # start of this record; get_record_offset() would read it to the end
             (rec.rec_type or "").lower(),
@@ -224,6 +269,103 @@ def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
             _int_or_none(h.get_header("Content-Length")),
             rec.raw_stream,
         )
+
+
+class _BoundedReader:
+    """At most ``left`` bytes of ``stream``: one ARC record's block."""
+
+    __slots__ = ("stream", "left")
+
+    def __init__(self, stream: BinaryIO, left: int) -> None:
+        self.stream, self.left = stream, left
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stream.read(size)
+        self.left = 0 if not data else self.left - len(data)
+        return data
+
+    def drain(self) -> int:
+        """Skip the rest of the block; returns the bytes skipped."""
+        n = 0
+        while chunk := self.read(1 << 20):
+            n += len(chunk)
+        return n
+
+
+_ARC_MAX_LINE = 1 << 16
+
+
+# what starts an ARC header line: a URL's scheme (http:, dns:, filedesc:...)
+_ARC_URL_START = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def iter_arc(
+    stream: BinaryIO, on_bad: Callable[[int, StreamError], None] | None = None
+) -> Iterator[Record]:
+    """Records of a plain (decompressed) ARC v1 or v2 stream, offsets in that stream.
+
+    An ARC record is one header line (v1: ``URL IP DATE MIME LENGTH``; v2 adds result code,
+    checksum, location, offset and file name before ``LENGTH``) and ``LENGTH`` bytes. Records are
+    framed by their lengths alone, so a record not followed by its newline (as Heritrix wrote
+    some) does not lose the next one. Fields are counted from the right: a URL may hold spaces.
+    The file's ``filedesc://`` record is ``warcinfo``, an ``http(s)`` record ``response`` (its
+    block is the HTTP message), anything else (``dns:``...) ``resource``.
+
+    A header line that cannot be read (no length, a negative one, a lying length that lands
+    inside the next record) goes to ``on_bad(offset, error)`` and the stream is read on from the
+    next line that reads as a header (``invalid_record`` raised when ``on_bad`` is None).
+    """
+    pos, fields_after_url, lost = 0, 4, False
+    while True:
+        try:
+            line = stream.readline(_ARC_MAX_LINE)
+        except (OSError, EOFError, zlib.error, ValueError) as err:
+            raise classify_stream_error(err) from err
+        if not line:
+            return
+        offset = pos
+        pos += len(line)
+        if not line.strip():
+            continue  # the newline between records
+        fields = line.rstrip(b"\r\n").split(b" ")
+        if (
+            len(fields) <= fields_after_url
+            or not fields[-1].isdigit()
+            or _ARC_URL_START.match(fields[0]) is None
+        ):
+            if lost:
+                continue  # still inside the block whose header could not be read
+            err = StreamError(
+                "invalid_record", f"not an ARC header line at {offset}: {line[:80]!r}"
+            )
+            if on_bad is None:
+                raise err
+            on_bad(offset, err)
+            lost = True
+            continue
+        lost = False
+        length = int(fields[-1])
+        url = b" ".join(fields[:-fields_after_url]).decode("utf-8", "replace")
+        mime = fields[-fields_after_url + 2].decode("latin-1")
+        block = _BoundedReader(stream, length)
+        reader: BlockReader = block
+        if url.startswith("filedesc://"):
+            head = block.read(min(length, 256))
+            if head.split(b" ", 1)[0].strip() == b"2":
+                fields_after_url = 9  # v2 header lines from here on
+            reader = PrefixedReader(head, block)
+            warc_type = "warcinfo"
+        else:
+            warc_type = "response" if url.startswith(("http://", "https://")) else "resource"
+        try:
+            yield Record(offset, warc_type, url, mime, length, reader)
+            block.drain()
+        except (OSError, EOFError, zlib.error, ValueError) as err:
+            raise classify_stream_error(err) from err
+        pos += length
 
 
 def read_block(rec: Record, limit: int, head: int = 65536) -> tuple[bytes, int | None]:

@@ -5,7 +5,8 @@ gzip/deflate encoded, and some archives (ClueWeb09) claim ``Content-Encoding: gz
 stored plain, so decoding is tried and the raw body kept when it is not what the header says.
 The charset comes from the HTTP header, a BOM, a ``<meta>`` declaration, or detection, in that
 order; lxml then parses the page and ``<img src|srcset alt>`` are resolved against ``<base href>``
-or the page URL.
+or the page URL. A block cut short (a truncated file, or a body shorter than its HTTP length)
+is parsed as far as its last complete tag: the pairs before the cut are whole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import zlib
 from typing import NamedTuple
 
 from lxml import etree
+
+try:  # optional: decodes ``Content-Encoding: br`` bodies (a wheel urllib3 and aiohttp also use)
+    import brotli
+except ImportError:  # pragma: no cover - such bodies are then counted as bad_content_encoding
+    brotli = None
 
 from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url
 
@@ -33,7 +39,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# a blank line; some writers end header lines with a doubled CR ("\r\r\n")
+_HEADER_END = re.compile(rb"\r*\n\r*\n")
 _META_CHARSET = re.compile(
     rb"""<meta[^>]+?charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.IGNORECASE
 )
@@ -83,12 +90,14 @@ def split_http(block: bytes) -> tuple[int | None, dict[str, str], bytes]:
     return status, headers, block[m.end() :]
 
 
-def _dechunk(body: bytes) -> bytes | None:
+def _dechunk(body: bytes, partial: bool = False) -> bytes | None:
+    """The chunks' data; None when ``body`` is not chunked (or, unless ``partial``, cut short:
+    with ``partial`` the data before the cut)."""
     out, pos, n = [], 0, len(body)
     while pos < n:
         eol = body.find(b"\n", pos)
         if eol < 0:
-            return None
+            return b"".join(out) if partial and out else None
         size_field = body[pos:eol].split(b";", 1)[0].strip()
         try:
             size = int(size_field, 16)
@@ -98,6 +107,9 @@ def _dechunk(body: bytes) -> bytes | None:
             return b"".join(out)
         start = eol + 1
         if start + size > n:
+            if partial:
+                out.append(body[start:])
+                return b"".join(out)
             return None  # truncated chunk
         out.append(body[start : start + size])
         pos = start + size
@@ -108,7 +120,8 @@ def _dechunk(body: bytes) -> bytes | None:
     return b"".join(out)
 
 
-def _inflate(body: bytes, limit: int) -> bytes:
+def _inflate(body: bytes, limit: int) -> tuple[bytes, bool]:
+    """(decoded body, cut short): a stream that ends early gives what it decoded."""
     for wbits in (47, -15):  # gzip or zlib (auto), then raw deflate
         d = zlib.decompressobj(wbits)
         try:
@@ -117,29 +130,59 @@ def _inflate(body: bytes, limit: int) -> bytes:
             continue
         if len(out) > limit:
             raise BadRecord("html_too_large", f"decoded body over {limit} bytes")
-        if not d.eof:
-            raise BadRecord("truncated_record", "Content-Encoded body ends early")
-        return out
+        return out, not d.eof
     raise BadRecord("bad_content_encoding", "body is not valid gzip/deflate")
 
 
-def decode_body(body: bytes, headers: dict[str, str], limit: int) -> bytes:
-    """Undo HTTP ``Transfer-Encoding: chunked`` and ``Content-Encoding: gzip|deflate``.
+def _unbrotli(body: bytes, limit: int) -> tuple[bytes, bool]:
+    if brotli is None:
+        raise BadRecord("bad_content_encoding", "br bodies need the brotli package")
+    d = brotli.Decompressor()
+    try:
+        out = d.process(body)
+    except brotli.error as err:
+        raise BadRecord("bad_content_encoding", f"br: {err}") from None
+    if len(out) > limit:
+        raise BadRecord("html_too_large", f"decoded body over {limit} bytes")
+    return out, not d.is_finished()
 
-    Archives often store bodies already decoded while keeping the original headers, so each step
-    runs only when the bytes look encoded; otherwise the body is used as stored.
-    """
+
+def _decode(body: bytes, headers: dict[str, str], limit: int, cut: bool) -> tuple[bytes, bool]:
+    """:func:`decode_body` that gives what a body cut short holds: (body, cut short)."""
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        unchunked = _dechunk(body)
+        unchunked = _dechunk(body, partial=cut)
         if unchunked is not None:
             body = unchunked
     encoding = headers.get("content-encoding", "").strip().lower()
     if encoding in ("gzip", "x-gzip") and body[:2] == b"\x1f\x8b":
-        body = _inflate(body, limit)
+        body, short = _inflate(body, limit)
+        cut = cut or short
     elif encoding == "deflate" and body[:1] in (b"\x78", b"\x1f"):
-        body = _inflate(body, limit)
-    elif encoding in ("br", "zstd") and body and not looks_like_html(body):
+        body, short = _inflate(body, limit)
+        cut = cut or short
+    elif encoding == "br" and body and not looks_like_html(body):
+        body, short = _unbrotli(body, limit)
+        cut = cut or short
+    elif encoding == "zstd" and body and not looks_like_html(body):
         raise BadRecord("bad_content_encoding", f"{encoding} bodies are not decoded")
+    return body, cut
+
+
+def decode_body(body: bytes, headers: dict[str, str], limit: int) -> bytes:
+    """Undo HTTP ``Transfer-Encoding: chunked`` and ``Content-Encoding: gzip|deflate|br``.
+
+    Archives often store bodies already decoded while keeping the original headers, so each step
+    runs only when the bytes look encoded; otherwise the body is used as stored.
+
+    Raises
+    ------
+    BadRecord
+        ``truncated_record`` when an encoded body ends early; ``bad_content_encoding``,
+        ``html_too_large``.
+    """
+    body, cut = _decode(body, headers, limit, False)
+    if cut:
+        raise BadRecord("truncated_record", "Content-Encoded body ends early")
     return body
 
 
@@ -197,10 +240,12 @@ _PARSER = etree.HTMLParser(
 
 
 class HtmlPage(NamedTuple):
-    """The image links of one HTML page and its ``(name, content)`` meta pairs."""
+    """The image links of one HTML page and its ``(name, content)`` meta pairs; ``truncated``
+    when the page was cut short (its links are those complete before the cut)."""
 
     links: list[RawLink]
     metas: list[tuple[str | None, str | None]]
+    truncated: bool = False
 
 
 _NO_PAGE = HtmlPage([], [])
@@ -260,7 +305,9 @@ def html_page(text: str, page_url: str) -> HtmlPage:
     return HtmlPage(out, metas)
 
 
-def parse_html(block: bytes, page_url: str, content_type: str, limit: int) -> HtmlPage:
+def parse_html(
+    block: bytes, page_url: str, content_type: str, limit: int, *, truncated: bool = False
+) -> HtmlPage:
     """Image links and metas of one WARC ``response``/``resource`` block (:func:`html_page`;
     empty when it is not HTML).
 
@@ -274,6 +321,9 @@ def parse_html(block: bytes, page_url: str, content_type: str, limit: int) -> Ht
         The WARC ``Content-Type`` (used for ``resource`` records, which have no HTTP headers).
     limit
         ``max_html_bytes``; larger (decoded) bodies raise ``html_too_large``.
+    truncated
+        The block is shorter than its record declares. A page cut short (so, or because its
+        encoded body ends early) is read up to its last ``>`` and comes back ``truncated``.
 
     Raises
     ------
@@ -285,10 +335,15 @@ def parse_html(block: bytes, page_url: str, content_type: str, limit: int) -> Ht
     sniff = "html" not in ctype
     if sniff and ctype and "text/plain" not in ctype and "octet-stream" not in ctype:
         return _NO_PAGE  # declared as something else (image, css, json...)
-    body = decode_body(body, headers, limit)
+    body, truncated = _decode(body, headers, limit, truncated)
     if sniff and not looks_like_html(body):
         return _NO_PAGE
     if len(body) > limit:
         raise BadRecord("html_too_large", f"{len(body)} bytes")
+    if truncated:
+        # up to the last complete tag: a tag cut inside an attribute would give a wrong URL or
+        # a partial alt text
+        body = body[: body.rfind(b">") + 1]
     text = body.decode(detect_charset(body, headers), "replace")
-    return html_page(text, page_url)
+    page = html_page(text, page_url)
+    return page._replace(truncated=True) if truncated else page

@@ -17,7 +17,7 @@ import json
 import logging
 from typing import Any, NamedTuple
 
-from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url
+from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url, warc_uri
 
 __all__ = [
     "IMG_MARKER",
@@ -124,7 +124,8 @@ def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, An
     env = doc.envelope
     if env is None:
         raise BadRecord("invalid_wat", "no Envelope")
-    page = env.warc.target_uri if env.warc is not None else None
+    # the WARC header as the WAT writer copied it: ``<uri>`` when the WARC was written so
+    page = warc_uri(env.warc.target_uri) if env.warc is not None else None
     resp = env.payload.response if env.payload is not None else None
     html = resp.html if resp is not None else None
     if html is None or not html.links:
@@ -160,7 +161,9 @@ def _parse_json(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]
     if not isinstance(env, dict):
         raise BadRecord("invalid_wat", "no Envelope")
     # the same shape checks the typed msgspec decoder makes, so both paths agree
-    page = _str_or_none(_get(env, "WARC-Header-Metadata", "WARC-Target-URI"), "WARC-Target-URI")
+    page = warc_uri(
+        _str_or_none(_get(env, "WARC-Header-Metadata", "WARC-Target-URI"), "WARC-Target-URI")
+    )
     html = _get(env, "Payload-Metadata", "HTTP-Response-Metadata", "HTML-Metadata")
     links = _get(html, "Links")
     if links is None:
