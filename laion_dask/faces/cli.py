@@ -1,34 +1,97 @@
 """``laion-dask``: a thin shell over :mod:`laion_dask.orchestration.pipeline` and friends.
 
 Every command takes a run directory; configuration comes from ``--config FILE`` (TOML, see
-README) and a few common flags, is validated before any work starts, and is written back as the
-run's resolved ``config.toml``.
+docs/configuration.md) and a few common flags, and is written back as the run's resolved
+``config.toml``. Everything a command can check is checked before it starts a cluster or writes
+a file: the config, the inputs, the thresholds, the model, and whether the stage it needs has
+run (read from the run directory's markers). So a user's mistake is one line on stderr naming the
+problem and its fix, exit code 2, and nothing created; ``-v`` adds the traceback.
+
+Exit codes: 0 done; 1 the work ran and failed (every input failed, a ``--strict`` partition
+failed, an unexpected error); 2 nothing was done (a usage, configuration or run-state error);
+130 interrupted.
+
+The command functions import the pipeline and products when they run: importing them all up
+front takes ~7 s (Dask, pandas, pyarrow, torch's neighbours), which ``--help`` and a usage error
+should not pay.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+import tomllib
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-from laion_dask.ground.config import ConfigError, PipelineConfig, load_config
+from laion_dask.ground.config import (
+    ConfigError,
+    PipelineConfig,
+    config_warnings,
+    filters_table,
+    load_config,
+)
 
 log = logging.getLogger("laion_dask")
 
+PROG = "laion-dask"
 
-def _base_config(args: argparse.Namespace, run_path: str | None) -> PipelineConfig:
-    """--config file, else the run's own config.toml, else defaults; then CLI overrides."""
+
+class UsageError(Exception):
+    """A command cannot do what was asked as things stand; the message says what to do instead.
+
+    Raised before any cluster starts or any file is written; printed as one line, exit 2.
+    """
+
+
+# --- what every command shares -------------------------------------------------------------------
+
+
+def _run_dir(path: str) -> Any:
+    """The existing run at ``path``, else UsageError saying how to start one."""
     from laion_dask.orchestration.rundir import RunDir
 
+    run = RunDir(path)
+    if not run.exists(run.config_path):
+        what = "is not a laion-dask run directory" if run.exists(path) else "does not exist"
+        raise UsageError(
+            f"{path} {what} (no config.toml); start a run with "
+            f"`{PROG} extract INPUT... --out {path}`"
+        )
+    return run
+
+
+#: stage folder -> (what it holds, the command that makes it)
+_UPSTREAM = {
+    "candidates": ("candidates", "extract INPUT... --out {run}"),
+    "downloads": ("downloads", "download {run}"),
+    "scores": ("scores", "score {run}"),
+}
+
+
+def _require(run: Any, folder: str, command: str) -> None:
+    """UsageError unless ``folder`` has finished partitions: ``command`` needs that stage."""
+    if run.has_markers(folder):
+        return
+    what, make = _UPSTREAM[folder]
+    raise UsageError(
+        f"{command}: {run.path} has no {what} yet; run `{PROG} {make.format(run=run.path)}` first"
+    )
+
+
+def _base_config(args: argparse.Namespace, run: Any | None) -> PipelineConfig:
+    """--config file, else the run's own config.toml, else defaults; then CLI overrides."""
     if getattr(args, "config", None):
         cfg = load_config(args.config)
-    elif run_path and RunDir(run_path).exists(RunDir(run_path).config_path):
-        cfg = RunDir(run_path).read_config()
+    elif run is not None and run.exists(run.config_path):
+        cfg = run.read_config()
     else:
         cfg = PipelineConfig()
     cluster: dict[str, Any] = {}
@@ -44,14 +107,18 @@ def _base_config(args: argparse.Namespace, run_path: str | None) -> PipelineConf
     if cluster:
         cfg = cfg.replace("cluster", **cluster)
     if getattr(args, "strict", False):
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, strict=True)
     if getattr(args, "allow_private_networks", False):
         cfg = cfg.replace("download", allow_private_networks=True)
     if getattr(args, "model", None):
         cfg = cfg.replace("clip", model=args.model)
+    for line in config_warnings(cfg):
+        _warn(line)
     return cfg
+
+
+def _warn(line: str) -> None:
+    print(f"{PROG}: warning: {line}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -78,6 +145,19 @@ def _print_report(report: Any) -> None:
         print(f"   FAILED {part}: {err}")
 
 
+def _outcome(report: Any, cfg: PipelineConfig, what: str) -> int:
+    """Exit code of a stage that ran: 1 when every partition failed (or any, with --strict)."""
+    failed = len(getattr(report, "failed", {}))
+    if failed and failed >= report.partitions:
+        print(
+            f"{PROG}: {report.stage}: every {what} failed ({failed} of {report.partitions}); "
+            "see the FAILED lines above",
+            file=sys.stderr,
+        )
+        return 1
+    return 1 if failed and cfg.strict else 0
+
+
 def _refuse_changed_config(
     args: argparse.Namespace, run: Any, cfg: PipelineConfig, *stages: str
 ) -> None:
@@ -89,12 +169,92 @@ def _refuse_changed_config(
             raise ConfigChanged(name, changes)
 
 
+# --- checks made before anything starts ----------------------------------------------------------
+
+
+def _check_inputs(paths: Sequence[str], strict: bool) -> None:
+    """Read the first bytes of each local input: empty and unreadable files are named now.
+
+    An empty file is a warning (it adds no pairs); a file that is not WARC/ARC is a warning that
+    it will be reported as failed, or with ``strict`` an error. When no input can add a pair,
+    nothing is started. Remote inputs are read by the workers only.
+    """
+    from laion_dask.stages.extract import sniff_format
+    from laion_dask.stages.sources import open_input
+
+    local = [p for p in paths if "://" not in p or p.startswith("file://")]
+    notes: dict[str, str] = {}  # path -> why it adds no pairs
+    for path in local:
+        try:
+            with open_input(path) as fh:
+                kind, _ = sniff_format(fh.read(65536))
+        except OSError as err:
+            raise UsageError(f"cannot read input {path}: {err}") from err
+        if kind == "empty":
+            notes[path] = "is empty"
+        elif kind in ("unknown", "corrupt_gzip"):
+            what = "is corrupt gzip" if kind == "corrupt_gzip" else "is not a WARC, WAT or ARC file"
+            if strict:
+                raise UsageError(
+                    f"input {path} {what}; remove it from the inputs, or drop --strict to "
+                    "count it as a failed file and go on"
+                )
+            notes[path] = what
+    if notes and len(notes) == len(paths):
+        listed = "; ".join(f"{p} {why}" for p, why in list(notes.items())[:3])
+        more = f"; and {len(notes) - 3} more" if len(notes) > 3 else ""
+        raise UsageError(f"nothing to extract: {listed}{more}")
+    for path, why in notes.items():
+        consequence = "it adds no pairs" if why == "is empty" else "it will be reported as failed"
+        _warn(f"{path} {why}: {consequence}")
+
+
+def _check_model(cfg: PipelineConfig) -> None:
+    """The configured CLIP (local path or hub name) loads, before a cluster starts."""
+    from laion_dask.stages.clip import ModelUnavailableError, check_model_available
+
+    try:
+        check_model_available(cfg.clip)
+    except ModelUnavailableError as err:
+        raise UsageError(str(err)) from err
+
+
+def _check_consent_lists(cfg: PipelineConfig) -> None:
+    from laion_dask.stages.consent import load_lists
+
+    load_lists(cfg.consent)  # a missing list or a bad entry: ConfigError naming the key
+
+
+def _load_thresholds(path: str, cfg: PipelineConfig) -> Any:
+    """The thresholds file, as materialize reads it, with what cannot be meant refused first."""
+    from laion_dask.stages.filters import load_thresholds
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(
+            f"thresholds file not found: {path}; export one from `{PROG} dashboard RUN`, or "
+            "write a [filters] table (see docs/configuration.md)"
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    filters_table(data, where=path)
+    thresholds = load_thresholds(path)  # as materialize(run, path) reads it
+    for line in config_warnings(thresholds):
+        _warn(line)
+    return thresholds
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from laion_dask.orchestration.pipeline import run_extract
     from laion_dask.orchestration.rundir import RunDir
     from laion_dask.stages.sources import expand_inputs
 
-    cfg = _base_config(args, None)
+    run = RunDir(args.out)
+    cfg = _base_config(args, run)  # re-running into a run resumes with its own config
     changes: dict[str, Any] = {"paths": tuple(args.inputs) or cfg.input.paths}
     for key in ("limit", "sample", "seed"):
         if getattr(args, key) is not None:
@@ -102,8 +262,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = cfg.replace("input", **changes)
     if not cfg.input.paths:
         raise ConfigError("input.paths: give at least one INPUT (file, glob, URL or crawl id)")
-    paths = expand_inputs(cfg.input.paths, cfg.input)  # errors before any cluster starts
-    run = RunDir(args.out)
+    paths = expand_inputs(cfg.input.paths, cfg.input)
+    _check_inputs(paths, cfg.strict)
     _refuse_changed_config(args, run, cfg, "extract")
     run.write_config(cfg)
     with _client(cfg) as client:
@@ -112,18 +272,27 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     _print_report(report)
     print(f"\ncandidates: {run.join('candidates')}")
-    return 1 if report.failed and cfg.strict else 0
+    if not report.failed and report.rows_in == 0:
+        _warn(f"no image-text pairs found in {len(paths)} input file(s)")
+    return _outcome(report, cfg, "input file")
 
 
 def _run_stage(
-    args: argparse.Namespace, stage: str, outputs: tuple[str, ...], **kwargs: Any
+    args: argparse.Namespace,
+    stage: str,
+    needs: str,
+    outputs: tuple[str, ...],
+    checks: Sequence[Callable[[PipelineConfig], None]],
+    **kwargs: Any,
 ) -> int:
-    """Shared body of ``download`` and ``score``: config, client, stage runner, report."""
+    """Shared body of ``download`` and ``score``: checks, config, client, stage, report."""
     from laion_dask.orchestration import pipeline
-    from laion_dask.orchestration.rundir import RunDir
 
-    cfg = _base_config(args, args.run)
-    run = RunDir(args.run)
+    run = _run_dir(args.run)
+    _require(run, needs, stage)
+    cfg = _base_config(args, run)
+    for check in checks:
+        check(cfg)
     _refuse_changed_config(args, run, cfg, stage)
     run.write_config(cfg)
     runner = getattr(pipeline, f"run_{stage}")
@@ -133,25 +302,33 @@ def _run_stage(
         )
     _print_report(report)
     print("\n" + "   ".join(f"{name}: {run.join(name)}" for name in outputs))
-    return 1 if report.failed and cfg.strict else 0
+    return _outcome(report, cfg, "partition")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    return _run_stage(args, "download", ("images", "downloads"), retry_failed=args.retry_failed)
+    return _run_stage(
+        args,
+        "download",
+        "candidates",
+        ("images", "downloads"),
+        (_check_consent_lists,),
+        retry_failed=args.retry_failed,
+    )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    return _run_stage(args, "score", ("scores", "embeddings"))
+    return _run_stage(args, "score", "downloads", ("scores", "embeddings"), (_check_model,))
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    from laion_dask.orchestration.rundir import RunDir
     from laion_dask.products.materialize import materialize
 
-    cfg = _base_config(args, args.run)
-    run = RunDir(args.run)
+    run = _run_dir(args.run)
+    _require(run, "scores", "materialize")
+    cfg = _base_config(args, run)
+    thresholds = _load_thresholds(args.thresholds, cfg) if args.thresholds else None
     with _client(cfg) as client:
-        report = materialize(run, args.thresholds, client=client)
+        report = materialize(run, thresholds, client=client)
     _print_report(report)
     print(f"   kept by language group: {json.dumps(report.kept)}")
     for sub in report.subsets.values():
@@ -168,58 +345,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     from laion_dask.products.run import run_pipeline
     from laion_dask.stages.sources import expand_inputs
 
-    cfg = _base_config(args, None)
-    if not cfg.input.paths:
-        raise ConfigError("input.paths: the config names no inputs")
-    expand_inputs(cfg.input.paths, cfg.input)
+    all_stages = ("extract", "download", "score", "materialize")
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else all_stages
+    unknown = [s for s in stages if s not in all_stages]
+    if unknown:
+        raise UsageError(f"--stages: unknown stage {unknown[0]!r} (known: {', '.join(all_stages)})")
+    cfg = _base_config(args, None)  # CONFIG is the positional file
     run = RunDir(args.out)
-    stages = args.stages.split(",") if args.stages else None
-    _refuse_changed_config(args, run, cfg, *(stages or ("extract", "download", "score")))
+    if "extract" in stages:
+        if not cfg.input.paths:
+            raise ConfigError(
+                f"input.paths: {args.config} names no inputs; add an [input] table with "
+                'paths = ["crawl/*.warc.gz"]'
+            )
+        _check_inputs(expand_inputs(cfg.input.paths, cfg.input), cfg.strict)
+    else:  # the first stage asked for needs its upstream in RUN already
+        first = stages[0]
+        _run_dir(args.out)
+        _require(run, {"download": "candidates", "score": "downloads"}.get(first, "scores"), first)
+    if "download" in stages:
+        _check_consent_lists(cfg)
+    if "score" in stages:
+        _check_model(cfg)
+    _refuse_changed_config(args, run, cfg, *(s for s in stages if s != "materialize"))
     with _client(cfg) as client:
-        kwargs = {"stages": stages} if stages else {}
         reports = run_pipeline(
-            run, cfg, client=client, show_progress=not args.quiet, force=args.force, **kwargs
+            run, cfg, client=client, show_progress=not args.quiet, force=args.force, stages=stages
         )
     for r in reports:
         _print_report(r)
-    return 0
-
-
-def cmd_train_clip(args: argparse.Namespace) -> int:
-    from laion_dask.products import train
-
-    return int(train.main(["train-clip", *args.rest]) or 0)
-
-
-def cmd_train_tag_head(args: argparse.Namespace) -> int:
-    from laion_dask.stages.tags import train_tag_head
-
-    metrics = train_tag_head(
-        args.parquet,
-        args.label,
-        args.out,
-        tag=args.tag,
-        embedding_col=args.embedding_col,
-        embeddings_dir=args.embeddings,
-        hidden=tuple(int(h) for h in args.hidden.split(",") if h) if args.hidden else (),
-        epochs=args.epochs,
-    )
-    print(json.dumps({"head": args.out, **metrics}, indent=1))
+    for r in reports:
+        if getattr(r, "failed", None) and len(r.failed) >= getattr(r, "partitions", 0) > 0:
+            return _outcome(r, cfg, "partition")
     return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from laion_dask.orchestration.rundir import RunDir
     from laion_dask.products.knn import build_index, find_near_duplicates
 
-    cfg = _base_config(args, args.run)  # [index] from --config or the run's config.toml
+    run = _run_dir(args.run)
+    _require(run, "scores", "index")
+    cfg = _base_config(args, run)  # [index] from --config or the run's config.toml
+    if not run.exists(run.join("embeddings")):
+        raise UsageError(
+            f"index: {run.path} has scores but no embeddings (clip.write_embeddings = false); "
+            f"re-run `{PROG} score {run.path} --force` with clip.write_embeddings = true"
+        )
     changes = {"memory_budget": args.memory_budget} if args.memory_budget else {}
     if args.flat_max_vectors is not None:
         changes["flat_max_vectors"] = args.flat_max_vectors
     if args.target_recall is not None:
         changes["target_recall"] = args.target_recall
-    index_cfg = cfg.replace("index", **changes).index  # ConfigError before any cluster starts
-    run = RunDir(args.run)
+    index_cfg = cfg.replace("index", **changes).index
     with _client(cfg) as client:
         for modality in ("image", "text") if args.text else ("image",):
             info = build_index(run, index_cfg, modality=modality, client=client)
@@ -239,6 +416,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from laion_dask.products.report import build_stats, write_report
+
+    run = _run_dir(args.run)
+    _require(run, "scores", "report")
+    cfg = _base_config(args, run)
+    with _client(cfg) as client:
+        stats = build_stats(run, client=client)
+        paths = write_report(run, stats, formats=(args.format,), out=args.out, client=client)
+    print(paths[args.format])
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     if args.serve:
         from laion_dask.faces.search_page import main as page_main
@@ -247,8 +437,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from laion_dask.products.knn import RESULT_DEDUP_COSINE, search
 
     if (args.query is None) == (args.image is None):
-        print("laion-dask search: give a QUERY text or --image PATH", file=sys.stderr)
-        return 2
+        raise UsageError("search: give a QUERY text or --image PATH (one of the two)")
+    _run_dir(args.run)
     try:
         results = search(
             args.run,
@@ -262,9 +452,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             dedup=None if args.no_dedup else RESULT_DEDUP_COSINE,
             thumbnails=False,
         )
-    except ValueError as err:
-        print(f"laion-dask search: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # a query the index cannot answer (an unreadable image, ...)
+        raise UsageError(f"search: {err}") from err
     cols = ["rank", "similarity", "key", "url", "text", "language_group", "collapsed"]
     for row in results[cols].to_dict("records"):
         if args.json:
@@ -275,142 +464,33 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tag_head(args: argparse.Namespace) -> int:
+    from laion_dask.products.train import train_tag_head
+
+    metrics = train_tag_head(
+        args.parquet,
+        args.label,
+        args.out,
+        tag=args.tag,
+        embedding_col=args.embedding_col,
+        embeddings_dir=args.embeddings,
+        hidden=tuple(int(h) for h in args.hidden.split(",") if h) if args.hidden else (),
+        epochs=args.epochs,
+    )
+    print(json.dumps({"head": args.out, **metrics}, indent=1))
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from laion_dask.products import train
+
+    return int(train.main(["train-clip", *args.rest]) or 0)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from laion_dask.faces.demo.run import main as demo_main
 
     return int(demo_main(args.rest) or 0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="laion-dask",
-        description="Rebuild a LAION-5B-style image-text dataset from Common Crawl with Dask.",
-    )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp: argparse.ArgumentParser, *, config: bool = True) -> None:
-        if config:
-            sp.add_argument(
-                "--config", help="pipeline config TOML (default: the run's config.toml)"
-            )
-        sp.add_argument(
-            "--scheduler",
-            help="tcp://HOST:8786 of a running Dask scheduler "
-            "(default: $DASK_SCHEDULER_ADDRESS, else a local cluster)",
-        )
-        sp.add_argument("--workers", type=int, help="local cluster: number of worker processes")
-        sp.add_argument("--threads", type=int, help="local cluster: threads per worker")
-        sp.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
-        sp.add_argument("--strict", action="store_true", help="stop at the first failed partition")
-        sp.add_argument(
-            "--force",
-            action="store_true",
-            help="recompute finished partitions whose config changed (default: refuse)",
-        )
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-    sp = sub.add_parser(
-        "extract", help="WAT/WARC files -> RUN/candidates (pairs + language + rules)"
-    )
-    sp.add_argument(
-        "inputs", nargs="*", help="files, globs, fsspec URLs or crawl ids (CC-MAIN-2024-22)"
-    )
-    sp.add_argument("--out", required=True, help="run directory")
-    sp.add_argument("--limit", type=int, help="at most N input files")
-    sp.add_argument("--sample", type=float, help="a random FRACTION of the input files")
-    sp.add_argument("--seed", type=int, help="seed for --sample")
-    common(sp)
-    sp.set_defaults(func=cmd_extract)
-
-    sp = sub.add_parser("download", help="RUN/candidates -> RUN/images shards + RUN/downloads")
-    sp.add_argument("run")
-    sp.add_argument("--retry-failed", action="store_true", help="re-fetch transient failures only")
-    sp.add_argument(
-        "--allow-private-networks",
-        action="store_true",
-        help="allow loopback/private targets (offline demo and tests only)",
-    )
-    common(sp)
-    sp.set_defaults(func=cmd_download)
-
-    sp = sub.add_parser("score", help="RUN/images -> RUN/scores + RUN/embeddings (CLIP)")
-    sp.add_argument("run")
-    sp.add_argument("--model", help="hub name or local path of the CLIP model")
-    common(sp)
-    sp.set_defaults(func=cmd_score)
-
-    sp = sub.add_parser("materialize", help="apply thresholds -> RUN/dataset")
-    sp.add_argument("run")
-    sp.add_argument("--thresholds", help="thresholds.toml (default: the run config's [filters])")
-    common(sp)
-    sp.set_defaults(func=cmd_materialize)
-
-    sp = sub.add_parser("run", help="the whole pipeline from a config file")
-    sp.add_argument("config", help="pipeline config TOML with [input] paths")
-    sp.add_argument("--out", required=True, help="run directory")
-    sp.add_argument("--stages", help="comma list, default extract,download,score,materialize")
-    sp.add_argument("--allow-private-networks", action="store_true")
-    common(sp, config=False)
-    sp.set_defaults(func=cmd_run)
-
-    sp = sub.add_parser("index", help="faiss kNN index over RUN/embeddings -> RUN/index")
-    sp.add_argument("run")
-    sp.add_argument("--text", action="store_true", help="also index the caption embeddings")
-    sp.add_argument("--memory-budget", help="bytes the index may take, e.g. 4GB (default 4GB)")
-    sp.add_argument("--flat-max-vectors", type=int, help="exact Flat index up to N vectors")
-    sp.add_argument("--target-recall", type=float, help="recall@10 nprobe must reach (0.95)")
-    sp.add_argument(
-        "--near-duplicates",
-        type=float,
-        nargs="?",
-        const=0.94,
-        metavar="COSINE",
-        help="also group near-duplicate images -> RUN/neardup (default cosine 0.94)",
-    )
-    common(sp)
-    sp.set_defaults(func=cmd_index)
-
-    sp = sub.add_parser("search", help="search a run's index by text or image")
-    sp.add_argument("run")
-    sp.add_argument("query", nargs="?", help="text query, encoded with the run's CLIP")
-    sp.add_argument("--image", help="an image file to search by instead")
-    sp.add_argument("-k", type=int, default=10, help="results (default 10)")
-    sp.add_argument("--modality", default="image", choices=["image", "text"])
-    sp.add_argument("--language-group", choices=["en", "multi", "nolang"])
-    sp.add_argument("--max-punsafe", type=float)
-    sp.add_argument("--max-pwatermark", type=float)
-    sp.add_argument("--no-dedup", action="store_true", help="keep near-duplicate results")
-    sp.add_argument("--json", action="store_true", help="one JSON object per result")
-    sp.add_argument("--serve", action="store_true", help="serve the search page instead")
-    sp.add_argument("--port", type=int, default=5007, help="--serve: port (0 = a free one)")
-    sp.set_defaults(func=cmd_search)
-
-    sp = sub.add_parser("train-tag-head", help="train a punsafe/pwatermark probe on embeddings")
-    sp.add_argument("parquet", help="labelled rows: LABEL column + embedding column or key")
-    sp.add_argument("--label", required=True, help="0/1 label column")
-    sp.add_argument("--out", required=True, help="head file to write (.safetensors)")
-    sp.add_argument("--tag", default="punsafe", choices=["punsafe", "pwatermark"])
-    sp.add_argument("--embedding-col", default="image_embedding")
-    sp.add_argument("--embeddings", help="clip-retrieval folder to join by key instead")
-    sp.add_argument("--hidden", help="hidden layer sizes, e.g. 256,64 (default: linear)")
-    sp.add_argument("--epochs", type=int, default=200)
-    sp.set_defaults(func=cmd_train_tag_head)
-
-    # these parse their own flags (argparse.REMAINDER would drop leading options); listed for --help
-    for name, text in _PASSTHROUGH_HELP.items():
-        sp = sub.add_parser(name, add_help=False, help=text)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-    return p
-
-
-def _quiet_dask_chatter(level: int) -> None:
-    """distributed logs cluster start-up at INFO and every P2P shuffle at WARNING: -v / -vv."""
-    import distributed  # noqa: F401  - it sets its loggers' levels on import; override after
-
-    if level > logging.DEBUG:
-        logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
-    logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -419,50 +499,308 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return int(dashboard_main(args.rest) or 0)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from laion_dask.products.report import main as report_main
-
-    return int(report_main(args.rest) or 0)
+# --- the parser ----------------------------------------------------------------------------------
 
 
-_PASSTHROUGH = {
-    "demo": cmd_demo,
-    "train-clip": cmd_train_clip,
-    "report": cmd_report,
-    "dashboard": cmd_dashboard,
+def _output_flags() -> argparse.ArgumentParser:
+    """-v / -q, accepted before and after the command (the command's own count adds up)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        dest="verbose_command",
+        help="more logging (-vv: debug); errors also print their traceback",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bar or progress lines",
+    )
+    return p
+
+
+def _cluster_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("cluster")
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="tcp://HOST:8786 of a running Dask scheduler "
+        "(default: $DASK_SCHEDULER_ADDRESS, else the config's [cluster], else a local cluster)",
+    )
+    g.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes")
+    g.add_argument("--threads", type=int, metavar="N", help="local cluster: threads per worker")
+    g.add_argument(
+        "--no-dashboard", action="store_true", help="do not start Dask's diagnostics dashboard"
+    )
+    return p
+
+
+def _config_flag() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--config",
+        metavar="TOML",
+        help="pipeline config (default: the run's config.toml; a run's own config.toml is "
+        "accepted as is)",
+    )
+    return p
+
+
+def _stage_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("stage")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first failed partition (default: count it, report it by name, go on)",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute finished partitions whose config changed (default: refuse)",
+    )
+    return p
+
+
+#: commands that parse their own flags (``argparse.REMAINDER`` would drop leading options)
+_PASSTHROUGH: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "dashboard": (
+        cmd_dashboard,
+        "Panel dashboard: tune thresholds on stored scores, then materialize (RUN [--port N])",
+    ),
+    "demo": (cmd_demo, "the whole pipeline offline on a generated crawl ([--out demo-run])"),
+    "train-clip": (cmd_train_clip, "train a small CLIP on webdataset shards (SHARDS... --out DIR)"),
 }
-_PASSTHROUGH_HELP = {
-    "train-clip": "train a small CLIP on webdataset shards (SHARDS... --out DIR)",
-    "report": "stats.json + report.html of a run (RUN [--format md])",
-    "demo": "the whole pipeline offline on a generated crawl ([--out demo-run])",
-    "dashboard": "Panel dashboard to tune thresholds on stored scores (RUN [--port N])",
-}
+
+_EPILOG = (
+    "Exit codes: 0 done; 1 the work ran and failed; 2 nothing was done (a usage, configuration "
+    "or run-state error, printed as one line; -v adds the traceback). Off a terminal, progress "
+    "is one line per stage start and end plus one every $LAION_DASK_PROGRESS_INTERVAL seconds "
+    "(default 10)."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (its default prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Rebuild a LAION-5B-style image-text dataset from Common Crawl with Dask.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    out, cluster, config, stage = _output_flags(), _cluster_flags(), _config_flag(), _stage_flags()
+    work = [config, out, cluster]
+
+    def add(name: str, text: str, parents: list[argparse.ArgumentParser]) -> Any:
+        return sub.add_parser(name, help=text, description=text, parents=parents)
+
+    sp = add(
+        "extract",
+        "WAT/WARC/ARC files -> RUN/candidates (pairs + language + rules)",
+        [*work, stage],
+    )
+    sp.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="files, globs, directories, fsspec URLs or crawl ids such as CC-MAIN-2024-22 "
+        "(default: the config's input.paths)",
+    )
+    sp.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
+    sp.add_argument("--limit", type=int, metavar="N", help="at most N input files")
+    sp.add_argument("--sample", type=float, metavar="FRACTION", help="a random share of inputs")
+    sp.add_argument("--seed", type=int, help="seed for --sample (default 0)")
+    sp.set_defaults(func=cmd_extract)
+
+    sp = add(
+        "download",
+        "RUN/candidates -> RUN/images shards + RUN/downloads (after extract)",
+        [*work, stage],
+    )
+    sp.add_argument("run", metavar="RUN", help="run directory (made by extract)")
+    sp.add_argument("--retry-failed", action="store_true", help="re-fetch transient failures only")
+    sp.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        help="allow loopback/private targets (offline demo and tests only)",
+    )
+    sp.set_defaults(func=cmd_download)
+
+    sp = add(
+        "score",
+        "RUN/images -> RUN/scores + RUN/embeddings with CLIP (after download)",
+        [*work, stage],
+    )
+    sp.add_argument("run", metavar="RUN", help="run directory (downloaded)")
+    sp.add_argument("--model", help="hub name or local path of the CLIP model (clip.model)")
+    sp.set_defaults(func=cmd_score)
+
+    sp = add("materialize", "apply thresholds -> RUN/dataset (after score)", work)
+    sp.add_argument("run", metavar="RUN", help="run directory (scored)")
+    sp.add_argument(
+        "--thresholds",
+        metavar="TOML",
+        help="a [filters] table, e.g. exported by the dashboard or RUN/dataset/thresholds.toml "
+        "(default: the run config's [filters])",
+    )
+    sp.set_defaults(func=cmd_materialize)
+
+    sp = add("run", "the whole pipeline from one config file", [out, cluster, stage])
+    sp.add_argument("config", metavar="CONFIG", help="pipeline config TOML with [input] paths")
+    sp.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    sp.add_argument(
+        "--stages",
+        metavar="LIST",
+        help="comma list of extract,download,score,materialize (default: all four)",
+    )
+    sp.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        help="allow loopback/private download targets (offline demo and tests only)",
+    )
+    sp.set_defaults(func=cmd_run)
+
+    sp = add("index", "faiss kNN index over RUN/embeddings -> RUN/index (after score)", work)
+    sp.add_argument("run", metavar="RUN", help="run directory (scored, with embeddings)")
+    sp.add_argument("--text", action="store_true", help="also index the caption embeddings")
+    sp.add_argument(
+        "--memory-budget", metavar="BYTES", help="bytes the index may take, e.g. 4GB (default 4GB)"
+    )
+    sp.add_argument(
+        "--flat-max-vectors", type=int, metavar="N", help="exact Flat index up to N vectors"
+    )
+    sp.add_argument(
+        "--target-recall", type=float, metavar="R", help="recall@10 nprobe must reach (0.95)"
+    )
+    sp.add_argument(
+        "--near-duplicates",
+        type=float,
+        nargs="?",
+        const=0.94,
+        metavar="COSINE",
+        help="also group near-duplicate images -> RUN/neardup (default cosine 0.94)",
+    )
+    sp.set_defaults(func=cmd_index)
+
+    sp = add("report", "stats.json + report.html (or .md) of a run (after score)", work)
+    sp.add_argument("run", metavar="RUN", help="run directory (scored)")
+    sp.add_argument(
+        "--format", choices=("html", "md", "json"), default="html", help="default: html"
+    )
+    sp.add_argument("--out", metavar="DIR", help="output folder (default: RUN/report)")
+    sp.set_defaults(func=cmd_report)
+
+    sp = add("search", "search a run's index by text or image (after index)", [out])
+    sp.add_argument("run", metavar="RUN", help="run directory (indexed)")
+    sp.add_argument("query", nargs="?", help="text query, encoded with the run's CLIP")
+    sp.add_argument("--image", metavar="PATH", help="an image file to search by instead")
+    sp.add_argument("-k", type=int, default=10, help="results (default 10)")
+    sp.add_argument(
+        "--modality", default="image", choices=["image", "text"], help="index to search"
+    )
+    sp.add_argument(
+        "--language-group", choices=["en", "multi", "nolang"], help="only this language group"
+    )
+    sp.add_argument("--max-punsafe", type=float, metavar="P", help="drop results above P")
+    sp.add_argument("--max-pwatermark", type=float, metavar="P", help="drop results above P")
+    sp.add_argument("--no-dedup", action="store_true", help="keep near-duplicate results")
+    sp.add_argument("--json", action="store_true", help="one JSON object per result")
+    sp.add_argument("--serve", action="store_true", help="serve the search page instead")
+    sp.add_argument("--port", type=int, default=5007, help="--serve: port (0 = a free one)")
+    sp.set_defaults(func=cmd_search)
+
+    sp = add("train-tag-head", "train a punsafe/pwatermark probe on embeddings", [out])
+    sp.add_argument("parquet", help="labelled rows: LABEL column + embedding column or key")
+    sp.add_argument("--label", required=True, help="0/1 label column")
+    sp.add_argument("--out", required=True, help="head file to write (.safetensors)")
+    sp.add_argument("--tag", default="punsafe", choices=["punsafe", "pwatermark"], help="tag")
+    sp.add_argument(
+        "--embedding-col", default="image_embedding", help="column holding the embedding"
+    )
+    sp.add_argument("--embeddings", help="clip-retrieval folder to join by key instead")
+    sp.add_argument("--hidden", help="hidden layer sizes, e.g. 256,64 (default: linear)")
+    sp.add_argument("--epochs", type=int, default=200, help="training epochs (default 200)")
+    sp.set_defaults(func=cmd_train_tag_head)
+
+    for name, (_func, text) in _PASSTHROUGH.items():
+        # listed for --help; main() hands their arguments over before argparse sees them
+        sp = sub.add_parser(name, add_help=False, help=text)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _log_level(verbose: int) -> int:
+    return [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # progress belongs to Dask: no per-worker weight-loading bars (inherited by local workers)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    parser = build_parser()
-    if argv and argv[0] in _PASSTHROUGH:
-        # these own their flags (argparse.REMAINDER drops leading options)
-        logging.basicConfig(
-            level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        _quiet_dask_chatter(logging.WARNING)
-        return int(_PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
-    args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    # leading -v / -q, then a pass-through command gets the rest as it is
+    lead = 0
+    while lead < len(argv) and argv[lead] in ("-v", "-vv", "--verbose", "-q", "--quiet"):
+        lead += 1
+    if lead < len(argv) and argv[lead] in _PASSTHROUGH:
+        verbose = sum(2 if a == "-vv" else 1 for a in argv[:lead] if a.startswith(("-v", "--v")))
+        quiet = [a for a in argv[:lead] if a in ("-q", "--quiet")]
+        # the dashboard's own parser takes -v/-q (and sets its logging); the others take -q
+        if argv[lead] == "dashboard":
+            rest = [*quiet, *["-v"] * verbose, *argv[lead + 1 :]]
+        else:
+            rest = [*quiet, *argv[lead + 1 :]] if argv[lead] == "demo" else argv[lead + 1 :]
+        _set_logging(verbose)
+        func = _PASSTHROUGH[argv[lead]][0]
+        return _guarded(lambda: func(argparse.Namespace(rest=rest)), verbose)
+    args = build_parser().parse_args(argv)
+    args.verbose = args.verbose + getattr(args, "verbose_command", 0)
+    args.quiet = bool(args.quiet)
+    _set_logging(args.verbose)
+    return _guarded(lambda: args.func(args), args.verbose)
+
+
+def _set_logging(verbose: int) -> None:
+    from laion_dask.orchestration.cluster import quiet_dask_logging
+
+    level = _log_level(verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _quiet_dask_chatter(level)
+    quiet_dask_logging(level)
+
+
+def _guarded(call: Callable[[], int | None], verbose: int) -> int:
+    """Run a command; a user's mistake is one line and exit 2, a failure one line and exit 1."""
+    from laion_dask.orchestration.runner import StageError
+
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"laion-dask: configuration error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
-        print(f"laion-dask: {err}", file=sys.stderr)
-        return 2
+        return int(call() or 0)
+    except (UsageError, ConfigError, FileNotFoundError, NotADirectoryError) as err:
+        code, text = 2, str(err)
+    except StageError as err:
+        code, text = 1, f"{err} (without --strict a failed partition is counted, the run goes on)"
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not 60
+        code, text = 1, f"unexpected {type(err).__name__}: {err} (run with -v for the traceback)"
+    if verbose:
+        traceback.print_exc()
+    first, *_ = text.strip().splitlines() or [""]
+    print(f"{PROG}: {first}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

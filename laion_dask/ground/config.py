@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -35,6 +36,9 @@ __all__ = [
     "dump_config",
     "config_from_dict",
     "config_to_dict",
+    "parse_bytes",
+    "config_warnings",
+    "filters_table",
 ]
 
 DEFAULT_USER_AGENT = (
@@ -591,17 +595,54 @@ class ConsentConfig:
             object.__setattr__(self, key, tuple(str(p).strip() for p in value))
 
 
+#: byte-size units: SI (``KB`` = 1000) and binary (``KiB`` = 1024), as Dask's ``parse_bytes``
+#: and ``humanize`` write them; a bare ``B`` or no unit is bytes
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "p": 10**15,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
+_BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GB"`` -> 4_000_000_000, ``"1.5 GiB"`` -> 1_610_612_736, ``"512"`` -> 512.
+
+    SI units are powers of 1000 and binary ones (``KiB`` ...) powers of 1024, case-insensitive;
+    a fractional result is rounded to whole bytes. Raises ``ValueError`` on anything else
+    (a negative number, an unknown unit, an empty string).
+    """
+    match = _BYTE_SIZE.match(text) if isinstance(text, str) else None
+    unit = match.group(3).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"cannot read {text!r} as a byte size (e.g. 4GB, 512MiB, 1e9)")
+    number = float(match.group(1)) * 10 ** int(match.group(2) or 0)
+    return int(round(number * _BYTE_UNITS[unit]))
+
+
 def _parse_bytes(value: int | str, where: str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected bytes (e.g. 4GB), got {value!r}")
     if isinstance(value, int):
         out = value
     else:
-        from dask.utils import parse_bytes
-
         try:
-            out = int(parse_bytes(value))
-        except (ValueError, TypeError) as err:
+            out = parse_bytes(value)
+        except ValueError as err:
             raise ConfigError(f"{where}: cannot read {value!r} as bytes (e.g. 4GB)") from err
     if out <= 0:
         raise ConfigError(f"{where}: must be positive, got {value!r}")
@@ -703,10 +744,23 @@ def _section_from_dict(cls: type, name: str, data: Mapping[str, Any]) -> Any:
         raise ConfigError(f"{name}: {err}") from err
 
 
+#: the table of facts a run appends to its ``config.toml`` (model revisions resolved, ...):
+#: written by the run, read by nobody as configuration, so a run's own file is reusable as is
+RUN_FACTS_SECTION = "run"
+
+
 def config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
-    """Build a validated :class:`PipelineConfig` from nested mappings (as read from TOML)."""
+    """Build a validated :class:`PipelineConfig` from nested mappings (as read from TOML).
+
+    A ``[run]`` table (the facts a run records in its ``config.toml``) is skipped, so the file a
+    run wrote is accepted as ``--config`` and by ``laion-dask run`` unchanged.
+    """
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if key == RUN_FACTS_SECTION:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: must be a table of run facts, got {value!r}")
+            continue
         if key == "strict":
             if not isinstance(value, bool):
                 raise ConfigError(f"strict: must be true or false, got {value!r}")
@@ -715,7 +769,8 @@ def config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
             kwargs[key] = _section_from_dict(_SECTIONS[key], key, value)
         else:
             raise ConfigError(
-                f"{key}: unknown section (known: {', '.join(sorted(_SECTIONS))}, strict)"
+                f"{key}: unknown section (known: {', '.join(sorted(_SECTIONS))}, strict, "
+                f"{RUN_FACTS_SECTION})"
             )
     return PipelineConfig(**kwargs)
 
@@ -756,3 +811,59 @@ def dump_config(cfg: PipelineConfig, path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def config_warnings(cfg: PipelineConfig | FilterConfig) -> list[str]:
+    """One line per value that is valid but almost certainly not what was meant.
+
+    A negative similarity threshold keeps every scored row (CLIP similarities of matching
+    pairs are positive; ``-1`` is the way to say "keep all" and is not warned about), which is
+    more often a lost digit or sign than a choice. The CLI prints these before any work starts.
+    """
+    filters = cfg.filters if isinstance(cfg, PipelineConfig) else cfg
+    out = []
+    for key in ("similarity_en", "similarity_multi", "similarity_nolang"):
+        value = getattr(filters, key)
+        if -1.0 < value < 0.0:
+            out.append(
+                f"filters.{key} = {value:g} keeps every scored row (similarities of matching "
+                f"pairs are positive); did you mean {-value:g}? (-1 says keep all)"
+            )
+    return out
+
+
+def filters_table(data: Mapping[str, Any], where: str = "thresholds") -> dict[str, Any]:
+    """The threshold keys of a thresholds file's TOML (``[filters]`` table or bare keys).
+
+    Refuses what cannot be meant: a file that sets no threshold at all (empty, or only other
+    sections), and threshold keys written both in ``[filters]`` and outside it (the bare ones
+    would be ignored). Other sections next to ``[filters]`` (a whole ``config.toml``) are fine.
+    """
+    known = {f.name for f in fields(FilterConfig)}
+    table = data.get(FilterConfig.SECTION)
+    bare = {k: v for k, v in data.items() if k in known}
+    if table is None:
+        others = [k for k in data if k not in known]
+        if others:
+            raise ConfigError(
+                f"{where}: no [filters] table, and {', '.join(sorted(others))} "
+                f"{'is not a threshold' if len(others) == 1 else 'are not thresholds'} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        table = bare
+    elif not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: filters must be a table, got {table!r}")
+    elif bare:
+        raise ConfigError(
+            f"{where}: {', '.join(sorted(bare))} outside the [filters] table would be ignored; "
+            "move it into [filters]"
+        )
+    if not table:
+        raise ConfigError(
+            f"{where}: sets no threshold; write a [filters] table (e.g. similarity_en = 0.28), "
+            "or export one from `laion-dask dashboard RUN`"
+        )
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"filters.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return dict(table)

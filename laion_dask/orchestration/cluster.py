@@ -25,6 +25,7 @@ __all__ = [
     "gpu_available",
     "dask_cuda_available",
     "scoring_resources",
+    "quiet_dask_logging",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def _local_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     }
     if cfg.threads_per_worker is not None:
         kw["threads_per_worker"] = cfg.threads_per_worker
+    if cfg.dashboard_address is None:
+        # no dashboard, but the scheduler still serves /health on dashboard_address, which
+        # defaults to 8787: another cluster there makes distributed print a 4-line warning
+        kw["scheduler_kwargs"] = {"dashboard_address": ":0"}
     return kw
 
 
@@ -105,6 +110,19 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
             log.warning("CUDA is visible but dask-cuda is not installed: using a LocalCluster")
         cluster = LocalCluster(n_workers=cfg.n_workers, processes=cfg.processes, **kw)
     return Client(cluster)
+
+
+def quiet_dask_logging(level: int) -> None:
+    """Set distributed's loggers for a command line at ``level`` (``logging.WARNING`` ...).
+
+    distributed logs cluster start-up at INFO and every P2P shuffle at WARNING, which would
+    bury a command's own output: its loggers are held at WARNING or above, and the shuffle
+    logger at ERROR unless ``level`` is DEBUG. distributed sets its loggers' levels when it is
+    imported, which this module has already done, so these settings stick.
+    """
+    if level > logging.DEBUG:
+        logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
+    logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
 
 
 def scoring_resources(client: Client) -> dict[str, int] | None:
