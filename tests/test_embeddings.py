@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 
 from laion_dask.ground import schema
-from laion_dask.stages.clip import ScoreResult
-from laion_dask.stages.embeddings import embedding_paths, read_embeddings, write_embeddings
+from laion_dask.stages.embeddings import (
+    ScoreResult,
+    embedding_paths,
+    read_embeddings,
+    write_embeddings,
+)
 
 
 def _result(keys: list[str], seed: int) -> ScoreResult:

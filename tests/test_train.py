@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from laion_dask.ground import schema
 from laion_dask.ground.shards import ShardSample, write_shard
 from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus
 from laion_dask.products.train import (
@@ -19,10 +21,12 @@ from laion_dask.products.train import (
     main,
     roc_auc,
     train_clip,
+    train_tag_head,
     train_tokenizer,
     write_synthetic_shards,
     zero_shot_accuracy,
 )
+from laion_dask.stages import tags
 from tests.helpers.demo import FAKE_BASE_URLS
 
 TINY = TrainConfig(
@@ -199,3 +203,47 @@ def test_demo_model_zero_shot_well_above_chance() -> None:
     assert acc["shape_top1"] > 0.8 and acc["colour_top1"] > 0.8
     assert acc["caption_top1_en"] > 100 * acc["chance_caption"]
     assert acc["caption_top1_de"] > 100 * acc["chance_caption"]
+
+
+# --- safety tag heads ----------------------------------------------------------------------------
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_train_tag_head_from_labelled_parquet(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    d, n = 16, 300
+    direction = _unit(rng, 1, d)[0]
+    x = _unit(rng, n, d)
+    y = (x @ direction > 0).astype(int)
+    df = pd.DataFrame(
+        {"key": [f"{i:09d}" for i in range(n)], "nsfw": y, "image_embedding": list(x)}
+    )
+    df.loc[3, "nsfw"] = None  # unlabelled rows are skipped, not guessed
+    df["nsfw"] = df["nsfw"].astype("Int64")
+    src = tmp_path / "labels.parquet"
+    df.to_parquet(src)
+    out = tmp_path / "head.safetensors"
+    metrics = train_tag_head(str(src), "nsfw", str(out), epochs=300, lr=5e-2)
+    assert metrics["n"] == n - 1
+    assert metrics["train_accuracy"] > 0.95
+    head = tags.load_tag_head(str(out))
+    assert head.outputs == [schema.PUNSAFE] and head.config["input_dim"] == d
+    test_x = _unit(rng, 200, d)
+    acc = ((head.predict(test_x)[schema.PUNSAFE] >= 0.5) == (test_x @ direction > 0)).mean()
+    assert acc > 0.9
+    mlp = train_tag_head(
+        str(src), "nsfw", str(tmp_path / "mlp.safetensors"), hidden=(8,), epochs=300, lr=2e-2
+    )
+    assert mlp["train_accuracy"] > 0.9
+    assert tags.load_tag_head(str(tmp_path / "mlp.safetensors")).config["hidden"] == [8]
+
+
+def test_train_tag_head_rejects_bad_labels(tmp_path) -> None:
+    df = pd.DataFrame({"image_embedding": [np.ones(4, np.float32)] * 3, "y": [0, 2, 1]})
+    df.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="0/1"):
+        train_tag_head(str(tmp_path / "bad.parquet"), "y", str(tmp_path / "h.safetensors"))

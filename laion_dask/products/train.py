@@ -8,6 +8,9 @@ temperature (as CLIP and OpenCLIP do), and saves model, tokenizer and processor 
 The tokenizer is a byte-level BPE trained offline on the training captions with CLIP's own
 normalisation and pre-tokenisation, wrapped as :class:`~transformers.CLIPTokenizer`.
 
+``train_tag_head(parquet, label, out)`` trains a ``punsafe``/``pwatermark`` probe over image
+embeddings and writes it in the tag-head format that :mod:`laion_dask.stages.tags` reads.
+
 ``build_demo_model(out_dir, seed=...)`` draws a synthetic training set (never the demo corpus:
 its own seed, its own pictures), writes it as shards, trains, and evaluates zero-shot accuracy on
 held-out pictures. The demo model committed under ``laion_dask/data/demo-clip`` is rebuilt by::
@@ -33,6 +36,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image
+
+from laion_dask.ground import schema
+from laion_dask.ground.shards import ShardSample, iter_shard, make_key, write_shard
+from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus, load_corpus_info
+from laion_dask.products.synthetic.draw import (
+    COLOURS,
+    SHAPES,
+    all_scenes,
+    caption,
+    draw_scene,
+    encode_image,
+    random_scene,
+)
+from laion_dask.stages.embeddings import read_embeddings
+from laion_dask.stages.tags import PROMPTS, TagHead, load_tag_head, save_tag_head
 
 __all__ = [
     "TrainConfig",
@@ -47,6 +67,7 @@ __all__ = [
     "corpus_auc",
     "roc_auc",
     "encode",
+    "train_tag_head",
     "DEMO_MODEL_DIR",
     "demo_model_dir",
     "DEMO_SEED",
@@ -55,7 +76,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "data" / "demo-clip"
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "demo-clip"
 DEMO_SEED = 1234
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -156,8 +177,6 @@ def load_shard_samples(
     A sample without an image member (``jpg``/``jpeg``/``png``/``webp``) or with an empty or
     non-UTF-8 ``txt`` is skipped and counted by reason.
     """
-    from laion_dask.ground.shards import iter_shard
-
     images: list[bytes] = []
     texts: list[str] = []
     skipped: dict[str, int] = {}
@@ -190,6 +209,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> A
 
     Every byte and every byte + ``</w>`` is in the vocabulary, so no text maps to unknown tokens.
     """
+    # heavy optional dependencies (seconds to import): only where a model trains
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
@@ -235,6 +255,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> A
 
 
 def _make_processor(tokenizer: Any, image_size: int) -> Any:
+    # heavy optional dependencies (seconds to import): only where a model trains
     from transformers import CLIPProcessor
 
     try:  # transformers 5 without torchvision: name the PIL backend to avoid a fallback warning
@@ -248,6 +269,7 @@ def _make_processor(tokenizer: Any, image_size: int) -> Any:
 
 
 def _pixels(processor: Any, images: Sequence[Any], batch: int = 256) -> Any:
+    # heavy optional dependencies (seconds to import): only where a model trains
     import torch
 
     out = []
@@ -258,8 +280,6 @@ def _pixels(processor: Any, images: Sequence[Any], batch: int = 256) -> Any:
 
 
 def _decode(data: bytes) -> Any:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
 
@@ -271,6 +291,7 @@ def _features(out: Any) -> Any:
 
 # --- training -----------------------------------------------------------------------------------
 def _build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
+    # heavy optional dependencies (seconds to import): only where a model trains
     from transformers import CLIPConfig, CLIPModel
 
     text = dict(
@@ -305,6 +326,7 @@ def _build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
 
 def clip_loss(image_emb: Any, text_emb: Any, logit_scale: Any) -> Any:
     """Symmetric InfoNCE over a batch: cross-entropy image->text and text->image, averaged."""
+    # heavy optional dependencies (seconds to import): only where a model trains
     import torch
     import torch.nn.functional as F
 
@@ -338,6 +360,7 @@ def train_clip(
     -------
     >>> train_clip(["shards/00000.tar"], "model", TrainConfig(steps=3))    # doctest: +SKIP
     """
+    # heavy optional dependencies (seconds to import): only where a model trains
     import torch
 
     cfg = cfg or TrainConfig()
@@ -482,9 +505,6 @@ def write_synthetic_shards(
     corpus draws with
     its own seed, so the sets are disjoint draws of the same vocabulary.
     """
-    from laion_dask.ground.shards import ShardSample, make_key, write_shard
-    from laion_dask.products.synthetic.draw import caption, draw_scene, encode_image, random_scene
-
     rng = random.Random(f"laion-dask-train-{seed}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -518,6 +538,7 @@ def encode(
     batch_size: int = 256,
 ) -> tuple[Any, Any]:
     """L2-normalised image and text embeddings (numpy float32) from a saved model directory."""
+    # heavy optional dependencies (seconds to import): only where a model trains
     import torch
     from transformers import AutoProcessor, CLIPModel
 
@@ -552,15 +573,6 @@ def zero_shot_accuracy(model_dir: str | Path, *, n: int = 300, seed: int = 99) -
     vocabulary (~1,500 classes), per language with that language's captions; the attributes
     of the chosen caption are scored on their own too (shape: 6 classes, colour: 8).
     """
-    from laion_dask.products.synthetic.draw import (
-        COLOURS,
-        SHAPES,
-        all_scenes,
-        caption,
-        draw_scene,
-        random_scene,
-    )
-
     rng = random.Random(f"laion-dask-heldout-{seed}")
     scenes = [random_scene(rng) for _ in range(n)]
     images = [draw_scene(s, (rng.randint(256, 640), rng.randint(256, 640)), rng) for s in scenes]
@@ -622,10 +634,6 @@ def corpus_auc(model_dir: str | Path, corpus_dir: str | Path) -> dict[str, Any]:
     Reads the picture files directly (no HTTP) for the ground-truth rows with ``has_image`` and
     an alt text, and scores them against ``matches``: overall and per text language.
     """
-    import pandas as pd
-
-    from laion_dask.products.synthetic.corpus import load_corpus_info
-
     info = load_corpus_info(corpus_dir)
     gt = pd.read_parquet(info.ground_truth)
     rows = gt[gt["has_image"] & gt["text"].notna()].reset_index(drop=True)
@@ -665,8 +673,6 @@ def evaluate_model(model_dir: str | Path, seed: int = DEMO_SEED) -> dict[str, An
     ``seed + 1`` for the corpus) that the training set never uses. The result is merged into
     ``model_dir/train_report.json`` under ``metrics``.
     """
-    from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus
-
     metrics: dict[str, Any] = {"zero_shot": zero_shot_accuracy(model_dir, seed=seed + 2)}
     with tempfile.TemporaryDirectory(prefix="laion-dask-eval-") as tmp:
         # the URLs are never fetched here: corpus_auc reads the picture files from disk
@@ -738,6 +744,131 @@ def demo_model_dir(cache_dir: str | Path | None = None) -> Path:
         log.warning("no committed demo model: training one into %s (minutes on a CPU)", target)
         build_demo_model(target, DEMO_SEED, evaluate=False)
     return target
+
+
+# --- safety tag heads (the format lives in laion_dask.stages.tags) -----------------------------
+def _load_training_data(
+    parquet_path: str,
+    label_col: str,
+    embedding_col: str,
+    embeddings_dir: str | None,
+    key_col: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    df = pd.read_parquet(parquet_path)
+    if label_col not in df.columns:
+        raise ValueError(f"{parquet_path}: no label column {label_col!r}")
+    if embeddings_dir is not None:
+        img, _txt, meta = read_embeddings(embeddings_dir)
+        pos = pd.Series(np.arange(len(meta)), index=meta[key_col].astype("string"))
+        keys = df[key_col].astype("string")
+        have = keys.isin(pos.index)
+        if not have.all():
+            log.warning("%d labelled rows have no embedding and are skipped", int((~have).sum()))
+        df = df[have.to_numpy()]
+        x = img[pos.loc[df[key_col].astype("string")].to_numpy()].astype(np.float32)
+    else:
+        if embedding_col not in df.columns:
+            raise ValueError(f"{parquet_path}: no embedding column {embedding_col!r}")
+        x = np.stack([np.asarray(v, np.float32) for v in df[embedding_col]])
+    y = pd.to_numeric(df[label_col].astype("Float64"), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+    keep = ~np.isnan(y)
+    if (~keep).any():
+        log.warning("%d rows without a label are skipped", int((~keep).sum()))
+    x, y = x[keep], y[keep]
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"{label_col}: labels must be 0/1 or booleans")
+    return x, y.astype(np.float32)
+
+
+def train_tag_head(
+    parquet_path: str,
+    label_col: str,
+    out_path: str,
+    *,
+    tag: str = schema.PUNSAFE,
+    embedding_col: str = "image_embedding",
+    embeddings_dir: str | None = None,
+    key_col: str = schema.KEY,
+    hidden: Sequence[int] = (),
+    activation: str = "relu",
+    epochs: int = 200,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train a probe for ``tag`` from a labelled parquet and write it to ``out_path``.
+
+    Parameters
+    ----------
+    parquet_path
+        Rows with a 0/1 (or boolean) ``label_col`` and either an ``embedding_col`` of float
+        lists, or a ``key_col`` joined to the clip-retrieval folder ``embeddings_dir``.
+    out_path
+        Where the head is written (format in the module docstring).
+    tag
+        ``punsafe`` or ``pwatermark``: the output name the scoring stage fills from this head.
+    hidden
+        Hidden layer sizes; empty is a linear (logistic regression) probe.
+
+    Returns
+    -------
+    dict
+        ``n``, ``positives``, ``train_accuracy`` and ``train_loss`` of the trained head.
+    """
+    # heavy optional dependency (seconds to import): only where a model trains
+    import torch
+
+    if tag not in PROMPTS:
+        raise ValueError(f"tag must be one of {sorted(PROMPTS)}, got {tag!r}")
+    x, y = _load_training_data(parquet_path, label_col, embedding_col, embeddings_dir, key_col)
+    if len(x) == 0 or len(np.unique(y)) < 2:
+        raise ValueError(f"{parquet_path}: need labelled rows of both classes, got {len(x)}")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [x.shape[1], *[int(h) for h in hidden], 1]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=1.0 / np.sqrt(layer.in_features), generator=gen)
+        torch.nn.init.zeros_(layer.bias)
+    act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh}[activation]
+    modules: list[torch.nn.Module] = []
+    for i, layer in enumerate(layers):
+        modules.append(layer)
+        if i < len(layers) - 1:
+            modules.append(act())
+    net = torch.nn.Sequential(*modules)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    pos_weight = torch.tensor((len(y) - y.sum()) / max(y.sum(), 1.0))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):  # full batch: probes train on thousands of rows, not millions
+        opt.zero_grad()
+        loss = loss_fn(net(xt).squeeze(1), yt)
+        loss.backward()
+        opt.step()
+    config = {
+        "version": 1,
+        "input_dim": int(x.shape[1]),
+        "hidden": [int(h) for h in hidden],
+        "activation": activation,
+        "outputs": [tag],
+        "embedding": "image",
+        "normalize_input": True,
+        "label_col": label_col,
+    }
+    head = TagHead([(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in layers], config)
+    save_tag_head(out_path, head)
+    load_tag_head.cache_clear()
+    pred = head.predict(x)[tag] >= 0.5
+    return {
+        "n": float(len(y)),
+        "positives": float(y.sum()),
+        "train_accuracy": float((pred == (y == 1)).mean()),
+        "train_loss": float(loss.item()),
+    }
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
 L2-normalised rows; ``metadata/metadata_{part}.parquet`` holds the same rows, in the same
 order, with their ``key``. Each file is written under a temporary name and renamed, the
 metadata last, so a part whose metadata exists is complete.
+
+:class:`ScoreResult` (what the scoring stage returns for one partition) is defined here, not in
+:mod:`~laion_dask.stages.clip`: it is these rows, and the writer below only needs their shape,
+so clip imports this module and never the reverse.
 """
 
 from __future__ import annotations
@@ -13,17 +17,33 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import pandas as pd
 
 from laion_dask.ground import schema
-from laion_dask.stages.clip import ScoreResult
 
-__all__ = ["write_embeddings", "write_embedding_arrays", "read_embeddings", "embedding_paths"]
+__all__ = [
+    "ScoreResult",
+    "write_embeddings",
+    "write_embedding_arrays",
+    "read_embeddings",
+    "embedding_paths",
+]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    """One scored partition: the frame plus float16 unit-norm embeddings aligned with ``keys``."""
+
+    frame: pd.DataFrame
+    image_embeddings: np.ndarray
+    text_embeddings: np.ndarray
+    keys: list[str]
 
 
 def embedding_paths(out_dir: str, part: int) -> dict[str, str]:
@@ -61,7 +81,7 @@ def write_embeddings(out_dir: str, part: int, result: ScoreResult, metadata: pd.
     part
         Partition number, used in the file names.
     result
-        The partition's :class:`~laion_dask.stages.clip.ScoreResult`.
+        The partition's :class:`ScoreResult` (from :func:`~laion_dask.stages.clip.score_partition`).
     metadata
         Rows with a ``key`` column (typically ``result.frame``); the rows of ``result.keys``
         are written in that order.

@@ -16,8 +16,8 @@ metadata the key ``laion_dask_tag_head`` with a JSON object::
 
 The head maps an L2-normalised image embedding to one logit per name in ``outputs``
 (``punsafe`` and/or ``pwatermark``); probabilities are the sigmoid. A tag the head does not
-output falls back to zero-shot. :func:`train_tag_head` writes such a file from a labelled
-parquet.
+output falls back to zero-shot. :func:`laion_dask.products.train.train_tag_head` writes such a
+file from a labelled parquet.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ import json
 import logging
 import weakref
 from collections.abc import Sequence
+from math import erf, sqrt
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import ClipConfig
@@ -43,7 +45,6 @@ __all__ = [
     "compute_tags",
     "load_tag_head",
     "save_tag_head",
-    "train_tag_head",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,15 +162,11 @@ def _activate(x: np.ndarray, act: str) -> np.ndarray:
     if act == "tanh":
         return np.tanh(x)
     # exact (erf) GELU, as torch.nn.GELU()
-    from math import erf, sqrt
-
     return x * 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
 
 
 def save_tag_head(path: str | Path, head: TagHead) -> None:
     """Write ``head`` in the documented safetensors format (module docstring)."""
-    from safetensors.numpy import save_file
-
     tensors: dict[str, np.ndarray] = {}
     for i, (w, b) in enumerate(head.layers):
         tensors[f"layers.{i}.weight"] = np.ascontiguousarray(w)
@@ -183,8 +180,6 @@ def save_tag_head(path: str | Path, head: TagHead) -> None:
 @functools.lru_cache(maxsize=4)
 def load_tag_head(path: str) -> TagHead:
     """Read a tag head file (cached per process); raises ``ValueError`` if it is not one."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata() or {}
         if HEAD_METADATA_KEY not in meta:
@@ -216,128 +211,3 @@ def compute_tags(
         zs = zero_shot_tags(image_embeddings, encoder)
         out.update({t: zs[t] for t in missing})
     return out
-
-
-def _load_training_data(
-    parquet_path: str,
-    label_col: str,
-    embedding_col: str,
-    embeddings_dir: str | None,
-    key_col: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    df = pd.read_parquet(parquet_path)
-    if label_col not in df.columns:
-        raise ValueError(f"{parquet_path}: no label column {label_col!r}")
-    if embeddings_dir is not None:
-        from laion_dask.stages.embeddings import read_embeddings
-
-        img, _txt, meta = read_embeddings(embeddings_dir)
-        pos = pd.Series(np.arange(len(meta)), index=meta[key_col].astype("string"))
-        keys = df[key_col].astype("string")
-        have = keys.isin(pos.index)
-        if not have.all():
-            log.warning("%d labelled rows have no embedding and are skipped", int((~have).sum()))
-        df = df[have.to_numpy()]
-        x = img[pos.loc[df[key_col].astype("string")].to_numpy()].astype(np.float32)
-    else:
-        if embedding_col not in df.columns:
-            raise ValueError(f"{parquet_path}: no embedding column {embedding_col!r}")
-        x = np.stack([np.asarray(v, np.float32) for v in df[embedding_col]])
-    y = pd.to_numeric(df[label_col].astype("Float64"), errors="coerce").to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
-    keep = ~np.isnan(y)
-    if (~keep).any():
-        log.warning("%d rows without a label are skipped", int((~keep).sum()))
-    x, y = x[keep], y[keep]
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError(f"{label_col}: labels must be 0/1 or booleans")
-    return x, y.astype(np.float32)
-
-
-def train_tag_head(
-    parquet_path: str,
-    label_col: str,
-    out_path: str,
-    *,
-    tag: str = schema.PUNSAFE,
-    embedding_col: str = "image_embedding",
-    embeddings_dir: str | None = None,
-    key_col: str = schema.KEY,
-    hidden: Sequence[int] = (),
-    activation: str = "relu",
-    epochs: int = 200,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Train a probe for ``tag`` from a labelled parquet and write it to ``out_path``.
-
-    Parameters
-    ----------
-    parquet_path
-        Rows with a 0/1 (or boolean) ``label_col`` and either an ``embedding_col`` of float
-        lists, or a ``key_col`` joined to the clip-retrieval folder ``embeddings_dir``.
-    out_path
-        Where the head is written (format in the module docstring).
-    tag
-        ``punsafe`` or ``pwatermark``: the output name the scoring stage fills from this head.
-    hidden
-        Hidden layer sizes; empty is a linear (logistic regression) probe.
-
-    Returns
-    -------
-    dict
-        ``n``, ``positives``, ``train_accuracy`` and ``train_loss`` of the trained head.
-    """
-    import torch
-
-    if tag not in PROMPTS:
-        raise ValueError(f"tag must be one of {sorted(PROMPTS)}, got {tag!r}")
-    x, y = _load_training_data(parquet_path, label_col, embedding_col, embeddings_dir, key_col)
-    if len(x) == 0 or len(np.unique(y)) < 2:
-        raise ValueError(f"{parquet_path}: need labelled rows of both classes, got {len(x)}")
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [x.shape[1], *[int(h) for h in hidden], 1]
-    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-    for layer in layers:
-        torch.nn.init.normal_(layer.weight, std=1.0 / np.sqrt(layer.in_features), generator=gen)
-        torch.nn.init.zeros_(layer.bias)
-    act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh}[activation]
-    modules: list[torch.nn.Module] = []
-    for i, layer in enumerate(layers):
-        modules.append(layer)
-        if i < len(layers) - 1:
-            modules.append(act())
-    net = torch.nn.Sequential(*modules)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    pos_weight = torch.tensor((len(y) - y.sum()) / max(y.sum(), 1.0))
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    loss = torch.tensor(0.0)
-    for _ in range(epochs):  # full batch: probes train on thousands of rows, not millions
-        opt.zero_grad()
-        loss = loss_fn(net(xt).squeeze(1), yt)
-        loss.backward()
-        opt.step()
-    config = {
-        "version": 1,
-        "input_dim": int(x.shape[1]),
-        "hidden": [int(h) for h in hidden],
-        "activation": activation,
-        "outputs": [tag],
-        "embedding": "image",
-        "normalize_input": True,
-        "label_col": label_col,
-    }
-    head = TagHead([(m.weight.detach().numpy(), m.bias.detach().numpy()) for m in layers], config)
-    save_tag_head(out_path, head)
-    load_tag_head.cache_clear()
-    pred = head.predict(x)[tag] >= 0.5
-    return {
-        "n": float(len(y)),
-        "positives": float(y.sum()),
-        "train_accuracy": float((pred == (y == 1)).mean()),
-        "train_loss": float(loss.item()),
-    }
