@@ -137,26 +137,33 @@ def test_interaction_runs_no_dask_job(demo_view, client):
     assert client.run_on_scheduler(_new_work_since, before) == []
 
 
-def test_open_run_reads_scores_through_dask(scored_view, client):
-    ddf = scored_view.ddf
-    assert isinstance(ddf, dd.DataFrame)
-    assert ddf.npartitions == 3
-    assert list(ddf.columns) == [*explore.MEMORY_COLUMNS, "scores_part"]
-    got = client.compute(ddf).result()
-    assert got["scores_part"].tolist() == sorted(got["scores_part"].tolist())
-    # in memory: only the interaction columns, as the pandas recomputation gives them
-    rows = scored_view.rows
+def test_open_run_reads_scores_on_the_cluster(tmp_path, client):
+    run = make_scored_run(tmp_path / "run", parts=3, rows=60)
+    before = client.run_on_scheduler(_scheduler_transitions)
+    view = explore.open_run(run.path, client=client)
+    # one read task per scores part (plus the merges) ran on the cluster
+    reads = [k for k in client.run_on_scheduler(_new_work_since, before) if "read_part" in str(k)]
+    assert len({str(k) for k in reads}) >= 3
+    # in memory: only the interaction columns, in part order, as the pandas recomputation
+    # gives them
+    rows = view.rows
     assert list(rows.columns) == list(explore.MEMORY_COLUMNS)
     assert not set(explore.DETAIL_COLUMNS) & set(rows.columns)  # url, text, key stay on disk
     assert not any(t is np.dtype(object) for t in rows.dtypes)
-    expected = explore.interaction_columns(_scores(scored_view))[list(explore.MEMORY_COLUMNS)]
+    expected = explore.interaction_columns(_scores(view))[list(explore.MEMORY_COLUMNS)]
     strings = {c: "string" for c in rows.columns if isinstance(rows[c].dtype, pd.CategoricalDtype)}
     pd.testing.assert_frame_equal(rows.astype(strings), expected, check_dtype=False)
-    pd.testing.assert_frame_equal(
-        got.drop(columns="scores_part").reset_index(drop=True).astype(strings),
-        expected,
-        check_dtype=False,
-    )
+
+
+def test_open_run_without_a_cluster_reads_on_threads(scored_view, monkeypatch):
+    import distributed
+
+    def no_client():
+        raise ValueError("no client")
+
+    monkeypatch.setattr(distributed, "get_client", no_client)
+    alone = explore.open_run(scored_view.run.path)
+    pd.testing.assert_frame_equal(alone.rows, scored_view.rows)
 
 
 def test_details_reads_rows_by_position(scored_view):

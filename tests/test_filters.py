@@ -21,15 +21,18 @@ from laion_dask.ground.config import (
 )
 from laion_dask.stages.filters import (
     FILTER_REASON,
+    FILTER_REASONS,
     FINAL_REASON,
+    NEAR_DUPLICATE,
     SUBSET_REASONS,
-    add_filter_reason,
     add_final_reason,
+    decide,
     dump_thresholds,
-    final_reason,
+    fate_columns,
     load_thresholds,
     subset_final_reason,
     subset_final_reasons,
+    upstream_reason,
 )
 from tests.helpers.runs import scored_frame
 
@@ -37,6 +40,153 @@ from tests.helpers.runs import scored_frame
 @pytest.fixture
 def df():
     return scored_frame(400, 0)
+
+
+def add_filter_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.DataFrame:
+    return add_final_reason(df, cfg).drop(columns=FINAL_REASON)
+
+
+# --- the pandas oracle: the rule spelled out with pandas' own operations, independent of the
+# engine's codes (this is what filters.py computed before it had one engine) ---------------------
+
+
+def _oracle_num(df: pd.DataFrame, col: str) -> np.ndarray:
+    return df[col].astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+
+
+def oracle_filter_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
+    g = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+    thr = np.select(
+        [g.eq("en").to_numpy(dtype=bool), g.eq("multi").to_numpy(dtype=bool)],
+        [cfg.similarity_en, cfg.similarity_multi],
+        default=cfg.similarity_nolang,
+    ).astype("float32")
+    scored = df[schema.SIMILARITY].notna().to_numpy(dtype=bool)
+    sim = df[schema.SIMILARITY].astype("float32").to_numpy(dtype="float32", na_value=np.nan)
+    text_len = df[schema.TEXT].astype("string").str.len().fillna(0).to_numpy()
+    w, h = _oracle_num(df, schema.ORIGINAL_WIDTH), _oracle_num(df, schema.ORIGINAL_HEIGHT)
+    off = np.zeros(len(df), bool)
+
+    def above(col, limit):
+        return off if limit is None else np.nan_to_num(_oracle_num(df, col), nan=-np.inf) > limit
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rules = {
+            "text_too_short": text_len < cfg.min_text_chars,
+            "low_similarity": sim < thr,
+            "unsafe": above(schema.PUNSAFE, cfg.max_punsafe),
+            "watermark": above(schema.PWATERMARK, cfg.max_pwatermark),
+            "small_image": np.fmin(w, h) < cfg.min_side if cfg.min_side else off,
+            "extreme_aspect_ratio": (
+                np.fmax(w, h) / np.fmax(np.fmin(w, h), 1) > cfg.max_aspect_ratio
+                if cfg.max_aspect_ratio
+                else off
+            ),
+        }
+    reason = np.full(len(df), None, dtype=object)
+    for name in reversed(list(rules)):  # first failing rule wins
+        reason[np.asarray(rules[name], dtype=bool) & scored] = name
+    return pd.Series(pd.array(reason, dtype="string"), index=df.index, name=FILTER_REASON)
+
+
+def oracle_final_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
+    none = pd.Series(pd.NA, index=df.index, dtype="string")
+    reason = df[schema.DROP_REASON].astype("string") if schema.DROP_REASON in df else none
+    if schema.STATUS in df.columns:
+        status = df[schema.STATUS].astype("string")
+        reason = reason.fillna(status.mask(status.eq("success")))
+    if schema.SCORE_STATUS in df.columns:
+        sstat = df[schema.SCORE_STATUS].astype("string")
+        reason = reason.fillna(none.mask(sstat.notna() & sstat.ne("success"), "unscorable_image"))
+    if NEAR_DUPLICATE in df.columns:
+        near = df[NEAR_DUPLICATE].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        reason = reason.fillna(none.mask(near, NEAR_DUPLICATE))
+    return reason.fillna(oracle_filter_reason(df, cfg)).rename(FINAL_REASON)
+
+
+def _random_frame(seed: int) -> pd.DataFrame:
+    """Scored rows with every kind of gap: missing scores and tags, missing or unknown groups,
+    missing captions and sizes, near-duplicates, statuses the lists do not know."""
+    rng = np.random.default_rng(seed)
+    df = scored_frame(300, seed % 5, seed=seed)
+    n = len(df)
+
+    def some(p):
+        return rng.random(n) < p
+
+    df.loc[some(0.1), schema.PUNSAFE] = np.nan
+    df.loc[some(0.1), schema.PWATERMARK] = np.nan
+    df.loc[some(0.05), schema.SIMILARITY] = np.nan  # a scored status without a score
+    df.loc[some(0.05), schema.LANGUAGE_GROUP] = None
+    df.loc[some(0.03), schema.LANGUAGE_GROUP] = "klingon"
+    df.loc[some(0.05), schema.TEXT] = None
+    df.loc[some(0.05), schema.TEXT] = "ab"
+    df[schema.ORIGINAL_WIDTH] = df[schema.ORIGINAL_WIDTH].astype("Int32")
+    df.loc[some(0.05), schema.ORIGINAL_WIDTH] = pd.NA
+    df.loc[some(0.02), schema.ORIGINAL_HEIGHT] = 0
+    df.loc[some(0.02), schema.STATUS] = "weird_new_status"
+    if seed % 2:
+        df[NEAR_DUPLICATE] = pd.array(np.where(some(0.1), True, None), dtype="boolean")
+    if seed % 3 == 0:
+        df = df.drop(columns=[schema.SCORE_STATUS])
+    return df
+
+
+_RANDOM_CONFIGS = [
+    FilterConfig(),
+    FilterConfig(similarity_en=0.3, similarity_multi=0.2, similarity_nolang=0.4, max_punsafe=0.5),
+    FilterConfig(max_pwatermark=0.3, min_side=300, max_aspect_ratio=1.5, min_text_chars=25),
+    FilterConfig(
+        similarity_en=-1.0, similarity_multi=1.0, max_punsafe=0.0, max_pwatermark=1.0, min_side=1
+    ),
+]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("cfg", _RANDOM_CONFIGS, ids=range(len(_RANDOM_CONFIGS)))
+def test_engine_equals_the_pandas_oracle(seed, cfg):
+    df = _random_frame(seed)
+    out = add_final_reason(df, cfg)
+    pd.testing.assert_series_equal(out[FINAL_REASON], oracle_final_reason(df, cfg))
+    pd.testing.assert_series_equal(out[FILTER_REASON], oracle_filter_reason(df, cfg))
+    # the codes say the same: 0 = kept, else reasons[code - 1]; the filter codes too
+    fate = decide(fate_columns(df), cfg)
+    names = np.array([None, *fate.reasons], dtype=object)[fate.final]
+    assert pd.array(names, dtype="string").tolist() == out[FINAL_REASON].tolist()
+    assert len(set(fate.reasons)) == len(fate.reasons)
+    filt = np.array([*FILTER_REASONS, None], dtype=object)[fate.filtered]
+    assert pd.array(filt, dtype="string").tolist() == out[FILTER_REASON].tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_engine_on_precomputed_columns_equals_the_oracle(seed):
+    """What explore holds (caption length, upstream reason as categoricals) decides the same."""
+    df = _random_frame(seed)
+    cfg = _RANDOM_CONFIGS[seed % len(_RANDOM_CONFIGS)]
+    slim = df.drop(columns=[schema.TEXT, schema.DROP_REASON, schema.STATUS]).assign(
+        text_length=df[schema.TEXT].astype("string").str.len().fillna(0).astype("int32"),
+        upstream_reason=upstream_reason(df),
+        language_group=df[schema.LANGUAGE_GROUP].astype("category"),
+    )
+    fate = decide(fate_columns(slim), cfg)
+    expect = oracle_final_reason(df, cfg)
+    assert pd.array(fate.names(), dtype="string").tolist() == expect.tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_subsets_over_the_engine_equal_the_oracle(seed):
+    df = _random_frame(seed)
+    cfg = FilterConfig(
+        similarity_en=0.15,
+        similarity_multi=0.15,
+        similarity_nolang=0.15,
+        subsets={"research-safe": {"max_punsafe": 0.45}, "clean": {"max_pwatermark": 0.5}},
+    )
+    got = subset_final_reasons(add_final_reason(df, cfg), cfg)
+    base = oracle_final_reason(df, cfg)
+    for name, cut in (("research-safe", {"max_punsafe": 0.45}), ("clean", {"max_pwatermark": 0.5})):
+        expect = _expected_subset_reason(df, cfg, **cut, base=base)
+        pd.testing.assert_series_equal(got[name], expect)
 
 
 def test_thresholds_per_language_group(df):
@@ -94,9 +244,9 @@ def test_dask_equals_pandas(df, client):
     pd.testing.assert_frame_equal(got.compute().reset_index(drop=True), expect)
 
 
-def test_final_reason_without_download_columns():
+def test_upstream_reason_without_download_columns():
     df = pd.DataFrame({schema.DROP_REASON: pd.array([None, "duplicate"], dtype="string")})
-    assert final_reason(df).tolist() == [pd.NA, "duplicate"]
+    assert upstream_reason(df).astype("string").tolist() == [pd.NA, "duplicate"]
 
 
 def test_thresholds_toml_round_trip(tmp_path):
@@ -124,9 +274,10 @@ def test_missing_tag_is_not_a_cut_reason():
 # --- output subsets ------------------------------------------------------------------------
 
 
-def _expected_subset_reason(df, base_cfg, max_punsafe=None, max_pwatermark=None):
+def _expected_subset_reason(df, base_cfg, max_punsafe=None, max_pwatermark=None, base=None):
     """A row's fate in a subset, spelled out row by row (independent of filters.py's numpy)."""
-    base = add_final_reason(df, base_cfg)[FINAL_REASON]
+    if base is None:
+        base = add_final_reason(df, base_cfg)[FINAL_REASON]
     out = []
     for i, reason in enumerate(base):
         if not pd.isna(reason):

@@ -1,17 +1,17 @@
 """Interactive what-if over a run's stored scores: the API under the notebooks and dashboards.
 
-``open_run(RUN)`` reads ``RUN/scores`` as a Dask dataframe (one partition per scores part, with
-``meta=``), brings into memory only the numeric and small categorical columns interaction needs
-(:data:`MEMORY_COLUMNS`: scores, sizes, caption length, language, the upstream reason), and
-precomputes per language group what plots and sliders ask for (sorted score columns, histograms).
-After that nothing runs on Dask: a threshold change is one vectorised numpy pass over in-memory
-arrays (:meth:`RunView.kept_at`) or a binary search over a sorted column
+``open_run(RUN)`` reads ``RUN/scores`` one task per scores part (mapped by
+:func:`laion_dask.orchestration.reduce.map_reduce`), brings into memory only the numeric and small
+categorical columns interaction needs (:data:`MEMORY_COLUMNS`: scores, sizes, caption length,
+language, the upstream reason), and precomputes per language group what plots and sliders ask for
+(sorted score columns, histograms). After that nothing runs on Dask: a threshold change is one
+pass of the final-reason engine (:func:`laion_dask.stages.filters.decide`) over in-memory arrays
+(:meth:`RunView.kept_at`) or a binary search over a sorted column
 (:meth:`RunView.fraction_kept`, :meth:`RunView.threshold_for_fraction`). URLs, captions and keys
 stay on disk: :meth:`RunView.details` reads them for the few sampled rows, by scores part and row
 position, so memory grows with the numeric columns only.
 
-``kept_at`` reproduces :func:`laion_dask.stages.filters.add_final_reason` exactly (same order of
-reasons, same float32/float64 comparisons), so the funnel shown while tuning is the one
+``kept_at`` calls the engine ``materialize`` calls, so the funnel shown while tuning is the one
 ``materialize`` writes for the same thresholds.
 
 Example
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import io
 import logging
@@ -39,8 +40,17 @@ import pandas as pd
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig
+from laion_dask.orchestration.reduce import map_reduce
 from laion_dask.orchestration.rundir import RunDir
-from laion_dask.stages.filters import FILTER_REASONS, dump_thresholds, final_reason, load_thresholds
+from laion_dask.stages.filters import (
+    TEXT_LENGTH,
+    UPSTREAM_REASON,
+    decide,
+    dump_thresholds,
+    fate_columns,
+    load_thresholds,
+    upstream_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +69,6 @@ __all__ = [
     "samples_html",
 ]
 
-#: columns added by :func:`interaction_columns` (not in schema.py: explore-only)
-TEXT_LENGTH = "text_length"
-UPSTREAM_REASON = "upstream_reason"  # rules / download / scoring reason, <NA> = reached filters
 SCORES_PART = "scores_part"  # index of the scores part a row comes from (open_run only)
 
 #: the scores columns ``open_run`` reads (per part; only :data:`MEMORY_COLUMNS` are kept)
@@ -116,13 +123,11 @@ def interaction_columns(df: pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with ``text_length`` and ``upstream_reason`` (threshold-free reasons) added.
 
     Pure function over one scores partition; ``upstream_reason`` is
-    :func:`laion_dask.stages.filters.final_reason` without the threshold filters.
+    :func:`laion_dask.stages.filters.upstream_reason`.
     """
     text_len = df[schema.TEXT].astype("string").str.len().fillna(0).astype("int64")
-    upstream = final_reason(df.drop(columns=["filter_reason"], errors="ignore"))
-    return df.assign(
-        **{TEXT_LENGTH: text_len.to_numpy(), UPSTREAM_REASON: upstream.astype("string").to_numpy()}
-    )
+    upstream = upstream_reason(df).astype("string")
+    return df.assign(**{TEXT_LENGTH: text_len.to_numpy(), UPSTREAM_REASON: upstream.to_numpy()})
 
 
 def _read_part(part: tuple[int, str], run: RunDir, read_columns: list[str]) -> pd.DataFrame:
@@ -141,9 +146,13 @@ _DTYPES = {
     **schema.SHARD_DTYPES,
     **schema.SCORE_DTYPES,
 }
-_META = interaction_columns(schema.empty({c: _DTYPES[c] for c in EXPLORE_COLUMNS}))[
-    list(MEMORY_COLUMNS)
-].assign(**{SCORES_PART: np.int32(0)})
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Parts' rows in part order (strings as categoricals: the memory a view holds)."""
+    frames = [f for f in frames if len(f)] or frames[:1]
+    out = pd.concat(frames, ignore_index=True)
+    return out.astype({c: "category" for c in _CATEGORICAL})
 
 
 @dataclass
@@ -177,9 +186,6 @@ class RunView:
     Attributes
     ----------
     run : RunDir
-    ddf : dask.dataframe.DataFrame
-        The scores reduced to :data:`MEMORY_COLUMNS` (plus ``scores_part``), one partition per
-        scores part (lazy).
     rows : pandas.DataFrame
         :data:`MEMORY_COLUMNS` of every row in memory, in part order (strings as categoricals);
         url, caption, key and shard are read on demand (:meth:`details`).
@@ -190,14 +196,12 @@ class RunView:
     def __init__(
         self,
         run: RunDir,
-        ddf: Any,
         rows: pd.DataFrame,
         thresholds: FilterConfig,
         *,
         part_paths: dict[int, str] | None = None,
     ):
         self.run = run
-        self.ddf = ddf
         # which scores part and row each in-memory row is: parts are contiguous, in index order
         if SCORES_PART in rows.columns:
             part = rows[SCORES_PART].to_numpy("int64")
@@ -216,35 +220,20 @@ class RunView:
 
     # --- precomputation ---------------------------------------------------------------------
     def _prepare(self) -> None:
-        df = self.rows
-        n = len(df)
-        groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+        # what decides a row's fate, as small arrays: every threshold change is one pass of
+        # the engine over them (_codes_at)
+        self._fate = fate = fate_columns(self.rows)
         self.groups = tuple(schema.LANGUAGE_GROUPS)
-        # small codes per row: memory is per row, the arithmetic casts up (kept_at)
-        gcode = np.full(n, len(self.groups) - 1, dtype=np.int8)  # unknown -> like nolang
-        for i, g in enumerate(self.groups):
-            gcode[groups.eq(g).to_numpy(dtype=bool)] = i
-        self._gcode = gcode
-        up = df[UPSTREAM_REASON].astype("string")
-        self._upstream_names = tuple(sorted(up.dropna().unique().tolist()))
-        self.reasons = self._upstream_names + tuple(
-            r for r in FILTER_REASONS if r not in self._upstream_names
-        )
-        code = {r: i + 1 for i, r in enumerate(self.reasons)}  # 0 = kept / reached filters
-        self._code = code
-        self._upstream = up.map(code).fillna(0).astype("int16").to_numpy()
-        self._scored = df[schema.SIMILARITY].notna().to_numpy(dtype=bool)
-        self._sim = df[schema.SIMILARITY].astype("float32").to_numpy("float32", na_value=np.nan)
-        self._text_len = df[TEXT_LENGTH].to_numpy("int32")
-        f64 = {c: _num(df, c) for c in (schema.PUNSAFE, schema.PWATERMARK)}
-        self._w = _num(df, schema.ORIGINAL_WIDTH)
-        self._h = _num(df, schema.ORIGINAL_HEIGHT)
+        self._gcode = fate.group
+        self.reasons = fate.reasons
+        self._scored = ~np.isnan(fate.similarity)
         self._values: dict[str, np.ndarray] = {
-            schema.SIMILARITY: self._sim.astype("float64"),
-            **f64,
-            schema.ORIGINAL_WIDTH: self._w,
-            schema.ORIGINAL_HEIGHT: self._h,
-            TEXT_LENGTH: self._text_len.astype("float64"),
+            schema.SIMILARITY: fate.similarity.astype("float64"),
+            schema.PUNSAFE: fate.punsafe,
+            schema.PWATERMARK: fate.pwatermark,
+            schema.ORIGINAL_WIDTH: fate.width,
+            schema.ORIGINAL_HEIGHT: fate.height,
+            TEXT_LENGTH: fate.text_len.astype("float64"),
         }
         # per group (and "all"): sorted non-missing values, and default histograms
         self._sorted: dict[tuple[str, str], np.ndarray] = {}
@@ -287,33 +276,7 @@ class RunView:
         return pd.Series(names[codes], dtype="string", name="final_reason")
 
     def _codes_at(self, cfg: FilterConfig) -> np.ndarray:
-        w, h = self._w, self._h
-        sim_thr = np.array(
-            [cfg.similarity_en, cfg.similarity_multi, cfg.similarity_nolang], dtype="float32"
-        )[np.minimum(self._gcode, 2)]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rules = {
-                "text_too_short": self._text_len < cfg.min_text_chars,
-                "low_similarity": self._sim < sim_thr,
-                "unsafe": _above(self._values[schema.PUNSAFE], cfg.max_punsafe),
-                "watermark": _above(self._values[schema.PWATERMARK], cfg.max_pwatermark),
-                "small_image": np.fmin(w, h) < cfg.min_side if cfg.min_side else None,
-                "extreme_aspect_ratio": (
-                    np.fmax(w, h) / np.fmax(np.fmin(w, h), 1) > cfg.max_aspect_ratio
-                    if cfg.max_aspect_ratio
-                    else None
-                ),
-            }
-        codes = self._upstream.copy()
-        open_ = (codes == 0) & self._scored
-        for name in FILTER_REASONS:  # first failing rule wins
-            hit = rules[name]
-            if hit is None:
-                continue
-            hit = open_ & hit
-            codes[hit] = self._code[name]
-            open_ &= ~hit
-        return codes
+        return decide(self._fate, cfg).final
 
     def kept_at(self, thresholds: FilterConfig) -> Funnel:
         """The funnel at ``thresholds``: kept per group, dropped per reason (numpy, no Dask job).
@@ -668,26 +631,22 @@ def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView
     path
         The run directory (local path or fsspec URL) with finished ``scores`` partitions.
     client
-        A ``distributed.Client`` to read the parts on; None uses Dask's default scheduler.
+        A ``distributed.Client`` to read the parts on; None uses the default client, else
+        this process's threads.
     """
-    import dask.dataframe as dd
-
     run = path if isinstance(path, RunDir) else RunDir(str(path))
     part_paths = {i: run.part_path("scores", i) for i in sorted(run.markers("scores"))}
     if not part_paths:
         raise FileNotFoundError(f"{run.path}: no finished scores partitions (run the pipeline)")
     parts = list(part_paths.items())
-    ddf = dd.from_map(_read_part, parts, run=run, read_columns=list(EXPLORE_COLUMNS), meta=_META)
-    if client is not None:
-        rows = client.compute(ddf).result()
-    else:
-        rows = ddf.compute()
+    read = functools.partial(_read_part, run=run, read_columns=list(EXPLORE_COLUMNS))
+    rows = map_reduce(read, parts, _concat, client=client)
     try:
         thresholds = run.read_config().filters
     except FileNotFoundError:
         thresholds = FilterConfig()
     log.info("explore: %d rows from %d scores parts of %s", len(rows), len(parts), run.path)
-    view = RunView(run, ddf, rows, thresholds, part_paths=part_paths)
+    view = RunView(run, rows, thresholds, part_paths=part_paths)
     del rows
     _release_arrow_memory()  # the parts' string buffers are freed: give the pages back
     return view
@@ -789,16 +748,6 @@ def _read_rows(
         acc += sizes[i]
     take = base[group] + (rows - starts[group])
     return table.take(pa.array(take)).to_pandas()
-
-
-def _num(df: pd.DataFrame, col: str) -> np.ndarray:
-    return df[col].astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
-
-
-def _above(values: np.ndarray, limit: float | None) -> np.ndarray | None:
-    if limit is None:
-        return None
-    return np.nan_to_num(values, nan=-np.inf) > limit
 
 
 def _check_column(column: str) -> str:
