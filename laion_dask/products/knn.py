@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 import io
 import logging
 import math
@@ -52,7 +53,20 @@ import pandas as pd
 from laion_dask.ground import schema
 from laion_dask.ground.config import IndexConfig
 from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.neardup import (
+    CANONICAL_KEY,
+    DUPLICATE_GROUP,
+    NEAR_DUPLICATE,
+    NEAR_DUPLICATE_REASON,
+    NEARDUP_DIR,
+    StaleNearDuplicates,
+    _scores_fingerprint,
+    add_near_duplicate,
+    join_part_near_duplicates,
+    read_near_duplicates,
+)
 from laion_dask.stages.embeddings import embedding_paths
+from laion_dask.stages.imaging import read_thumbnails, thumbnail_html
 
 __all__ = [
     "IndexConfig",
@@ -77,21 +91,16 @@ __all__ = [
     "add_near_duplicate",
     "results_html",
     "StaleNearDuplicates",
+    "join_part_near_duplicates",  # re-exported from neardup until its callers import it there
 ]
 
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
-NEARDUP_DIR = "neardup"
 MODALITIES = ("image", "text")
 #: index id -> this row of ``RUN/index/metadata.parquet``
 METADATA_FILE = "metadata.parquet"
 
-DUPLICATE_GROUP = "duplicate_group"  # int64: index id of the group's canonical image
-CANONICAL_KEY = "canonical_key"  # the canonical image's key
-NEAR_DUPLICATE = "near_duplicate"  # True for every member of a group but its canonical one
-#: the drop reason a near-duplicate gets (see the module docstring of filters for the order)
-NEAR_DUPLICATE_REASON = "near_duplicate"
 #: clip-retrieval collapses search results whose embeddings have cosine >= 0.94
 RESULT_DEDUP_COSINE = 0.94
 #: the caption-image CLIP score of a result (``similarity`` of a result is the query's cosine)
@@ -231,15 +240,6 @@ class IndexInfo:
 
 
 # --- reading the run's embeddings ---------------------------------------------------------------
-
-
-class StaleNearDuplicates(ValueError):
-    """``RUN/index`` or ``RUN/neardup`` was computed from scores that have changed since."""
-
-
-def _scores_fingerprint(run: RunDir, part: int) -> str:
-    """The fingerprint of scores part ``part`` (``""`` without a marker)."""
-    return str((run.done_marker("scores", part) or {}).get("fingerprint", ""))
 
 
 _PART = re.compile(r"metadata_(\d+)\.parquet$")
@@ -1048,38 +1048,14 @@ def search(
     )
     frame.insert(0, "rank", np.arange(1, len(frame) + 1))
     if thumbnails:
-        frame["thumbnail"] = _thumbnails(run, frame, thumb_size)
+        frame["thumbnail"] = read_thumbnails(
+            run.join("images"), frame[schema.KEY], frame[schema.SHARD], thumb_size
+        )
     return frame
-
-
-def _thumbnails(run: RunDir, rows: pd.DataFrame, size: int) -> list[Any]:
-    from laion_dask.ground.shards import read_shard_images
-    from laion_dask.products.explore import thumbnail
-
-    wanted: dict[str, set[str]] = {}
-    for key, shard in zip(rows[schema.KEY], rows[schema.SHARD], strict=True):
-        if pd.notna(key) and pd.notna(shard):
-            wanted.setdefault(str(shard), set()).add(str(key))
-    found: dict[str, bytes] = {}
-    for shard, keys in sorted(wanted.items()):
-        path = run.join("images", shard)
-        if not run.exists(path):
-            log.warning("search: shard %s missing: %d thumbnails skipped", path, len(keys))
-            continue
-        found.update(read_shard_images(path, keys))
-    out = []
-    for key in rows[schema.KEY]:
-        data = found.get(str(key)) if pd.notna(key) else None
-        out.append(thumbnail(data, size) if data is not None else None)
-    return out
 
 
 def results_html(results: pd.DataFrame, title: str = "") -> str:
     """An HTML grid of :func:`search` results: thumbnail, similarity, caption, URL link."""
-    import html
-
-    from laion_dask.products.explore import thumbnail_html
-
     cells = []
     for _, row in results.iterrows():
         pic = thumbnail_html(row.get("thumbnail"))
@@ -1244,72 +1220,3 @@ def find_near_duplicates(
     )
     run.write_json_atomic(run.join(NEARDUP_DIR, "summary.json"), report.to_json())
     return report
-
-
-def read_near_duplicates(run: RunDir | str) -> pd.DataFrame:
-    """All group members of ``RUN/neardup`` (``key, duplicate_group, canonical_key,
-    near_duplicate``); an empty frame when none were written."""
-    run = RunDir(run) if isinstance(run, str | Path) else run
-    frames = [run.read_parquet(p) for p in run.parts(NEARDUP_DIR)]
-    if not frames:
-        return pd.DataFrame(
-            {
-                schema.KEY: pd.Series(dtype="string"),
-                DUPLICATE_GROUP: pd.Series(dtype="int64"),
-                CANONICAL_KEY: pd.Series(dtype="string"),
-                NEAR_DUPLICATE: pd.Series(dtype="bool"),
-            }
-        )
-    return pd.concat(frames, ignore_index=True)
-
-
-def add_near_duplicate(df: pd.DataFrame, neardup: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with ``duplicate_group`` (Int64, <NA> outside groups) and ``near_duplicate``
-    (bool, True for every group member but its canonical) joined by ``key``; rows unchanged.
-
-    ``neardup`` is :func:`read_near_duplicates` (whole run) or one part of ``RUN/neardup``
-    (a partition joins the part with its own number: groups never move rows across parts).
-    """
-    lookup = neardup.drop_duplicates(schema.KEY).set_index(
-        neardup[schema.KEY].drop_duplicates().astype("string")
-    )
-    keys = df[schema.KEY].astype("string")
-    pos = lookup.index.get_indexer(keys)
-    found = pos >= 0
-    group = np.zeros(len(df), np.int64)
-    group[found] = lookup[DUPLICATE_GROUP].to_numpy(np.int64)[pos[found]]
-    flag = np.zeros(len(df), bool)
-    flag[found] = lookup[NEAR_DUPLICATE].to_numpy(bool)[pos[found]]
-    return df.assign(
-        **{
-            DUPLICATE_GROUP: pd.arrays.IntegerArray(group, ~found),
-            NEAR_DUPLICATE: flag,
-        }
-    )
-
-
-def join_part_near_duplicates(run: RunDir, part: int, df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` (scores part ``part``) joined with ``RUN/neardup`` part ``part`` when
-    :func:`find_near_duplicates` wrote it (:func:`add_near_duplicate`); unchanged otherwise.
-
-    What ``materialize``, ``explore`` and ``report`` call per partition, so a run's
-    near-duplicates become the ``near_duplicate`` drop reason everywhere at once.
-
-    Raises
-    ------
-    StaleNearDuplicates
-        The part was re-scored after the groups were found: its keys may now name other
-        images, so the groups would drop the wrong rows. Re-run
-        ``laion-dask index RUN --near-duplicates`` (or delete ``RUN/neardup``).
-    """
-    path = run.part_path(NEARDUP_DIR, part)
-    if schema.KEY not in df.columns or not run.exists(path):
-        return df
-    marker = run.done_marker(NEARDUP_DIR, part) or {}
-    recorded = marker.get("scores_fingerprint")
-    if recorded is not None and recorded != _scores_fingerprint(run, part):
-        raise StaleNearDuplicates(
-            f"{run.path}: near-duplicate groups of part {part} were found before it was "
-            "re-scored: re-run `laion-dask index RUN --near-duplicates`, or delete RUN/neardup"
-        )
-    return add_near_duplicate(df, run.read_parquet(path))

@@ -12,21 +12,38 @@ the source, which gives the same picture several times faster. Resize modes foll
 
 Down-scaling uses area averaging (Pillow ``BOX``, img2dataset's ``INTER_AREA``) and up-scaling
 Lanczos. Transparent images are composited on white, as img2dataset does.
+
+Thumbnails for the dashboard, the search results and the report are made here too, once:
+:func:`read_thumbnails` reads the wanted keys of a run's image shards and shrinks them.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import struct
+import tarfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from laion_dask.ground.config import DownloadConfig
+from laion_dask.ground.shards import read_shard_images
 
-__all__ = ["ImageResult", "process_image", "target_size"]
+__all__ = [
+    "ImageResult",
+    "process_image",
+    "target_size",
+    "thumbnail",
+    "png_bytes",
+    "data_uri",
+    "thumbnail_html",
+    "read_thumbnails",
+]
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +211,71 @@ def process_image(data: bytes, cfg: DownloadConfig) -> ImageResult:
             # ValueError/TypeError; broken palettes or EXIF blocks as IndexError/KeyError/struct
             return ImageResult("failed_to_decode", f"{type(err).__name__}: {err}", ow, oh)
     return ImageResult("success", None, ow, oh, resized.width, resized.height, encoded)
+
+
+# --- thumbnails ---------------------------------------------------------------------------------
+
+
+def thumbnail(data: bytes, size: int = 128) -> Image.Image | None:
+    """Decode image bytes to an RGB PIL image no larger than ``size`` px; None when undecodable."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at reduced scale, same thumbnail
+            img = im.convert("RGB")
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
+        log.debug("thumbnail: undecodable image: %s", err)
+        return None
+    img.thumbnail((size, size))
+    return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """A PIL image as PNG bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(img: Image.Image, fmt: str = "png", quality: int = 80) -> str:
+    """A PIL image as a ``data:`` URI (``png``, or ``jpeg`` at ``quality``: smaller pages)."""
+    if fmt == "png":
+        return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode("ascii")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def thumbnail_html(img: Image.Image | None) -> str:
+    """A PIL thumbnail as an inline ``<img>`` (base64 PNG), or a grey "no image" box."""
+    if img is None:
+        return '<div style="width:128px;height:96px;background:#ddd">no image</div>'
+    return f'<img src="{data_uri(img)}" style="max-width:128px">'
+
+
+def read_thumbnails(
+    image_root: str, keys: Sequence[object], shards: Sequence[object], size: int = 128
+) -> list[Image.Image | None]:
+    """Thumbnails of the images ``keys`` (in shard ``shards[i]`` under ``image_root``), in order.
+
+    Each shard is read once. A missing or unreadable shard, a missing key (``None``/NA) or an
+    undecodable image gives ``None`` in its place, counted in the log: a page of samples shows
+    a grey box, never fails.
+    """
+    wanted: dict[str, set[str]] = {}
+    for key, shard in zip(keys, shards, strict=True):
+        if not pd.isna(key) and not pd.isna(shard):
+            wanted.setdefault(str(shard), set()).add(str(key))
+    found: dict[str, bytes] = {}
+    for shard, names in sorted(wanted.items()):
+        path = f"{image_root.rstrip('/')}/{shard}"
+        try:
+            found.update(read_shard_images(path, names))
+        except (OSError, EOFError, tarfile.TarError) as err:
+            log.warning("thumbnails: shard %s unreadable (%s): %d skipped", path, err, len(names))
+    out = [
+        None if pd.isna(k) or str(k) not in found else thumbnail(found[str(k)], size) for k in keys
+    ]
+    missing = sum(img is None for img in out)
+    if missing:
+        log.info("thumbnails: %d of %d have no decodable image", missing, len(out))
+    return out
