@@ -16,7 +16,7 @@ or an HTTP body cut short: an HTML page keeps the pairs of its tags complete bef
 from __future__ import annotations
 
 import dataclasses
-import gzip
+import io
 import logging
 import re
 import time
@@ -36,6 +36,7 @@ from laion_dask.stages.extract import common
 from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url, warc_uri
 from laion_dask.stages.extract.optout import NO_SIGNALS, page_signals
 from laion_dask.stages.extract.records import (
+    GunzipStream,
     NonChunkedGzip,
     PrefixedReader,
     ReaderCannot,
@@ -492,13 +493,15 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
 
 
 @contextmanager
-def _open_stream(path: str, gunzip: bool) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+def _open_stream(
+    path: str, gunzip: bool
+) -> Iterator[tuple[BinaryIO, BinaryIO, GunzipStream | None]]:
     with open_input(path) as raw:
         if gunzip:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                yield raw, gz  # type: ignore[misc]
+            plain = GunzipStream(raw)
+            yield raw, io.BufferedReader(plain, 1 << 16), plain  # type: ignore[misc]
         else:
-            yield raw, raw
+            yield raw, raw, None
 
 
 def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
@@ -579,7 +582,7 @@ def _scan(
     col = _Collector(path, cfg, meta_names, sink, chunk_rows)
     col.summary.reader = reader + ("+gunzip" if gunzip else "")
     records = _PASSES[reader]
-    with _open_stream(path, gunzip) as (raw, stream):
+    with _open_stream(path, gunzip) as (raw, stream, plain):
         try:
             records(stream, col, cfg)
         except StreamError as err:
@@ -593,6 +596,10 @@ def _scan(
                 raise _Unreadable(str(serr), serr.kind) from err
             col.summary.count(serr.kind)
             log.debug("%s: stopped after %d records: %s", path, col.summary.records_read, serr)
+        if plain is not None and plain.cut and "truncated_record" not in col.summary.bad_records:
+            # cut between records (inside a gzip trailer): nothing lost but the file's end
+            col.summary.count("corrupt_gzip")
+            log.debug("%s: the file ends inside a gzip member", path)
         try:
             col.summary.bytes_read = raw.tell()
         except (OSError, ValueError):
@@ -600,12 +607,22 @@ def _scan(
     return col
 
 
-def _attempts(kind: str, gz: bool, cfg: ExtractConfig, whole: bool) -> list[tuple[str, bool]]:
+def _arc_version(plain_head: bytes) -> int:
+    """The ARC version a file's ``filedesc://`` record declares (its block's first field)."""
+    lines = plain_head.lstrip(b"\r\n").split(b"\n", 2)
+    return 2 if len(lines) > 1 and lines[1].split(b" ", 1)[0].strip() == b"2" else 1
+
+
+def _attempts(
+    kind: str, gz: bool, cfg: ExtractConfig, whole: bool, arc_version: int = 1
+) -> list[tuple[str, bool]]:
     if kind == "arc" and cfg.reader == "auto":
-        # FastWARC reads WARC only; warcio reads ARC gzipped per record (with the members'
-        # offsets) but loses the next record when one lacks its trailing newline, which
-        # iter_arc, framing by length alone, does not: it reads plain streams
-        return [("warcio", False), ("arc", True)] if gz else [("arc", False)]
+        # FastWARC reads WARC only; warcio reads ARC v1 gzipped per record (with the members'
+        # offsets) but not v2, and loses the next record when one lacks its trailing newline,
+        # which iter_arc, framing by length alone, does not: it reads plain streams
+        if not gz:
+            return [("arc", False)]
+        return [("warcio", False), ("arc", True)] if arc_version == 1 else [("arc", True)]
     readers = ["fastwarc", "warcio"] if cfg.reader == "auto" else [cfg.reader]
     out = []
     for r in readers:
@@ -726,7 +743,8 @@ def _stream_file(
         first_error: _Unreadable | None = None
         col = None
         whole = gz and kind == "warc" and _whole_file_gzip(path)
-        for reader, gunzip in _attempts(kind, gz, cfg, whole):
+        version = _arc_version(_plain_head(head)[0]) if kind == "arc" else 1
+        for reader, gunzip in _attempts(kind, gz, cfg, whole, version):
             try:
                 col = _scan(path, cfg, reader, gunzip, meta_names, deliver, chunk_rows)
                 break
@@ -740,6 +758,7 @@ def _stream_file(
                         else 'read it with [extract] reader = "warcio"'
                     )
                     raise _Unreadable(f"{err} after {handed[0]} pairs were written; {fix}") from err
+                first_error = first_error or _Unreadable(str(err))
                 log.debug("%s: %s; reading it with the next reader", path, err)
                 continue
             except _Unreadable as err:

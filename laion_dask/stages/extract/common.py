@@ -38,7 +38,7 @@ def warc_uri(value: str | None) -> str:
     <'URI' per RFC3986> ">"``), and wget, among others, writes ``WARC-Target-URI: <http://...>``;
     WARC 1.1 drops the brackets for ``WARC-Target-URI``, ``WARC-Refers-To-Target-URI`` and
     ``WARC-Profile``. Both forms give the bare URI: surrounding whitespace and one enclosing
-    pair of angle brackets are removed.
+    pair of angle brackets are removed, and a space inside is written ``%20``.
 
     Examples
     --------
@@ -52,7 +52,9 @@ def warc_uri(value: str | None) -> str:
     value = value.strip()
     if len(value) >= 2 and value[0] == "<" and value[-1] == ">":
         value = value[1:-1].strip()
-    return value
+    # a URI holds no space; some writers (and ARC headers) keep the one a link had, and
+    # warcio encodes it: both readers give the same URI
+    return value.replace(" ", "%20") if " " in value else value
 
 
 class BadRecord(Exception):

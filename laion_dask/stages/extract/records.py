@@ -17,6 +17,7 @@ offsets are positions in the decompressed stream, distinct per record.
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ __all__ = [
     "PrefixedReader",
     "iter_warcio",
     "iter_arc",
+    "GunzipStream",
     "read_block",
     "classify_stream_error",
 ]
@@ -271,6 +273,76 @@ def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
         )
 
 
+class GunzipStream(io.RawIOBase):
+    """Every gzip member of ``raw``, decompressed, as one stream; a file cut inside a member
+    ends where its bytes end (and sets ``cut``) instead of raising.
+
+    ``gzip.GzipFile`` raises ``EOFError`` on a cut member, from inside a reader's buffered read:
+    FastWARC then loses the records it had not yet handed on, and warcio takes the error for the
+    end of the file, silently. Ending the stream instead lets a reader see the record the cut
+    falls in as short (``truncated_record``, its complete tags kept). Corrupt deflate data
+    still raises ``zlib.error``; bytes after the last member that are not gzip end the stream.
+    """
+
+    def __init__(self, raw: BinaryIO, chunk: int = 1 << 16) -> None:
+        super().__init__()
+        self._raw, self._chunk = raw, chunk
+        self._d = zlib.decompressobj(31)
+        self._buf = b""
+        self._done = False
+        self._pos = 0
+        self.cut = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True  # forward only, as readers skip blocks by seeking (FastWARC does)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._pos + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self._pos:
+            raise io.UnsupportedOperation("a gzip stream seeks forward only")
+        while self._pos < target and self.read(min(target - self._pos, 1 << 20)):
+            pass
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf and not self._done:
+            self._fill()
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        self._pos += n
+        return n
+
+    def _fill(self) -> None:
+        d = self._d
+        if d.eof:
+            rest = d.unused_data
+            while len(rest) < 2:
+                more = self._raw.read(self._chunk)
+                if not more:
+                    break
+                rest += more
+            if rest[:2] != b"\x1f\x8b":
+                self._done = True  # the last member (and any padding after it)
+                return
+            self._d = d = zlib.decompressobj(31)
+            data = rest
+        else:
+            data = d.unconsumed_tail or self._raw.read(self._chunk)
+            if not data:
+                self._done = True
+                self.cut = True  # the file ends inside a member
+                return
+        # bounded output per call: a small member may inflate to many MB
+        self._buf = d.decompress(data, 1 << 20)
+
+
 class _BoundedReader:
     """At most ``left`` bytes of ``stream``: one ARC record's block."""
 
@@ -348,7 +420,7 @@ def iter_arc(
             continue
         lost = False
         length = int(fields[-1])
-        url = b" ".join(fields[:-fields_after_url]).decode("utf-8", "replace")
+        url = warc_uri(b" ".join(fields[:-fields_after_url]).decode("utf-8", "replace"))
         mime = fields[-fields_after_url + 2].decode("latin-1")
         block = _BoundedReader(stream, length)
         reader: BlockReader = block
