@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -87,3 +88,17 @@ def test_demo_command_line(tmp_path, capsys):
     assert rc == 0
     assert "counts add up" in out and "COUNTS DO NOT ADD UP" not in out
     assert "precision" in out
+
+    # the closing hint works as printed: its shell lines, pasted into a fresh directory
+    hint = out.split("=== next ===", 1)[1]
+    lines = [line.strip() for line in hint.splitlines() if line.strip().startswith("cp ")]
+    lines += [line.strip() for line in hint.splitlines() if " materialize " in line]
+    assert len(lines) == 2, hint
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    done = subprocess.run(
+        " && ".join(lines), shell=True, cwd=where, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (where / "thresholds.toml").is_file()
+    assert "kept by language group" in done.stdout

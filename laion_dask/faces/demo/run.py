@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -200,16 +201,26 @@ def _print_summary(result: DemoResult) -> None:
     print(f"  config      {run.config_path}")
     for path in result.report_files.values():
         print(f"  {'report/' + Path(path).name:<11} {path}")
+    # quoted: the lines are meant to be pasted into a shell as they are
+    exe, where = shlex.quote(_command()), shlex.quote(run.path)
+    applied = shlex.quote(run.join("dataset", "thresholds.toml"))  # what materialize applied
     print("\n=== next ===")
-    print(
-        f"  re-cut without rescoring:  .venv/bin/laion-dask materialize {run.path} "
-        "--thresholds thresholds.toml"
-    )
+    print(f"  tune the thresholds live:  {exe} dashboard {where}")
+    print("  re-cut without rescoring, from a copy of the thresholds just applied:")
+    print(f"    cp {applied} thresholds.toml")
+    print(f"    {exe} materialize {where} --thresholds thresholds.toml")
     print(f"  read it:  laion_dask.products.materialize.read_dataset('{run.path}', 'en')")
     print(
         "  notebooks:  .venv/bin/pip install -e '.[notebook]' && .venv/bin/jupyter lab notebooks/"
     )
     print(f"\ndone in {result.seconds:.0f} s")
+
+
+def _command() -> str:
+    """How to call ``laion-dask`` from any directory: the console script next to this Python
+    (a venv's bin/), else the bare name for a PATH lookup."""
+    exe = Path(sys.executable).with_name("laion-dask")
+    return str(exe) if exe.is_file() else "laion-dask"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
