@@ -9,6 +9,7 @@ from laion_dask.ground import schema
 from laion_dask.ground.config import ExtractConfig
 from laion_dask.stages.extract import extract_file, stream_file
 from tests.helpers.extract import make_wat, wat_payload
+from tests.helpers.warc_spec import spec_file
 
 CFG = ExtractConfig()
 
@@ -140,3 +141,31 @@ def test_a_failing_sink_stops_the_file_and_is_never_a_counted_skip(tmp_path, chu
     empty.write_bytes(b"")
     with pytest.raises(OSError, match="No space left"):
         stream_file(str(empty), CFG, sink=full_disk)
+
+
+def test_fastwarc_meeting_a_record_it_cannot_read_late_fails_the_file_by_name(tmp_path):
+    """A record whose field names are lower case (legal, but FastWARC cannot read its block)
+    after pairs were handed on: the file fails with the fix, rather than losing the page."""
+    good = make_wat(_pages(30), "none")
+    odd = spec_file("lower_names", "none").data
+    odd = odd[odd.index(b"WARC/1.0", 1) :]  # its records, without a second warcinfo
+    path = tmp_path / "late.warc"
+    path.write_bytes(good + odd)
+    chunks, summary = _stream(path, 1)
+    assert summary.error and 'reader = "warcio"' in summary.error
+    assert len(chunks[-1]) == 0
+    # read whole (nothing handed on before the end), the file goes to warcio and gives it all
+    whole = extract_file(str(path), CFG)
+    assert whole.summary.error is None and whole.summary.reader == "warcio"
+    assert len(whole.pairs) == 30 * 7 + len(spec_file("lower_names", "none").pairs)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 10_000])
+def test_a_cut_whole_file_gzip_streams_what_it_holds(tmp_path, chunk_rows):
+    spec = spec_file("truncated", "file")
+    path = tmp_path / "cut.warc.gz"
+    path.write_bytes(spec.data)
+    chunks, summary = _stream(path, chunk_rows)
+    got = pd.concat(chunks, ignore_index=True)
+    assert sorted(zip(got["url"], got["text"], strict=True)) == sorted(spec.pairs)
+    assert summary.bad_records == {"truncated_record": 1}

@@ -24,6 +24,7 @@ from laion_dask.ground.config import ExtractConfig
 from laion_dask.stages.extract import _Collector, common, extract_file
 from laion_dask.stages.extract.text import laion_hashes, record_hashes
 from tests.helpers.extract import make_wat, wat_payload
+from tests.helpers.warc_spec import spec_file, spec_files
 from tests.test_extract_warc import _corpus_files
 
 FAST = common.speedups
@@ -214,3 +215,13 @@ def test_handwritten_wat_equal(tmp_path, pure):
 def test_corpus_file_equal(corpus, name, pure):
     """Every WAT/WARC/ARC file of the shared corpus (WARC pairs use the compiled hashes)."""
     _frames_equal(str(corpus / name), pure)
+
+
+@needs_fast
+@pytest.mark.parametrize(("quirk", "compression"), spec_files())
+def test_spec_fixture_equal(tmp_path, quirk, compression, pure):
+    """The archives written from the WARC/ARC specs (``<uri>`` fields, cut files, ARC...)."""
+    spec = spec_file(quirk, compression)
+    path = tmp_path / f"{quirk}.{'arc' if spec.is_arc else 'warc.wat'}"
+    path.write_bytes(spec.data)
+    _frames_equal(str(path), pure)
