@@ -17,6 +17,7 @@ from laion_dask.ground.config import FilterConfig
 from laion_dask.products import explore
 from laion_dask.products.materialize import materialize
 from laion_dask.stages.filters import FINAL_REASON, add_final_reason, load_thresholds
+from laion_dask.stages.imaging import png_bytes
 from tests.helpers.runs import make_scored_run
 
 CONFIGS = [
@@ -320,7 +321,7 @@ def test_samples_near(view, side):
     for img in got["thumbnail"]:
         assert img is not None
         assert max(img.size) <= 128
-        png = explore.png_bytes(img)
+        png = png_bytes(img)
         assert Image.open(io.BytesIO(png)).size == img.size
     html = explore.samples_html(got, title=f"{side} {t:.3f}")
     assert html.count("data:image/png;base64,") == len(got)
@@ -354,10 +355,6 @@ def test_samples_near_upper_cutoffs_split_as_the_filter(scored_view, column):
     assert reasons.loc[kept[schema.KEY]].isna().all()
     name = "unsafe" if column == schema.PUNSAFE else "watermark"
     assert (reasons.loc[dropped[schema.KEY]] == name).all()
-
-
-def test_thumbnail_of_garbage_is_none():
-    assert explore.thumbnail(b"not an image") is None
 
 
 # --- ground truth -------------------------------------------------------------------------------

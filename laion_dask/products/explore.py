@@ -24,24 +24,24 @@ Example
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import html
-import io
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig
 from laion_dask.orchestration.reduce import map_reduce
 from laion_dask.orchestration.rundir import RunDir
+from laion_dask.products.neardup import join_part_near_duplicates
 from laion_dask.stages.filters import (
     TEXT_LENGTH,
     UPSTREAM_REASON,
@@ -51,6 +51,7 @@ from laion_dask.stages.filters import (
     load_thresholds,
     upstream_reason,
 )
+from laion_dask.stages.imaging import read_thumbnails, thumbnail_html
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ __all__ = [
     "TEXT_LENGTH",
     "UPSTREAM_REASON",
     "interaction_columns",
-    "thumbnail",
-    "png_bytes",
     "samples_html",
 ]
 
@@ -132,8 +131,6 @@ def interaction_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 def _read_part(part: tuple[int, str], run: RunDir, read_columns: list[str]) -> pd.DataFrame:
     """One scores part ``(index, path)`` reduced to :data:`MEMORY_COLUMNS` plus its index."""
-    from laion_dask.products.knn import join_part_near_duplicates
-
     index, path = part
     df = run.read_parquet(path, columns=read_columns)
     df = interaction_columns(join_part_near_duplicates(run, index, schema.conform(df, _DTYPES)))
@@ -524,29 +521,7 @@ class RunView:
         return schema.conform(out, _DTYPES)
 
     def _thumbnails(self, rows: pd.DataFrame, size: int) -> list[Any]:
-        wanted: dict[str, set[str]] = defaultdict(set)
-        for key, shard in zip(rows[schema.KEY], rows[schema.SHARD], strict=True):
-            if pd.notna(key) and pd.notna(shard):
-                wanted[str(shard)].add(str(key))
-        from laion_dask.ground.shards import read_shard_images
-
-        found: dict[str, bytes] = {}
-        for shard, keys in sorted(wanted.items()):
-            path = self.run.join("images", shard)
-            if not self.run.exists(path):
-                log.warning("explore: shard %s missing: %d thumbnails skipped", path, len(keys))
-                continue
-            found.update(read_shard_images(path, keys))
-        thumbs = []
-        missing = 0
-        for key in rows[schema.KEY]:
-            data = found.get(str(key)) if pd.notna(key) else None
-            img = thumbnail(data, size) if data is not None else None
-            missing += img is None
-            thumbs.append(img)
-        if missing:
-            log.info("explore: %d of %d samples have no decodable image", missing, len(rows))
-        return thumbs
+        return read_thumbnails(self.run.join("images"), rows[schema.KEY], rows[schema.SHARD], size)
 
     # --- ground truth (demo runs) -----------------------------------------------------------
     def precision_recall(
@@ -652,37 +627,7 @@ def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView
     return view
 
 
-# --- thumbnails ---------------------------------------------------------------------------------
-
-
-def thumbnail(data: bytes, size: int = 128) -> Any | None:
-    """Decode image bytes to an RGB PIL image no larger than ``size`` px; None when undecodable."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (size, size))
-            img = im.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a counted skip
-        log.debug("explore: undecodable image: %s", err)
-        return None
-    img.thumbnail((size, size))
-    return img
-
-
-def png_bytes(img: Any) -> bytes:
-    """A PIL image as PNG bytes."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def thumbnail_html(img: Any) -> str:
-    """A PIL thumbnail as an inline ``<img>`` (base64 PNG), or a grey "no image" box."""
-    if img is None:
-        return '<div style="width:128px;height:96px;background:#ddd">no image</div>'
-    b64 = base64.b64encode(png_bytes(img)).decode("ascii")
-    return f'<img src="data:image/png;base64,{b64}" style="max-width:128px">'
+# --- samples ------------------------------------------------------------------------------------
 
 
 def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIMILARITY) -> str:
@@ -711,8 +656,6 @@ def _slim(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _release_arrow_memory() -> None:
-    import pyarrow as pa
-
     pa.default_memory_pool().release_unused()
 
 
@@ -727,9 +670,6 @@ def _read_rows(
 
     Reads only the row groups that hold them.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     with run.fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         meta = pf.metadata

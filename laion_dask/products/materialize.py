@@ -36,15 +36,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig, check_subset_name
+from laion_dask.ground.shards import ShardSample, read_shard_images, write_shard
 from laion_dask.orchestration.rundir import RunDir, fingerprint
+from laion_dask.orchestration.runner import get_client, run_tasks
+from laion_dask.products.neardup import join_part_near_duplicates
 from laion_dask.stages.embeddings import embedding_paths, write_embedding_arrays
 from laion_dask.stages.filters import (
     FINAL_REASON,
     add_final_reason,
     dump_thresholds,
+    group_codes,
     load_thresholds,
     subset_final_reasons,
 )
@@ -164,8 +169,6 @@ def _write_output(
     emb: tuple[np.ndarray, np.ndarray, pd.DataFrame] | None,
 ) -> dict[str, int]:
     """Write the ``kept`` rows of one partition to ``dest/{group}/``; kept rows per group."""
-    from laion_dask.ground.shards import ShardSample, write_shard
-
     kept_counts: dict[str, int] = {}
     for group in schema.LANGUAGE_GROUPS:
         sel = df[kept & groups.eq(group).to_numpy(dtype=bool)]
@@ -207,12 +210,12 @@ def _outcome(reason: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
 def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> dict:
     """One scored partition -> the base dataset and every subset (the scores, the shard and
     the embeddings are read once, whatever the number of subsets)."""
-    from laion_dask.ground.shards import read_shard_images
-    from laion_dask.products.knn import join_part_near_duplicates
-
     df = run.read_parquet(run.part_path("scores", part))
     df = add_final_reason(join_part_near_duplicates(run, part, df), cfg)
-    groups = df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang")
+    # the engine's groups: a missing or unknown one is nolang, as its similarity cut
+    groups = pd.Series(
+        np.asarray(schema.LANGUAGE_GROUPS)[group_codes(df[schema.LANGUAGE_GROUP])], index=df.index
+    )
     emb = _read_embeddings(run, part)
     cache: dict[str, dict[str, bytes]] = {}
 
@@ -275,8 +278,6 @@ def materialize(
     >>> report.kept["en"]                                      # doctest: +SKIP
     >>> report.subsets["research-safe"].dropped["unsafe"]      # doctest: +SKIP
     """
-    from laion_dask.orchestration.runner import get_client, run_tasks
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     if thresholds is None:
         cfg = run.read_config().filters
@@ -338,8 +339,6 @@ def read_dataset(run: RunDir | str, group: str = "en", subset: str | None = None
     ``subset`` names an output subset (``RUN/dataset/NAME``); None reads the base dataset. A name
     the last ``materialize`` did not write is a ``FileNotFoundError`` listing the ones it did.
     """
-    import pyarrow.parquet as pq
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     if group not in schema.LANGUAGE_GROUPS:
         raise ValueError(f"group must be one of {schema.LANGUAGE_GROUPS}, got {group!r}")
