@@ -144,12 +144,15 @@ def test_every_uri_field_is_read_without_brackets(tmp_path, reader):
         recs = list(iterate(io.BufferedReader(fh)))
     by_type = {r.warc_type: r for r in recs}
     resp, revisit = by_type["response"], by_type["revisit"]
-    assert resp.target_uri == PAGE_URL
-    if reader == "fastwarc":  # warcio does not keep the header map: the two it reads suffice
-        assert revisit.header("WARC-Refers-To-Target-URI") == PAGE_URL
-        assert revisit.header("warc-profile").startswith("http://netpreserve.org/")
-        assert revisit.header("WARC-Record-ID").startswith("urn:uuid:")
-        assert revisit.header("Content-Type").startswith("application/http")
+    assert resp.target_uri == resp.header("WARC-Target-URI") == PAGE_URL
+    assert revisit.header("WARC-Refers-To-Target-URI") == PAGE_URL
+    assert revisit.header("warc-profile") == (
+        "http://netpreserve.org/warc/1.0/revisit/identical-payload-digest"
+    )
+    assert revisit.header("WARC-Record-ID") == "urn:uuid:00000000-0000-4000-8000-000000000009"
+    assert revisit.header("WARC-Refers-To").startswith("urn:uuid:")
+    assert revisit.header("Content-Type") == "application/http; msgtype=response"  # not a URI
+    assert revisit.header("WARC-No-Such-Field") == ""
 
 
 def test_arc_record_without_its_newline_keeps_the_next(tmp_path):

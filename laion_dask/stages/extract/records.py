@@ -116,8 +116,11 @@ class Record:
         return self._uri
 
     def header(self, name: str) -> str:
-        """A WARC header field (``""`` when absent); URI fields without WARC 1.0's ``<>``."""
-        if self._headers is None:
+        """A WARC header field (``""`` when absent); URI fields without WARC 1.0's ``<>``.
+
+        Field names are case-insensitive (WARC 1.1 section 4), as both readers' maps are.
+        """
+        if self._headers is None:  # a record whose reader gave its two fields only (ARC)
             return {"warc-target-uri": self.target_uri, "content-type": self.content_type}.get(
                 name.lower(), ""
             )
@@ -270,7 +273,17 @@ def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
             h.get_header("Content-Type") or "",
             _int_or_none(h.get_header("Content-Length")),
             rec.raw_stream,
+            _WarcioHeaders(h),
         )
+
+
+class _WarcioHeaders:
+    """warcio's header block behind the ``get(name)`` that FastWARC's header map has."""
+
+    __slots__ = ("get",)
+
+    def __init__(self, headers: Any) -> None:
+        self.get = headers.get_header  # case-insensitive, None when absent
 
 
 class GunzipStream(io.RawIOBase):
