@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -24,6 +25,7 @@ from laion_dask.stages.clip import (
     score_partition,
 )
 from tests.helpers.clip import (
+    CAPTIONS,
     downloads_frame,
     jpeg,
     png_rgba,
@@ -88,20 +90,30 @@ def _direct(models: dict[str, str], images: list[bytes], texts: list[str]) -> np
     return (img * txt).sum(-1).numpy()
 
 
-def _direct_multilingual(models: dict[str, str], texts: list[str]) -> np.ndarray:
-    """The sentence-transformers recipe by hand: DistilBERT, mean pooling, Dense, L2."""
+def _direct_multilingual(
+    models: dict[str, str], texts: list[str], *, key: str = "multi", pooling: str = "mean"
+) -> np.ndarray:
+    """The sentence-transformers recipe by hand: DistilBERT, mean / CLS / max pooling, Dense
+    with its bias and activation as its config names them, L2."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    root = Path(models["multi"])
+    root = Path(models[key])
     model = AutoModel.from_pretrained(root).eval()
     tok = AutoTokenizer.from_pretrained(root)
-    w = load_file(str(root / "2_Dense" / "model.safetensors"))["linear.weight"]
+    dense = load_file(str(root / "2_Dense" / "model.safetensors"))
+    act = json.loads((root / "2_Dense" / "config.json").read_text())["activation_function"]
     with torch.no_grad():
         t = tok(texts, padding=True, return_tensors="pt")
         h = model(**t).last_hidden_state
         m = t["attention_mask"].unsqueeze(-1).float()
-        x = ((h * m).sum(1) / m.sum(1)) @ w.T
+        x = {
+            "mean": lambda: (h * m).sum(1) / m.sum(1),
+            "cls": lambda: h[:, 0],
+            "max": lambda: h.masked_fill(m == 0, -1e9).max(1).values,
+        }[pooling]()
+        x = x @ dense["linear.weight"].T + dense.get("linear.bias", 0.0)
+        x = {"Tanh": torch.tanh, "ReLU": torch.relu}.get(act.rsplit(".", 1)[-1], lambda v: v)(x)
     return (x / x.norm(dim=-1, keepdim=True)).numpy()
 
 
@@ -217,6 +229,73 @@ def test_multilingual_rows_use_the_multilingual_tower(models, cfg, data) -> None
         atol=1e-3,
     )
     assert res.frame.loc[res.frame.language_group.eq("en"), schema.SIMILARITY].notna().any()
+
+
+@pytest.mark.parametrize(("pooling", "activation"), [("cls", "tanh"), ("max", "relu")])
+def test_any_sentence_transformers_tower_loads(models, tmp_path, pooling, activation) -> None:
+    """Towers with other modules than LAION's (a biased Dense, Normalize; max pooling and ReLU,
+    which the hand-written reader this replaced refused) score as the recipe by hand says."""
+    tower = save_tiny_multilingual(
+        tmp_path / pooling, pooling=pooling, activation=activation, bias=True, normalize=True
+    )
+    enc = load_encoder(models["clip"], multilingual_text_model=str(tower), device="cpu")
+    texts = [t for t, _ in CAPTIONS]
+    got = enc.encode_texts(texts, ["multi"] * len(texts))
+    expected = _direct_multilingual({"t": str(tower)}, texts, key="t", pooling=pooling)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_missing_sentence_transformers_package_is_one_clear_error(models) -> None:
+    """Without the package the multilingual recipe fails before any work (pre-flight check)
+    and at load, naming the model and the package; the CLIP-only config still works."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["sentence_transformers"] = None  # as if not installed
+        from laion_dask.stages import clip
+        from laion_dask.ground.config import ClipConfig
+        cfg = ClipConfig(model={models["clip"]!r}, multilingual_text_model={models["multi"]!r})
+        for call in (
+            lambda: clip.check_model_available(cfg),
+            lambda: clip.encoder_from_config(cfg),
+        ):
+            try:
+                call()
+            except clip.ModelUnavailableError as exc:
+                print("ERROR:", exc)
+        clip.check_model_available(ClipConfig(model={models["clip"]!r}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
+    ).stdout
+    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 2, out
+    for line in errors:
+        assert models["multi"] in line and "pip install sentence-transformers" in line
+
+
+def test_torch_threads_come_from_the_config_then_the_caller(models, data) -> None:
+    """The stage never asks Dask: ``cfg.torch_threads`` wins, then the caller's ``threads``
+    (the orchestration passes its worker's), then the CPUs this process may use."""
+    import os
+
+    df, images = data
+    cfg = ClipConfig(model=models["clip"], device="cpu")
+    before = torch.get_num_threads()
+    try:
+        score_partition(df, cfg, images=images, threads=3)
+        assert torch.get_num_threads() == 3
+        score_partition(df, dataclasses.replace(cfg, torch_threads=2), images=images, threads=3)
+        assert torch.get_num_threads() == 2
+        score_partition(df, cfg, images=images)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_embeddings_unit_norm_and_aligned_with_keys(cfg, data) -> None:

@@ -26,7 +26,7 @@ import pytest
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import PipelineConfig
-from laion_dask.orchestration.pipeline import chunk_bounds, host_keys, run_download, run_extract
+from laion_dask.orchestration.pipeline import run_download, run_extract
 from laion_dask.orchestration.rundir import RunDir
 from tests.helpers.cluster import LOOPBACK_CLUSTER
 from tests.helpers.extract import make_wat, wat_payload
@@ -234,38 +234,6 @@ def test_the_plan_does_not_depend_on_the_cluster(process_client, tmp_path):
         assert {k: v for k, v in ma.items() if k not in strip} == {
             k: v for k, v in mb.items() if k not in strip
         }, i
-
-
-def test_every_host_lands_in_one_bucket_and_unfetched_rows_spread():
-    urls = [f"http://Host{h % 3}.example:80{h % 2}/a/{h}.jpg" for h in range(60)]
-    df = pd.DataFrame(
-        {
-            schema.UID: pd.array([f"u{i}" for i in range(60)], dtype="string"),
-            schema.URL: pd.array(urls, dtype="string"),
-            schema.DROP_REASON: pd.array([None] * 50 + ["text_too_short"] * 10, dtype="string"),
-        }
-    )
-    keys = host_keys(df)
-    kept = df[schema.DROP_REASON].isna().to_numpy()
-    # port and case do not split a host; hosts differ
-    host = df[schema.URL].str.lower().str.extract(r"//([^:/]+)", expand=False).to_numpy()
-    for h in set(host):
-        assert len(set(keys[kept & (host == h)])) == 1
-    assert len(set(keys[kept])) == 3
-    # rows never fetched are keyed by uid: one key each, not their host's
-    assert len(set(keys[~kept])) == 10 and not set(keys[~kept]) & set(keys[kept])
-    # and the keys are the same in another call (another process would agree: SipHash, fixed key)
-    assert (host_keys(df.iloc[::-1]) == keys[::-1]).all()
-
-
-@pytest.mark.parametrize(("rows", "per_task"), [(42, 10), (10, 3), (5, 5), (1, 4), (2000, 7)])
-def test_chunk_bounds_cover_a_bucket_evenly(rows, per_task):
-    bounds = chunk_bounds(rows, per_task)
-    assert bounds[0][0] == 0 and bounds[-1][1] == rows
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
-    sizes = [b - a for a, b in bounds]
-    assert min(sizes) >= 1 and max(sizes) <= per_task
-    assert len(bounds) == -(-rows // per_task)  # as few chunks as rows_per_task allows
 
 
 def test_per_host_interval_spaces_requests_across_the_cluster(process_client, tmp_path):

@@ -218,3 +218,43 @@ def test_scores_of_shards_a_smaller_plan_dropped_are_forgotten(host, tmp_path, c
     scores = pd.concat([run.read_parquet(p) for p in run.parts("scores")], ignore_index=True)
     # every downloaded row once (scores keep the rows they could not score, with a status)
     assert len(scores) == len(_downloads(run)) and scores[schema.UID].is_unique
+
+
+def test_scoring_tasks_get_torch_threads_from_their_worker(host, tmp_path, monkeypatch):
+    """The scoring stage never asks Dask how many threads it has: the orchestration tells it.
+    Each task of a 3-thread worker scores with ``threads=3``, and torch uses them."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    from laion_dask.orchestration import pipeline
+    from tests.helpers.clip import save_tiny_clip
+    from tests.helpers.cluster import LOOPBACK_CLUSTER
+
+    seen: list[tuple[int | None, int | None]] = []
+
+    def spy(*args, **kwargs):
+        out = pipeline.score_partition.__wrapped__(*args, **kwargs)
+        # torch's count is per calling thread: read it in the task's thread, where rows were scored
+        seen.append((kwargs.get("threads"), torch.get_num_threads() if out.keys else None))
+        return out
+
+    spy.__wrapped__ = pipeline.score_partition
+    monkeypatch.setattr(pipeline, "score_partition", spy)
+    run = RunDir(str(tmp_path / "run"))
+    cfg = _cfg().replace("clip", model=str(save_tiny_clip(tmp_path / "clip")), device="cpu")
+    before = torch.get_num_threads()
+    try:
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=3, **LOOPBACK_CLUSTER) as cluster,
+            Client(cluster) as c,
+        ):
+            pipeline.run_extract(run, cfg, _build_inputs(host, tmp_path, "t"), client=c)
+            pipeline.run_download(run, cfg, client=c)
+            report = pipeline.run_score(run, cfg, client=c)
+            assert c.submit(pipeline.worker_threads, pure=False).result() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert report.partitions == len(seen) > 1 and not report.failed
+    assert {threads for threads, _ in seen} == {3}
+    assert {used for _, used in seen} - {None} == {3}
+    assert pipeline.worker_threads() is None  # outside a worker task

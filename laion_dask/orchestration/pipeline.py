@@ -23,12 +23,35 @@ from typing import Any, NamedTuple
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as pds
+from distributed import get_worker
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import PipelineConfig
+from laion_dask.ground.shards import ShardSample, make_key, read_shard_images, write_shard
+from laion_dask.orchestration.cluster import scoring_resources
 from laion_dask.orchestration.rundir import ConfigChanged, RunDir, config_changes, fingerprint
 from laion_dask.orchestration.runner import StageError, get_client, run_tasks
-from laion_dask.stages.rules import DEDUP_COLUMNS
+from laion_dask.stages import planner
+from laion_dask.stages.clip import (
+    check_model_available,
+    encoder_from_config,
+    encoder_info,
+    score_partition,
+)
+from laion_dask.stages.consent import load_lists
+from laion_dask.stages.download import download_images, download_stats, is_transient
+from laion_dask.stages.embeddings import embedding_paths, write_embeddings
+from laion_dask.stages.extract import CHUNK_ROWS, extract_pairs, stream_file
+from laion_dask.stages.language import add_language
+from laion_dask.stages.rules import (
+    DEDUP_COLUMNS,
+    DUPLICATES_META,
+    add_drop_reason,
+    find_duplicates,
+    mark_duplicates,
+)
+from laion_dask.stages.sources import expand_inputs
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +64,6 @@ __all__ = [
     "run_download",
     "run_score",
     "check_config_changes",
-    "host_keys",
-    "chunk_bounds",
     "is_transient_failure",
 ]
 
@@ -77,9 +98,6 @@ class StageReport:
 
 def _tag_pairs(pairs: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
     """Extracted pairs -> candidates rows: language, then the rules' drop reasons."""
-    from laion_dask.stages.language import add_language
-    from laion_dask.stages.rules import add_drop_reason
-
     return add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
 
 
@@ -91,10 +109,6 @@ def candidates_graph(
     Nothing is written and nothing runs until ``.compute()``/``.to_parquet()``; use it in a
     notebook to look at a sample, and :func:`run_extract` for a checkpointed run.
     """
-    from laion_dask.stages.extract import extract_pairs
-    from laion_dask.stages.language import add_language
-    from laion_dask.stages.rules import add_drop_reason
-
     ddf = dd.from_map(
         extract_pairs, list(paths), cfg=cfg.extract, consent=cfg.consent, meta=schema.PAIRS
     )
@@ -107,8 +121,6 @@ def candidates_graph(
 
 
 def _duplicates(ddf: dd.DataFrame) -> dd.DataFrame:
-    from laion_dask.stages.rules import DUPLICATES_META, find_duplicates
-
     return (
         ddf[DEDUP_COLUMNS]
         .shuffle(on=schema.HASH)
@@ -117,8 +129,6 @@ def _duplicates(ddf: dd.DataFrame) -> dd.DataFrame:
 
 
 def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
-    from laion_dask.stages.rules import mark_duplicates
-
     return mark_duplicates(df, set(dups[schema.UID]))
 
 
@@ -157,12 +167,10 @@ def _stage_config(
         }
     if stage == "download":
         if lists_fingerprint is None:
-            from laion_dask.stages.consent import load_lists
-
             lists_fingerprint = load_lists(cfg.consent).fingerprint
         return _sections(run, cfg, "download", "consent") | {
             "consent_lists": lists_fingerprint,
-            "chunks": _CHUNKING,
+            "chunks": planner.CHUNKING,
         }
     if stage == "score":
         return _sections(run, cfg, "clip")
@@ -213,7 +221,6 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
     marker = run.done_marker("extract", index, fp)
     if marker is not None:
         return {**marker, "resumed": True}
-    from laion_dask.stages.extract import stream_file
 
     t0 = time.perf_counter()
     reasons: Counter[str] = Counter()
@@ -307,23 +314,17 @@ def _load_dedup_part(item: PartGroup, run: RunDir) -> pd.DataFrame:
 
 
 def _dups_with_part(df: pd.DataFrame) -> pd.DataFrame:
-    from laion_dask.stages.rules import find_duplicates
-
     dup = find_duplicates(df.drop(columns=["part"]))
     hit = df[schema.UID].isin(set(dup[schema.UID]))
     return df.loc[hit, [schema.UID, "part"]].reset_index(drop=True)
 
 
 def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> dict:
-    from laion_dask.stages.rules import mark_duplicates
-
     marker = run.done_marker("candidates", index, fp)
     if marker is not None:
         return {**marker, "resumed": True}
     dup_uids: set[str] = set()
     if dup_dir is not None:
-        import pyarrow.dataset as pds
-
         fs = run.fs
         if fs.exists(dup_dir) and fs.ls(dup_dir):
             table = pds.dataset(dup_dir, format="parquet", filesystem=fs).to_table(
@@ -364,8 +365,6 @@ def run_extract(
     own partition only (reported by name) unless ``cfg.strict``. A config that would change
     finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
     """
-    from laion_dask.stages.sources import expand_inputs
-
     client = get_client(client)
     t0 = time.perf_counter()
     paths = list(paths) if paths is not None else expand_inputs(cfg.input.paths, cfg.input)
@@ -459,143 +458,39 @@ def _load_dedup_part_meta() -> pd.DataFrame:
 _CONSENT_CACHE = "consent"
 
 
-#: how candidate rows are cut into download tasks (part of the download fingerprint)
-_CHUNKING = "host-bucket-v2"
-
 #: RUN/download_plan/<fingerprint>/: every candidate row, shuffled into host buckets
 _PLAN = "download_plan"
 
-_HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\[[^\]]*\]|[^/?#:]*)"
-
-#: helper columns of the plan shuffle, never written to a bucket file
-_PLAN_COLUMNS = ("_bucket", "_key", "_part", "_row")
-
-
-def host_keys(df: pd.DataFrame) -> np.ndarray:
-    """The ``uint64`` key that puts each candidate row into its download bucket.
-
-    A row that will be fetched (no ``drop_reason`` and a URL with a host) is keyed by a hash of
-    its URL's host (lower case, without user info, port or trailing dot), so every row of a
-    host has the same key whatever input file it came from. A row that is never fetched (a
-    ``drop_reason``, or no host to contact) is keyed by its ``uid`` instead: such rows cost no
-    request, and keying them by uid spreads them over the buckets rather than piling, say,
-    every ``data:`` URI of the crawl into one.
-
-    Parameters
-    ----------
-    df : pandas.DataFrame
-        Candidate rows (``url``, ``uid`` and ``drop_reason`` columns).
-
-    Returns
-    -------
-    numpy.ndarray
-        One ``uint64`` per row; stable across processes, runs and library versions of pandas
-        that keep ``pandas.util.hash_array`` (SipHash with a fixed key).
-    """
-    return _keys_and_fetched(df)[0]
-
-
-def _keys_and_fetched(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bucket keys, fetched mask, uid hashes) of candidate rows (see :func:`host_keys`)."""
-    urls = df[schema.URL].astype("string")
-    hosts = urls.str.extract(_HOST, expand=False).str.lower().str.rstrip(".").fillna("")
-    host_hash = pd.util.hash_array(hosts.to_numpy(dtype=object))
-    uid_hash = pd.util.hash_array(df[schema.UID].astype("string").to_numpy(dtype=object))
-    fetched = df[schema.DROP_REASON].isna().to_numpy(dtype=bool) & hosts.ne("").to_numpy(dtype=bool)
-    return np.where(fetched, host_hash, uid_hash), fetched, uid_hash
-
-
-def chunk_bounds(rows: int, rows_per_task: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]``: a bucket of ``rows`` rows cut into even chunks, none larger
-    than ``rows_per_task`` and none empty (each chunk is one shard).
-
-    Examples
-    --------
-    >>> chunk_bounds(42, 10)
-    [(0, 9), (9, 18), (18, 27), (27, 36), (36, 42)]
-    """
-    n = math.ceil(rows / rows_per_task)
-    size = math.ceil(rows / n) if n else 0
-    return [(c * size, min(rows, (c + 1) * size)) for c in range(n)]
-
-
-#: a host with more than this many x ``rows_per_task`` fetched rows is big: it gets buckets of
-#: its own, each about this size, chained in one task (so no bucket, shuffle partition or
-#: download chunk grows with the host)
-_BIG_HOST = 8
-
 
 def _host_counts(item: PartGroup, run: RunDir) -> pd.DataFrame:
-    """Fetched rows per host key in one candidates row group (the big-host count's input)."""
-    columns = [schema.UID, schema.URL, schema.DROP_REASON]
-    df = run.read_parquet_group(item.path, item.group, columns=columns)
-    keys, fetched, _ = _keys_and_fetched(df)
-    counts = pd.Series(keys[fetched]).value_counts()
-    return pd.DataFrame(
-        {"_key": counts.index.to_numpy(dtype="uint64"), "n": counts.to_numpy(dtype="int64")}
-    )
-
-
-_HOST_COUNTS_META = pd.DataFrame({"_key": pd.Series(dtype="uint64"), "n": pd.Series(dtype="int64")})
+    df = run.read_parquet_group(item.path, item.group, columns=planner.HOST_COLUMNS)
+    return planner.host_counts(df)
 
 
 def _big_hosts(
     run: RunDir, parts: list[int], rows_per_task: int, n_buckets: int, client: Any
 ) -> pd.DataFrame:
-    """Hosts with more than ``_BIG_HOST x rows_per_task`` fetched rows, each with its buckets.
+    """:func:`~laion_dask.stages.planner.big_host_buckets` of the whole run.
 
     Per-part counts are summed by a Dask groupby; only the big hosts (at most
-    ``rows / (_BIG_HOST x rows_per_task)`` of them) come back to the client. Returns
-    ``_key, n, first, k`` sorted by key: host ``_key`` owns buckets ``first .. first + k - 1``,
-    numbered after the ``n_buckets`` hashed ones.
+    ``rows / (BIG_HOST x rows_per_task)`` of them) come back to the client.
     """
     ddf = dd.from_map(
-        _host_counts, _part_groups(run, "candidates", parts), run=run, meta=_HOST_COUNTS_META
+        _host_counts,
+        _part_groups(run, "candidates", parts),
+        run=run,
+        meta=planner.HOST_COUNTS_META,
     )
     total = ddf.groupby("_key")["n"].sum(split_out=max(1, len(parts) // 16))
-    big = client.compute(total[total > _BIG_HOST * rows_per_task]).result()
-    big = big.sort_index()
-    k = np.ceil(big.to_numpy() / (_BIG_HOST * rows_per_task)).astype("int64")
-    first = (n_buckets + np.cumsum(k) - k).astype("int64")
-    return pd.DataFrame(
-        {
-            "_key": big.index.to_numpy(dtype="uint64"),
-            "n": big.to_numpy(dtype="int64"),
-            "first": first,
-            "k": k,
-        }
-    )
+    big = client.compute(total[total > planner.BIG_HOST * rows_per_task]).result()
+    return planner.big_host_buckets(big, rows_per_task, n_buckets)
 
 
 def _plan_part(item: PartGroup, run: RunDir, n_buckets: int, big_path: str | None) -> pd.DataFrame:
     """One candidates row group with its bucket, key and position (the plan shuffle's input)."""
     df = schema.conform(run.read_parquet_group(item.path, item.group), schema.CANDIDATES_DTYPES)
-    df = df[list(schema.CANDIDATES.columns)]
-    keys, fetched, uid_hash = _keys_and_fetched(df)
-    bucket = (keys % np.uint64(n_buckets)).astype("int64")
     big = run.read_parquet(big_path) if big_path is not None else None
-    if big is not None and len(big) and len(df):
-        big_keys = big["_key"].to_numpy(dtype="uint64")
-        pos = np.minimum(np.searchsorted(big_keys, keys), len(big_keys) - 1)
-        hit = fetched & (big_keys[pos] == keys)
-        # a big host's rows spread over its own buckets by uid: each about _BIG_HOST tasks' worth
-        first, k = big["first"].to_numpy()[pos[hit]], big["k"].to_numpy()[pos[hit]]
-        bucket[hit] = first + (uid_hash[hit] % k.astype("uint64")).astype("int64")
-    return df.assign(
-        _bucket=bucket,
-        _key=keys,
-        _part=np.full(len(df), item.index, dtype="int64"),
-        _row=np.arange(item.first_row, item.first_row + len(df), dtype="int64"),
-    )
-
-
-def _plan_part_meta() -> pd.DataFrame:
-    return schema.CANDIDATES.assign(
-        _bucket=pd.Series(dtype="int64"),
-        _key=pd.Series(dtype="uint64"),
-        _part=pd.Series(dtype="int64"),
-        _row=pd.Series(dtype="int64"),
-    )
+    return planner.assign_buckets(df, n_buckets, big, part=item.index, first_row=item.first_row)
 
 
 _BUCKET_COUNTS_META = pd.DataFrame(
@@ -610,25 +505,16 @@ def _bucket_path(folder: str, bucket: int) -> str:
 def _write_buckets(df: pd.DataFrame, run: RunDir, folder: str, rows_per_task: int) -> pd.DataFrame:
     """Write each bucket of one shuffled partition to its own file; return rows per bucket.
 
-    Rows are sorted by (host key, candidates part, row in part), so a bucket's content and order
-    depend only on the candidates, never on how the shuffle delivered them. Row groups are the
-    bucket's chunks, so a download task reads one chunk at a time even for a huge bucket.
+    Row groups are the bucket's chunks, so a download task reads one chunk at a time even for a
+    huge bucket.
     """
     buckets: list[int] = []
     counts: list[int] = []
-    columns = [c for c in df.columns if c not in _PLAN_COLUMNS]
-    df = df.sort_values(["_bucket", "_key", "_part", "_row"], kind="stable")
-    bucket = df["_bucket"].to_numpy()
-    frame = schema.conform(df[columns].reset_index(drop=True), schema.CANDIDATES_DTYPES)
-    # a shuffle partition may be empty (more partitions than buckets hashed into them)
-    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]]) if len(bucket) else bucket
-    stops = np.r_[starts[1:], len(bucket)] if len(bucket) else bucket
-    for start, stop in zip(starts, stops, strict=True):
-        size = chunk_bounds(int(stop - start), rows_per_task)[0][1]
-        path = _bucket_path(folder, int(bucket[start]))
-        run.write_parquet_atomic(path, frame.iloc[start:stop], row_group_rows=size)
-        buckets.append(int(bucket[start]))
-        counts.append(int(stop - start))
+    for bucket, frame in planner.split_buckets(df):
+        size = planner.chunk_bounds(len(frame), rows_per_task)[0][1]
+        run.write_parquet_atomic(_bucket_path(folder, bucket), frame, row_group_rows=size)
+        buckets.append(bucket)
+        counts.append(len(frame))
     return pd.DataFrame(
         {"bucket": np.array(buckets, dtype="int64"), "rows": np.array(counts, dtype="int64")}
     )
@@ -639,13 +525,8 @@ def _download_plan(
 ) -> dict[str, Any]:
     """Shuffle every candidate row into host buckets, once per candidates + ``rows_per_task``.
 
-    ``n_buckets = ceil(candidate rows / rows_per_task)``; a row goes to bucket
-    ``host_keys(row) % n_buckets``, so all rows of a host, from every input file, share one
-    bucket. A big host (more than ``_BIG_HOST x rows_per_task`` fetched rows) instead gets
-    buckets of its own, numbered after those, its rows spread over them by uid; they form one
-    *chain*, downloaded by one task bucket after bucket. Every other bucket is a chain of one.
-
-    The shuffle is Dask's (disk-backed P2P on a distributed cluster): tasks write
+    The buckets, big hosts and chains are :mod:`laion_dask.stages.planner`'s. The shuffle is
+    Dask's (disk-backed P2P on a distributed cluster): tasks write
     ``RUN/download_plan/<fp>/bucket-NNNNN.parquet`` and only per-bucket row counts and the big
     hosts come back to the client. ``_plan.json`` is written last: a plan without it (a killed
     run) is redone. Nothing in the plan depends on the number of workers.
@@ -654,7 +535,10 @@ def _download_plan(
     total = sum(int(m["rows"]) for m in cand.values())
     parts = sorted(cand)
     plan_fp = fingerprint(
-        _CHUNKING, _BIG_HOST, rows, [(i, cand[i]["fingerprint"], cand[i]["rows"]) for i in parts]
+        planner.CHUNKING,
+        planner.BIG_HOST,
+        rows,
+        [(i, cand[i]["fingerprint"], cand[i]["rows"]) for i in parts],
     )
     folder = run.join(_PLAN, plan_fp)
     info_path = f"{folder}/_plan.json"
@@ -664,7 +548,7 @@ def _download_plan(
     if fs.exists(folder):  # left by a run killed while planning: never mix its files in
         fs.rm(folder, recursive=True)
     fs.makedirs(folder, exist_ok=True)
-    n_buckets = max(1, math.ceil(total / rows))
+    n_buckets = planner.bucket_count(total, rows)
     buckets: list[list[int]] = []
     chains: list[list[int]] = []
     if total:
@@ -679,11 +563,9 @@ def _download_plan(
             run=run,
             n_buckets=n_buckets,
             big_path=big_path,
-            meta=_plan_part_meta(),
+            meta=planner.PLAN_META,
         )
         # output partitions of about one extraction chunk each (never one input file's rows)
-        from laion_dask.stages.extract import CHUNK_ROWS
-
         npartitions = max(
             1, min(n_buckets + int(big["k"].sum()), max(len(parts), math.ceil(total / CHUNK_ROWS)))
         )
@@ -692,19 +574,14 @@ def _download_plan(
         )
         got = client.compute(counts).result()
         buckets = sorted([int(b), int(n)] for b, n in zip(got["bucket"], got["rows"], strict=True))
-        present = {b for b, _ in buckets}
-        chains = [[b] for b, _ in buckets if b < n_buckets]
-        for first, k in zip(big["first"], big["k"], strict=True):
-            chain = [b for b in range(int(first), int(first + k)) if b in present]
-            if chain:
-                chains.append(chain)
+        chains = planner.chains((b for b, _ in buckets), n_buckets, big)
     if sum(n for _, n in buckets) != total:
         raise StageError(
             f"download plan holds {sum(n for _, n in buckets)} rows, candidates {total}"
         )
     info = {
         "fingerprint": plan_fp,
-        "chunking": _CHUNKING,
+        "chunking": planner.CHUNKING,
         "rows_per_task": rows,
         "n_buckets": n_buckets,
         "rows": total,
@@ -750,10 +627,8 @@ def _download_bucket(
     bucket see at most ``per_host_concurrency`` requests from the whole cluster. Each chunk has
     its own marker: a task killed halfway resumes at its first unfinished chunk.
     """
-    from laion_dask.stages.download import download_images
-
     path = _bucket_path(folder, bucket)
-    bounds = chunk_bounds(n_rows, cfg.download.rows_per_task)
+    bounds = planner.chunk_bounds(n_rows, cfg.download.rows_per_task)
     if len(bounds) != len(shards):
         raise StageError(f"{path}: {len(bounds)} chunks planned, {len(shards)} shards given")
     out: list[dict] = []
@@ -788,9 +663,6 @@ def _write_download_part(
     run: RunDir, shard_id: int, out: pd.DataFrame, fp: str, seconds: float, extra: dict
 ) -> dict:
     """Write the shard (successes only) and the downloads part (every row, no image bytes)."""
-    from laion_dask.ground.shards import ShardSample, make_key, write_shard
-    from laion_dask.stages.download import download_stats
-
     keys = pd.array([make_key(shard_id, i) for i in range(len(out))], dtype="string")
     shard_name = f"{shard_id:05d}.tar"
     out = out.assign(
@@ -831,8 +703,6 @@ def _write_download_part(
 
 def is_transient_failure(df: pd.DataFrame) -> pd.Series:
     """Rows whose download failure may succeed later (429, 5xx, timeouts, dropped connections)."""
-    from laion_dask.stages.download import is_transient
-
     flags = [
         is_transient(None if pd.isna(s) else str(s), None if pd.isna(m) else str(m))
         for s, m in zip(df[schema.STATUS], df[schema.ERROR_MESSAGE], strict=True)
@@ -849,9 +719,6 @@ def _host_cache(run: RunDir, chain: int | None) -> str:
 
 def _retry_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
     """Re-fetch the transient failures of one finished part and merge them in place."""
-    from laion_dask.ground.shards import read_shard_images
-    from laion_dask.stages.download import download_images
-
     marker = run.done_marker("downloads", shard_id)
     old = run.read_parquet(run.part_path("downloads", shard_id))
     retry = is_transient_failure(old).to_numpy(dtype=bool)
@@ -891,8 +758,9 @@ def run_download(
     """Download the kept candidates: ``RUN/images/NNNNN.tar`` shards + ``RUN/downloads/`` parquet.
 
     Every candidate row, from every input file, is first shuffled into a host bucket
-    (:func:`host_keys`, ``RUN/download_plan/``), so all rows of a host share one bucket, or, for
-    a host with more than 8 x ``rows_per_task`` rows, a chain of buckets of its own. One task
+    (:mod:`laion_dask.stages.planner`, ``RUN/download_plan/``), so all rows of a host share one
+    bucket, or, for a host with more than 8 x ``rows_per_task`` rows, a chain of buckets of its
+    own. One task
     per chain downloads it in chunks of at most ``download.rows_per_task`` rows, one chunk after
     the other, each chunk writing one shard; a host is therefore fetched by one task at a time
     in the whole cluster and ``download.per_host_concurrency`` bounds what the cluster sends it.
@@ -910,8 +778,6 @@ def run_download(
     Temporary files left by tasks of an earlier, killed attempt are removed first
     (:meth:`RunDir.remove_tmp_files`).
     """
-    from laion_dask.stages.consent import load_lists
-
     lists = load_lists(cfg.consent)
     client = get_client(client)
     t0 = time.perf_counter()
@@ -925,22 +791,18 @@ def run_download(
     _remove_tmp(run, "download", ("downloads", "images", _CONSENT_CACHE, _PLAN))
     plan = _download_plan(run, cfg, cand, client)
     planned: list[tuple[int, int, tuple[str, Callable[..., Any], tuple]]] = []
-    n_rows = dict(plan["buckets"])
-    shard_id = 0
-    for chain in plan["chains"]:
+    layout = planner.shard_ids(dict(plan["buckets"]), plan["chains"], rows)
+    for chain in layout:
         work = []
-        for bucket in chain:
-            n_chunks = len(chunk_bounds(n_rows[bucket], rows))
-            shards = [
-                (shard_id + c, fingerprint(plan["fingerprint"], bucket, c, stage_cfg))
-                for c in range(n_chunks)
-            ]
-            work.append((bucket, n_rows[bucket], shards))
-            shard_id += n_chunks
+        for bucket, n, ids in chain:
+            fps = [fingerprint(plan["fingerprint"], bucket, c, stage_cfg) for c in range(len(ids))]
+            work.append((bucket, n, list(zip(ids, fps, strict=True))))
+        first = chain[0][0]
         args = (work, plan["folder"], run, cfg, retry_failed)
-        size = sum(n_rows[b] for b in chain)
-        planned.append((size, chain[0], (f"bucket-{chain[0]:05d}", _download_chain_task, args)))
-    _forget_shards_from(run, shard_id)
+        size = sum(n for _, n, _ in chain)
+        planned.append((size, first, (f"bucket-{first:05d}", _download_chain_task, args)))
+    n_shards = sum(len(ids) for chain in layout for _, _, ids in chain)
+    _forget_shards_from(run, n_shards)
     # longest first: a big host's chain bounds the stage's wall time, so it starts at once
     planned.sort(key=lambda p: (-p[0], p[1]))
     results, failures = run_tasks(
@@ -951,7 +813,7 @@ def run_download(
         show_progress=show_progress,
     )
     chunks = [r for bucket_results in results for r in bucket_results]
-    return _stage_report("download", shard_id, chunks, failures, "status", t0)
+    return _stage_report("download", n_shards, chunks, failures, "status", t0)
 
 
 def _forget_shards_from(run: RunDir, first: int) -> None:
@@ -989,12 +851,10 @@ def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
     marker = run.done_marker("scores", shard_id, fp)
     if marker is not None:
         return {**marker, "resumed": True}
-    from laion_dask.stages.clip import score_partition
-    from laion_dask.stages.embeddings import write_embeddings
 
     t0 = time.perf_counter()
     df = run.read_parquet(run.part_path("downloads", shard_id))
-    result = score_partition(df, cfg.clip, image_root=run.join("images"))
+    result = score_partition(df, cfg.clip, image_root=run.join("images"), threads=worker_threads())
     frame = result.frame
     run.write_parquet_atomic(run.part_path("scores", shard_id), frame)
     if cfg.clip.write_embeddings:
@@ -1012,9 +872,16 @@ def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
     return {**info, "resumed": False}
 
 
-def _clip_facts(cfg: Any) -> dict[str, Any]:
-    from laion_dask.stages.clip import encoder_from_config, encoder_info
+def worker_threads() -> int | None:
+    """Threads of the Dask worker running the calling task (None outside a worker): what a CPU
+    scoring task gives torch, so the worker's concurrent tasks share its cores."""
+    try:
+        return int(get_worker().state.nthreads)
+    except ValueError:  # not in a worker task (a local scheduler, a notebook)
+        return None
 
+
+def _clip_facts(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in encoder_info(encoder_from_config(cfg)).items() if v is not None}
 
 
@@ -1032,9 +899,6 @@ def run_score(
     stages never queue behind GPUs. A config that would change finished partitions raises
     :class:`ConfigChanged` naming the keys, unless ``force``.
     """
-    from laion_dask.orchestration.cluster import scoring_resources
-    from laion_dask.stages.clip import check_model_available
-
     client = get_client(client)
     check_model_available(cfg.clip)  # one clear error before any work
     stage_cfg = _stage_config(run, cfg, "score")
@@ -1074,8 +938,6 @@ def _forget_stale_scores(run: RunDir, keep: set[int]) -> None:
     shards beyond it; their scores would otherwise stay in RUN/scores and reach materialize,
     explore and the report as rows nobody downloaded in this run.
     """
-    from laion_dask.stages.embeddings import embedding_paths
-
     fs = run.fs
     for index in set(run.marker_indices("scores")) - keep:
         paths = [run.marker_path("scores", index), run.part_path("scores", index)]

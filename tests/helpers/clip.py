@@ -106,8 +106,26 @@ WORDS = (
 ).split()
 
 
-def save_tiny_multilingual(out: Path, *, out_features: int = 16, seed: int = 1) -> Path:
-    """DistilBERT + mean pooling + Dense(hidden -> out_features, no bias) in ST layout."""
+#: sentence-transformers' class names for Dense activations, as its config files spell them
+ST_ACTIVATIONS = {
+    "identity": "torch.nn.modules.linear.Identity",
+    "tanh": "torch.nn.modules.activation.Tanh",
+    "relu": "torch.nn.modules.activation.ReLU",
+}
+
+
+def save_tiny_multilingual(
+    out: Path,
+    *,
+    out_features: int = 16,
+    seed: int = 1,
+    pooling: str = "mean",
+    activation: str = "identity",
+    bias: bool = False,
+    normalize: bool = False,
+) -> Path:
+    """DistilBERT + mean / CLS / max pooling + Dense(hidden -> out_features) (+ Normalize) in
+    the folder layout of ``clip-ViT-B-32-multilingual-v1`` (the defaults are its modules)."""
     import torch
     from safetensors.torch import save_file
     from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
@@ -135,6 +153,16 @@ def save_tiny_multilingual(out: Path, *, out_features: int = 16, seed: int = 1) 
         },
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
     ]
+    if normalize:
+        modules.append(
+            {
+                "idx": 3,
+                "name": "3",
+                "path": "3_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (out / "3_Normalize").mkdir(exist_ok=True)
     (out / "modules.json").write_text(json.dumps(modules))
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
     (out / "1_Pooling").mkdir(exist_ok=True)
@@ -142,9 +170,9 @@ def save_tiny_multilingual(out: Path, *, out_features: int = 16, seed: int = 1) 
         json.dumps(
             {
                 "word_embedding_dimension": hidden,
-                "pooling_mode_cls_token": False,
-                "pooling_mode_mean_tokens": True,
-                "pooling_mode_max_tokens": False,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": pooling == "max",
             }
         )
     )
@@ -154,13 +182,15 @@ def save_tiny_multilingual(out: Path, *, out_features: int = 16, seed: int = 1) 
             {
                 "in_features": hidden,
                 "out_features": out_features,
-                "bias": False,
-                "activation_function": "torch.nn.modules.linear.Identity",
+                "bias": bias,
+                "activation_function": ST_ACTIVATIONS[activation],
             }
         )
     )
-    weight = torch.randn(out_features, hidden) / hidden**0.5
-    save_file({"linear.weight": weight.contiguous()}, str(out / "2_Dense" / "model.safetensors"))
+    dense = {"linear.weight": (torch.randn(out_features, hidden) / hidden**0.5).contiguous()}
+    if bias:
+        dense["linear.bias"] = torch.randn(out_features) / 10
+    save_file(dense, str(out / "2_Dense" / "model.safetensors"))
     return out
 
 
