@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,3 +140,16 @@ def test_a_missing_consent_list_stops_the_run_before_any_work(corpus, tmp_path, 
     err = capsys.readouterr().err
     assert "consent.url_blocklists" in err and "no-such-list.txt" in err
     assert not (out / "extract").exists()
+
+
+def test_docs_cli_md_is_the_help_of_every_command():
+    """docs/cli.md is generated from --help: a flag added without regenerating it fails here."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", root / "scripts/gen_cli_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    page = gen.render()
+    for name in gen.commands():  # every subcommand, its usage line included
+        assert f"## laion-dask {name}\n" in page and f"usage: laion-dask {name}" in page, name
+    current = (root / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert current == page, "docs/cli.md is out of date: run python scripts/gen_cli_docs.py"

@@ -788,16 +788,18 @@ def _guarded(call: Callable[[], int | None], verbose: int) -> int:
     try:
         return int(call() or 0)
     except (UsageError, ConfigError, FileNotFoundError, NotADirectoryError) as err:
-        code, text = 2, str(err)
+        error, code, text = err, 2, str(err)
     except StageError as err:
-        code, text = 1, f"{err} (without --strict a failed partition is counted, the run goes on)"
+        error, code = err, 1
+        text = f"{err} (without --strict a failed partition is counted, the run goes on)"
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not 60
-        code, text = 1, f"unexpected {type(err).__name__}: {err} (run with -v for the traceback)"
+        error, code = err, 1
+        text = f"unexpected {type(err).__name__}: {err} (run with -v for the traceback)"
     if verbose:
-        traceback.print_exc()
+        traceback.print_exception(error)
     first, *_ = text.strip().splitlines() or [""]
     print(f"{PROG}: {first}", file=sys.stderr)
     return code

@@ -225,7 +225,10 @@ def _command() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``laion-dask demo [--out demo-run] [--pages N] [--seed S] [--workers N]``."""
-    p = argparse.ArgumentParser(prog="laion-dask demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="laion-dask demo",
+        description="The whole pipeline offline, on a generated crawl and a committed small CLIP.",
+    )
     p.add_argument("--out", default="demo-run", help="run directory (default: demo-run)")
     p.add_argument("--pages", type=int, default=CorpusSpec.n_pages, help="pages in the crawl")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
