@@ -126,3 +126,70 @@ def test_child_processes_start_non_daemonic_local_workers():
     with cluster.cluster_client(cfg) as client:  # the default: daemonic, as distributed has it
         with pytest.raises(AssertionError, match="daemonic"):
             client.submit(_child_pid, pure=False).result()
+
+
+def test_a_cluster_without_dashboard_leaves_port_8787_alone(recwarn) -> None:
+    """--no-dashboard: the scheduler's /health server takes a free port, so a cluster already on
+    8787 (a user's other run) does not make distributed print a port-in-use warning."""
+    import socket
+
+    with socket.socket() as busy:
+        try:
+            busy.bind(("127.0.0.1", 8787))
+            busy.listen()
+        except OSError:
+            pass  # someone holds 8787 already: the same situation
+        with cluster.cluster_client(ClusterConfig(**CPU)) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+    assert not [w for w in recwarn if "already in use" in str(w.message)]
+
+
+def test_line_progress_writes_whole_lines_with_a_heartbeat() -> None:
+    import io
+    import time
+
+    from laion_dask.orchestration.runner import LineProgress
+
+    out = io.StringIO()
+    progress = LineProgress("download", 40, interval=0.02, stream=out)
+    progress.start()
+    progress.update(12, failed=1)
+    deadline = time.monotonic() + 30
+    while "download: 12/40" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the heartbeat thread's own pace; no timing is asserted
+    progress.update(40, failed=1)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0] == "download: started, 40 partitions"
+    assert any(line.startswith("download: 12/40 partitions (1 failed), ") for line in lines)
+    assert lines[-1].startswith("download: finished 40/40 partitions, 1 failed in ")
+    with pytest.raises(ValueError, match="LAION_DASK_PROGRESS_INTERVAL"):
+        LineProgress("x", 1, interval=0)
+
+
+def test_run_tasks_shows_lines_when_stdout_is_not_a_terminal(capsys) -> None:
+    from laion_dask.orchestration.runner import run_tasks
+
+    with cluster.cluster_client(ClusterConfig(**CPU)) as client:
+        tasks = [(f"{i:05d}", pow, (i, 2)) for i in range(5)]
+        results, failures = run_tasks(client, "square", tasks, strict=False, show_progress=True)
+    assert sorted(results) == [0, 1, 4, 9, 16] and failures == {}
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert lines[0] == "square: started, 5 partitions"
+    assert lines[-1].startswith("square: finished 5/5 partitions in ")
+
+
+def test_quiet_dask_logging_keeps_distributed_at_warning_or_above() -> None:
+    import logging
+
+    cluster.quiet_dask_logging(logging.INFO)
+    assert logging.getLogger("distributed").level == logging.WARNING
+    assert logging.getLogger("distributed.shuffle").level == logging.ERROR
+    cluster.quiet_dask_logging(logging.DEBUG)
+    assert logging.getLogger("distributed").level == logging.WARNING
+    cluster.quiet_dask_logging(logging.ERROR)
+    assert logging.getLogger("distributed").level == logging.ERROR
+    cluster.quiet_dask_logging(logging.WARNING)

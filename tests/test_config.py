@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -135,3 +136,109 @@ def test_index_section_is_read_validated_and_round_trips(tmp_path):
     path.write_text("[index]\ntarget_recall = 1.5\n")
     with pytest.raises(ConfigError, match=r"index\.target_recall"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4GB", 4_000_000_000),
+        ("4 gb", 4_000_000_000),
+        ("1.5GiB", 1_610_612_736),
+        ("512MiB", 512 * 2**20),
+        ("10kB", 10_000),
+        ("1e9", 1_000_000_000),
+        ("2.5e3 KB", 2_500_000),
+        ("123", 123),
+        ("100 B", 100),
+        (".5 KiB", 512),
+        ("4.35KB", 4350),  # no float truncation to 4349
+    ],
+)
+def test_parse_bytes_reads_si_and_binary_units(text, expected):
+    from laion_dask.ground.config import parse_bytes
+
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "4XB", "4 G B", "1,000", "0x10"])
+def test_parse_bytes_refuses_what_is_not_a_size(text):
+    from laion_dask.ground.config import parse_bytes
+
+    with pytest.raises(ValueError, match="byte size"):
+        parse_bytes(text)
+
+
+def test_ground_config_does_not_import_dask():
+    """ground sits under orchestration: its byte sizes are parsed without Dask."""
+    import ast
+    import inspect
+
+    from laion_dask.ground import config
+
+    tree = ast.parse(inspect.getsource(config))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.split(".")[0] in ("dask", "distributed")}
+    cfg = load_config_text('[index]\nmemory_budget = "1.5GiB"\n')
+    assert cfg.index.budget_bytes == 1_610_612_736
+
+
+def load_config_text(text: str) -> PipelineConfig:
+    import tomllib
+
+    return config_from_dict(tomllib.loads(text))
+
+
+def test_a_runs_own_config_toml_is_accepted_as_a_config(tmp_path):
+    """RUN/config.toml carries a [run] table of facts (resolved model revision ...): reading it
+    back as a config skips that table instead of refusing an 'unknown section'."""
+    from laion_dask.orchestration.rundir import RunDir
+
+    cfg = PipelineConfig().replace("input", paths=("a.warc.gz",)).replace("download", retries=4)
+    run = RunDir(str(tmp_path / "run"))
+    run.write_config(cfg, extra={"clip_resolved": {"revision": "abc", "device": "cpu"}})
+    assert "[run.clip_resolved]" in open(run.config_path).read()
+    assert load_config(run.config_path) == cfg
+    with pytest.raises(ConfigError, match="^run: must be a table"):
+        config_from_dict({"run": 3})
+
+
+def test_negative_similarity_thresholds_are_warned_about():
+    from laion_dask.ground.config import config_warnings
+
+    assert config_warnings(PipelineConfig()) == []
+    assert config_warnings(FilterConfig(similarity_en=-1, similarity_multi=-1)) == []
+    (line,) = config_warnings(FilterConfig(similarity_en=-0.3))
+    assert line.startswith("filters.similarity_en = -0.3 keeps every scored row")
+    assert "did you mean 0.3?" in line
+    cfg = PipelineConfig().replace("filters", similarity_multi=-0.05, similarity_nolang=-0.2)
+    assert [w.split(" ")[0] for w in config_warnings(cfg)] == [
+        "filters.similarity_multi",
+        "filters.similarity_nolang",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "sets no threshold"),
+        ({"filters": {}}, "sets no threshold"),
+        ({"download": {"retries": 1}}, "no [filters] table, and download is not a threshold"),
+        ({"similarity_en": 0.3, "filters": {"max_punsafe": 0.5}}, "outside the [filters] table"),
+        ({"filters": {"similarity": 0.3}}, "filters.similarity: unknown key"),
+        ({"filters": 0.3}, "filters must be a table"),
+    ],
+)
+def test_a_thresholds_file_that_cannot_be_meant_is_refused(data, message):
+    from laion_dask.ground.config import filters_table
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        filters_table(data, where="t.toml")
+
+
+def test_thresholds_tables_that_are_meant_are_read():
+    from laion_dask.ground.config import filters_table
+
+    assert filters_table({"similarity_en": 0.3}) == {"similarity_en": 0.3}
+    whole = {"filters": {"similarity_en": 0.2}, "download": {"retries": 1}, "run": {}}
+    assert filters_table(whole) == {"similarity_en": 0.2}  # a whole config.toml is fine
