@@ -14,9 +14,19 @@ High-cardinality counters (domains) are Misra-Gries heavy-hitter summaries
 counters; every stored count is a lower bound of the true count and at most ``error`` below it
 (``error <= n / (capacity + 1)``), and every name missing from the summary has a true count of at
 most ``error``. ``error == 0`` (fewer distinct names than ``capacity`` in every merge) means every
-count is exact. Distinct counts are k-minimum-values sketches (:func:`distinct_sketch`): exact
-(up to 64-bit hash collisions) below ``k`` distinct names, else an estimate with a relative
-standard error of about ``1 / sqrt(k - 2)``.
+count is exact. Distinct counts are Apache DataSketches theta sketches (:func:`distinct_sketch`).
+
+Why Misra-Gries is ours and not DataSketches' ``frequent_strings_sketch`` (measured by
+``benchmarks/bench_sketches.py``: 10M Zipf(1.1) rows over 1M names in 50 parts, figures in
+``benchmarks/results/sketches.json``): a partition arrives here as exact per-name counts, which
+ours prunes in one numpy pass (0.65 s for all parts and merges) while DataSketches needs one
+Python ``update`` call per name (1.8 s); and with 4,096 counters our guaranteed bound is 199 rows
+where DataSketches' is 1,593 with a 4,096-entry map (675 with 8,192). Its point estimates of the
+top 100 were exact where ours are up to 199 low; the report shows ours as lower bounds with their
+bound. The distinct counts are theta because it matched our former k-minimum-values sketch
+(1.4 % error at k = 4,096, as HLL at lg 12) in half its time (2.1 s against 4.4 s, measured
+before the switch). Quantiles come from fixed-bin histograms, not KLL: the report draws the
+histograms themselves, and their quantiles were within 0.005 % in rank (KLL k = 200: 0.76 %).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import datasketches as ds
 import numpy as np
 
 __all__ = [
@@ -52,7 +63,7 @@ BLOCK = 8192
 _SAMPLE_KEY = "samples"
 #: the ``sketch`` field of a heavy-hitter / distinct-count summary
 MISRA_GRIES = "misra_gries"
-KMV = "kmv"
+THETA = "theta"
 
 
 @dataclass(frozen=True)
@@ -388,39 +399,48 @@ def _merge_heavy(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _hashes(labels: Sequence[str]) -> np.ndarray:
-    """Stable 64-bit hashes of ``labels`` (pandas' SipHash with its fixed key: the same in every
-    process and run)."""
-    import pandas as pd
+def distinct_sketch(labels: Iterable[str], k: int) -> dict[str, Any]:
+    """A distinct-count sketch of ``labels``: Apache DataSketches' theta sketch with ``k``
+    (a power of two) nominal entries, trimmed to ``k`` as a union does, so that a merge of any
+    split equals one pass (the ``k`` smallest hashes of all the labels: a KMV sketch).
 
-    if not len(labels):
-        return np.zeros(0, dtype=np.uint64)
-    return pd.util.hash_array(np.asarray(list(labels), dtype=object), categorize=False)
-
-
-def distinct_sketch(labels: Sequence[str], k: int) -> dict[str, Any]:
-    """A k-minimum-values sketch of the distinct ``labels``: the ``k`` smallest 64-bit hashes.
-
-    Returns ``{"sketch": "kmv", "k", "hashes": [int, ...] (ascending)}``; merged by
-    :func:`merge`, read by :func:`distinct_estimate`.
+    Returns ``{"sketch": "theta", "k", "theta": bytes}`` (the compact serialisation: pickles
+    across Dask tasks); merged by :func:`merge`, read by :func:`distinct_estimate`.
     """
-    h = np.unique(_hashes(labels))[:k]
-    return {"sketch": KMV, "k": int(k), "hashes": h.tolist()}
+    lg_k = _lg_k(k)
+    one = ds.update_theta_sketch(lg_k)
+    for label in labels:
+        one.update(label)
+    union = ds.theta_union(lg_k)
+    union.update(one)
+    return _theta(k, union)
 
 
-def _merge_kmv(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+def _lg_k(k: int) -> int:
+    lg_k = int(k).bit_length() - 1
+    if k < 16 or 1 << lg_k != k:
+        raise ValueError(f"distinct-count k must be a power of two >= 16, got {k}")
+    return lg_k
+
+
+def _theta(k: int, union: Any) -> dict[str, Any]:
+    return {"sketch": THETA, "k": int(k), "theta": union.get_result().serialize()}
+
+
+def _merge_theta(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     k = min(int(a["k"]), int(b["k"]))
-    h = np.union1d(np.asarray(a["hashes"], dtype=np.uint64), np.asarray(b["hashes"], np.uint64))
-    return {"sketch": KMV, "k": k, "hashes": h[:k].tolist()}
+    union = ds.theta_union(_lg_k(k))
+    for s in (a, b):
+        union.update(ds.compact_theta_sketch.deserialize(s["theta"]))
+    return _theta(k, union)
 
 
 def distinct_estimate(sketch: Mapping[str, Any]) -> tuple[int, bool]:
-    """``(count, exact)`` of a :func:`distinct_sketch`: the number of hashes when fewer than
-    ``k`` (exact), else ``(k - 1) / (k-th smallest hash / 2**64)`` (unbiased estimate)."""
-    h, k = sketch["hashes"], int(sketch["k"])
-    if len(h) < k:
-        return len(h), True
-    return int(round((k - 1) / ((float(h[k - 1]) + 1.0) / 2.0**64))), False
+    """``(count, exact)`` of a :func:`distinct_sketch`: exact (up to 64-bit hash collisions)
+    while at most ``k`` distinct labels were seen, else an estimate with a relative standard
+    error of about ``1 / sqrt(k)``."""
+    theta = ds.compact_theta_sketch.deserialize(sketch["theta"])
+    return int(round(theta.get_estimate())), not theta.is_estimation_mode()
 
 
 # --- merging --------------------------------------------------------------------------------------
@@ -440,8 +460,8 @@ def _merge_value(key: str | None, a: Any, b: Any, k: int) -> Any:
         if kind is not None and kind == b.get("sketch"):
             if kind == MISRA_GRIES:
                 return _merge_heavy(a, b)
-            if kind == KMV:
-                return _merge_kmv(a, b)
+            if kind == THETA:
+                return _merge_theta(a, b)
         return {
             kk: _merge_value(kk if key != _SAMPLE_KEY else _SAMPLE_KEY, a.get(kk), b.get(kk), k)
             for kk in {**a, **b}
