@@ -301,7 +301,7 @@ class GunzipStream(io.RawIOBase):
         super().__init__()
         self._raw, self._chunk = raw, chunk
         self._d = zlib.decompressobj(31)
-        self._buf = b""
+        self._buf = memoryview(b"")  # decompressed bytes not yet read
         self._done = False
         self._pos = 0
         self.cut = False
@@ -328,7 +328,7 @@ class GunzipStream(io.RawIOBase):
             self._fill()
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
+        self._buf = self._buf[n:]  # a view: no copy of the rest
         self._pos += n
         return n
 
@@ -353,7 +353,7 @@ class GunzipStream(io.RawIOBase):
                 self.cut = True  # the file ends inside a member
                 return
         # bounded output per call: a small member may inflate to many MB
-        self._buf = d.decompress(data, 1 << 20)
+        self._buf = memoryview(d.decompress(data, 1 << 20))
 
 
 class _BoundedReader:
