@@ -17,6 +17,7 @@ import pytest
 from laion_dask.ground import schema
 from laion_dask.ground.config import ExtractConfig
 from laion_dask.stages.extract import extract_file
+from laion_dask.stages.extract.common import warc_uri
 from laion_dask.stages.extract.records import iter_arc, iter_fastwarc, iter_warcio
 from tests.conftest import CORPUS
 from tests.helpers.warc_oracle import archive_files, jaccard, reference_pairs
@@ -176,3 +177,24 @@ def test_arc_bad_header_lines_are_counted_and_reading_goes_on(tmp_path):
     res = extract_file(str(path), CFG)
     assert res.summary.bad_records == {"invalid_record": 1}
     assert len(res.pairs) == 8  # both pages' pairs, after the bad line
+
+
+@pytest.mark.parametrize(
+    ("value", "uri"),
+    [
+        ("<http://a.example/x?q=1>", "http://a.example/x?q=1"),  # WARC 1.0, wget
+        (" < http://a.example/x > ", "http://a.example/x"),
+        ("http://a.example/x", "http://a.example/x"),  # WARC 1.1
+        (
+            "<urn:uuid:00000000-0000-4000-8000-000000000001>",
+            "urn:uuid:00000000-0000-4000-8000-000000000001",
+        ),
+        ("http://a.example/with space.html", "http://a.example/with%20space.html"),
+        ("<http://a.example/<b>", "http://a.example/<b"),  # one enclosing pair only
+        ("<>", ""),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_warc_uri(value, uri):
+    assert warc_uri(value) == uri
