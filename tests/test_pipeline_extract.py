@@ -119,3 +119,17 @@ def test_fewer_inputs_on_rerun_forget_stale_partitions(inputs, tmp_path, client)
         RunDir(str(tmp_path / "fresh")), PipelineConfig(), inputs[:1], client=client
     )
     assert report.counts == fresh.counts
+
+
+def test_wget_warc_through_the_pipeline_drops_only_real_bad_schemes(corpus, tmp_path, client):
+    """Issue 15: a wget WARC (``WARC-Target-URI: <uri>``) lost 35-65 % of its pairs' URLs as
+    ``bad_url_scheme``; through the pipeline, only its real ``data:`` images are dropped so."""
+    files = [str(corpus / f"allenai-dolma/sample-000{i}.warc.gz") for i in (0, 1)]
+    run = RunDir(str(tmp_path / "run"))
+    run_extract(run, PipelineConfig(), files, client=client).check()
+    cand = _candidates(run)
+    assert len(cand) == 169 + 126  # what the independent parse finds (tests/test_conformance)
+    bad = cand[cand[schema.DROP_REASON].eq("bad_url_scheme")]
+    assert bad[schema.URL].str.startswith("data:").all()
+    assert cand[schema.URL].str.match(r"https?://|data:").all()
+    assert not cand[schema.PAGE_URL].str.startswith("<").any()
