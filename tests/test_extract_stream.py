@@ -169,3 +169,22 @@ def test_a_cut_whole_file_gzip_streams_what_it_holds(tmp_path, chunk_rows):
     got = pd.concat(chunks, ignore_index=True)
     assert sorted(zip(got["url"], got["text"], strict=True)) == sorted(spec.pairs)
     assert summary.bad_records == {"truncated_record": 1}
+
+
+def test_corrupt_middle_of_a_whole_file_gzip_keeps_the_records_before_it(tmp_path):
+    data = make_wat(_pages(200), "file")
+    good = tmp_path / "good.wat.gz"
+    good.write_bytes(data)
+    broken = bytearray(data)
+    middle = len(broken) // 2
+    broken[middle : middle + 40] = bytes(b ^ 0x55 for b in broken[middle : middle + 40])
+    bad = tmp_path / "bad.wat.gz"
+    bad.write_bytes(bytes(broken))
+    whole = extract_file(str(good), CFG).pairs
+    res = extract_file(str(bad), CFG)
+    assert res.summary.error is None and res.summary.bad_records.get("corrupt_gzip") == 1
+    # a good share of the file was read, and what was read is what the intact file gives
+    assert len(whole) / 4 < len(res.pairs) < len(whole)
+    n = len(res.pairs) - 7  # the record the corruption cut may have lost its last links
+    cols = ["url", "text", "page_url", "record_offset"]  # uid and source_file name the file
+    pd.testing.assert_frame_equal(res.pairs[cols].iloc[:n], whole[cols].iloc[:n])

@@ -304,6 +304,7 @@ class GunzipStream(io.RawIOBase):
         self._buf = memoryview(b"")  # decompressed bytes not yet read
         self._done = False
         self._pos = 0
+        self._error: zlib.error | None = None  # raised once what came before it is read
         self.cut = False
 
     def readable(self) -> bool:
@@ -333,6 +334,8 @@ class GunzipStream(io.RawIOBase):
         return n
 
     def _fill(self) -> None:
+        if self._error is not None:
+            raise self._error
         d = self._d
         if d.eof:
             rest = d.unused_data
@@ -352,8 +355,29 @@ class GunzipStream(io.RawIOBase):
                 self._done = True
                 self.cut = True  # the file ends inside a member
                 return
-        # bounded output per call: a small member may inflate to many MB
-        self._buf = memoryview(d.decompress(data, 1 << 20))
+        saved = d.copy()
+        try:
+            # bounded output per call: a small member may inflate to many MB
+            out = d.decompress(data, 1 << 20)
+        except zlib.error as err:
+            # zlib gives nothing of a call that meets corrupt data: decode the same bytes again
+            # in small steps, so the records before the corruption are read, then raise
+            out, self._error = self._salvage(saved, data), err
+        self._buf = memoryview(out)
+
+    @staticmethod
+    def _salvage(d: Any, data: bytes, step: int = 512, cap: int = 8 << 20) -> bytes:
+        parts, n = [], 0
+        for i in range(0, len(data), step):
+            try:
+                part = d.decompress(data[i : i + step])
+            except zlib.error:
+                break
+            parts.append(part)
+            n += len(part)
+            if n > cap:
+                break
+        return b"".join(parts)
 
 
 class _BoundedReader:
