@@ -3,6 +3,7 @@ rows; report.html renders offline in headless Chromium with every plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,12 +22,10 @@ from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig
 from laion_dask.ground.sketches import (
     HistSpec,
-    bincount,
     distinct_estimate,
     distinct_sketch,
     heavy_hitters,
     histogram,
-    int_histogram,
     merge,
     merge_all,
     quantiles,
@@ -36,13 +35,13 @@ from laion_dask.products.materialize import materialize
 from laion_dask.products.report import (
     COLUMNS,
     HISTOGRAMS,
-    QUANTILES,
     build_stats,
     main,
     partition_summary,
     render_markdown,
     write_report,
 )
+from laion_dask.products.report.statistics import QUANTILES
 from laion_dask.stages.filters import FINAL_REASON, add_final_reason
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.helpers.runs import make_scored_run, scored_frame
@@ -503,99 +502,6 @@ def _edge_frame() -> pd.DataFrame:
     return df
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        FilterConfig(),
-        FilterConfig(max_punsafe=0.5, max_pwatermark=0.7, min_side=100),
-        FilterConfig(max_aspect_ratio=2.0, min_text_chars=10),
-    ],
-)
-def test_fast_final_reason_equals_filters_on_hand_made_rows(cfg):
-    from laion_dask.products.report import fast_final_reason
-
-    df = _edge_frame()
-    expect = add_final_reason(df, cfg)[FINAL_REASON]
-    got = fast_final_reason(df, cfg)
-    assert expect.notna().any() and expect.isna().any()
-    pd.testing.assert_series_equal(got, expect.astype("string"), check_names=False)
-
-
-def test_fast_final_reason_equals_filters_on_scored_and_demo_runs(scored_report, demo_report):
-    from laion_dask.products.report import fast_final_reason
-
-    for run, cfg, _ in (scored_report, demo_report):
-        df = _rows(run)
-        expect = add_final_reason(df, cfg)[FINAL_REASON]
-        got = fast_final_reason(df, cfg)
-        assert expect.notna().any()
-        pd.testing.assert_series_equal(got, expect.astype("string"), check_names=False)
-
-
-def test_word_counts_and_domains_match_python():
-    from laion_dask.products.report import _domain_codes, _str_array, _word_counts_arrow, url_domain
-
-    df = _edge_frame()
-    text = _str_array(df[schema.TEXT]).fill_null("")
-    got = _word_counts_arrow(text)
-    assert got.tolist() == [len(s.split()) for s in df[schema.TEXT].fillna("")]
-    ascii_only = df[schema.TEXT].fillna("").map(lambda s: s.encode("ascii", "replace").decode())
-    got = _word_counts_arrow(_str_array(ascii_only))
-    assert got.tolist() == [len(s.split()) for s in ascii_only]
-    codes, labels = _domain_codes(df[schema.URL])
-    assert [labels[c] for c in codes] == url_domain(df[schema.URL]).tolist()
-
-
-# --- sketches: exact where they say so, within their recorded bounds elsewhere ----------------
-
-
-def test_int_histogram_and_float_histogram_equal_numpy():
-    rng = np.random.default_rng(5)
-    n = 10_000  # several CHUNK slices
-    x = rng.integers(-50, 5000, size=n)
-    valid = rng.random(n) > 0.1
-    mask = rng.random(n) > 0.3
-    spec = HistSpec(0, 4096, 512)
-    assert spec.integer_step == 8 and HistSpec(0.0, 1.0, 10).integer_step is None
-    got = int_histogram(x, spec, valid, mask)
-    sel = x[valid & mask].astype("float64")
-    expect, _ = np.histogram(sel, bins=spec.edges)
-    assert got["counts"] == expect.tolist()
-    assert got["under"] == int((sel < 0).sum()) and got["over"] == int((sel > 4096).sum())
-    assert got["missing"] == int((mask & ~valid).sum()) and got["n"] == sel.size
-    assert (got["min"], got["max"], got["sum"]) == (sel.min(), sel.max(), sel.sum())
-    # the float path: float32 values, a mask, NaN and invalid rows as missing
-    f = rng.normal(0.3, 0.4, size=n).astype("float32")
-    f[rng.random(n) < 0.05] = np.nan
-    spec = HistSpec(-1.0, 1.0, 2000)
-    got = histogram(f, spec, mask, valid)
-    sub = f[mask & valid].astype("float64")
-    fin = sub[~np.isnan(sub)]
-    expect, _ = np.histogram(fin, bins=spec.edges)
-    assert got["counts"] == expect.tolist() and got["n"] == fin.size
-    assert got["missing"] == int((mask & ~valid).sum()) + int(np.isnan(sub).sum())
-    assert got["under"] == int((fin < -1).sum()) and got["over"] == int((fin > 1).sum())
-    assert got["sum"] == pytest.approx(fin.sum(), rel=1e-12)
-    # values on the edges, at hi, outside, infinite; linear and log bins
-    for spec in (
-        HistSpec(-1.0, 1.0, 2000),
-        HistSpec(0.0, 5.0, 500),
-        HistSpec(100.0, 1e8, 300, True),
-    ):
-        e = spec.edges
-        odd = np.concatenate(
-            [e, np.nextafter(e, -np.inf), np.nextafter(e, np.inf), [0.0, -3.0, np.inf, -np.inf]]
-        )
-        vals = np.concatenate([odd, rng.uniform(e[0] / 2, e[-1] * 1.5, 5000)])
-        got = histogram(vals, spec)
-        fin = vals[np.isfinite(vals) | np.isinf(vals)]
-        expect, _ = np.histogram(fin[np.isfinite(fin)], bins=e)
-        assert got["counts"] == expect.tolist(), spec
-        assert got["under"] == int((fin < e[0]).sum()) and got["over"] == int((fin > e[-1]).sum())
-    codes = rng.integers(0, 7, size=n).astype("int8")
-    assert bincount(codes, 7, mask).tolist() == np.bincount(codes[mask], minlength=7).tolist()
-
-
 def _zipf_counts(rng, names: int, rows: int) -> Counter:
     p = 1.0 / np.arange(1, names + 1) ** 1.1
     return Counter(rng.choice([f"d{i}.example" for i in range(names)], size=rows, p=p / p.sum()))
@@ -641,7 +547,7 @@ def test_small_domain_capacity_reports_its_error_and_stays_within_it(tmp_path, c
         df[schema.URL] = [f"http://h{h}-{i if h >= 4 else 0}.example/x" for h in hosts]
         run.write_parquet_atomic(run.part_path("scores", i), df)
     cfg = FilterConfig()
-    summary = summarize_run(run, cfg, client=client, domain_capacity=8, distinct_k=16)
+    summary = summarize_run(run, cfg, client=client, domain_capacity=8, distinct_k=32)
     body = finalize(summary, cfg)
     dom, sk = body["domains"], body["domains"]["sketch"]
     assert sk["capacity"] == 8 and not sk["exact"]["candidates"]
@@ -656,7 +562,7 @@ def test_small_domain_capacity_reports_its_error_and_stays_within_it(tmp_path, c
 
 
 def test_categorical_columns_summarize_like_strings():
-    from laion_dask.products.report import DICTIONARY_COLUMNS
+    from laion_dask.products.report.statistics import DICTIONARY_COLUMNS
 
     df = _edge_frame()
     df.loc[df.index[:5], schema.STATUS] = "some_new_status"  # not in schema: still counted
@@ -711,7 +617,7 @@ def test_arrow_backed_read_gives_the_pandas_frames_summary(tmp_path, row_group_s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from laion_dask.products.report import _read_part
+    from laion_dask.products.report import read_part
 
     df = _edge_frame()
     run = RunDir(str(tmp_path / "run"))
@@ -721,8 +627,8 @@ def test_arrow_backed_read_gives_the_pandas_frames_summary(tmp_path, row_group_s
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
         pq.write_table(table, run.part_path("scores", 0), row_group_size=row_group_size)
-    read = _read_part(run, run.part_path("scores", 0))
-    assert all(isinstance(t, pd.ArrowDtype) for t in read.dtypes)  # the zero-copy path
+    read = read_part(run, run.part_path("scores", 0))
+    assert isinstance(read[schema.TEXT].dtype, pd.ArrowDtype)  # captions stay Arrow strings
     for cfg in (FilterConfig(), FilterConfig(max_punsafe=0.5, min_side=100, max_aspect_ratio=2)):
         got, expect = partition_summary(read, cfg), partition_summary(df[COLUMNS], cfg)
         assert _without_sums(got) == _without_sums(expect)
@@ -734,275 +640,76 @@ def test_host_fast_path_equals_the_regex_on_random_urls():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from laion_dask.ground.sketches import Workspace
-    from laion_dask.products.report import _DOMAIN_RE, _raw_hosts, _str_array
+    from laion_dask.products.report.statistics import DOMAIN_RE, url_hosts
 
-    def regex(urls: pd.Series) -> list:
-        arr = _str_array(urls)
-        return pc.struct_field(pc.extract_regex(arr, pattern=_DOMAIN_RE), [0]).to_pylist()
-
-    rng = np.random.default_rng(11)
-    bits = ["http://", "https://", "HTTP://", "ftp://", "/", ":", "?", "#", "@", "[", "]", "a"]
-    bits += ["B", "é", "x.y", "日", "", "//", "80", "-", " "]
-    ws = Workspace(4)  # grows and is reused across calls, as in a worker
-    for trial in range(400):
-        urls = []
-        for _ in range(int(rng.integers(0, 40))):
-            u = "".join(rng.choice(bits, size=int(rng.integers(0, 8))))
-            if rng.random() < 0.6:
-                u = str(rng.choice(["http://", "https://"])) + u
-            if rng.random() < 0.05:  # hosts across several 64-bit words of the bitmap
-                u += "h" * int(rng.integers(50, 300))
-            urls.append(None if rng.random() < 0.1 else u)
-        s = pd.Series(urls, dtype="string")
-        s = s.iloc[2:] if trial % 3 == 0 else s
-        assert _raw_hosts(s, ws if trial % 2 else None).to_pylist() == regex(s), list(s)
-    # a sliced Arrow-backed column
-    arr = pa.array([f"https://{'b' * k}.example:8/{k}" for k in range(150)], pa.large_string())
-    s = pd.Series(pd.arrays.ArrowExtensionArray(arr.slice(7, 120)))
-    assert _raw_hosts(s).to_pylist() == regex(s)
+    rng = np.random.default_rng(5)
+    pieces = [
+        "http://",
+        "https://",
+        "HTTP://",
+        "ftp://",
+        "a",
+        "b.",
+        "/",
+        ":",
+        "?",
+        "#",
+        "@",
+        "[",
+        "]",
+    ]
+    pieces += ["Ex", "é", "::1", "80", "%20", "//", " "]
+    urls = ["".join(rng.choice(pieces, size=rng.integers(0, 9))) for _ in range(3000)]
+    urls += [None, "", "https://", "http://@", "https://[::1]:8080/x", "http://a.b"]
+    arr = pa.array(urls, type=pa.large_string())
+    expect = pc.struct_field(pc.extract_regex(arr, pattern=DOMAIN_RE), [0]).to_pylist()
+    got = url_hosts(pd.Series(urls, dtype="string")).to_pylist()
+    assert got == expect
 
 
-def test_word_counts_on_random_text_and_without_numpy_bitwise_count(monkeypatch):
-    import pyarrow as pa
+def test_caption_words_equal_str_split_on_random_text():
+    from laion_dask.products.report.statistics import caption_words
 
-    from laion_dask.ground.sketches import Workspace
-    from laion_dask.products.report import _word_counts_arrow
-
-    rng = np.random.default_rng(12)
-    alphabet = list("ab c\t\n\x0b\x1c\x1f\x0e\x01é日\u3000\u00a0\u2028 ")
-    ws = Workspace(3)
-
-    def check() -> None:
-        for trial in range(150):
-            n = int(rng.integers(0, 60))
-            texts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 70)))) for _ in range(n)]
-            arr = pa.array(texts, pa.large_string())
-            if n > 4 and trial % 2:
-                arr, texts = arr.slice(1, n - 2), texts[1 : n - 1]
-            got = _word_counts_arrow(arr, ws if trial % 3 else None)
-            assert got.tolist() == [len(t.split()) for t in texts], texts
-
-    check()
-    monkeypatch.delattr(np, "bitwise_count", raising=False)  # NumPy < 2: the lookup table
-    check()
+    rng = np.random.default_rng(8)
+    alphabet = list("ab \t\n\x0b\x1c\x1f\x0eé日") + ["\u3000", "\u00a0", "\u2028", "\u0085", "  "]
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 12))) for _ in range(3000)]
+    texts += [None, "", " ", "one", "héllo wörld"]
+    got = caption_words(pd.Series(texts, dtype="string"))
+    assert got.tolist() == [len(t.split()) if t else 0 for t in texts]
 
 
-def test_sample_candidates_by_group_equal_the_whole_groups_picks():
-    from laion_dask.ground.sketches import Workspace
-    from laion_dask.products.report import _candidates_by_group
+def test_report_runs_on_threads_without_a_cluster(scored_report, monkeypatch):
+    """map_reduce falls back to local threads: the same statistics without any client."""
+    import distributed
 
-    rng = np.random.default_rng(13)
-    k = 8
-    ws = Workspace(10)
-    for n, rare in ((100, 0.3), (5_000, 0.3), (20_000, 0.0005), (5_000, 0.002), (600, 0.3)):
-        gcodes = rng.choice([0, 1, 2], size=n, p=[0.7 - rare, 0.3, rare]).astype(np.int8)
-        prio = rng.integers(0, 50, size=n).astype("float64")  # many ties at the k-th value
-        prio[gcodes == 2] += 40  # the rare group's rows sit above most others' (past the cut)
-        rows = np.flatnonzero(rng.random(n) < 0.9)
-        gidx = {"en": 0, "multi": 1, "nolang": 2}
-        got = _candidates_by_group(rows, prio[rows], gcodes, gidx, k)
-        # in scratch buffers (reused from the previous, larger round: stale contents)
-        with_ws = _candidates_by_group(rows, prio[rows], gcodes, gidx, k, ws)
-        for g in gidx:
-            for a, b in zip(got[g], with_ws[g], strict=True):
-                np.testing.assert_array_equal(a, b)
-        for g, code in (("en", 0), ("multi", 1), ("nolang", 2)):
-            whole = rows[gcodes[rows] == code]
-            p = prio[whole]
-            expect = set(whole[p <= np.sort(p)[k - 1]]) if p.size > k else set(whole)
-            sub_rows, sub_prio = got[g]
-            assert (prio[sub_rows] == sub_prio).all()
-            if sub_rows.size > k:
-                sub_rows = sub_rows[sub_prio <= np.sort(sub_prio)[k - 1]]
-            assert set(sub_rows) == expect, (n, rare, g)
+    run, cfg, paths = scored_report
+
+    def no_client():
+        raise ValueError("no client")
+
+    monkeypatch.setattr(distributed, "get_client", no_client)
+    alone = build_stats(run)
+    stats = json.loads(Path(paths["json"]).read_text())
+    for key in ("funnel", "stages", "languages", "histograms", "domains", "samples"):
+        assert json.loads(json.dumps(alone[key], sort_keys=True)) == stats[key], key
 
 
-def test_statistics_pass_releases_the_workers_scratch_arrays(tmp_path, client):
-    from laion_dask.products import report
+def test_tag_caveat_names_the_demo_model_and_uncalibrated_tags(demo_report, scored_report):
+    run, _, paths = demo_report
+    stats = json.loads(Path(paths["json"]).read_text())
+    assert "demo model" in stats["tags"]["caveat"]
+    page = Path(paths["html"]).read_text()
+    assert 'id="tag-caveat"' in page and "not meaningful" in page
+    assert "Caveat on punsafe / pwatermark" in Path(paths["md"]).read_text()
+    # a run scored zero-shot with another model: uncalibrated, said so; a learned head: none
+    scored = json.loads(Path(scored_report[2]["json"]).read_text())
+    assert "zero-shot" in scored["tags"]["caveat"]
+    from laion_dask.products.report import tag_provenance
 
-    run = make_scored_run(tmp_path / "run", parts=2, rows=30)
-    build_stats(run, client=client)  # the session cluster's workers run in this process
-    assert report._WORKSPACES == {}
-    report.partition_summary(scored_frame(30, 1)[COLUMNS], FilterConfig())
-    assert report.release_workspaces() > 0 and report._WORKSPACES == {}
-
-
-def test_arrow_buffers_read_as_pandas_reads_them_on_sliced_arrays():
-    import pyarrow as pa
-
-    from laion_dask.products.report import _col_codes, _col_values, _float32, _valid_of, _values_of
-
-    rng = np.random.default_rng(14)
-    n = 1_000
-    ints = pa.array([None if rng.random() < 0.3 else int(v) for v in rng.integers(0, 9, n)])
-    floats = pa.array(
-        [None if rng.random() < 0.3 else float(v) for v in rng.random(n)], pa.float32()
-    )
-    words = pa.array(
-        [None if rng.random() < 0.3 else str(rng.choice(["a", "b", "c"])) for _ in range(n)]
-    )
-    for lo, hi in ((0, n), (3, 700), (77, 78)):
-        i, f = ints.slice(lo, hi - lo), floats.slice(lo, hi - lo)
-        d = words.dictionary_encode().slice(lo, hi - lo)
-        assert _valid_of(i).tolist() == i.is_valid().to_pylist()
-        ok = _valid_of(i)
-        assert _values_of(i)[ok].tolist() == [v for v in i.to_pylist() if v is not None]
-        arrow = pd.DataFrame({"i": pd.arrays.ArrowExtensionArray(i)})
-        values, valid = _col_values(arrow, "i")
-        assert values[valid].tolist() == [v for v in i.to_pylist() if v is not None]
-        assert valid.tolist() == i.is_valid().to_pylist()
-        got = _float32(pd.Series(pd.arrays.ArrowExtensionArray(f)))
-        expect = pd.Series(f.to_pylist(), dtype="Float32").to_numpy("float32", na_value=np.nan)
-        np.testing.assert_array_equal(got, expect)
-        codes, labels, valid = _col_codes(pd.Series(pd.arrays.ArrowExtensionArray(d)), "<none>")
-        assert [labels[c] for c in codes] == [v or "<none>" for v in d.to_pylist()]
-        assert valid.tolist() == d.is_valid().to_pylist()
-
-
-def _with_garbage_under_nulls(values: np.ndarray, valid: np.ndarray, offset: int = 0):
-    """An Arrow array of ``values`` whose rows where ``valid`` is False are null but keep their
-    bytes (what a reader may leave under a null), sliced from ``offset``."""
-    import pyarrow as pa
-
-    bits = np.packbits(valid, bitorder="little")
-    arr = pa.Array.from_buffers(
-        pa.from_numpy_dtype(values.dtype),
-        len(values),
-        [pa.py_buffer(bits.tobytes()), pa.py_buffer(values.tobytes())],
-        null_count=int(np.count_nonzero(~valid)),
-    )
-    return arr.slice(offset)
-
-
-def test_scratch_buffer_kernels_equal_numpy_where_and_unpackbits():
-    import pyarrow as pa
-
-    from laion_dask.ground.sketches import Workspace
-    from laion_dask.products.report import (
-        _bools_of,
-        _char_counts,
-        _col_codes,
-        _fill_where_invalid,
-        _float32,
-        _hash_prio,
-        _nan_where_invalid,
-        _valid_of,
-    )
-
-    rng = np.random.default_rng(15)
-    ws = Workspace(5)  # grows; stale contents from the previous round must not leak
-    for n, p_null in ((1, 0.5), (9, 0.5), (64, 0.0), (1_000, 0.3), (3_001, 0.9), (200, 0.3)):
-        valid = rng.random(n) >= p_null
-        if not valid.all():
-            valid[rng.integers(0, n)] = True
-        # garbage under the nulls: extreme integers, NaN, inf, -0.0, huge floats
-        codes = rng.integers(0, 7, n).astype(np.int32)
-        codes[~valid] = rng.choice([np.iinfo(np.int32).min, -1, 2**31 - 1, 5], (~valid).sum())
-        floats = rng.random(n).astype(np.float32)
-        junk = np.array([np.nan, np.inf, -np.inf, -0.0, 3e38, 0.5], dtype=np.float32)
-        floats[~valid] = rng.choice(junk, (~valid).sum())
-        for fill in (0, 6, 7):
-            expect = np.where(valid, codes, np.int32(fill))
-            np.testing.assert_array_equal(_fill_where_invalid(codes, valid, fill), expect)
-            out = ws.get(np.int32, n, 84)
-            out[:] = 12345
-            got = _fill_where_invalid(codes, valid, fill, out)
-            assert got.base is out.base or got is out
-            np.testing.assert_array_equal(got, expect)
-        expect = np.where(valid, floats, np.float32(np.nan)).view(np.uint32)
-        for bufs in ((), (ws.get(np.uint32, n, 87), ws.get(np.uint32, n, 88))):
-            got = _nan_where_invalid(floats, valid, *bufs)
-            assert got.dtype == np.float32
-            np.testing.assert_array_equal(got.view(np.uint32), expect)  # bit for bit
-        for offset in sorted({0, 1, 7, 8, 9, n - 1} & set(range(n))):
-            i = _with_garbage_under_nulls(codes, valid, offset)
-            f = _with_garbage_under_nulls(floats, valid, offset)
-            flags = pa.array(rng.random(n - offset) < 0.5)
-            for slot in (0, 3):
-                got = _valid_of(i, ws, slot)
-                assert got.dtype == bool and got.tolist() == i.is_valid().to_pylist()
-                assert _bools_of(flags, ws, slot).tolist() == flags.to_pylist()
-            series = pd.Series(pd.arrays.ArrowExtensionArray(f))
-            fresh = _float32(series)
-            np.testing.assert_array_equal(
-                _float32(series, ws, 87).view(np.uint32), fresh.view(np.uint32)
-            )
-            expect32 = pd.Series(f.to_pylist(), dtype="Float32").to_numpy(
-                "float32", na_value=np.nan
-            )
-            np.testing.assert_array_equal(fresh, expect32)
-            d = pa.array(
-                [
-                    None if not v else str(c)
-                    for v, c in zip(valid[offset:], codes[offset:] % 5, strict=True)
-                ]
-            ).dictionary_encode()
-            ds = pd.Series(pd.arrays.ArrowExtensionArray(d))
-            c1, l1, v1 = _col_codes(ds, "<none>")
-            c2, l2, v2 = _col_codes(ds, "<none>", ws, 85)
-            assert (
-                [l2[c] for c in c2] == [l1[c] for c in c1] == [v or "<none>" for v in d.to_pylist()]
-            )
-            assert v2.tolist() == v1.tolist() == d.is_valid().to_pylist()
-            h = _with_garbage_under_nulls(rng.integers(-(2**63), 2**63 - 1, n), valid, offset)
-            hs = pd.Series(pd.arrays.ArrowExtensionArray(h))
-            rows = np.flatnonzero(rng.random(n - offset) < 0.6)
-            expect_prio = hs.iloc[rows].astype("Int64").to_numpy("float64", na_value=0.0) / 2.0**63
-            np.testing.assert_array_equal(_hash_prio(hs, rows), expect_prio)
-            np.testing.assert_array_equal(_hash_prio(hs, rows, ws), expect_prio)
-        text = pa.array(["".join(rng.choice(list("ab c"), int(k))) for k in rng.integers(0, 9, n)])
-        text = text.cast(pa.large_string())
-        np.testing.assert_array_equal(_char_counts(text, ws), _char_counts(text))
-        assert _char_counts(text, ws).tolist() == [len(t) for t in text.to_pylist()]
-    assert ws.arange(5, 2).tolist() == [0, 2, 4, 6, 8]
-    big = ws.arange(10_000, 2)
-    np.testing.assert_array_equal(big, np.arange(0, 20_000, 2))
-    assert not big.flags.writeable and ws.arange(3).tolist() == [0, 1, 2]
-
-
-def test_summaries_in_one_thread_equal_those_with_fresh_scratch_arrays(tmp_path):
-    """partition_summary keeps columns in its thread's scratch arrays (named slots): summaries
-    of different frames one after the other (small after large, Arrow after pandas) must equal
-    those made with fresh ones."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from laion_dask.products import report
-
-    frames = []
-    run = RunDir(str(tmp_path / "run"))
-    run.makedirs("scores")
-    for i, df in enumerate((scored_frame(3_000, 1), _edge_frame(), scored_frame(500, 2))):
-        run.write_parquet_atomic(run.part_path("scores", i), df)
-        frames += [report._read_part(run, run.part_path("scores", i)), df[COLUMNS]]
-    # every column with nulls of its own (buffers of two columns mixed up must show)
-    rng = np.random.default_rng(16)
-    table = pa.Table.from_pandas(scored_frame(2_000, 3)[COLUMNS], preserve_index=False)
-    for name in table.column_names:
-        col = table[name].combine_chunks()
-        mask = pa.array(rng.random(len(col)) < rng.uniform(0.05, 0.5))
-        table = table.set_column(
-            table.column_names.index(name), name, pc.if_else(mask, pa.scalar(None, col.type), col)
-        )
-    pq.write_table(table, run.part_path("scores", 3))
-    frames += [report._read_part(run, run.part_path("scores", 3))]
-    cfg = FilterConfig(max_punsafe=0.5, min_side=100, max_aspect_ratio=2)
-
-    def dump(summary):
-        return json.dumps(summary, sort_keys=True, default=str)
-
-    fresh = []
-    for df in frames:
-        report.release_workspaces()
-        fresh.append(dump(partition_summary(df, cfg)))
-    for _ in range(2):
-        for df, expect in zip(frames[::-1], fresh[::-1], strict=True):
-            assert dump(partition_summary(df, cfg)) == expect
-    # and the frame with nulls of its own per column as pandas reads it (no Arrow buffers)
-    got, expect = partition_summary(frames[-1], cfg), partition_summary(table.to_pandas(), cfg)
-    assert _without_sums(got) == _without_sums(expect)
-    for name, hst in expect["hist"].items():
-        assert got["hist"][name]["sum"] == pytest.approx(hst["sum"]), name
-    report.release_workspaces()
+    cfg = scored_report[0].read_config()
+    head = dataclasses.replace(cfg.clip, tags="head", tag_head="head.safetensors")
+    scored_report[0].write_config(dataclasses.replace(cfg, clip=head))
+    try:
+        assert tag_provenance(scored_report[0])["caveat"] is None
+    finally:
+        scored_report[0].write_config(cfg)

@@ -648,11 +648,11 @@ def finalize(summary: Mapping[str, Any], cfg: FilterConfig) -> dict[str, Any]:
     frest = int(fsk["n"]) - sum(c for _, c in fdom)
     undercount["failed"] = int(fsk["error"])
     domains["sketch"] = {
-        "kind": "misra_gries",
+        "kind": fsk["sketch"],
         "capacity": int(fsk["capacity"]),
         "max_undercount": undercount,
         "exact": {k: v == 0 for k, v in undercount.items()},
-        "distinct_kind": "kmv",
+        "distinct_kind": doms["distinct_candidates"]["sketch"],
         "distinct_k": int(doms["distinct_candidates"]["k"]),
         "distinct_exact": exact_distinct,
     }
