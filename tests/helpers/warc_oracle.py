@@ -22,6 +22,7 @@ Run as ``python -m tests.helpers.warc_oracle FILE...`` to print ours against the
 
 from __future__ import annotations
 
+import codecs
 import html
 import io
 import json
@@ -32,6 +33,12 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
+
+import brotli
+import lxml.html
+from lxml import etree
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
 
 __all__ = ["OracleResult", "reference_pairs", "jaccard", "ARCHIVE_SUFFIXES", "archive_files"]
 
@@ -97,8 +104,6 @@ def _uri(value: str | None) -> str:
 
 
 def _read_warcio(fh: io.BufferedIOBase) -> list[_Rec]:
-    from warcio.archiveiterator import ArchiveIterator
-
     out = []
     for rec in ArchiveIterator(fh, arc2warc=True, check_digests=False):
         kind = rec.rec_type if rec.rec_type in ("response", "resource", "metadata") else "other"
@@ -123,8 +128,6 @@ def _read_warcio(fh: io.BufferedIOBase) -> list[_Rec]:
 
 
 def _unbrotli(body: bytes) -> bytes | None:
-    import brotli
-
     if body.lstrip()[:1] == b"<":
         return body  # stored decoded, the header kept
     try:
@@ -219,8 +222,6 @@ def _read_scan(data: bytes) -> list[_Rec]:
 
 
 def _records(path: Path) -> tuple[list[_Rec], str]:
-    from warcio.exceptions import ArchiveLoadFailed
-
     data = path.read_bytes()
     if _arc_version(_gunzip_all(data[:65536]) if data[:2] == b"\x1f\x8b" else data) == 2:
         return _read_scan(data), "scan"  # warcio reads ARC v1 only
@@ -257,8 +258,6 @@ def _is_html(ctype: str, body: bytes) -> bool:
 
 
 def _charset(body: bytes, ctype: str) -> str:
-    import codecs
-
     if body.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
     meta = re.search(rb"<meta[^>]+?charset\s*=\s*[\"']?\s*([\w.:-]+)", body[:4096], re.I)
@@ -294,9 +293,6 @@ def _join(base: str, url: str) -> str:
 
 
 def _html_pairs(body: bytes, ctype: str, page: str) -> list[tuple[str, str, str]]:
-    import lxml.html
-    from lxml import etree
-
     text = body.decode(_charset(body, ctype), "replace")
     parser = lxml.html.HTMLParser(encoding="utf-8")
     try:
@@ -393,6 +389,7 @@ def reference_pairs(path: Path) -> OracleResult:
 
 
 def _main(argv: list[str]) -> None:
+    # here only: the oracle itself never imports the extractor it is compared with
     from laion_dask.ground.config import ExtractConfig
     from laion_dask.stages.extract import extract_file
 
