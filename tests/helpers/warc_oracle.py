@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin
 
-import brotli
+import brotli  # FastWARC depends on it, so it is installed with the package
 import lxml.html
 from lxml import etree
 from warcio.archiveiterator import ArchiveIterator

@@ -27,7 +27,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 
-import brotli
+import brotli  # FastWARC depends on it, so it is installed with the package
 
 __all__ = ["PAGE_URL", "SpecFile", "spec_files", "QUIRKS", "COMPRESSIONS", "EXPECTED"]
 

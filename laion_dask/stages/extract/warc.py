@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from lxml import etree
 
-try:  # optional: decodes ``Content-Encoding: br`` bodies (a wheel urllib3 and aiohttp also use)
+try:  # decodes ``Content-Encoding: br`` bodies; FastWARC depends on it, so it is always there
     import brotli
 except ImportError:  # pragma: no cover - such bodies are then counted as bad_content_encoding
     brotli = None
