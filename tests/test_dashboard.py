@@ -8,10 +8,7 @@ import json
 import os
 import re
 import runpy
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import panel as pn
@@ -25,7 +22,6 @@ from tests.helpers.browser import (
     SET_WIDGET_JS,
     browser_skip_reason,
     chromium_page,
-    free_port,
     panel_server,
 )
 from tests.helpers.runs import make_scored_run
@@ -151,16 +147,60 @@ def test_samples_follow_the_punsafe_and_pwatermark_cutoffs(scored_view, cutoff):
     assert "(filter off: tag only)" in _rendered_html(board.layout)
 
 
-def test_write_button_writes_thresholds_toml(scored_view):
-    board = dashboard.ThresholdDashboard(scored_view)
+def test_write_button_writes_thresholds_toml(tmp_path):
+    view = explore.open_run(make_scored_run(tmp_path / "run", parts=2, rows=20).path)
+    board = dashboard.ThresholdDashboard(view)
     board.similarity["multi"].value = 0.31
     board.min_side.value = 64
     board._on_write()
-    path = Path(scored_view.run.join("thresholds.toml"))
+    path = Path(view.run.join("thresholds.toml"))
     assert str(path) in board.status.object
     saved = load_thresholds(path)
     assert saved == board.config()
     assert saved.similarity_multi == pytest.approx(0.31) and saved.min_side == 64
+    # the next session starts where this one saved, every widget included
+    again = dashboard.ThresholdDashboard(view)
+    assert again.config() == saved and again.base_source == str(path)
+    assert again.similarity["multi"].value == pytest.approx(0.31) and again.min_side.value == 64
+
+
+def test_a_session_starts_at_the_thresholds_last_saved_or_applied(tmp_path):
+    """Newest of RUN/thresholds.toml and RUN/dataset/thresholds.toml, else config's [filters]."""
+    view = explore.open_run(make_scored_run(tmp_path / "run", parts=2, rows=20).path)
+    assert dashboard.start_thresholds(view) == (
+        view.thresholds,
+        f"{view.run.config_path} [filters]",
+    )
+    saved = view.with_similarity(en=0.33)
+    saved_path = view.save_thresholds(saved)
+    assert dashboard.start_thresholds(view) == (saved, saved_path)
+    # a later `laion-dask materialize --thresholds other.toml` applied something else: it wins
+    applied = view.with_similarity(en=0.21, multi=0.2)
+    (tmp_path / "run" / "dataset").mkdir()
+    applied_path = view.save_thresholds(applied, tmp_path / "run" / "dataset" / "thresholds.toml")
+    os.utime(saved_path, (time.time() - 60, time.time() - 60))
+    assert dashboard.start_thresholds(view) == (applied, applied_path)
+    board = dashboard.ThresholdDashboard(view)
+    assert board.config() == applied
+    assert board.similarity["en"].value == pytest.approx(0.21)
+    # then the user saves again in the dashboard: the newer save wins
+    os.utime(saved_path, None)
+    os.utime(applied_path, (time.time() - 60, time.time() - 60))
+    assert dashboard.start_thresholds(view) == (saved, saved_path)
+
+
+def test_a_broken_thresholds_file_is_named_not_raised(tmp_path, capsys):
+    view = explore.open_run(make_scored_run(tmp_path / "run", parts=2, rows=20).path)
+    path = Path(view.run.join("thresholds.toml"))
+    path.write_text("[filters]\nsimilarity_typo = 0.3\n")
+    # the command refuses before serving, in one line naming the file's problem
+    assert dashboard.main([view.run.path, "--no-show"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "similarity_typo" in err and len(err.splitlines()) == 1
+    # a session (the file broke after the server started) falls back and says so
+    board = dashboard.ThresholdDashboard(view)
+    assert board.config() == view.thresholds
+    assert "ignored a thresholds file" in board.status.object
 
 
 def test_materialize_button_uses_client_and_matches_kept_at(tmp_path, client):
@@ -245,49 +285,25 @@ def test_main_reports_a_run_without_scores(tmp_path, capsys):
     assert "cannot open" in capsys.readouterr().err
 
 
-def _serve_and_get(cmd: list[str], port: int, env: dict | None = None) -> str:
-    """Start a server process, GET its page once it answers, stop it; returns the HTML."""
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+def test_main_takes_the_common_cluster_and_logging_flags(scored_view, capsys, monkeypatch):
+    """``--scheduler`` / ``--workers`` / ``--threads`` reach materialize; bad ones exit 2 first."""
+    parser_args = dashboard._parser().parse_args(
+        [scored_view.run.path, "--scheduler", "tcp://10.0.0.1:8786", "--workers", "3", "-q"]
     )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
-                    return resp.read().decode()
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    out = proc.stdout.read().decode() if proc.poll() is not None else ""
-                    raise AssertionError(f"server did not answer: {out}") from None
-                time.sleep(0.3)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.mark.slow
-def test_main_serves_the_app_on_loopback(scored_view):
-    port = free_port()
-    code = "import sys; from laion_dask.faces.dashboard import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", code, scored_view.run.path, "--port", str(port), "--no-show"]
-    page = _serve_and_get(cmd, port)
-    assert "laion-dask thresholds" in page
-
-
-@pytest.mark.slow
-def test_panel_serve_runs_the_script(scored_view):
-    port = free_port()
-    panel = str(Path(sys.executable).with_name("panel"))
-    cmd = [panel, "serve", "dashboards/thresholds.py", "--address", "127.0.0.1"]
-    cmd += ["--port", str(port), "--allow-websocket-origin", f"127.0.0.1:{port}"]
-    env = {**os.environ, "LAION_DASK_RUN": scored_view.run.path}
-    page = _serve_and_get(cmd, port, env)
-    assert "laion-dask thresholds" in page
+    cluster = dashboard._cluster_flags(scored_view, parser_args)
+    assert cluster.scheduler_address == "tcp://10.0.0.1:8786" and cluster.n_workers == 3
+    assert parser_args.quiet and parser_args.verbose == 0
+    assert dashboard._parser().parse_args([scored_view.run.path, "-vv"]).verbose == 2
+    # no flag and no environment: each session reads the run's own [cluster]
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    plain = dashboard._parser().parse_args([scored_view.run.path])
+    assert dashboard._cluster_flags(scored_view, plain) is None
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.2:8786")
+    assert dashboard._cluster_flags(scored_view, plain).scheduler_address == "tcp://10.0.0.2:8786"
+    # a malformed address is a one-line error before anything is served
+    assert dashboard.main([scored_view.run.path, "--scheduler", "10.0.0.1", "--no-show"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "scheduler_address" in err and len(err.splitlines()) == 1
 
 
 def test_panel_serve_script_reads_args_or_env(scored_view, monkeypatch):

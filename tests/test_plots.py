@@ -169,7 +169,7 @@ def test_size_density_datashades_a_large_run(tmp_path):
             explore.UPSTREAM_REASON: pd.array(np.where(ok, None, "failed_to_download"), "string"),
         }
     )
-    big = explore.RunView(RunDir(str(tmp_path)), None, rows, FilterConfig())
+    big = explore.RunView(RunDir(str(tmp_path)), rows, FilterConfig())
     density = plots.size_density(big)
     assert isinstance(density, hv.DynamicMap)
     assert _raster_counts(density) == ok.sum()

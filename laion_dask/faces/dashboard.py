@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import html
 import logging
-import socket
+import os
 import sys
 import threading
 import time
@@ -46,9 +46,12 @@ import param
 from bokeh.document import without_document_lock
 
 from laion_dask.faces import plots
+from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
 from laion_dask.ground import schema
-from laion_dask.ground.config import ClusterConfig, FilterConfig
+from laion_dask.ground.config import ClusterConfig, ConfigError, FilterConfig
+from laion_dask.orchestration.cluster import close_client, make_client
 from laion_dask.products.explore import ALL, TEXT_LENGTH, Funnel, RunView, open_run, samples_html
+from laion_dask.products.materialize import materialize
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,33 @@ def load_view(run: str | Path | RunView) -> RunView:
     return _cached_view(str(run))
 
 
+#: where a run's thresholds are saved (the dashboard's button) and applied (materialize)
+SAVED_THRESHOLDS = "thresholds.toml"
+APPLIED_THRESHOLDS = ("dataset", "thresholds.toml")
+
+
+def start_thresholds(view: RunView) -> tuple[FilterConfig, str]:
+    """The thresholds a new session starts at, and the file they come from.
+
+    The newer of ``RUN/thresholds.toml`` (saved by the dashboard) and
+    ``RUN/dataset/thresholds.toml`` (what the last ``materialize`` applied, from the dashboard or
+    ``laion-dask materialize --thresholds``); keys they lack come from the run's
+    ``config.toml`` ``[filters]``, which is also the answer when neither exists. A file that
+    cannot be read raises :class:`~laion_dask.ground.config.ConfigError` naming it.
+    """
+    run = view.run
+    found = [
+        path
+        for path in (run.join(SAVED_THRESHOLDS), run.join(*APPLIED_THRESHOLDS))
+        if run.exists(path)
+    ]
+    if not found:
+        return view.thresholds, f"{run.config_path} [filters]"
+    # the last one written wins: a materialize after a save applied what the user chose last
+    newest = max(found, key=lambda path: run.fs.modified(path).timestamp())
+    return view.load_thresholds(newest), newest
+
+
 class ThresholdDashboard:
     """Widgets, plots and actions of the dashboard for one :class:`RunView`.
 
@@ -94,6 +124,9 @@ class ThresholdDashboard:
     cluster
         Where materialize runs when no ``client`` is given; None reads the run's ``[cluster]``
         (``RUN/config.toml``; the defaults when the run has none).
+    thresholds
+        Where the widgets start; None: the thresholds last saved or applied to this run
+        (:func:`start_thresholds`), so a new session continues where the last one left off.
     """
 
     def __init__(
@@ -102,6 +135,7 @@ class ThresholdDashboard:
         *,
         client: Any | None = None,
         cluster: ClusterConfig | None = None,
+        thresholds: FilterConfig | None = None,
     ) -> None:
         if "bokeh" not in hv.Store.renderers:  # the plots need a backend to take options
             hv.extension("bokeh", logo=False)
@@ -118,7 +152,19 @@ class ThresholdDashboard:
         self.samples_seconds: list[float] = []
         #: the threshold lines drawn on the histograms, by (column, group)
         self.spans: dict[tuple[str, str], Any] = {}
-        base = view.thresholds
+        problem = ""
+        if thresholds is None:
+            try:
+                thresholds, source = start_thresholds(view)
+            except ConfigError as err:  # edited by hand since main() checked it: say so, go on
+                log.warning("dashboard: %s", err)
+                problem = f"**ignored a thresholds file**: {html.escape(str(err))}"
+                thresholds, source = view.thresholds, f"{view.run.config_path} [filters]"
+        else:
+            source = "given"
+        #: the thresholds the widgets started at, and where they came from
+        self.base, self.base_source = thresholds, source
+        base = thresholds
         lo, hi = self._range(schema.SIMILARITY)
         self.similarity = {
             g: pn.widgets.FloatSlider(
@@ -190,9 +236,17 @@ class ThresholdDashboard:
         self.progress = pn.widgets.Progress(
             label="materialize", value=0, max=1, active=False, visible=False, width=280
         )
-        self.progress_text = pn.pane.Markdown("", width=300)
-        self.status = pn.pane.Markdown("", width=460)
-        self.result = pn.pane.Markdown("", width=460)
+        # the controls column is 320 px wide: wider text here spilled over the funnel beside it
+        # (issue 15); long paths break anywhere instead of overflowing
+        wrap = {"overflow-wrap": "anywhere"}
+        self.progress_text = pn.pane.Markdown(
+            "", width=300, styles=wrap, css_classes=["materialize-progress"]
+        )
+        self.status = pn.pane.Markdown("", width=300, styles=wrap, css_classes=["dashboard-status"])
+        self.result = pn.pane.Markdown(
+            "", width=300, styles=wrap, css_classes=["materialize-result"]
+        )
+        self.status.object = problem
         self.write_button.on_click(self._on_write)
         self.materialize_button.on_click(self._on_materialize)
         self.keep_top.param.watch(self._on_keep_top, "value")
@@ -218,7 +272,7 @@ class ThresholdDashboard:
         punsafe = self.max_punsafe.value
         pwatermark = self.max_pwatermark.value
         return dataclasses.replace(
-            self.view.thresholds,
+            self.base,
             **{f"similarity_{g}": float(s.value) for g, s in self.similarity.items()},
             max_punsafe=None if punsafe >= _FRACTION_OFF else float(punsafe),
             max_pwatermark=None if pwatermark >= _FRACTION_OFF else float(pwatermark),
@@ -264,8 +318,6 @@ class ThresholdDashboard:
         ``progress(done, total, part)`` is passed to materialize: called on this thread as each
         partition finishes.
         """
-        from laion_dask.products.materialize import materialize
-
         cfg = self.config()
         self.view.save_thresholds(cfg)
         client = self._get_client()
@@ -284,8 +336,6 @@ class ThresholdDashboard:
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
-                from laion_dask.orchestration.cluster import make_client
-
                 cfg = self.cluster_config()
                 where = cfg.scheduler_address or "a local cluster"
                 log.info("dashboard: materialize on %s", where)
@@ -298,8 +348,6 @@ class ThresholdDashboard:
 
         A client given to the constructor is left open; a remote scheduler keeps running.
         """
-        from laion_dask.orchestration.cluster import close_client
-
         with self._lock:
             if self._own_client and self._client is not None:
                 close_client(self._client)
@@ -420,6 +468,9 @@ class ThresholdDashboard:
             self.spans[(name, group)] = span
             _move_span(span, name, widget.value)
             widget.param.watch(functools.partial(_on_span_widget, span, name), "value")
+        # the class names the plot for browser tests (the figure's title is drawn on a canvas);
+        # a Bokeh pane renders the figure itself, so the class goes on the figure
+        fig.css_classes = [*fig.css_classes, f"{name.replace('_', '-')}-histogram"]
         return pn.pane.Bokeh(fig)
 
     def _bars(self, labels: list[str], *, title: str, horizontal: bool, width: int) -> Any:
@@ -449,6 +500,7 @@ class ThresholdDashboard:
             fig.vbar(x="label", top=plots.ROWS, width=0.8, color="color", source=source)
             fig.yaxis.axis_label = plots.ROWS
         fig.add_tools(HoverTool(tooltips=[("", "@label"), (plots.ROWS, f"@{plots.ROWS}")]))
+        fig.css_classes = ["funnel-dropped" if horizontal else "funnel-kept"]  # for browser tests
         return fig, source
 
     def _update_bars(self, *_: Any) -> None:
@@ -625,7 +677,9 @@ class ThresholdDashboard:
         for w in values:
             w.param.watch(self._update_bars, "value")
         funnel = pn.Column(
-            pn.pane.Markdown(pn.bind(self.funnel_markdown, *values), width=460),
+            pn.pane.Markdown(
+                pn.bind(self.funnel_markdown, *values), width=460, css_classes=["funnel"]
+            ),
             pn.Row(pn.pane.Bokeh(self._kept_fig), pn.pane.Bokeh(dropped_fig)),
         )
         view = self.view
@@ -681,7 +735,8 @@ class ThresholdDashboard:
             )
         header = pn.pane.Markdown(
             f"# laion-dask thresholds · `{html.escape(str(self.view.run.path))}` "
-            f"({len(self.view)} rows)"
+            f"({len(self.view)} rows)\n\nstarted at the thresholds of "
+            f"`{html.escape(self.base_source)}`"
         )
         return pn.Column(
             header,
@@ -756,41 +811,79 @@ def report_markdown(report: Any) -> str:
     return "\n".join(lines)
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laion-dask dashboard",
+        description="Tune thresholds on a run's stored scores, then materialize.",
+    )
+    parser.add_argument("run", help="run directory with finished scores (laion-dask score RUN)")
+    add_serve_arguments(parser, port=5006)
+    parser.add_argument(
+        "--scheduler",
+        help="tcp://HOST:8786 of a running Dask scheduler for the materialize button "
+        "(default: $DASK_SCHEDULER_ADDRESS, else the run's [cluster], else a local cluster)",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="materialize's local cluster: number of worker processes"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="materialize's local cluster: threads per worker"
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``laion-dask dashboard RUN [--port N] [--address 127.0.0.1] [--no-show]``: serve the app.
+    """``laion-dask dashboard RUN [--port N] [--scheduler ADDR] [--no-show] [-q] [-v]``.
 
-    Returns 0 when the server stops, 2 when the run cannot be opened.
+    Serves the app until interrupted. Returns 0 when the server stops, 2 when the run, its
+    thresholds or the cluster flags cannot be used (one line on stderr, before serving).
     """
-    parser = argparse.ArgumentParser(
-        prog="laion-dask dashboard", description="Tune thresholds on a run's stored scores."
-    )
-    parser.add_argument("run", help="run directory with finished scores")
-    parser.add_argument("--port", type=int, default=5006, help="0 = a free port")
-    parser.add_argument("--address", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--no-show", action="store_true", help="do not open a browser")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    set_log_level(args.verbose, args.quiet)
     try:
         view = load_view(args.run)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"laion-dask dashboard: cannot open {args.run}: {err}", file=sys.stderr)
         return 2
-    port = args.port or _free_port(args.address)
-    origins = [f"{args.address}:{port}"]
-    if args.address in ("127.0.0.1", "0.0.0.0"):
-        origins.append(f"localhost:{port}")
-    print(f"laion-dask dashboard: http://{args.address}:{port}/", file=sys.stderr)
-    pn.serve(
-        {"/": functools.partial(build_dashboard, view)},
-        port=port,
+    try:
+        start_thresholds(view)  # a broken thresholds file is reported now, not per session
+        cluster = _cluster_flags(view, args)
+    except (ConfigError, OSError) as err:
+        print(f"laion-dask dashboard: {err}", file=sys.stderr)
+        return 2
+
+    def app() -> pn.viewable.Viewable:
+        # a plain function: Panel renders a functools.partial as its repr, not as an app
+        return build_dashboard(view, cluster=cluster)
+
+    serve(
+        app,
+        port=args.port,
         address=args.address,
         show=not args.no_show,
-        websocket_origin=origins,
         title="laion-dask thresholds",
+        quiet=args.quiet,
     )
     return 0
+
+
+def _cluster_flags(view: RunView, args: argparse.Namespace) -> ClusterConfig | None:
+    """The run's ``[cluster]`` with ``--scheduler`` / ``--workers`` / ``--threads`` on top.
+
+    None when no flag is given, so each session reads the run's config as it is then.
+    """
+    changes: dict[str, Any] = {}
+    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if scheduler:
+        changes["scheduler_address"] = scheduler
+    if args.workers is not None:
+        changes["n_workers"] = args.workers
+    if args.threads is not None:
+        changes["threads_per_worker"] = args.threads
+    if not changes:
+        return None
+    try:
+        base = view.run.read_config().cluster
+    except FileNotFoundError:
+        base = ClusterConfig()
+    return dataclasses.replace(base, **changes)  # validated here: a bad address raises now

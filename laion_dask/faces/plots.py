@@ -187,8 +187,9 @@ def size_density(
     ``hv.HexTiles`` up to ``max_rows`` sized rows; above, a datashader ``rasterize`` of the points
     when datashader is installed (else HexTiles over the full arrays, still vectorised).
     """
-    w = view._w  # noqa: SLF001 - the view's in-memory float64 columns (NaN = not downloaded)
-    h = view._h  # noqa: SLF001
+    # the view's in-memory float64 columns (NaN = not downloaded); no public accessor yet
+    values = view._values  # noqa: SLF001
+    w, h = values[schema.ORIGINAL_WIDTH], values[schema.ORIGINAL_HEIGHT]
     ok = np.isfinite(w) & np.isfinite(h)
     data = pd.DataFrame({schema.ORIGINAL_WIDTH: w[ok], schema.ORIGINAL_HEIGHT: h[ok]})
     kdims = [schema.ORIGINAL_WIDTH, schema.ORIGINAL_HEIGHT]

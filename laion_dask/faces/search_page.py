@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import html
 import logging
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 import panel as pn
 
+from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
 from laion_dask.ground import schema
 from laion_dask.orchestration.rundir import RunDir
 from laion_dask.products.knn import RESULT_DEDUP_COSINE, load_index, results_html, search
@@ -121,28 +121,35 @@ def build_search_page(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``laion-dask search RUN --serve [--port N]``: serve the search page on 127.0.0.1."""
-    parser = argparse.ArgumentParser(prog="laion-dask search --serve")
+    """``laion-dask search RUN --serve [--port N] [--no-show] [-q] [-v]``: serve the page.
+
+    Returns 0 when the server stops, 2 (one line on stderr) when the run has no usable index.
+    """
+    parser = argparse.ArgumentParser(
+        prog="laion-dask search --serve",
+        description="Serve a page that searches a run's index by text or by image.",
+    )
     parser.add_argument("run", help="run directory with an index (laion-dask index RUN)")
-    parser.add_argument("--port", type=int, default=5007, help="0 = a free port")
-    parser.add_argument("--address", default="127.0.0.1")
-    parser.add_argument("--no-show", action="store_true", help="do not open a browser")
+    add_serve_arguments(parser, port=5007)
     args = parser.parse_args(argv)
+    set_log_level(args.verbose, args.quiet)
     try:
-        load_index(args.run)
+        load_index(args.run)  # fails before serving: no index, an unreadable one
     except (FileNotFoundError, ValueError) as err:
         print(f"laion-dask search: {err}", file=sys.stderr)
         return 2
-    from laion_dask.faces.dashboard import _free_port
+    run = args.run
 
-    port = args.port or _free_port(args.address)
-    print(f"laion-dask search: http://{args.address}:{port}/", file=sys.stderr)
-    pn.serve(
-        {"/": functools.partial(build_search_page, args.run)},
-        port=port,
+    def app() -> pn.viewable.Viewable:
+        # a plain function: Panel renders a functools.partial as its repr, not as an app
+        return build_search_page(run)
+
+    serve(
+        app,
+        port=args.port,
         address=args.address,
         show=not args.no_show,
-        websocket_origin=[f"{args.address}:{port}", f"localhost:{port}"],
         title="laion-dask search",
+        quiet=args.quiet,
     )
     return 0
