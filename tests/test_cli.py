@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,7 @@ def test_help_lists_every_command(capsys):
         assert cmd in out
 
 
+@pytest.mark.timeout(600)  # three local clusters, one after the other
 def test_run_a_config_end_to_end(tmp_path, capsys):
     """`laion-dask run CONFIG.toml --out RUN`: every stage from one file, on the demo's hosts."""
     from laion_dask.faces.demo.host import serve_demo_corpus
@@ -123,11 +125,23 @@ def test_run_a_config_end_to_end(tmp_path, capsys):
         cfg = cfg.replace("clip", model=str(demo_model_dir()))
         dump_config(cfg, tmp_path / "config.toml")
         rc = main(["run", str(tmp_path / "config.toml"), "--out", str(tmp_path / "run"), *LOCAL])
-    assert rc == 0
-    out = capsys.readouterr().out
-    for stage in ("== extract", "== download", "== score", "== materialize"):
-        assert stage in out
-    assert (tmp_path / "run" / "dataset" / "funnel.json").is_file()
+        assert rc == 0
+        out = capsys.readouterr().out
+        for stage in ("== extract", "== download", "== score", "== materialize"):
+            assert stage in out
+        assert (tmp_path / "run" / "dataset" / "funnel.json").is_file()
+
+        # the run's own config.toml (with score's [run] facts) is reusable as it is: by `run`,
+        # which resumes every partition, and as any command's --config
+        own = tmp_path / "run" / "config.toml"
+        assert "[run.clip_resolved]" in own.read_text()
+        assert main(["run", str(own), "--out", str(tmp_path / "run"), *LOCAL]) == 0
+        again = capsys.readouterr().out
+        resumed = re.findall(r"\((\d+) of (\d+) partitions resumed from checkpoints\)", again)
+        assert len(resumed) == 3 and all(a == b for a, b in resumed), again  # every stage
+        run = str(tmp_path / "run")
+        assert main(["materialize", run, "--config", str(own), *LOCAL]) == 0
+    assert "kept by language group" in capsys.readouterr().out
 
 
 def test_a_missing_consent_list_stops_the_run_before_any_work(corpus, tmp_path, capsys):
