@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 #: bars a histogram plot shows at most (adjacent bins are summed for the plot only)
 PLOT_BINS = 200
+FUNNEL_HEADER = ["stage", "outcome", "rows"]
 #: pixels of a sample thumbnail's longer side
 THUMBNAIL_SIZE = 160
 
@@ -82,10 +83,11 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], table_id: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _hist_figure(name: str, entry: Mapping[str, Any], title: str, *, log_x: bool = False) -> Any:
@@ -325,7 +327,13 @@ def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = Non
 {stats["partitions"]} partitions; generated {html.escape(run["generated_at"])}.</p>
 <h2 id="funnel">Funnel</h2>
 {_table(check_rows, ["stage", "check"])}
-{_table([(r["stage"], r["outcome"], r["rows"]) for r in fn["table"]], ["stage", "outcome", "rows"])}
+{
+        _table(
+            [(r["stage"], r["outcome"], r["rows"]) for r in fn["table"]],
+            FUNNEL_HEADER,
+            "funnel-table",
+        )
+    }
 <h3 id="consent">Consent and safety</h3>
 <p>Rows removed because a page, a host or a list opted them out, or the downloader refused the
 address: {fn["consent"]["rows"]:,} ({fn["consent"]["share"]:.2%} of candidates).</p>
@@ -338,6 +346,7 @@ address: {fn["consent"]["rows"]:,} ({fn["consent"]["share"]:.2%} of candidates).
                 for g in fn["by_group"]
             ],
             ["group", "kept", *reasons],
+            "final-by-group",
         )
     }
 <h2 id="key-numbers">Key numbers</h2>
