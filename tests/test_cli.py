@@ -167,3 +167,18 @@ def test_docs_cli_md_is_the_help_of_every_command():
         assert f"## laion-dask {name}\n" in page and f"usage: laion-dask {name}" in page, name
     current = (root / "docs" / "cli.md").read_text(encoding="utf-8")
     assert current == page, "docs/cli.md is out of date: run python scripts/gen_cli_docs.py"
+
+
+def test_every_argument_of_every_command_has_help():
+    """What --help (and so docs/cli.md) shows for each flag and positional is never blank."""
+    import argparse
+
+    from laion_dask.faces.cli import _PASSTHROUGH, build_parser
+
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        if name in _PASSTHROUGH:  # parsed by their own modules
+            continue
+        for action in command._actions:
+            assert action.help, f"laion-dask {name}: {action.option_strings or action.dest}"
