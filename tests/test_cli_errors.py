@@ -8,6 +8,7 @@ address nobody listens on: reaching it would be a different (connection) error.
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import os
 import subprocess
@@ -141,6 +142,15 @@ def test_extract_with_nothing_to_read_says_so(tmp_path, capsys, content, why):
     out = tmp_path / "run"
     assert main(["extract", str(tmp_path / "in.warc"), "--out", str(out), *NOWHERE]) == 2
     assert_one_line(capsys.readouterr().err, "nothing to extract", f"in.warc {why}")
+    assert not out.exists()
+
+
+def test_an_empty_path_listing_is_one_line(tmp_path, capsys):
+    listing = tmp_path / "crawl.paths.gz"
+    listing.write_bytes(gzip.compress(b""))
+    out = tmp_path / "run"
+    assert main(["extract", str(listing), "--out", str(out), *NOWHERE]) == 2
+    assert_one_line(capsys.readouterr().err, "input.paths: path listing", "is empty")
     assert not out.exists()
 
 

@@ -209,6 +209,18 @@ def _check_inputs(paths: Sequence[str], strict: bool) -> None:
         _warn(f"{path} {why}: {consequence}")
 
 
+def _expand_inputs(cfg: PipelineConfig) -> list[str]:
+    """The input files the config names (globs, listings and crawl ids expanded)."""
+    from laion_dask.stages.sources import expand_inputs
+
+    try:
+        return expand_inputs(cfg.input.paths, cfg.input)
+    except (OSError, ValueError) as err:  # an unreadable or empty listing, a glob with no match
+        if isinstance(err, FileNotFoundError | ConfigError):
+            raise
+        raise UsageError(f"input.paths: {err}") from err
+
+
 def _check_model(cfg: PipelineConfig) -> None:
     """The configured CLIP (local path or hub name) loads, before a cluster starts."""
     from laion_dask.stages.clip import ModelUnavailableError, check_model_available
@@ -251,7 +263,6 @@ def _load_thresholds(path: str, cfg: PipelineConfig) -> Any:
 def cmd_extract(args: argparse.Namespace) -> int:
     from laion_dask.orchestration.pipeline import run_extract
     from laion_dask.orchestration.rundir import RunDir
-    from laion_dask.stages.sources import expand_inputs
 
     run = RunDir(args.out)
     cfg = _base_config(args, run)  # re-running into a run resumes with its own config
@@ -262,7 +273,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = cfg.replace("input", **changes)
     if not cfg.input.paths:
         raise ConfigError("input.paths: give at least one INPUT (file, glob, URL or crawl id)")
-    paths = expand_inputs(cfg.input.paths, cfg.input)
+    paths = _expand_inputs(cfg)
     _check_inputs(paths, cfg.strict)
     _refuse_changed_config(args, run, cfg, "extract")
     run.write_config(cfg)
@@ -343,7 +354,6 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from laion_dask.orchestration.rundir import RunDir
     from laion_dask.products.run import run_pipeline
-    from laion_dask.stages.sources import expand_inputs
 
     all_stages = ("extract", "download", "score", "materialize")
     stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else all_stages
@@ -358,7 +368,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"input.paths: {args.config} names no inputs; add an [input] table with "
                 'paths = ["crawl/*.warc.gz"]'
             )
-        _check_inputs(expand_inputs(cfg.input.paths, cfg.input), cfg.strict)
+        _check_inputs(_expand_inputs(cfg), cfg.strict)
     else:  # the first stage asked for needs its upstream in RUN already
         first = stages[0]
         _run_dir(args.out)
