@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -262,15 +263,18 @@ def test_report_is_a_subcommand_with_the_common_flags(tmp_path, capsys):
 def test_progress_off_a_terminal_is_whole_lines(corpus, tmp_path):
     """stdout piped (as in CI or `> log`): one line per stage start and end, no \\r frames."""
     src = corpus / "chatnoir-eu-chatnoir-resiliparse/warcfile.warc.gz"
-    done = cli("extract", str(src), "--out", "run", *LOCAL, cwd=tmp_path)
+    (tmp_path / "empty.warc").write_bytes(b"")
+    done = cli("extract", str(src), "empty.warc", "--out", "run", *LOCAL, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    # an empty input is named, once; the run goes on with the others
+    assert_one_line(done.stderr, "warning: empty.warc is empty: it adds no pairs")
     assert "\r" not in done.stdout and "\r" not in done.stderr
     # distributed's bar, off a terminal, writes a new line per 0.1 s frame: ~70 for this file
     assert "% Completed" not in done.stdout and len(done.stdout.splitlines()) < 30, done.stdout
     progress = [line for line in done.stdout.splitlines() if line.startswith("extract: ")]
-    assert progress[0] == "extract: started, 1 partitions"
-    assert progress[-1].startswith("extract: finished 1/1 partitions in ")
+    assert progress[0] == "extract: started, 2 partitions"
+    assert progress[-1].startswith("extract: finished 2/2 partitions in ")
     # heartbeats in between, if any, are whole lines too
-    assert all(line.startswith("extract: 0/1 partitions, ") for line in progress[1:-1])
+    assert all(re.match(r"extract: [012]/2 partitions, \d+ s$", line) for line in progress[1:-1])
     quiet = cli("extract", str(src), "--out", "run", "-q", *LOCAL, cwd=tmp_path)
     assert quiet.returncode == 0 and "extract: started" not in quiet.stdout
