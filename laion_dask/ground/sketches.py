@@ -40,10 +40,7 @@ import numpy as np
 
 __all__ = [
     "HistSpec",
-    "Workspace",
-    "bincount",
     "histogram",
-    "int_histogram",
     "heavy_hitters",
     "distinct_sketch",
     "distinct_estimate",
@@ -57,8 +54,6 @@ __all__ = [
 #: keys whose values merge by min / max instead of a sum
 _MIN_KEYS = {"min"}
 _MAX_KEYS = {"max"}
-#: values per block in :func:`histogram`'s passes (64 KB of float64: they stay in cache)
-BLOCK = 8192
 #: key holding bottom-k sample lists (records with a ``prio`` field); its size is ``_K_KEY``
 _SAMPLE_KEY = "samples"
 #: the ``sketch`` field of a heavy-hitter / distinct-count summary
@@ -82,19 +77,6 @@ class HistSpec:
         return np.linspace(self.lo, self.hi, self.bins + 1)
 
     @property
-    def integer_step(self) -> int | None:
-        """The bin width when every edge is an integer ``lo + i * step`` (integer data can then
-        be counted per value with one ``bincount``), else None."""
-        if self.log or self.lo != int(self.lo) or self.hi != int(self.hi):
-            return None
-        span = int(self.hi) - int(self.lo)
-        if span <= 0 or span % self.bins:
-            return None
-        step = span // self.bins
-        exact = np.array_equal(self.edges, int(self.lo) + step * np.arange(self.bins + 1))
-        return step if exact else None
-
-    @property
     def quantile_error(self) -> dict[str, float]:
         """How far a quantile from these bins can be from the exact order statistic (ranks
         inside ``[lo, hi]``): ``{"abs": bin width}`` or, for log bins, ``{"rel": factor - 1}``."""
@@ -103,244 +85,39 @@ class HistSpec:
         return {"abs": float((self.hi - self.lo) / self.bins)}
 
 
-def _empty_hist(spec: HistSpec, missing: int) -> dict[str, Any]:
-    return {
-        "counts": [0] * spec.bins,
-        "under": 0,
-        "over": 0,
-        "missing": int(missing),
-        "n": 0,
-        "sum": 0.0,
-        "min": None,
-        "max": None,
-    }
-
-
-class Workspace:
-    """Reusable scratch arrays for the counting kernels (``report`` keeps one per worker thread
-    while a statistics pass runs).
-
-    Dask workers fix glibc's mmap threshold (the Nanny sets ``MALLOC_TRIM_THRESHOLD_``), so
-    there every temporary over ~64 KB is fresh pages (page faults) each time it is allocated;
-    the kernels here write into these buffers instead (``out=``), paying for the pages once.
-    """
-
-    def __init__(self, rows: int = 0) -> None:
-        self.rows = rows  # buffers are made this long at least: one allocation per slot
-        self._bufs: dict[tuple[str, int], np.ndarray] = {}
-        self._ranges: dict[tuple[str, int], np.ndarray] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the scratch arrays."""
-        return sum(b.nbytes for b in (*self._bufs.values(), *self._ranges.values()))
-
-    def get(self, dtype: Any, size: int, slot: int = 0) -> np.ndarray:
-        """A scratch array of ``size`` elements (contents undefined); ``slot`` tells apart
-        buffers of one dtype that are used at the same time."""
-        key = (np.dtype(dtype).str, slot)
-        buf = self._bufs.get(key)
-        if buf is None or buf.size < size:
-            buf = np.empty(max(size, self.rows), dtype=dtype)
-            self._bufs[key] = buf
-        return buf[:size]
-
-    def arange(self, size: int, step: int = 1) -> np.ndarray:
-        """``numpy.arange(0, size * step, step)`` as ``int64`` (read only: a cached array,
-        made once per ``step`` for the largest size asked)."""
-        key = ("arange", step)
-        buf = self._ranges.get(key)
-        if buf is None or buf.size < size:
-            buf = np.arange(0, max(size, self.rows) * step, step, dtype=np.int64)
-            buf.flags.writeable = False
-            self._ranges[key] = buf
-        return buf[:size]
-
-    def select(
-        self, values: np.ndarray, mask: np.ndarray | None, dtype: Any, slot: int = 0
-    ) -> np.ndarray:
-        """``values[mask]`` as ``dtype``, in scratch buffers (``values`` itself when it already
-        is that dtype and there is no mask)."""
-        if mask is None:
-            if values.dtype == np.dtype(dtype):
-                return values
-            out = self.get(dtype, values.size, slot)
-            np.copyto(out, values, casting="unsafe")
-            return out
-        same = values[mask]  # (np.compress(out=) would allocate a larger index array)
-        if values.dtype == np.dtype(dtype):
-            return same
-        out = self.get(dtype, same.size, slot)
-        np.copyto(out, same, casting="unsafe")
-        return out
-
-    def both(self, a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-        """``a & b`` of two optional masks (None = every row), in a scratch buffer."""
-        if a is None or b is None:
-            return b if a is None else a
-        out = self.get(bool, a.size, 7)
-        return np.logical_and(a, b, out=out)
-
-
-def bincount(
-    codes: np.ndarray, minlength: int, mask: np.ndarray | None = None, ws: Workspace | None = None
-) -> np.ndarray:
-    """``numpy.bincount(codes[mask], minlength=minlength)`` (non-negative ``codes``), widening
-    small int codes to ``intp`` in a scratch buffer instead of a fresh full-length copy.
-
-    With a mask, no selection is made: ``2 * code + mask`` is counted and the odd slots kept.
-    """
-    ws = ws or Workspace(len(codes))
-    if mask is None:
-        return np.bincount(ws.select(codes, None, np.intp, slot=5), minlength=minlength)
-    pair = ws.get(np.intp, len(codes), 5)
-    np.copyto(pair, codes, casting="unsafe")
-    np.left_shift(pair, 1, out=pair)
-    np.add(pair, mask, out=pair, casting="unsafe")
-    return np.bincount(pair, minlength=2 * minlength)[1::2].copy()
-
-
-def _valid_selection(
-    ws: Workspace, mask: np.ndarray | None, valid: np.ndarray | None
-) -> tuple[np.ndarray | None, int]:
-    """Rows to count (``mask & valid``) and how many rows under ``mask`` are not ``valid``."""
-    if valid is None:
-        return mask, 0
-    sel = ws.both(mask, valid)
-    under_mask = valid.size if mask is None else int(np.count_nonzero(mask))
-    return sel, under_mask - int(np.count_nonzero(sel))
-
-
-def _bounds(spec: HistSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper bounds of the slots under, bin 0 .. bin n-1, over (``numpy.histogram``
-    semantics: ``[e_i, e_i+1)``, the last bin closed), for exact corrections of a slot."""
-    edges = spec.edges
-    above_hi = np.nextafter(edges[-1], np.inf)
-    lower = np.concatenate([[-np.inf], edges[:-1], [above_hi]])
-    upper = np.concatenate([edges[:-1], [above_hi, np.nan]])  # nothing leaves "over"
-    return lower, upper
-
-
 def histogram(
     values: np.ndarray,
     spec: HistSpec,
     mask: np.ndarray | None = None,
     valid: np.ndarray | None = None,
-    ws: Workspace | None = None,
 ) -> dict[str, Any]:
     """One partition's histogram of ``values[mask]`` (NaN, and rows where ``valid`` is False,
     counted as ``missing``).
 
     Returns ``counts`` (per bin, ``numpy.histogram`` semantics: the last bin includes ``hi``),
     ``under`` (< lo), ``over`` (> hi), ``missing``, ``n`` (non-missing), ``sum``, ``min``, ``max``.
-    Values are compared in float64 (as numpy does), in ``ws``'s scratch buffers: a slot from
-    arithmetic, then corrected against the edges, so the counts equal ``numpy.histogram``'s.
     """
     v = np.asarray(values)
-    n_all = len(v)
-    ws = ws or Workspace(n_all)
-    sel, missing = _valid_selection(ws, mask, valid)
-    if v.dtype.kind == "f":  # NaN rows are missing: drop them in the same selection
-        nan = np.isnan(v, out=ws.get(bool, n_all, 2))
-        k = int(np.count_nonzero(nan if sel is None else np.logical_and(nan, sel, out=nan)))
-        if k:
-            missing += k
-            ok = np.logical_not(np.isnan(v, out=nan), out=nan)
-            sel = ok if sel is None else np.logical_and(sel, ok, out=ok)
-    xs = v if sel is None else v[sel]  # (a masked selection is the one fresh array)
-    m, bins = xs.size, spec.bins
-    if not m:
-        return _empty_hist(spec, missing)
-    lo, hi = np.float64(spec.lo), np.float64(spec.hi)
-    lower, upper = _bounds(spec)
-    counts = np.zeros(bins + 2, dtype=np.int64)
-    total, low, high = 0.0, np.inf, -np.inf
-    size = min(m, BLOCK)
-    xbuf, fbuf = ws.get(np.float64, size, 0), ws.get(np.float64, size, 1)
-    sbuf, flagbuf = ws.get(np.intp, size, 1), ws.get(bool, size, 0)
-    # blocks of BLOCK values: every temporary of the ~15 passes below stays in cache
-    for b in range(0, m, BLOCK):
-        k = min(BLOCK, m - b)
-        x, f, slot, flag = xbuf[:k], fbuf[:k], sbuf[:k], flagbuf[:k]
-        np.copyto(x, xs[b : b + k], casting="unsafe")
-        if spec.log:
-            np.maximum(x, lo / 2, out=f)  # <= 0 is under anyway
-            np.log(f, out=f)
-            f -= np.log(lo)
-            f *= bins / (np.log(hi) - np.log(lo))
-        else:
-            np.subtract(x, lo, out=f)
-            f *= bins / (hi - lo)
-        np.clip(f, -1, bins, out=f)
-        np.floor(f, out=f)
-        np.copyto(slot, f, casting="unsafe")
-        slot += 1  # 0 = under, 1..bins = the bins, bins + 1 = over
-        # (mode="clip": the slots are in range; "raise" with out= buffers a fresh copy)
-        np.subtract(slot, np.less(x, np.take(lower, slot, out=f, mode="clip"), out=flag), out=slot)
-        np.add(
-            slot, np.greater_equal(x, np.take(upper, slot, out=f, mode="clip"), out=flag), out=slot
-        )
-        counts += np.bincount(slot, minlength=bins + 2)
-        with np.errstate(invalid="ignore"):  # inf + -inf: a NaN sum, no warning
-            total += float(x.sum())
-        low, high = min(low, float(x.min())), max(high, float(x.max()))
-    return {
-        "counts": counts[1:-1].tolist(),
-        "under": int(counts[0]),
-        "over": int(counts[-1]),
-        "missing": missing,
-        "n": int(m),
-        "sum": total,
-        "min": low,
-        "max": high,
-    }
-
-
-def int_histogram(
-    values: np.ndarray,
-    spec: HistSpec,
-    valid: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    ws: Workspace | None = None,
-) -> dict[str, Any]:
-    """:func:`histogram` of integer ``values[mask]`` (rows where ``valid`` is False are
-    ``missing``) for a spec with :attr:`HistSpec.integer_step`: one ``bincount`` of the values
-    (clipped to ``[lo - 1, hi + 1]``), folded into bins (the same counts as ``numpy.histogram``).
-    """
-    step = spec.integer_step
-    if step is None:
-        raise ValueError(f"{spec} has non-integer edges: use histogram()")
-    x = np.asarray(values)
-    if not np.issubdtype(x.dtype, np.integer):
-        raise TypeError(f"int_histogram needs integer values, got {x.dtype}")
-    ws = ws or Workspace(len(x))
-    sel, missing = _valid_selection(ws, mask, valid)
-    c = ws.select(x, sel, np.intp, slot=0)
-    if not c.size:
-        return _empty_hist(spec, missing)
-    if c is x:  # never write into the caller's array
-        c = ws.get(np.intp, x.size, 0)
-        np.copyto(c, x)
-    lo, hi = int(spec.lo), int(spec.hi)
-    low, high = int(c.min()), int(c.max())
-    total = int(c.sum(dtype=np.int64))
-    if low < lo or high > hi:
-        np.clip(c, lo - 1, hi + 1, out=c)
-    c -= lo - 1
-    per_value = np.bincount(c, minlength=hi - lo + 3)  # under, lo..hi, over
-    inner = per_value[1:-1]
-    counts = inner[:-1].reshape(spec.bins, step).sum(axis=1)
-    counts[-1] += inner[-1]  # hi itself is in the last bin
-    return {
-        "counts": counts.tolist(),
-        "under": int(per_value[0]),
-        "over": int(per_value[-1]),
-        "missing": missing,
-        "n": int(c.size),
-        "sum": float(total),
-        "min": float(low),
-        "max": float(high),
-    }
+    if mask is not None:
+        v = v[mask]
+        valid = None if valid is None else np.asarray(valid)[mask]
+    missing = 0 if valid is None else int(valid.size - np.count_nonzero(valid))
+    x = (v if valid is None else v[valid]).astype(np.float64, copy=False)
+    nan = np.isnan(x)
+    if nan.any():
+        missing += int(nan.sum())
+        x = x[~nan]
+    out = {"under": 0, "over": 0, "missing": missing, "n": int(x.size), "sum": 0.0}
+    if not x.size:
+        return {"counts": [0] * spec.bins, **out, "min": None, "max": None}
+    # equal bins: numpy's arithmetic path (the same counts as the edges, several times faster)
+    bins = spec.edges if spec.log else spec.bins
+    counts, _ = np.histogram(x, bins=bins, range=(spec.lo, spec.hi))
+    with np.errstate(invalid="ignore"):  # inf + -inf: a NaN sum, no warning
+        out["sum"] = float(x.sum())
+    out["under"] = int(np.count_nonzero(x < spec.lo))
+    out["over"] = int(np.count_nonzero(x > spec.hi))
+    return {"counts": counts.tolist(), **out, "min": float(x.min()), "max": float(x.max())}
 
 
 # --- heavy hitters and distinct counts ------------------------------------------------------------

@@ -47,12 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import IndexConfig
 from laion_dask.orchestration.rundir import RunDir
+from laion_dask.orchestration.runner import get_client, run_tasks
 from laion_dask.products.neardup import (
     CANONICAL_KEY,
     DUPLICATE_GROUP,
@@ -65,6 +69,7 @@ from laion_dask.products.neardup import (
     join_part_near_duplicates,
     read_near_duplicates,
 )
+from laion_dask.stages.clip import encoder_from_config
 from laion_dask.stages.embeddings import embedding_paths
 from laion_dask.stages.imaging import read_thumbnails, thumbnail_html
 
@@ -294,8 +299,6 @@ def _read_part_metadata(run: RunDir, part: int) -> pd.DataFrame:
     frame = pd.DataFrame({schema.KEY: keys.reset_index(drop=True)})
     scores_path = run.part_path("scores", part)
     if run.exists(scores_path):
-        import pyarrow.parquet as pq
-
         with run.fs.open(scores_path, "rb") as fh:
             names = set(pq.read_schema(fh).names)
         cols = [schema.KEY, *(c for c in _META_COLUMNS if c in names)]
@@ -321,12 +324,10 @@ def _read_part_metadata(run: RunDir, part: int) -> pd.DataFrame:
 
 
 def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as err:  # pragma: no cover - faiss-cpu is a dependency
-        raise ImportError(
-            "laion-dask index needs faiss: pip install 'laion-dask[index]' (faiss-cpu)"
-        ) from err
+    # heavy: faiss takes ~0.4 s to load, paid only by what builds or searches an index (the
+    # search page and the CLI import this module for its names)
+    import faiss
+
     return faiss
 
 
@@ -508,8 +509,6 @@ RANGE_MARGIN = 0.05
 @functools.lru_cache(maxsize=2)
 def _cached_index(path: str, mtime: float) -> Any:
     """An index file read once per process (``mtime`` makes a rebuilt index a new entry)."""
-    import fsspec
-
     with fsspec.open(path, "rb") as fh:
         return _deserialize(fh.read())
 
@@ -548,8 +547,6 @@ def build_index(
     >>> info.kind, info.recall                           # doctest: +SKIP
     ('flat', 1.0)
     """
-    from laion_dask.orchestration.runner import get_client, run_tasks
-
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     cfg = cfg or IndexConfig()
@@ -945,8 +942,6 @@ def _load_index(path: str, modality: str, stamps: tuple[float, ...]) -> KnnIndex
 
 
 def _run_encoder(run: RunDir) -> Any:
-    from laion_dask.stages.clip import encoder_from_config
-
     return encoder_from_config(run.read_config().clip)
 
 
@@ -963,8 +958,6 @@ def encode_query(
     ``image`` may be a PIL image, encoded bytes or a path. ``group`` picks the text tower
     (``multi``/``nolang`` use the run's multilingual tower when it has one).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if (text is None) == (image is None):
         raise ValueError("give exactly one of text= or image=")
     run = RunDir(run) if isinstance(run, str | Path) else run
@@ -1150,8 +1143,6 @@ def find_near_duplicates(
     not the canonical) for the members of groups only, ``_done`` markers with counts, and
     ``summary.json``. :func:`add_near_duplicate` joins them onto a frame.
     """
-    from laion_dask.orchestration.runner import get_client, run_tasks
-
     if not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     run = RunDir(run) if isinstance(run, str | Path) else run
