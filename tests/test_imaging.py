@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import warnings
@@ -13,7 +14,15 @@ import pytest
 from PIL import Image, ImageOps
 
 from laion_dask.ground.config import DownloadConfig
-from laion_dask.stages.imaging import process_image, target_size
+from laion_dask.ground.shards import ShardSample, write_shard
+from laion_dask.stages.imaging import (
+    data_uri,
+    process_image,
+    read_thumbnails,
+    target_size,
+    thumbnail,
+    thumbnail_html,
+)
 from tests.helpers.imagehost import noise_image
 
 
@@ -226,3 +235,50 @@ def test_cmyk_jpeg_and_palette_png() -> None:
     buf = io.BytesIO()
     pal.save(buf, "PNG", transparency=0)
     assert process_image(buf.getvalue(), DownloadConfig()).status == "success"
+
+
+# --- thumbnails (one implementation for search results, the dashboard and the report) ----------
+
+
+def test_read_thumbnails_keeps_order_and_counts_what_is_missing(tmp_path, caplog) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    big = noise_image(400, 300, "JPEG", seed=1)
+    png = noise_image(50, 80, "PNG", seed=2)
+    samples = [
+        ShardSample("a1", big, "t", {}),
+        ShardSample("a2", b"not an image", "t", {}),
+        ShardSample("a3", png, "t", {}, ext="png"),
+    ]
+    write_shard(str(root / "00000.tar"), samples)
+    (root / "00002.tar").write_bytes(b"this is no tar file")
+    keys = ["a3", "a1", "a2", "zz", None, "b1", "c1"]
+    shards = [
+        "00000.tar",
+        "00000.tar",
+        "00000.tar",
+        "00000.tar",
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
+    with caplog.at_level("INFO", logger="laion_dask.stages.imaging"):
+        got = read_thumbnails(str(root), keys, shards, size=64)
+    assert [img is not None for img in got] == [True, True, False, False, False, False, False]
+    assert got[0].size == (40, 64) and got[1].size == (64, 48)  # aspect kept, within 64 px
+    assert got[1].mode == "RGB"
+    assert "00001.tar unreadable" in caplog.text and "00002.tar unreadable" in caplog.text
+    assert "5 of 7 have no decodable image" in caplog.text
+
+
+def test_thumbnail_html_and_data_uris_decode_back() -> None:
+    img = thumbnail(noise_image(300, 200, "JPEG", seed=3), size=32)
+    assert img is not None and img.size == (32, 21)
+    for fmt, prefix in (("png", "data:image/png;base64,"), ("jpeg", "data:image/jpeg;base64,")):
+        uri = data_uri(img, fmt)
+        assert uri.startswith(prefix)
+        back = _open(base64.b64decode(uri.removeprefix(prefix)))
+        assert back.size == img.size and back.format == fmt.upper()
+    assert f'src="{data_uri(img)}"' in thumbnail_html(img)
+    assert "no image" in thumbnail_html(None)
+    assert thumbnail(b"\xff\xd8 truncated jpeg") is None
