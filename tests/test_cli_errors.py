@@ -278,3 +278,21 @@ def test_progress_off_a_terminal_is_whole_lines(corpus, tmp_path):
     assert all(re.match(r"extract: [012]/2 partitions, \d+ s$", line) for line in progress[1:-1])
     quiet = cli("extract", str(src), "--out", "run", "-q", *LOCAL, cwd=tmp_path)
     assert quiet.returncode == 0 and "extract: started" not in quiet.stdout
+
+
+def test_train_tag_head_mistakes_are_one_line(tmp_path, capsys):
+    import pandas as pd
+
+    head = tmp_path / "head.safetensors"
+    assert (
+        main(["train-tag-head", str(tmp_path / "nope.parquet"), "--label", "y", "--out", str(head)])
+        == 2
+    )
+    assert_one_line(capsys.readouterr().err, "file not found", "nope.parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "l.parquet")
+    assert (
+        main(["train-tag-head", str(tmp_path / "l.parquet"), "--label", "y", "--out", str(head)])
+        == 2
+    )
+    assert_one_line(capsys.readouterr().err, "no label column 'y'")
+    assert not head.exists()

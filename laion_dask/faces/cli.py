@@ -477,16 +477,23 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_train_tag_head(args: argparse.Namespace) -> int:
     from laion_dask.products.train import train_tag_head
 
-    metrics = train_tag_head(
-        args.parquet,
-        args.label,
-        args.out,
-        tag=args.tag,
-        embedding_col=args.embedding_col,
-        embeddings_dir=args.embeddings,
-        hidden=tuple(int(h) for h in args.hidden.split(",") if h) if args.hidden else (),
-        epochs=args.epochs,
-    )
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(",") if h) if args.hidden else ()
+    except ValueError:
+        raise UsageError(f"--hidden: expected sizes such as 256,64, got {args.hidden!r}") from None
+    try:
+        metrics = train_tag_head(
+            args.parquet,
+            args.label,
+            args.out,
+            tag=args.tag,
+            embedding_col=args.embedding_col,
+            embeddings_dir=args.embeddings,
+            hidden=hidden,
+            epochs=args.epochs,
+        )
+    except ValueError as err:  # the labelled file lacks a column, or its labels are not 0/1
+        raise UsageError(f"train-tag-head: {err}") from err
     print(json.dumps({"head": args.out, **metrics}, indent=1))
     return 0
 
@@ -799,6 +806,8 @@ def _guarded(call: Callable[[], int | None], verbose: int) -> int:
         return int(call() or 0)
     except (UsageError, ConfigError, FileNotFoundError, NotADirectoryError) as err:
         error, code, text = err, 2, str(err)
+        if isinstance(err, OSError) and " " not in text.strip():  # pyarrow's bare path
+            text = f"file not found: {text or err.filename}"
     except StageError as err:
         error, code = err, 1
         text = f"{err} (without --strict a failed partition is counted, the run goes on)"
