@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from laion_dask.faces.cli import main as cli_main
 from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig
 from laion_dask.ground.sketches import (
@@ -36,7 +37,6 @@ from laion_dask.products.report import (
     COLUMNS,
     HISTOGRAMS,
     build_stats,
-    main,
     partition_summary,
     render_markdown,
     write_report,
@@ -319,12 +319,12 @@ def test_markdown_and_cli(scored_report, client, capsys, tmp_path):
     run, _, paths = scored_report
     md = Path(paths["md"]).read_text()
     assert "| candidate rows |" in md and "adds up: yes" in md
-    assert main([run.path, "--format", "md", "--out", str(tmp_path)]) == 0
-    written = capsys.readouterr().out.strip()
+    assert cli_main(["report", run.path, "--format", "md", "--out", str(tmp_path)]) == 0
+    written = capsys.readouterr().out.strip().splitlines()[-1]
     assert written == f"{tmp_path}/report.md"
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert Path(written).read_text() == render_markdown(stats)
-    assert main([str(tmp_path / "nowhere")]) == 2
+    assert cli_main(["report", str(tmp_path / "nowhere")]) == 2
 
 
 def test_report_without_scores_is_a_clear_error(tmp_path, client):

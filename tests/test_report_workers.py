@@ -1,6 +1,6 @@
-"""The cluster knob the report's speed leans on: ``cluster.malloc_mmap_threshold`` reaches the
-local worker processes' environment (before they start, where glibc reads it), next to Dask's
-own ``MALLOC_TRIM_THRESHOLD_``, and nothing changes when it is unset."""
+"""``cluster.malloc_mmap_threshold`` reaches the local worker processes' environment (before
+they start, where glibc reads it), next to Dask's own ``MALLOC_TRIM_THRESHOLD_``, and nothing
+changes when it is unset."""
 
 from __future__ import annotations
 

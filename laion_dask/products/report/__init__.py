@@ -2,8 +2,8 @@
 
 Two halves: :mod:`.statistics` (one mergeable summary per scores partition, mapped and merged
 by :mod:`laion_dask.orchestration.reduce`, then finished into the numbers below) and
-:mod:`.rendering` (HTML with inline Bokeh plots, markdown). ``laion-dask report RUN`` calls
-:func:`build_stats` then :func:`write_report`.
+:mod:`.rendering` (HTML with inline Bokeh plots, markdown). ``laion-dask report RUN``
+(:mod:`laion_dask.faces.cli`) calls :func:`build_stats` then :func:`write_report`.
 
 ``stats.json`` schema (``schema_version`` 2)::
 
@@ -53,14 +53,6 @@ Example
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
-from collections.abc import Sequence
-
-from laion_dask.orchestration.cluster import cluster_client
-from laion_dask.orchestration.rundir import open_run
-from laion_dask.orchestration.runner import get_client
 from laion_dask.products.report.rendering import (
     collect_thumbnails,
     render_html,
@@ -103,47 +95,4 @@ __all__ = [
     "tag_provenance",
     "url_domain",
     "write_report",
-    "main",
 ]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``laion-dask report RUN [--format html|md|json] [--out DIR]``; prints the written path."""
-    parser = argparse.ArgumentParser(
-        prog="laion-dask report", description="Dataset statistics of a run directory."
-    )
-    parser.add_argument("run", help="run directory")
-    parser.add_argument("--format", choices=("html", "md", "json"), default="html")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/report)")
-    parser.add_argument("--scheduler", default=None, help="tcp://host:8786 of a running cluster")
-    args = parser.parse_args(argv)
-    try:
-        run, cfg = open_run(args.run)
-    except FileNotFoundError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-
-    def report(client: object) -> dict[str, str]:
-        stats = build_stats(run, client=client)
-        return write_report(run, stats, formats=(args.format,), out=args.out, client=client)
-
-    try:
-        current = get_client()
-    except RuntimeError:  # no client yet: this run's cluster for the report's duration
-        current = None
-    try:
-        if current is not None:
-            paths = report(current)
-        else:
-            cluster = dataclasses.replace(
-                cfg.cluster,
-                dashboard_address=None,
-                scheduler_address=args.scheduler or cfg.cluster.scheduler_address,
-            )
-            with cluster_client(cluster) as client:
-                paths = report(client)
-    except FileNotFoundError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    sys.stdout.write(paths[args.format] + "\n")
-    return 0

@@ -294,6 +294,16 @@ def _code_counts(codes: np.ndarray, labels: list[str], mask: np.ndarray) -> dict
     return {labels[i]: int(n[i]) for i in np.flatnonzero(n)}
 
 
+_SAMPLE_COLUMNS = (
+    schema.KEY,
+    schema.SHARD,
+    schema.TEXT,
+    schema.URL,
+    schema.LANGUAGE,
+    schema.SIMILARITY,
+)
+
+
 def _text(value: Any) -> str:
     return "<NA>" if value is None or pd.isna(value) else str(value)
 
@@ -305,18 +315,18 @@ def _samples(df: pd.DataFrame, rows: np.ndarray, prio: np.ndarray, k: int) -> li
         rows, prio = rows[near], prio[near]
     keys = ["" if pd.isna(v) else str(v) for v in df[schema.KEY].iloc[rows]]
     order = np.lexsort((np.asarray(keys, dtype=object), prio))[:k]
-    picked = df.iloc[rows[order]]
+    picked = {c: df[c].iloc[rows[order]].tolist() for c in _SAMPLE_COLUMNS}
     return [
         {
-            "key": _text(r[schema.KEY]),
-            "shard": _text(r[schema.SHARD]),
-            "text": _text(r[schema.TEXT])[:200],
-            "url": _text(r[schema.URL]),
-            "language": _text(r[schema.LANGUAGE]),
-            "similarity": None if pd.isna(r[schema.SIMILARITY]) else float(r[schema.SIMILARITY]),
+            "key": _text(picked[schema.KEY][i]),
+            "shard": _text(picked[schema.SHARD][i]),
+            "text": _text(picked[schema.TEXT][i])[:200],
+            "url": _text(picked[schema.URL][i]),
+            "language": _text(picked[schema.LANGUAGE][i]),
+            "similarity": None if pd.isna(sim := picked[schema.SIMILARITY][i]) else float(sim),
             "prio": float(p),
         }
-        for (_, r), p in zip(picked.iterrows(), prio[order], strict=True)
+        for i, p in enumerate(prio[order])
     ]
 
 
@@ -350,8 +360,8 @@ def partition_summary(
     kept = fate.final == 0
     sim = cols.similarity
     rules = df[schema.DROP_REASON]
-    status = df[schema.STATUS].astype(object)
-    sstatus = df[schema.SCORE_STATUS].astype(object)
+    status = df[schema.STATUS]
+    sstatus = df[schema.SCORE_STATUS]
     attempted = (rules.isna() & status.notna()).to_numpy(dtype=bool)
     downloaded = status.eq("success").to_numpy(dtype=bool)
     scored = sstatus.eq("success").to_numpy(dtype=bool) & ~np.isnan(sim)
