@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +167,33 @@ def test_robots_percent_encoding_is_normalised() -> None:
     # many wildcards against a long path: linear, never catastrophic backtracking
     assert not pattern_matches("/" + "*a" * 30 + "b$", "/" + "a" * 5000)
     assert pattern_matches("/*a*b*c", "/xaybzc/rest")
+
+
+def test_pattern_matching_equals_a_regex_oracle_on_random_patterns() -> None:
+    # the RFC's rule as a regular expression: * is any run, a final $ ends the path, else a prefix
+    def oracle(pattern: str, path: str) -> bool:
+        anchored = pattern.endswith("$")
+        body = ".*".join(re.escape(p) for p in (pattern[:-1] if anchored else pattern).split("*"))
+        return re.fullmatch(body + ("" if anchored else ".*"), path, re.DOTALL) is not None
+
+    rng = random.Random(9)
+    for _ in range(20_000):
+        pattern = "/" + "".join(rng.choice("ab*$/") for _ in range(rng.randint(0, 6)))
+        path = "/" + "".join(rng.choice("ab$/") for _ in range(rng.randint(0, 8)))
+        assert pattern_matches(pattern, path) == oracle(pattern, path), (pattern, path)
+    # precedence over many rules equals the longest-match rule computed the slow way
+    for _ in range(300):
+        rules = tuple(
+            (
+                rng.random() < 0.4,
+                "/" + "".join(rng.choice("ab*/") for _ in range(rng.randint(0, 4))),
+            )
+            for _ in range(rng.randint(1, 12))
+        )
+        path = "/" + "".join(rng.choice("ab/") for _ in range(rng.randint(0, 6)))
+        hits = [(len(p), a) for a, p in rules if oracle(p, path)]
+        expect = max(hits)[1] if hits else True  # longest, then Allow (True > False) wins
+        assert RobotsRules("*", rules).decide(path)[0] is expect, (rules, path)
 
 
 def test_robots_input_forms() -> None:

@@ -6,7 +6,15 @@ host files. :mod:`laion_dask.stages.download` fetches ``/robots.txt`` and
 through its guarded session and asks this module what they say.
 
 robots.txt (RFC 9309), implemented here because ``urllib.robotparser`` matches neither wildcards
-nor the longest rule:
+nor the longest rule, and protego (Scrapy's matcher, 0.7.0) answers three of our RFC cases
+wrongly (``benchmarks/bench_robots.py``, figures in ``benchmarks/results/robots.json``): a
+user-agent line with a version (``LAION-Dask/2.0``) does not name our group, a UTF-8 byte order
+mark hides the first line, and ``User-agent: laion`` binds ``laion-dask`` (it takes any token
+that starts a word of the User-Agent). It cannot name the rule that decided either (our
+``disallowed_robots_txt`` message does), and TDMRep below needs the same path patterns. Speed is
+no reason to switch: with its prefix trick borrowed, ours matched 10,000 URLs against 10,000
+rules at 4.8 ms per URL (protego 3.7 ms) and against 50 rules at 27 us (protego 27 us), with the
+same answers, and parsed 6x faster.
 
 - the group for our product token (the User-Agent up to its first ``/``) wins; groups naming the
   same token are merged; without one, the ``*`` groups apply; without those, everything is allowed;
@@ -118,43 +126,36 @@ def normalize_path(path: str) -> str:
     return "".join(out)
 
 
-def _wildcard_full_match(pattern: str, text: str) -> bool:
-    """``pattern`` (``*`` = any run) matches all of ``text``; linear-time greedy backtracking."""
-    p = t = 0
-    star = -1
-    mark = 0
-    np_, nt = len(pattern), len(text)
-    while t < nt:
-        if p < np_ and pattern[p] == "*":
-            star, mark = p, t
-            p += 1
-        elif p < np_ and pattern[p] == text[t]:
-            p += 1
-            t += 1
-        elif star >= 0:
-            p = star + 1
-            mark += 1
-            t = mark
-        else:
-            return False
-    while p < np_ and pattern[p] == "*":
-        p += 1
-    return p == np_
-
-
 def pattern_matches(pattern: str, path: str) -> bool:
     """robots.txt path matching: prefix match, ``*`` wildcard, ``$`` anchors a final end.
 
-    Both arguments must already be in :func:`normalize_path` form.
+    Both arguments must already be in :func:`normalize_path` form. The pieces between ``*`` are
+    found leftmost in order (``str.find``): linear, no backtracking.
 
     Examples
     --------
     >>> pattern_matches("/i/*.jpg$", "/i/a/b.jpg"), pattern_matches("/i/*.jpg$", "/i/a.jpgx")
     (True, False)
     """
-    if pattern.endswith("$"):
-        return _wildcard_full_match(pattern[:-1], path)
-    return _wildcard_full_match(pattern + "*", path)
+    anchored = pattern.endswith("$")
+    parts = (pattern[:-1] if anchored else pattern).split("*")
+    if not path.startswith(parts[0]):
+        return False
+    pos, end = len(parts[0]), len(path)
+    if len(parts) == 1:
+        return not anchored or pos == end
+    middle = parts[1:]
+    if anchored:  # the last piece must end the path, the others fit before it
+        last = parts[-1]
+        if not path.endswith(last) or end - len(last) < pos:
+            return False
+        end, middle = end - len(last), parts[1:-1]
+    for part in middle:
+        found = path.find(part, pos, end)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
 
 
 # --- robots.txt ---------------------------------------------------------------------------------
@@ -177,17 +178,21 @@ class RobotsRules:
         The longest matching pattern decides; on a tie, Allow wins. No matching rule: allowed.
         """
         target = normalize_path(path or "/")
-        best: tuple[int, bool, str] | None = None
-        for allow, pattern in self.rules:
-            if not pattern_matches(pattern, target):
-                continue
-            length = len(pattern)
-            if best is None or length > best[0] or (length == best[0] and allow and not best[1]):
-                best = (length, allow, pattern)
-        if best is None:
-            return True, None
-        _, allow, pattern = best
-        return allow, f"{'Allow' if allow else 'Disallow'}: {pattern}"
+        ordered, prefixes, wildcards = self._by_precedence
+        # protego's trick: one C-level startswith over every plain prefix; when none matches,
+        # only the wildcard rules can decide
+        for allow, pattern in ordered if target.startswith(prefixes) else wildcards:
+            if pattern_matches(pattern, target):
+                return allow, f"{'Allow' if allow else 'Disallow'}: {pattern}"
+        return True, None
+
+    @functools.cached_property
+    def _by_precedence(self) -> tuple[list[tuple[bool, str]], tuple[str, ...], list]:
+        # longest first, Allow before Disallow of the same length: the first match decides
+        ordered = sorted(self.rules, key=lambda r: (-len(r[1]), not r[0]))
+        wild = ["*" in p or p.endswith("$") for _, p in ordered]
+        prefixes = tuple(p for (_, p), w in zip(ordered, wild, strict=True) if not w)
+        return ordered, prefixes, [r for r, w in zip(ordered, wild, strict=True) if w]
 
     def to_json(self) -> dict[str, Any]:
         return {"group": self.group, "rules": [[a, p] for a, p in self.rules]}
