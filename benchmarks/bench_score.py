@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device,
                 batch_size=args.batch_size,
                 loader_threads=args.loader_threads,
-                torch_threads=args.torch_threads,
+                # the worker's threads, as the pipeline's score task passes them
+                torch_threads=args.torch_threads or args.threads,
                 jpeg_draft=draft,
             )
             cfg = with_loader_processes(cfg, procs)

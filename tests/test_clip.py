@@ -190,17 +190,19 @@ def test_features_accept_tensors_and_model_outputs(models) -> None:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     x = torch.randn(3, 16)
-    assert clip._features(x) is x
-    assert clip._features(BaseModelOutputWithPooling(pooler_output=x)) is x
+    assert clip.projected_features(x) is x
+    assert clip.projected_features(BaseModelOutputWithPooling(pooler_output=x)) is x
     with pytest.raises(TypeError, match="BaseModelOutputWithPooling"):
-        clip._features(BaseModelOutputWithPooling(last_hidden_state=x))
+        clip.projected_features(BaseModelOutputWithPooling(last_hidden_state=x))
     # what the installed transformers returns, through the encoder
     enc = load_encoder(models["clip"], device="cpu")
     pix = torch.zeros(1, 3, 32, 32)
     with torch.no_grad():
         raw = enc.model.get_image_features(pixel_values=pix)
-    np.testing.assert_allclose(clip._features(raw).numpy(), getattr(raw, "pooler_output", raw))
-    assert clip._features(raw).shape == (1, enc.dim)
+    np.testing.assert_allclose(
+        clip.projected_features(raw).numpy(), getattr(raw, "pooler_output", raw)
+    )
+    assert clip.projected_features(raw).shape == (1, enc.dim)
 
 
 def test_siglip_text_is_padded_to_its_trained_length(other_models) -> None:
@@ -245,9 +247,10 @@ def test_any_sentence_transformers_tower_loads(models, tmp_path, pooling, activa
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_a_missing_sentence_transformers_package_is_one_clear_error(models) -> None:
-    """Without the package the multilingual recipe fails before any work (pre-flight check)
-    and at load, naming the model and the package; the CLIP-only config still works."""
+def _errors_without(package: str, *configs: dict[str, str]) -> list[str]:
+    """In a fresh interpreter where ``package`` cannot be imported, the
+    :class:`ModelUnavailableError` lines of the pre-flight check and of the loader, for each
+    ``ClipConfig(**config)`` (device cpu)."""
     import subprocess
     import sys
     import textwrap
@@ -255,26 +258,30 @@ def test_a_missing_sentence_transformers_package_is_one_clear_error(models) -> N
     code = textwrap.dedent(
         f"""
         import sys
-        sys.modules["sentence_transformers"] = None  # as if not installed
+        sys.modules[{package!r}] = None  # as if not installed
         from laion_dask.stages import clip
         from laion_dask.ground.config import ClipConfig
-        cfg = ClipConfig(model={models["clip"]!r}, multilingual_text_model={models["multi"]!r})
-        for call in (
-            lambda: clip.check_model_available(cfg),
-            lambda: clip.encoder_from_config(cfg),
-        ):
-            try:
-                call()
-            except clip.ModelUnavailableError as exc:
-                print("ERROR:", exc)
-        clip.check_model_available(ClipConfig(model={models["clip"]!r}))
+        for kwargs in {list(configs)!r}:
+            cfg = ClipConfig(**kwargs, device="cpu")
+            for call in (clip.check_model_available, clip.encoder_from_config):
+                try:
+                    call(cfg)
+                except clip.ModelUnavailableError as exc:
+                    print("ERROR:", exc)
         """
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
     ).stdout
-    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
-    assert len(errors) == 2, out
+    return [line for line in out.splitlines() if line.startswith("ERROR:")]
+
+
+def test_a_missing_sentence_transformers_package_is_one_clear_error(models) -> None:
+    """Without the package the multilingual recipe fails before any work (pre-flight check)
+    and at load, naming the model and the package; the CLIP-only config still works."""
+    multi = {"model": models["clip"], "multilingual_text_model": models["multi"]}
+    errors = _errors_without("sentence_transformers", multi, {"model": models["clip"]})
+    assert len(errors) == 2, errors
     for line in errors:
         assert models["multi"] in line and "pip install sentence-transformers" in line
 
@@ -557,31 +564,8 @@ def test_check_model_available(models, tmp_path, monkeypatch) -> None:
 def test_missing_tokenizer_package_is_one_clear_error(other_models) -> None:
     """A SigLIP checkpoint where sentencepiece cannot be imported: ModelUnavailableError from
     the pre-flight check and from the loader, naming the model and the package to install."""
-    import subprocess
-    import sys
-    import textwrap
-
-    code = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["sentencepiece"] = None  # as if not installed
-        from laion_dask.stages import clip
-        from laion_dask.ground.config import ClipConfig
-        for call in (
-            lambda: clip.check_model_available(ClipConfig(model={other_models["siglip"]!r})),
-            lambda: clip.load_encoder({other_models["siglip"]!r}, device="cpu"),
-        ):
-            try:
-                call()
-            except clip.ModelUnavailableError as exc:
-                print("ERROR:", exc)
-        """
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True
-    ).stdout
-    errors = [line for line in out.splitlines() if line.startswith("ERROR:")]
-    assert len(errors) == 2, out
+    errors = _errors_without("sentencepiece", {"model": other_models["siglip"]})
+    assert len(errors) == 2, errors
     for line in errors:
         assert other_models["siglip"] in line and "pip install sentencepiece protobuf" in line
 

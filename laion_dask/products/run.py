@@ -1,7 +1,8 @@
 """The whole run: extract -> download -> score -> materialize, resumable, from one config.
 
 It sits with the products because its last step,
-:func:`~laion_dask.products.materialize.materialize`, is one; the first three are :mod:`laion_dask.orchestration.pipeline`'s stage runners.
+:func:`~laion_dask.products.materialize.materialize`, is one; the first three are
+:mod:`laion_dask.orchestration.pipeline`'s stage runners.
 """
 
 from __future__ import annotations

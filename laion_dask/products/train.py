@@ -51,6 +51,7 @@ from laion_dask.products.synthetic.draw import (
     encode_image,
     random_scene,
 )
+from laion_dask.stages.clip import load_encoder, projected_features
 from laion_dask.stages.embeddings import read_embeddings
 from laion_dask.stages.tags import PROMPTS, TagHead, load_tag_head, save_tag_head
 
@@ -284,11 +285,6 @@ def _decode(data: bytes) -> Any:
         return im.convert("RGB")
 
 
-def _features(out: Any) -> Any:
-    # transformers 5 returns an output object whose pooler_output is the projected embedding
-    return out.pooler_output if hasattr(out, "pooler_output") else out
-
-
 # --- training -----------------------------------------------------------------------------------
 def _build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     # heavy optional dependencies (seconds to import): only where a model trains
@@ -437,8 +433,8 @@ def train_clip(
         px = px.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        img = _features(model.get_image_features(pixel_values=px))
-        txt = _features(
+        img = projected_features(model.get_image_features(pixel_values=px))
+        txt = projected_features(
             model.get_text_features(
                 input_ids=tokens["input_ids"][idx].to(device),
                 attention_mask=tokens["attention_mask"][idx].to(device),
@@ -537,32 +533,18 @@ def encode(
     texts: Sequence[str] | None = None,
     batch_size: int = 256,
 ) -> tuple[Any, Any]:
-    """L2-normalised image and text embeddings (numpy float32) from a saved model directory."""
-    # heavy optional dependencies (seconds to import): only where a model trains
-    import torch
-    from transformers import AutoProcessor, CLIPModel
+    """L2-normalised image and text embeddings (numpy float32) from a saved model directory,
+    made by the scoring stage's encoder: what a run's similarities would be."""
+    enc = load_encoder(str(model_dir), device="cpu")
 
-    model = CLIPModel.from_pretrained(str(model_dir)).eval()
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    img_emb = txt_emb = None
-    with torch.inference_mode():
-        if images is not None:
-            chunks = []
-            for i in range(0, len(images), batch_size):
-                px = processor(images=list(images[i : i + batch_size]), return_tensors="pt")
-                chunks.append(_features(model.get_image_features(pixel_values=px["pixel_values"])))
-            img_emb = torch.nn.functional.normalize(torch.cat(chunks), dim=-1).numpy()
-        if texts is not None:
-            chunks = []
-            for i in range(0, len(texts), batch_size):
-                tok = processor.tokenizer(
-                    list(texts[i : i + batch_size]),
-                    padding=True,
-                    truncation=True,
-                    return_tensors="pt",
-                )
-                chunks.append(_features(model.get_text_features(**tok)))
-            txt_emb = torch.nn.functional.normalize(torch.cat(chunks), dim=-1).numpy()
+    def batched(fn: Any, items: Sequence[Any]) -> np.ndarray:
+        parts = [fn(list(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, enc.dim), np.float32)
+
+    img_emb = None if images is None else batched(enc.encode_images, images)
+    txt_emb = (
+        None if texts is None else batched(lambda t: enc.encode_texts(t, ["en"] * len(t)), texts)
+    )
     return img_emb, txt_emb
 
 

@@ -98,6 +98,7 @@ __all__ = [
     "load_encoder",
     "encoder_from_config",
     "encoder_info",
+    "projected_features",
     "resolved_config",
     "check_model_available",
     "score_partition",
@@ -279,7 +280,7 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
 # --- encoders ------------------------------------------------------------------------------------
 
 
-def _features(out: Any) -> Any:
+def projected_features(out: Any) -> Any:
     """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
     pooled = getattr(out, "pooler_output", out)
     if not hasattr(pooled, "norm"):  # neither a tensor nor an output holding one
@@ -288,7 +289,6 @@ def _features(out: Any) -> Any:
 
 
 def _normalize(x: Any) -> np.ndarray:
-
     x = x.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return x.cpu().numpy().astype(np.float32, copy=False)
@@ -384,7 +384,7 @@ class TransformersEncoder:
             return np.zeros((0, self.dim), np.float32)
         with self._forward_lock(), torch.inference_mode():
             x = self.preprocessor.to_tensor(batch, self.device, self.torch_dtype)
-            return _normalize(_features(self.model.get_image_features(pixel_values=x)))
+            return _normalize(projected_features(self.model.get_image_features(pixel_values=x)))
 
     def encode_images(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """Unit-norm float32 image embeddings, shape (n, dim)."""
@@ -401,7 +401,7 @@ class TransformersEncoder:
             return_tensors="pt",
         ).to(self.device)
         kwargs = {k: v for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-        return _features(self.model.get_text_features(**kwargs))
+        return projected_features(self.model.get_text_features(**kwargs))
 
     def encode_texts(self, texts: Sequence[str], groups: Sequence[str]) -> np.ndarray:
         """Unit-norm float32 text embeddings; ``multi``/``nolang`` use the multilingual tower."""
@@ -995,9 +995,13 @@ def add_clip_scores(
     encoder: Encoder | None = None,
     images: Mapping[str, bytes] | None = None,
     image_root: str | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Return ``df`` with ``similarity``, ``punsafe``, ``pwatermark`` and ``score_status``.
 
     The frame of :func:`score_partition`; use that function to keep the embeddings too.
     """
-    return score_partition(df, cfg, encoder=encoder, images=images, image_root=image_root).frame
+    result = score_partition(
+        df, cfg, encoder=encoder, images=images, image_root=image_root, threads=threads
+    )
+    return result.frame
