@@ -417,7 +417,8 @@ def run_extract(
             run.fs.mv(tmp, dup_dir, recursive=True)
     elif need and cfg.rules.deduplicate:
         dup_dir = None
-    _forget_stale(run, ("extract", "candidates"), keep=set(done))
+    for stage in ("extract", "candidates"):
+        _forget(run, stage, set(run.markers(stage)) - set(done))
     cand_tasks = [(f"{i:05d}", _candidates_task, (i, run, dup_dir, cand_fp)) for i in done]
     cand_results, cand_fail = run_tasks(client, "candidates", cand_tasks, strict=cfg.strict)
 
@@ -437,14 +438,22 @@ def run_extract(
     return report
 
 
-def _forget_stale(run: RunDir, stages: Sequence[str], keep: set[int]) -> None:
-    """Drop partitions left by an earlier run with other inputs, so later stages never read them."""
+def _forget(
+    run: RunDir,
+    stage: str,
+    indices: Iterable[int],
+    extra: Callable[[int], list[str]] = lambda index: [],
+) -> None:
+    """Drop partitions ``indices`` of ``stage``: marker, part and the ``extra(index)`` files.
+
+    They were left by an earlier run with other inputs, or by a plan with more shards; later
+    stages (materialize, explore, the report) would otherwise read rows this run never made.
+    """
     fs = run.fs
-    for stage in stages:
-        for index in set(run.markers(stage)) - keep:
-            for path in (run.marker_path(stage, index), run.part_path(stage, index)):
-                if fs.exists(path):
-                    fs.rm(path)
+    for index in indices:
+        for path in [run.marker_path(stage, index), run.part_path(stage, index), *extra(index)]:
+            if fs.exists(path):
+                fs.rm(path)
 
 
 def _load_dedup_part_meta() -> pd.DataFrame:
@@ -802,7 +811,12 @@ def run_download(
         size = sum(n for _, n, _ in chain)
         planned.append((size, first, (f"bucket-{first:05d}", _download_chain_task, args)))
     n_shards = sum(len(ids) for chain in layout for _, _, ids in chain)
-    _forget_shards_from(run, n_shards)
+    _forget(  # shards of a plan with more of them
+        run,
+        "downloads",
+        [i for i in run.marker_indices("downloads") if i >= n_shards],
+        lambda i: [run.join("images", f"{i:05d}{ext}") for ext in _SHARD_FILES],
+    )
     # longest first: a big host's chain bounds the stage's wall time, so it starts at once
     planned.sort(key=lambda p: (-p[0], p[1]))
     results, failures = run_tasks(
@@ -814,19 +828,6 @@ def run_download(
     )
     chunks = [r for bucket_results in results for r in bucket_results]
     return _stage_report("download", n_shards, chunks, failures, "status", t0)
-
-
-def _forget_shards_from(run: RunDir, first: int) -> None:
-    """Drop download partitions numbered ``first`` or above: left by a plan with more shards."""
-    fs = run.fs
-    for index in run.marker_indices("downloads"):
-        if index < first:
-            continue
-        paths = [run.marker_path("downloads", index), run.part_path("downloads", index)]
-        paths += [run.join("images", f"{index:05d}{ext}") for ext in _SHARD_FILES]
-        for path in paths:
-            if fs.exists(path):
-                fs.rm(path)
 
 
 #: the files of one shard in RUN/images/, img2dataset style
@@ -911,7 +912,11 @@ def run_score(
     run.makedirs("scores", "embeddings")
     _remove_tmp(run, "score", ("scores", "embeddings"))
     downloads = run.markers("downloads")
-    _forget_stale_scores(run, keep=set(downloads))
+    # scores of shards a smaller plan dropped, with their embeddings
+    stale = set(run.marker_indices("scores")) - set(downloads)
+    _forget(run, "scores", stale, lambda i: [*embedding_paths(run.join("embeddings"), i).values()])
+    if stale:
+        log.info("score: removed %d scores parts whose shards are gone", len(stale))
     tasks = [
         (
             f"{k:05d}",
@@ -929,23 +934,6 @@ def run_score(
         show_progress=show_progress,
     )
     return _stage_report("score", len(tasks), results, failures, "score_status", t0)
-
-
-def _forget_stale_scores(run: RunDir, keep: set[int]) -> None:
-    """Drop scores parts (and their embeddings) of shards that no longer exist.
-
-    A new download plan with fewer shards (another ``rows_per_task``, fewer inputs) removes the
-    shards beyond it; their scores would otherwise stay in RUN/scores and reach materialize,
-    explore and the report as rows nobody downloaded in this run.
-    """
-    fs = run.fs
-    for index in set(run.marker_indices("scores")) - keep:
-        paths = [run.marker_path("scores", index), run.part_path("scores", index)]
-        paths += list(embedding_paths(run.join("embeddings"), index).values())
-        for path in paths:
-            if fs.exists(path):
-                fs.rm(path)
-        log.info("score: removed scores part %d (its shard is gone)", index)
 
 
 def _stage_report(
