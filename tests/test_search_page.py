@@ -50,7 +50,7 @@ def test_page_searches_text_and_images_and_follows_filters(indexed_run):
     assert "Cannot search" in page.status.object and page.results.object == ""
 
 
-def test_missing_index_fails_before_the_page(tmp_path):
+def test_missing_index_fails_before_the_page(tmp_path, capsys):
     import numpy as np
 
     from tests.helpers.knn import make_vector_run
@@ -59,6 +59,10 @@ def test_missing_index_fails_before_the_page(tmp_path):
     with pytest.raises(FileNotFoundError, match="laion-dask index"):
         search_page.build_search_page(run)
     assert search_page.main([run.path, "--no-show"]) == 2
+    # the served faces' common flags parse; the missing index is still the one-line answer
+    assert search_page.main([run.path, "--no-show", "-q", "-vv", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("laion-dask index" in line for line in err)
 
 
 def _wait_status(page, pattern: re.Pattern) -> str:

@@ -45,7 +45,13 @@ RESULTS = re.compile(r"(\d+) results for")
 SLIDER_TITLE = re.compile(r"similarity (\w+): ([0-9.]+)")
 
 _SKIP = browser_skip_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_SKIP is not None, reason=_SKIP or ""),
+    # a server process start (imports, a CLIP load), a browser and a materialize: on a shared
+    # two-core runner this takes well over the suite's 180 s default now and then
+    pytest.mark.timeout(420),
+]
 
 #: what the dashboard's tests save to RUN/thresholds.toml before the server starts: a fresh
 #: session must open here, not at config.toml's [filters]
