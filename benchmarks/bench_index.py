@@ -1,5 +1,7 @@
 """kNN index benchmark: build time, size, recall@10 against exact search, query latency.
 
+Writes ``benchmarks/results/index.json``.
+
     nice -n 10 .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--dim 512]
 
 Synthetic float16 unit vectors with neighbourhood structure (1,000 centres, 10 sub-centres
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _results import save
 
 
 def synth(n: int, dim: int, seed: int, spread: float = 0.6) -> np.ndarray:
@@ -180,6 +183,12 @@ def main() -> None:
         "targets": "recall@10 >= 0.95 at p95 <= 20 ms per vector query",
     }
     print(json.dumps(out, indent=1))
+    save(
+        "index",
+        figures=out,
+        summary="knn.build_index's own index choice: build time, recall@10 against exact "
+        "NumPy search, query latency",
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import ConfigError
-from laion_dask.products import knn
+from laion_dask.products import knn, neardup
 from laion_dask.stages.embeddings import read_embeddings
 from tests.helpers.knn import clustered_vectors, make_scene_run, make_vector_run
 
@@ -203,26 +203,26 @@ def test_near_duplicate_groups_are_planted_sets(tmp_path, client):
     knn.build_index(run, client=client)
     report = knn.find_near_duplicates(run, 0.94, client=client)
     assert (report.groups, report.members, report.near_duplicates) == (2, 5, 3)
-    groups = knn.read_near_duplicates(run)
+    groups = neardup.read_near_duplicates(run)
     meta = knn.load_index(run).metadata
     sim = meta["caption_similarity"].to_numpy()
     for members in ({5, 60, 100}, {20, 90}):
         rows = groups[groups[schema.KEY].isin(meta[schema.KEY].iloc[sorted(members)])]
-        assert len(rows) == len(members) and rows[knn.DUPLICATE_GROUP].nunique() == 1
+        assert len(rows) == len(members) and rows[neardup.DUPLICATE_GROUP].nunique() == 1
         canonical = max(members, key=lambda i: (sim[i], -i))
-        assert int(rows[knn.DUPLICATE_GROUP].iloc[0]) == canonical
-        flags = dict(zip(rows[schema.KEY], rows[knn.NEAR_DUPLICATE], strict=True))
+        assert int(rows[neardup.DUPLICATE_GROUP].iloc[0]) == canonical
+        flags = dict(zip(rows[schema.KEY], rows[neardup.NEAR_DUPLICATE], strict=True))
         assert [k for k, f in flags.items() if not f] == [meta[schema.KEY].iloc[canonical]]
     # per part on disk, with markers that add up; joinable onto any frame with a key
     assert sorted(run.markers("neardup")) == [0, 1]
     assert sum(m["near_duplicates"] for m in run.markers("neardup").values()) == 3
     scores = pd.concat([run.read_parquet(p) for p in run.parts("scores")], ignore_index=True)
-    joined = knn.add_near_duplicate(scores, groups)
-    assert len(joined) == len(scores) and int(joined[knn.NEAR_DUPLICATE].sum()) == 3
-    assert int(joined[knn.DUPLICATE_GROUP].notna().sum()) == 5
+    joined = neardup.add_near_duplicate(scores, groups)
+    assert len(joined) == len(scores) and int(joined[neardup.NEAR_DUPLICATE].sum()) == 3
+    assert int(joined[neardup.DUPLICATE_GROUP].notna().sum()) == 5
     # the same run again: the same groups
     knn.find_near_duplicates(run, 0.94, client=client)
-    pd.testing.assert_frame_equal(knn.read_near_duplicates(run), groups)
+    pd.testing.assert_frame_equal(neardup.read_near_duplicates(run), groups)
     # search collapses a group into its best-ranked member
     index = knn.load_index(run)
     (res,) = index.search_vectors(data[5], 3)
@@ -241,19 +241,21 @@ def test_groups_from_other_scores_are_refused(tmp_path, client):
     assert knn.load_index(run).info.scores_fingerprints == {"0": "x", "1": "x"}
     knn.find_near_duplicates(run, 0.99, client=client)
     parts = {p: run.read_parquet(run.part_path("scores", p)) for p in (0, 1)}
-    assert knn.join_part_near_duplicates(run, 1, parts[1])[knn.DUPLICATE_GROUP].notna().any()
+    joined = neardup.join_part_near_duplicates(run, 1, parts[1])
+    assert joined[neardup.DUPLICATE_GROUP].notna().any()
     # part 1 re-scored (another config): its marker's fingerprint changes
     marker = run.done_marker("scores", 1)
     run.mark_done("scores", 1, {**marker, "fingerprint": "y"})
-    with pytest.raises(knn.StaleNearDuplicates, match="part 1 .*re-scored"):
-        knn.join_part_near_duplicates(run, 1, parts[1])
-    knn.join_part_near_duplicates(run, 0, parts[0])  # part 0 is unchanged: still joins
-    with pytest.raises(knn.StaleNearDuplicates, match=r"parts \[1\].*laion-dask index"):
+    with pytest.raises(neardup.StaleNearDuplicates, match="part 1 .*re-scored"):
+        neardup.join_part_near_duplicates(run, 1, parts[1])
+    neardup.join_part_near_duplicates(run, 0, parts[0])  # part 0 is unchanged: still joins
+    with pytest.raises(neardup.StaleNearDuplicates, match=r"parts \[1\].*laion-dask index"):
         knn.find_near_duplicates(run, 0.99, client=client)
     # rebuilt from the current scores, both work again
     knn.build_index(run, client=client)
     knn.find_near_duplicates(run, 0.99, client=client)
-    assert knn.join_part_near_duplicates(run, 1, parts[1])[knn.DUPLICATE_GROUP].notna().any()
+    joined = neardup.join_part_near_duplicates(run, 1, parts[1])
+    assert joined[neardup.DUPLICATE_GROUP].notna().any()
 
 
 def test_text_search_with_the_runs_own_clip_finds_the_scene(scene_run):
@@ -327,7 +329,7 @@ def test_near_duplicate_reason_reaches_filters_explore_report_and_materialize(tm
     from laion_dask.ground.config import FilterConfig
     from laion_dask.products import explore
     from laion_dask.products.materialize import materialize, read_dataset
-    from laion_dask.products.report import fast_final_reason
+    from laion_dask.products.report import build_stats
     from laion_dask.stages.filters import FINAL_REASON, add_final_reason
     from tests.helpers.runs import make_scored_run
 
@@ -342,24 +344,25 @@ def test_near_duplicate_reason_reaches_filters_explore_report_and_materialize(tm
         nd = pd.DataFrame(
             {
                 schema.KEY: members,
-                knn.DUPLICATE_GROUP: [p] * len(members),
+                neardup.DUPLICATE_GROUP: [p] * len(members),
                 "canonical_key": [members[0]] * len(members),
-                knn.NEAR_DUPLICATE: [False] + [True] * (len(members) - 1),
+                neardup.NEAR_DUPLICATE: [False] + [True] * (len(members) - 1),
             }
         )
         run.makedirs("neardup")
         run.write_parquet_atomic(run.part_path("neardup", p), nd)
-        joined.append(knn.join_part_near_duplicates(run, p, df))
+        joined.append(neardup.join_part_near_duplicates(run, p, df))
     df = pd.concat(joined, ignore_index=True)
     expect = add_final_reason(df, cfg)[FINAL_REASON]
     near = df[schema.KEY].isin(flagged)
-    upstream = add_final_reason(df.drop(columns=[knn.NEAR_DUPLICATE]), cfg)[FINAL_REASON]
+    upstream = add_final_reason(df.drop(columns=[neardup.NEAR_DUPLICATE]), cfg)[FINAL_REASON]
     # flagged rows the pipeline kept become near_duplicate; earlier reasons still win
     assert (expect[near & upstream.isna()] == "near_duplicate").all()
     assert (expect[near & upstream.notna()] == upstream[near & upstream.notna()]).all()
     assert (expect[~near] == upstream[~near]).all()
     assert (expect == "near_duplicate").sum() > 0
-    pd.testing.assert_series_equal(fast_final_reason(df, cfg), expect)
+    final = build_stats(run, client=client, thresholds=cfg)["funnel"]["final"]
+    assert final["dropped"]["near_duplicate"] == int((expect == "near_duplicate").sum())
     view = explore.open_run(run, client=client)
     pd.testing.assert_series_equal(view.reasons_at(cfg), expect, check_names=False)
     report = materialize(run, cfg, client=client)

@@ -24,7 +24,7 @@ autofaiss), over a user's own run:
 * :func:`find_near_duplicates` groups the run's images whose embeddings are within a cosine
   threshold of a canonical image (range search over the index, one Dask task per part) and
   writes ``RUN/neardup/part-NNNNN.parquet`` (``key``, ``duplicate_group``, ``canonical_key``,
-  ``near_duplicate``); :func:`add_near_duplicate` joins it onto any frame with a ``key``.
+  ``near_duplicate``); :mod:`laion_dask.products.neardup` joins it onto any frame with a ``key``.
 
 Flat search is exact: its results equal a brute-force NumPy search over the same float16
 vectors. IVF-PQ is approximate; its recall is measured, not assumed. GPU faiss is used to train
@@ -61,12 +61,10 @@ from laion_dask.products.neardup import (
     CANONICAL_KEY,
     DUPLICATE_GROUP,
     NEAR_DUPLICATE,
-    NEAR_DUPLICATE_REASON,
     NEARDUP_DIR,
     StaleNearDuplicates,
     _scores_fingerprint,
     add_near_duplicate,
-    join_part_near_duplicates,
     read_near_duplicates,
 )
 from laion_dask.stages.clip import encoder_from_config
@@ -80,10 +78,6 @@ __all__ = [
     "KnnIndex",
     "NearDupReport",
     "MODALITIES",
-    "DUPLICATE_GROUP",
-    "CANONICAL_KEY",
-    "NEAR_DUPLICATE",
-    "NEAR_DUPLICATE_REASON",
     "RESULT_DEDUP_COSINE",
     "choose_index",
     "build_index",
@@ -92,11 +86,7 @@ __all__ = [
     "encode_query",
     "collapse_near_duplicates",
     "find_near_duplicates",
-    "read_near_duplicates",
-    "add_near_duplicate",
     "results_html",
-    "StaleNearDuplicates",
-    "join_part_near_duplicates",  # re-exported from neardup until its callers import it there
 ]
 
 log = logging.getLogger(__name__)
