@@ -123,8 +123,9 @@ def _warn(line: str) -> None:
 
 @contextlib.contextmanager
 def _client(cfg: PipelineConfig) -> Iterator[Any]:
-    from laion_dask.orchestration.cluster import cluster_client
+    from laion_dask.orchestration.cluster import cluster_client, quiet_dask_logging
 
+    quiet_dask_logging(logging.getLogger("laion_dask").getEffectiveLevel())
     with cluster_client(cfg.cluster, child_processes=cfg.clip.loader_processes > 0) as client:
         link = getattr(client, "dashboard_link", None)
         if link and cfg.cluster.dashboard_address is not None:
@@ -261,7 +262,6 @@ def _load_thresholds(path: str, cfg: PipelineConfig) -> Any:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from laion_dask.orchestration.pipeline import run_extract
     from laion_dask.orchestration.rundir import RunDir
 
     run = RunDir(args.out)
@@ -276,6 +276,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     paths = _expand_inputs(cfg)
     _check_inputs(paths, cfg.strict)
     _refuse_changed_config(args, run, cfg, "extract")
+    from laion_dask.orchestration.pipeline import run_extract  # after the checks: ~5 s to import
+
     run.write_config(cfg)
     with _client(cfg) as client:
         report = run_extract(
@@ -297,14 +299,14 @@ def _run_stage(
     **kwargs: Any,
 ) -> int:
     """Shared body of ``download`` and ``score``: checks, config, client, stage, report."""
-    from laion_dask.orchestration import pipeline
-
     run = _run_dir(args.run)
     _require(run, needs, stage)
     cfg = _base_config(args, run)
     for check in checks:
         check(cfg)
     _refuse_changed_config(args, run, cfg, stage)
+    from laion_dask.orchestration import pipeline  # after the checks: ~5 s to import
+
     run.write_config(cfg)
     runner = getattr(pipeline, f"run_{stage}")
     with _client(cfg) as client:
@@ -332,12 +334,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    from laion_dask.products.materialize import materialize
-
     run = _run_dir(args.run)
     _require(run, "scores", "materialize")
     cfg = _base_config(args, run)
     thresholds = _load_thresholds(args.thresholds, cfg) if args.thresholds else None
+    from laion_dask.products.materialize import materialize
+
     with _client(cfg) as client:
         report = materialize(run, thresholds, client=client)
     _print_report(report)
@@ -391,8 +393,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from laion_dask.products.knn import build_index, find_near_duplicates
-
     run = _run_dir(args.run)
     _require(run, "scores", "index")
     cfg = _base_config(args, run)  # [index] from --config or the run's config.toml
@@ -407,6 +407,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.target_recall is not None:
         changes["target_recall"] = args.target_recall
     index_cfg = cfg.replace("index", **changes).index
+    from laion_dask.products.knn import build_index, find_near_duplicates
+
     with _client(cfg) as client:
         for modality in ("image", "text") if args.text else ("image",):
             info = build_index(run, index_cfg, modality=modality, client=client)
@@ -427,11 +429,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from laion_dask.products.report import build_stats, write_report
-
     run = _run_dir(args.run)
     _require(run, "scores", "report")
     cfg = _base_config(args, run)
+    from laion_dask.products.report import build_stats, write_report
+
     with _client(cfg) as client:
         stats = build_stats(run, client=client)
         paths = write_report(run, stats, formats=(args.format,), out=args.out, client=client)
@@ -781,6 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rest = [*quiet, *argv[lead + 1 :]] if argv[lead] == "demo" else argv[lead + 1 :]
         _set_logging(verbose)
+        from laion_dask.orchestration.cluster import quiet_dask_logging
+
+        quiet_dask_logging(_log_level(verbose))  # the demo and the dashboard start clusters
         func = _PASSTHROUGH[argv[lead]][0]
         return _guarded(lambda: func(argparse.Namespace(rest=rest)), verbose)
     args = build_parser().parse_args(argv)
@@ -791,32 +796,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _set_logging(verbose: int) -> None:
-    from laion_dask.orchestration.cluster import quiet_dask_logging
-
     level = _log_level(verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_dask_logging(level)
 
 
 def _guarded(call: Callable[[], int | None], verbose: int) -> int:
     """Run a command; a user's mistake is one line and exit 2, a failure one line and exit 1."""
-    from laion_dask.orchestration.runner import StageError
-
     try:
         return int(call() or 0)
     except (UsageError, ConfigError, FileNotFoundError, NotADirectoryError) as err:
         error, code, text = err, 2, str(err)
         if isinstance(err, OSError) and " " not in text.strip():  # pyarrow's bare path
             text = f"file not found: {text or err.filename}"
-    except StageError as err:
-        error, code = err, 1
-        text = f"{err} (without --strict a failed partition is counted, the run goes on)"
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not 60
+        # imported here: a stage that raised it has loaded Dask already, a usage error has not
+        from laion_dask.orchestration.runner import StageError
+
         error, code = err, 1
-        text = f"unexpected {type(err).__name__}: {err} (run with -v for the traceback)"
+        if isinstance(err, StageError):
+            text = f"{err} (without --strict a failed partition is counted, the run goes on)"
+        else:
+            text = f"unexpected {type(err).__name__}: {err} (run with -v for the traceback)"
     if verbose:
         traceback.print_exception(error)
     first, *_ = text.strip().splitlines() or [""]
