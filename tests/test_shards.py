@@ -9,6 +9,7 @@ from laion_dask.ground.shards import (
     ShardSample,
     iter_shard,
     make_key,
+    read_images,
     read_shard_images,
     write_shard,
 )
@@ -41,3 +42,22 @@ def test_round_trip_and_json_metadata(tmp_path):
     got = json.loads(members["000000001"]["json"], parse_constant=no_constants)
     assert got == {"na": None, "nan": None, "none": None, "i": 7, "f": 0.5, "s": "x"}
     assert read_shard_images(path, ["000000002"]) == {"000000002": b"img2"}
+
+
+def test_read_images_in_order_across_shards_and_past_a_bad_one(tmp_path, caplog):
+    root = tmp_path / "images"
+    root.mkdir()
+    write_shard(
+        str(root / "00000.tar"),
+        [ShardSample("k1", b"one", "t", {}), ShardSample("k2", b"two", "t", {})],
+    )
+    # the same key in another shard is another image
+    write_shard(str(root / "00001.tar"), [ShardSample("k1", b"uno", "t", {}, ext="png")])
+    (root / "00002.tar").write_bytes(b"not a tar at all")
+    keys = ["k2", "k1", "k1", "k9", None, "k1", "k1"]
+    shards = ["00000.tar", "00001.tar", "00000.tar", "00000.tar", "00000.tar", pd.NA, "00002.tar"]
+    with caplog.at_level("WARNING", logger="laion_dask.ground.shards"):
+        got = read_images(str(root), keys, shards)
+    assert got == [b"two", b"uno", b"one", None, None, None, None]
+    assert "00002.tar unreadable" in caplog.text and "1 images missing" in caplog.text
+    assert read_images(str(root), [], []) == []

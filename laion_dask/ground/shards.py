@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pandas as pd
 
-__all__ = ["ShardSample", "write_shard", "iter_shard", "read_shard_images", "make_key"]
+__all__ = [
+    "ShardSample",
+    "write_shard",
+    "iter_shard",
+    "read_shard_images",
+    "read_images",
+    "make_key",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,3 +120,29 @@ def read_shard_images(path: str, keys: Iterable[str] | None = None) -> dict[str,
                 out[key] = members[ext]
                 break
     return out
+
+
+def read_images(image_root: str, keys: Sequence[Any], shards: Sequence[Any]) -> list[bytes | None]:
+    """Image bytes of ``keys[i]`` from shard ``shards[i]`` under ``image_root``, in order.
+
+    Each shard is read once. A missing key or shard (None/NA) gives None, and so does every
+    key of a shard that cannot be read (missing, not a tar, cut short): logged with its path
+    and the number of images it cost, never raised, so one bad shard costs only its rows.
+    """
+    wanted: dict[str, set[str]] = {}
+    for key, shard in zip(keys, shards, strict=True):
+        if not pd.isna(key) and not pd.isna(shard):
+            wanted.setdefault(str(shard), set()).add(str(key))
+    found: dict[tuple[str, str], bytes] = {}
+    for shard, names in sorted(wanted.items()):
+        path = f"{image_root.rstrip('/')}/{shard}"
+        try:
+            images = read_shard_images(path, names)
+        except (OSError, EOFError, tarfile.TarError) as err:
+            log.warning("shard %s unreadable (%s): %d images missing", path, err, len(names))
+            continue
+        found.update(((shard, k), data) for k, data in images.items())
+    return [
+        None if pd.isna(k) or pd.isna(s) else found.get((str(s), str(k)))
+        for k, s in zip(keys, shards, strict=True)
+    ]

@@ -23,16 +23,14 @@ import base64
 import io
 import logging
 import struct
-import tarfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from laion_dask.ground.config import DownloadConfig
-from laion_dask.ground.shards import read_shard_images
+from laion_dask.ground.shards import read_images
 
 __all__ = [
     "ImageResult",
@@ -257,24 +255,11 @@ def read_thumbnails(
 ) -> list[Image.Image | None]:
     """Thumbnails of the images ``keys`` (in shard ``shards[i]`` under ``image_root``), in order.
 
-    Each shard is read once. A missing or unreadable shard, a missing key (``None``/NA) or an
-    undecodable image gives ``None`` in its place, counted in the log: a page of samples shows
-    a grey box, never fails.
+    A missing or unreadable shard, a missing key or an undecodable image gives ``None`` in its
+    place, counted in the log (:func:`laion_dask.ground.shards.read_images`): a page of samples
+    shows a grey box, never fails.
     """
-    wanted: dict[str, set[str]] = {}
-    for key, shard in zip(keys, shards, strict=True):
-        if not pd.isna(key) and not pd.isna(shard):
-            wanted.setdefault(str(shard), set()).add(str(key))
-    found: dict[str, bytes] = {}
-    for shard, names in sorted(wanted.items()):
-        path = f"{image_root.rstrip('/')}/{shard}"
-        try:
-            found.update(read_shard_images(path, names))
-        except (OSError, EOFError, tarfile.TarError) as err:
-            log.warning("thumbnails: shard %s unreadable (%s): %d skipped", path, err, len(names))
-    out = [
-        None if pd.isna(k) or str(k) not in found else thumbnail(found[str(k)], size) for k in keys
-    ]
+    out = [None if b is None else thumbnail(b, size) for b in read_images(image_root, keys, shards)]
     missing = sum(img is None for img in out)
     if missing:
         log.info("thumbnails: %d of %d have no decodable image", missing, len(out))
