@@ -777,11 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lead < len(argv) and argv[lead] in _PASSTHROUGH:
         verbose = sum(2 if a == "-vv" else 1 for a in argv[:lead] if a.startswith(("-v", "--v")))
         quiet = [a for a in argv[:lead] if a in ("-q", "--quiet")]
-        # the dashboard's own parser takes -v/-q (and sets its logging); the others take -q
-        if argv[lead] == "dashboard":
+        # the dashboard's and the demo's own parsers take -v/-q; train-clip's takes neither
+        if argv[lead] in ("dashboard", "demo"):
             rest = [*quiet, *["-v"] * verbose, *argv[lead + 1 :]]
         else:
-            rest = [*quiet, *argv[lead + 1 :]] if argv[lead] == "demo" else argv[lead + 1 :]
+            rest = argv[lead + 1 :]
         _set_logging(verbose)
         from laion_dask.orchestration.cluster import quiet_dask_logging
 

@@ -235,8 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
     p.add_argument("--model", help="CLIP model dir or hub name (default: the committed demo CLIP)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     args = p.parse_args(argv)
+    if args.verbose:  # the package's records reach the root's handlers whatever its level
+        level = logging.DEBUG if args.verbose > 1 else logging.INFO
+        logging.getLogger("laion_dask").setLevel(level)
     spec = CorpusSpec(n_pages=args.pages, seed=args.seed)
     result = run_demo(
         args.out,
