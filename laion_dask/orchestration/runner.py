@@ -138,7 +138,8 @@ class LineProgress:
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
-        self._write(f"{self.stage}: started, {self.total} partitions")
+        plural = "" if self.total == 1 else "s"
+        self._write(f"{self.stage}: started, {self.total} partition{plural}")
         self._thread.start()
 
     def update(self, finished: int, failed: int = 0) -> None:
