@@ -155,9 +155,9 @@ def test_an_empty_path_listing_is_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_extract_exits_1_when_every_input_failed(tmp_path):
-    """An input that only fails on the worker (a URL that answers 404): the run is made and
-    reported, and the exit code says it did not work."""
+@pytest.fixture
+def gone_url():
+    """A URL on a loopback server that answers 404: an input only a worker finds unreadable."""
 
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
@@ -170,14 +170,24 @@ def test_extract_exits_1_when_every_input_failed(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/gone.warc.gz"
-        done = cli("extract", url, "--out", "run", *LOCAL, cwd=tmp_path)
-    finally:
-        server.shutdown()
+    yield f"http://127.0.0.1:{server.server_port}/gone.warc.gz"
+    server.shutdown()
+
+
+def test_extract_exits_1_when_every_input_failed(tmp_path, gone_url):
+    """The run is made and reported, and the exit code says it did not work."""
+    done = cli("extract", gone_url, "--out", "run", *LOCAL, cwd=tmp_path)
     assert done.returncode == 1
     assert "FAILED" in done.stdout
     assert_one_line(done.stderr, "every input file failed (1 of 1)")
+
+
+def test_run_exits_1_when_every_input_failed(tmp_path, gone_url):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[input]\npaths = ["{gone_url}"]\n')
+    done = cli("run", str(config), "--out", "run", "--stages", "extract", *LOCAL, cwd=tmp_path)
+    assert done.returncode == 1
+    assert_one_line(done.stderr, "every partition failed (1 of 1)")
 
 
 def test_thresholds_that_cannot_be_meant_are_refused(tmp_path):

@@ -148,8 +148,8 @@ def _print_report(report: Any) -> None:
 
 def _outcome(report: Any, cfg: PipelineConfig, what: str) -> int:
     """Exit code of a stage that ran: 1 when every partition failed (or any, with --strict)."""
-    failed = len(getattr(report, "failed", {}))
-    if failed and failed >= report.partitions:
+    failed = len(getattr(report, "failed", None) or {})
+    if failed and failed >= getattr(report, "partitions", 0):
         print(
             f"{PROG}: {report.stage}: every {what} failed ({failed} of {report.partitions}); "
             "see the FAILED lines above",
@@ -386,10 +386,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     for r in reports:
         _print_report(r)
-    for r in reports:
-        if getattr(r, "failed", None) and len(r.failed) >= getattr(r, "partitions", 0) > 0:
-            return _outcome(r, cfg, "partition")
-    return 0
+    return max((_outcome(r, cfg, "partition") for r in reports), default=0)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
