@@ -281,4 +281,6 @@ def test_thumbnail_html_and_data_uris_decode_back() -> None:
         assert back.size == img.size and back.format == fmt.upper()
     assert f'src="{data_uri(img)}"' in thumbnail_html(img)
     assert "no image" in thumbnail_html(None)
+    with pytest.raises(ValueError, match="png' or 'jpeg'"):
+        data_uri(img, "webp")
     assert thumbnail(b"\xff\xd8 truncated jpeg") is None

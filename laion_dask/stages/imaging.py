@@ -235,12 +235,16 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def data_uri(img: Image.Image, fmt: str = "png", quality: int = 80) -> str:
-    """A PIL image as a ``data:`` URI (``png``, or ``jpeg`` at ``quality``: smaller pages)."""
+    """A PIL image as a ``data:`` URI: ``png``, or ``jpeg`` at ``quality`` (smaller pages)."""
     if fmt == "png":
-        return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode("ascii")
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        data = png_bytes(img)
+    elif fmt == "jpeg":
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        data = buf.getvalue()
+    else:
+        raise ValueError(f"data_uri: fmt must be 'png' or 'jpeg', got {fmt!r}")
+    return f"data:image/{fmt};base64," + base64.b64encode(data).decode("ascii")
 
 
 def thumbnail_html(img: Image.Image | None) -> str:
