@@ -139,6 +139,8 @@ DOMAIN_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:
 #: bytes that end a host in an ``http(s)://`` URL without userinfo or IPv6 literal
 _HOST_END = np.zeros(256, dtype=bool)
 _HOST_END[list(b"/:?#")] = True
+_ODD_URL = np.zeros(256, dtype=bool)  # userinfo or an IPv6 literal: the regex decides
+_ODD_URL[list(b"@[")] = True
 #: ASCII whitespace as ``str.split()`` sees it; the non-ASCII kind is found by
 #: :data:`_UNICODE_SPACE` and those rows counted by ``str.split()`` itself
 _ASCII_SPACE = np.zeros(256, dtype=bool)
@@ -214,14 +216,13 @@ def url_hosts(urls: pd.Series) -> pa.Array:
     """
     arr = _strings(urls)
     n = len(arr)
-    https = pc.starts_with(arr, "https://")
-    fast = pc.and_(
-        pc.or_(pc.starts_with(arr, "http://"), https),
-        pc.invert(pc.or_(pc.match_substring(arr, "@"), pc.match_substring(arr, "["))),
-    )
-    fast = fast.fill_null(False).to_numpy(zero_copy_only=False)
+    https = pc.starts_with(arr, "https://").fill_null(False).to_numpy(zero_copy_only=False)
+    http = pc.starts_with(arr, "http://").fill_null(False).to_numpy(zero_copy_only=False)
     raw, offsets = _bytes_of(arr)
-    start = offsets[:-1] + 7 + https.fill_null(False).to_numpy(zero_copy_only=False)
+    odd = np.zeros(n + 1, dtype=bool)  # rows holding an "@" or a "["
+    odd[np.searchsorted(offsets, np.flatnonzero(_ODD_URL[raw]), side="right") - 1] = True
+    fast = (http | https) & ~odd[:n]
+    start = offsets[:-1] + 7 + https
     stop = offsets[1:]
     ends = np.flatnonzero(_HOST_END[raw])  # every delimiter byte, in order
     nxt = np.searchsorted(ends, np.minimum(start, stop))
@@ -269,8 +270,8 @@ def caption_words(text: pd.Series) -> np.ndarray:
     after_space = np.empty(raw.size, dtype=bool)
     after_space[1:] = space[:-1]
     after_space[offsets[:-1][offsets[:-1] < raw.size]] = True  # a row's first byte
-    starts = np.concatenate([[0], np.cumsum(~space & after_space)])
-    words = (starts[offsets[1:]] - starts[offsets[:-1]]).astype(np.int32)
+    starts = np.flatnonzero(~space & after_space)  # word starts, in byte order
+    words = np.diff(np.searchsorted(starts, offsets)).astype(np.int32)
     if raw.size and raw.max() >= 0x80:
         odd = pc.match_substring_regex(arr, _UNICODE_SPACE).to_numpy(zero_copy_only=False)
         words[odd] = [len(t.split()) for t in arr.filter(pa.array(odd)).to_pylist()]
@@ -363,14 +364,16 @@ def partition_summary(
     status = df[schema.STATUS]
     sstatus = df[schema.SCORE_STATUS]
     attempted = (rules.isna() & status.notna()).to_numpy(dtype=bool)
-    downloaded = status.eq("success").to_numpy(dtype=bool)
-    scored = sstatus.eq("success").to_numpy(dtype=bool) & ~np.isnan(sim)
+    downloaded = status.eq("success").to_numpy(dtype=bool, na_value=False)
+    scored = sstatus.eq("success").to_numpy(dtype=bool, na_value=False) & ~np.isnan(sim)
     failed = attempted & ~downloaded
     in_group = [group == i for i in range(len(schema.LANGUAGE_GROUPS))]
     pops = {"candidates": None, "scored": scored, "downloaded": downloaded, "kept": kept}
     pops.update({f"scored_{g}": scored & in_group[i] for i, g in enumerate(schema.LANGUAGE_GROUPS)})
 
     def column(name: str) -> np.ndarray:
+        if df[name].dtype.kind in "fi":  # numpy numbers (Arrow's nullable ints come as floats)
+            return df[name].to_numpy(dtype="float64")
         return df[name].astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
 
     width, height = cols.width, cols.height
