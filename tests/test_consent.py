@@ -122,6 +122,9 @@ def test_robots_groups_pick_our_token_then_star() -> None:
     assert star.decide("/private/a.jpg")[0] is False
     assert star.decide("/public/a.jpg")[0] is True
     assert parse_robots_txt(text, "otherbot").decide("/anything")[0] is False
+    # a product token is matched whole: another crawler's prefix of ours does not name us
+    prefix = parse_robots_txt("User-agent: laion\nAllow: /\n\nUser-agent: *\nDisallow: /\n", TOKEN)
+    assert prefix.group == "*" and prefix.decide("/a.jpg") == (False, "Disallow: /")
     # no group for us and no *: everything allowed
     assert parse_robots_txt("User-agent: otherbot\nDisallow: /\n", TOKEN) == RobotsRules("", ())
 
