@@ -302,9 +302,9 @@ def _run_stage(
     run = _run_dir(args.run)
     _require(run, needs, stage)
     cfg = _base_config(args, run)
+    _refuse_changed_config(args, run, cfg, stage)
     for check in checks:
         check(cfg)
-    _refuse_changed_config(args, run, cfg, stage)
     from laion_dask.orchestration import pipeline  # after the checks: ~5 s to import
 
     run.write_config(cfg)
@@ -375,11 +375,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         first = stages[0]
         _run_dir(args.out)
         _require(run, {"download": "candidates", "score": "downloads"}.get(first, "scores"), first)
+    _refuse_changed_config(args, run, cfg, *(s for s in stages if s != "materialize"))
     if "download" in stages:
         _check_consent_lists(cfg)
     if "score" in stages:
-        _check_model(cfg)
-    _refuse_changed_config(args, run, cfg, *(s for s in stages if s != "materialize"))
+        _check_model(cfg)  # last: loading a tokenizer is the slowest check
     with _client(cfg) as client:
         reports = run_pipeline(
             run, cfg, client=client, show_progress=not args.quiet, force=args.force, stages=stages
