@@ -182,3 +182,16 @@ def test_every_argument_of_every_command_has_help():
             continue
         for action in command._actions:
             assert action.help, f"laion-dask {name}: {action.option_strings or action.dest}"
+
+
+def test_search_serve_hands_every_serving_and_logging_flag_to_the_page(monkeypatch):
+    """`search RUN --serve` forwards --port/--address/--show/-q/-v, before or after the command."""
+    from laion_dask.faces import search_page
+
+    seen = []
+    monkeypatch.setattr(search_page, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["-v", "search", "RUN", "--serve", "--port", "0", "--address", "0.0.0.0", "-q"]
+    assert main(argv) == 0
+    assert main(["search", "RUN", "--serve", "--show"]) == 0
+    assert seen[0] == ["RUN", "--port", "0", "--address", "0.0.0.0", "--no-show", "-q", "-v"]
+    assert seen[1] == ["RUN", "--port", "5007", "--address", "127.0.0.1"]

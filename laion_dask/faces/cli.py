@@ -442,7 +442,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.serve:
         from laion_dask.faces.search_page import main as page_main
 
-        return int(page_main([args.run, "--port", str(args.port), "--no-show"]) or 0)
+        # the page's own parser takes the serving and logging flags; hand over every one given
+        argv = [args.run, "--port", str(args.port), "--address", args.address]
+        argv += [] if args.show else ["--no-show"]
+        argv += (["-q"] if args.quiet else []) + ["-v"] * args.verbose
+        return int(page_main(argv) or 0)
     from laion_dask.products.knn import RESULT_DEDUP_COSINE, search
 
     if (args.query is None) == (args.image is None):
@@ -737,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="one JSON object per result")
     sp.add_argument("--serve", action="store_true", help="serve the search page instead")
     sp.add_argument("--port", type=int, default=5007, help="--serve: port (0 = a free one)")
+    sp.add_argument(
+        "--address", default="127.0.0.1", help="--serve: interface to listen on (127.0.0.1)"
+    )
+    sp.add_argument("--show", action="store_true", help="--serve: open a browser on the page")
     sp.set_defaults(func=cmd_search)
 
     sp = add("train-tag-head", "train a punsafe/pwatermark probe on embeddings", [out])
