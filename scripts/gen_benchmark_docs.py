@@ -29,15 +29,17 @@ machine each record names; this project's development machine has 2 shared cores
 its earlier, hand-copied figures are in the README at commit 86f7deb.
 
 ```bash
-.venv/bin/python benchmarks/bench_extract.py --skip language --repeat 2   # vs warcio+json, gzip, cc2dataset
+.venv/bin/python benchmarks/bench_extract.py --commands   # the command vs plain loop, cc2dataset
+.venv/bin/python benchmarks/bench_download.py --commands  # the command vs img2dataset
 .venv/bin/python benchmarks/bench_language.py    # short alt-text accuracy; langid vs py3langid
-.venv/bin/python benchmarks/bench_download.py    # vs img2dataset against a local nginx
 .venv/bin/python benchmarks/bench_score.py       # vs a plain single-process CLIP loop
 .venv/bin/python benchmarks/bench_explore.py     # threshold change at 1M/10M rows vs pandas
 .venv/bin/python benchmarks/bench_report.py      # report statistics vs one Dask read of its columns
 .venv/bin/python benchmarks/bench_scaling.py     # the demo pipeline, 1 vs 2 workers
 .venv/bin/python benchmarks/bench_index.py --n 1000000 --spread 1.5  # kNN build, recall, latency
 .venv/bin/python benchmarks/bench_decode.py      # image decode + preprocess: threads vs processes
+.venv/bin/python benchmarks/bench_robots.py      # robots.txt matcher: ours vs protego
+.venv/bin/python benchmarks/bench_sketches.py    # report sketches vs Apache DataSketches
 bash benchmarks/gpu_check.sh                     # on a GPU machine: LocalCUDACluster images/s
 ```
 """
