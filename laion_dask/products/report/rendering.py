@@ -91,7 +91,6 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str], table_id: str =
 
 
 def _hist_figure(name: str, entry: Mapping[str, Any], title: str, *, log_x: bool = False) -> Any:
-
     edges = np.asarray(entry["edges"])
     counts = np.asarray(entry["counts"])
     step = -(-len(counts) // PLOT_BINS)
@@ -123,7 +122,6 @@ def _hist_figure(name: str, entry: Mapping[str, Any], title: str, *, log_x: bool
 
 
 def _bar_figure(name: str, items: Sequence[Sequence[Any]], title: str, *, horizontal: bool) -> Any:
-
     labels = [str(k) for k, _ in items] or ["(none)"]
     counts = [int(v) for _, v in items] or [0]
     src = ColumnDataSource({"label": labels, "count": counts})
@@ -267,13 +265,11 @@ def _inline_js() -> str:
     resources also list Panel's extension files by relative URL; a self-contained report must not
     reference files it does not carry, and its plots need none of them.
     """
-
     return "\n".join(f'<script type="text/javascript">\n{raw}\n</script>' for raw in INLINE.js_raw)
 
 
 def render_html(stats: Mapping[str, Any], thumbs: Mapping[str, str] | None = None) -> str:
     """One self-contained HTML page: Bokeh JS/CSS inline, images as data URIs, no server."""
-
     figs = _figures(stats)
     script, divs = components(figs)
     fn = stats["funnel"]
