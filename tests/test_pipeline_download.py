@@ -13,9 +13,11 @@ from laion_dask.ground.config import PipelineConfig
 from laion_dask.ground.shards import iter_shard
 from laion_dask.orchestration.pipeline import (
     ConfigChanged,
+    StageError,
     is_transient_failure,
     run_download,
     run_extract,
+    run_score,
 )
 from laion_dask.orchestration.rundir import RunDir
 from tests.helpers.extract import make_wat, wat_payload
@@ -258,3 +260,18 @@ def test_scoring_tasks_get_torch_threads_from_their_worker(host, tmp_path, monke
     assert {threads for threads, _ in seen} == {3}
     assert {used for _, used in seen} - {None} == {3}
     assert pipeline.worker_threads() is None  # outside a worker task
+
+
+def test_download_and_score_refuse_a_run_whose_upstream_has_not_run(tmp_path):
+    """No candidates -> download raises; no shards -> score raises; neither creates anything.
+
+    Before, download made RUN/downloads and RUN/images before raising, and score returned a
+    report of "0 rows in" after loading the model.
+    """
+    run = RunDir(str(tmp_path / "run"))
+    cfg = PipelineConfig()
+    with pytest.raises(StageError, match="run `laion-dask extract"):
+        run_download(run, cfg, client=object())  # never reached: the check comes first
+    with pytest.raises(StageError, match="run `laion-dask download"):
+        run_score(run, cfg, client=object())
+    assert not (tmp_path / "run").exists()

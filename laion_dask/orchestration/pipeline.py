@@ -787,13 +787,13 @@ def run_download(
     Temporary files left by tasks of an earlier, killed attempt are removed first
     (:meth:`RunDir.remove_tmp_files`).
     """
+    cand = run.markers("candidates")
+    if not cand:  # before anything is created in the run directory
+        raise StageError(f"{run.path}: no candidates; run `laion-dask extract ... --out RUN` first")
     lists = load_lists(cfg.consent)
     client = get_client(client)
     t0 = time.perf_counter()
     run.makedirs("downloads", "images")
-    cand = run.markers("candidates")
-    if not cand:
-        raise StageError(f"{run.path}: no candidates; run extract first")
     rows = cfg.download.rows_per_task
     stage_cfg = _stage_config(run, cfg, "download", lists.fingerprint)
     run.check_stage_config("downloads", stage_cfg, force=force, allowed=_ALWAYS_APPLIED)
@@ -900,6 +900,9 @@ def run_score(
     stages never queue behind GPUs. A config that would change finished partitions raises
     :class:`ConfigChanged` naming the keys, unless ``force``.
     """
+    downloads = run.markers("downloads")
+    if not downloads:  # nothing to score is an error, not a report of "0 rows in"
+        raise StageError(f"{run.path}: no downloaded shards; run `laion-dask download RUN` first")
     client = get_client(client)
     check_model_available(cfg.clip)  # one clear error before any work
     stage_cfg = _stage_config(run, cfg, "score")
@@ -911,7 +914,6 @@ def run_score(
     t0 = time.perf_counter()
     run.makedirs("scores", "embeddings")
     _remove_tmp(run, "score", ("scores", "embeddings"))
-    downloads = run.markers("downloads")
     # scores of shards a smaller plan dropped, with their embeddings
     stale = set(run.marker_indices("scores")) - set(downloads)
     _forget(run, "scores", stale, lambda i: [*embedding_paths(run.join("embeddings"), i).values()])
