@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 from pathlib import Path
@@ -178,10 +179,35 @@ def test_every_argument_of_every_command_has_help():
     parser = build_parser()
     (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, command in sub.choices.items():
-        if name in _PASSTHROUGH:  # parsed by their own modules
+        if name in _PASSTHROUGH:  # parsed by their own modules: below
             continue
         for action in command._actions:
             assert action.help, f"laion-dask {name}: {action.option_strings or action.dest}"
+
+
+def test_every_argument_of_the_pass_through_commands_has_help(monkeypatch):
+    """dashboard, demo and train-clip parse their own flags: their --help has no blanks either."""
+    from laion_dask.faces.cli import _PASSTHROUGH
+
+    seen: list[argparse.ArgumentParser] = []
+
+    def capture(self, *args, **kwargs):  # the parser the command builds, before it parses
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for name, (func, _text) in _PASSTHROUGH.items():
+        seen.clear()
+        with pytest.raises(SystemExit):
+            func(argparse.Namespace(rest=["--help"]))
+        parsers = list(seen)
+        while parsers:
+            parser = parsers.pop()
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers.extend(action.choices.values())
+                    continue
+                assert action.help, f"laion-dask {name}: {action.option_strings or action.dest}"
 
 
 def test_search_serve_hands_every_serving_and_logging_flag_to_the_page(monkeypatch):

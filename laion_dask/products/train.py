@@ -861,19 +861,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     tc = sub.add_parser("train-clip", help="train a small CLIP on webdataset shards")
     tc.add_argument("shards", nargs="+", help="tar shards (KEY.jpg + KEY.txt)")
     bd = sub.add_parser("build-demo", help="draw a synthetic set and train the demo CLIP on it")
-    bd.add_argument("--seed", type=int, default=DEMO_SEED)
-    bd.add_argument("--n-train", type=int, default=24_000)
+    bd.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic draw")
+    bd.add_argument("--n-train", type=int, default=24_000, help="synthetic training pairs")
     bd.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     for p in (tc, bd):
         p.add_argument("--out", required=True, help="model directory (save_pretrained)")
-        p.add_argument("--steps", type=int, default=TrainConfig.steps)
-        p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-        p.add_argument("--threads", type=int, default=0)
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        p.add_argument("--lr", type=float, default=TrainConfig.lr)
-        p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
-    tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--max-samples", type=int, default=None)
+        p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
+        p.add_argument(
+            "--batch-size", type=int, default=TrainConfig.batch_size, help="pairs per step"
+        )
+        p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        p.add_argument(
+            "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train"
+        )
+        p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+        p.add_argument(
+            "--warmup-steps", type=int, default=TrainConfig.warmup_steps, help="linear warm-up"
+        )
+    tc.add_argument("--seed", type=int, default=0, help="seed of the initial weights and order")
+    tc.add_argument("--max-samples", type=int, default=None, help="use at most N pairs")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
