@@ -427,3 +427,21 @@ def test_bad_subsets_name_the_key(tmp_path, table, match):
         load_thresholds(path)
     with pytest.raises(ConfigError, match=match):  # the run config's [filters] says the same
         config_from_dict(tomllib.loads(table))
+
+
+def test_load_thresholds_refuses_what_cannot_be_meant(tmp_path):
+    """The Python API refuses what the CLI refuses: a file setting nothing, keys outside [filters]."""
+    from laion_dask.ground.config import ConfigError
+    from laion_dask.stages.filters import load_thresholds
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing\n")
+    stray = tmp_path / "stray.toml"
+    stray.write_text("similarity_multi = 0.1\n[filters]\nsimilarity_en = 0.3\n")
+    with pytest.raises(ConfigError, match="sets no threshold"):
+        load_thresholds(empty)
+    with pytest.raises(ConfigError, match="outside the \\[filters\\] table"):
+        load_thresholds(stray)
+    whole = tmp_path / "config.toml"  # a run's whole config.toml still works
+    whole.write_text("[download]\nimage_size = 128\n[filters]\nsimilarity_en = 0.3\n")
+    assert load_thresholds(whole).similarity_en == 0.3

@@ -45,6 +45,7 @@ from laion_dask.ground.config import (
     PipelineConfig,
     SubsetConfig,
     config_to_dict,
+    filters_table,
 )
 
 #: the column (bool) and the reason of an image that repeats a better one of its group
@@ -416,7 +417,8 @@ def load_thresholds(path: str | Path, base: FilterConfig | None = None) -> Filte
         raise ConfigError(f"thresholds file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    values = dict(data.get("filters", data))
+    # refuses a file that sets nothing, or keys outside [filters] that would be ignored
+    values = filters_table(data, where=str(path))
     known = {f.name for f in dataclasses.fields(FilterConfig)}
     for key in values:
         if key not in known:
