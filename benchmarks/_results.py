@@ -1,4 +1,4 @@
-"""Benchmarks write what they measured as JSON under benchmarks/results/; docs quote only those.
+"""Benchmarks time whole commands and write what they measured as JSON under benchmarks/results/.
 
 ``save("scaling", figures={...})`` records the figures with the command line that produced them,
 the commit, the date and the machine, so a figure in docs/benchmarks.md always says where it
@@ -11,8 +11,10 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,21 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def whole_command(cmd: list[str], **kw: Any) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall and CPU seconds (user + sys of its whole process tree) of one command, as users time it.
+
+    Exits with the command's stderr when it fails: a benchmark never reports a failed run.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd[:3]))} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
 
 
 def save(name: str, *, figures: dict[str, Any], summary: str = "") -> Path:

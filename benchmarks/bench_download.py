@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -42,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _results import save
+from _results import save, whole_command
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"
@@ -279,19 +278,6 @@ def run_mode(mode: str, url_file: Path, out_dir: Path, procs: int, threads: int)
     print(f"OK {sum(r[0] for r in results)}")
 
 
-def timed(cmd: list[str], **kw: object) -> tuple[float, float, subprocess.CompletedProcess]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        sys.exit(f"{cmd[0]} failed ({proc.returncode})")
-    return wall, cpu, proc
-
-
 def count_tar_images(folder: Path) -> int:
     import tarfile
 
@@ -389,7 +375,7 @@ def run_commands(urls: list[str], url_file: Path, i2d: Path, args: argparse.Name
                 shutil.copytree(template, out)
                 cmd = [str(laion), "download", str(out), "--config", str(conf), "-q"]
                 folder = out / "images"
-            wall, cpu, _ = timed(cmd, env=env, cwd=WORK)
+            wall, cpu, _ = whole_command(cmd, env=env, cwd=WORK)
             ok = count_tar_images(folder)
             runs[name].append((ok, wall, cpu))
             print(f"round {rep + 1} {name:<20} {ok} images  wall {wall:6.1f}s  "
@@ -501,7 +487,7 @@ def main() -> None:
                         str(url_file), str(out), "--procs", str(args.procs),
                         "--threads", str(args.threads),
                     ]  # fmt: skip
-                wall, cpu, _ = timed(cmd, env=env, cwd=WORK)
+                wall, cpu, _ = whole_command(cmd, env=env, cwd=WORK)
                 ok = count_tar_images(out)
                 runs.setdefault(name, []).append((ok, wall, cpu))
                 print(f"run {rep + 1} {name:<12} {ok} images  wall {wall:6.1f}s  "

@@ -48,7 +48,7 @@ import time
 import uuid
 from pathlib import Path
 
-from _results import save
+from _results import save, whole_command
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -265,41 +265,10 @@ def measure_ours(files: list[str]) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure_naive(files: list[str]) -> tuple[int, float, float]:
-    from urllib.parse import urljoin
-
+def _img_links(files: list[str]):  # noqa: ANN202 - a generator of (page URL, link dict)
+    """Every IMG@/src link of the WATs, read the plain way: warcio + json.loads per record."""
     from warcio.archiveiterator import ArchiveIterator
 
-    n, c0, t0 = 0, time.process_time(), time.perf_counter()
-    for f in files:
-        with open(f, "rb") as fh:
-            for rec in ArchiveIterator(fh):
-                if rec.rec_type != "metadata":
-                    continue
-                doc = json.loads(rec.content_stream().read())
-                env = doc["Envelope"]
-                html = (
-                    env.get("Payload-Metadata", {})
-                    .get("HTTP-Response-Metadata", {})
-                    .get("HTML-Metadata", {})
-                )
-                page = env["WARC-Header-Metadata"].get("WARC-Target-URI", "")
-                for link in html.get("Links", []):
-                    if link.get("path") == "IMG@/src" and link.get("alt"):
-                        urljoin(page, link["url"])
-                        n += 1
-    return n, time.perf_counter() - t0, time.process_time() - c0
-
-
-def measure_plainloop(files: list[str]) -> tuple[int, float, float]:
-    """What a data scientist would write: warcio + json.loads, then py3langid per distinct alt."""
-    from urllib.parse import urljoin
-
-    import py3langid
-    from warcio.archiveiterator import ArchiveIterator
-
-    n, c0, t0 = 0, time.process_time(), time.perf_counter()
-    texts: dict[str, str] = {}
     for f in files:
         with open(f, "rb") as fh:
             for rec in ArchiveIterator(fh):
@@ -313,11 +282,35 @@ def measure_plainloop(files: list[str]) -> tuple[int, float, float]:
                 )
                 page = env["WARC-Header-Metadata"].get("WARC-Target-URI", "")
                 for link in html.get("Links", []):
-                    alt = (link.get("alt") or "").strip()
-                    if link.get("path") == "IMG@/src" and len(alt) >= 5:
-                        urljoin(page, link["url"])
-                        texts.setdefault(alt, "")
-                        n += 1
+                    if link.get("path") == "IMG@/src":
+                        yield page, link
+
+
+def measure_naive(files: list[str]) -> tuple[int, float, float]:
+    from urllib.parse import urljoin
+
+    n, c0, t0 = 0, time.process_time(), time.perf_counter()
+    for page, link in _img_links(files):
+        if link.get("alt"):
+            urljoin(page, link["url"])
+            n += 1
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure_plainloop(files: list[str]) -> tuple[int, float, float]:
+    """What a data scientist would write: warcio + json.loads, then py3langid per distinct alt."""
+    from urllib.parse import urljoin
+
+    import py3langid
+
+    n, c0, t0 = 0, time.process_time(), time.perf_counter()
+    texts: dict[str, str] = {}
+    for page, link in _img_links(files):
+        alt = (link.get("alt") or "").strip()
+        if len(alt) >= 5:
+            urljoin(page, link["url"])
+            texts.setdefault(alt, "")
+            n += 1
     for text in texts:
         texts[text] = py3langid.classify(text)[0]
     return n, time.perf_counter() - t0, time.process_time() - c0
@@ -455,18 +448,6 @@ exec(code, {"__name__": "__main__", "__file__": sys.argv[0]})
 
 
 # --- whole commands -----------------------------------------------------------------------------
-def _whole(cmd: list[str], **kw: object) -> tuple[float, float]:
-    """Wall and CPU seconds of a whole command (its process tree), failing loudly."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, **kw)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def run_commands(files: list[Path], repeat: int) -> dict:
     """Alternating rounds of the four whole-process contenders; best and median wall."""
     import numpy as np
@@ -495,7 +476,7 @@ def run_commands(files: list[Path], repeat: int) -> dict:
     for rep in range(repeat):
         for name, cmd in contenders.items():
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            wall, cpu = _whole(cmd)
+            wall, cpu, _ = whole_command(cmd, cwd=REPO)
             walls[name].append(wall)
             cpus[name].append(cpu)
             print(f"round {rep + 1} {name:<34} wall {wall:6.2f}s  CPU {cpu:6.2f}s", flush=True)

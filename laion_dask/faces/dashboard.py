@@ -856,14 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         # a plain function: Panel renders a functools.partial as its repr, not as an app
         return build_dashboard(view, cluster=cluster)
 
-    serve(
-        app,
-        port=args.port,
-        address=args.address,
-        show=not args.no_show,
-        title="laion-dask thresholds",
-        quiet=args.quiet,
-    )
+    serve(app, args, title="laion-dask thresholds")
     return 0
 
 

@@ -144,12 +144,5 @@ def main(argv: list[str] | None = None) -> int:
         # a plain function: Panel renders a functools.partial as its repr, not as an app
         return build_search_page(run)
 
-    serve(
-        app,
-        port=args.port,
-        address=args.address,
-        show=not args.no_show,
-        title="laion-dask search",
-        quiet=args.quiet,
-    )
+    serve(app, args, title="laion-dask search")
     return 0

@@ -42,16 +42,16 @@ def set_log_level(verbose: int, quiet: bool) -> None:
     )
 
 
-def serve(
-    app: Callable[[], Any], *, port: int, address: str, show: bool, title: str, quiet: bool = False
-) -> None:
+def serve(app: Callable[[], Any], args: argparse.Namespace, *, title: str) -> None:
     """Serve ``app`` (a plain function returning the layout) until interrupted.
 
-    Panel calls only plain functions and methods as app factories: anything else, a
-    ``functools.partial`` included, is rendered as an object (its repr), so callers pass a
-    closure. ``localhost`` is allowed as a websocket origin beside a loopback/any address.
+    ``args`` holds the flags of :func:`add_serve_arguments`. Panel calls only plain functions
+    and methods as app factories: anything else, a ``functools.partial`` included, is rendered
+    as an object (its repr), so callers pass a closure. ``localhost`` is allowed as a websocket
+    origin beside a loopback/any address.
     """
-    port = port or free_port(address)
+    address, show, quiet = args.address, not args.no_show, args.quiet
+    port = args.port or free_port(address)
     origins = [f"{address}:{port}"]
     if address in ("127.0.0.1", "0.0.0.0"):
         origins.append(f"localhost:{port}")

@@ -70,26 +70,8 @@ __all__ = [
 
 SCORES_PART = "scores_part"  # index of the scores part a row comes from (open_run only)
 
-#: the scores columns ``open_run`` reads (per part; only :data:`MEMORY_COLUMNS` are kept)
-EXPLORE_COLUMNS = (
-    schema.SIMILARITY,
-    schema.PUNSAFE,
-    schema.PWATERMARK,
-    schema.LANGUAGE_GROUP,
-    schema.LANGUAGE,
-    schema.ORIGINAL_WIDTH,
-    schema.ORIGINAL_HEIGHT,
-    schema.DROP_REASON,
-    schema.STATUS,
-    schema.SCORE_STATUS,
-    schema.KEY,
-    schema.SHARD,
-    schema.URL,
-    schema.TEXT,
-)
-
-#: the columns a :class:`RunView` holds per row (strings become categoricals)
-MEMORY_COLUMNS = (
+#: what every row keeps of its scores part (:data:`MEMORY_COLUMNS` adds what is derived from it)
+_SCORE_COLUMNS = (
     schema.SIMILARITY,
     schema.PUNSAFE,
     schema.PWATERMARK,
@@ -98,11 +80,13 @@ MEMORY_COLUMNS = (
     schema.ORIGINAL_WIDTH,
     schema.ORIGINAL_HEIGHT,
     schema.SCORE_STATUS,
-    TEXT_LENGTH,
-    UPSTREAM_REASON,
 )
 #: read from the scores parts on demand, for sampled rows only (:meth:`RunView.details`)
 DETAIL_COLUMNS = (schema.KEY, schema.SHARD, schema.URL, schema.TEXT)
+#: the scores columns ``open_run`` reads (per part; only :data:`MEMORY_COLUMNS` are kept)
+EXPLORE_COLUMNS = (*_SCORE_COLUMNS, schema.DROP_REASON, schema.STATUS, *DETAIL_COLUMNS)
+#: the columns a :class:`RunView` holds per row (strings become categoricals)
+MEMORY_COLUMNS = (*_SCORE_COLUMNS, TEXT_LENGTH, UPSTREAM_REASON)
 _CATEGORICAL = (schema.LANGUAGE_GROUP, schema.LANGUAGE, schema.SCORE_STATUS, UPSTREAM_REASON)
 
 #: columns ``histogram``/``quantiles`` know, and how a threshold on them keeps rows
