@@ -136,11 +136,8 @@ DICTIONARY_COLUMNS = [
 
 #: the host of a URL (what every domain count uses)
 DOMAIN_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)"
-#: bytes that end a host in an ``http(s)://`` URL without userinfo or IPv6 literal
-_HOST_END = np.zeros(256, dtype=bool)
-_HOST_END[list(b"/:?#")] = True
-_ODD_URL = np.zeros(256, dtype=bool)  # userinfo or an IPv6 literal: the regex decides
-_ODD_URL[list(b"@[")] = True
+#: the authority of a URL: what follows ``scheme://`` up to the first of ``/?#``
+_AUTHORITY_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?P<authority>[^/?#]*)"
 #: ASCII whitespace as ``str.split()`` sees it; the non-ASCII kind is found by
 #: :data:`_UNICODE_SPACE` and those rows counted by ``str.split()`` itself
 _ASCII_SPACE = np.zeros(256, dtype=bool)
@@ -210,34 +207,21 @@ def _bytes_of(arr: pa.LargeStringArray) -> tuple[np.ndarray, np.ndarray]:
 def url_hosts(urls: pd.Series) -> pa.Array:
     """Host of each URL as :data:`DOMAIN_RE` captures it (null where it does not match).
 
-    ``http(s)://`` URLs with neither ``@`` nor ``[`` (no userinfo, no IPv6 literal), nearly
-    all of them, are cut out of the URL bytes with numpy (the host runs to the first of
-    ``/:?#``): the regex costs ~40x more per row. The other rows take the regex itself.
+    Plain pyarrow.compute: the authority (after ``scheme://``, up to the first of ``/?#``) is cut
+    with a regex that cannot backtrack and taken up to its first ``:``; only authorities holding
+    userinfo (``@``) or an IPv6 literal (``[``), rare, go through :data:`DOMAIN_RE` itself. On
+    200k URLs of the report benchmark (one part): 41 ms, against 117 ms for DOMAIN_RE on every
+    row and 54 ms for the numpy byte-table pass this replaces.
     """
     arr = _strings(urls)
-    n = len(arr)
-    https = pc.starts_with(arr, "https://").fill_null(False).to_numpy(zero_copy_only=False)
-    http = pc.starts_with(arr, "http://").fill_null(False).to_numpy(zero_copy_only=False)
-    raw, offsets = _bytes_of(arr)
-    odd = np.zeros(n + 1, dtype=bool)  # rows holding an "@" or a "["
-    odd[np.searchsorted(offsets, np.flatnonzero(_ODD_URL[raw]), side="right") - 1] = True
-    fast = (http | https) & ~odd[:n]
-    start = offsets[:-1] + 7 + https
-    stop = offsets[1:]
-    ends = np.flatnonzero(_HOST_END[raw])  # every delimiter byte, in order
-    nxt = np.searchsorted(ends, np.minimum(start, stop))
-    end = np.minimum(np.append(ends, raw.size)[nxt], stop)
-    length = np.where(fast, end - start, 0)
-    # the hosts' bytes gathered into a new string array
-    new_offsets = np.concatenate([[0], np.cumsum(length)])
-    index = np.repeat(start - new_offsets[:-1], length) + np.arange(new_offsets[-1])
-    hosts = pa.LargeStringArray.from_buffers(
-        n, pa.py_buffer(new_offsets), pa.py_buffer(raw[index].tobytes())
-    )
-    if fast.all():
+    authority = pc.struct_field(pc.extract_regex(arr, pattern=_AUTHORITY_RE), [0])
+    hosts = pc.list_element(pc.split_pattern(authority, ":", max_splits=1), 0)
+    odd = pc.or_(pc.match_substring(authority, "@"), pc.match_substring(authority, "["))
+    odd = odd.fill_null(False)
+    if not pc.any(odd).as_py():
         return hosts
-    slow = pc.struct_field(pc.extract_regex(arr.filter(pa.array(~fast)), pattern=DOMAIN_RE), [0])
-    return pc.replace_with_mask(hosts, pa.array(~fast), slow.cast(pa.large_string()))
+    slow = pc.struct_field(pc.extract_regex(arr.filter(odd), pattern=DOMAIN_RE), [0])
+    return pc.replace_with_mask(hosts, odd, slow.cast(hosts.type))
 
 
 def url_domain(urls: pd.Series) -> pd.Series:
