@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import tomllib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +36,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_dask.ground.config import ConfigError, PipelineConfig, config_to_dict, dump_config
+from laion_dask.ground.config import (
+    ConfigError,
+    PipelineConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+)
 
 __all__ = ["RunDir", "ConfigChanged", "config_changes", "fingerprint", "part_name"]
 
@@ -153,13 +160,9 @@ class RunDir:
 
     def read_config(self) -> PipelineConfig:
         """The config this run was last started with (the ``[run]`` facts table is ignored)."""
-        import tomllib
-
         with self.fs.open(self.config_path, "rb") as fh:
             data = tomllib.load(fh)
         data.pop("run", None)
-        from laion_dask.ground.config import config_from_dict
-
         return config_from_dict(data)
 
     # --- partitions and markers -----------------------------------------------------------------

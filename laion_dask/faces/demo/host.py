@@ -27,6 +27,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus, load_corpus_info
+
 __all__ = ["ImageHost", "serve_demo_corpus", "host_address"]
 
 log = logging.getLogger(__name__)
@@ -231,8 +233,6 @@ def serve_demo_corpus(
     ------
     (CorpusInfo, ImageHost)
     """
-    from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus, load_corpus_info
-
     spec = spec if spec is not None else CorpusSpec()
     root = Path(out_dir)
     host: ImageHost | None = None
