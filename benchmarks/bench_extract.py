@@ -48,9 +48,11 @@ import time
 import uuid
 from pathlib import Path
 
-from _results import save, whole_command
-
 HERE = Path(__file__).resolve().parent
+# beside this script, also when the cc2dataset child runs it through exec() (no script dir on path)
+sys.path.insert(0, str(HERE))
+from _results import save, whole_command  # noqa: E402
+
 REPO = HERE.parent
 WORK = HERE / "_work"
 
