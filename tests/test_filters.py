@@ -430,7 +430,7 @@ def test_bad_subsets_name_the_key(tmp_path, table, match):
 
 
 def test_load_thresholds_refuses_what_cannot_be_meant(tmp_path):
-    """The Python API refuses what the CLI refuses: a file setting nothing, keys outside [filters]."""
+    """The Python API refuses what the CLI does: a file setting nothing, keys outside [filters]."""
     from laion_dask.ground.config import ConfigError
     from laion_dask.stages.filters import load_thresholds
 
