@@ -409,3 +409,28 @@ def test_dask_shuffle_dedup_equals_pandas(client) -> None:
     counts = out[schema.DROP_REASON].value_counts().to_dict()
     assert counts == {"duplicate": 5, "text_too_short": 2, "bad_url_scheme": 1}
     assert len(out) == 14 == out[schema.DROP_REASON].isna().sum() + sum(counts.values())
+
+
+def test_bad_scheme_equals_urllib_on_every_row_for_random_urls():
+    """The plain-authority shortcut gives what asking urllib about every row gives.
+
+    The reference is the rule before the shortcut: scheme allowed by the regex, then
+    ``urlsplit`` + ``.port`` + ``.hostname`` on each such row.
+    """
+    import numpy as np
+
+    from laion_dask.stages.rules import _SCHEME_HOST, _bad_scheme, _parses
+
+    rng = np.random.default_rng(11)
+    pieces = ["http://", "https://", "HTTPS://", "ftp://", "a", "B.", "-", "_", "~", "%2F", "/"]
+    pieces += [":", "80", "99999", "@", "[", "]", "::1", "?", "#", " ", "\t", "é", "ｅ", "！", "'"]
+    urls = ["".join(rng.choice(pieces, size=rng.integers(1, 10))) for _ in range(5000)]
+    urls += ["http://a", "http://a:", "http://:80", "http://@a", "http://[::1]", "http://a b/"]
+    url = pd.Series(urls, dtype="string")
+    allowed = ("http", "https")
+    scheme = url.str.extract(_SCHEME_HOST, expand=False).str.lower()
+    expect = ~np.array(
+        [bool(s in allowed and _parses(u)) for s, u in zip(scheme.fillna(""), urls, strict=True)]
+    )
+    assert (_bad_scheme(url, allowed) == expect).all()
+    assert expect.sum() > 100 and (~expect).sum() > 100  # both outcomes are exercised

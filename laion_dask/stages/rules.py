@@ -64,6 +64,9 @@ DEDUP_COLUMNS = [
 
 # scheme, then "://", then a non-empty authority (RFC 3986 scheme characters)
 _SCHEME_HOST = r"^([A-Za-z][A-Za-z0-9+.\-]*)://[^/?#\s]+"
+# an authority urlsplit reads without question: RFC 3986 reg-name characters only (no userinfo,
+# port, IPv6 literal, whitespace or non-ASCII: the cases where urllib may refuse or find no host)
+_PLAIN_AUTHORITY = r"^[A-Za-z][A-Za-z0-9+.\-]*://[A-Za-z0-9.\-_~!$&'()*+,;=%]+(?:[/?#]|$)"
 # the path part of scheme://authority/path?query#fragment
 _PATH = r"^[^:/?#]+://[^/?#]*([^?#]*)"
 _SORT_KEY = [schema.SOURCE_FILE, schema.RECORD_OFFSET, schema.UID]
@@ -82,8 +85,10 @@ def _parses(url: str) -> bool:
 def _bad_scheme(url: pd.Series, allowed: Iterable[str]) -> np.ndarray:
     scheme = url.str.extract(_SCHEME_HOST, expand=False).str.lower()
     ok = scheme.isin([s.lower() for s in allowed]).fillna(False).to_numpy(dtype=bool, copy=True)
-    # the regex settles almost every row; urllib checks the rest (bad IPv6 literals, ports)
-    idx = np.flatnonzero(ok)
+    # the regex settles almost every row; urllib checks the rest (bad IPv6 literals, ports,
+    # userinfo, odd characters): asking it for every row cost 5.4 of 5.7 s on 210k pairs
+    plain = url.str.match(_PLAIN_AUTHORITY).fillna(False).to_numpy(dtype=bool)
+    idx = np.flatnonzero(ok & ~plain)
     if len(idx):
         ok[idx] = [_parses(u) for u in url.iloc[idx]]
     return ~ok
