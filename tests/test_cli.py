@@ -221,3 +221,11 @@ def test_search_serve_hands_every_serving_and_logging_flag_to_the_page(monkeypat
     assert main(["search", "RUN", "--serve", "--show"]) == 0
     assert seen[0] == ["RUN", "--port", "0", "--address", "0.0.0.0", "--no-show", "-q", "-v"]
     assert seen[1] == ["RUN", "--port", "5007", "--address", "127.0.0.1"]
+
+
+def test_cluster_flags_that_cannot_be_meant_are_refused_like_the_dashboards(tmp_path, capsys):
+    """`--workers 0` was dropped silently by the CLI while the dashboard refused it: one rule."""
+    run = make_scored_run(tmp_path / "run", parts=1, rows=20)
+    assert main(["report", run.path, "--workers", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["laion-dask: cluster.n_workers: must be a positive integer or unset, got 0"]

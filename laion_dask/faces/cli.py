@@ -94,18 +94,14 @@ def _base_config(args: argparse.Namespace, run: Any | None) -> PipelineConfig:
         cfg = run.read_config()
     else:
         cfg = PipelineConfig()
-    cluster: dict[str, Any] = {}
-    scheduler = getattr(args, "scheduler", None) or os.environ.get("DASK_SCHEDULER_ADDRESS")
-    if scheduler:
-        cluster["scheduler_address"] = scheduler
-    if getattr(args, "workers", None):
-        cluster["n_workers"] = args.workers
-    if getattr(args, "threads", None):
-        cluster["threads_per_worker"] = args.threads
-    if getattr(args, "no_dashboard", False):
-        cluster["dashboard_address"] = None
-    if cluster:
-        cfg = cfg.replace("cluster", **cluster)
+    cluster = cfg.cluster.with_flags(
+        scheduler=getattr(args, "scheduler", None),
+        workers=getattr(args, "workers", None),
+        threads=getattr(args, "threads", None),
+        no_dashboard=getattr(args, "no_dashboard", False),
+    )
+    if cluster is not cfg.cluster:
+        cfg = dataclasses.replace(cfg, cluster=cluster)
     if getattr(args, "strict", False):
         cfg = dataclasses.replace(cfg, strict=True)
     if getattr(args, "allow_private_networks", False):

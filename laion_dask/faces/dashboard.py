@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import html
 import logging
-import os
 import sys
 import threading
 import time
@@ -865,18 +864,10 @@ def _cluster_flags(view: RunView, args: argparse.Namespace) -> ClusterConfig | N
 
     None when no flag is given, so each session reads the run's config as it is then.
     """
-    changes: dict[str, Any] = {}
-    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-    if scheduler:
-        changes["scheduler_address"] = scheduler
-    if args.workers is not None:
-        changes["n_workers"] = args.workers
-    if args.threads is not None:
-        changes["threads_per_worker"] = args.threads
-    if not changes:
-        return None
     try:
         base = view.run.read_config().cluster
     except FileNotFoundError:
         base = ClusterConfig()
-    return dataclasses.replace(base, **changes)  # validated here: a bad address raises now
+    # validated here: a bad address raises now
+    cluster = base.with_flags(scheduler=args.scheduler, workers=args.workers, threads=args.threads)
+    return None if cluster is base else cluster

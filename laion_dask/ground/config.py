@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -507,6 +508,31 @@ class ClusterConfig:
     #: worker processes only, and only those the cluster starts with: remote workers (and
     #: ``processes = false``) are configured where they start.
     malloc_mmap_threshold: int | None = None
+
+    def with_flags(
+        self,
+        *,
+        scheduler: str | None = None,
+        workers: int | None = None,
+        threads: int | None = None,
+        no_dashboard: bool = False,
+    ) -> ClusterConfig:
+        """This section with a command's cluster flags on top (validated again); ``self`` when
+        none is given. ``scheduler`` falls back to ``$DASK_SCHEDULER_ADDRESS``.
+
+        One rule for ``laion-dask`` and the dashboard's materialize button.
+        """
+        changes: dict[str, Any] = {}
+        scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        if scheduler:
+            changes["scheduler_address"] = scheduler
+        if workers is not None:
+            changes["n_workers"] = workers
+        if threads is not None:
+            changes["threads_per_worker"] = threads
+        if no_dashboard:
+            changes["dashboard_address"] = None
+        return dataclasses.replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
         s = self.SECTION
