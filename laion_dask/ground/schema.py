@@ -16,6 +16,9 @@ TEXT = "text"
 PAGE_URL = "page_url"
 SOURCE_FILE = "source_file"
 RECORD_OFFSET = "record_offset"
+#: a URL's scheme (RFC 3986 characters): the rules and the report both start their URL regexes here
+URL_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*"
+
 HASH = "hash"  # LAION's join key: mmh3.hash64(url + text)[0], signed int64
 
 LANGUAGE = "language"

@@ -63,10 +63,10 @@ DEDUP_COLUMNS = [
 ]
 
 # scheme, then "://", then a non-empty authority (RFC 3986 scheme characters)
-_SCHEME_HOST = r"^([A-Za-z][A-Za-z0-9+.\-]*)://[^/?#\s]+"
+_SCHEME_HOST = "^(" + schema.URL_SCHEME + r")://[^/?#\s]+"
 # an authority urlsplit reads without question: RFC 3986 reg-name characters only (no userinfo,
 # port, IPv6 literal, whitespace or non-ASCII: the cases where urllib may refuse or find no host)
-_PLAIN_AUTHORITY = r"^[A-Za-z][A-Za-z0-9+.\-]*://[A-Za-z0-9.\-_~!$&'()*+,;=%]+(?:[/?#]|$)"
+_PLAIN_AUTHORITY = "^" + schema.URL_SCHEME + r"://[A-Za-z0-9.\-_~!$&'()*+,;=%]+(?:[/?#]|$)"
 # the path part of scheme://authority/path?query#fragment
 _PATH = r"^[^:/?#]+://[^/?#]*([^?#]*)"
 _SORT_KEY = [schema.SOURCE_FILE, schema.RECORD_OFFSET, schema.UID]

@@ -135,9 +135,9 @@ DICTIONARY_COLUMNS = [
 ]
 
 #: the host of a URL (what every domain count uses)
-DOMAIN_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)"
+DOMAIN_RE = "^" + schema.URL_SCHEME + r"://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^/:?#]*)"
 #: the authority of a URL: what follows ``scheme://`` up to the first of ``/?#``
-_AUTHORITY_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?P<authority>[^/?#]*)"
+_AUTHORITY_RE = "^" + schema.URL_SCHEME + r"://(?P<authority>[^/?#]*)"
 #: ASCII whitespace as ``str.split()`` sees it; the non-ASCII kind is found by
 #: :data:`_UNICODE_SPACE` and those rows counted by ``str.split()`` itself
 _ASCII_SPACE = np.zeros(256, dtype=bool)
