@@ -63,7 +63,11 @@ def test_wat_pages_record_their_signals(tmp_path, monkeypatch, use_json):
     import laion_dask.stages.extract.wat as wat
 
     if use_json:
-        monkeypatch.setattr(wat, "has_msgspec", lambda: False)
+        # what msgspec refuses goes to the stdlib parser: refusing everything forces that path
+        def refuse(body: bytes) -> None:
+            raise wat.BadRecord("invalid_json", "refused")
+
+        monkeypatch.setattr(wat, "_parse_msgspec", refuse)
     records = [
         wat_payload(
             f"http://p{i:02d}.example/",

@@ -56,10 +56,9 @@ from laion_dask.stages.extract.text import (
     laion_hashes,
     pair_uids,
     record_hashes,
-    unicode_is_clean,
 )
 from laion_dask.stages.extract.warc import looks_like_html, parse_html, split_http
-from laion_dask.stages.extract.wat import _IMG_SRC, IMG_MARKER, img_links, wat_links
+from laion_dask.stages.extract.wat import IMG_MARKER, image_links, wat_links
 from laion_dask.stages.sources import open_input
 
 __all__ = [
@@ -335,61 +334,26 @@ class _Collector:
     ) -> None:
         """Like :meth:`add` for the links of :func:`~laion_dask.stages.extract.wat.wat_links`.
 
-        Pairs come from ``IMG@/src`` links with a URL and an ``alt`` key; a pair's index is its
-        position among the record's ``IMG@`` links. The compiled ``img_pairs``
-        (``common.speedups``) does the same as the Python loop below; tests hold them equal.
+        The compiled ``img_pairs`` (``common.speedups``) gives what :func:`image_links` and
+        :meth:`add` give, without building a link per pair; tests hold them equal.
         """
-        max_chars = self.cfg.max_text_chars
         fast = common.speedups
-        if fast is not None:
-            found, n = fast.img_pairs(
-                links,
-                self.indices,
-                self.urls,
-                self.texts,
-                max_chars,
-                lambda alt: clean_text(alt, max_chars),
-                lambda: Resolver(resolve_url(page_url, base) if base else page_url),
-            )
-            if found:
-                self.summary.records_with_links += 1
-                self._close_record(offset, page_url, n, metas or [])
+        if fast is None:
+            self.add(offset, page_url, image_links(page_url, base, links), metas)
             return
-        resolve = None
-        indices, urls, texts = self.indices, self.urls, []
-        found = False
-        for k, ln in enumerate(img_links(links)):
-            if ln.path != _IMG_SRC:
-                continue
-            url, alt = ln.url, ln.alt
-            if not url or alt is None:
-                continue
-            found = True
-            if not alt:
-                continue
-            if not (
-                # already clean: printable, no entity, no space to fold, short enough, and
-                # ASCII or Unicode that clean_text would leave alone
-                alt.isprintable()
-                and "&" not in alt
-                and "  " not in alt
-                and alt[0] != " "
-                and alt[-1] != " "
-                and len(alt) <= max_chars
-                and (alt.isascii() or unicode_is_clean(alt))
-            ):
-                alt = clean_text(alt, max_chars)
-                if not alt:  # LAION needs alt text; no pair without it
-                    continue
-            if resolve is None:
-                resolve = Resolver(resolve_url(page_url, base) if base else page_url)
-            indices.append(k)
-            urls.append(resolve(url))
-            texts.append(alt)
+        max_chars = self.cfg.max_text_chars
+        found, n = fast.img_pairs(
+            links,
+            self.indices,
+            self.urls,
+            self.texts,
+            max_chars,
+            lambda alt: clean_text(alt, max_chars),
+            lambda: Resolver(resolve_url(page_url, base) if base else page_url),
+        )
         if found:
             self.summary.records_with_links += 1
-            self.texts += texts
-            self._close_record(offset, page_url, len(texts), metas or [])
+            self._close_record(offset, page_url, n, metas or [])
 
     def frame(self) -> pd.DataFrame:
         n, src = len(self.texts), self.source_file

@@ -18,7 +18,6 @@ from laion_dask.stages.extract import common
 
 __all__ = [
     "clean_text",
-    "unicode_is_clean",
     "laion_hash",
     "laion_hashes",
     "make_uid",
@@ -89,16 +88,6 @@ def clean_text(text: str, max_chars: int = 2000) -> str:
     if len(text) > max_chars:
         text = text[:max_chars].rstrip()
     return text
-
-
-def unicode_is_clean(text: str) -> bool:
-    """Whether :func:`clean_text` leaves printable non-ASCII ``text`` as it is (apart from
-    whitespace and length): no mojibake pattern and already in NFC.
-
-    For the callers' fast path: ``clean_text(t) == t`` for printable ``t`` without ``&``, double,
-    leading or trailing spaces, within the length limit, when this is true.
-    """
-    return _MOJIBAKE_PAIR.search(text) is None and unicodedata.is_normalized("NFC", text)
 
 
 def laion_hashes(urls: list[str], texts: list[str]) -> np.ndarray:

@@ -17,22 +17,17 @@ import re
 import zlib
 from typing import NamedTuple
 
+import brotli  # decodes ``Content-Encoding: br`` bodies (a FastWARC dependency)
+from charset_normalizer import from_bytes
 from lxml import etree
-
-try:  # decodes ``Content-Encoding: br`` bodies; FastWARC depends on it, so it is always there
-    import brotli
-except ImportError:  # pragma: no cover - such bodies are then counted as bad_content_encoding
-    brotli = None
 
 from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url
 
 __all__ = [
     "split_http",
-    "decode_body",
     "detect_charset",
     "looks_like_html",
     "parse_html",
-    "html_links",
     "html_page",
     "HtmlPage",
 ]
@@ -135,8 +130,6 @@ def _inflate(body: bytes, limit: int) -> tuple[bytes, bool]:
 
 
 def _unbrotli(body: bytes, limit: int) -> tuple[bytes, bool]:
-    if brotli is None:
-        raise BadRecord("bad_content_encoding", "br bodies need the brotli package")
     d = brotli.Decompressor()
     try:
         out = d.process(body)
@@ -148,16 +141,21 @@ def _unbrotli(body: bytes, limit: int) -> tuple[bytes, bool]:
 
 
 def _decode(body: bytes, headers: dict[str, str], limit: int, cut: bool) -> tuple[bytes, bool]:
-    """:func:`decode_body` that gives what a body cut short holds: (body, cut short)."""
+    """Undo HTTP ``Transfer-Encoding: chunked`` and ``Content-Encoding: gzip|deflate|br``.
+
+    Archives often store bodies already decoded while keeping the original headers, so each step
+    runs only when the bytes look encoded; otherwise the body is used as stored. Returns (body,
+    cut short): a body cut short gives what it holds. Raises :class:`BadRecord`
+    (``bad_content_encoding``, ``html_too_large``).
+    """
     if "chunked" in headers.get("transfer-encoding", "").lower():
         unchunked = _dechunk(body, partial=cut)
         if unchunked is not None:
             body = unchunked
     encoding = headers.get("content-encoding", "").strip().lower()
-    if encoding in ("gzip", "x-gzip") and body[:2] == b"\x1f\x8b":
-        body, short = _inflate(body, limit)
-        cut = cut or short
-    elif encoding == "deflate" and body[:1] in (b"\x78", b"\x1f"):
+    if (encoding in ("gzip", "x-gzip") and body[:2] == b"\x1f\x8b") or (
+        encoding == "deflate" and body[:1] in (b"\x78", b"\x1f")
+    ):
         body, short = _inflate(body, limit)
         cut = cut or short
     elif encoding == "br" and body and not looks_like_html(body):
@@ -166,24 +164,6 @@ def _decode(body: bytes, headers: dict[str, str], limit: int, cut: bool) -> tupl
     elif encoding == "zstd" and body and not looks_like_html(body):
         raise BadRecord("bad_content_encoding", f"{encoding} bodies are not decoded")
     return body, cut
-
-
-def decode_body(body: bytes, headers: dict[str, str], limit: int) -> bytes:
-    """Undo HTTP ``Transfer-Encoding: chunked`` and ``Content-Encoding: gzip|deflate|br``.
-
-    Archives often store bodies already decoded while keeping the original headers, so each step
-    runs only when the bytes look encoded; otherwise the body is used as stored.
-
-    Raises
-    ------
-    BadRecord
-        ``truncated_record`` when an encoded body ends early; ``bad_content_encoding``,
-        ``html_too_large``.
-    """
-    body, cut = _decode(body, headers, limit, False)
-    if cut:
-        raise BadRecord("truncated_record", "Content-Encoded body ends early")
-    return body
 
 
 def _normalise_charset(name: str | None) -> str | None:
@@ -216,10 +196,6 @@ def detect_charset(body: bytes, headers: dict[str, str] | None = None) -> str:
         return "utf-8"
     except UnicodeDecodeError:
         pass
-    try:  # optional: charset-normalizer is a requests dependency, present almost everywhere
-        from charset_normalizer import from_bytes
-    except ImportError:  # pragma: no cover
-        return "cp1252"
     best = from_bytes(body[:65536]).best()
     return _normalise_charset(best.encoding if best is not None else None) or "cp1252"
 
@@ -249,11 +225,6 @@ class HtmlPage(NamedTuple):
 
 
 _NO_PAGE = HtmlPage([], [])
-
-
-def html_links(text: str, page_url: str) -> list[RawLink]:
-    """``<img>`` links with alt text in one decoded HTML page (see :func:`html_page`)."""
-    return html_page(text, page_url).links
 
 
 def html_page(text: str, page_url: str) -> HtmlPage:

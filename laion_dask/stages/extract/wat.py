@@ -8,7 +8,8 @@ which a JSON parser does not care about).
 Most records (requests, metadata, pages without images) cannot hold an image link, so the caller
 first checks the raw bytes for ``IMG@`` and parses only those: that check is where the speed comes
 from. The JSON is decoded with ``msgspec`` into typed structs that skip every field we do not need;
-without msgspec the stdlib ``json`` path gives the same result, slower.
+what msgspec refuses (escaped lone surrogates) goes to the stdlib ``json`` path, which gives the
+same result, slower.
 """
 
 from __future__ import annotations
@@ -17,18 +18,11 @@ import json
 import logging
 from typing import Any, NamedTuple
 
+import msgspec  # ~4x faster than json.loads here: unused fields are skipped, not built
+
 from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url, warc_uri
 
-__all__ = [
-    "IMG_MARKER",
-    "WatPage",
-    "parse_wat_json",
-    "wat_image_links",
-    "wat_links",
-    "img_links",
-    "is_image_pair",
-    "has_msgspec",
-]
+__all__ = ["IMG_MARKER", "WatPage", "parse_wat_json", "wat_links", "img_links", "image_links"]
 
 log = logging.getLogger(__name__)
 
@@ -36,55 +30,51 @@ log = logging.getLogger(__name__)
 IMG_MARKER = b"IMG@"
 _IMG_SRC = "IMG@/src"
 
-try:  # msgspec is ~4x faster than json.loads here: unused fields are skipped, not built
-    import msgspec
-except ImportError:  # pragma: no cover - exercised by forcing the json path in tests
-    msgspec = None
+
+# gc=False: these structs hold only strings and other such structs, never cycles
+class _Link(msgspec.Struct, gc=False):
+    path: str | None = None
+    url: str | None = None
+    alt: str | None = None
 
 
-def has_msgspec() -> bool:
-    """Whether the fast msgspec decoder is available."""
-    return msgspec is not None
+class _Head(msgspec.Struct, gc=False, rename={"base": "Base", "metas": "Metas"}):
+    base: str | None = None
+    # checked entry by entry in Python: an odd Metas entry must not cost the page its links
+    metas: Any = None
 
 
-if msgspec is not None:
-    # gc=False: these structs hold only strings and other such structs, never cycles
+class _Html(msgspec.Struct, gc=False, rename={"head": "Head", "links": "Links"}):
+    head: _Head | None = None
+    links: list[_Link] | None = None
 
-    class _Link(msgspec.Struct, gc=False):
-        path: str | None = None
-        url: str | None = None
-        alt: str | None = None
 
-    class _Head(msgspec.Struct, gc=False, rename={"base": "Base", "metas": "Metas"}):
-        base: str | None = None
-        # checked entry by entry in Python: an odd Metas entry must not cost the page its links
-        metas: Any = None
+class _Response(msgspec.Struct, gc=False, rename={"html": "HTML-Metadata"}):
+    html: _Html | None = None
 
-    class _Html(msgspec.Struct, gc=False, rename={"head": "Head", "links": "Links"}):
-        head: _Head | None = None
-        links: list[_Link] | None = None
 
-    class _Response(msgspec.Struct, gc=False, rename={"html": "HTML-Metadata"}):
-        html: _Html | None = None
+class _Payload(msgspec.Struct, gc=False, rename={"response": "HTTP-Response-Metadata"}):
+    response: _Response | None = None
 
-    class _Payload(msgspec.Struct, gc=False, rename={"response": "HTTP-Response-Metadata"}):
-        response: _Response | None = None
 
-    class _WarcHeader(msgspec.Struct, gc=False, rename={"target_uri": "WARC-Target-URI"}):
-        target_uri: str | None = None
+class _WarcHeader(msgspec.Struct, gc=False, rename={"target_uri": "WARC-Target-URI"}):
+    target_uri: str | None = None
 
-    class _Envelope(
-        msgspec.Struct,
-        gc=False,
-        rename={"warc": "WARC-Header-Metadata", "payload": "Payload-Metadata"},
-    ):
-        warc: _WarcHeader | None = None
-        payload: _Payload | None = None
 
-    class _Wat(msgspec.Struct, gc=False, rename={"envelope": "Envelope"}):
-        envelope: _Envelope | None = None
+class _Envelope(
+    msgspec.Struct,
+    gc=False,
+    rename={"warc": "WARC-Header-Metadata", "payload": "Payload-Metadata"},
+):
+    warc: _WarcHeader | None = None
+    payload: _Payload | None = None
 
-    _DECODER = msgspec.json.Decoder(_Wat)
+
+class _Wat(msgspec.Struct, gc=False, rename={"envelope": "Envelope"}):
+    envelope: _Envelope | None = None
+
+
+_DECODER = msgspec.json.Decoder(_Wat)
 
 
 def _decode_error(body: bytes, err: Exception) -> BadRecord:
@@ -96,8 +86,7 @@ def _decode_error(body: bytes, err: Exception) -> BadRecord:
 
 
 class WatPage(NamedTuple):
-    """What one WAT record says about its page (see :func:`wat_image_links`): ``links`` are
-    all of its links (:func:`wat_links`) or only the ``IMG@`` ones (:func:`wat_image_links`)."""
+    """What one WAT record says about its page (see :func:`wat_links`)."""
 
     page_url: str
     base: str
@@ -196,10 +185,16 @@ def img_links(links: list[Any]) -> list[Any]:
     return [ln for ln in imgs if ln.path.startswith("IMG@")]
 
 
-def wat_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
-    """Like :func:`wat_image_links`, with all of the record's links (not only ``IMG@``)."""
-    fast = has_msgspec() if use_msgspec is None else use_msgspec
-    if fast:
+def wat_links(body: bytes, *, use_msgspec: bool = True) -> WatPage:
+    """``(page_url, base, links, metas)`` of one WAT record, before filtering or resolving.
+
+    ``page_url`` is ``""`` when the JSON has no ``WARC-Target-URI``; ``links`` are all of the
+    record's links (objects with ``path``, ``url`` and ``alt``, each ``str | None``) in order;
+    ``metas`` the ``(name, content)`` of ``Head.Metas`` (empty when the page has no links).
+    ``use_msgspec=False`` forces the stdlib decoder; both give the same result. Raises
+    :class:`BadRecord` like :func:`parse_wat_json`.
+    """
+    if use_msgspec:
         try:
             return WatPage(*_parse_msgspec(body))
         except BadRecord as err:
@@ -210,22 +205,23 @@ def wat_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
     return WatPage(*_parse_json(body))
 
 
-def wat_image_links(body: bytes, *, use_msgspec: bool | None = None) -> WatPage:
-    """``(page_url, base, img_links, metas)`` of one WAT record, before filtering or resolving.
+def image_links(page_url: str, base: str, links: list[Any]) -> list[RawLink]:
+    """The pair candidates among a record's :func:`wat_links`, before alt-text clean-up.
 
-    ``page_url`` is ``""`` when the JSON has no ``WARC-Target-URI``; ``img_links`` are the
-    record's ``IMG@`` links (objects with ``path``, ``url`` and ``alt``, each ``str | None``)
-    in order, so that a link's position is its ``index``. Pairs come from those whose path is
-    ``IMG@/src`` with a URL and an ``alt`` key (:func:`is_image_pair`). ``metas`` are the
-    ``(name, content)`` of ``Head.Metas`` (empty when the page has no links). Raises
-    :class:`BadRecord` like :func:`parse_wat_json`.
+    Pairs come from ``IMG@/src`` links with a URL and an ``alt`` key, resolved against ``base``
+    (itself resolved against the page URL) or the page URL; a pair's ``index`` is its position
+    among the record's ``IMG@`` links.
     """
-    page, base, links, metas = wat_links(body, use_msgspec=use_msgspec)
-    return WatPage(page, base, img_links(links) if links else [], metas)
+    resolve = Resolver(resolve_url(page_url, base) if base else page_url)
+    return [
+        RawLink(k, resolve(ln.url), ln.alt)
+        for k, ln in enumerate(img_links(links) if links else [])
+        if ln.path == _IMG_SRC and ln.url and ln.alt is not None
+    ]
 
 
 def parse_wat_json(
-    body: bytes, fallback_page_url: str = "", *, use_msgspec: bool | None = None
+    body: bytes, fallback_page_url: str = "", *, use_msgspec: bool = True
 ) -> tuple[str, list[RawLink]]:
     """Image links of one WAT metadata record.
 
@@ -236,28 +232,18 @@ def parse_wat_json(
     fallback_page_url
         Page URL to use when the JSON has no ``WARC-Target-URI`` (the WAT record's own header).
     use_msgspec
-        Force the decoder (``None`` = msgspec when installed); both give the same result.
+        False forces the stdlib decoder; both give the same result.
 
     Returns
     -------
     (page_url, links)
-        ``links`` are ``IMG@/src`` entries with a URL and an ``alt`` key, resolved against
-        ``Head.Base`` (itself resolved against the page URL) or the page URL; their ``index`` is
-        the ordinal among the record's ``IMG@`` links.
+        ``links`` as :func:`image_links` gives them.
 
     Raises
     ------
     BadRecord
         ``invalid_json``, ``bad_encoding`` or ``invalid_wat`` (valid JSON of the wrong shape).
     """
-    page, base, imgs, _ = wat_image_links(body, use_msgspec=use_msgspec)
+    page, base, links, _ = wat_links(body, use_msgspec=use_msgspec)
     page = page or fallback_page_url
-    resolve = Resolver(resolve_url(page, base) if base else page)
-    return page, [
-        RawLink(k, resolve(ln.url), ln.alt) for k, ln in enumerate(imgs) if is_image_pair(ln)
-    ]
-
-
-def is_image_pair(link: Any) -> bool:
-    """Whether an ``IMG@`` link from :func:`wat_image_links` gives a pair (before clean-up)."""
-    return link.path == _IMG_SRC and bool(link.url) and link.alt is not None
+    return page, image_links(page, base, links)
