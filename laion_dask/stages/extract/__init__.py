@@ -36,6 +36,7 @@ from laion_dask.stages.extract import common
 from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url, warc_uri
 from laion_dask.stages.extract.optout import NO_SIGNALS, page_signals
 from laion_dask.stages.extract.records import (
+    FASTWARC_METADATA,
     GunzipStream,
     NonChunkedGzip,
     PrefixedReader,
@@ -44,19 +45,13 @@ from laion_dask.stages.extract.records import (
     StreamError,
     classify_stream_error,
     fastwarc_record,
-    fastwarc_type_code,
     iter_arc,
     iter_fastwarc,
     iter_fastwarc_raw,
     iter_warcio,
     read_block,
 )
-from laion_dask.stages.extract.text import (
-    clean_text,
-    laion_hashes,
-    pair_uids,
-    record_hashes,
-)
+from laion_dask.stages.extract.text import clean_text, laion_hashes, pair_uids, record_hashes
 from laion_dask.stages.extract.warc import looks_like_html, parse_html, split_http
 from laion_dask.stages.extract.wat import IMG_MARKER, image_links, wat_links
 from laion_dask.stages.sources import open_input
@@ -475,13 +470,12 @@ def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> 
     """
     limit = cfg.max_html_bytes
     wat = cfg.format != "warc"
-    metadata = fastwarc_type_code("metadata")
     summary = col.summary
     for frec, pos in iter_fastwarc_raw(stream):
         summary.records_read += 1
         try:
             length = frec.content_length
-            if wat and 0 < length <= limit and int(frec.record_type) == metadata:
+            if wat and 0 < length <= limit and int(frec.record_type) == FASTWARC_METADATA:
                 try:
                     data = frec.reader.read(length + 1)
                 except (OSError, EOFError, zlib.error, ValueError) as err:

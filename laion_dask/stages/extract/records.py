@@ -23,6 +23,12 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
+from fastwarc.warc import ArchiveIterator as FastwarcIterator
+from fastwarc.warc import WarcRecordType
+from warcio.archiveiterator import ArchiveIterator as WarcioIterator
+from warcio.exceptions import ArchiveLoadFailed
+from warcio.limitreader import LimitReader
+
 from laion_dask.stages.extract.common import warc_uri
 
 __all__ = [
@@ -35,7 +41,7 @@ __all__ = [
     "iter_fastwarc",
     "iter_fastwarc_raw",
     "fastwarc_record",
-    "fastwarc_type_code",
+    "FASTWARC_METADATA",
     "PrefixedReader",
     "iter_warcio",
     "iter_arc",
@@ -88,7 +94,7 @@ class Record:
     header lookup costs about a microsecond, and most records never need them.
     """
 
-    __slots__ = ("offset", "warc_type", "declared_length", "reader", "_uri", "_ctype", "_headers")
+    __slots__ = ("offset", "warc_type", "declared_length", "reader", "_uri", "_ctype", "_get")
 
     def __init__(
         self,
@@ -98,7 +104,9 @@ class Record:
         content_type: str | None,
         declared_length: int | None,
         reader: BlockReader,
-        headers: Any = None,  # a FastWARC header map, for the fields given as None
+        # the reader's case-insensitive header lookup (None when absent), for the fields given
+        # as None; ARC records have none
+        get: Callable[[str], str | None] | None = None,
     ) -> None:
         self.offset = offset
         self.warc_type = warc_type
@@ -106,13 +114,13 @@ class Record:
         self.reader = reader
         self._uri = target_uri
         self._ctype = content_type
-        self._headers = headers
+        self._get = get
 
     @property
     def target_uri(self) -> str:
         """``WARC-Target-URI`` as a bare URI (``""`` when absent)."""
         if self._uri is None:
-            self._uri = warc_uri(self._headers.get("WARC-Target-URI"))
+            self._uri = warc_uri(self._get("WARC-Target-URI"))
         return self._uri
 
     def header(self, name: str) -> str:
@@ -120,18 +128,18 @@ class Record:
 
         Field names are case-insensitive (WARC 1.1 section 4), as both readers' maps are.
         """
-        if self._headers is None:  # a record whose reader gave its two fields only (ARC)
+        if self._get is None:  # a record whose reader gave its two fields only (ARC)
             return {"warc-target-uri": self.target_uri, "content-type": self.content_type}.get(
                 name.lower(), ""
             )
-        value = self._headers.get(name) or ""
+        value = self._get(name) or ""
         return warc_uri(value) if name.lower() in URI_FIELDS else value
 
     @property
     def content_type(self) -> str:
         """``Content-Type`` of the record (``""`` when absent)."""
         if self._ctype is None:
-            self._ctype = self._headers.get("Content-Type") or ""
+            self._ctype = self._get("Content-Type") or ""
         return self._ctype
 
 
@@ -151,34 +159,22 @@ def classify_stream_error(err: BaseException) -> StreamError:
     return StreamError("invalid_record", f"{type(err).__name__}: {text}")
 
 
-_FASTWARC_TYPES: dict[int, str] = {}  # int(WarcRecordType) -> name (the enum is not hashable)
-
-
-def _fastwarc_types() -> dict[int, str]:
-    if not _FASTWARC_TYPES:
-        from fastwarc.warc import WarcRecordType
-
-        for name in (
-            "warcinfo",
-            "response",
-            "resource",
-            "request",
-            "metadata",
-            "revisit",
-            "conversion",
-            "continuation",
-        ):
-            _FASTWARC_TYPES[int(getattr(WarcRecordType, name))] = name
-    return _FASTWARC_TYPES
+# WARC-Type by FastWARC's integer code (the enum is not hashable); the codes FastWARC gives to
+# types it does not know read the WARC-Type header instead
+_FASTWARC_TYPES = {
+    int(getattr(WarcRecordType, name)): name
+    for name in dir(WarcRecordType)
+    if not name.startswith("_") and name not in ("any_type", "no_type", "unknown")
+}
+#: FastWARC's integer code of ``metadata`` records
+FASTWARC_METADATA = int(WarcRecordType.metadata)
 
 
 def iter_fastwarc_raw(stream: BinaryIO) -> Iterator[tuple[Any, int]]:
     """``(FastWARC record, offset)`` of a WARC stream (gzip/zstd/lz4 detected), with stream
     errors classified and several records in one gzip member refused (:class:`NonChunkedGzip`).
     """
-    from fastwarc.warc import ArchiveIterator
-
-    it = ArchiveIterator(stream, parse_http=False, fsspec_args=False, quirks_mode=True)
+    it = FastwarcIterator(stream, parse_http=False, fsspec_args=False, quirks_mode=True)
     prev = -1
     while True:
         try:
@@ -203,24 +199,19 @@ def fastwarc_record(rec: Any, pos: int, reader: BlockReader | None = None) -> Re
     """A :class:`Record` over a FastWARC record (``reader`` replaces its block reader)."""
     h = rec.headers
     # the parsed type and length save header lookups; anything unusual reads the header
-    warc_type = _fastwarc_types().get(int(rec.record_type))
+    warc_type = _FASTWARC_TYPES.get(int(rec.record_type))
     if warc_type is None:
         warc_type = (h.get("WARC-Type") or "").lower()
     length = rec.content_length
     if length <= 0:
         length = _int_or_none(h.get("Content-Length"))
-    return Record(pos, warc_type, None, None, length, reader or rec.reader, h)
+    return Record(pos, warc_type, None, None, length, reader or rec.reader, h.get)
 
 
 def iter_fastwarc(stream: BinaryIO) -> Iterator[Record]:
     """Records of a WARC stream read with FastWARC (gzip/zstd/lz4 detected)."""
     for rec, pos in iter_fastwarc_raw(stream):
         yield fastwarc_record(rec, pos)
-
-
-def fastwarc_type_code(name: str) -> int:
-    """FastWARC's integer code of a WARC-Type (``metadata``, ``response``, ...)."""
-    return next(code for code, n in _fastwarc_types().items() if n == name)
 
 
 class PrefixedReader:
@@ -247,10 +238,7 @@ class PrefixedReader:
 
 def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
     """Records of a WARC or ARC stream read with warcio (ARC converted to WARC headers)."""
-    from warcio.archiveiterator import ArchiveIterator
-    from warcio.exceptions import ArchiveLoadFailed
-
-    it = ArchiveIterator(stream, arc2warc=True, no_record_parse=True, check_digests=False)
+    it = WarcioIterator(stream, arc2warc=True, no_record_parse=True, check_digests=False)
     gen = iter(it)
     while True:
         try:
@@ -273,17 +261,8 @@ def iter_warcio(stream: BinaryIO) -> Iterator[Record]:
             h.get_header("Content-Type") or "",
             _int_or_none(h.get_header("Content-Length")),
             rec.raw_stream,
-            _WarcioHeaders(h),
+            h.get_header,
         )
-
-
-class _WarcioHeaders:
-    """warcio's header block behind the ``get(name)`` that FastWARC's header map has."""
-
-    __slots__ = ("get",)
-
-    def __init__(self, headers: Any) -> None:
-        self.get = headers.get_header  # case-insensitive, None when absent
 
 
 class GunzipStream(io.RawIOBase):
@@ -380,30 +359,6 @@ class GunzipStream(io.RawIOBase):
         return b"".join(parts)
 
 
-class _BoundedReader:
-    """At most ``left`` bytes of ``stream``: one ARC record's block."""
-
-    __slots__ = ("stream", "left")
-
-    def __init__(self, stream: BinaryIO, left: int) -> None:
-        self.stream, self.left = stream, left
-
-    def read(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.stream.read(size)
-        self.left = 0 if not data else self.left - len(data)
-        return data
-
-    def drain(self) -> int:
-        """Skip the rest of the block; returns the bytes skipped."""
-        n = 0
-        while chunk := self.read(1 << 20):
-            n += len(chunk)
-        return n
-
-
 _ARC_MAX_LINE = 1 << 16
 
 
@@ -459,7 +414,7 @@ def iter_arc(
         length = int(fields[-1])
         url = warc_uri(b" ".join(fields[:-fields_after_url]).decode("utf-8", "replace"))
         mime = fields[-fields_after_url + 2].decode("latin-1")
-        block = _BoundedReader(stream, length)
+        block = LimitReader(stream, length)
         reader: BlockReader = block
         if url.startswith("filedesc://"):
             head = block.read(min(length, 256))
@@ -471,7 +426,8 @@ def iter_arc(
             warc_type = "response" if url.startswith(("http://", "https://")) else "resource"
         try:
             yield Record(offset, warc_type, url, mime, length, reader)
-            block.drain()
+            while block.read(1 << 20):  # the rest of the block, unread
+                pass
         except (OSError, EOFError, zlib.error, ValueError) as err:
             raise classify_stream_error(err) from err
         pos += length
