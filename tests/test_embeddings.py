@@ -11,7 +11,7 @@ from laion_dask.stages.embeddings import (
     ScoreResult,
     embedding_paths,
     read_embeddings,
-    write_embeddings,
+    write_embedding_arrays,
 )
 
 
@@ -23,6 +23,11 @@ def _result(keys: list[str], seed: int) -> ScoreResult:
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     frame = pd.DataFrame({schema.KEY: pd.array(keys, dtype="string")})
     return ScoreResult(frame, img.astype(np.float16), txt.astype(np.float16), keys)
+
+
+def write_embeddings(out: str, part: int, r: ScoreResult, meta: pd.DataFrame) -> None:
+    """What the score stage writes for one scored partition."""
+    write_embedding_arrays(out, part, r.keys, r.image_embeddings, r.text_embeddings, meta)
 
 
 def test_write_read_round_trip_in_clip_retrieval_layout(tmp_path) -> None:

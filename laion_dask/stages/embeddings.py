@@ -27,9 +27,10 @@ from laion_dask.ground import schema
 
 __all__ = [
     "ScoreResult",
-    "write_embeddings",
     "write_embedding_arrays",
     "read_embeddings",
+    "read_array",
+    "embedding_parts",
     "embedding_paths",
 ]
 
@@ -71,26 +72,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_embeddings(out_dir: str, part: int, result: ScoreResult, metadata: pd.DataFrame) -> None:
-    """Write one part's image/text embeddings and row-aligned metadata (local or fsspec URL).
-
-    Parameters
-    ----------
-    out_dir
-        ``RUN/embeddings``.
-    part
-        Partition number, used in the file names.
-    result
-        The partition's :class:`ScoreResult` (from :func:`~laion_dask.stages.clip.score_partition`).
-    metadata
-        Rows with a ``key`` column (typically ``result.frame``); the rows of ``result.keys``
-        are written in that order.
-    """
-    write_embedding_arrays(
-        out_dir, part, result.keys, result.image_embeddings, result.text_embeddings, metadata
-    )
-
-
 def write_embedding_arrays(
     out_dir: str,
     part: int,
@@ -99,7 +80,20 @@ def write_embedding_arrays(
     text_embeddings: np.ndarray,
     metadata: pd.DataFrame,
 ) -> None:
-    """:func:`write_embeddings` from plain arrays (row ``i`` belongs to ``keys[i]``)."""
+    """Write one part's image/text embeddings and row-aligned metadata (local or fsspec URL).
+
+    Parameters
+    ----------
+    out_dir
+        ``RUN/embeddings``.
+    part
+        Partition number, used in the file names.
+    keys, image_embeddings, text_embeddings
+        Row ``i`` of both arrays belongs to ``keys[i]`` (a :class:`ScoreResult`'s fields).
+    metadata
+        Rows with a ``key`` column (typically the scored frame); the rows of ``keys`` are
+        written in that order.
+    """
     n = len(keys)
     if image_embeddings.shape[0] != n or text_embeddings.shape[0] != n:
         raise ValueError("embeddings and keys differ in length")
@@ -115,16 +109,20 @@ def write_embedding_arrays(
     log.debug("wrote %d embeddings to part %d of %s", n, part, out_dir)
 
 
-def _parts(fs: fsspec.AbstractFileSystem, folder: str, prefix: str, ext: str) -> dict[int, str]:
-    pattern = re.compile(rf"{prefix}_(\d+)\.{ext}$")
-    out: dict[int, str] = {}
+def embedding_parts(out_dir: str) -> list[int]:
+    """Complete parts, in order: those whose metadata (written last) exists."""
+    fs, _, (root,) = fsspec.get_fs_token_paths(out_dir)
+    folder = f"{root}/metadata"
     if not fs.exists(folder):
-        return out
-    for p in fs.ls(folder, detail=False):
-        m = pattern.search(p)
-        if m:
-            out[int(m.group(1))] = p
-    return out
+        return []
+    found = (re.search(r"metadata_(\d+)\.parquet$", p) for p in fs.ls(folder, detail=False))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def read_array(path: str) -> np.ndarray:
+    """One ``.npy`` file (local or fsspec URL), read whole."""
+    with fsspec.open(path, "rb") as fh:
+        return np.load(io.BytesIO(fh.read()))
 
 
 def read_embeddings(out_dir: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -133,20 +131,16 @@ def read_embeddings(out_dir: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]
     A part counts when its metadata file exists; a part whose arrays are missing or whose
     lengths disagree raises ``ValueError``.
     """
-    fs, _, (root,) = fsspec.get_fs_token_paths(out_dir)
-    metas = _parts(fs, f"{root}/metadata", "metadata", "parquet")
-    imgs = _parts(fs, f"{root}/img_emb", "img_emb", "npy")
-    txts = _parts(fs, f"{root}/text_emb", "text_emb", "npy")
     img_list, txt_list, meta_list = [], [], []
-    for part in sorted(metas):
-        if part not in imgs or part not in txts:
-            raise ValueError(f"{out_dir}: part {part} has metadata but no embedding arrays")
-        with fs.open(imgs[part], "rb") as fh:
-            img = np.load(io.BytesIO(fh.read()))
-        with fs.open(txts[part], "rb") as fh:
-            txt = np.load(io.BytesIO(fh.read()))
-        with fs.open(metas[part], "rb") as fh:
-            meta = pd.read_parquet(io.BytesIO(fh.read()))
+    for part in embedding_parts(out_dir):
+        paths = embedding_paths(out_dir, part)
+        try:
+            img, txt = read_array(paths["img"]), read_array(paths["text"])
+        except FileNotFoundError as err:
+            raise ValueError(
+                f"{out_dir}: part {part} has metadata but no embedding arrays"
+            ) from err
+        meta = pd.read_parquet(paths["metadata"])
         if not len(img) == len(txt) == len(meta):
             raise ValueError(f"{out_dir}: part {part} arrays and metadata differ in length")
         img_list.append(img)
