@@ -21,8 +21,8 @@ import logging
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -110,9 +110,8 @@ class FileSummary:
         def same(a: str, b: str, mixed: str) -> str:
             return a if a == b else mixed
 
-        bad = dict(self.bad_records)
-        for k, v in other.bad_records.items():
-            bad[k] = bad.get(k, 0) + v
+        bad = Counter(self.bad_records)
+        bad.update(other.bad_records)
         errors = [e for e in (self.error, other.error) if e]
         return FileSummary(
             source_file=same(self.source_file, other.source_file, "*"),
@@ -209,22 +208,12 @@ def _format_from_name(path: str, sniffed: str) -> str:
     return sniffed
 
 
-def _surrogate_free(s: str) -> str:
-    if s.isascii():
-        return s
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
-        return s.encode("utf-8", "replace").decode("utf-8")
-
-
 def _arrow_strings(values: list[str]) -> tuple[pa.Array, list[str]]:
     """(Arrow array, values) with lone surrogates replaced by ``?`` (Arrow needs UTF-8)."""
     try:
         return pa.array(values, type=pa.large_string()), values
-    except UnicodeEncodeError:
-        values = [_surrogate_free(v) for v in values]
+    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+        values = [v.encode("utf-8", "replace").decode("utf-8") for v in values]
         return pa.array(values, type=pa.large_string()), values
 
 
@@ -287,6 +276,11 @@ class _Collector:
         """Count a record skipped for ``err`` (a named counter in ``bad_records``)."""
         self.summary.count(err.kind)
         log.debug("%s @%d: skipped record: %s", self.source_file, offset, err)
+
+    def bad_header(self, offset: int, err: StreamError) -> None:
+        """A header line that cannot be read: a record seen and skipped; reading goes on."""
+        self.summary.records_read += 1
+        self.skipped(offset, BadRecord(err.kind, str(err)))
 
     def _close_record(self, offset: int, page_url: str, n: int, metas: list[Any]) -> None:
         if n:
@@ -409,10 +403,6 @@ def _wat_block(
     col.add_wat(offset, page or warc_uri(header("WARC-Target-URI")), base, links, metas)
 
 
-def _record_header(rec: Record) -> Callable[[str], str | None]:
-    return rec.header
-
-
 def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
     """Parse one record into ``col``; raises BadRecord for a counted skip."""
     t = rec.warc_type
@@ -420,7 +410,7 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
     if t == "metadata" and cfg.format != "warc":
         data, total = read_block(rec, limit)
         if total is None and (rec.declared_length is None or len(data) >= rec.declared_length):
-            _wat_block(data, rec.offset, col, _record_header(rec))
+            _wat_block(data, rec.offset, col, rec.header)
             return
         if "json" not in rec.content_type:
             return
@@ -451,18 +441,6 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
             raise BadRecord("truncated_record", "HTTP body cut short")
 
 
-@contextmanager
-def _open_stream(
-    path: str, gunzip: bool
-) -> Iterator[tuple[BinaryIO, BinaryIO, GunzipStream | None]]:
-    with open_input(path) as raw:
-        if gunzip:
-            plain = GunzipStream(raw)
-            yield raw, io.BufferedReader(plain, 1 << 16), plain  # type: ignore[misc]
-        else:
-            yield raw, raw, None
-
-
 def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
     """The FastWARC pass. A WAT metadata record whose declared block is read whole (nearly all
     of them) takes :func:`_wat_block` inline, without a :class:`Record` or a :func:`read_block`
@@ -491,9 +469,9 @@ def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> 
             col.skipped(pos, err)
 
 
-def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., None]:
+def _records(iterate: Callable[[BinaryIO, _Collector], Iterator[Record]]) -> Callable[..., None]:
     def run(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
-        for rec in iterate(stream):
+        for rec in iterate(stream, col):
             col.summary.records_read += 1
             try:
                 _handle(rec, col, cfg)
@@ -503,27 +481,13 @@ def _records(iterate: Callable[[BinaryIO], Iterator[Record]]) -> Callable[..., N
     return run
 
 
-def _records_arc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
-    def bad(offset: int, err: StreamError) -> None:
-        # a header line that cannot be read is a record seen and skipped; reading goes on
-        col.summary.records_read += 1
-        col.skipped(offset, BadRecord(err.kind, str(err)))
-
-    for rec in iter_arc(stream, on_bad=bad):
-        col.summary.records_read += 1
-        try:
-            _handle(rec, col, cfg)
-        except BadRecord as err:
-            col.skipped(rec.offset, err)
-
-
 #: reader name -> the pass over its records (tests compare the fused FastWARC pass with the plain
 #: one: ``_PASSES["fastwarc-plain"]``)
 _PASSES: dict[str, Callable[..., None]] = {
     "fastwarc": _records_fastwarc,
-    "fastwarc-plain": _records(iter_fastwarc),
-    "warcio": _records(iter_warcio),
-    "arc": _records_arc,
+    "fastwarc-plain": _records(lambda stream, col: iter_fastwarc(stream)),
+    "warcio": _records(lambda stream, col: iter_warcio(stream)),
+    "arc": _records(lambda stream, col: iter_arc(stream, on_bad=col.bad_header)),
 }
 
 
@@ -539,17 +503,14 @@ def _scan(
     """One pass over the file; raises _Unreadable when not even one record could be read."""
     col = _Collector(path, cfg, meta_names, sink, chunk_rows)
     col.summary.reader = reader + ("+gunzip" if gunzip else "")
-    records = _PASSES[reader]
-    with _open_stream(path, gunzip) as (raw, stream, plain):
+    with open_input(path) as raw:
+        plain = GunzipStream(raw) if gunzip else None
+        stream = raw if plain is None else io.BufferedReader(plain, 1 << 16)
         try:
-            records(stream, col, cfg)
-        except StreamError as err:
-            if col.summary.records_read == 0:
-                raise _Unreadable(str(err), err.kind) from err
-            col.summary.count(err.kind)
-            log.debug("%s: stopped after %d records: %s", path, col.summary.records_read, err)
-        except (OSError, EOFError, zlib.error) as err:  # from the gzip layer around the reader
-            serr = classify_stream_error(err)
+            _PASSES[reader](stream, col, cfg)
+        # OSError, EOFError, zlib.error: from the gzip layer around the reader
+        except (StreamError, OSError, EOFError, zlib.error) as err:
+            serr = err if isinstance(err, StreamError) else classify_stream_error(err)
             if col.summary.records_read == 0:
                 raise _Unreadable(str(serr), serr.kind) from err
             col.summary.count(serr.kind)
@@ -574,6 +535,8 @@ def _arc_version(plain_head: bytes) -> int:
 def _attempts(
     kind: str, gz: bool, cfg: ExtractConfig, whole: bool, arc_version: int = 1
 ) -> list[tuple[str, bool]]:
+    if kind == "empty":
+        return []  # nothing to read
     if kind == "arc" and cfg.reader == "auto":
         # FastWARC reads WARC only; warcio reads ARC v1 gzipped per record (with the members'
         # offsets) but not v2, and loses the next record when one lacks its trailing newline,
@@ -597,38 +560,26 @@ def _whole_file_gzip(path: str, limit: int = 1 << 20) -> bool:
     Common Crawl compresses each record as its own member; a file gzipped whole (one member for
     everything) has no per-record offsets and is read through ``gzip`` instead. Deciding that
     here, from the first record's Content-Length, keeps a streaming pass from handing on pairs
-    and then being replaced by another reader. Decompresses the first record only (its header
-    at most ``limit`` bytes); anything unclear says False and the readers decide as before.
+    and then being replaced by another reader. Decompresses at most ``limit`` bytes of the first
+    member (a WARC's first record, its warcinfo, is far smaller); anything unclear (a first
+    record longer than that) says False and the readers decide as before.
     """
-    d = zlib.decompressobj(31)
-    head, seen, end, after = b"", 0, -1, b""
+    d, head = zlib.decompressobj(31), b""
     try:
         with open_input(path) as fh:
-            while not d.eof:
-                data = fh.read(65536)
+            while not d.eof and len(head) <= limit:
+                data = d.unconsumed_tail or fh.read(65536)
                 if not data:
-                    return False
-                chunk = d.decompress(data)
-                if end < 0:
-                    head += chunk
-                    head_end = head.find(b"\r\n\r\n")
-                    if head_end < 0:
-                        if len(head) > limit:
-                            return False
-                        continue
-                    m = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head[:head_end])
-                    if m is None:
-                        return False
-                    end = head_end + 4 + int(m.group(1))
-                    chunk, seen = head, 0
-                if seen + len(chunk) > end:
-                    after += chunk[max(end - seen, 0) :][:64]
-                    if after.strip(b"\r\n"):
-                        return True  # the next record, in the same member
-                seen += len(chunk)
+                    break
+                head += d.decompress(data, limit + 1 - len(head))
     except (OSError, EOFError, zlib.error, ValueError):
         return False
-    return False
+    head_end = head.find(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head[:head_end]) if head_end >= 0 else None
+    if m is None:
+        return False
+    end = head_end + 4 + int(m.group(1))
+    return bool(head[end : end + 64].strip(b"\r\n"))  # the next record, in the same member
 
 
 def stream_file(
@@ -669,10 +620,11 @@ def _stream_file(
     sink: Callable[[pd.DataFrame], None],
     chunk_rows: int,
 ) -> FileSummary:
-    handed = [0]  # rows handed to the sink so far
+    handed = 0  # rows handed to the sink so far
 
     def deliver(frame: pd.DataFrame) -> None:
-        handed[0] += len(frame)
+        nonlocal handed
+        handed += len(frame)
         try:
             sink(frame)
         except Exception as err:
@@ -683,23 +635,18 @@ def _stream_file(
     t0 = time.perf_counter()
     meta_names = frozenset((consent or ConsentConfig()).meta_names)
     summary = FileSummary(source_file=path)
+    col = None
     try:
         with open_input(path) as fh:
             head = fh.read(65536)
         kind, gz = sniff_format(head)
         summary.format = _format_from_name(path, kind)
-        if kind == "empty":
-            summary.count("empty_file")
-            summary.seconds = time.perf_counter() - t0
-            deliver(schema.PAIRS.copy())
-            return summary
         if kind == "corrupt_gzip":
             raise _Unreadable("corrupt gzip at the start of the file", "corrupt_gzip")
         if kind == "unknown":
             start = _plain_head(head)[0][:40]
             raise _Unreadable(f"not a WARC or ARC file (its content starts with {start!r})")
         first_error: _Unreadable | None = None
-        col = None
         whole = gz and kind == "warc" and _whole_file_gzip(path)
         version = _arc_version(_plain_head(head)[0]) if kind == "arc" else 1
         for reader, gunzip in _attempts(kind, gz, cfg, whole, version):
@@ -707,7 +654,7 @@ def _stream_file(
                 col = _scan(path, cfg, reader, gunzip, meta_names, deliver, chunk_rows)
                 break
             except ReaderCannot as err:
-                if handed[0]:
+                if handed:
                     # e.g. gzip members of one record at first, then one holding several: the
                     # pairs handed on cannot be taken back, so the file fails by name
                     fix = (
@@ -715,15 +662,15 @@ def _stream_file(
                         if isinstance(err, NonChunkedGzip)
                         else 'read it with [extract] reader = "warcio"'
                     )
-                    raise _Unreadable(f"{err} after {handed[0]} pairs were written; {fix}") from err
+                    raise _Unreadable(f"{err} after {handed} pairs were written; {fix}") from err
                 first_error = first_error or _Unreadable(str(err))
                 log.debug("%s: %s; reading it with the next reader", path, err)
-                continue
             except _Unreadable as err:
                 first_error = first_error or err
                 log.debug("%s: %s cannot read it: %s", path, reader, err)
-                continue
-        if col is None:
+        if kind == "empty":
+            summary.count("empty_file")
+        elif col is None:
             raise first_error or _Unreadable("no reader could read it")
     except (_Unreadable, OSError) as err:
         message = f"cannot read {path}: {err}"
@@ -735,6 +682,7 @@ def _stream_file(
         summary.error = message
         if isinstance(err, _Unreadable) and err.kind:
             summary.count(err.kind)
+    if col is None:  # an empty or skipped file: one empty frame
         summary.seconds = time.perf_counter() - t0
         deliver(schema.PAIRS.copy())
         return summary
