@@ -6,9 +6,8 @@ the demo) can check: rows in = rows kept + sum of rows dropped per reason, at ev
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from typing import Any
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -21,50 +20,38 @@ __all__ = ["funnel", "format_funnel", "check_funnel", "consent_summary"]
 PAGE_OPTOUT_REASONS = ("page_robots_meta", "page_tdm_reservation")
 
 
-def _extract_counts(run: RunDir) -> tuple[int, Counter[str], dict[str, int]]:
-    counts: Counter[str] = Counter()
-    bad: Counter[str] = Counter()
-    found = 0
-    for _, m in run.iter_markers("candidates"):
-        counts.update(m["drop_reasons"])
-    for _, m in run.iter_markers("extract"):
-        found += int(m["summary"]["pairs_found"])
-        bad.update(m["summary"].get("bad_records", {}))
-    return found, counts, dict(bad)
+def _counts(run: RunDir, stage: str, field: str) -> Counter[str]:
+    """The ``field`` counts of every finished partition of ``stage``, summed."""
+    total: Counter[str] = Counter()
+    for _, m in run.iter_markers(stage):
+        total.update(m[field])
+    return total
 
 
 def funnel(run: RunDir | str) -> pd.DataFrame:
     """Rows per stage and outcome: columns ``stage, outcome, rows`` (``kept`` = passed on)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    rows: list[dict[str, Any]] = []
-    found, ext, _ = _extract_counts(run)
+    rows: list[tuple[str, str, int]] = []
+
+    def add(stage: str, total: str, rows_in: int, outcomes: Iterable[tuple[str, int]]) -> None:
+        rows.append((stage, total, rows_in))
+        rows.extend((stage, k, v) for k, v in outcomes)
+
+    found = sum(int(m["summary"]["pairs_found"]) for _, m in run.iter_markers("extract"))
+    ext = _counts(run, "candidates", "drop_reasons")
     if found or ext:
-        rows.append({"stage": "extract", "outcome": "pairs_found", "rows": found})
-        rows += [{"stage": "extract", "outcome": k, "rows": v} for k, v in sorted(ext.items())]
-    dl: Counter[str] = Counter()
-    for _, m in run.iter_markers("downloads"):
-        dl.update({k: v for k, v in m["status"].items() if k != "not_attempted"})
-    if dl:
-        rows.append({"stage": "download", "outcome": "attempted", "rows": sum(dl.values())})
-        rows += [{"stage": "download", "outcome": k, "rows": v} for k, v in sorted(dl.items())]
-    sc: Counter[str] = Counter()
-    for _, m in run.iter_markers("scores"):
-        sc.update(m["score_status"])
-    if sc:
-        rows.append({"stage": "score", "outcome": "attempted", "rows": sum(sc.values())})
-        rows += [{"stage": "score", "outcome": k, "rows": v} for k, v in sorted(sc.items())]
+        add("extract", "pairs_found", found, sorted(ext.items()))
+    dl = _counts(run, "downloads", "status")
+    del dl["not_attempted"]  # rows no download was tried for are not the stage's input
+    sc = _counts(run, "scores", "score_status")
+    for stage, counts in (("download", dl), ("score", sc)):
+        if counts:
+            add(stage, "attempted", counts.total(), sorted(counts.items()))
     path = run.join("dataset", "funnel.json")
     if run.exists(path):
-        with run.fs.open(path, "rb") as fh:
-            mat = json.load(fh)
-        rows.append({"stage": "materialize", "outcome": "rows_in", "rows": mat["rows_in"]})
-        rows += [
-            {"stage": "materialize", "outcome": f"kept_{g}", "rows": n}
-            for g, n in mat["kept"].items()
-        ]
-        rows += [
-            {"stage": "materialize", "outcome": k, "rows": v} for k, v in mat["dropped"].items()
-        ]
+        mat = run.read_json(path)
+        kept = [(f"kept_{g}", n) for g, n in mat["kept"].items()]
+        add("materialize", "rows_in", mat["rows_in"], [*kept, *mat["dropped"].items()])
     return pd.DataFrame(rows, columns=["stage", "outcome", "rows"])
 
 
@@ -76,10 +63,8 @@ def consent_summary(run: RunDir | str) -> dict[str, int]:
     the view of them a report's consent section shows.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
-    _, ext, _ = _extract_counts(run)
-    dl: Counter[str] = Counter()
-    for _, m in run.iter_markers("downloads"):
-        dl.update(m["status"])
+    ext = _counts(run, "candidates", "drop_reasons")
+    dl = _counts(run, "downloads", "status")
     out = {r: int(ext.get(r, 0)) for r in PAGE_OPTOUT_REASONS}
     out.update({s: int(dl.get(s, 0)) for s in schema.CONSENT_STATUSES})
     return out
