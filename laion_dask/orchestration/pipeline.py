@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import dask.dataframe as dd
@@ -27,10 +28,10 @@ import pyarrow.dataset as pds
 from distributed import get_worker
 
 from laion_dask.ground import schema
-from laion_dask.ground.config import PipelineConfig
+from laion_dask.ground.config import PipelineConfig, config_to_dict
 from laion_dask.ground.shards import ShardSample, make_key, read_shard_images, write_shard
 from laion_dask.orchestration.cluster import scoring_resources
-from laion_dask.orchestration.rundir import ConfigChanged, RunDir, config_changes, fingerprint
+from laion_dask.orchestration.rundir import ConfigChanged, RunDir, fingerprint
 from laion_dask.orchestration.runner import StageError, get_client, run_tasks
 from laion_dask.stages import planner
 from laion_dask.stages.clip import (
@@ -41,7 +42,7 @@ from laion_dask.stages.clip import (
 )
 from laion_dask.stages.consent import load_lists
 from laion_dask.stages.download import download_images, download_stats, is_transient
-from laion_dask.stages.embeddings import embedding_paths, write_embeddings
+from laion_dask.stages.embeddings import embedding_paths, write_embedding_arrays
 from laion_dask.stages.extract import CHUNK_ROWS, extract_pairs, stream_file
 from laion_dask.stages.language import add_language
 from laion_dask.stages.rules import (
@@ -96,11 +97,6 @@ class StageReport:
 # --- lazy graph for notebooks -------------------------------------------------------------------
 
 
-def _tag_pairs(pairs: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
-    """Extracted pairs -> candidates rows: language, then the rules' drop reasons."""
-    return add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
-
-
 def candidates_graph(
     paths: Sequence[str], cfg: PipelineConfig, *, deduplicate: bool = True
 ) -> dd.DataFrame:
@@ -116,16 +112,9 @@ def candidates_graph(
     ddf = ddf.map_partitions(add_drop_reason, cfg.rules, cfg.consent, meta=schema.CANDIDATES)
     if not (deduplicate and cfg.rules.deduplicate):
         return ddf
-    dups = _duplicates(ddf)
+    dups = ddf[DEDUP_COLUMNS].shuffle(on=schema.HASH)
+    dups = dups.map_partitions(find_duplicates, meta=DUPLICATES_META)
     return ddf.map_partitions(_mark_from_frame, dups.compute(), meta=schema.CANDIDATES)
-
-
-def _duplicates(ddf: dd.DataFrame) -> dd.DataFrame:
-    return (
-        ddf[DEDUP_COLUMNS]
-        .shuffle(on=schema.HASH)
-        .map_partitions(find_duplicates, meta=DUPLICATES_META)
-    )
 
 
 def _mark_from_frame(df: pd.DataFrame, dups: pd.DataFrame) -> pd.DataFrame:
@@ -149,8 +138,9 @@ _STAGE_FOLDER = {"extract": "extract", "download": "downloads", "score": "scores
 _ALWAYS_APPLIED = ("consent_lists",)
 
 
-def _sections(run: RunDir, cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
-    out = run.config_dict(cfg, *sections)
+def _sections(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
+    full = config_to_dict(cfg)
+    out = {s: full.get(s) for s in sections}
     for section, keys in _SPEED_KEYS.items():
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k not in keys}
@@ -158,22 +148,20 @@ def _sections(run: RunDir, cfg: PipelineConfig, *sections: str) -> dict[str, Any
 
 
 def _stage_config(
-    run: RunDir, cfg: PipelineConfig, stage: str, lists_fingerprint: str | None = None
+    cfg: PipelineConfig, stage: str, lists_fingerprint: str | None = None
 ) -> dict[str, Any]:
     """The config a stage's fingerprints hash: its sections, less the speed knobs."""
     if stage == "extract":
-        return _sections(run, cfg, "extract", "language", "rules") | {
-            "consent_page": _page_consent(cfg)
-        }
+        return _sections(cfg, "extract", "language", "rules") | {"consent_page": _page_consent(cfg)}
     if stage == "download":
         if lists_fingerprint is None:
             lists_fingerprint = load_lists(cfg.consent).fingerprint
-        return _sections(run, cfg, "download", "consent") | {
+        return _sections(cfg, "download", "consent") | {
             "consent_lists": lists_fingerprint,
             "chunks": planner.CHUNKING,
         }
     if stage == "score":
-        return _sections(run, cfg, "clip")
+        return _sections(cfg, "clip")
     raise ValueError(f"no stage config for {stage!r}")
 
 
@@ -189,16 +177,50 @@ def check_config_changes(
     out: dict[str, dict[str, tuple[Any, Any]]] = {}
     for stage in stages:
         folder = _STAGE_FOLDER.get(stage)
-        if folder is None:
-            continue
-        path = run.stage_config_path(folder)
-        if not (run.exists(path) and run.has_markers(folder)):
-            continue
-        changes = config_changes(run.read_json(path), _stage_config(run, cfg, stage))
+        if folder is None or not run.has_markers(folder):
+            continue  # before _stage_config: it reads the consent lists
+        changes = run.stage_config_changes(folder, _stage_config(cfg, stage))
         changes = {k: v for k, v in changes.items() if k not in _ALWAYS_APPLIED}
         if changes:
             out[stage] = changes
     return out
+
+
+def _start_stage(
+    run: RunDir,
+    stage: str,
+    folders: tuple[str, ...],
+    stage_cfg: dict[str, Any],
+    force: bool,
+    *,
+    allowed: Iterable[str] = (),
+    scratch: tuple[str, ...] = (),
+) -> None:
+    """Refuse a changed config (:class:`ConfigChanged`, unless ``force``), create ``folders``,
+    then remove what killed tasks of an earlier attempt left half-written in them (and in
+    ``scratch``).
+
+    Called before the stage submits a task: no task of this attempt can be writing there yet
+    (stages run one after the other), so every ``*.tmp-*`` file is a leftover.
+    """
+    run.check_stage_config(folders[0], stage_cfg, force=force, allowed=allowed)
+    run.makedirs(*folders)
+    removed = run.remove_tmp_files(*folders, *scratch)
+    if removed:
+        log.info("%s: removed %d temporary files left by killed tasks", stage, len(removed))
+
+
+def _resumed(run: RunDir, stage: str, index: int, fp: str) -> dict | None:
+    """The marker of a partition already made with fingerprint ``fp``, as a resumed result."""
+    marker = run.done_marker(stage, index, fp)
+    return None if marker is None else {**marker, "resumed": True}
+
+
+def _finished(run: RunDir, stage: str, index: int, fp: str, **info: Any) -> dict:
+    """Write a partition's marker (after its data) and return it as this run's result."""
+    info = {"fingerprint": fp, "index": index, **info}
+    run.mark_done(stage, index, info)
+    return {**info, "resumed": False}
 
 
 # --- extract + candidates -----------------------------------------------------------------------
@@ -215,20 +237,17 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
 
     Streamed: the file's pairs arrive in chunks of ``extract.CHUNK_ROWS``
     (:func:`~laion_dask.stages.extract.stream_file`), each tagged and written as one row group, so
-    the
-    task holds one chunk whatever the file's size. A file that fails leaves no part.
+    the task holds one chunk whatever the file's size. A file that fails leaves no part.
     """
-    marker = run.done_marker("extract", index, fp)
-    if marker is not None:
-        return {**marker, "resumed": True}
-
+    if (resumed := _resumed(run, "extract", index, fp)) is not None:
+        return resumed
     t0 = time.perf_counter()
     reasons: Counter[str] = Counter()
     try:
         with run.parquet_writer_atomic(run.part_path("extract", index), schema.CANDIDATES) as part:
 
             def write(pairs: pd.DataFrame) -> None:
-                df = _tag_pairs(pairs, cfg)
+                df = add_drop_reason(add_language(pairs, cfg.language), cfg.rules, cfg.consent)
                 reasons.update(_value_counts(df[schema.DROP_REASON]))
                 part.write(df)
 
@@ -246,18 +265,18 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
             "resumed": False,
             "failed": True,
         }
-    info = {
-        "fingerprint": fp,
-        "index": index,
-        "source_file": path,
-        "rows": summary.pairs_found,
-        "row_groups": part.row_groups,
-        "summary": summary.to_dict(),
-        "drop_reasons": dict(reasons),
-        "seconds": time.perf_counter() - t0,
-    }
-    run.mark_done("extract", index, info)
-    return {**info, "resumed": False}
+    return _finished(
+        run,
+        "extract",
+        index,
+        fp,
+        source_file=path,
+        rows=summary.pairs_found,
+        row_groups=part.row_groups,
+        summary=summary.to_dict(),
+        drop_reasons=dict(reasons),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _page_consent(cfg: PipelineConfig) -> dict[str, Any]:
@@ -286,15 +305,11 @@ def _part_groups(run: RunDir, stage: str, indices: Sequence[int]) -> list[PartGr
     for index in indices:
         path = run.part_path(stage, index)
         groups = (run.done_marker(stage, index) or {}).get("row_groups")
-        if groups is None:
-            items.append(PartGroup(index, path, None, 0))
-            continue
-        first = 0
-        for g, n in enumerate(groups):
-            items.append(PartGroup(index, path, g, first))
-            first += n
         if not groups:  # an empty part still gives the shuffle its (empty) partition
             items.append(PartGroup(index, path, None, 0))
+            continue
+        firsts = accumulate(groups[:-1], initial=0)
+        items += [PartGroup(index, path, g, first) for g, first in enumerate(firsts)]
     return items
 
 
@@ -306,6 +321,9 @@ class PartGroup(NamedTuple):
     path: str
     group: int | None
     first_row: int
+
+
+_DEDUP_META = schema.CANDIDATES[DEDUP_COLUMNS].assign(part=pd.Series(dtype="int64"))
 
 
 def _load_dedup_part(item: PartGroup, run: RunDir) -> pd.DataFrame:
@@ -320,17 +338,15 @@ def _dups_with_part(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> dict:
-    marker = run.done_marker("candidates", index, fp)
-    if marker is not None:
-        return {**marker, "resumed": True}
+    if (resumed := _resumed(run, "candidates", index, fp)) is not None:
+        return resumed
     dup_uids: set[str] = set()
-    if dup_dir is not None:
-        fs = run.fs
-        if fs.exists(dup_dir) and fs.ls(dup_dir):
-            table = pds.dataset(dup_dir, format="parquet", filesystem=fs).to_table(
-                columns=[schema.UID], filter=pds.field("part") == index
-            )
-            dup_uids = set(table.column(schema.UID).to_pylist())
+    fs = run.fs
+    if dup_dir is not None and fs.exists(dup_dir) and fs.ls(dup_dir):
+        table = pds.dataset(dup_dir, format="parquet", filesystem=fs).to_table(
+            columns=[schema.UID], filter=pds.field("part") == index
+        )
+        dup_uids = set(table.column(schema.UID).to_pylist())
     reasons: Counter[str] = Counter()
     # row group by row group: the task holds one chunk of the part, whatever the file's size
     with run.parquet_writer_atomic(run.part_path("candidates", index), schema.CANDIDATES) as part:
@@ -338,15 +354,15 @@ def _candidates_task(index: int, run: RunDir, dup_dir: str | None, fp: str) -> d
             out = mark_duplicates(df, dup_uids)
             reasons.update(_value_counts(out[schema.DROP_REASON]))
             part.write(out)
-    info = {
-        "fingerprint": fp,
-        "index": index,
-        "rows": sum(part.row_groups),
-        "row_groups": part.row_groups,
-        "drop_reasons": dict(reasons),
-    }
-    run.mark_done("candidates", index, info)
-    return {**info, "resumed": False}
+    return _finished(
+        run,
+        "candidates",
+        index,
+        fp,
+        rows=sum(part.row_groups),
+        row_groups=part.row_groups,
+        drop_reasons=dict(reasons),
+    )
 
 
 def run_extract(
@@ -368,15 +384,13 @@ def run_extract(
     client = get_client(client)
     t0 = time.perf_counter()
     paths = list(paths) if paths is not None else expand_inputs(cfg.input.paths, cfg.input)
-    run.makedirs("extract", "candidates")
-    _remove_tmp(run, "extract", ("extract", "candidates"))
+    stage_cfg = _stage_config(cfg, "extract")
+    _start_stage(run, "extract", ("extract", "candidates"), stage_cfg, force)
     ex_cfg = (
         cfg
         if not cfg.strict
         else replace(cfg, extract=replace(cfg.extract, skip_unreadable_files=False))
     )
-    stage_cfg = _stage_config(run, cfg, "extract")
-    run.check_stage_config("extract", stage_cfg, force=force)
     tasks = [
         (f"{i:05d}", _extract_task, (p, i, run, ex_cfg, fingerprint(p, stage_cfg)))
         for i, p in enumerate(paths)
@@ -386,55 +400,36 @@ def run_extract(
     )
     results.sort(key=lambda r: r["index"])
     failures = {paths[int(k)]: v for k, v in failures.items()}
-    for r in results:
-        if r.get("failed"):
-            failures[r["source_file"]] = r["summary"].get("error")
+    failures |= {r["source_file"]: r["summary"].get("error") for r in results if r.get("failed")}
 
     # run-wide duplicates: shuffle (hash, url, text, order) so equal pairs meet in one partition
     results = [r for r in results if not r.get("failed")]
-    fps = [r["fingerprint"] for r in results]
-    cand_fp = fingerprint(fps, stage_cfg)
-    dup_dir = None
+    cand_fp = fingerprint([r["fingerprint"] for r in results], stage_cfg)
     done = [r["index"] for r in results]
-    need = [i for i in done if run.done_marker("candidates", i, cand_fp) is None]
-    if need and cfg.rules.deduplicate and done:
+    dup_dir = None
+    if cfg.rules.deduplicate and any(
+        run.done_marker("candidates", i, cand_fp) is None for i in done
+    ):
         dup_dir = run.join("duplicates", cand_fp)
         if not run.exists(dup_dir):
             ddf = dd.from_map(
-                _load_dedup_part,
-                _part_groups(run, "extract", done),
-                run=run,
-                meta=_load_dedup_part_meta(),
+                _load_dedup_part, _part_groups(run, "extract", done), run=run, meta=_DEDUP_META
             )
-            meta = pd.DataFrame(
-                {schema.UID: pd.Series(dtype="string"), "part": pd.Series(dtype="int64")}
-            )
+            meta = _DEDUP_META[[schema.UID, "part"]]
             dups = ddf.shuffle(on=schema.HASH).map_partitions(_dups_with_part, meta=meta)
             tmp = dup_dir + ".tmp"
             if run.exists(tmp):  # left by a run killed mid-write: never mix its files in
                 run.fs.rm(tmp, recursive=True)
             dups.to_parquet(tmp, write_index=False, compute=False).compute()
             run.fs.mv(tmp, dup_dir, recursive=True)
-    elif need and cfg.rules.deduplicate:
-        dup_dir = None
     for stage in ("extract", "candidates"):
-        _forget(run, stage, set(run.markers(stage)) - set(done))
+        _forget(run, stage, set(run.marker_indices(stage)) - set(done))
     cand_tasks = [(f"{i:05d}", _candidates_task, (i, run, dup_dir, cand_fp)) for i in done]
     cand_results, cand_fail = run_tasks(client, "candidates", cand_tasks, strict=cfg.strict)
-
-    report = StageReport("extract", partitions=len(paths))
+    failures |= {f"candidates-{k}": v for k, v in cand_fail.items()}
+    # rows in: the pairs of every file whose candidates part is written (the same rows)
+    report = _stage_report("extract", len(paths), cand_results, failures, "drop_reasons", t0)
     report.resumed = sum(1 for r in results if r.get("resumed"))
-    report.failed = failures | {f"candidates-{k}": v for k, v in cand_fail.items()}
-    counter: Counter[str] = Counter()
-    for r in cand_results:
-        counter.update(r["drop_reasons"])
-    report.counts = dict(counter)
-    report.rows_in = sum(
-        r["summary"]["pairs_found"]
-        for r in results
-        if r["index"] not in {int(k) for k in cand_fail}
-    )
-    report.seconds = time.perf_counter() - t0
     return report
 
 
@@ -456,10 +451,6 @@ def _forget(
                 fs.rm(path)
 
 
-def _load_dedup_part_meta() -> pd.DataFrame:
-    return schema.CANDIDATES[DEDUP_COLUMNS].assign(part=pd.Series(dtype="int64"))
-
-
 # --- download -----------------------------------------------------------------------------------
 
 #: RUN/consent/chain-N/*.jsonl: robots.txt / tdmrep.json results of a chain's hosts, fetched once
@@ -474,25 +465,6 @@ _PLAN = "download_plan"
 def _host_counts(item: PartGroup, run: RunDir) -> pd.DataFrame:
     df = run.read_parquet_group(item.path, item.group, columns=planner.HOST_COLUMNS)
     return planner.host_counts(df)
-
-
-def _big_hosts(
-    run: RunDir, parts: list[int], rows_per_task: int, n_buckets: int, client: Any
-) -> pd.DataFrame:
-    """:func:`~laion_dask.stages.planner.big_host_buckets` of the whole run.
-
-    Per-part counts are summed by a Dask groupby; only the big hosts (at most
-    ``rows / (BIG_HOST x rows_per_task)`` of them) come back to the client.
-    """
-    ddf = dd.from_map(
-        _host_counts,
-        _part_groups(run, "candidates", parts),
-        run=run,
-        meta=planner.HOST_COUNTS_META,
-    )
-    total = ddf.groupby("_key")["n"].sum(split_out=max(1, len(parts) // 16))
-    big = client.compute(total[total > planner.BIG_HOST * rows_per_task]).result()
-    return planner.big_host_buckets(big, rows_per_task, n_buckets)
 
 
 def _plan_part(item: PartGroup, run: RunDir, n_buckets: int, big_path: str | None) -> pd.DataFrame:
@@ -561,14 +533,20 @@ def _download_plan(
     buckets: list[list[int]] = []
     chains: list[list[int]] = []
     if total:
-        big = _big_hosts(run, parts, rows, n_buckets, client)
+        # fetched rows per host: per-part counts summed by a Dask groupby; only the big hosts
+        # (at most rows / (BIG_HOST x rows_per_task) of them) come back to the client
+        groups = _part_groups(run, "candidates", parts)
+        counts = dd.from_map(_host_counts, groups, run=run, meta=planner.HOST_COUNTS_META)
+        hosts = counts.groupby("_key")["n"].sum(split_out=max(1, len(parts) // 16))
+        big = client.compute(hosts[hosts > planner.BIG_HOST * rows]).result()
+        big = planner.big_host_buckets(big, rows, n_buckets)
         big_path = None
         if len(big):
             big_path = f"{folder}/_big_hosts.parquet"
             run.write_parquet_atomic(big_path, big)
         ddf = dd.from_map(
             _plan_part,
-            _part_groups(run, "candidates", parts),
+            groups,
             run=run,
             n_buckets=n_buckets,
             big_path=big_path,
@@ -606,65 +584,40 @@ def _download_plan(
 
 
 def _download_chain_task(
-    chain: list[tuple[int, int, list[tuple[int, str]]]],
+    chain: list[tuple[int, int, list[int]]],
+    plan_fp: str,
     folder: str,
     run: RunDir,
     cfg: PipelineConfig,
+    stage_cfg: dict[str, Any],
     retry_failed: bool,
 ) -> list[dict]:
-    """The buckets of one chain, one after the other (see :func:`_download_bucket`)."""
-    first = chain[0][0]
-    out: list[dict] = []
-    for bucket, n_rows, shards in chain:
-        out += _download_bucket(bucket, n_rows, shards, folder, run, cfg, retry_failed, first)
-    return out
-
-
-def _download_bucket(
-    bucket: int,
-    n_rows: int,
-    shards: list[tuple[int, str]],
-    folder: str,
-    run: RunDir,
-    cfg: PipelineConfig,
-    retry_failed: bool,
-    chain: int,
-) -> list[dict]:
-    """Every chunk of one plan bucket, one after the other -> one shard + part per chunk.
+    """Every chunk of the buckets of one chain, one after the other -> one shard + part each.
 
     The chunks of a bucket (and the buckets of a chain) never run at once, so the hosts of the
-    bucket see at most ``per_host_concurrency`` requests from the whole cluster. Each chunk has
+    chain see at most ``per_host_concurrency`` requests from the whole cluster. Each chunk has
     its own marker: a task killed halfway resumes at its first unfinished chunk.
     """
-    path = _bucket_path(folder, bucket)
-    bounds = planner.chunk_bounds(n_rows, cfg.download.rows_per_task)
-    if len(bounds) != len(shards):
-        raise StageError(f"{path}: {len(bounds)} chunks planned, {len(shards)} shards given")
+    first = chain[0][0]
     out: list[dict] = []
-    for chunk, ((shard_id, fp), (start, stop)) in enumerate(zip(shards, bounds, strict=True)):
-        if retry_failed and run.done_marker("downloads", shard_id) is not None:
-            out.append(_retry_task(shard_id, run, cfg, fp))
-            continue
-        marker = run.done_marker("downloads", shard_id, fp)
-        if marker is not None:
-            out.append({**marker, "resumed": True})
-            continue
-        df = schema.conform(run.read_parquet_rows(path, start, stop), schema.CANDIDATES_DTYPES)
-        t0 = time.perf_counter()
-        result = download_images(
-            df, cfg.download, consent=cfg.consent, host_cache=_host_cache(run, chain)
-        )
-        seconds = time.perf_counter() - t0
-        out.append(
-            _write_download_part(
-                run,
-                shard_id,
-                result,
-                fp,
-                seconds,
-                extra={"chain": chain, "bucket": bucket, "chunk": chunk},
-            )
-        )
+    for bucket, n_rows, shard_ids in chain:
+        path = _bucket_path(folder, bucket)
+        bounds = planner.chunk_bounds(n_rows, cfg.download.rows_per_task)
+        for chunk, (shard_id, (start, stop)) in enumerate(zip(shard_ids, bounds, strict=True)):
+            fp = fingerprint(plan_fp, bucket, chunk, stage_cfg)
+            if retry_failed and run.done_marker("downloads", shard_id) is not None:
+                out.append(_retry_task(shard_id, run, cfg, fp))
+            elif (resumed := _resumed(run, "downloads", shard_id, fp)) is not None:
+                out.append(resumed)
+            else:
+                rows = run.read_parquet_rows(path, start, stop)
+                df = schema.conform(rows, schema.CANDIDATES_DTYPES)
+                t0 = time.perf_counter()
+                cache = _host_cache(run, first)
+                got = download_images(df, cfg.download, consent=cfg.consent, host_cache=cache)
+                extra = {"chain": first, "bucket": bucket, "chunk": chunk}
+                seconds = time.perf_counter() - t0
+                out.append(_write_download_part(run, shard_id, got, fp, seconds, extra))
     return out
 
 
@@ -695,19 +648,18 @@ def _write_download_part(
     run.write_parquet_atomic(run.join("images", f"{shard_id:05d}.parquet"), table[ok])
     stats = download_stats(out, seconds)
     run.write_json_atomic(run.join("images", f"{shard_id:05d}_stats.json"), stats)
-    info = {
-        "fingerprint": fp,
-        "index": shard_id,
-        "rows": len(out),
-        "stats": stats,
-        "status": _value_counts(
-            out[schema.STATUS].mask(out[schema.DROP_REASON].notna(), "not_attempted")
-        ),
-        "seconds": seconds,
+    status = out[schema.STATUS].mask(out[schema.DROP_REASON].notna(), "not_attempted")
+    return _finished(
+        run,
+        "downloads",
+        shard_id,
+        fp,
+        rows=len(out),
+        stats=stats,
+        status=_value_counts(status),
+        seconds=seconds,
         **extra,
-    }
-    run.mark_done("downloads", shard_id, info)
-    return {**info, "resumed": False}
+    )
 
 
 def is_transient_failure(df: pd.DataFrame) -> pd.Series:
@@ -793,23 +745,14 @@ def run_download(
     lists = load_lists(cfg.consent)
     client = get_client(client)
     t0 = time.perf_counter()
-    run.makedirs("downloads", "images")
-    rows = cfg.download.rows_per_task
-    stage_cfg = _stage_config(run, cfg, "download", lists.fingerprint)
-    run.check_stage_config("downloads", stage_cfg, force=force, allowed=_ALWAYS_APPLIED)
-    _remove_tmp(run, "download", ("downloads", "images", _CONSENT_CACHE, _PLAN))
+    stage_cfg = _stage_config(cfg, "download", lists.fingerprint)
+    folders = ("downloads", "images")
+    scratch = (_CONSENT_CACHE, _PLAN)
+    _start_stage(
+        run, "download", folders, stage_cfg, force, allowed=_ALWAYS_APPLIED, scratch=scratch
+    )
     plan = _download_plan(run, cfg, cand, client)
-    planned: list[tuple[int, int, tuple[str, Callable[..., Any], tuple]]] = []
-    layout = planner.shard_ids(dict(plan["buckets"]), plan["chains"], rows)
-    for chain in layout:
-        work = []
-        for bucket, n, ids in chain:
-            fps = [fingerprint(plan["fingerprint"], bucket, c, stage_cfg) for c in range(len(ids))]
-            work.append((bucket, n, list(zip(ids, fps, strict=True))))
-        first = chain[0][0]
-        args = (work, plan["folder"], run, cfg, retry_failed)
-        size = sum(n for _, n, _ in chain)
-        planned.append((size, first, (f"bucket-{first:05d}", _download_chain_task, args)))
+    layout = planner.shard_ids(dict(plan["buckets"]), plan["chains"], cfg.download.rows_per_task)
     n_shards = sum(len(ids) for chain in layout for _, _, ids in chain)
     _forget(  # shards of a plan with more of them
         run,
@@ -818,13 +761,11 @@ def run_download(
         lambda i: [run.join("images", f"{i:05d}{ext}") for ext in _SHARD_FILES],
     )
     # longest first: a big host's chain bounds the stage's wall time, so it starts at once
-    planned.sort(key=lambda p: (-p[0], p[1]))
+    layout.sort(key=lambda chain: (-sum(n for _, n, _ in chain), chain[0][0]))
+    args = (plan["fingerprint"], plan["folder"], run, cfg, stage_cfg, retry_failed)
+    tasks = [(f"bucket-{c[0][0]:05d}", _download_chain_task, (c, *args)) for c in layout]
     results, failures = run_tasks(
-        client,
-        "download",
-        [task for _, _, task in planned],
-        strict=cfg.strict,
-        show_progress=show_progress,
+        client, "download", tasks, strict=cfg.strict, show_progress=show_progress
     )
     chunks = [r for bucket_results in results for r in bucket_results]
     return _stage_report("download", n_shards, chunks, failures, "status", t0)
@@ -834,25 +775,12 @@ def run_download(
 _SHARD_FILES = (".tar", ".parquet", "_stats.json")
 
 
-def _remove_tmp(run: RunDir, stage: str, folders: Sequence[str]) -> None:
-    """Remove what killed tasks of an earlier attempt left half-written in ``folders``.
-
-    Called as a stage starts, before it submits a task: no task of this attempt can be writing
-    there yet (stages run one after the other), so every ``*.tmp-*`` file is a leftover.
-    """
-    removed = run.remove_tmp_files(*folders)
-    if removed:
-        log.info("%s: removed %d temporary files left by killed tasks", stage, len(removed))
-
-
 # --- score --------------------------------------------------------------------------------------
 
 
 def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dict:
-    marker = run.done_marker("scores", shard_id, fp)
-    if marker is not None:
-        return {**marker, "resumed": True}
-
+    if (resumed := _resumed(run, "scores", shard_id, fp)) is not None:
+        return resumed
     t0 = time.perf_counter()
     df = run.read_parquet(run.part_path("downloads", shard_id))
     result = score_partition(df, cfg.clip, image_root=run.join("images"), threads=worker_threads())
@@ -860,17 +788,18 @@ def _score_task(shard_id: int, run: RunDir, cfg: PipelineConfig, fp: str) -> dic
     run.write_parquet_atomic(run.part_path("scores", shard_id), frame)
     if cfg.clip.write_embeddings:
         meta = frame.set_index(schema.KEY).loc[result.keys].reset_index()
-        write_embeddings(run.join("embeddings"), shard_id, result, meta)
+        emb = (result.keys, result.image_embeddings, result.text_embeddings)
+        write_embedding_arrays(run.join("embeddings"), shard_id, *emb, meta)
     attempted = frame[schema.STATUS].eq("success").fillna(False)
-    info = {
-        "fingerprint": fp,
-        "index": shard_id,
-        "rows": int(attempted.sum()),
-        "score_status": _value_counts(frame.loc[attempted, schema.SCORE_STATUS]),
-        "seconds": time.perf_counter() - t0,
-    }
-    run.mark_done("scores", shard_id, info)
-    return {**info, "resumed": False}
+    return _finished(
+        run,
+        "scores",
+        shard_id,
+        fp,
+        rows=int(attempted.sum()),
+        score_status=_value_counts(frame.loc[attempted, schema.SCORE_STATUS]),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def worker_threads() -> int | None:
@@ -905,15 +834,13 @@ def run_score(
         raise StageError(f"{run.path}: no downloaded shards; run `laion-dask download RUN` first")
     client = get_client(client)
     check_model_available(cfg.clip)  # one clear error before any work
-    stage_cfg = _stage_config(run, cfg, "score")
-    run.check_stage_config("scores", stage_cfg, force=force)
+    stage_cfg = _stage_config(cfg, "score")
+    _start_stage(run, "score", ("scores", "embeddings"), stage_cfg, force)
     resources = scoring_resources(client)
     # record what "auto" resolved to (revision, device, dtype) where the model really loads
     facts = client.submit(_clip_facts, cfg.clip, resources=resources, pure=False).result()
     run.write_config(cfg, extra={"clip_resolved": facts})
     t0 = time.perf_counter()
-    run.makedirs("scores", "embeddings")
-    _remove_tmp(run, "score", ("scores", "embeddings"))
     # scores of shards a smaller plan dropped, with their embeddings
     stale = set(run.marker_indices("scores")) - set(downloads)
     _forget(run, "scores", stale, lambda i: [*embedding_paths(run.join("embeddings"), i).values()])

@@ -40,7 +40,6 @@ from laion_dask.ground.config import (
     ConfigError,
     PipelineConfig,
     config_from_dict,
-    config_to_dict,
     dump_config,
 )
 
@@ -114,9 +113,6 @@ class RunDir:
     def join(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
 
-    def stage_dir(self, stage: str) -> str:
-        return self.join(stage)
-
     def makedirs(self, *stages: str) -> None:
         fs = self.fs
         fs.makedirs(self.path, exist_ok=True)
@@ -126,13 +122,24 @@ class RunDir:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
-    def write_bytes_atomic(self, path: str, data: bytes) -> None:
-        """Write to a temporary sibling, then rename: readers never see a partial file."""
+    @contextmanager
+    def _atomic(self, path: str) -> Iterator[Any]:
+        """A file open on a temporary sibling of ``path``, renamed to ``path`` when the block
+        ends and removed when it raises: readers never see a partial file."""
         fs = self.fs
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
+        try:
+            with fs.open(tmp, "wb") as fh:
+                yield fh
+        except BaseException:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise
         fs.mv(tmp, path)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        with self._atomic(path) as fh:
+            fh.write(data)
 
     def write_json_atomic(self, path: str, obj: Any) -> None:
         self.write_bytes_atomic(
@@ -184,10 +191,8 @@ class RunDir:
         if len(df) > row_group_rows and any(pa.types.is_null(f.type) for f in first.schema):
             # an all-missing object column in the first group: let the whole frame decide types
             first = pa.Table.from_pandas(df, preserve_index=False)
-        fs = self.fs
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with (
-            fs.open(tmp, "wb") as fh,
+            self._atomic(path) as fh,
             pq.ParquetWriter(fh, first.schema, compression="zstd") as writer,
         ):
             writer.write_table(first, row_group_size=row_group_rows)
@@ -196,7 +201,6 @@ class RunDir:
                 writer.write_table(
                     pa.Table.from_pandas(chunk, schema=first.schema, preserve_index=False)
                 )
-        fs.mv(tmp, path)
 
     @contextmanager
     def parquet_writer_atomic(self, path: str, meta: pd.DataFrame) -> Iterator[PartWriter]:
@@ -208,19 +212,11 @@ class RunDir:
         leaves a file with the schema and no rows.
         """
         arrow_schema = pa.Schema.from_pandas(meta, preserve_index=False)
-        fs = self.fs
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with (
-                fs.open(tmp, "wb") as fh,
-                pq.ParquetWriter(fh, arrow_schema, compression="zstd") as writer,
-            ):
-                yield PartWriter(writer, arrow_schema)
-        except BaseException:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-            raise
-        fs.mv(tmp, path)
+        with (
+            self._atomic(path) as fh,
+            pq.ParquetWriter(fh, arrow_schema, compression="zstd") as writer,
+        ):
+            yield PartWriter(writer, arrow_schema)
 
     def iter_parquet_groups(
         self, path: str, columns: list[str] | None = None
@@ -277,17 +273,7 @@ class RunDir:
 
     def markers(self, stage: str) -> dict[int, dict]:
         """All markers of ``stage`` by partition index."""
-        folder = self.join(stage, "_done")
-        fs = self.fs
-        if not fs.exists(folder):
-            return {}
-        out = {}
-        for p in sorted(fs.ls(folder, detail=False)):
-            name = os.path.basename(p)
-            if name.startswith("part-") and name.endswith(".json"):
-                with fs.open(p, "rb") as fh:
-                    out[int(name[5:-5])] = json.load(fh)
-        return out
+        return {i: self.read_json(self.marker_path(stage, i)) for i in self.marker_indices(stage)}
 
     def marker_indices(self, stage: str) -> list[int]:
         """Indices of the finished partitions of ``stage`` (one listing, no marker read)."""
@@ -342,11 +328,7 @@ class RunDir:
 
     def has_markers(self, stage: str) -> bool:
         """True when at least one partition of ``stage`` finished (one listing, no reads)."""
-        folder = self.join(stage, "_done")
-        fs = self.fs
-        return fs.exists(folder) and any(
-            os.path.basename(p).startswith("part-") for p in fs.ls(folder, detail=False)
-        )
+        return bool(self.marker_indices(stage))
 
     def stage_config_path(self, stage: str) -> str:
         return self.join(stage, "_config.json")
@@ -384,24 +366,25 @@ class RunDir:
             When the stage has finished partitions, their recorded config differs and not
             ``force``.
         """
-        path = self.stage_config_path(stage)
-        changes: dict[str, tuple[Any, Any]] = {}
-        if self.exists(path) and self.has_markers(stage):
-            changes = config_changes(self.read_json(path), config)
-            refused = {k: v for k, v in changes.items() if k not in set(allowed)}
-            if refused and not force:
-                raise ConfigChanged(stage, refused)
+        changes = self.stage_config_changes(stage, config)
+        refused = {k: v for k, v in changes.items() if k not in set(allowed)}
+        if refused and not force:
+            raise ConfigChanged(stage, refused)
         self.makedirs(stage)
-        self.write_json_atomic(path, _plain(config))
+        self.write_json_atomic(self.stage_config_path(stage), _plain(config))
         return changes
+
+    def stage_config_changes(
+        self, stage: str, config: Mapping[str, Any]
+    ) -> dict[str, tuple[Any, Any]]:
+        """What :meth:`check_stage_config` would find changed; reads only, writes nothing."""
+        path = self.stage_config_path(stage)
+        if not (self.exists(path) and self.has_markers(stage)):
+            return {}
+        return config_changes(self.read_json(path), config)
 
     def iter_markers(self, stage: str) -> Iterator[tuple[int, dict]]:
         yield from sorted(self.markers(stage).items())
-
-    def config_dict(self, cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
-        """The sections of ``cfg`` that decide a stage's output (for its fingerprint)."""
-        full = config_to_dict(cfg)
-        return {s: full.get(s) for s in sections}
 
 
 def open_run(path: str) -> tuple[RunDir, PipelineConfig]:
