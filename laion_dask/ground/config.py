@@ -9,14 +9,15 @@ starts. Unknown keys are errors too: a typo must not silently fall back to a def
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, NamedTuple, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -55,129 +56,162 @@ def _fail(section: str, key: str, message: str, value: Any) -> None:
     raise ConfigError(f"{section}.{key}: {message}, got {value!r}")
 
 
-def _positive(section: str, key: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        _fail(
-            section,
-            key,
-            "must be a " + ("non-negative" if allow_zero else "positive") + " number",
-            value,
-        )
+class _Check(NamedTuple):
+    """A field's rule, declared in its annotation (``Annotated[int, POSITIVE_INT]``): a value
+    that fails ``ok`` raises ``section.key: message, got value``."""
+
+    message: str
+    ok: Callable[[Any], bool]
 
 
-def _fraction(section: str, key: str, value: Any, *, lo: float = 0.0, hi: float = 1.0) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not lo <= value <= hi:
-        _fail(section, key, f"must be a number in [{lo}, {hi}]", value)
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(section, key, f"must be one of {', '.join(choices)}", value)
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _optional_fraction(section: str, key: str, value: Any) -> None:
-    if value is not None:
-        _fraction(section, key, value)
+def _in(lo: float, hi: float) -> _Check:
+    return _Check(f"must be a number in [{lo}, {hi}]", lambda v: _number(v) and lo <= v <= hi)
+
+
+def _at_least(low: float, note: str = "") -> _Check:
+    """For a field that an earlier check has made a number."""
+    return _Check(f"must be >= {low}{note}", lambda v: v >= low)
+
+
+def _int_at_least(low: int) -> _Check:
+    return _Check(f"expected an integer >= {low}", lambda v: _integer(v) and v >= low)
+
+
+def _one_of(*choices: str) -> _Check:
+    return _Check(f"must be one of {', '.join(choices)}", lambda v: v in choices)
+
+
+POSITIVE = _Check("must be a positive number", lambda v: _number(v) and v > 0)
+NON_NEGATIVE = _Check("must be a non-negative number", lambda v: _number(v) and v >= 0)
+POSITIVE_INT = _Check("must be a positive integer", lambda v: _integer(v) and v >= 1)
+NON_NEGATIVE_INT = _Check("must be a non-negative integer", lambda v: _integer(v) and v >= 0)
+#: for ``int | None`` fields, where None (left out of the TOML) means "no limit" or "auto"
+POSITIVE_INT_OR_UNSET = _Check("must be a positive integer or unset", POSITIVE_INT.ok)
+FRACTION = _in(0.0, 1.0)
+SIMILARITY = _in(-1.0, 1.0)
+IN_0_1 = _Check("must be in (0, 1]", lambda v: _number(v) and 0 < v <= 1)
+QUALITY = _Check("must be an integer in [1, 100]", lambda v: _integer(v) and 1 <= v <= 100)
+NOT_BLANK = _Check("must not be empty", lambda v: isinstance(v, str) and bool(v.strip()))
+ALLOW_OR_DISALLOW = _one_of("allow", "disallow")
+FLAG = _Check("must be true or false", lambda v: isinstance(v, bool))
+LOWER_WORDS = _Check(
+    "must be a list of lower-case words",
+    lambda v: (
+        isinstance(v, tuple) and all(isinstance(t, str) and t and t == t.strip().lower() for t in v)
+    ),
+)
+
+
+@functools.cache
+def _field_checks(cls: type) -> list[tuple[str, bool, tuple[_Check, ...]]]:
+    """``(field, None allowed, checks)`` for each field whose annotation declares checks."""
+    out = []
+    for name, hint in get_type_hints(cls, include_extras=True).items():
+        if get_origin(hint) is Annotated:
+            optional = type(None) in get_args(get_args(hint)[0])
+            checks = tuple(m for m in hint.__metadata__ if isinstance(m, _Check))
+            out.append((name, optional, checks))
+    return out
+
+
+def _check_fields(cls: type, section: str, values: Mapping[str, Any]) -> None:
+    for key, optional, checks in _field_checks(cls):
+        value = values.get(key)
+        for check in () if optional and value is None else checks:
+            if not check.ok(value):
+                _fail(section, key, check.message, value)
+
+
+class _Section:
+    """A config section: on construction every field is checked against the ``_Check`` rules
+    its annotation declares, in field order; a section's own ``__post_init__`` adds what
+    relates fields to each other (and calls this first)."""
+
+    SECTION: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _check_fields(type(self), self.SECTION, vars(self))
 
 
 @dataclass(frozen=True, kw_only=True)
-class InputConfig:
+class InputConfig(_Section):
     """What to read: paths, globs, fsspec URLs or crawl ids (``CC-MAIN-2024-22``)."""
 
     SECTION: ClassVar[str] = "input"
     paths: tuple[str, ...] = ()
     #: for crawl ids: which listing to expand (``wat`` or ``warc``)
-    crawl_format: str = "wat"
+    crawl_format: Annotated[str, _one_of("wat", "warc")] = "wat"
     #: keep at most this many files after expansion (None = all)
-    limit: int | None = None
+    limit: Annotated[int | None, POSITIVE_INT_OR_UNSET] = None
     #: keep this fraction of files (sampled with ``seed``) before ``limit`` applies
-    sample: float | None = None
-    seed: int = 0
+    sample: Annotated[float | None, FRACTION, IN_0_1] = None
+    seed: Annotated[int, _Check("must be an integer", _integer)] = 0
     #: base URL of the Common Crawl data host, used to expand crawl ids
     crawl_base_url: str = "https://data.commoncrawl.org/"
 
     def __post_init__(self) -> None:
-        s = self.SECTION
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
-        _choice(s, "crawl_format", self.crawl_format, ("wat", "warc"))
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            _fail(s, "limit", "must be a positive integer or unset", self.limit)
-        if self.sample is not None:
-            _fraction(s, "sample", self.sample)
-            if self.sample == 0:
-                _fail(s, "sample", "must be in (0, 1]", self.sample)
-        if not isinstance(self.seed, int):
-            _fail(s, "seed", "must be an integer", self.seed)
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractConfig:
+class ExtractConfig(_Section):
     """WAT/WARC parsing: one input file -> one partition of candidate pairs."""
 
     SECTION: ClassVar[str] = "extract"
     #: ``auto`` parses WAT JSON metadata records and HTML responses alike (records say which they
     #: are); ``wat`` / ``warc`` parse only that kind
-    format: str = "auto"
+    format: Annotated[str, _one_of("auto", "wat", "warc")] = "auto"
     #: ``auto`` = FastWARC where it reads the file, warcio otherwise (ARC, odd files)
-    reader: str = "auto"
+    reader: Annotated[str, _one_of("auto", "fastwarc", "warcio")] = "auto"
     #: alt text is truncated to this many characters after clean-up
-    max_text_chars: int = 2000
+    max_text_chars: Annotated[int, POSITIVE] = 2000
     #: HTML bodies larger than this are skipped (counted as ``html_too_large``)
-    max_html_bytes: int = 10_000_000
+    max_html_bytes: Annotated[int, POSITIVE] = 10_000_000
     #: an unreadable file becomes an empty partition + an error in its summary instead of raising
     skip_unreadable_files: bool = True
 
-    def __post_init__(self) -> None:
-        s = self.SECTION
-        _choice(s, "format", self.format, ("auto", "wat", "warc"))
-        _choice(s, "reader", self.reader, ("auto", "fastwarc", "warcio"))
-        _positive(s, "max_text_chars", self.max_text_chars)
-        _positive(s, "max_html_bytes", self.max_html_bytes)
-
 
 @dataclass(frozen=True, kw_only=True)
-class LanguageConfig:
+class LanguageConfig(_Section):
     """Alt-text language identification."""
 
     SECTION: ClassVar[str] = "language"
     #: ``py3langid`` (default: most accurate on short alt texts and fastest), ``langid`` or
     #: ``lingua`` (optional extra); see benchmarks/RESULTS-language.md
-    backend: str = "py3langid"
+    backend: Annotated[str, _one_of("py3langid", "langid", "lingua")] = "py3langid"
     #: below this normalised probability the language group is ``nolang``; 0.40 with
     #: ``english_prior`` 10 labels ~80% of 2-4 word strings at ~0.955 accuracy (py3langid)
-    min_confidence: float = 0.40
+    min_confidence: Annotated[float, FRACTION] = 0.40
     #: prior odds factor for English (1.0 = the model's uniform prior); short English alt text
     #: otherwise falls into ``nolang`` far more often than other languages
-    english_prior: float = 10.0
-
-    def __post_init__(self) -> None:
-        s = self.SECTION
-        _choice(s, "backend", self.backend, ("py3langid", "langid", "lingua"))
-        _fraction(s, "min_confidence", self.min_confidence)
-        _positive(s, "english_prior", self.english_prior)
-        if self.english_prior < 1:
-            _fail(s, "english_prior", "must be >= 1 (1 = no prior)", self.english_prior)
+    english_prior: Annotated[float, POSITIVE, _at_least(1, " (1 = no prior)")] = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
-class RulesConfig:
+class RulesConfig(_Section):
     """Extraction rules; each failing rule is a named ``drop_reason``."""
 
     SECTION: ClassVar[str] = "rules"
-    min_text_chars: int = 5
-    max_url_chars: int = 2000
+    min_text_chars: Annotated[int, NON_NEGATIVE] = 5
+    max_url_chars: Annotated[int, POSITIVE] = 2000
     allowed_schemes: tuple[str, ...] = ("http", "https")
     blocked_extensions: tuple[str, ...] = (".svg", ".gif")
     deduplicate: bool = True
 
     def __post_init__(self) -> None:
-        s = self.SECTION
         object.__setattr__(self, "allowed_schemes", tuple(self.allowed_schemes))
         object.__setattr__(self, "blocked_extensions", tuple(self.blocked_extensions))
-        _positive(s, "min_text_chars", self.min_text_chars, allow_zero=True)
-        _positive(s, "max_url_chars", self.max_url_chars)
+        super().__post_init__()
+        s = self.SECTION
         if not self.allowed_schemes:
             _fail(s, "allowed_schemes", "must name at least one scheme", self.allowed_schemes)
         for ext in self.blocked_extensions:
@@ -186,71 +220,54 @@ class RulesConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DownloadConfig:
+class DownloadConfig(_Section):
     """Image fetching, decoding and resizing."""
 
     SECTION: ClassVar[str] = "download"
     #: concurrent requests per partition task
-    concurrency: int = 64
+    concurrency: Annotated[int, POSITIVE_INT] = 64
     #: requests in flight to one host; the download plan gives a host to one task at a time,
     #: so this bounds the whole cluster
-    per_host_concurrency: int = 8
+    per_host_concurrency: Annotated[int, POSITIVE_INT] = 8
     #: minimum seconds between the starts of two requests to one host (0 = no spacing), kept
     #: across the calls of a host's chain: a cluster-wide rate of at most 1/interval per host
-    per_host_interval: float = 0.0
-    connect_timeout: float = 10.0
-    read_timeout: float = 10.0
+    per_host_interval: Annotated[float, NON_NEGATIVE] = 0.0
+    connect_timeout: Annotated[float, POSITIVE] = 10.0
+    read_timeout: Annotated[float, POSITIVE] = 10.0
     #: overall per-image deadline: a trickling server cannot hold a slot longer than this
-    deadline: float = 30.0
-    retries: int = 2
-    retry_backoff: float = 0.5
+    deadline: Annotated[float, POSITIVE] = 30.0
+    retries: Annotated[int, NON_NEGATIVE_INT] = 2
+    retry_backoff: Annotated[float, NON_NEGATIVE] = 0.5
     #: a 429/503 ``Retry-After`` longer than this is cut to it (seconds)
-    max_retry_after: float = 10.0
-    max_redirects: int = 5
-    max_bytes: int = 20_000_000
-    min_bytes: int = 5_000
-    max_pixels: int = 89_478_484
+    max_retry_after: Annotated[float, NON_NEGATIVE] = 10.0
+    max_redirects: Annotated[int, NON_NEGATIVE_INT] = 5
+    max_bytes: Annotated[int, POSITIVE_INT] = 20_000_000
+    min_bytes: Annotated[int, NON_NEGATIVE_INT] = 5_000
+    max_pixels: Annotated[int, POSITIVE_INT] = 89_478_484
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
-    resize_mode: str = "keep_ratio"
-    image_size: int = 256
+    resize_mode: Annotated[str, _one_of("no", "keep_ratio", "center_crop", "border")] = "keep_ratio"
+    image_size: Annotated[int, POSITIVE_INT] = 256
     #: ``resize_only_if_bigger`` as img2dataset: never upscale
     resize_only_if_bigger: bool = False
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    user_agent: str = DEFAULT_USER_AGENT
+    encode_format: Annotated[str, _one_of("jpg", "png", "webp")] = "jpg"
+    encode_quality: Annotated[int, QUALITY] = 95
+    user_agent: Annotated[str, NOT_BLANK] = DEFAULT_USER_AGENT
     #: honour X-Robots-Tag noai / noimageai / noindex / noimageindex
     respect_robots_headers: bool = True
     #: allow loopback / private / link-local targets (only the offline demo and tests)
     allow_private_networks: bool = False
     #: bound on bytes held in flight per task (bodies being read + decoded images)
-    max_inflight_bytes: int = 256_000_000
+    max_inflight_bytes: Annotated[int, POSITIVE_INT] = 256_000_000
     #: rows per download task; candidate partitions are split into chunks of this size
-    rows_per_task: int = 2_000
+    rows_per_task: Annotated[int, POSITIVE_INT] = 2_000
     #: threads decoding/resizing per task, off the event loop (Pillow releases the GIL; a few
     #: more than the cores a task gets keeps them busy while one thread holds the GIL)
-    decode_threads: int = 4
+    decode_threads: Annotated[int, POSITIVE_INT] = 4
 
     def __post_init__(self) -> None:
-        s = self.SECTION
         object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
-        for key in (
-            "concurrency",
-            "per_host_concurrency",
-            "max_bytes",
-            "image_size",
-            "max_pixels",
-            "max_inflight_bytes",
-            "rows_per_task",
-            "decode_threads",
-        ):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(s, key, "must be a positive integer", value)
-        for key in ("connect_timeout", "read_timeout", "deadline"):
-            _positive(s, key, getattr(self, key))
-        _positive(s, "retry_backoff", self.retry_backoff, allow_zero=True)
-        _positive(s, "max_retry_after", self.max_retry_after, allow_zero=True)
-        _positive(s, "per_host_interval", self.per_host_interval, allow_zero=True)
+        super().__post_init__()
+        s = self.SECTION
         if self.per_host_interval * self.per_host_concurrency >= self.deadline:
             # a row waits for the spacing inside its deadline: it would fail without a request
             _fail(
@@ -260,26 +277,16 @@ class DownloadConfig:
                 f"({self.deadline:g}s)",
                 self.per_host_interval,
             )
-        for key in ("retries", "max_redirects", "min_bytes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                _fail(s, key, "must be a non-negative integer", value)
         if self.min_bytes > self.max_bytes:
             _fail(s, "min_bytes", f"must not exceed max_bytes ({self.max_bytes})", self.min_bytes)
-        _choice(s, "resize_mode", self.resize_mode, ("no", "keep_ratio", "center_crop", "border"))
-        _choice(s, "encode_format", self.encode_format, ("jpg", "png", "webp"))
-        if not isinstance(self.encode_quality, int) or not 1 <= self.encode_quality <= 100:
-            _fail(s, "encode_quality", "must be an integer in [1, 100]", self.encode_quality)
         known = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
         for f in self.formats:
             if f not in known:
                 _fail(s, "formats", f"entries must be among {sorted(known)}", f)
-        if not self.user_agent.strip():
-            _fail(s, "user_agent", "must not be empty", self.user_agent)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClipConfig:
+class ClipConfig(_Section):
     """CLIP scoring: similarity, embeddings, punsafe/pwatermark tags."""
 
     SECTION: ClassVar[str] = "clip"
@@ -291,16 +298,16 @@ class ClipConfig:
     multilingual_text_model: str | None = None
     multilingual_revision: str | None = None
     #: ``auto`` = cuda when visible, else cpu
-    device: str = "auto"
+    device: Annotated[str, _one_of("auto", "cpu", "cuda")] = "auto"
     #: ``auto`` = float16 on cuda, float32 on cpu
-    dtype: str = "auto"
-    batch_size: int = 64
+    dtype: Annotated[str, _one_of("auto", "float32", "float16", "bfloat16")] = "auto"
+    batch_size: Annotated[int, POSITIVE_INT] = 64
     #: threads decoding and preprocessing images while the model runs
-    loader_threads: int = 2
+    loader_threads: Annotated[int, POSITIVE_INT] = 2
     #: torch intra-op threads on CPU (0 = the worker's threads)
-    torch_threads: int = 0
+    torch_threads: Annotated[int, NON_NEGATIVE_INT] = 0
     #: ``zero-shot`` from prompt sets, or ``head`` = a learned probe loaded from ``tag_head``
-    tags: str = "zero-shot"
+    tags: Annotated[str, _one_of("zero-shot", "head")] = "zero-shot"
     tag_head: str | None = None
     write_embeddings: bool = True
     #: decode JPEGs at a reduced DCT scale when >= 2x the model's input (faster, ~1e-3 change)
@@ -308,7 +315,7 @@ class ClipConfig:
     #: decoder processes per worker process (0 = decode in the loader threads); they need a
     #: non-daemonic worker (``distributed.worker.daemon = False``, which ``make_client`` sets
     #: for a local cluster when this is > 0)
-    loader_processes: int = 0
+    loader_processes: Annotated[int, NON_NEGATIVE_INT] = 0
 
     #: LAION-5B's recipe: ViT-B/32 images + English text, mCLIP text tower for other languages
     LAION_MULTILINGUAL: ClassVar[dict[str, str]] = {
@@ -322,22 +329,11 @@ class ClipConfig:
         return cls(**{**cls.LAION_MULTILINGUAL, **overrides})
 
     def __post_init__(self) -> None:
-        s = self.SECTION
+        super().__post_init__()
         if not self.model:
-            _fail(s, "model", "must name a hub model or a local path", self.model)
-        _choice(s, "device", self.device, ("auto", "cpu", "cuda"))
-        _choice(s, "dtype", self.dtype, ("auto", "float32", "float16", "bfloat16"))
-        for key in ("batch_size", "loader_threads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(s, key, "must be a positive integer", value)
-        for key in ("torch_threads", "loader_processes"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                _fail(s, key, "must be a non-negative integer", value)
-        _choice(s, "tags", self.tags, ("zero-shot", "head"))
+            _fail(self.SECTION, "model", "must name a hub model or a local path", self.model)
         if self.tags == "head" and not self.tag_head:
-            _fail(s, "tag_head", "must be set when tags = 'head'", self.tag_head)
+            _fail(self.SECTION, "tag_head", "must be set when tags = 'head'", self.tag_head)
 
 
 class FrozenDict(dict):
@@ -397,8 +393,7 @@ def _check_cut(where: str, table: Mapping[str, Any]) -> None:
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
-    for key in known:
-        _optional_fraction(where, key, table.get(key))
+    _check_fields(SubsetConfig, where, table)
     if all(table.get(key) is None for key in known):
         raise ConfigError(f"{where}: sets no cut-off (give max_punsafe and/or max_pwatermark)")
 
@@ -413,11 +408,11 @@ class SubsetConfig:
     SECTION: ClassVar[str] = "filters.subsets.<name>"
     #: drop rows whose punsafe / pwatermark exceed these (None = no cut on that tag); a row
     #: with no score for a tag the subset cuts on is dropped too (``missing_punsafe`` ...)
-    max_punsafe: float | None = None
-    max_pwatermark: float | None = None
+    max_punsafe: Annotated[float | None, FRACTION] = None
+    max_pwatermark: Annotated[float | None, FRACTION] = None
 
     def __post_init__(self) -> None:
-        _check_cut(self.SECTION, {f.name: getattr(self, f.name) for f in fields(self)})
+        _check_cut(self.SECTION, vars(self))
 
 
 def _subsets(section: str, value: Any) -> FrozenDict | None:
@@ -442,37 +437,29 @@ def _subsets(section: str, value: Any) -> FrozenDict | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FilterConfig:
+class FilterConfig(_Section):
     """Thresholds applied to stored scores at explore/materialize time (never rescoring)."""
 
     SECTION: ClassVar[str] = "filters"
-    similarity_en: float = 0.28  # LAION-5B English cut, CLIP ViT-B/32
-    similarity_multi: float = 0.26  # LAION-5B cut for other languages (mCLIP text tower)
-    similarity_nolang: float = 0.26
+    #: LAION-5B English cut, CLIP ViT-B/32
+    similarity_en: Annotated[float, SIMILARITY] = 0.28
+    #: LAION-5B cut for other languages (mCLIP text tower)
+    similarity_multi: Annotated[float, SIMILARITY] = 0.26
+    similarity_nolang: Annotated[float, SIMILARITY] = 0.26
     #: drop rows whose punsafe / pwatermark exceed these (None = tag only)
-    max_punsafe: float | None = None
-    max_pwatermark: float | None = None
-    min_side: int = 0
-    max_aspect_ratio: float | None = None
-    min_text_chars: int = 5
+    max_punsafe: Annotated[float | None, FRACTION] = None
+    max_pwatermark: Annotated[float | None, FRACTION] = None
+    min_side: Annotated[int, NON_NEGATIVE] = 0
+    max_aspect_ratio: Annotated[float | None, POSITIVE, _at_least(1)] = None
+    min_text_chars: Annotated[int, NON_NEGATIVE] = 5
     #: extra output subsets, ``[filters.subsets.NAME]`` tables (:class:`SubsetConfig`): each
     #: is written to ``RUN/dataset/NAME/`` with its own cut-offs on top of these thresholds;
     #: None = none (the base dataset alone, in ``RUN/dataset/{en,multi,nolang}``)
     subsets: Mapping[str, SubsetConfig] | None = None
 
     def __post_init__(self) -> None:
-        s = self.SECTION
-        object.__setattr__(self, "subsets", _subsets(s, self.subsets))
-        for key in ("similarity_en", "similarity_multi", "similarity_nolang"):
-            _fraction(s, key, getattr(self, key), lo=-1.0, hi=1.0)
-        _optional_fraction(s, "max_punsafe", self.max_punsafe)
-        _optional_fraction(s, "max_pwatermark", self.max_pwatermark)
-        _positive(s, "min_side", self.min_side, allow_zero=True)
-        _positive(s, "min_text_chars", self.min_text_chars, allow_zero=True)
-        if self.max_aspect_ratio is not None:
-            _positive(s, "max_aspect_ratio", self.max_aspect_ratio)
-            if self.max_aspect_ratio < 1:
-                _fail(s, "max_aspect_ratio", "must be >= 1", self.max_aspect_ratio)
+        object.__setattr__(self, "subsets", _subsets(self.SECTION, self.subsets))
+        super().__post_init__()
 
     def similarity_for(self, group: str) -> float:
         """Threshold for one language group (``en``, ``multi`` or ``nolang``)."""
@@ -482,17 +469,17 @@ class FilterConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClusterConfig:
+class ClusterConfig(_Section):
     """Where the Dask graph runs."""
 
     SECTION: ClassVar[str] = "cluster"
     #: ``tcp://host:8786`` of a running scheduler; None = start a local cluster
     scheduler_address: str | None = None
-    n_workers: int | None = None
-    threads_per_worker: int | None = None
+    n_workers: Annotated[int | None, POSITIVE_INT_OR_UNSET] = None
+    threads_per_worker: Annotated[int | None, POSITIVE_INT_OR_UNSET] = None
     memory_limit: str = "auto"
     #: ``auto`` = LocalCUDACluster when CUDA and dask-cuda are present, ``never``, ``require``
-    gpu: str = "auto"
+    gpu: Annotated[str, _one_of("auto", "never", "require")] = "auto"
     dashboard_address: str | None = "127.0.0.1:8787"
     #: processes (True) or threads in one process (False) for the local cluster
     processes: bool = True
@@ -535,23 +522,16 @@ class ClusterConfig:
         return dataclasses.replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
-        s = self.SECTION
-        for key in ("n_workers", "threads_per_worker"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                _fail(s, key, "must be a positive integer or unset", value)
-        value = self.malloc_mmap_threshold
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**25
-        ):
+        super().__post_init__()
+        s, value = self.SECTION, self.malloc_mmap_threshold
+        if value is not None and not (_integer(value) and 0 <= value <= 2**25):
             _fail(s, "malloc_mmap_threshold", "must be bytes in [0, 33554432] or unset", value)
-        _choice(s, "gpu", self.gpu, ("auto", "never", "require"))
         if self.scheduler_address is not None and "://" not in self.scheduler_address:
             _fail(s, "scheduler_address", "must look like tcp://host:8786", self.scheduler_address)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ConsentConfig:
+class ConsentConfig(_Section):
     """Opt-out signals honoured and blocklists applied. Everything is on by default; a run that
     switches a check off says so in its ``config.toml``.
     """
@@ -559,31 +539,42 @@ class ConsentConfig:
     SECTION: ClassVar[str] = "consent"
     #: page level, at extraction: ``<meta name="robots">`` (and crawler-specific names such as
     #: ``googlebot``) carrying one of ``meta_tokens`` drops the page's pairs as ``page_robots_meta``
-    page_meta: bool = True
-    meta_tokens: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    page_meta: Annotated[bool, FLAG] = True
+    meta_tokens: Annotated[tuple[str, ...], LOWER_WORDS] = (
+        "noai",
+        "noimageai",
+        "noindex",
+        "noimageindex",
+    )
     #: meta names read as robots directives (lower case; ``robots`` addresses every crawler, the
     #: others name one: Common Crawl's, Google's and our own product token)
-    meta_names: tuple[str, ...] = ("robots", "ccbot", "googlebot", "googlebot-image", "laion-dask")
+    meta_names: Annotated[tuple[str, ...], LOWER_WORDS] = (
+        "robots",
+        "ccbot",
+        "googlebot",
+        "googlebot-image",
+        "laion-dask",
+    )
     #: W3C TDMRep: ``<meta name="tdm-reservation" content="1">`` drops the page's pairs as
     #: ``page_tdm_reservation``
-    tdm_reservation: bool = True
+    tdm_reservation: Annotated[bool, FLAG] = True
     #: image level, at download: a ``tdm-reservation: 1`` response header makes the row
     #: ``disallowed_tdm_reservation`` (``X-Robots-Tag`` is ``download.respect_robots_headers``)
-    tdm_header: bool = True
+    tdm_header: Annotated[bool, FLAG] = True
     #: host level: robots.txt for our User-Agent's product token (RFC 9309), fetched once per
     #: host and cached in RUN/consent/; a disallowed URL is ``disallowed_robots_txt``
-    robots_txt: bool = True
+    robots_txt: Annotated[bool, FLAG] = True
     #: what a robots.txt answering 4xx (RFC 9309 "unavailable") means: ``allow`` (RFC 9309)
-    robots_txt_on_4xx: str = "allow"
+    robots_txt_on_4xx: Annotated[str, ALLOW_OR_DISALLOW] = "allow"
     #: what a robots.txt answering 5xx/429 or timing out (RFC 9309 "unreachable") means:
     #: ``disallow`` (RFC 9309; rows become ``robots_txt_unreachable``). A host that accepts no
     #: connection at all is a download failure (``failed_to_download``, retried later), not this
-    robots_txt_on_error: str = "disallow"
+    robots_txt_on_error: Annotated[str, ALLOW_OR_DISALLOW] = "disallow"
     #: host level: W3C TDMRep ``/.well-known/tdmrep.json``; a URL under a reserved location is
     #: ``disallowed_tdmrep`` (no file, or an unreadable one, reserves nothing)
-    tdmrep: bool = True
+    tdmrep: Annotated[bool, FLAG] = True
     #: total seconds for fetching one host file (robots.txt, tdmrep.json), redirects included
-    host_file_timeout: float = 10.0
+    host_file_timeout: Annotated[float, POSITIVE] = 10.0
     #: user opt-out lists of domains (text: one per line, ``#`` comments; parquet: a ``domain``
     #: column); a domain covers its subdomains; rows become ``opted_out_domain`` with no request
     domain_optout_lists: tuple[str, ...] = ()
@@ -596,19 +587,8 @@ class ConsentConfig:
     image_blocklists: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         s = self.SECTION
-        for key in ("page_meta", "tdm_reservation", "tdm_header", "robots_txt", "tdmrep"):
-            if not isinstance(getattr(self, key), bool):
-                _fail(s, key, "must be true or false", getattr(self, key))
-        for key in ("meta_tokens", "meta_names"):
-            value = getattr(self, key)
-            if not isinstance(value, tuple) or not all(
-                isinstance(t, str) and t and t == t.strip().lower() for t in value
-            ):
-                _fail(s, key, "must be a list of lower-case words", value)
-        _choice(s, "robots_txt_on_4xx", self.robots_txt_on_4xx, ("allow", "disallow"))
-        _choice(s, "robots_txt_on_error", self.robots_txt_on_error, ("allow", "disallow"))
-        _positive(s, "host_file_timeout", self.host_file_timeout)
         for key in ("domain_optout_lists", "url_blocklists", "image_blocklists"):
             value = getattr(self, key)
             if isinstance(value, list):
@@ -623,24 +603,10 @@ class ConsentConfig:
 
 #: byte-size units: SI (``KB`` = 1000) and binary (``KiB`` = 1024), as Dask's ``parse_bytes``
 #: and ``humanize`` write them; a bare ``B`` or no unit is bytes
-_BYTE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "p": 10**15,
-    "pb": 10**15,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "pib": 2**50,
+_BYTE_UNITS = {"": 1, "b": 1} | {
+    prefix + suffix: base**power
+    for power, prefix in enumerate("kmgtp", start=1)
+    for suffix, base in (("", 1000), ("b", 1000), ("ib", 1024))
 }
 _BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([a-zA-Z]*)\s*$")
 
@@ -676,7 +642,7 @@ def _parse_bytes(value: int | str, where: str) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class IndexConfig:
+class IndexConfig(_Section):
     """How ``laion-dask index`` chooses, trains and checks an index (TOML table ``[index]``;
     the CLI's flags override it)."""
 
@@ -684,17 +650,17 @@ class IndexConfig:
     #: bytes the index may take in memory when searched (``"4GB"`` or an int)
     memory_budget: int | str = "4GB"
     #: exact Flat search up to this many vectors (a Flat query scans every vector)
-    flat_max_vectors: int = 100_000
+    flat_max_vectors: Annotated[int, _int_at_least(0)] = 100_000
     #: nprobe is the smallest reaching this recall@k on the evaluation queries
-    target_recall: float = 0.95
-    recall_k: int = 10
+    target_recall: Annotated[float, IN_0_1] = 0.95
+    recall_k: Annotated[int, _int_at_least(1)] = 10
     #: evaluation queries, drawn from the run's own vectors (their own id excluded)
-    eval_queries: int = 500
+    eval_queries: Annotated[int, _int_at_least(1)] = 500
     #: IVF lists; None = a power of two near sqrt(n)
-    nlist: int | None = None
+    nlist: Annotated[int | None, _int_at_least(1)] = None
     #: training vectors per IVF list (faiss asks for at least 39)
-    train_per_list: int = 40
-    max_train_vectors: int = 200_000
+    train_per_list: Annotated[int, _int_at_least(1)] = 40
+    max_train_vectors: Annotated[int, _int_at_least(1)] = 200_000
     #: a faiss index_factory string that overrides the choice (inner-product metric)
     factory: str | None = None
     seed: int = 0
@@ -703,20 +669,7 @@ class IndexConfig:
         object.__setattr__(
             self, "memory_budget", _parse_bytes(self.memory_budget, "index.memory_budget")
         )
-        ints = {
-            "flat_max_vectors": (self.flat_max_vectors, 0),
-            "recall_k": (self.recall_k, 1),
-            "eval_queries": (self.eval_queries, 1),
-            "train_per_list": (self.train_per_list, 1),
-            "max_train_vectors": (self.max_train_vectors, 1),
-        }
-        for key, (value, low) in ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"index.{key}: expected an integer >= {low}, got {value!r}")
-        if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist < 1):
-            raise ConfigError(f"index.nlist: expected an integer >= 1, got {self.nlist!r}")
-        if not 0.0 < float(self.target_recall) <= 1.0:
-            raise ConfigError(f"index.target_recall: must be in (0, 1], got {self.target_recall}")
+        super().__post_init__()
 
     @property
     def budget_bytes(self) -> int:
