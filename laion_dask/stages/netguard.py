@@ -132,68 +132,31 @@ def is_public_address(ip: str) -> bool:
     return parsed is not None and _is_public(parsed)
 
 
-def _parse_legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    """inet_aton's reading of ``host``: 1-4 parts, each decimal, ``0x`` hex or ``0`` octal."""
-    parts = host.split(".")
-    if parts and parts[-1] == "":  # a trailing dot is allowed, as in a fully qualified name
-        parts = parts[:-1]
-    if not 1 <= len(parts) <= 4:
-        return None
-    values = []
-    for part in parts:
-        text = part.lower()
-        try:
-            if text.startswith("0x"):
-                value = int(text[2:] or "0", 16)
-            elif len(text) > 1 and text.startswith("0"):
-                value = int(text[1:], 8)
-            else:
-                if not text.isdigit():
-                    return None
-                value = int(text, 10)
-        except ValueError:
-            return None
-        values.append(value)
-    # the last part fills all remaining bytes: a.b.c.d, a.b.(16 bits), a.(24 bits), (32 bits)
-    *head, last = values
-    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
-        return None
-    number = last
-    for i, v in enumerate(head):
-        number |= v << (8 * (3 - i))
-    return ipaddress.IPv4Address(number)
-
-
 def parse_ip_host(host: str) -> _IPAddress | None:
     """The address a URL host literally names, or None when it is a name to resolve.
 
-    Reads dotted-quad, bracketed IPv6 (with or without a zone) and the legacy numeric IPv4 forms
-    that ``inet_aton`` and browsers accept (``2130706433``, ``0x7f.1``, ``0177.0.0.1``).
+    Reads dotted-quad, bracketed IPv6 (with or without a zone, kept as ``scope_id``) and the
+    legacy numeric IPv4 forms that ``inet_aton`` and browsers accept (``2130706433``,
+    ``0x7f.1``, ``0177.0.0.1``), through the C library's own ``inet_aton``.
     """
     text = host.strip().strip("[]")
-    if "%" in text:  # IPv6 zone: keep it visible as scope_id
-        try:
-            return ipaddress.IPv6Address(text)
-        except ValueError:
-            return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:
         pass
-    if ":" in text:
+    # inet_aton stops at whitespace and takes what came before it: such a host is a name
+    if not text.isascii() or any(c.isspace() for c in text):
         return None
-    return _parse_legacy_ipv4(text)
+    try:  # a trailing dot is allowed, as in a fully qualified name
+        return ipaddress.IPv4Address(socket.inet_aton(text.removesuffix(".")))
+    except (OSError, ValueError):
+        return None
 
 
 def system_resolver(host: str) -> list[str]:
     """Resolve ``host`` with the system resolver (``getaddrinfo``); unique addresses, in order."""
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    out: list[str] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        addr = str(sockaddr[0])
-        if addr not in out:
-            out.append(addr)
-    return out
+    return list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
 
 
 def check_host(
