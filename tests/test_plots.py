@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import holoviews as hv
 import numpy as np
 import pandas as pd
@@ -77,35 +75,6 @@ def test_text_length_histogram_counts_every_row(view, frame):
     assert hists[0].kdims[0].name == explore.TEXT_LENGTH
     assert float(_layers(overlay, hv.VLine)[0].data) == 12
     _render(overlay)
-
-
-def test_funnel_and_kept_bars_match_kept_at(view):
-    cfg = dataclasses.replace(view.thresholds, similarity_en=0.3, max_punsafe=0.5)
-    funnel = view.kept_at(cfg)
-    kept = plots.kept_bars(funnel)
-    assert isinstance(kept, hv.Bars)
-    assert [d.name for d in kept.kdims] == ["group"] and [d.name for d in kept.vdims] == ["rows"]
-    assert (
-        dict(zip(kept.dimension_values("group"), kept.dimension_values("rows"), strict=True))
-        == funnel.kept
-    )
-    dropped = plots.funnel_bars(funnel)
-    assert dropped.kdims[0].name == "reason"
-    got = dict(
-        zip(dropped.dimension_values("reason"), dropped.dimension_values("rows"), strict=True)
-    )
-    assert got == funnel.dropped and "unsafe" in got
-    assert len(dropped) == len(funnel.dropped)
-    # every reason the view knows, zeros included, in its order (a live plot keeps its bars)
-    fixed = plots.funnel_bars(funnel, reasons=view.reasons)
-    assert list(fixed.dimension_values("reason")) == list(view.reasons)
-    assert {r: funnel.dropped.get(r, 0) for r in view.reasons} == dict(
-        zip(fixed.dimension_values("reason"), fixed.dimension_values("rows"), strict=True)
-    )
-    table = plots.funnel_frame(funnel)
-    assert table["rows"].sum() == funnel.rows_in
-    _render(kept)
-    _render(dropped)
 
 
 def test_language_bars_match_value_counts(view, frame):
@@ -210,11 +179,3 @@ def test_precision_recall_frame_one_row_per_group():
     table = plots.precision_recall_frame(pr)
     assert list(table.index) == ["all", "en"]
     assert table.loc["all", "recall"] == 0.25 and table.loc["en", "kept"] == 2
-
-
-def test_threshold_lines_keep_one_layer_per_group_even_when_off():
-    lines = plots.threshold_lines({"en": 0.3, "multi": None})
-    assert [type(el) for el in lines] == [hv.VLine, hv.VLine]
-    assert float(lines.get(0).data) == pytest.approx(0.3)
-    assert np.isnan(float(lines.get(1).data))
-    _render(lines)

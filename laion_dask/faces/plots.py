@@ -1,14 +1,13 @@
 """HoloViews elements over a :class:`laion_dask.products.explore.RunView` (no Panel, no server).
 
 Every function reads the view's precomputed histograms or in-memory columns, so redrawing after a
-threshold change costs O(bins) (histograms, threshold lines) or one numpy pass (funnel), never a
-Dask job. The dashboard (:mod:`laion_dask.faces.dashboard`) and the notebooks both use them.
+threshold change costs O(bins), never a Dask job. The dashboard (:mod:`laion_dask.faces.dashboard`)
+and the notebooks both use them.
 
 Example
 -------
 >>> view = explore.open_run("demo-run")                                     # doctest: +SKIP
->>> similarity_histograms(view, view.thresholds) + funnel_bars(view.kept_at(view.thresholds))
-... # doctest: +SKIP
+>>> similarity_histograms(view, view.thresholds) + language_bars(view)      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import pandas as pd
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig
-from laion_dask.products.explore import ALL, TEXT_LENGTH, Funnel, RunView
+from laion_dask.products.explore import ALL, TEXT_LENGTH, RunView
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +30,9 @@ __all__ = [
     "DATASHADER_ROWS",
     "histogram_overlay",
     "threshold_line",
-    "threshold_lines",
     "similarity_histograms",
     "score_histogram",
     "text_length_histogram",
-    "funnel_bars",
-    "kept_bars",
-    "funnel_frame",
     "language_bars",
     "size_density",
     "precision_recall_frame",
@@ -85,17 +80,11 @@ def histogram_overlay(
     )
 
 
-def threshold_line(group: str, threshold: float | None) -> hv.VLine:
-    """A dashed vertical line at ``threshold`` in ``group``'s colour (None: NaN, drawn nowhere)."""
-    x = float("nan") if threshold is None else float(threshold)
-    return hv.VLine(x, label=f"threshold {group}").opts(
+def threshold_line(group: str, threshold: float) -> hv.VLine:
+    """A dashed vertical line at ``threshold`` in ``group``'s colour."""
+    return hv.VLine(float(threshold), label=f"threshold {group}").opts(
         color=COLORS.get(group, "#000000"), line_dash="dashed", line_width=2
     )
-
-
-def threshold_lines(thresholds: dict[str, float | None]) -> hv.Overlay:
-    """One :func:`threshold_line` per group, always the same layers (for a ``DynamicMap``)."""
-    return hv.Overlay([threshold_line(g, t) for g, t in thresholds.items()])
 
 
 def similarity_histograms(view: RunView, thresholds: FilterConfig, **kw: Any) -> hv.Overlay:
@@ -119,51 +108,6 @@ def text_length_histogram(view: RunView, min_chars: int | None = None, **kw: Any
     """Caption length in characters per group, with ``min_text_chars`` drawn."""
     kw.setdefault("title", "caption length (chars)")
     return histogram_overlay(view, TEXT_LENGTH, {ALL: min_chars}, **kw)
-
-
-def funnel_frame(funnel: Funnel) -> pd.DataFrame:
-    """The funnel as rows ``outcome, group, rows``: one ``kept`` row per group, one per reason."""
-    kept = [("kept", g, int(v)) for g, v in funnel.kept.items()]
-    dropped = [(f"dropped: {r}", "all", int(v)) for r, v in funnel.dropped.items()]
-    return pd.DataFrame(kept + dropped, columns=["outcome", "group", ROWS])
-
-
-def kept_bars(funnel: Funnel, *, width: int = 300, height: int = 260) -> hv.Bars:
-    """Rows kept per language group."""
-    data = [(g, int(v)) for g, v in funnel.kept.items()]
-    return hv.Bars(data, kdims=["group"], vdims=[ROWS]).opts(
-        title=f"kept: {funnel.total_kept} of {funnel.rows_in}",
-        width=width,
-        height=height,
-        tools=["hover"],
-    )
-
-
-def funnel_bars(
-    funnel: Funnel,
-    *,
-    reasons: tuple[str, ...] | None = None,
-    width: int = 460,
-    height: int = 300,
-) -> hv.Bars:
-    """Horizontal bars: rows dropped per reason (largest first).
-
-    With ``reasons`` (e.g. ``RunView.reasons``) every one of them gets a bar, zero or not, in
-    that order: a live plot then keeps the same bars while thresholds move (Bokeh redraws a
-    source whose length changes under a selection with a "Size mismatch" error).
-    """
-    if reasons is None:
-        items = sorted(funnel.dropped.items(), key=lambda kv: -kv[1])
-    else:
-        items = [(r, funnel.dropped.get(r, 0)) for r in reasons]
-    data = [(r, int(v)) for r, v in items] or [("(none)", 0)]
-    return hv.Bars(data, kdims=["reason"], vdims=[ROWS]).opts(
-        title="dropped per reason",
-        invert_axes=True,
-        width=width,
-        height=height,
-        tools=["hover"],
-    )
 
 
 def language_bars(view: RunView, top: int = 15, *, width: int = 460, height: int = 260) -> hv.Bars:

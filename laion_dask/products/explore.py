@@ -71,12 +71,13 @@ __all__ = [
 SCORES_PART = "scores_part"  # index of the scores part a row comes from (open_run only)
 
 #: what every row keeps of its scores part (:data:`MEMORY_COLUMNS` adds what is derived from it)
+#: (in the order :meth:`RunView.samples_around` shows them, score_status last)
 _SCORE_COLUMNS = (
+    schema.LANGUAGE_GROUP,
+    schema.LANGUAGE,
     schema.SIMILARITY,
     schema.PUNSAFE,
     schema.PWATERMARK,
-    schema.LANGUAGE_GROUP,
-    schema.LANGUAGE,
     schema.ORIGINAL_WIDTH,
     schema.ORIGINAL_HEIGHT,
     schema.SCORE_STATUS,
@@ -196,7 +197,7 @@ class RunView:
         self._part_paths = dict(part_paths or {})
         self.rows = _slim(rows)
         self.thresholds = thresholds
-        self._truth: tuple[str, np.ndarray, np.ndarray] | None = None
+        self._truth: tuple[str, int, np.ndarray, np.ndarray] | None = None
         self._prepare()
 
     # --- precomputation ---------------------------------------------------------------------
@@ -227,21 +228,23 @@ class RunView:
                 lo, hi = 0.0, 1.0
             self._edges[col] = np.linspace(lo, hi if hi > lo else lo + 1.0, _BINS + 1)
             for g in (*self.groups, ALL):
-                v = self._group_values(col, g)
+                v = values if g == ALL else values[self._gcode == self._group_index(g)]
                 v = np.sort(v[np.isfinite(v)])
                 self._sorted[(col, g)] = v
                 self._hist[(col, g)] = np.histogram(v, bins=self._edges[col])
-
-    def _group_values(self, column: str, group: str) -> np.ndarray:
-        values = self._values[_check_column(column)]
-        if group == ALL:
-            return values
-        return values[self._gcode == self._group_index(group)]
 
     def _group_index(self, group: str) -> int:
         if group not in self.groups:
             raise ValueError(f"unknown language group {group!r} (known: {self.groups}, {ALL!r})")
         return self.groups.index(group)
+
+    def _key(self, column: str, group: str = ALL) -> tuple[str, str]:
+        """``(column, group)`` of the per-group caches; unknown ones raise a one-line error."""
+        if column not in NUMERIC:
+            raise ValueError(f"unknown column {column!r} (known: {', '.join(NUMERIC)})")
+        if group != ALL:
+            self._group_index(group)
+        return column, group
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -252,19 +255,16 @@ class RunView:
     # --- thresholds -> funnel ---------------------------------------------------------------
     def reasons_at(self, thresholds: FilterConfig) -> pd.Series:
         """Per-row final reason at ``thresholds`` (``<NA>`` = kept), as ``add_final_reason``."""
-        codes = self._codes_at(thresholds)
+        codes = decide(self._fate, thresholds).final
         names = np.array([None, *self.reasons], dtype=object)
         return pd.Series(names[codes], dtype="string", name="final_reason")
-
-    def _codes_at(self, cfg: FilterConfig) -> np.ndarray:
-        return decide(self._fate, cfg).final
 
     def kept_at(self, thresholds: FilterConfig) -> Funnel:
         """The funnel at ``thresholds``: kept per group, dropped per reason (numpy, no Dask job).
 
         Equals ``filters.add_final_reason`` over the same rows, counted.
         """
-        codes = self._codes_at(thresholds)
+        codes = decide(self._fate, thresholds).final
         k = len(self.reasons) + 1
         cell = self._gcode.astype(np.intp) * k + codes
         counts = np.bincount(cell, minlength=len(self.groups) * k)
@@ -297,7 +297,7 @@ class RunView:
         Similarity, sizes and text length keep ``value >= threshold``; punsafe and pwatermark keep
         ``value <= threshold``. Similarity is compared in float32, as the filters do.
         """
-        v = self._sorted[(_check_column(column), _group_name(self, group))]
+        v = self._sorted[self._key(column, group)]
         if not len(v):
             return float("nan")
         t = _as_stored(column, threshold)
@@ -315,7 +315,7 @@ class RunView:
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        v = self._sorted[(_check_column(column), _group_name(self, group))]
+        v = self._sorted[self._key(column, group)]
         if not len(v):
             raise ValueError(f"group {group!r} has no {column} values")
         k = int(round(fraction * len(v)))
@@ -328,49 +328,20 @@ class RunView:
         return float(v[k - 1])
 
     # --- distributions ----------------------------------------------------------------------
-    def histogram(
-        self,
-        column: str,
-        group: str = ALL,
-        bins: int | np.ndarray | None = None,
-        range: tuple[float, float] | None = None,  # noqa: A002 (numpy's name)
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``(counts, edges)`` of ``column`` over ``group``'s rows with a value.
+    def histogram(self, column: str, group: str = ALL) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts, edges)`` of ``column`` over ``group``'s rows with a value (precomputed).
 
-        With the defaults the precomputed histogram is returned (shared edges across groups).
+        The edges are shared across groups, so the groups' histograms overlay.
         """
-        col, g = _check_column(column), _group_name(self, group)
-        if bins is None and range is None:
-            counts, edges = self._hist[(col, g)]
-            return counts.copy(), edges.copy()
-        v = self._sorted[(col, g)]
-        return np.histogram(v, bins=_BINS if bins is None else bins, range=range)
-
-    def quantiles(
-        self, column: str, group: str = ALL, q: Any = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
-    ) -> pd.Series:
-        """Quantiles of ``column`` over ``group`` (linear interpolation), indexed by ``q``."""
-        v = self._sorted[(_check_column(column), _group_name(self, group))]
-        qs = np.atleast_1d(np.asarray(q, dtype="float64"))
-        vals = np.quantile(v, qs) if len(v) else np.full(len(qs), np.nan)
-        return pd.Series(vals, index=pd.Index(qs, name="q"), name=column)
+        counts, edges = self._hist[self._key(column, group)]
+        return counts.copy(), edges.copy()
 
     def describe(self, column: str = schema.SIMILARITY) -> pd.DataFrame:
-        """Count, mean and quartiles of ``column`` per language group (from the cache)."""
-        out = {}
-        for g in (*self.groups, ALL):
-            v = self._sorted[(_check_column(column), g)]
-            q = np.quantile(v, [0.25, 0.5, 0.75]) if len(v) else [np.nan] * 3
-            out[g] = {
-                "count": len(v),
-                "mean": float(v.mean()) if len(v) else np.nan,
-                "min": float(v[0]) if len(v) else np.nan,
-                "25%": q[0],
-                "50%": q[1],
-                "75%": q[2],
-                "max": float(v[-1]) if len(v) else np.nan,
-            }
-        return pd.DataFrame(out).T
+        """Count, mean, min, quartiles and max of ``column`` per language group (from the cache)."""
+        stats = {
+            g: pd.Series(self._sorted[self._key(column, g)]).describe() for g in (*self.groups, ALL)
+        }
+        return pd.DataFrame(stats).T.drop(columns="std")
 
     def language_counts(self, group: str = ALL, top: int = 20) -> pd.Series:
         """Rows per detected language (most frequent first), within ``group``."""
@@ -425,21 +396,11 @@ class RunView:
         for side in sides:
             if side not in ("above", "below"):
                 raise ValueError(f"side must be 'above' or 'below', got {side!r}")
-        col, g = _check_column(column), _group_name(self, group)
+        col, g = self._key(column, group)
         near = [self._nearest(col, g, threshold, side, n) for side in sides]
         idx = np.concatenate([i for i, _ in near]) if near else np.zeros(0, dtype="int64")
-        numeric = [
-            schema.LANGUAGE_GROUP,
-            schema.LANGUAGE,
-            schema.SIMILARITY,
-            schema.PUNSAFE,
-            schema.PWATERMARK,
-            schema.ORIGINAL_WIDTH,
-            schema.ORIGINAL_HEIGHT,
-        ]
-        held = self.rows.iloc[idx][numeric].reset_index(drop=True)
-        for c in (schema.LANGUAGE_GROUP, schema.LANGUAGE):
-            held[c] = held[c].astype("string")
+        held = self.rows.iloc[idx][list(_SCORE_COLUMNS[:-1])].reset_index(drop=True)
+        held = held.astype({schema.LANGUAGE_GROUP: "string", schema.LANGUAGE: "string"})
         both = pd.concat([self.details(idx), held], axis=1)
         both["distance"] = np.concatenate([d for _, d in near]) if near else np.zeros(0)
         if images:
@@ -521,12 +482,11 @@ class RunView:
         path = str(ground_truth or self.run.join("corpus", "ground_truth.parquet"))
         if self._truth is None or self._truth[0] != path:
             self._truth = (path, *self._join_truth(path))
-        _, pos, truth = self._truth
-        kept = self._codes_at(thresholds)[pos] == 0
-        scored = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+        _, scored, pos, truth = self._truth
+        kept = decide(self._fate, thresholds).final[pos] == 0
         gcode = self._gcode[pos]
         out = _pr(kept, truth)
-        out["scored_pairs"] = int(scored.sum())
+        out["scored_pairs"] = scored
         out["with_ground_truth"] = len(pos)
         out["groups"] = {
             g: _pr(kept[gcode == i], truth[gcode == i])
@@ -535,31 +495,19 @@ class RunView:
         }
         return out
 
-    def _join_truth(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        """Row positions of the scored pairs with a ground-truth row, and their ``matches``.
+    def _join_truth(self, path: str) -> tuple[int, np.ndarray, np.ndarray]:
+        """How many pairs are scored, and the positions and ``matches`` of those in ``path``.
 
-        Reads url and text of one scores part at a time (they are not held in memory).
+        Url and text are read from the scores parts (:meth:`details`), not held in memory.
         """
-        gt = pd.read_parquet(path, columns=["url", "text", "matches"])
-        gt = gt.dropna(subset=["text"]).drop_duplicates(["url", "text"])
-        gt = gt.astype({"url": "string", "text": "string"})
-        scored = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
-        positions, truth = [], []
-        for k, part in enumerate(self._part_index):
-            lo, hi = int(self._offsets[k]), int(self._offsets[k + 1])
-            part_path = self._part_paths[int(part)]
-            df = self.run.read_parquet(part_path, columns=[schema.URL, schema.TEXT])
-            if len(df) != hi - lo:
-                raise RuntimeError(_changed(part_path, hi - lo, len(df)))
-            frame = df.astype("string").assign(_pos=np.arange(lo, hi))[scored[lo:hi]]
-            m = frame.merge(gt, on=["url", "text"], how="inner")
-            positions.append(m["_pos"].to_numpy("int64"))
-            truth.append(m["matches"].astype(bool).to_numpy())
-        if not positions:
-            return np.zeros(0, dtype="int64"), np.zeros(0, dtype=bool)
-        pos, tr = np.concatenate(positions), np.concatenate(truth)
-        order = np.argsort(pos, kind="stable")
-        return pos[order], tr[order]
+        gt = pd.read_parquet(path, columns=[schema.URL, schema.TEXT, "matches"])
+        gt = gt.dropna(subset=[schema.TEXT]).drop_duplicates([schema.URL, schema.TEXT])
+        gt = gt.astype({schema.URL: "string", schema.TEXT: "string"})
+        ok = self.rows[schema.SCORE_STATUS].eq("success").fillna(False).to_numpy(dtype=bool)
+        scored = np.flatnonzero(ok)
+        pairs = self.details(scored, (schema.URL, schema.TEXT)).assign(_pos=scored)
+        m = pairs.merge(gt, on=[schema.URL, schema.TEXT], how="inner").sort_values("_pos")
+        return len(scored), m["_pos"].to_numpy("int64"), m["matches"].astype(bool).to_numpy()
 
     # --- thresholds.toml --------------------------------------------------------------------
     def save_thresholds(self, thresholds: FilterConfig, path: str | Path | None = None) -> str:
@@ -607,7 +555,7 @@ def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView
     log.info("explore: %d rows from %d scores parts of %s", len(rows), len(parts), run.path)
     view = RunView(run, rows, thresholds, part_paths=part_paths)
     del rows
-    _release_arrow_memory()  # the parts' string buffers are freed: give the pages back
+    pa.default_memory_pool().release_unused()  # the parts' string buffers are freed: give back
     return view
 
 
@@ -639,10 +587,6 @@ def _slim(rows: pd.DataFrame) -> pd.DataFrame:
     return out.astype({c: "category" for c in _CATEGORICAL})
 
 
-def _release_arrow_memory() -> None:
-    pa.default_memory_pool().release_unused()
-
-
 def _changed(path: str, expected: int, got: int) -> str:
     return f"{path} has {got} rows, {expected} when the run was opened: open_run it again"
 
@@ -659,31 +603,14 @@ def _read_rows(
         meta = pf.metadata
         if meta.num_rows != expected:
             raise RuntimeError(_changed(path, expected, meta.num_rows))
-        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype("int64")
         group = np.searchsorted(starts, rows, side="right") - 1
-        wanted = sorted(set(group.tolist()))
-        table = pa.concat_tables([pf.read_row_group(i, columns=columns) for i in wanted])
-    # positions inside the concatenated groups
-    base = np.zeros(len(starts), dtype="int64")
-    acc = 0
-    for i in wanted:
-        base[i] = acc
-        acc += sizes[i]
-    take = base[group] + (rows - starts[group])
-    return table.take(pa.array(take)).to_pandas()
-
-
-def _check_column(column: str) -> str:
-    if column not in NUMERIC:
-        raise ValueError(f"unknown column {column!r} (known: {', '.join(NUMERIC)})")
-    return column
-
-
-def _group_name(view: RunView, group: str) -> str:
-    if group != ALL:
-        view._group_index(group)
-    return group
+        wanted = np.unique(group)
+        table = pf.read_row_groups(wanted.tolist(), columns=columns)
+    # where each wanted row group starts in the table read
+    base = np.concatenate([[0], np.cumsum(sizes[wanted])])[np.searchsorted(wanted, group)]
+    return table.take(pa.array(base + rows - starts[group])).to_pandas()
 
 
 def _as_stored(column: str, threshold: float) -> float:
