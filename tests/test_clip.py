@@ -518,12 +518,12 @@ def test_decoder_processes_on_a_dask_worker_process(tmp_path, cfg, data) -> None
 
 def test_device_selection_follows_cuda_visibility(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert clip._resolve_device("auto") == "cpu"
+    assert clip.resolve_device("auto") == "cpu"
     assert clip._resolve_dtype("auto", "cpu") == "float32"
     with pytest.raises(ModelUnavailableError, match="no CUDA"):
-        clip._resolve_device("cuda")
+        clip.resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert clip._resolve_device("auto") == "cuda"
+    assert clip.resolve_device("auto") == "cuda"
     assert clip._resolve_dtype("auto", "cuda") == "float16"
     assert clip._resolve_dtype("bfloat16", "cuda") == "bfloat16"
 

@@ -16,7 +16,6 @@ from laion_dask.products.synthetic.corpus import CorpusSpec, generate_corpus
 from laion_dask.products.train import (
     DEMO_MODEL_DIR,
     TrainConfig,
-    clip_loss,
     corpus_auc,
     main,
     roc_auc,
@@ -113,25 +112,36 @@ def test_tokenizer_covers_every_byte_and_round_trips(tmp_path: Path) -> None:
     assert decoded.replace(" ", "") == text.lower().replace(" ", "")
 
 
-def test_clip_loss_is_symmetric_infonce() -> None:
+def test_training_loss_is_symmetric_infonce() -> None:
+    """train_clip optimises CLIPModel's own loss: pin that it is the symmetric InfoNCE over
+    cosine logits with a learned temperature, as CLIP and OpenCLIP train."""
+    from laion_dask.products.train import _build_model
+    from laion_dask.stages.clip import projected_features
+
     torch.manual_seed(0)
-    emb = torch.randn(6, 8)
-    scale = torch.tensor(np.log(10.0), requires_grad=True)
-    aligned = clip_loss(emb, emb, scale)
-    shuffled = clip_loss(emb, emb[torch.randperm(6)], scale)
-    assert aligned < shuffled
-    other = torch.randn(6, 8)
-    assert torch.isclose(clip_loss(emb, other, scale), clip_loss(other, emb, scale))
-    # by hand: mean of the two cross-entropies over cosine logits
-    a, b = torch.nn.functional.normalize(emb, dim=-1), torch.nn.functional.normalize(other, dim=-1)
-    logits = 10.0 * a @ b.T
+    tokenizer = train_tokenizer(["a red circle", "a blue square"], 400, TINY.max_text_tokens)
+    model = _build_model(TINY, tokenizer)
+    tokens = tokenizer(
+        ["a red circle", "a blue square", "a red square", "a circle"],
+        padding=True,
+        return_tensors="pt",
+    )
+    pixels = torch.randn(4, 3, TINY.image_size, TINY.image_size)
+    kw = dict(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    loss = model(**kw, pixel_values=pixels, return_loss=True).loss
+    # by hand: mean of the two cross-entropies over the scaled cosine logits
+    img = projected_features(model.get_image_features(pixel_values=pixels))
+    txt = projected_features(model.get_text_features(**kw))
+    img, txt = torch.nn.functional.normalize(img), torch.nn.functional.normalize(txt)
+    logits = model.logit_scale.exp() * img @ txt.T
+    labels = torch.arange(4)
     want = (
-        torch.nn.functional.cross_entropy(logits, torch.arange(6))
-        + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))
+        torch.nn.functional.cross_entropy(logits, labels)
+        + torch.nn.functional.cross_entropy(logits.T, labels)
     ) / 2
-    assert torch.isclose(clip_loss(emb, other, scale), want, atol=1e-5)
-    clip_loss(emb, other, scale).backward()
-    assert scale.grad is not None and scale.grad != 0  # the temperature is learned
+    assert torch.isclose(loss, want, atol=1e-5)
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad != 0  # learned
 
 
 def test_roc_auc_against_pairwise_count() -> None:
@@ -247,3 +257,40 @@ def test_train_tag_head_rejects_bad_labels(tmp_path) -> None:
     df.to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="0/1"):
         train_tag_head(str(tmp_path / "bad.parquet"), "y", str(tmp_path / "h.safetensors"))
+
+
+def test_train_tag_head_from_an_embeddings_folder(tmp_path, caplog) -> None:
+    """Labels joined by key to a run's clip-retrieval embeddings equal the same vectors given
+    inline; a labelled key without an embedding is skipped and counted in a warning."""
+    from laion_dask.stages.embeddings import write_embedding_arrays
+
+    rng = np.random.default_rng(1)
+    d, n = 8, 60
+    x = _unit(rng, n, d).astype(np.float16)  # what the folder stores
+    keys = [f"{i:09d}" for i in range(n)]
+    for part, rows in enumerate((slice(0, 25), slice(25, n))):
+        meta = pd.DataFrame({"key": keys[rows]})
+        write_embedding_arrays(str(tmp_path / "emb"), part, keys[rows], x[rows], x[rows], meta)
+    order = rng.permutation(n)  # labels in another order than the embeddings
+    y = (x[order, 0] > 0).astype(int)
+    labels = pd.DataFrame({"key": [keys[i] for i in order], "nsfw": y})
+    labels = pd.concat([labels, pd.DataFrame({"key": ["999999999"], "nsfw": [1]})])
+    labels.to_parquet(tmp_path / "by_key.parquet")
+    inline = pd.DataFrame({"nsfw": y, "image_embedding": list(x[order].astype(np.float32))})
+    inline.to_parquet(tmp_path / "inline.parquet")
+
+    with caplog.at_level("WARNING", logger="laion_dask.products.train"):
+        joined = train_tag_head(
+            str(tmp_path / "by_key.parquet"),
+            "nsfw",
+            str(tmp_path / "joined.safetensors"),
+            embeddings_dir=str(tmp_path / "emb"),
+        )
+    assert "1 labelled rows have no embedding" in caplog.text
+    given = train_tag_head(
+        str(tmp_path / "inline.parquet"), "nsfw", str(tmp_path / "given.safetensors")
+    )
+    assert joined == given and joined["n"] == n
+    a = tags.load_tag_head(str(tmp_path / "joined.safetensors"))
+    b = tags.load_tag_head(str(tmp_path / "given.safetensors"))
+    np.testing.assert_array_equal(a.layers[0][0], b.layers[0][0])

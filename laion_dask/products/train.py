@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from scipy.stats import rankdata
 
 from laion_dask.ground import schema
 from laion_dask.ground.shards import ShardSample, iter_shard, make_key, write_shard
@@ -51,7 +52,7 @@ from laion_dask.products.synthetic.draw import (
     encode_image,
     random_scene,
 )
-from laion_dask.stages.clip import load_encoder, projected_features
+from laion_dask.stages.clip import load_encoder, resolve_device
 from laion_dask.stages.embeddings import read_embeddings
 from laion_dask.stages.tags import PROMPTS, TagHead, load_tag_head, save_tag_head
 
@@ -115,23 +116,11 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        positive = (
-            "image_size",
-            "patch_size",
-            "vision_width",
-            "vision_layers",
-            "text_width",
-            "text_layers",
-            "heads",
-            "projection_dim",
-            "max_text_tokens",
-            "batch_size",
-            "steps",
-            "log_every",
-        )
-        for key in positive:
+        # every integer setting is a size or a count; seed, threads and warmup_steps may be 0
+        zero_ok = ("seed", "threads", "warmup_steps")
+        for key in [f.name for f in dataclasses.fields(self) if f.type == "int"]:
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if key not in zero_ok and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
@@ -290,47 +279,36 @@ def _build_model(cfg: TrainConfig, tokenizer: Any) -> Any:
     # heavy optional dependencies (seconds to import): only where a model trains
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_width,
-        intermediate_size=cfg.text_width * 4,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.heads,
-        max_position_embeddings=cfg.max_text_tokens,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=cfg.projection_dim,
-    )
-    vision = dict(
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        hidden_size=cfg.vision_width,
-        intermediate_size=cfg.vision_width * 4,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.heads,
-        projection_dim=cfg.projection_dim,
-    )
+    def tower(width: int, layers: int, **extra: Any) -> dict[str, Any]:
+        return dict(
+            hidden_size=width,
+            intermediate_size=width * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=cfg.heads,
+            projection_dim=cfg.projection_dim,
+            **extra,
+        )
+
     config = CLIPConfig(
-        text_config=text,
-        vision_config=vision,
+        text_config=tower(
+            cfg.text_width,
+            cfg.text_layers,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=cfg.max_text_tokens,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=tower(
+            cfg.vision_width,
+            cfg.vision_layers,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+        ),
         projection_dim=cfg.projection_dim,
         logit_scale_init_value=math.log(1 / cfg.init_temperature),
     )
     return CLIPModel(config)
-
-
-def clip_loss(image_emb: Any, text_emb: Any, logit_scale: Any) -> Any:
-    """Symmetric InfoNCE over a batch: cross-entropy image->text and text->image, averaged."""
-    # heavy optional dependencies (seconds to import): only where a model trains
-    import torch
-    import torch.nn.functional as F
-
-    image_emb = F.normalize(image_emb, dim=-1)
-    text_emb = F.normalize(text_emb, dim=-1)
-    logits = logit_scale.exp().clamp(max=100.0) * image_emb @ text_emb.T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def train_clip(
@@ -391,19 +369,16 @@ def train_clip(
         return_tensors="pt",
     )
     n = len(texts)
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(cfg.device)
     model = _build_model(cfg, tokenizer).to(device)
     model.train()
-    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
-    no_decay = [
-        p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)
-    ]
+    decays: dict[bool, list[Any]] = {True: [], False: []}
+    for name, p in model.named_parameters():  # no decay on biases, norms and embeddings
+        decays[p.ndim >= 2 and "embedding" not in name].append(p)
     opt = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decays[True], "weight_decay": cfg.weight_decay},
+            {"params": decays[False], "weight_decay": 0.0},
         ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
@@ -433,14 +408,13 @@ def train_clip(
         px = px.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        img = projected_features(model.get_image_features(pixel_values=px))
-        txt = projected_features(
-            model.get_text_features(
-                input_ids=tokens["input_ids"][idx].to(device),
-                attention_mask=tokens["attention_mask"][idx].to(device),
-            )
-        )
-        loss = clip_loss(img, txt, model.logit_scale)
+        # CLIPModel's own loss: the symmetric InfoNCE (image->text and text->image, averaged)
+        loss = model(
+            input_ids=tokens["input_ids"][idx].to(device),
+            attention_mask=tokens["attention_mask"][idx].to(device),
+            pixel_values=px,
+            return_loss=True,
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -574,21 +548,18 @@ def zero_shot_accuracy(model_dir: str | Path, *, n: int = 300, seed: int = 99) -
         pred = (img @ txt.T).argmax(1)
         result[f"caption_top1_{lang}"] = float((pred == truth).mean())
         if lang == "en":
-            result["shape_top1"] = float(
-                np.mean([classes[p].shape == s.shape for p, s in zip(pred, scenes, strict=True)])
-            )
-            result["colour_top1"] = float(
-                np.mean([classes[p].colour == s.colour for p, s in zip(pred, scenes, strict=True)])
-            )
-            result["background_top1"] = float(
-                np.mean(
-                    [
-                        (classes[p].background, classes[p].bg_colour) == (s.background, s.bg_colour)
-                        for p, s in zip(pred, scenes, strict=True)
-                    ]
-                )
-            )
+            for name, attr in _ATTRIBUTES.items():
+                hits = [attr(classes[p]) == attr(s) for p, s in zip(pred, scenes, strict=True)]
+                result[f"{name}_top1"] = float(np.mean(hits))
     return result
+
+
+#: the parts of a scene that zero-shot accuracy also scores on their own
+_ATTRIBUTES: dict[str, Any] = {
+    "shape": lambda s: s.shape,
+    "colour": lambda s: s.colour,
+    "background": lambda s: (s.background, s.bg_colour),
+}
 
 
 def roc_auc(scores: Any, labels: Any) -> float:
@@ -600,13 +571,7 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUC needs at least one positive and one negative label")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = start + (counts - 1) / 2 + 1
-    ranks[order] = np.repeat(avg, counts)
+    ranks = rankdata(scores)  # ties share their average rank
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -741,13 +706,10 @@ def _load_training_data(
         raise ValueError(f"{parquet_path}: no label column {label_col!r}")
     if embeddings_dir is not None:
         img, _txt, meta = read_embeddings(embeddings_dir)
-        pos = pd.Series(np.arange(len(meta)), index=meta[key_col].astype("string"))
-        keys = df[key_col].astype("string")
-        have = keys.isin(pos.index)
-        if not have.all():
-            log.warning("%d labelled rows have no embedding and are skipped", int((~have).sum()))
-        df = df[have.to_numpy()]
-        x = img[pos.loc[df[key_col].astype("string")].to_numpy()].astype(np.float32)
+        pos = pd.Index(meta[key_col].astype("string")).get_indexer(df[key_col].astype("string"))
+        if (pos < 0).any():
+            log.warning("%d labelled rows have no embedding and are skipped", int((pos < 0).sum()))
+        df, x = df[pos >= 0], img[pos[pos >= 0]].astype(np.float32)
     else:
         if embedding_col not in df.columns:
             raise ValueError(f"{parquet_path}: no embedding column {embedding_col!r}")
@@ -816,11 +778,9 @@ def train_tag_head(
         torch.nn.init.zeros_(layer.bias)
     act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh}[activation]
     modules: list[torch.nn.Module] = []
-    for i, layer in enumerate(layers):
-        modules.append(layer)
-        if i < len(layers) - 1:
-            modules.append(act())
-    net = torch.nn.Sequential(*modules)
+    for layer in layers:
+        modules += [layer, act()]
+    net = torch.nn.Sequential(*modules[:-1])  # no activation after the last layer
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     pos_weight = torch.tensor((len(y) - y.sum()) / max(y.sum(), 1.0))
@@ -883,16 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        seed=args.seed,
-        device=args.device,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        max_samples=getattr(args, "max_samples", None),  # train-clip only
-    )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if args.command == "train-clip":
         report = train_clip(args.shards, args.out, cfg)
     else:

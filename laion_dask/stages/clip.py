@@ -1,44 +1,14 @@
 """CLIP scoring: image/text embeddings, cosine similarity and safety tags over one partition.
 
-The encoder is a transformers dual encoder loaded once per worker process by
-:func:`load_encoder` through ``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor``
-``.from_pretrained``, from a hub name (with ``clip.revision``) or a local directory.
-
-Supported and tested (tests/test_clip.py builds tiny random models of each, saves them with
-``save_pretrained`` and loads them through the same ``from_pretrained`` path; similarity is
-checked against the checkpoint's own processor + ``get_image_features`` /
-``get_text_features`` + cosine):
-
-* **CLIP** (``CLIPModel``; LAION's ``openai/clip-vit-base-patch32``): shortest-edge resize +
-  center crop, text padded to the longest in the batch.
-* **SigLIP** (``SiglipModel``, e.g. ``google/siglip-base-patch16-224``): square resize without
-  crop (mean = std = 0.5), text padded to the trained length (``max_length``) because the text
-  tower pools the last position; embedding width read from the model (no ``projection_dim``).
-  Its ``SiglipTokenizer`` needs the ``sentencepiece`` and ``protobuf`` packages; without them
-  :func:`check_model_available` raises :class:`ModelUnavailableError` saying so.
-* **AltCLIP** (``AltCLIPModel``, e.g. ``BAAI/AltCLIP``): XLM-R text tower; the text length is
-  capped at the tokenizer's ``model_max_length`` and the position table less the pad offset.
-  Its text tower is multilingual already: leave ``multilingual_text_model`` unset.
-* **LAION's multilingual recipe** (:meth:`laion_dask.ground.config.ClipConfig.laion_multilingual`):
-  ViT-B/32 image tower, CLIP text tower for ``en`` rows, and for ``multi``/``nolang`` rows the
-  ``sentence-transformers/clip-ViT-B-32-multilingual-v1`` tower, loaded by the
-  sentence-transformers package from its folder (``modules.json`` and the modules it lists).
-
-``get_*_features`` may return a tensor (transformers 4) or a ``BaseModelOutputWithPooling``
-whose ``pooler_output`` is the projected embedding (transformers 5); both are handled.
-
-Not supported: image processors with variable resolution (SigLIP2 NaFlex ``Siglip2Model``),
-models whose ``get_text_features`` needs inputs other than ``input_ids`` /
-``attention_mask``; each is a :class:`ModelUnavailableError` at load time. Not verified: real
-released weights were never loaded here (no hub access), only architecture-identical tiny
-models; similarity thresholds (``[filters]``) are LAION's for CLIP ViT-B/32 and do not carry
-over to SigLIP or AltCLIP.
-
-Local copies: point ``clip.model`` (and ``clip.multilingual_text_model``) at a directory
-written by ``save_pretrained`` / ``hf download NAME --local-dir DIR`` (it must hold
-``config.json``, the tokenizer files and ``preprocessor_config.json``; a sentence-transformers
-tower its ``modules.json`` tree), or download once into the hub cache and run with
-``HF_HUB_OFFLINE=1``.
+The encoder is any transformers dual encoder with ``get_image_features`` /
+``get_text_features`` (CLIP, SigLIP, AltCLIP; LAION's multilingual recipe adds a
+sentence-transformers text tower), loaded once per worker process by :func:`load_encoder` from
+a hub name (with ``clip.revision``) or a local directory. Which models are supported, and how
+to run without hub access, is in docs/configuration.md ("Models"); tests/test_clip.py builds
+tiny random models of each architecture and checks the similarity against the checkpoint's own
+processor + ``get_*_features`` + cosine. Not supported (a :class:`ModelUnavailableError` at load
+time): processors with variable resolution (SigLIP2 NaFlex), text towers that need inputs other
+than ``input_ids`` / ``attention_mask``.
 
 Images are decoded, resized and cropped by a loader pool while the model runs on the
 previous batch (two batches ahead): ``clip.loader_threads`` threads by default (Pillow releases
@@ -46,21 +16,21 @@ the GIL while decoding and resizing, but every image still costs the scoring pro
 CPU for an 800x600 JPEG), or, with ``clip.loader_processes = N``, N spawned decoder processes
 per worker process, started on first use and reused by its later tasks, which leave the scoring
 process ~0.2 ms per image (receiving the pixels). Decoder processes need a non-daemonic worker
-(``distributed.worker.daemon = False``; a daemonic one logs a warning and decodes in threads)
-and, when scoring outside Dask, a script whose work runs under ``if __name__ == "__main__":``
-(the spawn start method imports the main module again). If a decoder process dies, that
-task's remaining images are decoded in threads and the next task starts a fresh pool;
-:func:`shutdown_decoder_processes` stops the pools. The model sees uint8 batches that are
-normalised on its own device, so a GPU receives a quarter of the bytes a float batch would
-need.
+(see :func:`_process_pool`) and, when scoring outside Dask, a script whose work runs under
+``if __name__ == "__main__":`` (the spawn start method imports the main module again). If a
+decoder process dies, that task's remaining images are decoded in threads and the next task
+starts a fresh pool. The model sees uint8 batches that are normalised on its own device, so a
+GPU receives a quarter of the bytes a float batch would need.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import io
 import logging
 import multiprocessing
@@ -95,6 +65,7 @@ __all__ = [
     "TransformersEncoder",
     "SCORE_STATUSES",
     "load_encoder",
+    "resolve_device",
     "encoder_from_config",
     "encoder_info",
     "projected_features",
@@ -191,15 +162,6 @@ class Preprocessor:
         rescale = float(get("rescale_factor", 1 / 255)) if get("do_rescale", True) else 1.0
         return cls(resize_to, crop, resample, mean, std, rescale, bool(get("do_normalize", True)))
 
-    @property
-    def output_size(self) -> tuple[int, int] | None:
-        """(height, width) of every preprocessed image, or None when it depends on the input."""
-        if self.crop is not None:
-            return self.crop
-        if self.resize_to is not None and self.resize_to[0] == "fixed":
-            return (self.resize_to[1], self.resize_to[2])
-        return None
-
     def _target(self, width: int, height: int) -> tuple[int, int]:
         assert self.resize_to is not None
         if self.resize_to[0] == "fixed":
@@ -211,12 +173,15 @@ class Preprocessor:
 
     def pixels(self, img: PIL.Image.Image) -> np.ndarray:
         """Resize and crop one image; returns (H, W, 3) uint8."""
+        # heavy optional dependency (seconds to import): only where images are scored
+        from transformers.image_transforms import center_crop
+
         img = _to_rgb(img)
         if self.resize_to is not None:
             img = img.resize(self._target(*img.size), resample=self.resample)
         arr = np.asarray(img)
-        if self.crop is not None:
-            arr = _center_crop(arr, *self.crop)
+        if self.crop is not None:  # transformers' own crop: zero-pads an image smaller than it
+            arr = center_crop(arr, self.crop, input_data_format="channels_last")
         return arr
 
     def decode(self, data: bytes, *, draft: bool = True) -> np.ndarray:
@@ -263,19 +228,6 @@ def _as_dict(value: Any, int_key: str) -> dict[str, int]:
     return {k: int(v) for k, v in dict(value).items() if v is not None}
 
 
-def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    """Center crop as transformers does, zero-padding when the image is smaller."""
-    h, w = arr.shape[:2]
-    top, left = (h - ch) // 2, (w - cw) // 2
-    if top >= 0 and left >= 0:
-        return arr[top : top + ch, left : left + cw]
-    out = np.zeros((max(h, ch), max(w, cw), arr.shape[2]), dtype=arr.dtype)
-    tp, lp = -(-(max(h, ch) - h) // 2), -(-(max(w, cw) - w) // 2)
-    out[tp : tp + h, lp : lp + w] = arr
-    top, left = (out.shape[0] - ch) // 2, (out.shape[1] - cw) // 2
-    return out[top : top + ch, left : left + cw]
-
-
 # --- encoders ------------------------------------------------------------------------------------
 
 
@@ -293,14 +245,16 @@ def _normalize(x: Any) -> np.ndarray:
     return x.cpu().numpy().astype(np.float32, copy=False)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """``auto`` as cuda where torch sees a CUDA device, else cpu; ``cuda`` without one raises
+    :class:`ModelUnavailableError` (scoring and training resolve it alike)."""
     # heavy optional dependencies (seconds to import): only where a model runs
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError("clip.device = 'cuda' but torch sees no CUDA device")
+        raise ModelUnavailableError("device = 'cuda' but torch sees no CUDA device")
     return device
 
 
@@ -328,15 +282,11 @@ def _load_text_tower(name: str, revision: str | None, device: str, dtype: Any) -
     """
     local = _is_local(name)
     path = str(Path(name).expanduser()) if local else name
-    try:
+    with _loading(name):
         # heavy optional stack (torch, transformers, scikit-learn): imported where a tower loads
         from sentence_transformers import SentenceTransformer
 
         tower = SentenceTransformer(path, device=device, revision=None if local else revision)
-    except ImportError as exc:
-        raise ModelUnavailableError(_missing_package_message(name, exc)) from exc
-    except _HUB_ERRORS as exc:
-        raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
     return tower.to(dtype).eval()
 
 
@@ -455,9 +405,26 @@ def _commit_hash(obj: Any) -> str | None:
     return getattr(cfg, "_commit_hash", None)
 
 
-_load_lock = threading.Lock()
+def _one_at_a_time(cached: Any) -> Any:
+    """``cached`` (an ``lru_cache``) behind a lock, called with every default filled in: the
+    threads of one worker that start scoring together wait for a single load instead of each
+    loading the model, and a call that names a default shares the entry of one that omits it."""
+    lock = threading.Lock()
+    signature = inspect.signature(cached)
+
+    @functools.wraps(cached)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with lock:
+            return cached(*bound.args, **bound.kwargs)
+
+    call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear  # type: ignore[attr-defined]
+    return call
 
 
+@_one_at_a_time
+@functools.lru_cache(maxsize=2)
 def load_encoder(
     model: str,
     *,
@@ -467,11 +434,8 @@ def load_encoder(
     device: str = "auto",
     dtype: str = "auto",
 ) -> TransformersEncoder:
-    """Load a dual encoder once per process (``functools.lru_cache(maxsize=2)``).
-
-    The cache is guarded by a lock, so the threads of one worker that start scoring together
-    wait for a single load instead of each loading the model (``load_encoder.cache_info()``
-    counts loads as misses).
+    """Load a dual encoder once per process (``functools.lru_cache(maxsize=2)``, one load at a
+    time; ``load_encoder.cache_info()`` counts loads as misses).
 
     Parameters
     ----------
@@ -490,43 +454,18 @@ def load_encoder(
     -------
     TransformersEncoder
     """
-    with _load_lock:
-        return _load_encoder(
-            model,
-            revision=revision,
-            multilingual_text_model=multilingual_text_model,
-            multilingual_revision=multilingual_revision,
-            device=device,
-            dtype=dtype,
-        )
-
-
-@functools.lru_cache(maxsize=2)
-def _load_encoder(
-    model: str,
-    *,
-    revision: str | None,
-    multilingual_text_model: str | None,
-    multilingual_revision: str | None,
-    device: str,
-    dtype: str,
-) -> TransformersEncoder:
     # heavy optional dependencies (seconds to import): only where a model runs
     import torch
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     torch_dtype = getattr(torch, dt)
     kw: dict[str, Any] = {} if _is_local(model) else {"revision": revision}
-    try:
+    with _loading(model):
         net = AutoModel.from_pretrained(model, dtype=torch_dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(model, **kw)
         image_processor = AutoImageProcessor.from_pretrained(model, **kw)
-    except ImportError as exc:  # e.g. SiglipTokenizer without sentencepiece / protobuf
-        raise ModelUnavailableError(_missing_package_message(model, exc)) from exc
-    except (OSError, ValueError) as exc:
-        raise ModelUnavailableError(_unavailable_message(model, exc)) from exc
     for method in ("get_image_features", "get_text_features"):
         if not hasattr(net, method):
             raise ModelUnavailableError(f"{model}: {type(net).__name__} has no {method}()")
@@ -579,10 +518,6 @@ def _load_encoder(
     return enc
 
 
-load_encoder.cache_info = _load_encoder.cache_info  # type: ignore[attr-defined]
-load_encoder.cache_clear = _load_encoder.cache_clear  # type: ignore[attr-defined]
-
-
 def encoder_from_config(cfg: ClipConfig) -> TransformersEncoder:
     """The cached encoder for ``cfg`` (see :func:`load_encoder`)."""
     return load_encoder(
@@ -632,6 +567,17 @@ def _unavailable_message(name: str, why: object) -> str:
     )
 
 
+@contextlib.contextmanager
+def _loading(name: str) -> Iterator[None]:
+    """What loading ``name`` raises, as one :class:`ModelUnavailableError` saying what to do."""
+    try:
+        yield
+    except ImportError as exc:  # e.g. SiglipTokenizer without sentencepiece / protobuf
+        raise ModelUnavailableError(_missing_package_message(name, exc)) from exc
+    except _HUB_ERRORS as exc:
+        raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
+
+
 def _missing_package_message(name: str, exc: ImportError) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
@@ -653,10 +599,8 @@ def check_model_available(cfg: ClipConfig) -> None:
     if cfg.multilingual_text_model:
         models.append((cfg.multilingual_text_model, cfg.multilingual_revision, "modules.json"))
         if importlib.util.find_spec("sentence_transformers") is None:
-            missing = ImportError("No module named 'sentence_transformers'")
-            raise ModelUnavailableError(
-                _missing_package_message(cfg.multilingual_text_model, missing)
-            )
+            with _loading(cfg.multilingual_text_model):
+                raise ImportError("No module named 'sentence_transformers'")
     for name, revision, marker in models:
         if _is_local(name):
             path = Path(name).expanduser()
@@ -668,24 +612,14 @@ def check_model_available(cfg: ClipConfig) -> None:
         # heavy optional dependencies (seconds to import): only where a model runs
         from huggingface_hub import hf_hub_download
 
-        try:
+        with _loading(name):
             hf_hub_download(name, marker, revision=revision)
-        except _HUB_ERRORS as exc:
-            raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
-    _check_tokenizer(cfg.model, cfg.revision)
-
-
-def _check_tokenizer(name: str, revision: str | None) -> None:
     # heavy optional dependencies (seconds to import): only where a model runs
     from transformers import AutoTokenizer
 
-    kw: dict[str, Any] = {} if _is_local(name) else {"revision": revision}
-    try:
-        AutoTokenizer.from_pretrained(name, **kw)
-    except ImportError as exc:
-        raise ModelUnavailableError(_missing_package_message(name, exc)) from exc
-    except _HUB_ERRORS as exc:
-        raise ModelUnavailableError(_unavailable_message(name, exc)) from exc
+    with _loading(cfg.model):
+        kw: dict[str, Any] = {} if _is_local(cfg.model) else {"revision": cfg.revision}
+        AutoTokenizer.from_pretrained(cfg.model, **kw)
 
 
 # --- scoring -------------------------------------------------------------------------------------
@@ -708,19 +642,6 @@ def _usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _gather_bytes(
-    keys: list[str],
-    shards: list[Any],
-    images: Mapping[str, bytes] | None,
-    image_root: str | None,
-) -> list[bytes | None]:
-    if images is not None:
-        return [images.get(k) for k in keys]
-    if image_root is None:
-        raise ValueError("score_partition needs `images` or `image_root`")
-    return read_images(image_root, keys, shards)  # an unreadable shard's rows: image_missing
 
 
 def _decode_pil(data: bytes) -> PIL.Image.Image:
@@ -890,9 +811,7 @@ def score_partition(
     """
     n = len(df)
     status = np.full(n, None, dtype=object)
-    sim = np.full(n, np.nan, np.float32)
-    punsafe = np.full(n, np.nan, np.float32)
-    pwatermark = np.full(n, np.nan, np.float32)
+    scores = {c: np.full(n, np.nan, np.float32) for c in (schema.SIMILARITY, *tags.PROMPTS)}
     todo = np.flatnonzero(df[schema.STATUS].eq("success").fillna(False).to_numpy(dtype=bool))
     img_parts: list[np.ndarray] = []
     txt_parts: list[np.ndarray] = []
@@ -900,19 +819,20 @@ def score_partition(
     if len(todo):
         encoder = encoder_from_config(cfg) if encoder is None else encoder
         _set_torch_threads(cfg, encoder, threads)
-        keys_all = df[schema.KEY].astype("string").to_numpy(dtype=object)
-        shards = (
-            df[schema.SHARD].to_numpy(dtype=object)
-            if schema.SHARD in df.columns
-            else np.full(n, None, dtype=object)
-        )
+        keys = list(df[schema.KEY].astype("string").to_numpy(dtype=object)[todo])
         texts = df[schema.TEXT].astype("string").fillna("").to_numpy(dtype=object)
         groups = (
             df[schema.LANGUAGE_GROUP].astype("string").fillna("nolang").to_numpy(dtype=object)
             if schema.LANGUAGE_GROUP in df.columns
             else np.full(n, "en", dtype=object)
         )
-        data = _gather_bytes(list(keys_all[todo]), list(shards[todo]), images, image_root)
+        if images is not None:
+            data = [images.get(k) for k in keys]
+        elif image_root is not None:  # an unreadable shard's rows become image_missing
+            shards = df[schema.SHARD].iloc[todo] if schema.SHARD in df else [None] * len(todo)
+            data = read_images(image_root, keys, list(shards))
+        else:
+            raise ValueError("score_partition needs `images` or `image_root`")
         for i, d in zip(todo, data, strict=True):
             status[i] = SCORE_IMAGE_MISSING if d is None else SCORE_FAILED_TO_DECODE
         fast = hasattr(encoder, "encode_pixels") and isinstance(
@@ -940,23 +860,14 @@ def score_partition(
     img = np.concatenate(img_parts) if img_parts else np.zeros((0, dim), np.float32)
     txt = np.concatenate(txt_parts) if txt_parts else np.zeros((0, dim), np.float32)
     if len(rows):
-        sim[rows] = np.einsum("ij,ij->i", img, txt)
+        scores[schema.SIMILARITY][rows] = np.einsum("ij,ij->i", img, txt)
         status[rows] = SCORE_SUCCESS
-        assert encoder is not None
-        tag_values = tags.compute_tags(img, cfg, encoder=encoder)
-        punsafe[rows] = tag_values[schema.PUNSAFE]
-        pwatermark[rows] = tag_values[schema.PWATERMARK]
-    n_failed = int(sum(s not in (None, SCORE_SUCCESS) for s in status))
-    if n_failed:
-        log.info("scored %d rows, %d failed (%s)", len(rows), n_failed, _count(status))
-    frame = df.assign(
-        **{
-            schema.SIMILARITY: sim,
-            schema.PUNSAFE: punsafe,
-            schema.PWATERMARK: pwatermark,
-            schema.SCORE_STATUS: pd.array(status, dtype="string"),
-        }
-    )
+        for tag, values in tags.compute_tags(img, cfg, encoder=encoder).items():
+            scores[tag][rows] = values
+    failed = collections.Counter(s for s in status if s not in (None, SCORE_SUCCESS))
+    if failed:
+        log.info("scored %d rows, %d failed (%s)", len(rows), failed.total(), dict(failed))
+    frame = df.assign(**scores, **{schema.SCORE_STATUS: pd.array(status, dtype="string")})
     frame = schema.conform(frame, schema.SCORE_DTYPES)
     keys = [str(k) for k in df[schema.KEY].iloc[rows]] if len(rows) else []
     return ScoreResult(frame, img.astype(np.float16), txt.astype(np.float16), keys)
@@ -970,25 +881,10 @@ def _stack(items: list[np.ndarray]) -> np.ndarray:
     raise ValueError(f"preprocessed images differ in size {sorted(shapes)}; configure a crop size")
 
 
-def _count(status: np.ndarray) -> dict[str, int]:
-    vals, counts = np.unique([s for s in status if s is not None], return_counts=True)
-    return {str(v): int(c) for v, c in zip(vals, counts, strict=True)}
-
-
-def add_clip_scores(
-    df: pd.DataFrame,
-    cfg: ClipConfig,
-    *,
-    encoder: Encoder | None = None,
-    images: Mapping[str, bytes] | None = None,
-    image_root: str | None = None,
-    threads: int | None = None,
-) -> pd.DataFrame:
+def add_clip_scores(df: pd.DataFrame, cfg: ClipConfig, **kwargs: Any) -> pd.DataFrame:
     """Return ``df`` with ``similarity``, ``punsafe``, ``pwatermark`` and ``score_status``.
 
-    The frame of :func:`score_partition`; use that function to keep the embeddings too.
+    The frame of :func:`score_partition` (same keyword arguments); use that function to keep
+    the embeddings too.
     """
-    result = score_partition(
-        df, cfg, encoder=encoder, images=images, image_root=image_root, threads=threads
-    )
-    return result.frame
+    return score_partition(df, cfg, **kwargs).frame

@@ -26,14 +26,14 @@ import functools
 import json
 import logging
 import weakref
-from collections.abc import Sequence
-from math import erf, sqrt
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from scipy.special import erf, softmax
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import ClipConfig
@@ -118,10 +118,7 @@ def zero_shot_tags(image_embeddings: np.ndarray, encoder: Any) -> dict[str, np.n
     scale = float(getattr(encoder, "logit_scale", 100.0))
     out: dict[str, np.ndarray] = {}
     for tag, (pos, _neg) in PROMPTS.items():
-        logits = scale * (img @ _prompt_embeddings(encoder, tag).T)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
+        p = softmax(scale * (img @ _prompt_embeddings(encoder, tag).T), axis=1)
         out[tag] = p[:, : len(pos)].sum(axis=1).astype(np.float32)
     return out
 
@@ -137,7 +134,7 @@ class TagHead:
             raise ValueError("tag head: first layer does not take input_dim features")
         if self.layers[-1][0].shape[0] != len(self.outputs):
             raise ValueError("tag head: last layer size differs from the number of outputs")
-        if config.get("activation", "relu") not in ("relu", "gelu", "tanh"):
+        if config.get("activation", "relu") not in _ACTIVATIONS:
             raise ValueError(f"tag head: unsupported activation {config.get('activation')!r}")
 
     def predict(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
@@ -147,22 +144,20 @@ class TagHead:
             raise ValueError(f"tag head expects (n, {self.config['input_dim']}), got {x.shape}")
         if self.config.get("normalize_input", True):
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        act = self.config.get("activation", "relu")
+        act = _ACTIVATIONS[self.config.get("activation", "relu")]
         for i, (w, b) in enumerate(self.layers):
             x = x @ w.T + b
             if i < len(self.layers) - 1:
-                x = _activate(x, act)
+                x = act(x)
         p = 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
         return {name: p[:, j].astype(np.float32) for j, name in enumerate(self.outputs)}
 
 
-def _activate(x: np.ndarray, act: str) -> np.ndarray:
-    if act == "relu":
-        return np.maximum(x, 0)
-    if act == "tanh":
-        return np.tanh(x)
-    # exact (erf) GELU, as torch.nn.GELU()
-    return x * 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": lambda x: np.maximum(x, 0),
+    "tanh": np.tanh,
+    "gelu": lambda x: x * 0.5 * (1.0 + erf(x / np.sqrt(2.0))),  # exact GELU, as torch.nn.GELU()
+}
 
 
 def save_tag_head(path: str | Path, head: TagHead) -> None:
