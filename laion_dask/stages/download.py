@@ -57,7 +57,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -188,24 +189,28 @@ class _ByteBudget:
                 self._cond.notify_all()
 
 
+def _once(futures: dict[Any, asyncio.Future[Any]], key: Any, start: Callable[[], Any]) -> Any:
+    """The one future of ``key`` (started by ``start()`` on first use), shielded: a waiter hitting
+    its deadline must not cancel what other rows wait on. Errors are cached too."""
+    if key not in futures:
+        futures[key] = asyncio.ensure_future(start())
+    return asyncio.shield(futures[key])
+
+
 class _CheckedDNS:
     """Per-call DNS cache holding only guard-checked answers; one lookup per host."""
 
     def __init__(self, cfg: DownloadConfig, resolver: Resolver) -> None:
         self._allow = cfg.allow_private_networks
         self._resolver = resolver
-        self._lookups: dict[str, asyncio.Future[list[str]]] = {}
+        self._lookups: dict[Any, asyncio.Future[Any]] = {}
 
     async def lookup(self, host: str) -> list[str]:
         """Checked addresses of ``host``; raises BlockedAddress or OSError (cached too)."""
         key = host.lower()
-        fut = self._lookups.get(key)
-        if fut is None:
-            loop = asyncio.get_running_loop()
-            check = partial(check_host, key, allow_private=self._allow, resolver=self._resolver)
-            fut = asyncio.ensure_future(loop.run_in_executor(None, check))
-            self._lookups[key] = fut
-        return list(await asyncio.shield(fut))
+        check = partial(check_host, key, allow_private=self._allow, resolver=self._resolver)
+        loop = asyncio.get_running_loop()
+        return list(await _once(self._lookups, key, partial(loop.run_in_executor, None, check)))
 
 
 class _GuardedResolver(AbstractResolver):
@@ -239,10 +244,6 @@ class _GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
-
-
-def _ua_token(user_agent: str) -> str:
-    return product_token(user_agent)
 
 
 def robots_disallowed(values: Iterable[str], ua_token: str) -> str | None:
@@ -326,51 +327,40 @@ class _HostPacer:
 _PACER = _HostPacer()
 
 
+@dataclass
 class _Fetcher:
     """Everything one call shares: session, limits, DNS cache, byte budget, decode pool."""
 
-    def __init__(
-        self,
-        cfg: DownloadConfig,
-        session: aiohttp.ClientSession,
-        dns: _CheckedDNS,
-        pool: ThreadPoolExecutor,
-        consent: ConsentConfig,
-        lists: ConsentLists,
-        host_cache: HostFileCache,
-    ) -> None:
-        self.cfg = cfg
-        self.session = session
-        self.dns = dns
-        self.pool = pool
-        self.slots = asyncio.Semaphore(cfg.concurrency)
-        self.host_slots: dict[str, asyncio.Semaphore] = {}
-        self.budget = _ByteBudget(cfg.max_inflight_bytes)
-        self.ua_token = _ua_token(cfg.user_agent)
-        self.consent = consent
-        self.lists = lists
-        self.host_cache = host_cache
-        # one fetch per (kind, origin) per call; rows wait on the same task
-        self.host_files: dict[tuple[str, str], asyncio.Task[HostFile]] = {}
+    cfg: DownloadConfig
+    session: aiohttp.ClientSession
+    dns: _CheckedDNS
+    pool: ThreadPoolExecutor
+    consent: ConsentConfig
+    lists: ConsentLists
+    host_cache: HostFileCache
 
-    def _host_slot(self, host: str) -> asyncio.Semaphore:
-        sem = self.host_slots.get(host)
-        if sem is None:
-            sem = self.host_slots[host] = asyncio.Semaphore(self.cfg.per_host_concurrency)
-        return sem
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.cfg.concurrency)
+        semaphore = partial(asyncio.Semaphore, self.cfg.per_host_concurrency)
+        self.host_slots: defaultdict[str, asyncio.Semaphore] = defaultdict(semaphore)
+        self.budget = _ByteBudget(self.cfg.max_inflight_bytes)
+        self.ua_token = product_token(self.cfg.user_agent)
+        # one fetch per (kind, origin) per call; rows wait on the same task
+        self.host_files: dict[Any, asyncio.Future[Any]] = {}
 
     async def row(self, url: object) -> _Outcome:
         """Fetch, check and decode one URL; never raises (except cancellation)."""
         out = _Outcome()
         reserved = [0]  # bytes this row holds in the budget, released when the row is done
         try:
+            self._listed(url, "URL")
             target = _parse_url(url)
             # the first host's guard and consent checks run before the row takes a slot and
             # before its deadline starts: rows of one host wait together on one robots.txt
             await self._guard(target)
             await self._consent(target)
             body = None
-            async with self._host_slot(target.host or ""), self.slots:
+            async with self.host_slots[target.host or ""], self.slots:
                 try:
                     async with asyncio.timeout(self.cfg.deadline):
                         body = await self._with_retries(target, out, reserved)
@@ -433,7 +423,7 @@ class _Fetcher:
             # a redirect target is checked here: the lists first, so a listed host is not even
             # looked up in DNS
             if hop:
-                self._listed(url)
+                self._listed(str(url), "redirect target URL")
             await self._guard(url)
             if hop:
                 await self._consent(url)
@@ -445,10 +435,7 @@ class _Fetcher:
                 async with response_cm as resp:
                     out.http_status = resp.status
                     if resp.status in _REDIRECTS:
-                        url = _next_hop(url, resp.headers.get("Location"))
-                        if str(url) in seen:
-                            raise _Failed("failed_to_download", f"redirect loop at {url}")
-                        seen.add(str(url))
+                        url = _next_hop(url, resp.headers.get("Location"), seen)
                         continue
                     return await self._body(resp, reserved)
             except (ValueError, UnicodeError) as err:  # yarl/aiohttp refusing a URL (InvalidURL)
@@ -457,17 +444,20 @@ class _Fetcher:
                 raise _Failed("failed_to_download", f"bad response: {err.message}") from None
         raise _Failed("failed_to_download", f"more than {cfg.max_redirects} redirects")
 
-    def _listed(self, url: URL) -> None:
-        """Raise ``_Failed`` when the user's lists remove a redirect target (no DNS, no request)."""
+    def _listed(self, url: object, what: str) -> None:
+        """Raise ``_Failed`` when the user's lists remove ``url`` (no DNS, no request): its hash
+        on a URL blocklist first, then its host under an opted-out domain."""
         lists = self.lists
         if lists.empty:
             return
-        algo = lists.blocked_urls([str(url)])[0]
+        algo = lists.blocked_urls([url])[0]
         if algo is not None:
-            raise _Failed("blocklisted_url", f"redirect target URL {algo} on a URL blocklist")
-        listed = lists.opted_out_domain(url.raw_host or "")
-        if listed is not None:
-            raise _Failed("opted_out_domain", f"{url.raw_host} is covered by opted-out {listed}")
+            raise _Failed("blocklisted_url", f"{what} {algo} on a URL blocklist")
+        if lists.domains:
+            host = _parse_url(url).raw_host or ""  # an unparsable URL fails as it would anyway
+            listed = lists.opted_out_domain(host)
+            if listed is not None:
+                raise _Failed("opted_out_domain", f"{host} is covered by opted-out {listed}")
 
     async def _consent(self, url: URL) -> None:
         """Raise ``_Failed`` when robots.txt or tdmrep.json of ``url``'s host says no."""
@@ -512,12 +502,8 @@ class _Fetcher:
                     )
 
     async def _host_file(self, kind: str, origin: URL) -> HostFile:
-        key = (kind, str(origin))
-        task = self.host_files.get(key)
-        if task is None:
-            task = self.host_files[key] = asyncio.ensure_future(self._load_host_file(kind, origin))
-        # shielded: a row hitting its deadline must not cancel the fetch other rows wait on
-        return await asyncio.shield(task)
+        load = partial(self._load_host_file, kind, origin)
+        return await _once(self.host_files, (kind, str(origin)), load)
 
     async def _load_host_file(self, kind: str, origin: URL) -> HostFile:
         cache = self.host_cache
@@ -571,12 +557,9 @@ class _Fetcher:
                     code = resp.status
                     if code in _REDIRECTS:
                         try:
-                            url = _next_hop(url, resp.headers.get("Location"))
+                            url = _next_hop(url, resp.headers.get("Location"), seen)
                         except _Failed as fail:
                             raise _HostFileFailure("unavailable", code, str(fail)) from None
-                        if str(url) in seen:
-                            raise _HostFileFailure("unavailable", code, f"redirect loop at {url}")
-                        seen.add(str(url))
                         continue
                     if 200 <= code < 300:
                         return code, await _read_capped(resp, _HOST_FILE_CAPS[kind])
@@ -709,7 +692,8 @@ def _parse_url(url: object) -> URL:
     return parsed
 
 
-def _next_hop(current: URL, location: str | None) -> URL:
+def _next_hop(current: URL, location: str | None, seen: set[str]) -> URL:
+    """The target of a redirect (added to ``seen``); ``_Failed`` for a bad one or a loop."""
     if not location:
         raise _Failed("failed_to_download", "redirect without Location")
     try:
@@ -720,6 +704,9 @@ def _next_hop(current: URL, location: str | None) -> URL:
         raise _Failed("failed_to_download", f"redirect to non-http(s) URL ({nxt.scheme}:) refused")
     if not nxt.host:
         raise _Failed("failed_to_download", "redirect target has no host")
+    if str(nxt) in seen:
+        raise _Failed("failed_to_download", f"redirect loop at {nxt}")
+    seen.add(str(nxt))
     return nxt
 
 
@@ -770,28 +757,6 @@ def _run(urls: list[object], cfg: DownloadConfig, resolver: Resolver, *rest: Any
         return helper.submit(asyncio.run, _download_all(urls, cfg, resolver, *rest)).result()
 
 
-def _pre_request(urls: list[object], lists: ConsentLists) -> list[_Outcome | None]:
-    """Rows the lists remove before any request: URL blocklist first, then domain opt-outs."""
-    out: list[_Outcome | None] = [None] * len(urls)
-    if lists.empty:
-        return out
-    for i, algo in enumerate(lists.blocked_urls(urls)):
-        if algo is not None:
-            out[i] = _Outcome("blocklisted_url", f"URL {algo} on a URL blocklist")
-    if lists.domains:
-        for i, url in enumerate(urls):
-            if out[i] is not None:
-                continue
-            try:
-                host = _parse_url(url).raw_host or ""
-            except _Failed:
-                continue  # fails the same way when fetched
-            listed = lists.opted_out_domain(host)
-            if listed is not None:
-                out[i] = _Outcome("opted_out_domain", f"{host} is covered by opted-out {listed}")
-    return out
-
-
 def download_images(
     df: pd.DataFrame,
     cfg: DownloadConfig,
@@ -834,47 +799,30 @@ def download_images(
     >>> cfg = DownloadConfig(allow_private_networks=True)  # the offline demo's loopback host
     >>> download_images(candidates, cfg)["status"].value_counts()  # doctest: +SKIP
     """
-    n = len(df)
-    if schema.DROP_REASON in df.columns:
-        fetch = df[schema.DROP_REASON].isna().to_numpy()
-    else:
-        fetch = [True] * n
     consent = consent if consent is not None else ConsentConfig()
-    lists = load_lists(consent)
-    positions = [i for i in range(n) if fetch[i]]
-    urls = df[schema.URL].tolist()
-    outcomes: list[_Outcome | None] = [None] * n
-    pre = _pre_request([urls[i] for i in positions], lists)
-    for i, res in zip(positions, pre, strict=True):
-        outcomes[i] = res
-    positions = [i for i, res in zip(positions, pre, strict=True) if res is None]
+    lists = load_lists(consent)  # a bad list file raises here, before any request
+    rows = [_Outcome()] * len(df)  # a row with a drop_reason keeps the empty outcome
+    drop = df.get(schema.DROP_REASON, pd.Series(pd.NA, index=df.index, dtype="string"))
+    positions = [i for i, fetch in enumerate(drop.isna()) if fetch]
     if positions:
         started = time.perf_counter()
-        cache = HostFileCache(
-            host_cache, _ua_token(cfg.user_agent), refresh_unreachable=refresh_unreachable
-        )
+        token = product_token(cfg.user_agent)
+        cache = HostFileCache(host_cache, token, refresh_unreachable=refresh_unreachable)
+        urls = df[schema.URL].tolist()
+        urls = [urls[i] for i in positions]
         try:
-            results = _run(
-                [urls[i] for i in positions],
-                cfg,
-                resolver or system_resolver,
-                consent,
-                lists,
-                cache,
-            )
+            got = _run(urls, cfg, resolver or system_resolver, consent, lists, cache)
         finally:
             cache.flush()  # what this call learned about hosts: one journal file
-        for i, res in zip(positions, results, strict=True):
-            outcomes[i] = res
+        for i, res in zip(positions, got, strict=True):
+            rows[i] = res
         log.info("downloaded %d rows in %.1fs", len(positions), time.perf_counter() - started)
-    empty = _Outcome()
-    rows = [o if o is not None else empty for o in outcomes]
-    columns: dict[str, Any] = {}
-    for col, dtype in schema.DOWNLOAD_DTYPES.items():
-        columns[col] = pd.array([getattr(r, col) for r in rows], dtype=dtype)
-    out = df.assign(**{c: pd.Series(v, index=df.index) for c, v in columns.items()})
+    columns = {
+        col: pd.Series(pd.array([getattr(r, col) for r in rows], dtype=dtype), index=df.index)
+        for col, dtype in schema.DOWNLOAD_DTYPES.items()
+    }
     images = pd.Series([r.image for r in rows], index=df.index, dtype=object)
-    return out.assign(**{schema.IMAGE: images})
+    return df.assign(**columns, **{schema.IMAGE: images})
 
 
 def download_stats(df: pd.DataFrame, seconds: float) -> dict[str, Any]:
