@@ -34,6 +34,7 @@ from laion_dask.stages.consent import (
     HostFile,
     HostFileCache,
     RobotsRules,
+    _journal_of,
     load_lists,
     normalize_path,
     parse_robots_txt,
@@ -616,14 +617,14 @@ def test_host_file_cache_first_publisher_wins(tmp_path: Path) -> None:
     assert HostFileCache(str(tmp_path), "otherbot").get("robots", "http://h.test:1") is None
     assert not list(tmp_path.rglob("*.tmp-*"))
     # another process (another worker, a resumed run) reads the journal
-    HostFileCache._shared.clear()
+    _journal_of.cache_clear()
     assert HostFileCache(str(tmp_path), TOKEN).get("robots", "http://h.test:1") == rec1
     # a run directory on an fsspec store
     remote = f"memory://consent-{tmp_path.name}"
     c = HostFileCache(remote, TOKEN)
     c.put(rec2)
     c.flush()
-    HostFileCache._shared.clear()  # force a read from the store, as another worker would
+    _journal_of.cache_clear()  # force a read from the store, as another worker would
     assert HostFileCache(remote, TOKEN).get("robots", "http://h.test:1") == rec2
 
 
@@ -635,7 +636,7 @@ def test_host_file_journal_survives_bad_lines_and_grows_by_a_file_per_call(tmp_p
     first.flush()
     (path,) = tmp_path.glob("*.jsonl")
     path.write_text(path.read_text() + "{not json\n")
-    HostFileCache._shared.clear()
+    _journal_of.cache_clear()
     second = HostFileCache(str(tmp_path), TOKEN)
     assert [second.get("robots", r.origin) for r in recs] == [recs[0], recs[1], None]
     second.put(recs[2])
@@ -780,7 +781,7 @@ def test_pipeline_download_honours_every_signal(tmp_path: Path, client) -> None:
         assert [p for p, _, _ in b.requests].count("/robots.txt") == 2  # the run + the retry
         assert len(b.content_requests()) == unreachable
         # the new answer replaced the old one for the rest of the run, in every reader
-        HostFileCache._shared.clear()
+        _journal_of.cache_clear()
         robots = {
             r.origin: r.outcome
             for r in _journal_records(Path(run.path) / "consent")
@@ -828,7 +829,7 @@ def test_a_retry_replaces_an_unreachable_answer_for_the_rest_of_the_run(tmp_path
     retry.flush()
     for fresh_process in (False, True):
         if fresh_process:
-            HostFileCache._shared.clear()  # replayed from the journals, oldest first
+            _journal_of.cache_clear()  # replayed from the journals, oldest first
         assert HostFileCache(str(tmp_path), TOKEN).get("robots", origin) == up
     # an answer that is not "unreachable" is never replaced, not even by a retry
     again = HostFileCache(str(tmp_path), TOKEN, refresh_unreachable=True)

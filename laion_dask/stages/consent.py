@@ -47,7 +47,6 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +81,8 @@ TDMREP_MAX_BYTES = 500 * 1024
 
 # RFC 3986 unreserved characters: a percent-encoding of one of these means the character itself
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+#: what normalize_path rewrites: a percent-encoding, or a run of bytes outside printable ASCII
+_PERCENT_OR_RAW = re.compile(r"%[0-9A-Fa-f]{2}|[^\x21-\x7e]+")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 #: hex digest length -> algorithm
@@ -111,19 +111,15 @@ def normalize_path(path: str) -> str:
     >>> normalize_path("/a/%7euser/%e3%83%84/ツ")
     '/a/~user/%E3%83%84/%E3%83%84'
     """
-    raw = path.encode("utf-8")
-    out: list[str] = []
-    i, n = 0, len(raw)
-    while i < n:
-        b = raw[i]
-        if b == 0x25 and i + 2 < n and raw[i + 1] in _HEX and raw[i + 2] in _HEX:
-            value = int(raw[i + 1 : i + 3], 16)
-            out.append(chr(value) if value in _UNRESERVED else f"%{value:02X}")
-            i += 3
-            continue
-        out.append(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}")
-        i += 1
-    return "".join(out)
+    return _PERCENT_OR_RAW.sub(_normal_form, path)
+
+
+def _normal_form(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if text[0] == "%":
+        value = int(text[1:], 16)
+        return chr(value) if value in _UNRESERVED else f"%{value:02X}"
+    return "".join(f"%{b:02X}" for b in text.encode("utf-8"))
 
 
 def pattern_matches(pattern: str, path: str) -> bool:
@@ -360,33 +356,14 @@ class HostFile:
     rules: RobotsRules | TdmRepRules | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "origin": self.origin,
-            "outcome": self.outcome,
-            "http_status": self.http_status,
-            "error": self.error,
-            "rules": None if self.rules is None else self.rules.to_json(),
-        }
+        rules = None if self.rules is None else self.rules.to_json()
+        return {**vars(self), "rules": rules}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HostFile:
         raw = data.get("rules")
-        rules: RobotsRules | TdmRepRules | None = None
-        if raw is not None:
-            rules = (
-                RobotsRules.from_json(raw)
-                if data["kind"] == "robots"
-                else (TdmRepRules.from_json(raw))
-            )
-        return cls(
-            kind=data["kind"],
-            origin=data["origin"],
-            outcome=data["outcome"],
-            http_status=data.get("http_status"),
-            error=data.get("error"),
-            rules=rules,
-        )
+        kind = RobotsRules if data["kind"] == "robots" else TdmRepRules
+        return cls(**{**data, "rules": None if raw is None else kind.from_json(raw)})
 
 
 class HostFileCache:
@@ -401,12 +378,6 @@ class HostFileCache:
     sees, so a resumed or retried chain reuses it instead of asking the host again.
     ``directory=None`` keeps results for the life of this object only.
     """
-
-    #: (directory, token) -> results and the journal files already read, per process (LRU)
-    _shared: OrderedDict[tuple[str, str], _Journal] = OrderedDict()
-    _shared_lock = threading.Lock()
-    #: directories kept in memory per process
-    MEMORY_DIRECTORIES = 64
 
     def __init__(
         self, directory: str | None, token: str, *, refresh_unreachable: bool = False
@@ -427,14 +398,8 @@ class HostFileCache:
         """The shared journal of this directory, with every journal file on disk read."""
         if self.directory is None:
             return self._journal
-        key = (self.directory, self.token)
-        with self._shared_lock:
-            journal = self._shared.get(key)
-            if journal is None:
-                journal = self._shared[key] = _Journal()
-            self._shared.move_to_end(key)
-            while len(self._shared) > self.MEMORY_DIRECTORIES:
-                self._shared.popitem(last=False)
+        with _JOURNALS_LOCK:  # so that a miss makes one journal, never two
+            journal = _journal_of(self.directory, self.token)
         if not self._synced:
             self._synced = True
             fs, root = fsspec.core.url_to_fs(self.directory)
@@ -495,8 +460,7 @@ class HostFileCache:
         path = f"{root}/{self.prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
         blob = "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in pending)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(blob.encode("utf-8"))
+        fs.pipe_file(tmp, blob.encode("utf-8"))
         fs.mv(tmp, path)
         journal = self._sync()
         with journal.lock:
@@ -521,10 +485,19 @@ class _Journal:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+_JOURNALS_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=64)
+def _journal_of(directory: str, token: str) -> _Journal:
+    """A directory's results and the journal files already read: one per process, for the 64
+    directories used last."""
+    return _Journal()
+
+
 def _read_journal(fs: Any, path: str) -> list[HostFile]:
     try:
-        with fs.open(path, "rb") as fh:
-            lines = fh.read().decode("utf-8").splitlines()
+        lines = fs.cat_file(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         log.warning("ignoring unreadable host-file journal %s: %s", path, err)
         return []
@@ -641,19 +614,14 @@ def _isin_sorted(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table[pos] == values
 
 
-def _read_text_lines(path: str) -> Iterable[tuple[int, str]]:
-    with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.split("#", 1)[0].strip()
-            if line:
-                yield lineno, line
-
-
-def _is_parquet(path: str) -> bool:
-    return path.lower().endswith((".parquet", ".pq"))
-
-
-def _read_parquet_column(path: str, key: str, columns: Sequence[str]) -> dict[str, list[Any]]:
+def _entries(path: str, key: str, columns: Sequence[str]) -> tuple[str, list[tuple[str, int, Any]]]:
+    """A list file's entries, ``(where, [(column, row or line number, value)])``: the values of
+    the first of ``columns`` a parquet file has, or the lines of a text file (column ``""``)
+    without ``#`` comments."""
+    if not path.lower().endswith((".parquet", ".pq")):
+        with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as fh:
+            lines = [(n, raw.split("#", 1)[0].strip()) for n, raw in enumerate(fh, start=1)]
+        return "line", [("", n, line) for n, line in lines if line]
     import pyarrow.parquet as pq
 
     with fsspec.open(path, "rb") as fh:
@@ -666,24 +634,20 @@ def _read_parquet_column(path: str, key: str, columns: Sequence[str]) -> dict[st
             )
         fh.seek(0)
         table = pq.read_table(fh, columns=present)
-    return {c: table.column(c).to_pylist() for c in present}
+    return "row", [
+        (c, n, v) for c in present for n, v in enumerate(table.column(c).to_pylist(), start=1)
+    ]
 
 
 def _load_domains(paths: Sequence[str], digest: Any) -> frozenset[str]:
     out: set[str] = set()
     key = "domain_optout_lists"
     for path in paths:
-        if _is_parquet(path):
-            values = _read_parquet_column(path, key, ("domain",))["domain"]
-            entries: Iterable[tuple[int, Any]] = enumerate(values, start=1)
-            where = "row"
-        else:
-            entries = _read_text_lines(path)
-            where = "line"
-        for n, value in entries:
+        where, entries = _entries(path, key, ("domain",))
+        for _, n, value in entries:
             if value is None:
                 continue
-            domain = _normalize_domain(str(value)) if isinstance(value, str) else None
+            domain = _normalize_domain(value) if isinstance(value, str) else None
             if domain is None:
                 raise ConfigError(f"consent.{key}: {path} {where} {n}: not a domain: {value!r}")
             out.add(domain)
@@ -711,25 +675,26 @@ def _digest_of(value: Any, allowed: tuple[str, ...]) -> tuple[str, bytes] | None
 
 
 def _fast_hex(
-    rows: list[tuple[str, int, Any, str | None]], allowed: tuple[str, ...]
+    entries: list[tuple[str, int, Any]], allowed: tuple[str, ...]
 ) -> dict[str, bytes] | None:
     """Concatenated digests per algorithm when every value is plain hex of an accepted length
-    (and matches its column's algorithm); None sends the rows through the checking path."""
-    groups: dict[tuple[str, str | None], list[str]] = {}
-    for col, _, value, forced in rows:
+    (and matches its column's algorithm, where the column names one); None sends the entries
+    through the checking path."""
+    groups: dict[str, list[str]] = {}
+    for col, _, value in entries:
         if value is None:
             continue
         if not isinstance(value, str):
             return None
-        groups.setdefault((col, forced), []).append(value)
+        groups.setdefault(col, []).append(value)
     out: dict[str, list[bytes]] = {}
-    for (_, forced), values in groups.items():
+    for col, values in groups.items():
         by_len: dict[int, list[str]] = {}
         for v in values:
             by_len.setdefault(len(v), []).append(v)
         for length, group in by_len.items():
             algo = _HASH_BY_HEX_LEN.get(length)
-            if algo is None or algo not in allowed or (forced is not None and algo != forced):
+            if algo not in allowed or (col in allowed and algo != col):
                 return None
             try:
                 blob = bytes.fromhex("".join(group))
@@ -748,27 +713,18 @@ def _load_hashes(
     found: dict[str, list[bytes]] = {}
     names = " / ".join(a.upper().replace("SHA", "SHA-") for a in allowed)
     for path in paths:
-        if _is_parquet(path):
-            cols = _read_parquet_column(path, key, ("hash", *allowed))
-            rows: list[tuple[str, int, Any, str | None]] = [
-                (c, n, v, None if c == "hash" else c)
-                for c, values in cols.items()
-                for n, v in enumerate(values, start=1)
-            ]
-            where = "row"
-        else:
-            rows = [("", n, v, None) for n, v in _read_text_lines(path)]
-            where = "line"
-        fast = _fast_hex(rows, allowed)
+        where, entries = _entries(path, key, ("hash", *allowed))
+        fast = _fast_hex(entries, allowed)
         if fast is not None:  # the usual case: plain hex digests, decoded in bulk
             for algo, blob in fast.items():
                 found.setdefault(algo, []).append(blob)
             continue
-        for col, n, value, forced in rows:
+        for col, n, value in entries:
             if value is None:
                 continue
             parsed = _digest_of(value, allowed)
-            if parsed is None or (forced is not None and parsed[0] != forced):
+            # a column named after an algorithm holds that algorithm's digests only
+            if parsed is None or (col in allowed and parsed[0] != col):
                 column = f" column {col!r}" if col else ""
                 raise ConfigError(
                     f"consent.{key}: {path} {where} {n}{column}: not a {names} hex digest "
@@ -785,13 +741,13 @@ def _load_hashes(
     return out
 
 
-def _stamp(path: str) -> tuple[Any, ...]:
+def _stamp(path: str, key: str) -> tuple[Any, ...]:
     """What identifies a list file's version without reading it (size and mtime)."""
     fs, fpath = fsspec.core.url_to_fs(path)
     try:
         info = fs.info(fpath)
     except FileNotFoundError:
-        return (path, None)
+        raise ConfigError(f"consent.{key}: list file not found: {path}") from None
     return (path, info.get("size"), info.get("mtime") or info.get("LastModified"))
 
 
@@ -810,13 +766,9 @@ def load_lists(cfg: ConsentConfig) -> ConsentLists:
     >>> load_lists(ConsentConfig()).empty
     True
     """
-    stamps = tuple(
-        tuple(_stamp(p) for p in paths)
-        for paths in (cfg.domain_optout_lists, cfg.url_blocklists, cfg.image_blocklists)
-    )
-    return _load_lists_cached(
-        cfg.domain_optout_lists, cfg.url_blocklists, cfg.image_blocklists, stamps
-    )
+    keys = ("domain_optout_lists", "url_blocklists", "image_blocklists")
+    stamps = tuple(_stamp(path, key) for key in keys for path in getattr(cfg, key))
+    return _load_lists_cached(*(getattr(cfg, key) for key in keys), stamps)
 
 
 @functools.lru_cache(maxsize=4)
@@ -826,15 +778,6 @@ def _load_lists_cached(
     image_paths: tuple[str, ...],
     stamps: tuple[Any, ...],
 ) -> ConsentLists:
-    for key, paths, file_stamps in zip(
-        ("domain_optout_lists", "url_blocklists", "image_blocklists"),
-        (domain_paths, url_paths, image_paths),
-        stamps,
-        strict=True,
-    ):
-        for path, stamp in zip(paths, file_stamps, strict=True):
-            if stamp[1] is None:
-                raise ConfigError(f"consent.{key}: list file not found: {path}")
     digest = hashlib.sha256()
     try:
         domains = _load_domains(domain_paths, digest)
