@@ -107,12 +107,10 @@ def test_py3langid_backend_equals_library_classify() -> None:
 
 
 def test_predict_in_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    import laion_dask.stages.language as language
-
     model = Py3langidModel(english_prior=10.0)
     texts = list(CLEAR.values()) + ["red dress", "logo", "Fußball", "hello there"]
     labels, scores = model.predict(texts)
-    monkeypatch.setattr(language, "_PREDICT_CHUNK", 3)
+    monkeypatch.setattr(model, "chunk", 3)
     chunked_labels, chunked_scores = model.predict(texts)
     assert chunked_labels == labels
     np.testing.assert_array_equal(chunked_scores, scores)

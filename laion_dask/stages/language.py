@@ -76,10 +76,6 @@ _TO_ISO639_1 = {
 }
 # "has at least one letter": \w minus digits and underscore, so it holds for every script
 _HAS_LETTER = r"[^\W\d_]"
-# rows scored per matrix product in the langid backend (keeps the dense block under ~16 MB)
-_LANGID_CHUNK = 256
-# texts per backend call: bounds the (texts x languages) probability block to a few MB
-_PREDICT_CHUNK = 4096
 
 
 @runtime_checkable
@@ -130,22 +126,34 @@ def apply_english_prior(
 class _PriorModel:
     """Shared ``predict`` for the real backends: full distribution -> top label + prior."""
 
-    english_prior: float = 1.0
+    #: texts per backend call: bounds the (texts x languages) probability block to a few MB
+    chunk = 4096
+    _labels: np.ndarray  # ISO 639-1 label per class of the model
+    _en: int  # the class index of English
 
     def __init__(self, english_prior: float = 1.0) -> None:
         self.english_prior = english_prior
 
-    def _top_and_english(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _use_classes(self, classes: Sequence[str]) -> None:
+        self._labels = np.array([_TO_ISO639_1.get(c, c) for c in classes], dtype=object)
+        self._en = list(classes).index("en")
+
+    def _probs(self, texts: Sequence[str]) -> np.ndarray:
+        """The (texts x classes) probabilities."""
         raise NotImplementedError
+
+    def _top_and_english(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs = self._probs(texts)
+        best = probs.argmax(axis=1)
+        return self._labels[best], probs[np.arange(len(texts)), best], probs[:, self._en]
 
     def predict(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Return labels and normalised probabilities for ``texts`` (English prior applied)."""
         if len(texts) == 0:
             return [], np.zeros(0, dtype=np.float64)
-        # chunks bound the (texts x languages) probability blocks of a large partition
         parts = [
-            self._top_and_english(texts[i : i + _PREDICT_CHUNK])
-            for i in range(0, len(texts), _PREDICT_CHUNK)
+            self._top_and_english(texts[i : i + self.chunk])
+            for i in range(0, len(texts), self.chunk)
         ]
         labels, top, p_en = (np.concatenate(column) for column in zip(*parts, strict=True))
         labels, top = apply_english_prior(labels, top, p_en, self.english_prior)
@@ -158,57 +166,45 @@ class Py3langidModel(_PriorModel):
     def __init__(self, english_prior: float = 1.0) -> None:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        self.english_prior = english_prior
+        super().__init__(english_prior)
         self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        classes = list(self._identifier.nb_classes)
-        self._labels = np.array([_TO_ISO639_1.get(c, c) for c in classes], dtype=object)
-        self._en = classes.index("en")
+        self._use_classes(self._identifier.nb_classes)
         # _decide returns the whole distribution in one call; rank() (public) sorts it first
         scores = getattr(self._identifier, "_decide", None)
         if scores is None:  # pragma: no cover - only older py3langid releases
             raise ImportError("the py3langid backend needs py3langid >= 0.4")
         self._scores: Callable[[str], np.ndarray] = scores
 
-    def _top_and_english(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        probs = np.stack([self._scores(t) for t in texts])
-        best = probs.argmax(axis=1)
-        rows = np.arange(len(texts))
-        return self._labels[best], probs[rows, best], probs[:, self._en]
+    def _probs(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self._scores(t) for t in texts])
 
 
 class LangidModel(_PriorModel):
-    """The original langid.py model, normalised, scored ``_LANGID_CHUNK`` texts per product.
+    """The original langid.py model, normalised, scored ``chunk`` texts per product.
 
     ``langid.classify`` multiplies a uint32 feature vector by a float64 matrix, which numpy
     cannot hand to BLAS; stacking the vectors and doing one float64 product per chunk gives the
     same probabilities (tested against ``classify``) several times faster.
     """
 
+    chunk = 256  # rows scored per matrix product (keeps the dense block under ~16 MB)
+
     def __init__(self, english_prior: float = 1.0) -> None:
         from langid.langid import LanguageIdentifier, model
 
-        self.english_prior = english_prior
+        super().__init__(english_prior)
         self._identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-        classes = list(self._identifier.nb_classes)
-        self._labels = np.array([_TO_ISO639_1.get(c, c) for c in classes], dtype=object)
-        self._en = classes.index("en")
+        self._use_classes(self._identifier.nb_classes)
 
-    def _top_and_english(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _probs(self, texts: Sequence[str]) -> np.ndarray:
         ident = self._identifier
-        labels, top, p_en = [], [], []
-        for start in range(0, len(texts), _LANGID_CHUNK):
-            chunk = texts[start : start + _LANGID_CHUNK]
-            fv = np.stack([ident.instance2fv(t) for t in chunk]).astype(np.float64)
-            logp = fv @ ident.nb_ptc + ident.nb_pc
-            # softmax == langid's 1 / sum(exp(pd - pd_i)), without its overflow warnings
-            logp -= logp.max(axis=1, keepdims=True)
-            probs = np.exp(logp)
-            probs /= probs.sum(axis=1, keepdims=True)
-            best = probs.argmax(axis=1)
-            labels.append(self._labels[best])
-            top.append(probs[np.arange(len(chunk)), best])
-            p_en.append(probs[:, self._en])
-        return np.concatenate(labels), np.concatenate(top), np.concatenate(p_en)
+        fv = np.stack([ident.instance2fv(t) for t in texts]).astype(np.float64)
+        logp = fv @ ident.nb_ptc + ident.nb_pc
+        # softmax == langid's 1 / sum(exp(pd - pd_i)), without its overflow warnings
+        logp -= logp.max(axis=1, keepdims=True)
+        probs = np.exp(logp)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return probs
 
 
 class LinguaModel(_PriorModel):
@@ -222,7 +218,7 @@ class LinguaModel(_PriorModel):
                 "language backend 'lingua' needs lingua-language-detector: "
                 "pip install 'laion-dask[lingua]'"
             ) from err
-        self.english_prior = english_prior
+        super().__init__(english_prior)
         self._english = Language.ENGLISH
         self._detector = LanguageDetectorBuilder.from_all_languages().build()
 
