@@ -24,7 +24,7 @@ under ``subsets``.
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
 import json
 import logging
 import time
@@ -44,7 +44,7 @@ from laion_dask.ground.shards import ShardSample, read_shard_images, write_shard
 from laion_dask.orchestration.rundir import RunDir, fingerprint
 from laion_dask.orchestration.runner import get_client, run_tasks
 from laion_dask.products.neardup import join_part_near_duplicates
-from laion_dask.stages.embeddings import embedding_paths, write_embedding_arrays
+from laion_dask.stages.embeddings import embedding_paths, read_array, write_embedding_arrays
 from laion_dask.stages.filters import (
     FINAL_REASON,
     add_final_reason,
@@ -150,12 +150,7 @@ def _read_embeddings(run: RunDir, part: int) -> tuple[np.ndarray, np.ndarray, pd
     paths = embedding_paths(run.join("embeddings"), part)
     if not run.exists(paths["img"]):
         return None
-    fs = run.fs
-    with fs.open(paths["img"], "rb") as fh:
-        img_emb = np.load(io.BytesIO(fh.read()))
-    with fs.open(paths["text"], "rb") as fh:
-        txt_emb = np.load(io.BytesIO(fh.read()))
-    return img_emb, txt_emb, run.read_parquet(paths["metadata"])
+    return read_array(paths["img"]), read_array(paths["text"]), run.read_parquet(paths["metadata"])
 
 
 def _write_output(
@@ -217,15 +212,11 @@ def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> di
         np.asarray(schema.LANGUAGE_GROUPS)[group_codes(df[schema.LANGUAGE_GROUP])], index=df.index
     )
     emb = _read_embeddings(run, part)
-    cache: dict[str, dict[str, bytes]] = {}
 
+    @functools.cache
     def images() -> dict[str, bytes]:  # the partition's shard, read on first use only
-        if "images" not in cache:
-            shard = df[schema.SHARD].dropna()
-            cache["images"] = (
-                read_shard_images(run.join("images", str(shard.iloc[0]))) if len(shard) else {}
-            )
-        return cache["images"]
+        shard = df[schema.SHARD].dropna()
+        return read_shard_images(run.join("images", str(shard.iloc[0]))) if len(shard) else {}
 
     kept, dropped = _outcome(df[FINAL_REASON])
     result: dict[str, Any] = {
@@ -244,7 +235,7 @@ def _materialize_part(part: int, run: RunDir, cfg: FilterConfig, out: str) -> di
     return result
 
 
-def _merge(results: list[dict], key: str | None) -> tuple[dict[str, int], dict[str, int]]:
+def _merge(results: list[dict], key: str | None, **report: Any) -> MaterializeReport:
     """Sum kept per group and dropped per reason over partitions (of a subset, or the base)."""
     kept: Counter[str] = Counter()
     dropped: Counter[str] = Counter()
@@ -252,10 +243,18 @@ def _merge(results: list[dict], key: str | None) -> tuple[dict[str, int], dict[s
         r = r if key is None else r["subsets"][key]
         kept.update(r["kept"])
         dropped.update(r["dropped"])
-    return (
-        {g: kept.get(g, 0) for g in schema.LANGUAGE_GROUPS},
-        dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+    return MaterializeReport(
+        kept={g: kept.get(g, 0) for g in schema.LANGUAGE_GROUPS},
+        dropped=dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+        **report,
     )
+
+
+def _write_cut(fs: Any, folder: str, funnel: dict[str, Any], thresholds: str) -> None:
+    """``funnel.json`` and ``thresholds.toml`` of the base dataset or of one subset."""
+    fs.makedirs(folder, exist_ok=True)
+    fs.pipe(f"{folder}/funnel.json", json.dumps(funnel, indent=1).encode())
+    fs.pipe(f"{folder}/thresholds.toml", thresholds.encode())
 
 
 def materialize(
@@ -298,37 +297,24 @@ def materialize(
     tasks = [(f"{p:05d}", _materialize_part, (p, run, cfg, out)) for p in parts]
     results, failures = run_tasks(client, "materialize", tasks, strict=True, on_done=progress)
     rows_in = sum(r["rows"] for r in results)
-    report = MaterializeReport(rows_in=rows_in, out_dir=out, failed=failures)
-    report.kept, report.dropped = _merge(results, None)
     seconds = time.perf_counter() - t0
-    report.seconds = seconds
+    report = _merge(results, None, rows_in=rows_in, out_dir=out, seconds=seconds, failed=failures)
     for name in cfg.subsets or {}:
-        sub = MaterializeReport(
-            stage=f"materialize/{name}", rows_in=rows_in, out_dir=f"{out}/{name}", seconds=seconds
+        stage, sub_dir = f"materialize/{name}", f"{out}/{name}"
+        report.subsets[name] = _merge(
+            results, name, stage=stage, rows_in=rows_in, out_dir=sub_dir, seconds=seconds
         )
-        sub.kept, sub.dropped = _merge(results, name)
-        report.subsets[name] = sub
     report.check()
-    thresholds_text = dump_thresholds(cfg)
-    thresholds_fp = fingerprint(thresholds_text)
-    fs.pipe(f"{out}/thresholds.toml", thresholds_text.encode())
-    funnel: dict[str, Any] = {**report.funnel(), "thresholds_fingerprint": thresholds_fp}
-    if report.subsets:
-        funnel["subsets"] = {}
-        for name, sub in report.subsets.items():
-            cut = {k: v for k, v in dataclasses.asdict(cfg.subsets[name]).items() if v is not None}
-            sub_funnel = {"subset": name, "cut": cut, **sub.funnel()}
-            funnel["subsets"][name] = sub_funnel
-            fs.makedirs(sub.out_dir, exist_ok=True)
-            fs.pipe(
-                f"{sub.out_dir}/funnel.json",
-                json.dumps(
-                    {**sub_funnel, "thresholds_fingerprint": thresholds_fp}, indent=1
-                ).encode(),
-            )
-            note = f"# subset {name!r}: [filters] then [filters.subsets.{name}]\n"
-            fs.pipe(f"{sub.out_dir}/thresholds.toml", (note + thresholds_text).encode())
-    fs.pipe(f"{out}/funnel.json", json.dumps(funnel, indent=1).encode())
+    text = dump_thresholds(cfg)
+    funnel: dict[str, Any] = {**report.funnel(), "thresholds_fingerprint": fingerprint(text)}
+    for name, sub in report.subsets.items():
+        cut = {k: v for k, v in dataclasses.asdict(cfg.subsets[name]).items() if v is not None}
+        sub_funnel = {"subset": name, "cut": cut, **sub.funnel()}
+        funnel.setdefault("subsets", {})[name] = sub_funnel
+        note = f"# subset {name!r}: [filters] then [filters.subsets.{name}]\n"
+        sub_funnel = {**sub_funnel, "thresholds_fingerprint": funnel["thresholds_fingerprint"]}
+        _write_cut(fs, sub.out_dir, sub_funnel, note + text)
+    _write_cut(fs, out, funnel, text)
     return report
 
 
@@ -369,7 +355,4 @@ def materialized_subsets(run: RunDir | str) -> list[str]:
     """Names of the output subsets the last ``materialize`` wrote (from its ``funnel.json``)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     path = run.join("dataset", "funnel.json")
-    if not run.exists(path):
-        return []
-    with run.fs.open(path, "rb") as fh:
-        return list(json.load(fh).get("subsets", {}))
+    return list(run.read_json(path).get("subsets", {})) if run.exists(path) else []
