@@ -125,7 +125,8 @@ def test_keep_top_moves_every_group_slider(scored_view):
 
 def test_samples_grid_shows_both_sides(scored_view):
     board = dashboard.ThresholdDashboard(scored_view)
-    grid = board._samples("en")
+    assert board.sample_group.value == "en"  # a new board shows en's similarity cut-off
+    grid = board.samples_pane.object
     assert "kept: similarity ≥" in grid and "dropped: below" in grid
     assert grid.count("data:image/png;base64") > 0
 

@@ -1,28 +1,17 @@
 """The Panel threshold dashboard: tune a run's thresholds on its stored scores, then materialize.
 
 ``build_dashboard(RUN)`` returns the Panel layout; ``main`` serves it (``laion-dask dashboard RUN``)
-and ``dashboards/thresholds.py`` is the same app for ``panel serve``. The run's scores are read
-once (:func:`laion_dask.products.explore.open_run`, cached per path); every widget change after
-that is
+and ``dashboards/thresholds.py`` is the same app for ``panel serve`` (what it shows:
+``dashboards/README.md``). The run's scores are read once
+(:func:`laion_dask.products.explore.open_run`, cached per path); every widget change after that is
 answered from memory: the funnel is :meth:`~laion_dask.products.explore.RunView.kept_at` (one
-numpy pass),
-histograms are drawn once from the view's precomputed bins (HoloViews, rendered once per
-session) and only their threshold lines (Bokeh ``Span``) and the funnel bars' counts update in
-place; nothing is rescored. Thumbnails follow a slider while it is dragged, throttled to one
-refresh per :data:`SAMPLES_INTERVAL_MS` on a worker thread (the last position always shows);
-precision/recall refresh when a slider is released.
-
-Views: similarity histogram per language group with a slider per group and a "keep top X %"
-input that moves them, the live funnel (kept per group, dropped per reason), images with captions
-and scores just either side of the selected cut-off (similarity of a language group, punsafe or
-pwatermark), the language mix, width x height density, caption length, punsafe / pwatermark with
-their own thresholds, precision/recall when ``RUN/corpus/ground_truth.parquet`` exists, a button
-writing ``RUN/thresholds.toml`` and one running
-:func:`laion_dask.products.materialize.materialize` with a
-progress bar that moves as each partition finishes. Materialize runs where the run's
-``[cluster]`` config says (:func:`laion_dask.orchestration.cluster.make_client`: its scheduler
-address, else a
-local cluster started on first use and closed with the session).
+numpy pass), histograms are drawn once from the view's precomputed bins and only their threshold
+lines (Bokeh ``Span``) and the funnel bars' counts update in place; nothing is rescored.
+Thumbnails follow a slider while it is dragged, throttled to one refresh per
+:data:`SAMPLES_INTERVAL_MS` on a worker thread (the last position always shows); precision/recall
+refresh when a slider is released. Materialize runs where the run's ``[cluster]`` config says
+(:func:`laion_dask.orchestration.cluster.make_client`: its scheduler address, else a local cluster
+started on first use and closed with the session), with a progress bar per partition.
 """
 
 from __future__ import annotations
@@ -36,13 +25,15 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import holoviews as hv
 import panel as pn
 import param
-from bokeh.document import without_document_lock
+from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Span
+from bokeh.plotting import figure
 
 from laion_dask.faces import plots
 from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
@@ -60,30 +51,48 @@ __all__ = ["ThresholdDashboard", "build_dashboard", "load_view", "main"]
 N_SAMPLES = 6
 #: while a slider is dragged, the samples refresh at most this often (the server stays free)
 SAMPLES_INTERVAL_MS = 250
-#: cut-offs the sample grid can follow: label -> column
-SAMPLE_CUTOFFS = {
-    "similarity": schema.SIMILARITY,
-    "punsafe": schema.PUNSAFE,
-    "pwatermark": schema.PWATERMARK,
-}
+#: the columns whose cut-off the sample grid can follow
+SAMPLE_CUTOFFS = (schema.SIMILARITY, schema.PUNSAFE, schema.PWATERMARK)
 _FRACTION_OFF = 1.0  # a punsafe / pwatermark slider at 1.0 means "tag only" (None)
+_PROBABILITIES = ("max_punsafe", "max_pwatermark")
+#: the threshold widgets below the similarity sliders, by the FilterConfig field they set:
+#: widget, label, options (``end`` grows to hold a larger starting value)
+_LIMITS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    "max_punsafe": (
+        pn.widgets.FloatSlider,
+        "max punsafe (1 = tag only)",
+        {"end": 1.0, "step": 0.01},
+    ),
+    "max_pwatermark": (
+        pn.widgets.FloatSlider,
+        "max pwatermark (1 = tag only)",
+        {"end": 1.0, "step": 0.01},
+    ),
+    "min_text_chars": (pn.widgets.IntSlider, "min caption chars", {"end": 200}),
+    "min_side": (pn.widgets.IntSlider, "min image side (px)", {"end": 1024, "step": 8}),
+    "max_aspect_ratio": (
+        pn.widgets.FloatInput,
+        "max aspect ratio (empty = off)",
+        {"start": 1.0, "step": 0.5},
+    ),
+}
+#: the FilterConfig field each run-wide histogram draws its threshold line at (similarity:
+#: ``similarity_<group>`` per group)
+_LINES = {
+    schema.PUNSAFE: "max_punsafe",
+    schema.PWATERMARK: "max_pwatermark",
+    TEXT_LENGTH: "min_text_chars",
+}
+#: where a run's thresholds are saved (the dashboard's button) and applied (materialize)
+SAVED_THRESHOLDS = "thresholds.toml"
+APPLIED_THRESHOLDS = ("dataset", "thresholds.toml")
 
-
-@functools.lru_cache(maxsize=4)
-def _cached_view(path: str) -> RunView:
-    return open_run(path)
+_open_cached = functools.lru_cache(maxsize=4)(open_run)
 
 
 def load_view(run: str | Path | RunView) -> RunView:
     """The :class:`RunView` of ``run`` (opened once per path and process, then reused)."""
-    if isinstance(run, RunView):
-        return run
-    return _cached_view(str(run))
-
-
-#: where a run's thresholds are saved (the dashboard's button) and applied (materialize)
-SAVED_THRESHOLDS = "thresholds.toml"
-APPLIED_THRESHOLDS = ("dataset", "thresholds.toml")
+    return run if isinstance(run, RunView) else _open_cached(str(run))
 
 
 def start_thresholds(view: RunView) -> tuple[FilterConfig, str]:
@@ -108,6 +117,13 @@ def start_thresholds(view: RunView) -> tuple[FilterConfig, str]:
     return view.load_thresholds(newest), newest
 
 
+def _as_field(name: str, value: Any) -> Any:
+    """A widget's value as FilterConfig field ``name`` holds it (None: off)."""
+    if value is None or (name in _PROBABILITIES and value >= _FRACTION_OFF):
+        return None  # an empty box, or a probability at 1: tag only
+    return int(value) if name.startswith("min_") else float(value)
+
+
 class ThresholdDashboard:
     """Widgets, plots and actions of the dashboard for one :class:`RunView`.
 
@@ -118,8 +134,7 @@ class ThresholdDashboard:
     client
         A ``distributed.Client`` for materialize (left open by :meth:`close`). None: on the first
         click, :func:`laion_dask.orchestration.cluster.make_client` of ``cluster`` connects to its
-        scheduler or
-        starts a local cluster, which :meth:`close` closes.
+        scheduler or starts a local cluster, which :meth:`close` closes.
     cluster
         Where materialize runs when no ``client`` is given; None reads the run's ``[cluster]``
         (``RUN/config.toml``; the defaults when the run has none).
@@ -144,13 +159,13 @@ class ThresholdDashboard:
         self._cluster = cluster
         self._lock = threading.Lock()
         self._last_funnel: tuple[FilterConfig, Funnel] | None = None
-        self._samples_running = False  # a throttled refresh is scheduled or in flight
+        self._samples_running = False  # a throttled refresh is under way
         self._samples_stale = False  # the widgets moved since the grid was last computed
         self._samples_last = 0.0
         #: wall time of each samples refresh, seconds (the benchmark reads it)
         self.samples_seconds: list[float] = []
         #: the threshold lines drawn on the histograms, by (column, group)
-        self.spans: dict[tuple[str, str], Any] = {}
+        self.spans: dict[tuple[str, str], Span] = {}
         problem = ""
         if thresholds is None:
             try:
@@ -164,7 +179,8 @@ class ThresholdDashboard:
         #: the thresholds the widgets started at, and where they came from
         self.base, self.base_source = thresholds, source
         base = thresholds
-        lo, hi = self._range(schema.SIMILARITY)
+        edges = view.histogram(schema.SIMILARITY, ALL)[1]
+        lo, hi = round(float(edges[0]), 3), round(float(edges[-1]), 3)
         self.similarity = {
             g: pn.widgets.FloatSlider(
                 label=f"similarity {g}",
@@ -185,51 +201,25 @@ class ThresholdDashboard:
             step=1.0,
             width=280,
         )
-        self.max_punsafe = pn.widgets.FloatSlider(
-            label="max punsafe (1 = tag only)",
-            start=0.0,
-            end=1.0,
-            step=0.01,
-            value=_FRACTION_OFF if base.max_punsafe is None else base.max_punsafe,
-            width=280,
-        )
-        self.max_pwatermark = pn.widgets.FloatSlider(
-            label="max pwatermark (1 = tag only)",
-            start=0.0,
-            end=1.0,
-            step=0.01,
-            value=_FRACTION_OFF if base.max_pwatermark is None else base.max_pwatermark,
-            width=280,
-        )
-        self.min_text_chars = pn.widgets.IntSlider(
-            label="min caption chars",
-            start=0,
-            end=max(200, base.min_text_chars),
-            value=base.min_text_chars,
-            width=280,
-        )
-        self.min_side = pn.widgets.IntSlider(
-            label="min image side (px)",
-            start=0,
-            end=max(1024, base.min_side),
-            step=8,
-            value=base.min_side,
-            width=280,
-        )
-        self.max_aspect_ratio = pn.widgets.FloatInput(
-            label="max aspect ratio (empty = off)",
-            value=base.max_aspect_ratio,
-            start=1.0,
-            step=0.5,
-            width=280,
-        )
+        #: the threshold widgets below the similarity sliders, by the FilterConfig field they set
+        #: (also attributes: ``board.max_punsafe`` ...)
+        self.limits: dict[str, Any] = {}
+        for name, (widget, label, options) in _LIMITS.items():
+            value = getattr(base, name)
+            if name in _PROBABILITIES and value is None:
+                value = _FRACTION_OFF
+            if "end" in options:
+                options = {**options, "end": max(options["end"], value)}
+            self.limits[name] = widget(label=label, value=value, width=280, **options)
+            setattr(self, name, self.limits[name])
         self.sample_cutoff = pn.widgets.RadioButtonGroup(
-            label="samples at", options=list(SAMPLE_CUTOFFS), value="similarity"
+            label="samples at", options=list(SAMPLE_CUTOFFS), value=schema.SIMILARITY
         )
         self.sample_group = pn.widgets.Select(
             label="samples: language group", options=list(view.groups), value=view.groups[0]
         )
         self.samples_pane = pn.pane.HTML("", width=900)
+        self.funnel_pane = pn.pane.Markdown("", width=460, css_classes=["funnel"])
         self.write_button = pn.widgets.Button(label="write thresholds.toml", color="primary")
         self.materialize_button = pn.widgets.Button(label="materialize", color="success")
         self.progress = pn.widgets.Progress(
@@ -237,13 +227,9 @@ class ThresholdDashboard:
         )
         # the controls column is 320 px wide: wider text here spilled over the funnel beside it
         # (issue 15); long paths break anywhere instead of overflowing
-        wrap = {"overflow-wrap": "anywhere"}
-        self.progress_text = pn.pane.Markdown(
-            "", width=300, styles=wrap, css_classes=["materialize-progress"]
-        )
-        self.status = pn.pane.Markdown("", width=300, styles=wrap, css_classes=["dashboard-status"])
-        self.result = pn.pane.Markdown(
-            "", width=300, styles=wrap, css_classes=["materialize-result"]
+        self.progress_text, self.status, self.result = (
+            pn.pane.Markdown("", width=300, styles={"overflow-wrap": "anywhere"}, css_classes=[c])
+            for c in ("materialize-progress", "dashboard-status", "materialize-result")
         )
         self.status.object = problem
         self.write_button.on_click(self._on_write)
@@ -252,35 +238,24 @@ class ThresholdDashboard:
         # the samples follow the sliders while they move (throttled), not only on release
         for w in (
             *self.similarity.values(),
-            self.max_punsafe,
-            self.max_pwatermark,
+            self.limits["max_punsafe"],
+            self.limits["max_pwatermark"],
             self.sample_group,
             self.sample_cutoff,
         ):
             w.param.watch(self._schedule_samples, "value")
         self.refresh_samples()
         self.layout = self._build_layout()
+        for w in (*self.similarity.values(), *self.limits.values()):
+            w.param.watch(self._redraw, "value")
+        self._redraw()
 
     # --- state ------------------------------------------------------------------------------
-    def _range(self, column: str) -> tuple[float, float]:
-        _, edges = self.view.histogram(column, ALL)
-        return round(float(edges[0]), 3), round(float(edges[-1]), 3)
-
     def config(self) -> FilterConfig:
         """The thresholds the widgets show now."""
-        punsafe = self.max_punsafe.value
-        pwatermark = self.max_pwatermark.value
-        return dataclasses.replace(
-            self.base,
-            **{f"similarity_{g}": float(s.value) for g, s in self.similarity.items()},
-            max_punsafe=None if punsafe >= _FRACTION_OFF else float(punsafe),
-            max_pwatermark=None if pwatermark >= _FRACTION_OFF else float(pwatermark),
-            min_text_chars=int(self.min_text_chars.value),
-            min_side=int(self.min_side.value),
-            max_aspect_ratio=(
-                None if self.max_aspect_ratio.value is None else float(self.max_aspect_ratio.value)
-            ),
-        )
+        values = {f"similarity_{g}": s.value for g, s in self.similarity.items()}
+        values |= {name: w.value for name, w in self.limits.items()}
+        return dataclasses.replace(self.base, **{k: _as_field(k, v) for k, v in values.items()})
 
     def funnel(self) -> Funnel:
         """The funnel at :meth:`config` (``RunView.kept_at``: no Dask job; the last one reused)."""
@@ -305,12 +280,6 @@ class ThresholdDashboard:
             moved[g] = t
         return moved
 
-    def write_thresholds(self) -> str:
-        """Write :meth:`config` to ``RUN/thresholds.toml``; returns the path."""
-        path = self.view.save_thresholds(self.config())
-        log.info("dashboard: wrote %s", path)
-        return path
-
     def run_materialize(self, progress: Any | None = None) -> Any:
         """Write ``RUN/thresholds.toml`` then ``materialize`` the run at :meth:`config`.
 
@@ -325,19 +294,13 @@ class ThresholdDashboard:
 
     def cluster_config(self) -> ClusterConfig:
         """Where materialize runs: the ``cluster`` given, else the run's ``[cluster]``."""
-        if self._cluster is not None:
-            return self._cluster
-        try:
-            return self.view.run.read_config().cluster
-        except FileNotFoundError:
-            return ClusterConfig()
+        return self._cluster or _run_cluster(self.view)
 
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
                 cfg = self.cluster_config()
-                where = cfg.scheduler_address or "a local cluster"
-                log.info("dashboard: materialize on %s", where)
+                log.info("dashboard: materialize on %s", cfg.scheduler_address or "a local cluster")
                 self._client = make_client(cfg)
                 self._own_client = True
             return self._client
@@ -363,11 +326,12 @@ class ThresholdDashboard:
 
     def _on_write(self, event: Any = None) -> None:
         try:
-            path = self.write_thresholds()
+            path = self.view.save_thresholds(self.config())
         except Exception as err:  # noqa: BLE001 - shown to the user, logged
             log.exception("dashboard: writing thresholds failed")
             self.status.object = f"**could not write thresholds.toml**: {html.escape(str(err))}"
             return
+        log.info("dashboard: wrote %s", path)
         self.status.object = f"wrote `{path}`"
 
     def show_progress(self, done: int, total: int, part: str) -> None:
@@ -376,40 +340,17 @@ class ThresholdDashboard:
         self.progress.value = int(done)
         self.progress_text.object = f"{done} / {total} partitions (last: `{html.escape(part)}`)"
 
-    def _progress_callback(self, doc: Any) -> Any:
-        """A ``progress`` for materialize, called on its worker thread.
-
-        Bokeh documents are not thread-safe: in a served session every update is handed to the
-        session's event loop with ``doc.add_next_tick_callback`` (the one thread-safe Document
-        method) and applied there holding the document lock. Without a session (a notebook, the
-        tests) it updates the widgets directly.
-        """
-        if doc is None or doc.session_context is None:
-            return self.show_progress
-
-        def progress(done: int, total: int, part: str) -> None:
-            doc.add_next_tick_callback(
-                functools.partial(_in_doc, doc, self.show_progress, done, total, part)
-            )
-
-        return progress
-
     async def _on_materialize(self, event: Any = None) -> None:
-        doc = pn.state.curdoc  # the session's document, captured on its own thread
         self.materialize_button.disabled = True
-        self.progress.max, self.progress.value = 1, 0
-        self.progress.visible = True
-        self.progress.active = True
-        self.progress_text.object = ""
-        self.result.object = ""
-        self.status.object = (
-            f"materializing… on {self.cluster_config().scheduler_address or 'a local cluster'}"
-        )
-        progress = self._progress_callback(doc)
+        self.progress.param.update(max=1, value=0, visible=True, active=True)
+        self.progress_text.object = self.result.object = ""
+        where = self.cluster_config().scheduler_address or "a local cluster"
+        self.status.object = f"materializing… on {where}"
         try:
-            report = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(self.run_materialize, progress)
-            )
+            # materialize's thread moves the progress bar itself: Panel hands a widget change
+            # made off the session's thread to the session's event loop (Bokeh documents are
+            # not thread-safe), and applies it at once without a session (notebook, tests)
+            report = await asyncio.to_thread(self.run_materialize, self.show_progress)
         except Exception as err:  # noqa: BLE001 - shown to the user, logged
             log.exception("dashboard: materialize failed")
             self.status.object = f"**materialize failed**: {html.escape(str(err))}"
@@ -427,147 +368,108 @@ class ThresholdDashboard:
             self.materialize_button.disabled = False
 
     # --- views ------------------------------------------------------------------------------
-    def funnel_markdown(self, *_: Any) -> str:
+    def funnel_markdown(self) -> str:
         """The funnel as Markdown: ``Kept: N of M rows``, per group, dropped per reason."""
-        f = self.funnel()
+        f, cfg = self.funnel(), self.config()
         f.check()
-        cfg = self.config()
-        lines = [f"### Kept: {f.total_kept} of {f.rows_in} rows", ""]
-        lines += ["| group | kept | similarity ≥ | keeps (similarity alone) |", "|---|---|---|---|"]
+        groups = []
         for g in self.view.groups:
             t = cfg.similarity_for(g)
             frac = self.view.fraction_kept(g, t)
-            pct = "–" if frac != frac else f"{100 * frac:.1f} %"
-            lines.append(f"| {g} | {f.kept[g]} | {t:.3f} | {pct} |")
-        lines += ["", "| dropped: reason | rows |", "|---|---|"]
-        for r, n in sorted(f.dropped.items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {r} | {n} |")
-        return "\n".join(lines)
+            groups.append(
+                (g, f.kept[g], f"{t:.3f}", "–" if frac != frac else f"{100 * frac:.1f} %")
+            )
+        head = ("group", "kept", "similarity ≥", "keeps (similarity alone)")
+        dropped = sorted(f.dropped.items(), key=lambda kv: -kv[1])
+        return "\n".join(
+            [f"### Kept: {f.total_kept} of {f.rows_in} rows", ""]
+            + [*_md_table(head, groups), "", *_md_table(("dropped: reason", "rows"), dropped)]
+        )
 
     # --- live plots ---------------------------------------------------------------------------
     # Drawn once per session. A threshold change sets a few Bokeh properties (a Span's location,
     # a bar source's counts) instead of re-running HoloViews plots: at 1M rows a HoloViews
     # DynamicMap refresh of the overlays cost ~200 ms of server time per slider step, this costs
     # the funnel's numpy pass (benchmarks/bench_explore.py).
-    def _histogram_with_lines(
-        self, static: hv.Overlay, lines: dict[str, Any], name: str
+    def _histogram(
+        self, static: hv.Overlay, column: str, groups: Iterable[str] = (ALL,)
     ) -> pn.pane.Bokeh:
-        """``static`` rendered once, plus one dashed ``Span`` per ``{group: widget}``."""
-        from bokeh.models.annotations import Span
-
+        """``static`` rendered once, plus one dashed ``Span`` per group (moved by _redraw)."""
         fig = hv.render(static, backend="bokeh")
-        for group, widget in lines.items():
-            span = Span(
-                dimension="height",
-                line_color=plots.COLORS.get(group, "#000000"),
-                line_dash="dashed",
-                line_width=2,
-            )
+        for group in groups:
+            color = plots.COLORS.get(group, "#000000")
+            span = Span(dimension="height", line_color=color, line_dash="dashed", line_width=2)
             fig.add_layout(span)
-            self.spans[(name, group)] = span
-            _move_span(span, name, widget.value)
-            widget.param.watch(functools.partial(_on_span_widget, span, name), "value")
+            self.spans[(column, group)] = span
         # the class names the plot for browser tests (the figure's title is drawn on a canvas);
         # a Bokeh pane renders the figure itself, so the class goes on the figure
-        fig.css_classes = [*fig.css_classes, f"{name.replace('_', '-')}-histogram"]
+        fig.css_classes = [*fig.css_classes, f"{column.replace('_', '-')}-histogram"]
         return pn.pane.Bokeh(fig)
 
-    def _bars(self, labels: list[str], *, title: str, horizontal: bool, width: int) -> Any:
-        from bokeh.models import ColumnDataSource, FactorRange, HoverTool
-        from bokeh.plotting import figure
-
+    def _bars(self, labels: list[str], *, title: str, horizontal: bool) -> Any:
+        """Bars with fixed labels (the factors never change): :meth:`_redraw` sets the counts."""
         colors = [plots.COLORS.get(x, "#4c72b0") for x in labels]  # language groups: theirs
         source = ColumnDataSource({"label": labels, plots.ROWS: [0] * len(labels), "color": colors})
-        if horizontal:  # one bar per reason the view knows: the factors never change
-            fig = figure(
-                y_range=FactorRange(factors=list(labels)),
-                width=width,
-                height=300,
-                title=title,
-                toolbar_location=None,
-            )
+        axis = {("y_range" if horizontal else "x_range"): FactorRange(factors=list(labels))}
+        size = {"width": 420, "height": 300} if horizontal else {"width": 300, "height": 260}
+        fig = figure(title=title, toolbar_location=None, **axis, **size)
+        if horizontal:
             fig.hbar(y="label", right=plots.ROWS, height=0.8, color="color", source=source)
-            fig.xaxis.axis_label = plots.ROWS
         else:
-            fig = figure(
-                x_range=FactorRange(factors=list(labels)),
-                width=width,
-                height=260,
-                title=title,
-                toolbar_location=None,
-            )
             fig.vbar(x="label", top=plots.ROWS, width=0.8, color="color", source=source)
-            fig.yaxis.axis_label = plots.ROWS
+        (fig.xaxis if horizontal else fig.yaxis).axis_label = plots.ROWS
         fig.add_tools(HoverTool(tooltips=[("", "@label"), (plots.ROWS, f"@{plots.ROWS}")]))
         fig.css_classes = ["funnel-dropped" if horizontal else "funnel-kept"]  # for browser tests
         return fig, source
 
-    def _update_bars(self, *_: Any) -> None:
-        """Set the bars to the funnel at the widgets' thresholds (same labels, new counts)."""
-        f = self.funnel()
-        groups, reasons = list(self.view.groups), list(self.view.reasons)
+    def _redraw(self, *_: Any) -> None:
+        """Set the funnel text, the bars' counts and the threshold lines to the widgets' values."""
+        cfg, f = self.config(), self.funnel()
+        self.funnel_pane.object = self.funnel_markdown()
         # same labels and colours every time: only the counts change (one small patch)
-        self.kept_source.data = {
-            **self.kept_source.data,
-            plots.ROWS: [f.kept[g] for g in groups],
-        }
-        self.dropped_source.data = {
-            **self.dropped_source.data,
-            plots.ROWS: [f.dropped.get(r, 0) for r in reasons],
-        }
+        kept = [f.kept[g] for g in self.view.groups]
+        dropped = [f.dropped.get(r, 0) for r in self.view.reasons]
+        self.kept_source.data = {**self.kept_source.data, plots.ROWS: kept}
+        self.dropped_source.data = {**self.dropped_source.data, plots.ROWS: dropped}
         self._kept_fig.title.text = f"kept: {f.total_kept} of {f.rows_in}"
+        for (column, group), span in self.spans.items():
+            # None (a probability at 1: tag only; an empty box) draws no line
+            t = getattr(cfg, _LINES.get(column, f"similarity_{group}"))
+            span.visible = t is not None
+            if t is not None:
+                span.location = float(t)
 
     def _samples_request(self) -> tuple[str, str, float]:
-        """What the sample grid shows now: ``(group or "all", cutoff, threshold)``.
+        """What the sample grid shows now: ``(group or "all", column, threshold)``.
 
         Similarity: the selected group's threshold; punsafe / pwatermark: their slider, over
         every group (at 1 the filter only tags: the split is shown as it would drop).
         """
-        cutoff = self.sample_cutoff.value
-        if SAMPLE_CUTOFFS[cutoff] == schema.SIMILARITY:
-            group = self.sample_group.value
-            return group, cutoff, float(self.config().similarity_for(group))
-        slider = self.max_punsafe if cutoff == "punsafe" else self.max_pwatermark
-        return ALL, cutoff, float(slider.value)
-
-    def _samples(
-        self, group: str, cutoff: str = "similarity", threshold: float | None = None
-    ) -> str:
-        """HTML: the rows just either side of ``cutoff`` at ``threshold`` (both sides read at once).
-
-        ``threshold`` None takes the widgets' value. Touches no widget when ``threshold`` is
-        given, so it may run on a worker thread.
-        """
-        column = SAMPLE_CUTOFFS[cutoff]
-        if threshold is None:
-            if column != schema.SIMILARITY:
-                group = ALL
-            threshold = (
-                self.config().similarity_for(group)
-                if column == schema.SIMILARITY
-                else float((self.max_punsafe if cutoff == "punsafe" else self.max_pwatermark).value)
-            )
-        t = float(threshold)
+        column = self.sample_cutoff.value
         if column == schema.SIMILARITY:
-            sides = (("above", f"kept: similarity ≥ {t:.3f}"), ("below", "dropped: below"))
+            group = self.sample_group.value
+            return group, column, float(self.similarity[group].value)
+        return ALL, column, float(self.limits[f"max_{column}"].value)
+
+    def _samples(self, group: str, column: str, t: float) -> str:
+        """HTML: the rows just either side of ``column`` at ``t``; touches no widget (threads)."""
+        if column == schema.SIMILARITY:
+            sides = {"above": f"kept: similarity ≥ {t:.3f}", "below": "dropped: below"}
         else:
             off = " (filter off: tag only)" if t >= _FRACTION_OFF else ""
-            sides = (("below", f"kept: {cutoff} ≤ {t:.2f}{off}"), ("above", "dropped: above"))
+            sides = {"below": f"kept: {column} ≤ {t:.2f}{off}", "above": "dropped: above"}
         try:
-            found = self.view.samples_around(
-                t, group, N_SAMPLES, column=column, sides=tuple(side for side, _ in sides)
-            )
+            found = self.view.samples_around(t, group, N_SAMPLES, column=column, sides=tuple(sides))
         except Exception as err:  # noqa: BLE001 - a broken shard must not break the page
             log.exception("dashboard: samples_around failed")
             return f"<p>samples unavailable ({html.escape(str(err))})</p>"
         parts = []
-        for side, title in sides:
-            rows = found[side]
-            if rows.empty:
+        for side, title in sides.items():
+            if found[side].empty:
                 rows_of = "rows" if group == ALL else f"{group} rows"
                 parts.append(f"<h4>{html.escape(title)}</h4><p>no {rows_of} {side}</p>")
             else:
-                parts.append(samples_html(rows, title=f"{group} · {title}", score=column))
+                parts.append(samples_html(found[side], title=f"{group} · {title}", score=column))
         return "".join(parts)
 
     def refresh_samples(self) -> None:
@@ -578,7 +480,7 @@ class ThresholdDashboard:
 
     def _show_samples(self, text: str) -> None:
         # the language group picks among similarity thresholds; the probabilities are run-wide
-        self.sample_group.disabled = self.sample_cutoff.value != "similarity"
+        self.sample_group.disabled = self.sample_cutoff.value != schema.SIMILARITY
         self.samples_pane.object = text
         self._samples_last = time.perf_counter()
 
@@ -586,41 +488,31 @@ class ThresholdDashboard:
         """Throttle the sample grid while a slider moves; never block the session's loop.
 
         Without a session (notebook, tests) it refreshes at once. In a served session a change
-        marks the grid stale; if no refresh is running, one starts after what is left of
-        ``SAMPLES_INTERVAL_MS`` since the last. It reads the widgets on the loop, selects and
-        reads the rows on a worker thread (the loop keeps answering slider events), applies the
-        HTML on the loop, and goes again while changes arrived meanwhile: at most one refresh
-        per interval, and the last position always shows.
+        marks the grid stale and, unless a refresh is under way, starts :meth:`_samples_loop`.
         """
-        doc = pn.state.curdoc
-        if doc is None or doc.session_context is None:
+        if not _in_session():
             self.refresh_samples()
             return
         self._samples_stale = True
-        if self._samples_running:
-            return
-        self._samples_running = True
-        since = (time.perf_counter() - self._samples_last) * 1000
-        delay = max(0, int(SAMPLES_INTERVAL_MS - since))
-        tick: Any = functools.partial(self._samples_loop, doc)
-        doc.add_timeout_callback(without_document_lock(tick), delay)
+        if not self._samples_running:
+            self._samples_running = True
+            pn.state.execute(self._samples_loop)  # a coroutine: run on the session's loop
 
-    async def _samples_loop(self, doc: Any) -> None:
-        loop = asyncio.get_running_loop()
+    async def _samples_loop(self) -> None:
+        """Refresh the grid, at most once per interval, until no change arrived meanwhile.
+
+        Widgets are read and set on the loop; the rows are selected and read on a worker thread,
+        so the loop keeps answering slider events. The last position always shows.
+        """
         try:
             while self._samples_stale:
+                wait = self._samples_last + SAMPLES_INTERVAL_MS / 1000 - time.perf_counter()
+                await asyncio.sleep(max(0.0, wait))
                 self._samples_stale = False
                 t0 = time.perf_counter()
-                request = self._samples_request()  # widget values: read on the loop
-                text = await loop.run_in_executor(None, self._samples, *request)
-                done = asyncio.get_running_loop().create_future()
-                doc.add_next_tick_callback(
-                    functools.partial(_in_doc, doc, _apply, self._show_samples, text, done)
-                )
-                await done
+                text = await asyncio.to_thread(self._samples, *self._samples_request())
+                self._show_samples(text)
                 self.samples_seconds.append(time.perf_counter() - t0)
-                if self._samples_stale:  # moved meanwhile: wait out the interval, then again
-                    await asyncio.sleep(SAMPLES_INTERVAL_MS / 1000)
         finally:
             self._samples_running = False
 
@@ -628,37 +520,13 @@ class ThresholdDashboard:
         pr = self.view.precision_recall(self.config())
         return plots.precision_recall_frame(pr).round(3)
 
-    def _ground_truth(self) -> str | None:
-        path = self.view.run.join("corpus", "ground_truth.parquet")
-        return path if self.view.run.exists(path) else None
-
     def _build_layout(self) -> pn.viewable.Viewable:
-        sims = list(self.similarity.values())
-        values = [
-            *sims,
-            self.max_punsafe,
-            self.max_pwatermark,
-            self.min_text_chars,
-            self.min_side,
-            self.max_aspect_ratio,
-        ]
-        throttled = [
-            *(s.param.value_throttled for s in sims),
-            self.max_punsafe.param.value_throttled,
-            self.max_pwatermark.param.value_throttled,
-            self.min_text_chars.param.value_throttled,
-            self.min_side.param.value_throttled,
-            self.max_aspect_ratio,
-        ]
+        view, sims = self.view, list(self.similarity.values())
         controls = pn.Column(
             "## Thresholds",
             *sims,
             self.keep_top,
-            self.max_punsafe,
-            self.max_pwatermark,
-            self.min_text_chars,
-            self.min_side,
-            self.max_aspect_ratio,
+            *self.limits.values(),
             pn.Row(self.write_button, self.materialize_button),
             self.progress,
             self.progress_text,
@@ -667,75 +535,44 @@ class ThresholdDashboard:
             width=320,
         )
         self._kept_fig, self.kept_source = self._bars(
-            list(self.view.groups), title="kept", horizontal=False, width=300
+            list(view.groups), title="kept", horizontal=False
         )
         dropped_fig, self.dropped_source = self._bars(
-            list(self.view.reasons), title="dropped per reason", horizontal=True, width=420
+            list(view.reasons), title="dropped per reason", horizontal=True
         )
-        self._update_bars()
-        for w in values:
-            w.param.watch(self._update_bars, "value")
         funnel = pn.Column(
-            pn.pane.Markdown(
-                pn.bind(self.funnel_markdown, *values), width=460, css_classes=["funnel"]
-            ),
-            pn.Row(pn.pane.Bokeh(self._kept_fig), pn.pane.Bokeh(dropped_fig)),
+            self.funnel_pane, pn.Row(pn.pane.Bokeh(self._kept_fig), pn.pane.Bokeh(dropped_fig))
         )
-        view = self.view
-        similarity = self._histogram_with_lines(
-            plots.histogram_overlay(
-                view,
-                schema.SIMILARITY,
-                title="CLIP similarity per language group",
-                width=560,
-                height=300,
-            ),
-            self.similarity,
-            schema.SIMILARITY,
-        )
-        samples = pn.Column(
-            pn.Row(self.sample_cutoff, self.sample_group),
-            self.samples_pane,
-        )
+        overlay = plots.similarity_histograms(view, width=560, height=300)
+        similarity = self._histogram(overlay, schema.SIMILARITY, view.groups)
+        samples = pn.Column(pn.Row(self.sample_cutoff, self.sample_group), self.samples_pane)
         distributions = pn.Column(
             pn.Row(
-                self._histogram_with_lines(
-                    plots.score_histogram(view, schema.PUNSAFE),
-                    {ALL: self.max_punsafe},
-                    schema.PUNSAFE,
-                ),
-                self._histogram_with_lines(
-                    plots.score_histogram(view, schema.PWATERMARK),
-                    {ALL: self.max_pwatermark},
-                    schema.PWATERMARK,
-                ),
+                self._histogram(plots.score_histogram(view, schema.PUNSAFE), schema.PUNSAFE),
+                self._histogram(plots.score_histogram(view, schema.PWATERMARK), schema.PWATERMARK),
             ),
             pn.Row(
-                self._histogram_with_lines(
-                    plots.text_length_histogram(view), {ALL: self.min_text_chars}, TEXT_LENGTH
-                ),
-                pn.pane.HoloViews(plots.language_bars(self.view)),
+                self._histogram(plots.text_length_histogram(view), TEXT_LENGTH),
+                pn.pane.HoloViews(plots.language_bars(view)),
             ),
-            pn.pane.HoloViews(plots.size_density(self.view)),
+            pn.pane.HoloViews(plots.size_density(view)),
         )
         tabs = [("Samples at the threshold", samples), ("Distributions", distributions)]
-        if self._ground_truth() is not None:
-            tabs.append(
-                (
-                    "Precision / recall",
-                    pn.Column(
-                        pn.pane.Markdown(
-                            "Against `corpus/ground_truth.parquet`: a pair is relevant when its "
-                            "caption matches its image, retrieved when kept at these thresholds."
-                        ),
-                        pn.pane.DataFrame(pn.bind(self._precision_recall, *throttled)),
-                    ),
-                )
+        if view.run.exists(view.run.join("corpus", "ground_truth.parquet")):
+            # precision/recall refresh when a slider is released (the aspect box has no drag)
+            aspect = self.limits["max_aspect_ratio"]
+            released = [
+                w.param.value_throttled for w in (*sims, *self.limits.values()) if w is not aspect
+            ]
+            pr = pn.bind(self._precision_recall, *released, aspect)
+            text = (
+                "Against `corpus/ground_truth.parquet`: a pair is relevant when its caption "
+                "matches its image, retrieved when kept at these thresholds."
             )
+            tabs.append(("Precision / recall", pn.Column(text, pn.pane.DataFrame(pr))))
         header = pn.pane.Markdown(
-            f"# laion-dask thresholds · `{html.escape(str(self.view.run.path))}` "
-            f"({len(self.view)} rows)\n\nstarted at the thresholds of "
-            f"`{html.escape(self.base_source)}`"
+            f"# laion-dask thresholds · `{html.escape(str(view.run.path))}` "
+            f"({len(view)} rows)\n\nstarted at the thresholds of `{html.escape(self.base_source)}`"
         )
         return pn.Column(
             header,
@@ -758,53 +595,37 @@ def build_dashboard(
     pn.extension(sizing_mode="fixed")
     hv.extension("bokeh", logo=False)
     board = ThresholdDashboard(load_view(run_path), client=client, cluster=cluster)
-    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-        pn.state.on_session_destroyed(functools.partial(_close, board))
+    if _in_session():
+        pn.state.on_session_destroyed(lambda session_context: board.close())
     board.layout.dashboard = board  # tests and notebooks reach the widgets through the layout
     return board.layout
 
 
-def _close(board: ThresholdDashboard, session_context: Any) -> None:
-    board.close()
+def _in_session() -> bool:
+    """Whether this runs in a served session (else a notebook or a test)."""
+    doc = pn.state.curdoc
+    return doc is not None and doc.session_context is not None
 
 
-def _in_doc(doc: Any, func: Any, *args: Any) -> None:
-    """Run ``func(*args)`` as a callback of ``doc``'s session (Panel's current document set)."""
-    from panel.io.state import set_curdoc
-
-    with set_curdoc(doc):
-        func(*args)
-
-
-def _move_span(span: Any, column: str, value: Any) -> None:
-    """Put a threshold line at ``value``; a probability slider at 1 (tag only) hides it."""
-    off = value is None or (
-        column in (schema.PUNSAFE, schema.PWATERMARK) and value >= _FRACTION_OFF
-    )
-    span.visible = not off
-    if not off:
-        span.location = float(value)
-
-
-def _on_span_widget(span: Any, column: str, event: Any) -> None:
-    _move_span(span, column, event.new)
-
-
-def _apply(func: Any, value: Any, done: asyncio.Future) -> None:
-    """``func(value)`` then resolve ``done`` (an update handed from a lock-free coroutine)."""
+def _run_cluster(view: RunView) -> ClusterConfig:
+    """The run's ``[cluster]`` as its ``config.toml`` says now (the defaults without one)."""
     try:
-        func(value)
-    finally:
-        if not done.done():
-            done.set_result(None)
+        return view.run.read_config().cluster
+    except FileNotFoundError:
+        return ClusterConfig()
+
+
+def _md_table(head: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The lines of a Markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
 def report_markdown(report: Any) -> str:
     """A materialize report as Markdown: rows in, kept per group, dropped per reason."""
-    lines = [f"#### Materialized: {report.rows_in} rows in", "", "| kept | rows |", "|---|---|"]
-    lines += [f"| {g} | {n} |" for g, n in report.kept.items()]
-    lines += ["", "| dropped: reason | rows |", "|---|---|"]
-    lines += [f"| {r} | {n} |" for r, n in report.dropped.items()]
+    lines = [f"#### Materialized: {report.rows_in} rows in", ""]
+    lines += [*_md_table(("kept", "rows"), report.kept.items()), ""]
+    lines += _md_table(("dropped: reason", "rows"), report.dropped.items())
     if report.failed:
         lines += ["", f"failed partitions: {', '.join(sorted(report.failed))}"]
     return "\n".join(lines)
@@ -864,10 +685,7 @@ def _cluster_flags(view: RunView, args: argparse.Namespace) -> ClusterConfig | N
 
     None when no flag is given, so each session reads the run's config as it is then.
     """
-    try:
-        base = view.run.read_config().cluster
-    except FileNotFoundError:
-        base = ClusterConfig()
+    base = _run_cluster(view)
     # validated here: a bad address raises now
     cluster = base.with_flags(scheduler=args.scheduler, workers=args.workers, threads=args.threads)
     return None if cluster is base else cluster

@@ -87,9 +87,11 @@ def threshold_line(group: str, threshold: float) -> hv.VLine:
     )
 
 
-def similarity_histograms(view: RunView, thresholds: FilterConfig, **kw: Any) -> hv.Overlay:
-    """Similarity per language group with each group's threshold drawn (dashed line)."""
-    lines = {g: thresholds.similarity_for(g) for g in view.groups}
+def similarity_histograms(
+    view: RunView, thresholds: FilterConfig | None = None, **kw: Any
+) -> hv.Overlay:
+    """Similarity per language group with each group's threshold drawn (None: no lines)."""
+    lines = {g: thresholds.similarity_for(g) for g in view.groups} if thresholds else {}
     kw.setdefault("title", "CLIP similarity per language group")
     return histogram_overlay(view, schema.SIMILARITY, lines, **kw)
 

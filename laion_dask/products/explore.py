@@ -88,7 +88,11 @@ DETAIL_COLUMNS = (schema.KEY, schema.SHARD, schema.URL, schema.TEXT)
 EXPLORE_COLUMNS = (*_SCORE_COLUMNS, schema.DROP_REASON, schema.STATUS, *DETAIL_COLUMNS)
 #: the columns a :class:`RunView` holds per row (strings become categoricals)
 MEMORY_COLUMNS = (*_SCORE_COLUMNS, TEXT_LENGTH, UPSTREAM_REASON)
-_CATEGORICAL = (schema.LANGUAGE_GROUP, schema.LANGUAGE, schema.SCORE_STATUS, UPSTREAM_REASON)
+#: strings a view holds as categoricals (the memory it holds per row)
+_CATEGORICAL = {
+    c: "category"
+    for c in (schema.LANGUAGE_GROUP, schema.LANGUAGE, schema.SCORE_STATUS, UPSTREAM_REASON)
+}
 
 #: columns ``histogram``/``quantiles`` know, and how a threshold on them keeps rows
 NUMERIC = {
@@ -131,10 +135,9 @@ _DTYPES = {
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Parts' rows in part order (strings as categoricals: the memory a view holds)."""
+    """Parts' rows in part order (strings as categoricals)."""
     frames = [f for f in frames if len(f)] or frames[:1]
-    out = pd.concat(frames, ignore_index=True)
-    return out.astype({c: "category" for c in _CATEGORICAL})
+    return pd.concat(frames, ignore_index=True).astype(_CATEGORICAL)
 
 
 @dataclass
@@ -185,17 +188,13 @@ class RunView:
     ):
         self.run = run
         # which scores part and row each in-memory row is: parts are contiguous, in index order
-        if SCORES_PART in rows.columns:
-            part = rows[SCORES_PART].to_numpy("int64")
-            if len(part) and (np.diff(part) < 0).any():
-                raise ValueError("rows must be in scores part order")
-            names, starts = np.unique(part, return_index=True)
-        else:
-            names, starts = np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64")
-        self._part_index = names
+        part = rows[SCORES_PART] if SCORES_PART in rows.columns else pd.Series([], dtype="int64")
+        if (np.diff(part.to_numpy("int64")) < 0).any():
+            raise ValueError("rows must be in scores part order")
+        self._part_index, starts = np.unique(part.to_numpy("int64"), return_index=True)
         self._offsets = np.append(starts, len(rows)).astype("int64")
         self._part_paths = dict(part_paths or {})
-        self.rows = _slim(rows)
+        self.rows = rows[list(MEMORY_COLUMNS)].reset_index(drop=True).astype(_CATEGORICAL)
         self.thresholds = thresholds
         self._truth: tuple[str, int, np.ndarray, np.ndarray] | None = None
         self._prepare()
@@ -203,12 +202,11 @@ class RunView:
     # --- precomputation ---------------------------------------------------------------------
     def _prepare(self) -> None:
         # what decides a row's fate, as small arrays: every threshold change is one pass of
-        # the engine over them (_codes_at)
+        # the engine over them
         self._fate = fate = fate_columns(self.rows)
         self.groups = tuple(schema.LANGUAGE_GROUPS)
         self._gcode = fate.group
         self.reasons = fate.reasons
-        self._scored = ~np.isnan(fate.similarity)
         self._values: dict[str, np.ndarray] = {
             schema.SIMILARITY: fate.similarity.astype("float64"),
             schema.PUNSAFE: fate.punsafe,
@@ -220,18 +218,17 @@ class RunView:
         # per group (and "all"): sorted non-missing values, and default histograms
         self._sorted: dict[tuple[str, str], np.ndarray] = {}
         self._hist: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self._edges: dict[str, np.ndarray] = {}
         for col, values in self._values.items():
             finite = values[np.isfinite(values)]
             lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
             if col in (schema.PUNSAFE, schema.PWATERMARK):
                 lo, hi = 0.0, 1.0
-            self._edges[col] = np.linspace(lo, hi if hi > lo else lo + 1.0, _BINS + 1)
+            edges = np.linspace(lo, hi if hi > lo else lo + 1.0, _BINS + 1)
             for g in (*self.groups, ALL):
                 v = values if g == ALL else values[self._gcode == self._group_index(g)]
                 v = np.sort(v[np.isfinite(v)])
                 self._sorted[(col, g)] = v
-                self._hist[(col, g)] = np.histogram(v, bins=self._edges[col])
+                self._hist[(col, g)] = np.histogram(v, bins=edges)
 
     def _group_index(self, group: str) -> int:
         if group not in self.groups:
@@ -250,7 +247,8 @@ class RunView:
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return f"RunView({self.run.path!r}, rows={len(self)}, scored={int(self._scored.sum())})"
+        scored = int(np.isfinite(self._values[schema.SIMILARITY]).sum())
+        return f"RunView({self.run.path!r}, rows={len(self)}, scored={scored})"
 
     # --- thresholds -> funnel ---------------------------------------------------------------
     def reasons_at(self, thresholds: FilterConfig) -> pd.Series:
@@ -577,14 +575,6 @@ def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIM
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _slim(rows: pd.DataFrame) -> pd.DataFrame:
-    """:data:`MEMORY_COLUMNS` of ``rows`` (computed when missing), strings as categoricals."""
-    if TEXT_LENGTH not in rows.columns or UPSTREAM_REASON not in rows.columns:
-        rows = interaction_columns(rows)
-    out = rows[list(MEMORY_COLUMNS)].reset_index(drop=True)
-    return out.astype({c: "category" for c in _CATEGORICAL})
 
 
 def _changed(path: str, expected: int, got: int) -> str:
