@@ -156,8 +156,5 @@ def size_density(
 
 def precision_recall_frame(pr: dict[str, Any]) -> pd.DataFrame:
     """``RunView.precision_recall`` output as a table: one row for ``all``, one per group."""
-    keys = ("precision", "recall", "f1", "kept", "true_pairs", "true_kept", "pairs")
-    rows = {"all": {k: pr[k] for k in keys}}
-    for g, sub in pr.get("groups", {}).items():
-        rows[g] = {k: sub[k] for k in keys}
-    return pd.DataFrame(rows).T
+    keys = ["precision", "recall", "f1", "kept", "true_pairs", "true_kept", "pairs"]
+    return pd.DataFrame({"all": pr, **pr.get("groups", {})}).T[keys].astype("float64")

@@ -9,10 +9,8 @@ pass of the final-reason engine (:func:`laion_dask.stages.filters.decide`) over 
 (:meth:`RunView.kept_at`) or a binary search over a sorted column
 (:meth:`RunView.fraction_kept`, :meth:`RunView.threshold_for_fraction`). URLs, captions and keys
 stay on disk: :meth:`RunView.details` reads them for the few sampled rows, by scores part and row
-position, so memory grows with the numeric columns only.
-
-``kept_at`` calls the engine ``materialize`` calls, so the funnel shown while tuning is the one
-``materialize`` writes for the same thresholds.
+position, so memory grows with the numeric columns only. ``kept_at`` calls the engine
+``materialize`` calls, so the funnel shown while tuning is the one ``materialize`` writes.
 
 Example
 -------
@@ -43,6 +41,7 @@ from laion_dask.orchestration.reduce import map_reduce
 from laion_dask.orchestration.rundir import RunDir
 from laion_dask.products.neardup import join_part_near_duplicates
 from laion_dask.stages.filters import (
+    FINAL_REASON,
     TEXT_LENGTH,
     UPSTREAM_REASON,
     decide,
@@ -253,9 +252,7 @@ class RunView:
     # --- thresholds -> funnel ---------------------------------------------------------------
     def reasons_at(self, thresholds: FilterConfig) -> pd.Series:
         """Per-row final reason at ``thresholds`` (``<NA>`` = kept), as ``add_final_reason``."""
-        codes = decide(self._fate, thresholds).final
-        names = np.array([None, *self.reasons], dtype=object)
-        return pd.Series(names[codes], dtype="string", name="final_reason")
+        return pd.Series(decide(self._fate, thresholds).names(), dtype="string", name=FINAL_REASON)
 
     def kept_at(self, thresholds: FilterConfig) -> Funnel:
         """The funnel at ``thresholds``: kept per group, dropped per reason (numpy, no Dask job).
@@ -403,11 +400,11 @@ class RunView:
         both["distance"] = np.concatenate([d for _, d in near]) if near else np.zeros(0)
         if images:
             both["thumbnail"] = self._thumbnails(both, thumb_size)
-        out, start = {}, 0
-        for side, (i, _) in zip(sides, near, strict=True):
-            out[side] = both.iloc[start : start + len(i)].reset_index(drop=True)
-            start += len(i)
-        return out
+        ends = np.cumsum([len(i) for i, _ in near], dtype="int64")
+        return {
+            side: both.iloc[end - len(i) : end].reset_index(drop=True)
+            for side, (i, _), end in zip(sides, near, ends, strict=True)
+        }
 
     def _nearest(
         self, col: str, group: str, threshold: float, side: str, n: int
