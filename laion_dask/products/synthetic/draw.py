@@ -6,6 +6,12 @@ small on purpose: a tiny CLIP learns it on a CPU in minutes, yet captions are va
 ("a red circle on a striped blue background", "ein grünes Auto am Strand") that a mismatched
 caption usually differs in more than one attribute. All geometry is relative to the image size,
 so a 96 px training image and a 640 px demo image look the same to a 64 px model.
+
+The demo CLIP learns ``COLOURS`` x ``SHAPES`` from :func:`random_scene`. ``RARE_COLOURS`` and
+``RARE_SHAPES`` are the web's long tail: only the demo corpus draws them (:func:`rare_scene`),
+so the model meets them for the first time there, as a web-trained CLIP meets rare concepts.
+Nothing added for the corpus (rare concepts, :func:`draw_text`, counted captions) changes what
+the training draws produce.
 """
 
 from __future__ import annotations
@@ -14,21 +20,26 @@ import io
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "COLOURS",
     "SHAPES",
+    "RARE_COLOURS",
+    "RARE_SHAPES",
     "TEXTURES",
     "SCENES",
     "LANGUAGES",
     "Scene",
     "random_scene",
+    "rare_scene",
     "near_miss",
     "all_scenes",
     "caption",
     "draw_scene",
+    "draw_text",
     "encode_image",
 ]
 
@@ -44,6 +55,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star", "car", "house")
+# the long tail: never in the training draws (see the module docstring)
+RARE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (250, 140, 190),
+    "brown": (130, 80, 40),
+    "grey": (128, 128, 128),
+    "teal": (0, 128, 128),
+}
+RARE_SHAPES = ("heart", "cross", "diamond", "hexagon", "ring", "arrow")
+_RGB = {**COLOURS, **RARE_COLOURS}
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 SCENES = ("beach", "grass", "snow", "night")
 LANGUAGES = ("en", "de", "fr", "es")
@@ -57,6 +77,12 @@ _DE_NOUN = {
     "star": ("Stern", "m"),
     "car": ("Auto", "n"),
     "house": ("Haus", "n"),
+    "heart": ("Herz", "n"),
+    "cross": ("Kreuz", "n"),
+    "diamond": ("Raute", "f"),
+    "hexagon": ("Sechseck", "n"),
+    "ring": ("Ring", "m"),
+    "arrow": ("Pfeil", "m"),
 }
 _DE_COLOUR = {
     "red": "rot",
@@ -67,7 +93,12 @@ _DE_COLOUR = {
     "orange": "orange",
     "white": "weiß",
     "black": "schwarz",
+    "pink": "rosa",
+    "brown": "braun",
+    "grey": "grau",
+    "teal": "türkis",
 }
+_DE_UNDECLINED = ("lila", "orange", "rosa", "türkis")
 _DE_TEXTURE = {"striped": "gestreift", "dotted": "gepunktet", "checkered": "kariert"}
 _DE_SCENE = {
     "beach": "am Strand",
@@ -82,6 +113,12 @@ _FR_NOUN = {
     "star": ("étoile", "f"),
     "car": ("voiture", "f"),
     "house": ("maison", "f"),
+    "heart": ("cœur", "m"),
+    "cross": ("croix", "f"),
+    "diamond": ("losange", "m"),
+    "hexagon": ("hexagone", "m"),
+    "ring": ("anneau", "m"),
+    "arrow": ("flèche", "f"),
 }
 _FR_COLOUR = {  # (masculine, feminine)
     "red": ("rouge", "rouge"),
@@ -92,6 +129,10 @@ _FR_COLOUR = {  # (masculine, feminine)
     "orange": ("orange", "orange"),
     "white": ("blanc", "blanche"),
     "black": ("noir", "noire"),
+    "pink": ("rose", "rose"),
+    "brown": ("marron", "marron"),
+    "grey": ("gris", "grise"),
+    "teal": ("turquoise", "turquoise"),
 }
 _FR_TEXTURE = {"striped": "rayé", "dotted": "à pois", "checkered": "à carreaux"}
 _FR_SCENE = {
@@ -107,6 +148,12 @@ _ES_NOUN = {
     "star": ("estrella", "f"),
     "car": ("coche", "m"),
     "house": ("casa", "f"),
+    "heart": ("corazón", "m"),
+    "cross": ("cruz", "f"),
+    "diamond": ("rombo", "m"),
+    "hexagon": ("hexágono", "m"),
+    "ring": ("anillo", "m"),
+    "arrow": ("flecha", "f"),
 }
 _ES_COLOUR = {
     "red": ("rojo", "roja"),
@@ -117,6 +164,10 @@ _ES_COLOUR = {
     "orange": ("naranja", "naranja"),
     "white": ("blanco", "blanca"),
     "black": ("negro", "negra"),
+    "pink": ("rosa", "rosa"),
+    "brown": ("marrón", "marrón"),
+    "grey": ("gris", "gris"),
+    "teal": ("turquesa", "turquesa"),
 }
 _ES_TEXTURE = {"striped": "a rayas", "dotted": "de lunares", "checkered": "a cuadros"}
 _ES_SCENE = {
@@ -160,11 +211,13 @@ class Scene:
         return caption(self, "en", 0)
 
 
-def all_scenes() -> list[Scene]:
-    """Every valid scene of the vocabulary, in a fixed order."""
+def all_scenes(*, rare: bool = False) -> list[Scene]:
+    """Every valid scene of the vocabulary, in a fixed order; ``rare`` adds the long tail's
+    (objects in ``RARE_COLOURS`` or ``RARE_SHAPES``; backgrounds stay common)."""
     out = []
-    for colour in COLOURS:
-        for shape in SHAPES:
+    colours, shapes = (_RGB, SHAPES + RARE_SHAPES) if rare else (COLOURS, SHAPES)
+    for colour in colours:
+        for shape in shapes:
             for bg in TEXTURES:
                 for bgc in COLOURS:
                     if bgc != colour:
@@ -191,9 +244,20 @@ def random_scene(rng: random.Random, scene_share: float = 0.3) -> Scene:
     return Scene(colour, shape, rng.choice(TEXTURES), bgc)
 
 
-def near_miss(scene: Scene, rng: random.Random) -> Scene:
-    """``scene`` with one attribute (object colour, shape or background) changed."""
-    which = rng.choice(("colour", "shape", "background"))
+def rare_scene(rng: random.Random) -> Scene:
+    """A scene whose object has a rare shape, a rare colour or both (the corpus's long tail)."""
+    base = random_scene(rng)
+    # half of them unfamiliar in both: those are the true pairs a threshold loses first
+    which = rng.choice(("shape", "colour", "both", "both"))
+    shape = base.shape if which == "colour" else rng.choice(RARE_SHAPES)
+    colour = base.colour if which == "shape" else rng.choice(list(RARE_COLOURS))
+    return Scene(colour, shape, base.background, base.bg_colour)
+
+
+def near_miss(scene: Scene, rng: random.Random, attribute: str | None = None) -> Scene:
+    """``scene`` with one attribute (object ``colour``, ``shape`` or ``background``) changed,
+    ``attribute`` or one drawn at random."""
+    which = attribute or rng.choice(("colour", "shape", "background"))
     if which == "colour":
         taken = {scene.bg_colour, scene.colour}
         options = [c for c in COLOURS if c not in taken and not _clashes(c, scene.background)]
@@ -215,11 +279,21 @@ def _article_en(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene, language: str = "en", template: int = 0) -> str:
-    """The true caption of ``scene`` in ``language`` (en, de, fr, es) with template ``template``."""
+_NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def caption(scene: Scene, language: str = "en", template: int = 0, count: int = 1) -> str:
+    """The true caption of ``scene`` in ``language`` (en, de, fr, es) with template ``template``.
+
+    ``count`` 2-5 (English only) names that many objects ("three red circles on ..."): the
+    caption of a picture with that many, a partly right one of a picture with one.
+    """
     c, s, bg, bgc = scene.colour, scene.shape, scene.background, scene.bg_colour
+    if count != 1 and (language != "en" or count not in _NUMBERS):
+        raise ValueError(f"count must be 1, or 2-5 in English; got {count} in {language!r}")
     if language == "en":
-        obj = f"{_article_en(c)} {c} {s}"
+        plural = s + ("es" if s.endswith(("s", "x", "ch", "sh")) else "s")
+        obj = f"{_article_en(c)} {c} {s}" if count == 1 else f"{_NUMBERS[count]} {c} {plural}"
         if bgc is None:
             where = _EN_SCENE[bg]
         else:
@@ -228,13 +302,13 @@ def caption(scene: Scene, language: str = "en", template: int = 0) -> str:
     elif language == "de":
         noun, g = _DE_NOUN[s]
         adj = _DE_COLOUR[c]
-        adj = adj if adj in ("lila", "orange") else adj + _DE_ENDING[g]
+        adj = adj if adj in _DE_UNDECLINED else adj + _DE_ENDING[g]
         obj = f"{_DE_ARTICLE[g]} {adj} {noun}"
         if bgc is None:
             where = _DE_SCENE[bg]
         else:
             col = _DE_COLOUR[bgc]
-            col = col if col in ("lila", "orange") else col + "em"
+            col = col if col in _DE_UNDECLINED else col + "em"
             tex = "" if bg == "plain" else _DE_TEXTURE[bg] + "em "
             where = f"auf {tex}{col} Hintergrund"
     elif language == "fr":
@@ -281,7 +355,7 @@ def _draw_background(
 ) -> None:
     unit = min(w, h)
     if scene.bg_colour is not None:
-        base = _jitter(COLOURS[scene.bg_colour], rng)
+        base = _jitter(_RGB[scene.bg_colour], rng)
         alt = _tint(base)
         draw.rectangle([0, 0, w, h], fill=base)
         step = max(4, int(unit * rng.uniform(0.08, 0.14)))
@@ -334,7 +408,7 @@ def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float
 def _draw_object(
     draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, scene: Scene, rng: random.Random
 ) -> None:
-    fill = _jitter(COLOURS[scene.colour], rng)
+    fill = _jitter(_RGB[scene.colour], rng)
     outline = _tint(fill)
     dark = tuple(int(v * 0.6) for v in fill)
     s = scene.shape
@@ -361,10 +435,39 @@ def _draw_object(
         draw.rectangle([cx - r * 0.25, cy - r * 0.5, cx + r * 0.25, cy - r * 0.2], fill=outline)
         for wx in (cx - r * 0.55, cx + r * 0.55):
             draw.ellipse([wx - r * 0.25, cy + r * 0.2, wx + r * 0.25, cy + r * 0.7], fill=wheel)
+    elif s in RARE_SHAPES:
+        _draw_rare_object(draw, cx, cy, r, s, fill)
     else:  # house
         draw.rectangle([cx - r * 0.8, cy - r * 0.1, cx + r * 0.8, cy + r * 0.9], fill=fill)
         draw.polygon([(cx - r, cy - r * 0.1), (cx, cy - r), (cx + r, cy - r * 0.1)], fill=dark)
         draw.rectangle([cx - r * 0.2, cy + r * 0.35, cx + r * 0.2, cy + r * 0.9], fill=outline)
+
+
+def _draw_rare_object(
+    draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, shape: str, fill: Any
+) -> None:
+    if shape == "heart":
+        draw.ellipse([cx - r, cy - r * 0.8, cx, cy + r * 0.1], fill=fill)
+        draw.ellipse([cx, cy - r * 0.8, cx + r, cy + r * 0.1], fill=fill)
+        draw.polygon(
+            [(cx - r * 0.97, cy - r * 0.2), (cx + r * 0.97, cy - r * 0.2), (cx, cy + r)], fill=fill
+        )
+    elif shape == "cross":
+        draw.rectangle([cx - r * 0.3, cy - r, cx + r * 0.3, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - r * 0.3, cx + r, cy + r * 0.3], fill=fill)
+    elif shape == "diamond":
+        draw.polygon(
+            [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)], fill=fill
+        )
+    elif shape == "hexagon":
+        draw.regular_polygon((cx, cy, r), 6, fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(3, int(r * 0.3)))
+    else:  # arrow
+        draw.rectangle([cx - r, cy - r * 0.2, cx + r * 0.2, cy + r * 0.2], fill=fill)
+        draw.polygon(
+            [(cx + r * 0.2, cy - r * 0.6), (cx + r, cy), (cx + r * 0.2, cy + r * 0.6)], fill=fill
+        )
 
 
 def draw_scene(scene: Scene, size: tuple[int, int], rng: random.Random) -> Image.Image:
@@ -383,6 +486,29 @@ def draw_scene(scene: Scene, size: tuple[int, int], rng: random.Random) -> Image
     cy = h / 2 + rng.uniform(-slack, slack) * 0.6
     _draw_object(draw, cx, cy, r, scene, rng)
     return img
+
+
+def draw_text(img: Image.Image, text: str, rng: random.Random) -> Image.Image:
+    """A copy of ``img`` with ``text`` drawn on it, as shops and memes do: on a banner across
+    the top or bottom, or stamped large over the picture in a contrasting colour."""
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    font = ImageFont.load_default(size=max(10, int(h * rng.uniform(0.16, 0.28))))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = rng.uniform(0, max(0.0, w - (right - left))) - left
+    ink = rng.choice(((220, 20, 20), (20, 20, 20), (250, 250, 250), (250, 210, 0)))
+    if rng.random() < 0.4:  # banner
+        band = (bottom - top) * 1.5
+        y0 = rng.choice((0.0, h - band))
+        draw.rectangle(
+            [0, y0, w, y0 + band], fill=(250, 250, 250) if sum(ink) < 600 else (20, 20, 20)
+        )
+        draw.text((x, y0 + (band - (bottom - top)) / 2 - top), text, fill=ink, font=font)
+    else:  # stamped over the middle, where the object is
+        y = h / 2 + rng.uniform(-0.2, 0.2) * h - (bottom + top) / 2
+        draw.text((x, y), text, fill=ink, font=font, stroke_width=2, stroke_fill=_tint(ink))
+    return out
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int = 88) -> bytes:
