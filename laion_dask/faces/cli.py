@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import tomllib
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,7 +34,6 @@ from laion_dask.ground.config import (
     ConfigError,
     PipelineConfig,
     config_warnings,
-    filters_table,
     load_config,
 )
 
@@ -86,6 +84,13 @@ def _require(run: Any, folder: str, command: str) -> None:
     )
 
 
+def _open_run(args: argparse.Namespace, needs: str, command: str) -> tuple[Any, PipelineConfig]:
+    """The run ``command`` works on, once the stage it ``needs`` has run, and its config."""
+    run = _run_dir(args.run)
+    _require(run, needs, command)
+    return run, _base_config(args, run)
+
+
 def _base_config(args: argparse.Namespace, run: Any | None) -> PipelineConfig:
     """--config file, else the run's own config.toml, else defaults; then CLI overrides."""
     if getattr(args, "config", None):
@@ -111,6 +116,11 @@ def _base_config(args: argparse.Namespace, run: Any | None) -> PipelineConfig:
     for line in config_warnings(cfg):
         _warn(line)
     return cfg
+
+
+def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
+    """The flags among ``keys`` the command line gave: they override the config's values."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
 def _warn(line: str) -> None:
@@ -234,21 +244,16 @@ def _check_consent_lists(cfg: PipelineConfig) -> None:
     load_lists(cfg.consent)  # a missing list or a bad entry: ConfigError naming the key
 
 
-def _load_thresholds(path: str, cfg: PipelineConfig) -> Any:
-    """The thresholds file, as materialize reads it, with what cannot be meant refused first."""
+def _load_thresholds(path: str) -> Any:
+    """The thresholds file, as materialize reads it (what cannot be meant is refused)."""
     from laion_dask.stages.filters import load_thresholds
 
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not Path(path).is_file():
         raise UsageError(
             f"thresholds file not found: {path}; export one from `{PROG} dashboard RUN`, or "
             "write a [filters] table (see docs/configuration.md)"
-        ) from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    filters_table(data, where=path)
-    thresholds = load_thresholds(path)  # as materialize(run, path) reads it
+        )
+    thresholds = load_thresholds(path)
     for line in config_warnings(thresholds):
         _warn(line)
     return thresholds
@@ -262,11 +267,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     run = RunDir(args.out)
     cfg = _base_config(args, run)  # re-running into a run resumes with its own config
-    changes: dict[str, Any] = {"paths": tuple(args.inputs) or cfg.input.paths}
-    for key in ("limit", "sample", "seed"):
-        if getattr(args, key) is not None:
-            changes[key] = getattr(args, key)
-    cfg = cfg.replace("input", **changes)
+    changes = _given(args, "limit", "sample", "seed")
+    cfg = cfg.replace("input", paths=tuple(args.inputs) or cfg.input.paths, **changes)
     if not cfg.input.paths:
         raise ConfigError("input.paths: give at least one INPUT (file, glob, URL or crawl id)")
     paths = _expand_inputs(cfg)
@@ -295,9 +297,7 @@ def _run_stage(
     **kwargs: Any,
 ) -> int:
     """Shared body of ``download`` and ``score``: checks, config, client, stage, report."""
-    run = _run_dir(args.run)
-    _require(run, needs, stage)
-    cfg = _base_config(args, run)
+    run, cfg = _open_run(args, needs, stage)
     _refuse_changed_config(args, run, cfg, stage)
     for check in checks:
         check(cfg)
@@ -330,10 +330,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    run = _run_dir(args.run)
-    _require(run, "scores", "materialize")
-    cfg = _base_config(args, run)
-    thresholds = _load_thresholds(args.thresholds, cfg) if args.thresholds else None
+    run, cfg = _open_run(args, "scores", "materialize")
+    thresholds = _load_thresholds(args.thresholds) if args.thresholds else None
     from laion_dask.products.materialize import materialize
 
     with _client(cfg) as client:
@@ -386,19 +384,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    run = _run_dir(args.run)
-    _require(run, "scores", "index")
-    cfg = _base_config(args, run)  # [index] from --config or the run's config.toml
+    run, cfg = _open_run(args, "scores", "index")  # [index]: --config or the run's config.toml
     if not run.exists(run.join("embeddings")):
         raise UsageError(
             f"index: {run.path} has scores but no embeddings (clip.write_embeddings = false); "
             f"re-run `{PROG} score {run.path} --force` with clip.write_embeddings = true"
         )
-    changes = {"memory_budget": args.memory_budget} if args.memory_budget else {}
-    if args.flat_max_vectors is not None:
-        changes["flat_max_vectors"] = args.flat_max_vectors
-    if args.target_recall is not None:
-        changes["target_recall"] = args.target_recall
+    changes = _given(args, "memory_budget", "flat_max_vectors", "target_recall")
     index_cfg = cfg.replace("index", **changes).index
     from laion_dask.products.knn import build_index, find_near_duplicates
 
@@ -422,9 +414,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    run = _run_dir(args.run)
-    _require(run, "scores", "report")
-    cfg = _base_config(args, run)
+    run, cfg = _open_run(args, "scores", "report")
     from laion_dask.products.report import build_stats, write_report
 
     with _client(cfg) as client:
@@ -518,10 +508,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 # --- the parser ----------------------------------------------------------------------------------
 
 
-def _output_flags() -> argparse.ArgumentParser:
-    """-v / -q, accepted before and after the command (the command's own count adds up)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("output")
+def _shared_flags() -> list[argparse.ArgumentParser]:
+    """The flags several commands take, as parent parsers: output, cluster, config, stage and
+    private-networks flags."""
+    out, cluster, config, stage, private = [
+        argparse.ArgumentParser(add_help=False) for _ in range(5)
+    ]
+    # -v / -q are accepted before and after the command (the command's own count adds up)
+    g = out.add_argument_group("output")
     g.add_argument(
         "-v",
         "--verbose",
@@ -537,12 +531,7 @@ def _output_flags() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="no progress bar or progress lines",
     )
-    return p
-
-
-def _cluster_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("cluster")
+    g = cluster.add_argument_group("cluster")
     g.add_argument(
         "--scheduler",
         metavar="ADDRESS",
@@ -554,23 +543,13 @@ def _cluster_flags() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-dashboard", action="store_true", help="do not start Dask's diagnostics dashboard"
     )
-    return p
-
-
-def _config_flag() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
+    config.add_argument(
         "--config",
         metavar="TOML",
         help="pipeline config (default: the run's config.toml; a run's own config.toml is "
         "accepted as is)",
     )
-    return p
-
-
-def _stage_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("stage")
+    g = stage.add_argument_group("stage")
     g.add_argument(
         "--strict",
         action="store_true",
@@ -581,7 +560,12 @@ def _stage_flags() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute finished partitions whose config changed (default: refuse)",
     )
-    return p
+    private.add_argument(
+        "--allow-private-networks",
+        action="store_true",
+        help="allow loopback/private download targets (offline demo and tests only)",
+    )
+    return [out, cluster, config, stage, private]
 
 
 #: commands that parse their own flags (``argparse.REMAINDER`` would drop leading options)
@@ -618,17 +602,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    out, cluster, config, stage = _output_flags(), _cluster_flags(), _config_flag(), _stage_flags()
+    out, cluster, config, stage, private = _shared_flags()
     work = [config, out, cluster]
 
-    def add(name: str, text: str, parents: list[argparse.ArgumentParser]) -> Any:
-        return sub.add_parser(name, help=text, description=text, parents=parents)
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        text: str,
+        parents: list[argparse.ArgumentParser],
+        run: str | None = None,
+    ) -> Any:
+        """A command; ``run`` describes its RUN argument, the run directory it works on."""
+        sp = sub.add_parser(name, help=text, description=text, parents=parents)
+        sp.set_defaults(func=func)
+        if run is not None:
+            sp.add_argument("run", metavar="RUN", help=f"run directory ({run})")
+        return sp
 
-    sp = add(
-        "extract",
-        "WAT/WARC/ARC files -> RUN/candidates (pairs + language + rules)",
-        [*work, stage],
-    )
+    text = "WAT/WARC/ARC files -> RUN/candidates (pairs + language + rules)"
+    sp = add("extract", cmd_extract, text, [*work, stage])
     sp.add_argument(
         "inputs",
         nargs="*",
@@ -640,42 +632,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, metavar="N", help="at most N input files")
     sp.add_argument("--sample", type=float, metavar="FRACTION", help="a random share of inputs")
     sp.add_argument("--seed", type=int, help="seed for --sample (default 0)")
-    sp.set_defaults(func=cmd_extract)
 
-    sp = add(
-        "download",
-        "RUN/candidates -> RUN/images shards + RUN/downloads (after extract)",
-        [*work, stage],
-    )
-    sp.add_argument("run", metavar="RUN", help="run directory (made by extract)")
+    text = "RUN/candidates -> RUN/images shards + RUN/downloads (after extract)"
+    sp = add("download", cmd_download, text, [*work, stage, private], run="made by extract")
     sp.add_argument("--retry-failed", action="store_true", help="re-fetch transient failures only")
-    sp.add_argument(
-        "--allow-private-networks",
-        action="store_true",
-        help="allow loopback/private targets (offline demo and tests only)",
-    )
-    sp.set_defaults(func=cmd_download)
 
-    sp = add(
-        "score",
-        "RUN/images -> RUN/scores + RUN/embeddings with CLIP (after download)",
-        [*work, stage],
-    )
-    sp.add_argument("run", metavar="RUN", help="run directory (downloaded)")
+    text = "RUN/images -> RUN/scores + RUN/embeddings with CLIP (after download)"
+    sp = add("score", cmd_score, text, [*work, stage], run="downloaded")
     sp.add_argument("--model", help="hub name or local path of the CLIP model (clip.model)")
-    sp.set_defaults(func=cmd_score)
 
-    sp = add("materialize", "apply thresholds -> RUN/dataset (after score)", work)
-    sp.add_argument("run", metavar="RUN", help="run directory (scored)")
+    text = "apply thresholds -> RUN/dataset (after score)"
+    sp = add("materialize", cmd_materialize, text, work, run="scored")
     sp.add_argument(
         "--thresholds",
         metavar="TOML",
         help="a [filters] table, e.g. exported by the dashboard or RUN/dataset/thresholds.toml "
         "(default: the run config's [filters])",
     )
-    sp.set_defaults(func=cmd_materialize)
 
-    sp = add("run", "the whole pipeline from one config file", [out, cluster, stage])
+    sp = add(
+        "run", cmd_run, "the whole pipeline from one config file", [out, cluster, stage, private]
+    )
     sp.add_argument("config", metavar="CONFIG", help="pipeline config TOML with [input] paths")
     sp.add_argument("--out", required=True, metavar="RUN", help="run directory")
     sp.add_argument(
@@ -683,15 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="comma list of extract,download,score,materialize (default: all four)",
     )
-    sp.add_argument(
-        "--allow-private-networks",
-        action="store_true",
-        help="allow loopback/private download targets (offline demo and tests only)",
-    )
-    sp.set_defaults(func=cmd_run)
 
-    sp = add("index", "faiss kNN index over RUN/embeddings -> RUN/index (after score)", work)
-    sp.add_argument("run", metavar="RUN", help="run directory (scored, with embeddings)")
+    text = "faiss kNN index over RUN/embeddings -> RUN/index (after score)"
+    sp = add("index", cmd_index, text, work, run="scored, with embeddings")
     sp.add_argument("--text", action="store_true", help="also index the caption embeddings")
     sp.add_argument(
         "--memory-budget", metavar="BYTES", help="bytes the index may take, e.g. 4GB (default 4GB)"
@@ -710,18 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COSINE",
         help="also group near-duplicate images -> RUN/neardup (default cosine 0.94)",
     )
-    sp.set_defaults(func=cmd_index)
 
-    sp = add("report", "stats.json + report.html (or .md) of a run (after score)", work)
-    sp.add_argument("run", metavar="RUN", help="run directory (scored)")
+    text = "stats.json + report.html (or .md) of a run (after score)"
+    sp = add("report", cmd_report, text, work, run="scored")
     sp.add_argument(
         "--format", choices=("html", "md", "json"), default="html", help="default: html"
     )
     sp.add_argument("--out", metavar="DIR", help="output folder (default: RUN/report)")
-    sp.set_defaults(func=cmd_report)
 
-    sp = add("search", "search a run's index by text or image (after index)", [out])
-    sp.add_argument("run", metavar="RUN", help="run directory (indexed)")
+    text = "search a run's index by text or image (after index)"
+    sp = add("search", cmd_search, text, [out], run="indexed")
     sp.add_argument("query", nargs="?", help="text query, encoded with the run's CLIP")
     sp.add_argument("--image", metavar="PATH", help="an image file to search by instead")
     sp.add_argument("-k", type=int, default=10, help="results (default 10)")
@@ -741,9 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="127.0.0.1", help="--serve: interface to listen on (127.0.0.1)"
     )
     sp.add_argument("--show", action="store_true", help="--serve: open a browser on the page")
-    sp.set_defaults(func=cmd_search)
 
-    sp = add("train-tag-head", "train a punsafe/pwatermark probe on embeddings", [out])
+    text = "train a punsafe/pwatermark probe on embeddings"
+    sp = add("train-tag-head", cmd_train_tag_head, text, [out])
     sp.add_argument("parquet", help="labelled rows: LABEL column + embedding column or key")
     sp.add_argument("--label", required=True, help="0/1 label column")
     sp.add_argument("--out", required=True, help="head file to write (.safetensors)")
@@ -754,7 +723,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embeddings", help="clip-retrieval folder to join by key instead")
     sp.add_argument("--hidden", help="hidden layer sizes, e.g. 256,64 (default: linear)")
     sp.add_argument("--epochs", type=int, default=200, help="training epochs (default 200)")
-    sp.set_defaults(func=cmd_train_tag_head)
 
     for name, (_func, text) in _PASSTHROUGH.items():
         # listed for --help; main() hands their arguments over before argparse sees them
