@@ -360,7 +360,7 @@ class FrozenDict(dict):
 
 #: names a subset cannot take: the base dataset's language-group folders (schema.LANGUAGE_GROUPS)
 RESERVED_SUBSET_NAMES = ("en", "multi", "nolang")
-_SUBSET_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+_SUBSET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def check_subset_name(name: Any, section: str = "filters.subsets") -> str:
@@ -369,13 +369,7 @@ def check_subset_name(name: Any, section: str = "filters.subsets") -> str:
     1-64 lower-case ASCII letters, digits, ``-`` or ``_``, starting with a letter or digit, and
     not a language group (``en``, ``multi``, ``nolang``: the base dataset's folders).
     """
-    ok = (
-        isinstance(name, str)
-        and 0 < len(name) <= 64
-        and set(name) <= _SUBSET_NAME_CHARS
-        and name[0] not in "-_"
-    )
-    if not ok:
+    if not isinstance(name, str) or not _SUBSET_NAME.fullmatch(name):
         _fail(
             section,
             str(name),

@@ -25,7 +25,14 @@ import fsspec
 
 from laion_dask.ground.config import InputConfig
 
-__all__ = ["expand_inputs", "open_input", "is_crawl_id", "crawl_listing_url", "read_listing"]
+__all__ = [
+    "expand_inputs",
+    "open_input",
+    "local_path",
+    "is_crawl_id",
+    "crawl_listing_url",
+    "read_listing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +49,18 @@ def is_crawl_id(text: str) -> bool:
 
 def crawl_listing_url(crawl_id: str, cfg: InputConfig) -> str:
     """URL of the ``wat.paths.gz`` / ``warc.paths.gz`` listing of one crawl."""
-    base = cfg.crawl_base_url if cfg.crawl_base_url.endswith("/") else cfg.crawl_base_url + "/"
-    return f"{base}crawl-data/{crawl_id}/{cfg.crawl_format}.paths.gz"
+    return _join_base(cfg, f"crawl-data/{crawl_id}/{cfg.crawl_format}.paths.gz")
 
 
 def _storage_options(path: str) -> dict:
     return {"anon": True} if path.startswith("s3://") else {}
+
+
+def local_path(path: str) -> str | None:
+    """The file system path of a local input (plain or ``file://``), None for a remote URL."""
+    if path.startswith("file://"):
+        return path[len("file://") :]
+    return None if _URL.match(path) else path
 
 
 @contextlib.contextmanager
@@ -61,8 +74,8 @@ def open_input(path: str) -> Iterator[BinaryIO]:
     FileNotFoundError
         The file does not exist (the message names it).
     """
-    if not _URL.match(path) or path.startswith("file://"):
-        local = path[len("file://") :] if path.startswith("file://") else path
+    local = local_path(path)
+    if local is not None:
         with open(local, "rb", buffering=_READ_BLOCK) as fh:
             yield fh
         return
@@ -114,7 +127,8 @@ def _expand_one(item: str, cfg: InputConfig) -> list[str]:
         if not files:
             raise ValueError(f"path listing {item} is empty")
         return files
-    if _URL.match(item) and not item.startswith("file://"):
+    local = local_path(item)
+    if local is None:
         if _GLOB_CHARS.search(item):
             fs, _, _ = fsspec.core.get_fs_token_paths(item, storage_options=_storage_options(item))
             protocol = item.split("://", 1)[0]
@@ -123,18 +137,13 @@ def _expand_one(item: str, cfg: InputConfig) -> list[str]:
                 raise FileNotFoundError(f"no files match {item}")
             return [p if _URL.match(p) else f"{protocol}://{p}" for p in found]
         return [item]
-    local = item[len("file://") :] if item.startswith("file://") else item
     if _GLOB_CHARS.search(local):
         found = sorted(p for p in glob.glob(local, recursive=True) if os.path.isfile(p))
         if not found:
             raise FileNotFoundError(f"no files match {item}")
         return found
     if os.path.isdir(local):
-        found = sorted(
-            os.path.join(local, n)
-            for n in os.listdir(local)
-            if not n.startswith(".") and os.path.isfile(os.path.join(local, n))
-        )
+        found = sorted(e.path for e in os.scandir(local) if e.is_file() and e.name[0] != ".")
         if not found:
             raise FileNotFoundError(f"input directory is empty: {item}")
         return found
@@ -174,13 +183,8 @@ def expand_inputs(paths: Sequence[str], cfg: InputConfig) -> list[str]:
     items = list(paths) if paths else list(cfg.paths)
     if not items:
         raise ValueError("no inputs given (input.paths is empty)")
-    files: list[str] = []
-    seen: set[str] = set()
-    for item in items:
-        for f in _expand_one(str(item).strip(), cfg):
-            if f not in seen:
-                seen.add(f)
-                files.append(f)
+    # dict.fromkeys: duplicates removed, the first occurrence kept in place
+    files = list(dict.fromkeys(f for item in items for f in _expand_one(str(item).strip(), cfg)))
     if cfg.sample is not None and cfg.sample < 1.0:
         k = max(1, round(len(files) * cfg.sample))
         keep = sorted(random.Random(cfg.seed).sample(range(len(files)), k))
