@@ -672,11 +672,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"laion-dask dashboard: {err}", file=sys.stderr)
         return 2
 
-    def app() -> pn.viewable.Viewable:
-        # a plain function: Panel renders a functools.partial as its repr, not as an app
-        return build_dashboard(view, cluster=cluster)
-
-    serve(app, args, title="laion-dask thresholds")
+    build = functools.partial(build_dashboard, view, cluster=cluster)
+    serve(build, args, title="laion-dask thresholds")
     return 0
 
 

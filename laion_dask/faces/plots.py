@@ -29,7 +29,6 @@ __all__ = [
     "COLORS",
     "DATASHADER_ROWS",
     "histogram_overlay",
-    "threshold_line",
     "similarity_histograms",
     "score_histogram",
     "text_length_histogram",
@@ -70,20 +69,13 @@ def histogram_overlay(
         )
     for g, t in (thresholds or {}).items():
         if t is not None and np.isfinite(t):
-            layers.append(threshold_line(g, t))
-    return hv.Overlay(layers).opts(
-        title=title or column,
-        width=width,
-        height=height,
-        legend_position="top_left",
-        show_legend=True,
-    )
-
-
-def threshold_line(group: str, threshold: float) -> hv.VLine:
-    """A dashed vertical line at ``threshold`` in ``group``'s colour."""
-    return hv.VLine(float(threshold), label=f"threshold {group}").opts(
-        color=COLORS.get(group, "#000000"), line_dash="dashed", line_width=2
+            line = hv.VLine(float(t), label=f"threshold {g}")
+            layers.append(
+                line.opts(color=COLORS.get(g, "#000000"), line_dash="dashed", line_width=2)
+            )
+    overlay = hv.Overlay(layers)
+    return overlay.opts(
+        title=title or column, width=width, height=height, legend_position="top_left"
     )
 
 

@@ -42,14 +42,18 @@ def set_log_level(verbose: int, quiet: bool) -> None:
     )
 
 
-def serve(app: Callable[[], Any], args: argparse.Namespace, *, title: str) -> None:
-    """Serve ``app`` (a plain function returning the layout) until interrupted.
+def serve(build: Callable[[], Any], args: argparse.Namespace, *, title: str) -> None:
+    """Serve the layout ``build()`` returns (one per session) until interrupted.
 
-    ``args`` holds the flags of :func:`add_serve_arguments`. Panel calls only plain functions
-    and methods as app factories: anything else, a ``functools.partial`` included, is rendered
-    as an object (its repr), so callers pass a closure. ``localhost`` is allowed as a websocket
-    origin beside a loopback/any address.
+    ``args`` holds the flags of :func:`add_serve_arguments`. ``localhost`` is allowed as a
+    websocket origin beside a loopback/any address.
     """
+
+    def app() -> Any:
+        # Panel calls only plain functions and methods as app factories: anything else, a
+        # functools.partial included, is rendered as an object (its repr), not as an app
+        return build()
+
     address, show, quiet = args.address, not args.no_show, args.quiet
     port = args.port or free_port(address)
     origins = [f"{address}:{port}"]
