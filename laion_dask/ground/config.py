@@ -382,13 +382,19 @@ def check_subset_name(name: Any, section: str = "filters.subsets") -> str:
     return name
 
 
-def _check_cut(where: str, table: Mapping[str, Any]) -> None:
-    known = [f.name for f in fields(SubsetConfig)]
+def refuse_unknown_keys(cls: type, where: str, table: Mapping[str, Any]) -> None:
+    """ConfigError naming the first key of ``table`` that is not a field of ``cls``: a typo
+    must not fall back to a default silently."""
+    known = sorted(f.name for f in fields(cls))
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+
+
+def _check_cut(where: str, table: Mapping[str, Any]) -> None:
+    refuse_unknown_keys(SubsetConfig, where, table)
     _check_fields(SubsetConfig, where, table)
-    if all(table.get(key) is None for key in known):
+    if all(table.get(f.name) is None for f in fields(SubsetConfig)):
         raise ConfigError(f"{where}: sets no cut-off (give max_punsafe and/or max_pwatermark)")
 
 
@@ -703,16 +709,9 @@ _SECTIONS: dict[str, type] = {
 def _section_from_dict(cls: type, name: str, data: Mapping[str, Any]) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{name}: must be a table, got {data!r}")
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
+    refuse_unknown_keys(cls, name, data)
     try:
-        return cls(**kwargs)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except TypeError as err:  # wrong type reaching a comparison inside a check
         raise ConfigError(f"{name}: {err}") from err
 
@@ -836,7 +835,5 @@ def filters_table(data: Mapping[str, Any], where: str = "thresholds") -> dict[st
             f"{where}: sets no threshold; write a [filters] table (e.g. similarity_en = 0.28), "
             "or export one from `laion-dask dashboard RUN`"
         )
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"filters.{key}: unknown key (known: {', '.join(sorted(known))})")
+    refuse_unknown_keys(FilterConfig, FilterConfig.SECTION, table)
     return dict(table)
