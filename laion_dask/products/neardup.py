@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from laion_dask.ground import schema
@@ -34,6 +33,12 @@ CANONICAL_KEY = "canonical_key"  # the canonical image's key
 NEAR_DUPLICATE = "near_duplicate"  # True for every member of a group but its canonical one
 #: the drop reason a near-duplicate gets (see the module docstring of filters for the order)
 NEAR_DUPLICATE_REASON = "near_duplicate"
+_DTYPES = {
+    schema.KEY: "string",
+    DUPLICATE_GROUP: "int64",
+    CANONICAL_KEY: "string",
+    NEAR_DUPLICATE: "bool",
+}
 
 
 class StaleNearDuplicates(ValueError):
@@ -50,16 +55,7 @@ def read_near_duplicates(run: RunDir | str) -> pd.DataFrame:
     near_duplicate``); an empty frame when none were written."""
     run = RunDir(run) if isinstance(run, str | Path) else run
     frames = [run.read_parquet(p) for p in run.parts(NEARDUP_DIR)]
-    if not frames:
-        return pd.DataFrame(
-            {
-                schema.KEY: pd.Series(dtype="string"),
-                DUPLICATE_GROUP: pd.Series(dtype="int64"),
-                CANONICAL_KEY: pd.Series(dtype="string"),
-                NEAR_DUPLICATE: pd.Series(dtype="bool"),
-            }
-        )
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else schema.empty(_DTYPES)
 
 
 def add_near_duplicate(df: pd.DataFrame, neardup: pd.DataFrame) -> pd.DataFrame:
@@ -69,22 +65,13 @@ def add_near_duplicate(df: pd.DataFrame, neardup: pd.DataFrame) -> pd.DataFrame:
     ``neardup`` is :func:`read_near_duplicates` (whole run) or one part of ``RUN/neardup``
     (a partition joins the part with its own number: groups never move rows across parts).
     """
-    lookup = neardup.drop_duplicates(schema.KEY).set_index(
-        neardup[schema.KEY].drop_duplicates().astype("string")
-    )
+    lookup = neardup.drop_duplicates(schema.KEY)
+    lookup = lookup.set_index(lookup[schema.KEY].astype("string"))
     keys = df[schema.KEY].astype("string")
-    pos = lookup.index.get_indexer(keys)
-    found = pos >= 0
-    group = np.zeros(len(df), np.int64)
-    group[found] = lookup[DUPLICATE_GROUP].to_numpy(np.int64)[pos[found]]
-    flag = np.zeros(len(df), bool)
-    flag[found] = lookup[NEAR_DUPLICATE].to_numpy(bool)[pos[found]]
-    return df.assign(
-        **{
-            DUPLICATE_GROUP: pd.arrays.IntegerArray(group, ~found),
-            NEAR_DUPLICATE: flag,
-        }
-    )
+    group = lookup[DUPLICATE_GROUP].astype("Int64").reindex(keys)
+    flag = lookup[NEAR_DUPLICATE].astype(bool).reindex(keys, fill_value=False)
+    # positional (.array / numpy): the looked-up rows are indexed by key, not by df's index
+    return df.assign(**{DUPLICATE_GROUP: group.array, NEAR_DUPLICATE: flag.to_numpy(bool)})
 
 
 def join_part_near_duplicates(run: RunDir, part: int, df: pd.DataFrame) -> pd.DataFrame:
