@@ -110,33 +110,7 @@ def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, An
         raise BadRecord("bad_encoding", f"not UTF-8 at byte {err.start}") from None
     except msgspec.DecodeError as err:
         raise _decode_error(body, err) from None
-    env = doc.envelope
-    if env is None:
-        raise BadRecord("invalid_wat", "no Envelope")
-    # the WARC header as the WAT writer copied it: ``<uri>`` when the WARC was written so
-    page = warc_uri(env.warc.target_uri) if env.warc is not None else None
-    resp = env.payload.response if env.payload is not None else None
-    html = resp.html if resp is not None else None
-    if html is None or not html.links:
-        return page or "", "", [], []
-    head = html.head
-    if head is None:
-        return page or "", "", html.links, []
-    return page or "", head.base or "", html.links, _meta_pairs(head.metas)
-
-
-class _JsonLink(NamedTuple):
-    path: str | None
-    url: str | None
-    alt: str | None
-
-
-def _get(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj
+    return _page(doc)
 
 
 def _parse_json(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
@@ -146,33 +120,27 @@ def _parse_json(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]
         raise BadRecord("bad_encoding", f"not UTF-8 at byte {err.start}") from None
     except json.JSONDecodeError as err:
         raise BadRecord("invalid_json", str(err)[:200]) from None
-    env = _get(doc, "Envelope")
-    if not isinstance(env, dict):
+    try:
+        # the same typed structs as the msgspec decoder, so both paths make the same checks
+        return _page(msgspec.convert(doc, _Wat))
+    except msgspec.ValidationError as err:
+        raise BadRecord("invalid_wat", str(err)[:200]) from None
+
+
+def _page(doc: _Wat) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
+    env = doc.envelope
+    if env is None:
         raise BadRecord("invalid_wat", "no Envelope")
-    # the same shape checks the typed msgspec decoder makes, so both paths agree
-    page = warc_uri(
-        _str_or_none(_get(env, "WARC-Header-Metadata", "WARC-Target-URI"), "WARC-Target-URI")
-    )
-    html = _get(env, "Payload-Metadata", "HTTP-Response-Metadata", "HTML-Metadata")
-    links = _get(html, "Links")
-    if links is None:
-        links = []
-    if not isinstance(links, list):
-        raise BadRecord("invalid_wat", "Links is not a list")
-    base = _str_or_none(_get(html, "Head", "Base"), "Base")
-    metas = _meta_pairs(_get(html, "Head", "Metas")) if links else []
-    out = []
-    for ln in links:
-        if not isinstance(ln, dict):
-            raise BadRecord("invalid_wat", "a Links entry is not an object")
-        out.append(_JsonLink(*(_str_or_none(ln.get(k), k) for k in ("path", "url", "alt"))))
-    return page or "", base or "", out, metas
-
-
-def _str_or_none(value: Any, name: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise BadRecord("invalid_wat", f"{name} is not a string")
+    # the WARC header as the WAT writer copied it: ``<uri>`` when the WARC was written so
+    page = warc_uri(env.warc.target_uri) if env.warc is not None else ""
+    resp = env.payload.response if env.payload is not None else None
+    html = resp.html if resp is not None else None
+    if html is None or not html.links:
+        return page, "", [], []
+    head = html.head
+    if head is None:
+        return page, "", html.links, []
+    return page, head.base or "", html.links, _meta_pairs(head.metas)
 
 
 def img_links(links: list[Any]) -> list[Any]:
