@@ -47,7 +47,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +67,6 @@ __all__ = [
     "parse_tdmrep",
     "normalize_path",
     "pattern_matches",
-    "registered_domains",
     "load_lists",
     "product_token",
 ]
@@ -513,13 +512,6 @@ def _read_journal(fs: Any, path: str) -> list[HostFile]:
 # --- user-supplied lists ------------------------------------------------------------------------
 
 
-def registered_domains(host: str) -> Iterable[str]:
-    """``a.b.example.com`` -> ``a.b.example.com``, ``b.example.com``, ``example.com``, ``com``."""
-    labels = host.split(".")
-    for i in range(len(labels)):
-        yield ".".join(labels[i:])
-
-
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -549,9 +541,9 @@ def _normalize_domain(entry: str) -> str | None:
 
 def normalize_host(host: str) -> str:
     """The form hosts are compared in: lower-case, IDNA, no trailing dot, no brackets."""
-    if host.isascii():  # the usual case (URL hosts arrive IDNA-encoded): skip the codec
-        return host.strip().lower().strip("[]").rstrip(".")
-    return _normalize_domain(host) or host.strip().lower().strip("[]").rstrip(".")
+    plain = host.strip().lower().strip("[]").rstrip(".")
+    # the usual case (URL hosts arrive IDNA-encoded) skips the codec
+    return plain if host.isascii() else _normalize_domain(host) or plain
 
 
 @dataclass(frozen=True)
@@ -575,8 +567,9 @@ class ConsentLists:
         name = normalize_host(host)
         if _is_ip(name):  # an address covers nothing but itself
             return name if name in self.domains else None
-        for candidate in registered_domains(name):
-            if candidate in self.domains:
+        labels = name.split(".")  # a.b.example.com, b.example.com, example.com, com
+        for i in range(len(labels)):
+            if (candidate := ".".join(labels[i:])) in self.domains:
                 return candidate
         return None
 

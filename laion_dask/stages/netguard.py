@@ -177,8 +177,7 @@ def check_host(
             raise OSError(f"{host!r} resolved to no address")
     if not allow_private:
         for addr in addresses:
-            parsed = parse_ip_host(addr)
-            if parsed is None or not _is_public(parsed):
+            if not is_public_address(addr):
                 raise BlockedAddress(f"{host} resolves to non-public address {addr}")
     return addresses
 
