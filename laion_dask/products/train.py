@@ -173,16 +173,13 @@ def load_shard_samples(
     for shard in shards:
         for key, members in iter_shard(str(shard)):
             ext = next((e for e in _IMAGE_EXTS if e in members), None)
-            reason = None
-            if ext is None:
+            try:
+                text = members.get("txt", b"").decode("utf-8").strip()
+                reason = None if text else "no_text"
+            except UnicodeDecodeError:
+                reason = "bad_text"
+            if ext is None:  # the first reason: no image, whatever the caption
                 reason = "no_image"
-            else:
-                try:
-                    text = members.get("txt", b"").decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    text, reason = "", "bad_text"
-                if not text and reason is None:
-                    reason = "no_text"
             if reason is not None:
                 skipped[reason] = skipped.get(reason, 0) + 1
                 log.debug("skipping %s in %s: %s", key, shard, reason)
