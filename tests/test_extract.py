@@ -23,8 +23,16 @@ from laion_dask.stages.extract.text import (
     pair_uids,
     record_hashes,
 )
-from laion_dask.stages.extract.wat import parse_wat_json
+from laion_dask.stages.extract.wat import image_links, wat_links
 from tests.helpers.extract import EDGE_WAT, EDGE_WAT_EXPECTED, make_wat, wat_payload
+
+
+def _parse_wat(body: bytes, fallback_page_url: str, *, use_msgspec: bool):
+    """(page URL, pair candidates) of one WAT record, as extraction reads it."""
+    page, base, links, _ = wat_links(body, use_msgspec=use_msgspec)
+    page = page or fallback_page_url
+    return page, image_links(page, base, links)
+
 
 CFG = ExtractConfig()
 
@@ -219,7 +227,7 @@ def test_wat_parse_paths_agree(index):
     # the page URL comes from the JSON envelope; the header's is only a fallback
     for fast, fallback in ((True, uri), (True, ""), (False, uri)):
         try:
-            results.append(parse_wat_json(body, fallback, use_msgspec=fast))
+            results.append(_parse_wat(body, fallback, use_msgspec=fast))
         except BadRecord as err:
             results.append(err.kind)
     assert results[0] == results[1] == results[2]
@@ -244,8 +252,8 @@ def test_wat_parse_paths_agree(index):
 def test_parsers_agree_on_tricky_json(links):
     doc = wat_payload("http://t.example/p/", links)
     body = json.dumps(doc).encode()
-    fast = parse_wat_json(body, "http://t.example/p/", use_msgspec=True)
-    slow = parse_wat_json(body, "http://t.example/p/", use_msgspec=False)
+    fast = _parse_wat(body, "http://t.example/p/", use_msgspec=True)
+    slow = _parse_wat(body, "http://t.example/p/", use_msgspec=False)
     assert fast == slow
     assert all(link.url.startswith("http://t.example/p/") for link in fast[1])
 

@@ -85,7 +85,7 @@ def test_streaming_holds_one_chunk_at_a_time(tmp_path):
     def watch(self):
         seen.append(len(self.texts))
         original(self)
-        assert self.texts == [] and self.urls == [] and self.rec_offsets == []
+        assert self.texts == [] and self.urls == [] and self.records == []
 
     ex._Collector.flush = watch
     try:

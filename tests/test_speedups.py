@@ -138,9 +138,7 @@ def _collect(cfg, records):
         col.indices,
         col.urls,
         col.texts,
-        col.rec_offsets,
-        col.rec_pages,
-        col.rec_counts,
+        col.records,
         col.summary.records_with_links,
     )
 

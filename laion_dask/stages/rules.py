@@ -26,7 +26,6 @@ run was partitioned.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -45,8 +44,6 @@ __all__ = [
     "find_duplicates",
     "mark_duplicates",
 ]
-
-log = logging.getLogger(__name__)
 
 DUPLICATE = "duplicate"
 #: ``meta=`` of :func:`find_duplicates`
@@ -154,11 +151,7 @@ def add_drop_reason(
         **_page_optouts(df, consent or ConsentConfig()),
         "bad_url_scheme": _bad_scheme(url, cfg.allowed_schemes),
         "url_too_long": (url.str.len() > cfg.max_url_chars).fillna(False).to_numpy(dtype=bool),
-        "blocked_extension": (
-            path.str.endswith(blocked).fillna(False).to_numpy(dtype=bool)
-            if blocked
-            else np.zeros(len(df), dtype=bool)
-        ),
+        "blocked_extension": path.str.endswith(blocked).fillna(False).to_numpy(dtype=bool),
         "text_too_short": (text.str.strip().str.len().fillna(0) < cfg.min_text_chars).to_numpy(
             dtype=bool
         ),

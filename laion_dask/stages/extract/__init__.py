@@ -254,11 +254,8 @@ class _Collector:
         self.saw_wat = False
 
     def _reset(self) -> None:
-        self.rec_offsets: list[int] = []
-        self.rec_pages: list[str] = []
-        self.rec_counts: list[int] = []
-        self.rec_robots: list[str | None] = []
-        self.rec_tdm: list[bool] = []
+        # per record with pairs: (offset, page URL, pair count, page_robots, page_tdm)
+        self.records: list[tuple[int, str, int, str | None, bool]] = []
         self.indices: list[int] = []
         self.urls: list[str] = []
         self.texts: list[str] = []
@@ -284,12 +281,8 @@ class _Collector:
 
     def _close_record(self, offset: int, page_url: str, n: int, metas: list[Any]) -> None:
         if n:
-            self.rec_offsets.append(offset)
-            self.rec_pages.append(page_url)
-            self.rec_counts.append(n)
             robots, tdm = page_signals(metas, self.meta_names) if metas else NO_SIGNALS
-            self.rec_robots.append(robots)
-            self.rec_tdm.append(tdm)
+            self.records.append((offset, page_url, n, robots, tdm))
             if (
                 self.sink is not None
                 and len(self.texts) >= self.chunk_rows
@@ -346,13 +339,16 @@ class _Collector:
 
     def frame(self) -> pd.DataFrame:
         n, src = len(self.texts), self.source_file
-        counts = np.array(self.rec_counts, dtype=np.int64)
+        offsets, pages, counts, robots, tdm = (
+            map(list, zip(*self.records, strict=True)) if self.records else ([], [], [], [], [])
+        )
+        counts = np.array(counts, dtype=np.int64)
         url_arr, urls = _arrow_strings(self.urls)
         text_arr, texts = _arrow_strings(self.texts)
-        page_arr = _arrow_strings(self.rec_pages)[0]
+        page_arr = _arrow_strings(pages)[0]
         rec_of_pair = np.repeat(np.arange(len(counts)), counts)
-        offsets = np.repeat(np.array(self.rec_offsets, dtype=np.int64), counts)
-        rec_hash = np.repeat(record_hashes(src, self.rec_offsets), counts)
+        rec_hash = np.repeat(record_hashes(src, offsets), counts)
+        offsets = np.repeat(np.array(offsets, dtype=np.int64), counts)
         uids = pair_uids(rec_hash, np.array(self.indices, dtype=np.int64))
         hashes = laion_hashes(urls, texts)
         data = {
@@ -363,10 +359,10 @@ class _Collector:
             schema.SOURCE_FILE: pa.array([src] * n, type=pa.large_string()),
             schema.RECORD_OFFSET: offsets,
             schema.HASH: hashes,
-            schema.PAGE_ROBOTS: pa.array(self.rec_robots, type=pa.large_string()).take(
+            schema.PAGE_ROBOTS: pa.array(robots, type=pa.large_string()).take(
                 pa.array(rec_of_pair)
             ),
-            schema.PAGE_TDM: np.repeat(np.array(self.rec_tdm, dtype=bool), counts),
+            schema.PAGE_TDM: np.repeat(np.array(tdm, dtype=bool), counts),
         }
         return pd.DataFrame(
             {

@@ -12,7 +12,6 @@ is parsed as far as its last complete tag: the pairs before the cut are whole.
 from __future__ import annotations
 
 import codecs
-import logging
 import re
 import zlib
 from typing import NamedTuple
@@ -31,8 +30,6 @@ __all__ = [
     "html_page",
     "HtmlPage",
 ]
-
-log = logging.getLogger(__name__)
 
 # a blank line; some writers end header lines with a doubled CR ("\r\r\n")
 _HEADER_END = re.compile(rb"\r*\n\r*\n")

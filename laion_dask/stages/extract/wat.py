@@ -15,16 +15,13 @@ same result, slower.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, NamedTuple
 
 import msgspec  # ~4x faster than json.loads here: unused fields are skipped, not built
 
 from laion_dask.stages.extract.common import BadRecord, RawLink, Resolver, resolve_url, warc_uri
 
-__all__ = ["IMG_MARKER", "WatPage", "parse_wat_json", "wat_links", "img_links", "image_links"]
-
-log = logging.getLogger(__name__)
+__all__ = ["IMG_MARKER", "WatPage", "wat_links", "img_links", "image_links"]
 
 #: bytes that every record holding an image link contains
 IMG_MARKER = b"IMG@"
@@ -160,7 +157,8 @@ def wat_links(body: bytes, *, use_msgspec: bool = True) -> WatPage:
     record's links (objects with ``path``, ``url`` and ``alt``, each ``str | None``) in order;
     ``metas`` the ``(name, content)`` of ``Head.Metas`` (empty when the page has no links).
     ``use_msgspec=False`` forces the stdlib decoder; both give the same result. Raises
-    :class:`BadRecord` like :func:`parse_wat_json`.
+    :class:`BadRecord`: ``invalid_json``, ``bad_encoding`` or ``invalid_wat`` (valid JSON of the
+    wrong shape).
     """
     if use_msgspec:
         try:
@@ -186,32 +184,3 @@ def image_links(page_url: str, base: str, links: list[Any]) -> list[RawLink]:
         for k, ln in enumerate(img_links(links) if links else [])
         if ln.path == _IMG_SRC and ln.url and ln.alt is not None
     ]
-
-
-def parse_wat_json(
-    body: bytes, fallback_page_url: str = "", *, use_msgspec: bool = True
-) -> tuple[str, list[RawLink]]:
-    """Image links of one WAT metadata record.
-
-    Parameters
-    ----------
-    body
-        The record's JSON payload (bytes, UTF-8).
-    fallback_page_url
-        Page URL to use when the JSON has no ``WARC-Target-URI`` (the WAT record's own header).
-    use_msgspec
-        False forces the stdlib decoder; both give the same result.
-
-    Returns
-    -------
-    (page_url, links)
-        ``links`` as :func:`image_links` gives them.
-
-    Raises
-    ------
-    BadRecord
-        ``invalid_json``, ``bad_encoding`` or ``invalid_wat`` (valid JSON of the wrong shape).
-    """
-    page, base, links, _ = wat_links(body, use_msgspec=use_msgspec)
-    page = page or fallback_page_url
-    return page, image_links(page, base, links)
