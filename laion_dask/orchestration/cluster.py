@@ -45,20 +45,6 @@ def dask_cuda_available() -> bool:
     return importlib.util.find_spec("dask_cuda") is not None
 
 
-def _local_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {
-        "memory_limit": cfg.memory_limit,
-        "dashboard_address": cfg.dashboard_address,
-    }
-    if cfg.threads_per_worker is not None:
-        kw["threads_per_worker"] = cfg.threads_per_worker
-    if cfg.dashboard_address is None:
-        # no dashboard, but the scheduler still serves /health on dashboard_address, which
-        # defaults to 8787: another cluster there makes distributed print a 4-line warning
-        kw["scheduler_kwargs"] = {"dashboard_address": ":0"}
-    return kw
-
-
 def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     """A client for ``cfg``.
 
@@ -92,7 +78,16 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
             + ("torch sees no CUDA device" if not gpu_available() else "dask-cuda is not installed")
             + " (pip install 'laion-dask[gpu]', or set cluster.gpu = 'auto')"
         )
-    kw = _local_kwargs(cfg)
+    kw: dict[str, Any] = {
+        "memory_limit": cfg.memory_limit,
+        "dashboard_address": cfg.dashboard_address,
+    }
+    if cfg.threads_per_worker is not None:
+        kw["threads_per_worker"] = cfg.threads_per_worker
+    if cfg.dashboard_address is None:
+        # no dashboard, but the scheduler still serves /health on dashboard_address, which
+        # defaults to 8787: another cluster there makes distributed print a 4-line warning
+        kw["scheduler_kwargs"] = {"dashboard_address": ":0"}
     if use_gpu:
         import torch
         from dask_cuda import LocalCUDACluster

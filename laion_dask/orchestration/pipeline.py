@@ -133,6 +133,9 @@ _SPEED_KEYS = {
 #: stage name (as run_pipeline knows it) -> the folder holding its markers and _config.json
 _STAGE_FOLDER = {"extract": "extract", "download": "downloads", "score": "scores"}
 
+#: the ``[consent]`` keys extraction depends on (others only re-run the download)
+_PAGE_CONSENT = ("page_meta", "meta_tokens", "meta_names", "tdm_reservation")
+
 #: changes applied on a re-run without ``force``: a new opt-out or blocklist entry must never
 #: wait for a flag (the affected partitions are redone, as their fingerprints say)
 _ALWAYS_APPLIED = ("consent_lists",)
@@ -152,7 +155,9 @@ def _stage_config(
 ) -> dict[str, Any]:
     """The config a stage's fingerprints hash: its sections, less the speed knobs."""
     if stage == "extract":
-        return _sections(cfg, "extract", "language", "rules") | {"consent_page": _page_consent(cfg)}
+        consent = config_to_dict(cfg)["consent"]
+        page = {k: consent[k] for k in _PAGE_CONSENT}
+        return _sections(cfg, "extract", "language", "rules") | {"consent_page": page}
     if stage == "download":
         if lists_fingerprint is None:
             lists_fingerprint = load_lists(cfg.consent).fingerprint
@@ -197,12 +202,8 @@ def _start_stage(
     scratch: tuple[str, ...] = (),
 ) -> None:
     """Refuse a changed config (:class:`ConfigChanged`, unless ``force``), create ``folders``,
-    then remove what killed tasks of an earlier attempt left half-written in them (and in
-    ``scratch``).
-
-    Called before the stage submits a task: no task of this attempt can be writing there yet
-    (stages run one after the other), so every ``*.tmp-*`` file is a leftover.
-    """
+    then remove what killed tasks of an earlier attempt left half-written in them and in
+    ``scratch`` (:meth:`RunDir.remove_tmp_files`: no task of this stage has started yet)."""
     run.check_stage_config(folders[0], stage_cfg, force=force, allowed=allowed)
     run.makedirs(*folders)
     removed = run.remove_tmp_files(*folders, *scratch)
@@ -277,17 +278,6 @@ def _extract_task(path: str, index: int, run: RunDir, cfg: PipelineConfig, fp: s
         drop_reasons=dict(reasons),
         seconds=time.perf_counter() - t0,
     )
-
-
-def _page_consent(cfg: PipelineConfig) -> dict[str, Any]:
-    """The ``[consent]`` keys extraction depends on (others only re-run the download)."""
-    c = cfg.consent
-    return {
-        "page_meta": c.page_meta,
-        "meta_tokens": list(c.meta_tokens),
-        "meta_names": list(c.meta_names),
-        "tdm_reservation": c.tdm_reservation,
-    }
 
 
 def _value_counts(s: pd.Series) -> dict[str, int]:
@@ -720,23 +710,21 @@ def run_download(
 
     Every candidate row, from every input file, is first shuffled into a host bucket
     (:mod:`laion_dask.stages.planner`, ``RUN/download_plan/``), so all rows of a host share one
-    bucket, or, for a host with more than 8 x ``rows_per_task`` rows, a chain of buckets of its
-    own. One task
-    per chain downloads it in chunks of at most ``download.rows_per_task`` rows, one chunk after
-    the other, each chunk writing one shard; a host is therefore fetched by one task at a time
-    in the whole cluster and ``download.per_host_concurrency`` bounds what the cluster sends it.
-    A big host makes a longer task, never two at once; the longest chains are submitted first.
-    Shard ids follow the plan's order, so the same candidates and config give the same shards
-    whatever the number of workers. With ``retry_failed`` only rows whose failure was transient
-    are fetched again and merged into their finished part (chunk by chunk, in the same order).
+    bucket, or, for a host with more than 8 x ``rows_per_task`` rows, a chain of buckets of its own.
+    One task per chain downloads it in chunks of at most ``download.rows_per_task`` rows, one chunk
+    after the other, each chunk writing one shard; a host is therefore fetched by one task at a time
+    in the whole cluster and ``download.per_host_concurrency`` bounds what the cluster sends it. A
+    big host makes a longer task, never two at once; the longest chains are submitted first. Shard
+    ids follow the plan's order, so the same candidates and config give the same shards whatever the
+    number of workers. With ``retry_failed`` only rows whose failure was transient are fetched again
+    and merged into their finished part (chunk by chunk, in the same order).
 
-    Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed
-    entry raises :class:`~laion_dask.ground.config.ConfigError` before any task runs; their
-    content is
+    Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed entry
+    raises :class:`~laion_dask.ground.config.ConfigError` before any task runs; their content is
     part of each task's fingerprint (a changed list re-runs the stage). Host files (robots.txt,
     tdmrep.json) are journaled per chain in ``RUN/consent/chain-N/``. A config that would change
-    finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``.
-    Temporary files left by tasks of an earlier, killed attempt are removed first
+    finished partitions raises :class:`ConfigChanged` naming the keys, unless ``force``. Temporary
+    files left by tasks of an earlier, killed attempt are removed first
     (:meth:`RunDir.remove_tmp_files`).
     """
     cand = run.markers("candidates")

@@ -285,7 +285,8 @@ class RunDir:
         return sorted(int(n[5:-5]) for n in names if n.startswith("part-") and n.endswith(".json"))
 
     def remove_tmp_files(self, *folders: str) -> list[str]:
-        """Delete the ``*.tmp-*`` files under ``folders`` (relative to the run); return them.
+        """Delete the ``*.tmp-*`` files under ``folders`` (relative to the run, searched
+        recursively, missing ones skipped); return their paths.
 
         Every writer of a run directory writes ``NAME.tmp-XXXXXXXX`` and renames it to ``NAME``
         when complete, so a task killed mid-write leaves its temporary file behind. A stage
@@ -293,18 +294,8 @@ class RunDir:
         be writing in its folders yet, so what is found is a leftover of an earlier attempt. Its
         partition is either finished (the marker exists) or about to be recomputed. A task of
         an earlier attempt that is somehow still running (its client was killed, not its
-        worker) loses its rename and fails; its partition is recomputed or already done.
-
-        Parameters
-        ----------
-        *folders : str
-            Folders under the run directory, searched recursively (``"downloads"``,
-            ``"images"``, ``"consent"``, ...); missing ones are skipped.
-
-        Returns
-        -------
-        list of str
-            The paths removed (a file renamed or removed by someone else meanwhile is skipped).
+        worker) loses its rename and fails; its partition is recomputed or already done. A
+        file renamed or removed by someone else meanwhile is skipped.
         """
         fs = self.fs
         removed: list[str] = []
@@ -343,28 +334,11 @@ class RunDir:
     ) -> dict[str, tuple[Any, Any]]:
         """Refuse a config that would change ``stage``'s finished partitions, then record it.
 
-        Parameters
-        ----------
-        stage : str
-            Stage folder (``extract``, ``downloads``, ``scores``).
-        config : mapping
-            The config sections the stage's fingerprints hash (``{"rules": {...}, ...}``).
-        force : bool
-            Record the new config and return the changes instead of raising: partitions whose
-            fingerprint changed are recomputed by the stage.
-        allowed : iterable of str
-            Keys whose change is applied without ``force`` (still returned).
-
-        Returns
-        -------
-        dict
-            ``{"section.key": (old, new)}``; empty when nothing changed or nothing finished.
-
-        Raises
-        ------
-        ConfigChanged
-            When the stage has finished partitions, their recorded config differs and not
-            ``force``.
+        ``config`` holds the sections the stage's fingerprints hash (``{"rules": {...}}``).
+        Raises :class:`ConfigChanged` when the stage folder has finished partitions made with
+        another config, unless ``force`` or every changed key is in ``allowed``; returns the
+        changes, ``{"section.key": (old, new)}`` (partitions whose fingerprint changed are then
+        recomputed by the stage).
         """
         changes = self.stage_config_changes(stage, config)
         refused = {k: v for k, v in changes.items() if k not in set(allowed)}

@@ -120,11 +120,7 @@ _CHUNK = 64 * 1024
 _UNKNOWN_LENGTH_RESERVE = 1 << 20
 # error_message prefixes of failures worth retrying in a later run (see is_transient)
 _TRANSIENT_PREFIXES = (
-    "HTTP 429",
-    "HTTP 500",
-    "HTTP 502",
-    "HTTP 503",
-    "HTTP 504",
+    *(f"HTTP {code}" for code in sorted(_TRANSIENT_HTTP)),
     "connection error",
     "cannot connect",  # refused now, maybe up later: not retried within a call, only across runs
     "timeout",

@@ -162,24 +162,13 @@ def assign_buckets(
     part: int = 0,
     first_row: int = 0,
 ) -> pd.DataFrame:
-    """Candidate rows with their bucket, host key and position (the plan shuffle's input).
+    """Candidate rows (``schema.CANDIDATES`` columns; others are dropped) plus ``_bucket``,
+    ``_key``, ``_part`` and ``_row`` (``PLAN_META``): the plan shuffle's input.
 
-    Parameters
-    ----------
-    df
-        Candidate rows (``schema.CANDIDATES`` columns; others are dropped).
-    n_buckets
-        Hashed buckets (:func:`bucket_count`).
-    big
-        :func:`big_host_buckets` of the whole run, or None when no host is big.
-    part, first_row
-        The candidates part these rows come from and the position of the first one in it:
-        the sort key that makes a bucket's order independent of the shuffle.
-
-    Returns
-    -------
-    pandas.DataFrame
-        ``df`` plus ``_bucket``, ``_key``, ``_part`` and ``_row`` (``PLAN_META``).
+    ``n_buckets`` is :func:`bucket_count`'s, ``big`` :func:`big_host_buckets` of the whole run
+    (None when no host is big). ``part`` and ``first_row`` name the candidates part these rows
+    come from and the position of the first one in it: the sort key that makes a bucket's order
+    independent of the shuffle.
     """
     df = df[list(schema.CANDIDATES.columns)]
     keys, fetched, uid_hash = _keys_and_fetched(df)
