@@ -62,17 +62,17 @@ def run_tasks(
     """
     if not tasks:
         return [], {}
-    futures = {}
-    for name, func, args in tasks:
-        fut = client.submit(
+    futures = {
+        client.submit(
             func,
             *args,
             key=f"{stage}-{name}-{time.time_ns()}",
             pure=False,
             resources=resources,
             retries=1,
-        )
-        futures[fut] = name
+        ): name
+        for name, func, args in tasks
+    }
     lines = None
     if show_progress and sys.stdout.isatty():
         distributed.progress(list(futures), notebook=False)
@@ -139,7 +139,7 @@ class LineProgress:
     def start(self) -> None:
         self._t0 = time.perf_counter()
         plural = "" if self.total == 1 else "s"
-        self._write(f"{self.stage}: started, {self.total} partition{plural}")
+        self._write(f"started, {self.total} partition{plural}")
         self._thread.start()
 
     def update(self, finished: int, failed: int = 0) -> None:
@@ -150,23 +150,16 @@ class LineProgress:
         if self._thread.is_alive():
             self._thread.join()
         failed = f", {self.failed} failed" if self.failed else ""
-        self._write(
-            f"{self.stage}: finished {self.finished}/{self.total} partitions{failed} "
-            f"in {self._elapsed():.0f} s"
-        )
-
-    def _elapsed(self) -> float:
-        return time.perf_counter() - self._t0
+        self._write(f"finished {self.finished}/{self.total} partitions{failed} in {{:.0f}} s")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             failed = f" ({self.failed} failed)" if self.failed else ""
-            self._write(
-                f"{self.stage}: {self.finished}/{self.total} partitions{failed}, "
-                f"{self._elapsed():.0f} s"
-            )
+            self._write(f"{self.finished}/{self.total} partitions{failed}, {{:.0f}} s")
 
     def _write(self, line: str) -> None:
+        """One line, prefixed with the stage; ``{}`` in ``line`` becomes the seconds elapsed."""
+        line = f"{self.stage}: " + line.format(time.perf_counter() - self._t0)
         stream = self.stream or sys.stdout  # looked up late: pytest and notebooks swap it
         with self._lock:
             stream.write(line + "\n")
