@@ -138,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"laion-dask search: {err}", file=sys.stderr)
         return 2
-    run = args.run
 
     def app() -> pn.viewable.Viewable:
         # a plain function: Panel renders a functools.partial as its repr, not as an app
-        return build_search_page(run)
+        return build_search_page(args.run)
 
     serve(app, args, title="laion-dask search")
     return 0

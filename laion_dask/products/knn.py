@@ -40,7 +40,6 @@ import html
 import io
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ from laion_dask.products.neardup import (
     read_near_duplicates,
 )
 from laion_dask.stages.clip import encoder_from_config
-from laion_dask.stages.embeddings import embedding_paths
+from laion_dask.stages.embeddings import embedding_parts, embedding_paths, read_array
 from laion_dask.stages.imaging import read_thumbnails, thumbnail_html
 
 __all__ = [
@@ -102,15 +101,15 @@ RESULT_DEDUP_COSINE = 0.94
 CAPTION_SIMILARITY = "caption_similarity"
 
 #: scores columns carried into the index metadata (what a search result shows and filters on)
-_META_COLUMNS = (
-    schema.URL,
-    schema.TEXT,
-    schema.LANGUAGE_GROUP,
-    schema.PUNSAFE,
-    schema.PWATERMARK,
-    schema.SIMILARITY,
-    schema.SHARD,
-)
+_META_COLUMNS = {
+    schema.URL: "string",
+    schema.TEXT: "string",
+    schema.LANGUAGE_GROUP: "string",
+    schema.PUNSAFE: "float32",
+    schema.PWATERMARK: "float32",
+    schema.SIMILARITY: "float32",
+    schema.SHARD: "string",
+}
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -126,8 +125,6 @@ class IndexPlan:
     pq_m: int | None
     estimated_bytes: int
     reason: str
-    #: exact re-ranking of the PQ candidates from float16 copies of the vectors
-    refine: bool = False
 
 
 def _default_nlist(n: int) -> int:
@@ -158,40 +155,24 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> IndexPlan:
         return IndexPlan(cfg.factory, "custom", None, None, 0, "index.factory given")
     flat_bytes = 4 * n * dim
     if n <= cfg.flat_max_vectors and flat_bytes <= budget:
-        return IndexPlan(
-            "Flat",
-            "flat",
-            None,
-            None,
-            flat_bytes,
-            f"{n} <= index.flat_max_vectors = {cfg.flat_max_vectors}: exact search",
-        )
+        why = f"{n} <= index.flat_max_vectors = {cfg.flat_max_vectors}: exact search"
+        return IndexPlan("Flat", "flat", None, None, flat_bytes, why)
     nlist = cfg.nlist or _default_nlist(n)
-    centroids = 4 * nlist * dim
     why = f"{n} > index.flat_max_vectors" if n > cfg.flat_max_vectors else "Flat too large"
-    # preferred: a short PQ code finds candidates, float16 copies re-rank them exactly
-    m = max(dim // 8, min(dim, 8)) if dim % 8 == 0 else dim
-    size = n * (m + 16 + 2 * dim) + centroids + 4 * 256 * dim
-    if size <= budget:
-        return IndexPlan(
-            f"IVF{nlist},PQ{m}x8,Refine(SQfp16)",
-            "ivfpq",
-            nlist,
-            m,
-            size,
-            why + f"; PQ{m}x8 candidates re-ranked from float16 vectors fit {budget} bytes",
-            refine=True,
-        )
-    for div in (2, 4, 8, 16, 32, 64):
-        if dim % div:
-            continue
-        m = dim // div
-        # codes + int64 ids (+ the direct map search keeps for reconstruct) + centroids +
-        # the PQ codebooks (m * 256 centroids of div floats)
-        size = n * (m + 16) + centroids + 4 * 256 * dim
+    # preferred: a short PQ code finds candidates, float16 copies (2 bytes a dim) re-rank them
+    # exactly; else the largest plain code that fits
+    short = max(dim // 8, min(dim, 8)) if dim % 8 == 0 else dim
+    refined = f"candidates re-ranked from float16 vectors fit {budget} bytes"
+    options = [(short, 2 * dim, ",Refine(SQfp16)", refined)]
+    plain = f"is the largest code within {budget} bytes (no re-ranking)"
+    options += [(dim // d, 0, "", plain) for d in (2, 4, 8, 16, 32, 64) if dim % d == 0]
+    for m, copies, refine, note in options:
+        # codes + int64 ids (+ the direct map search keeps for reconstruct) + copies +
+        # centroids + the PQ codebooks (m * 256 centroids of dim / m floats)
+        size = n * (m + 16 + copies) + 4 * nlist * dim + 4 * 256 * dim
         if size <= budget:
-            why += f"; PQ{m}x8 is the largest code within {budget} bytes (no re-ranking)"
-            return IndexPlan(f"IVF{nlist},PQ{m}x8", "ivfpq", nlist, m, size, why)
+            factory = f"IVF{nlist},PQ{m}x8{refine}"
+            return IndexPlan(factory, "ivfpq", nlist, m, size, f"{why}; PQ{m}x8 {note}")
     raise ValueError(
         f"index.memory_budget = {budget} bytes is too small for {n} vectors of width {dim} "
         "even with the smallest PQ code"
@@ -244,23 +225,6 @@ class IndexInfo:
 # --- reading the run's embeddings ---------------------------------------------------------------
 
 
-_PART = re.compile(r"metadata_(\d+)\.parquet$")
-
-
-def _embedding_parts(run: RunDir) -> list[int]:
-    """Parts whose metadata exists (a part is complete once its metadata is written)."""
-    folder = run.join("embeddings", "metadata")
-    fs = run.fs
-    if not fs.exists(folder):
-        return []
-    parts = []
-    for p in fs.ls(folder, detail=False):
-        m = _PART.search(str(p))
-        if m:
-            parts.append(int(m.group(1)))
-    return sorted(parts)
-
-
 def _array_path(run: RunDir, part: int, modality: str) -> str:
     paths = embedding_paths(run.join("embeddings"), part)
     return paths["img" if modality == "image" else "text"]
@@ -277,36 +241,28 @@ def _npy_shape(run: RunDir, path: str) -> tuple[int, ...]:
 
 
 def _read_vectors(run: RunDir, part: int, modality: str) -> np.ndarray:
-    with run.fs.open(_array_path(run, part, modality), "rb") as fh:
-        arr = np.load(io.BytesIO(fh.read()))
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.ascontiguousarray(read_array(_array_path(run, part, modality)), dtype=np.float32)
 
 
 def _read_part_metadata(run: RunDir, part: int) -> pd.DataFrame:
     """Rows of one embeddings part, in array order, with the scores columns results show."""
     meta_path = embedding_paths(run.join("embeddings"), part)["metadata"]
-    keys = run.read_parquet(meta_path, columns=[schema.KEY])[schema.KEY].astype("string")
-    frame = pd.DataFrame({schema.KEY: keys.reset_index(drop=True)})
+    frame = run.read_parquet(meta_path, columns=[schema.KEY]).astype({schema.KEY: "string"})
     scores_path = run.part_path("scores", part)
+    scores = pd.DataFrame({schema.KEY: []})
     if run.exists(scores_path):
         with run.fs.open(scores_path, "rb") as fh:
             names = set(pq.read_schema(fh).names)
         cols = [schema.KEY, *(c for c in _META_COLUMNS if c in names)]
         scores = run.read_parquet(scores_path, columns=cols)
-        scores = scores.assign(**{schema.KEY: scores[schema.KEY].astype("string")})
-        scores = scores.drop_duplicates(schema.KEY)
-        frame = frame.merge(scores, on=schema.KEY, how="left", validate="many_to_one")
     else:
         log.warning(
             "index: %s missing: part %d's results have no URL or caption", scores_path, part
         )
-    dtypes = {c: "float32" for c in (schema.PUNSAFE, schema.PWATERMARK, schema.SIMILARITY)}
-    for col in _META_COLUMNS:
-        dtype = dtypes.get(col, "string")
-        if col not in frame.columns:
-            frame[col] = pd.Series(np.nan if dtype == "float32" else pd.NA, index=frame.index)
-        frame[col] = frame[col].astype(dtype)
-    out = frame[[schema.KEY, *_META_COLUMNS]]
+    scores = scores.astype({schema.KEY: "string"}).drop_duplicates(schema.KEY)
+    frame = frame.merge(scores, on=schema.KEY, how="left", validate="many_to_one")
+    # a column the scores lack is all missing, in the dtype it has everywhere else
+    out = frame.reindex(columns=[schema.KEY, *_META_COLUMNS]).astype(_META_COLUMNS)
     return out.rename(columns={schema.SIMILARITY: CAPTION_SIMILARITY}).assign(part=np.int32(part))
 
 
@@ -319,27 +275,6 @@ def _faiss() -> Any:
     import faiss
 
     return faiss
-
-
-def _gpu_count() -> int:
-    faiss = _faiss()
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
-
-
-def _new_index(plan: IndexPlan, dim: int) -> Any:
-    faiss = _faiss()
-    if plan.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    factory = plan.factory.removesuffix(",Refine(SQfp16)")  # the refine part is built apart
-    return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-
-
-def _fp16_index(dim: int) -> Any:
-    faiss = _faiss()
-    return faiss.IndexScalarQuantizer(
-        dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-    )
 
 
 #: PQ candidates per result that the float16 copies may re-rank (the build picks one)
@@ -375,7 +310,7 @@ def _train(index: Any, sample: np.ndarray, seed: int) -> bool:
     gpu = False
     if ivf is not None:
         ivf.cp.seed = seed
-        if _gpu_count() > 0:
+        if faiss.get_num_gpus() > 0:
             # faiss' documented way: clustering against a GPU flat index
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(index.d))
             gpu = True
@@ -383,6 +318,20 @@ def _train(index: Any, sample: np.ndarray, seed: int) -> bool:
     if ivf is not None:
         ivf.clustering_index = None
     return gpu
+
+
+def _merge(into: Any, piece: Any, offset: int) -> None:
+    """Append the vectors of ``piece`` to ``into``; their ids start at ``offset``."""
+    faiss = _faiss()
+    if isinstance(into, faiss.IndexRefine):
+        # faiss 1.15's IndexRefine has no merge_from: merge its two halves
+        for half in ("base_index", "refine_index"):
+            down = [faiss.downcast_index(getattr(x, half)) for x in (into, piece)]
+            _merge(*down, offset)
+        into.ntotal += piece.ntotal
+        return
+    # an IVF stores the ids it is given; a flat index numbers its rows itself
+    into.merge_from(piece, offset if _ivf(into) is not None else 0)
 
 
 def _serialize(index: Any) -> bytes:
@@ -446,7 +395,6 @@ def _add_task(
     k: int,
     offset: int,
     expected: int,
-    refine: bool = False,
 ) -> dict:
     """Add one part to a copy of the trained empty index; exact top-k of the queries here."""
     vectors = _read_vectors(run, part, modality)
@@ -459,10 +407,6 @@ def _add_task(
     index.add(vectors)
     run.fs.makedirs(run.join(INDEX_DIR, "_parts"), exist_ok=True)
     run.write_bytes_atomic(_part_file(run, modality, part, "faiss"), _serialize(index))
-    if refine:
-        exact = _fp16_index(vectors.shape[1])
-        exact.add(vectors)
-        run.write_bytes_atomic(_part_file(run, modality, part, "fp16"), _serialize(exact))
     run.write_parquet_atomic(_part_file(run, modality, part, "parquet"), meta)
     top = _exact_topk(queries, vectors, k, offset) if len(queries) else None
     return {"part": part, "rows": len(vectors), "top": top}
@@ -537,12 +481,11 @@ def build_index(
     >>> info.kind, info.recall                           # doctest: +SKIP
     ('flat', 1.0)
     """
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     cfg = cfg or IndexConfig()
     run = RunDir(run) if isinstance(run, str | Path) else run
+    path = _index_path(run, modality)
     t0 = time.perf_counter()
-    parts = _embedding_parts(run)
+    parts = embedding_parts(run.join("embeddings"))
     shapes = {p: _npy_shape(run, _array_path(run, p, modality)) for p in parts}
     sizes = {p: s[0] for p, s in shapes.items()}
     dims = {s[1] for s in shapes.values() if len(s) == 2 and s[0] > 0}
@@ -555,12 +498,11 @@ def build_index(
     plan = choose_index(n, dim, cfg)
     client = get_client(client)
     parts = [p for p in parts if sizes[p] > 0]
-    offsets = dict(
-        zip(parts, np.cumsum([0, *(sizes[p] for p in parts[:-1])]).tolist(), strict=True)
-    )
+    bounds = np.cumsum([0, *(sizes[p] for p in parts)])
+    offsets = dict(zip(parts, bounds[:-1].tolist(), strict=True))
 
     rng = np.random.default_rng(cfg.seed)
-    index = _new_index(plan, dim)
+    index = _faiss().index_factory(dim, plan.factory, _faiss().METRIC_INNER_PRODUCT)
     needs_training = not index.is_trained
     n_train = min(n, max(cfg.train_per_list * (plan.nlist or 1), 256 * 39), cfg.max_train_vectors)
     n_queries = 0 if plan.kind == "flat" else min(cfg.eval_queries, n)
@@ -570,12 +512,12 @@ def build_index(
     gpu = False
     if n_sample:
         chosen = np.sort(rng.choice(n, size=min(n, n_sample), replace=False))
-        tasks = []
-        bounds = np.array([offsets[p] for p in parts] + [n])
-        for i, p in enumerate(parts):
-            local = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
-            if len(local):
-                tasks.append((f"{p:05d}", _sample_task, (run, p, modality, local)))
+        which = np.searchsorted(bounds, chosen, side="right") - 1  # the part of each row
+        tasks = [
+            (f"{p:05d}", _sample_task, (run, p, modality, chosen[which == i] - bounds[i]))
+            for i, p in enumerate(parts)
+            if (which == i).any()
+        ]
         sampled, _ = run_tasks(client, "index-sample", tasks, strict=True)
         # results come back in completion order; ``chosen`` is in part order
         sample = np.concatenate([r["rows"] for r in sorted(sampled, key=lambda r: r["part"])])
@@ -592,7 +534,7 @@ def build_index(
         (
             f"{p:05d}",
             _add_task,
-            (run, p, modality, template, queries, k + 1, offsets[p], sizes[p], plan.refine),
+            (run, p, modality, template, queries, k + 1, offsets[p], sizes[p]),
         )
         for p in parts
     ]
@@ -600,19 +542,11 @@ def build_index(
     by_part = {r["part"]: r for r in results}
 
     merged = _deserialize(template)
-    exact_copy = _fp16_index(dim) if plan.refine else None
     metas = []
     for p in parts:
         with run.fs.open(_part_file(run, modality, p, "faiss"), "rb") as fh:
-            piece = _deserialize(fh.read())
-        merged.merge_from(piece, offsets[p] if _ivf(merged) is not None else 0)
-        if exact_copy is not None:
-            with run.fs.open(_part_file(run, modality, p, "fp16"), "rb") as fh:
-                exact_copy.merge_from(_deserialize(fh.read()), 0)
+            _merge(merged, _deserialize(fh.read()), offsets[p])
         metas.append(run.read_parquet(_part_file(run, modality, p, "parquet")))
-    if exact_copy is not None:
-        # serialise the pair and read it back: the read index owns both halves
-        merged = _deserialize(_serialize(_faiss().IndexRefine(merged, exact_copy)))
     if merged.ntotal != n:
         raise RuntimeError(f"merged index holds {merged.ntotal} vectors, {n} expected")
     metadata = pd.concat(metas, ignore_index=True)
@@ -624,10 +558,9 @@ def build_index(
     if plan.kind != "flat" and n_queries:
         truth = _merge_topk([by_part[p]["top"] for p in parts], k + 1)
         nprobe, k_factor, recall, curve = _tune_nprobe(merged, queries, truth, query_ids, k, cfg)
-    exact = plan.kind == "flat"
     run.fs.makedirs(run.join(INDEX_DIR), exist_ok=True)
     blob = _serialize(merged)
-    run.write_bytes_atomic(run.join(INDEX_DIR, f"{modality}.faiss"), blob)
+    run.write_bytes_atomic(path, blob)
     run.write_parquet_atomic(run.join(INDEX_DIR, METADATA_FILE), metadata)
     info = IndexInfo(
         modality=modality,
@@ -641,7 +574,7 @@ def build_index(
         recall_k=k,
         recall=float(recall),
         recall_floor=float(cfg.target_recall),
-        exact=exact,
+        exact=plan.kind == "flat",
         eval_queries=int(n_queries),
         recall_by_setting={str(a): float(b) for a, b in curve.items()},
         k_factor=k_factor,
@@ -720,7 +653,6 @@ class KnnIndex:
     index: Any
     metadata: pd.DataFrame
     info: IndexInfo
-    _vectors: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -746,9 +678,10 @@ class KnnIndex:
     ) -> np.ndarray | None:
         """Rows the filters let through (None: no filter). A missing tag passes a tag cut, as
         the base thresholds treat it (see :mod:`laion_dask.stages.filters`)."""
+        if language_group is None and max_punsafe is None and max_pwatermark is None:
+            return None
         meta = self.metadata
         mask = np.ones(len(meta), dtype=bool)
-        active = False
         if language_group is not None:
             groups = [language_group] if isinstance(language_group, str) else list(language_group)
             for g in groups:
@@ -757,28 +690,10 @@ class KnnIndex:
                         f"language group must be one of {schema.LANGUAGE_GROUPS}, got {g!r}"
                     )
             mask &= meta[schema.LANGUAGE_GROUP].isin(groups).fillna(False).to_numpy(bool)
-            active = True
         for col, limit in ((schema.PUNSAFE, max_punsafe), (schema.PWATERMARK, max_pwatermark)):
-            if limit is None:
-                continue
-            values = meta[col].to_numpy(dtype="float64", na_value=np.nan)
-            mask &= ~(np.nan_to_num(values, nan=-np.inf) > limit)
-            active = True
-        return mask if active else None
-
-    def _search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None = None
-    ) -> tuple:
-        faiss = _faiss()
-        bitmap = sel = None
-        if allowed is not None:
-            # the bitmap and the selector must outlive the search call
-            bitmap = np.packbits(allowed, bitorder="little")
-            sel = faiss.IDSelectorBitmap(bitmap)
-        params = _params(self.index, nprobe or self.info.nprobe, sel, self.info.k_factor)
-        sims, ids = self.index.search(queries, int(k), params=params)
-        del bitmap, sel, params
-        return sims, ids
+            if limit is not None:  # NaN > limit is False: a missing tag passes
+                mask &= ~(meta[col].to_numpy(dtype="float64", na_value=np.nan) > limit)
+        return mask
 
     def search_vectors(
         self,
@@ -810,6 +725,11 @@ class KnnIndex:
         )
         available = len(self) if allowed is None else int(allowed.sum())
         nlist = self.info.nlist if _ivf(self.index) is not None else None
+        sel = None
+        if allowed is not None:
+            # the bitmap and the selector must outlive every search call below
+            bitmap = np.packbits(allowed, bitorder="little")
+            sel = _faiss().IDSelectorBitmap(bitmap)
         out = []
         for row in q:
             fetch = min(available, k if dedup is None else 3 * k + 10)
@@ -819,7 +739,8 @@ class KnnIndex:
                     ids = np.zeros(0, np.int64)
                     sims = np.zeros(0, np.float32)
                 else:
-                    sims, ids = self._search(row[None, :], fetch, allowed, nprobe)
+                    params = _params(self.index, nprobe, sel, self.info.k_factor)
+                    sims, ids = self.index.search(row[None, :], fetch, params=params)
                     sims, ids = sims[0], ids[0]
                     sims, ids = sims[ids >= 0], ids[ids >= 0]
                 if len(ids) < fetch and nlist and nprobe and nprobe < nlist:
@@ -829,9 +750,8 @@ class KnnIndex:
                 if dedup is None:
                     kept, collapsed = np.arange(len(ids)), np.zeros(len(ids), np.int64)
                 else:
-                    groups = self._groups(ids)
                     kept, collapsed = collapse_near_duplicates(
-                        self.vectors(ids), dedup, groups=groups
+                        self.vectors(ids), dedup, groups=self._groups(ids)
                     )
                 if len(kept) >= k or fetch >= available:
                     break
@@ -889,6 +809,8 @@ def collapse_near_duplicates(
 
 
 def _index_path(run: RunDir, modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     return run.join(INDEX_DIR, f"{modality}.faiss")
 
 
@@ -899,8 +821,6 @@ def load_index(run: RunDir | str, modality: str = "image") -> KnnIndex:
     metadata as ``duplicate_group`` so search collapses them.
     """
     run = RunDir(run) if isinstance(run, str | Path) else run
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     path = _index_path(run, modality)
     if not run.exists(path):
         raise FileNotFoundError(f"{path} not found: build it with `laion-dask index {run.path}`")
@@ -931,10 +851,6 @@ def _load_index(path: str, modality: str, stamps: tuple[float, ...]) -> KnnIndex
     return KnnIndex(run=run, modality=modality, index=index, metadata=metadata, info=info)
 
 
-def _run_encoder(run: RunDir) -> Any:
-    return encoder_from_config(run.read_config().clip)
-
-
 def encode_query(
     run: RunDir | str,
     *,
@@ -951,21 +867,19 @@ def encode_query(
     if (text is None) == (image is None):
         raise ValueError("give exactly one of text= or image=")
     run = RunDir(run) if isinstance(run, str | Path) else run
-    encoder = encoder if encoder is not None else _run_encoder(run)
+    encoder = encoder if encoder is not None else encoder_from_config(run.read_config().clip)
     if text is not None:
         if not str(text).strip():
             raise ValueError("the text query is empty")
         return np.asarray(encoder.encode_texts([str(text)], [group]), np.float32)[0]
-    if isinstance(image, Image.Image):
-        pil = image
-    else:
+    if not isinstance(image, Image.Image):
         data = image if isinstance(image, bytes | bytearray) else Path(image).read_bytes()
         try:
             with Image.open(io.BytesIO(data)) as im:
-                pil = im.convert("RGB")
+                image = im.convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"the query image cannot be decoded: {err}") from err
-    return np.asarray(encoder.encode_images([pil.convert("RGB")]), np.float32)[0]
+    return np.asarray(encoder.encode_images([image.convert("RGB")]), np.float32)[0]
 
 
 def search(
@@ -1082,9 +996,6 @@ class NearDupReport:
     index: str
     parts: int
     seconds: float
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _greedy_groups(n: int, src: np.ndarray, dst: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -1206,5 +1117,5 @@ def find_near_duplicates(
         parts=len(starts),
         seconds=time.perf_counter() - t0,
     )
-    run.write_json_atomic(run.join(NEARDUP_DIR, "summary.json"), report.to_json())
+    run.write_json_atomic(run.join(NEARDUP_DIR, "summary.json"), dataclasses.asdict(report))
     return report
