@@ -550,32 +550,27 @@ def _attempts(
     return out
 
 
-def _whole_file_gzip(path: str, limit: int = 1 << 20) -> bool:
-    """Whether the first gzip member of a WARC holds more than its first record.
+def _whole_file_gzip(head: bytes, limit: int = 1 << 20) -> bool:
+    """Whether the first gzip member of a WARC, from the file's first bytes, holds more than its
+    first record.
 
     Common Crawl compresses each record as its own member; a file gzipped whole (one member for
     everything) has no per-record offsets and is read through ``gzip`` instead. Deciding that
     here, from the first record's Content-Length, keeps a streaming pass from handing on pairs
-    and then being replaced by another reader. Decompresses at most ``limit`` bytes of the first
-    member (a WARC's first record, its warcinfo, is far smaller); anything unclear (a first
-    record longer than that) says False and the readers decide as before.
+    and then being replaced by another reader. Decodes at most ``limit`` bytes of ``head`` (a
+    WARC's first record, its warcinfo, is far smaller); anything unclear (a first record longer
+    than that) says False and the readers decide as before.
     """
-    d, head = zlib.decompressobj(31), b""
     try:
-        with open_input(path) as fh:
-            while not d.eof and len(head) <= limit:
-                data = d.unconsumed_tail or fh.read(65536)
-                if not data:
-                    break
-                head += d.decompress(data, limit + 1 - len(head))
-    except (OSError, EOFError, zlib.error, ValueError):
+        plain = zlib.decompressobj(31).decompress(head, limit)
+    except zlib.error:
         return False
-    head_end = head.find(b"\r\n\r\n")
-    m = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head[:head_end]) if head_end >= 0 else None
+    head_end = plain.find(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:[ \t]*(\d+)", plain[:head_end]) if head_end >= 0 else None
     if m is None:
         return False
     end = head_end + 4 + int(m.group(1))
-    return bool(head[end : end + 64].strip(b"\r\n"))  # the next record, in the same member
+    return bool(plain[end : end + 64].strip(b"\r\n"))  # the next record, in the same member
 
 
 def stream_file(
@@ -643,7 +638,7 @@ def _stream_file(
             start = _plain_head(head)[0][:40]
             raise _Unreadable(f"not a WARC or ARC file (its content starts with {start!r})")
         first_error: _Unreadable | None = None
-        whole = gz and kind == "warc" and _whole_file_gzip(path)
+        whole = gz and kind == "warc" and _whole_file_gzip(head)
         version = _arc_version(_plain_head(head)[0]) if kind == "arc" else 1
         for reader, gunzip in _attempts(kind, gz, cfg, whole, version):
             try:

@@ -24,10 +24,9 @@ def _load_speedups() -> ModuleType | None:
         return None
 
 
-#: the compiled fast paths (``laion_dask/stages/extract/_speedups.c``), or None when they were not
-#: built
-#: or ``LAION_DASK_PURE_PYTHON=1``: then the pure-Python code runs, with the same output, slower.
-#: Read it as ``common.speedups`` at call time (tests switch it off).
+#: the compiled fast paths (``laion_dask/stages/extract/_speedups.c``), or None when they were
+#: not built or ``LAION_DASK_PURE_PYTHON=1``: then the pure-Python code runs, with the same
+#: output, slower. Read it as ``common.speedups`` at call time (tests switch it off).
 speedups = _load_speedups()
 
 
