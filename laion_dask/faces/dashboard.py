@@ -9,9 +9,7 @@ numpy pass), histograms are drawn once from the view's precomputed bins and only
 lines (Bokeh ``Span``) and the funnel bars' counts update in place; nothing is rescored.
 Thumbnails follow a slider while it is dragged, throttled to one refresh per
 :data:`SAMPLES_INTERVAL_MS` on a worker thread (the last position always shows); precision/recall
-refresh when a slider is released. Materialize runs where the run's ``[cluster]`` config says
-(:func:`laion_dask.orchestration.cluster.make_client`: its scheduler address, else a local cluster
-started on first use and closed with the session), with a progress bar per partition.
+refresh when a slider is released; materialize shows a progress bar per partition.
 """
 
 from __future__ import annotations
@@ -336,7 +334,7 @@ class ThresholdDashboard:
 
     def show_progress(self, done: int, total: int, part: str) -> None:
         """Move the progress bar to ``done`` of ``total`` partitions (``part`` just finished)."""
-        self.progress.max = max(int(total), 1)
+        self.progress.max = max(int(total), 1)  # first: it bounds value
         self.progress.value = int(done)
         self.progress_text.object = f"{done} / {total} partitions (last: `{html.escape(part)}`)"
 

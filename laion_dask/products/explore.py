@@ -107,11 +107,7 @@ _BINS = 50
 
 
 def interaction_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Return ``df`` with ``text_length`` and ``upstream_reason`` (threshold-free reasons) added.
-
-    Pure function over one scores partition; ``upstream_reason`` is
-    :func:`laion_dask.stages.filters.upstream_reason`.
-    """
+    """Return one scores partition with ``text_length`` and ``upstream_reason`` added."""
     text_len = df[schema.TEXT].astype("string").str.len().fillna(0).astype("int64")
     upstream = upstream_reason(df).astype("string")
     return df.assign(**{TEXT_LENGTH: text_len.to_numpy(), UPSTREAM_REASON: upstream.to_numpy()})
@@ -574,10 +570,6 @@ def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIM
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _changed(path: str, expected: int, got: int) -> str:
-    return f"{path} has {got} rows, {expected} when the run was opened: open_run it again"
-
-
 def _read_rows(
     run: RunDir, path: str, rows: np.ndarray, columns: list[str], expected: int
 ) -> pd.DataFrame:
@@ -588,8 +580,11 @@ def _read_rows(
     with run.fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         meta = pf.metadata
-        if meta.num_rows != expected:
-            raise RuntimeError(_changed(path, expected, meta.num_rows))
+        if meta.num_rows != expected:  # rewritten since open_run read it
+            raise RuntimeError(
+                f"{path} has {meta.num_rows} rows, {expected} when the run was opened: "
+                "open_run it again"
+            )
         sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype("int64")
         group = np.searchsorted(starts, rows, side="right") - 1
