@@ -21,8 +21,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, client):
+    # the default corpus, as `laion-dask demo` runs it: its AUC is what the docs promise
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(out, spec=CorpusSpec(n_pages=50, seed=3), client=client, dashboard=False)
+    return run_demo(out, spec=CorpusSpec(), client=client, dashboard=False)
 
 
 def test_counts_add_up_at_every_stage(demo):
@@ -55,12 +56,21 @@ def test_outputs_open_with_pyarrow_and_webdataset(demo):
     assert total > 0
 
 
-def test_the_small_clip_separates_true_from_false_pairs(demo):
+def test_the_similarity_threshold_is_a_real_trade_off(demo):
     q = demo.quality
-    assert q["with_ground_truth"] == q["scored_pairs"] > 50
-    assert q["roc_auc"] > 0.9
-    assert q["mean_similarity_true"] > q["mean_similarity_false"]
-    assert json.loads(demo.run.fs.open(demo.run.join("demo_quality.json")).read())
+    assert q["with_ground_truth"] == q["scored_pairs"] > 2000
+    # the small CLIP ranks true pairs first, but not perfectly: web-like noise overlaps
+    assert 0.80 <= q["roc_auc"] <= 0.92
+    assert q["mean_similarity_true"] > q["mean_similarity_false"] + 0.3
+    # at LAION's cut both errors happen: false pairs kept and true pairs lost
+    assert q["precision"] < 0.9 and q["recall"] < 0.95
+    # and moving the cut across 0.1-0.5 trades one for the other, materially
+    sweep = {p["threshold"]: p for p in q["sweep"]}
+    assert sweep[0.5]["precision"] - sweep[0.1]["precision"] > 0.05
+    assert sweep[0.1]["recall"] - sweep[0.5]["recall"] > 0.08
+    kept = [p["kept"] for p in q["sweep"]]
+    assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+    assert json.loads(demo.run.fs.open(demo.run.join("demo_quality.json")).read()) == q
 
 
 def test_thresholds_change_what_is_kept_and_nothing_else(demo, client):

@@ -85,11 +85,16 @@ def _scores(run: RunDir) -> pd.DataFrame:
     return pd.concat([run.read_parquet(p) for p in run.parts("scores")], ignore_index=True)
 
 
+#: one similarity cut for every language group, swept to show what tuning it trades
+SWEEP = (0.1, 0.2, 0.28, 0.35, 0.45, 0.5)
+
+
 def threshold_quality(run: RunDir, ground_truth: str | Path) -> dict[str, Any]:
     """Precision/recall of the run's similarity thresholds and ROC AUC, against ground truth.
 
     Over the pairs that reached scoring (passed the rules, downloaded, decoded): a pair is
-    relevant when its caption truly describes its image (``matches``).
+    relevant when its caption truly describes its image (``matches``). ``sweep`` gives the
+    same at each cut of ``SWEEP``.
     """
     from laion_dask.products.train import roc_auc
     from laion_dask.stages.filters import similarity_threshold
@@ -105,14 +110,21 @@ def threshold_quality(run: RunDir, ground_truth: str | Path) -> dict[str, Any]:
         return out
     sim = merged[schema.SIMILARITY].astype("float64").to_numpy()
     truth = merged["matches"].astype(bool).to_numpy()
-    kept = sim >= similarity_threshold(merged[schema.LANGUAGE_GROUP], cfg)
-    tp = int((kept & truth).sum())
+
+    def at(cut: Any) -> dict[str, Any]:
+        kept = sim >= cut
+        tp = int((kept & truth).sum())
+        return {
+            "precision": tp / max(int(kept.sum()), 1),
+            "recall": tp / max(int(truth.sum()), 1),
+            "kept": int(kept.sum()),
+        }
+
     out.update(
-        precision=tp / max(int(kept.sum()), 1),
-        recall=tp / max(int(truth.sum()), 1),
-        kept=int(kept.sum()),
+        at(similarity_threshold(merged[schema.LANGUAGE_GROUP], cfg)),
         true_pairs=int(truth.sum()),
         thresholds={g: cfg.similarity_for(g) for g in schema.LANGUAGE_GROUPS},
+        sweep=[{"threshold": t, **at(t)} for t in SWEEP],
     )
     if truth.any() and (~truth).any():
         out["roc_auc"] = roc_auc(sim, truth)
@@ -190,6 +202,9 @@ def _print_summary(result: DemoResult) -> None:
             f"(kept {q['kept']} of {q['with_ground_truth']} scored pairs, "
             f"{q['true_pairs']} truly matching)"
         )
+        print("one cut for every language group:")
+        for key in ("threshold", "precision", "recall"):
+            print(f"  {key:<10}" + "".join(f"{p[key]:>7.2f}" for p in q["sweep"]))
         if "roc_auc" in q:
             print(
                 f"ROC AUC {q['roc_auc']:.4f}   mean similarity true {q['mean_similarity_true']:.3f}"
