@@ -502,39 +502,35 @@ class _Fetcher:
         return await _once(self.host_files, (kind, str(origin)), load)
 
     async def _load_host_file(self, kind: str, origin: URL) -> HostFile:
-        cache = self.host_cache
+        """robots.txt / tdmrep.json of ``origin``: the run's cached answer, else a GET (guarded,
+        redirects by hand, capped, own timeout) published to the cache unless the host is down.
+        """
+        cache, name = self.host_cache, str(origin)
         loop = asyncio.get_running_loop()
-        name = str(origin)
         published = await loop.run_in_executor(None, cache.get, kind, name)
         if published is not None:
             return published
-        record = await self._fetch_host_file(kind, origin)
+        timeout = self.consent.host_file_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                url = origin.with_path(_HOST_FILE_PATHS[kind])
+                code, body = await self._get_host_file(url, kind)
+        except TimeoutError:
+            record = HostFile(kind, name, "unreachable", None, f"timeout after {timeout:g}s")
+        except _HostFileFailure as fail:
+            record = HostFile(kind, name, fail.outcome, fail.http_status, str(fail))
+        else:
+            try:
+                robots = kind == "robots"
+                rules = parse_robots_txt(body, self.ua_token) if robots else parse_tdmrep(body)
+                record = HostFile(kind, name, "ok", code, None, rules)
+            except ValueError as err:  # tdmrep.json that is not a rule list reserves nothing
+                record = HostFile(kind, name, "invalid", code, f"invalid {kind} file: {err}")
         if record.outcome != "ok":
             log.debug("%s of %s: %s (%s)", kind, name, record.outcome, record.error)
         if record.outcome == "down":  # a dead host is not an answer to keep for the whole run
             return record
         return await loop.run_in_executor(None, cache.put, record)
-
-    async def _fetch_host_file(self, kind: str, origin: URL) -> HostFile:
-        """GET robots.txt / tdmrep.json: guarded, redirects by hand, capped, own timeout."""
-        name = str(origin)
-        timeout = self.consent.host_file_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                code, body = await self._get_host_file(
-                    origin.with_path(_HOST_FILE_PATHS[kind]), kind
-                )
-        except TimeoutError:
-            return HostFile(kind, name, "unreachable", None, f"timeout after {timeout:g}s")
-        except _HostFileFailure as fail:
-            return HostFile(kind, name, fail.outcome, fail.http_status, str(fail))
-        try:
-            rules = (
-                parse_robots_txt(body, self.ua_token) if kind == "robots" else parse_tdmrep(body)
-            )
-        except ValueError as err:  # tdmrep.json that is not a rule list reserves nothing
-            return HostFile(kind, name, "invalid", code, f"invalid {kind} file: {err}")
-        return HostFile(kind, name, "ok", code, None, rules)
 
     async def _get_host_file(self, url: URL, kind: str) -> tuple[int, bytes]:
         seen = {str(url)}
