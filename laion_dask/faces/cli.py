@@ -66,22 +66,16 @@ def _run_dir(path: str) -> Any:
     return run
 
 
-#: stage folder -> (what it holds, the command that makes it)
-_UPSTREAM = {
-    "candidates": ("candidates", "extract INPUT... --out {run}"),
-    "downloads": ("downloads", "download {run}"),
-    "scores": ("scores", "score {run}"),
-}
+#: stage folder -> the command that makes it
+_MADE_BY = {"candidates": "extract INPUT... --out {run}", "downloads": "download {run}"}
 
 
 def _require(run: Any, folder: str, command: str) -> None:
     """UsageError unless ``folder`` has finished partitions: ``command`` needs that stage."""
     if run.has_markers(folder):
         return
-    what, make = _UPSTREAM[folder]
-    raise UsageError(
-        f"{command}: {run.path} has no {what} yet; run `{PROG} {make.format(run=run.path)}` first"
-    )
+    make = _MADE_BY.get(folder, "score {run}").format(run=run.path)
+    raise UsageError(f"{command}: {run.path} has no {folder} yet; run `{PROG} {make}` first")
 
 
 def _open_run(args: argparse.Namespace, needs: str, command: str) -> tuple[Any, PipelineConfig]:
@@ -105,10 +99,8 @@ def _base_config(args: argparse.Namespace, run: Any | None) -> PipelineConfig:
         threads=getattr(args, "threads", None),
         no_dashboard=getattr(args, "no_dashboard", False),
     )
-    if cluster is not cfg.cluster:
-        cfg = dataclasses.replace(cfg, cluster=cluster)
-    if getattr(args, "strict", False):
-        cfg = dataclasses.replace(cfg, strict=True)
+    strict = cfg.strict or getattr(args, "strict", False)
+    cfg = dataclasses.replace(cfg, cluster=cluster, strict=strict)
     if getattr(args, "allow_private_networks", False):
         cfg = cfg.replace("download", allow_private_networks=True)
     if getattr(args, "model", None):
@@ -119,7 +111,8 @@ def _base_config(args: argparse.Namespace, run: Any | None) -> PipelineConfig:
 
 
 def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
-    """The flags among ``keys`` the command line gave: they override the config's values."""
+    """The flags among ``keys`` that the command line gave (or that have defaults), by name:
+    they override a config section's values, or go to a function's keywords of that name."""
     return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
@@ -140,15 +133,14 @@ def _client(cfg: PipelineConfig) -> Iterator[Any]:
 
 
 def _print_report(report: Any) -> None:
-    name = getattr(report, "stage", "stage")
-    counts = getattr(report, "counts", {})
-    rows_in = getattr(report, "rows_in", 0)
-    print(f"\n== {name}: {rows_in} rows in, {sum(counts.values())} accounted for")
+    """A stage's or materialize's report: counts, partitions resumed, partitions failed."""
+    counts = report.counts
+    print(f"\n== {report.stage}: {report.rows_in} rows in, {sum(counts.values())} accounted for")
     for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"   {k:<24} {v:>10}")
-    if getattr(report, "resumed", 0):
+    if getattr(report, "resumed", 0):  # materialize resumes nothing
         print(f"   ({report.resumed} of {report.partitions} partitions resumed from checkpoints)")
-    for part, err in getattr(report, "failed", {}).items():
+    for part, err in report.failed.items():
         print(f"   FAILED {part}: {err}")
 
 
@@ -187,9 +179,9 @@ def _check_inputs(paths: Sequence[str], strict: bool) -> None:
     nothing is started. Remote inputs are read by the workers only.
     """
     from laion_dask.stages.extract import sniff_format
-    from laion_dask.stages.sources import open_input
+    from laion_dask.stages.sources import local_path, open_input
 
-    local = [p for p in paths if "://" not in p or p.startswith("file://")]
+    local = [p for p in paths if local_path(p) is not None]
     notes: dict[str, str] = {}  # path -> why it adds no pairs
     for path in local:
         try:
@@ -336,11 +328,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
     with _client(cfg) as client:
         report = materialize(run, thresholds, client=client)
-    _print_report(report)
-    print(f"   kept by language group: {json.dumps(report.kept)}")
-    for sub in report.subsets.values():
-        _print_report(sub)
-        print(f"   kept by language group: {json.dumps(sub.kept)}")
+    for part in (report, *report.subsets.values()):
+        _print_report(part)
+        print(f"   kept by language group: {json.dumps(part.kept)}")
     print(f"\ndataset: {report.out_dir}")
     for name, sub in report.subsets.items():
         print(f"subset {name}: {sub.out_dir}")
@@ -349,13 +339,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from laion_dask.orchestration.rundir import RunDir
-    from laion_dask.products.run import run_pipeline
+    from laion_dask.products.run import STAGE_ORDER, run_pipeline
 
-    all_stages = ("extract", "download", "score", "materialize")
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else all_stages
-    unknown = [s for s in stages if s not in all_stages]
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGE_ORDER
+    unknown = [s for s in stages if s not in STAGE_ORDER]
     if unknown:
-        raise UsageError(f"--stages: unknown stage {unknown[0]!r} (known: {', '.join(all_stages)})")
+        known = ", ".join(STAGE_ORDER)
+        raise UsageError(f"--stages: unknown stage {unknown[0]!r} (known: {known})")
     cfg = _base_config(args, None)  # CONFIG is the positional file
     run = RunDir(args.out)
     if "extract" in stages:
@@ -442,14 +432,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         results = search(
             args.run,
             text=args.query,
-            image=args.image,
-            k=args.k,
-            modality=args.modality,
-            language_group=args.language_group,
-            max_punsafe=args.max_punsafe,
-            max_pwatermark=args.max_pwatermark,
             dedup=None if args.no_dedup else RESULT_DEDUP_COSINE,
             thumbnails=False,
+            **_given(
+                args, "image", "k", "modality", "language_group", "max_punsafe", "max_pwatermark"
+            ),
         )
     except ValueError as err:  # a query the index cannot answer (an unreadable image, ...)
         raise UsageError(f"search: {err}") from err
@@ -475,15 +462,35 @@ def cmd_train_tag_head(args: argparse.Namespace) -> int:
             args.parquet,
             args.label,
             args.out,
-            tag=args.tag,
-            embedding_col=args.embedding_col,
             embeddings_dir=args.embeddings,
             hidden=hidden,
-            epochs=args.epochs,
+            **_given(args, "tag", "embedding_col", "epochs"),
         )
     except ValueError as err:  # the labelled file lacks a column, or its labels are not 0/1
         raise UsageError(f"train-tag-head: {err}") from err
     print(json.dumps({"head": args.out, **metrics}, indent=1))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run, cfg = _open_run(args, "scores", "evaluate")
+    for path in args.thresholds:
+        _load_thresholds(path)  # refused as materialize refuses it
+    from laion_dask.products import evaluate as ev
+
+    budget = ev.EvaluateConfig(
+        steps=args.steps, batch_size=args.batch_size, seeds=args.seeds, seed=args.seed
+    )
+    try:  # every candidate selected and checked before a cluster starts or a file is written
+        plan = ev.plan_evaluation(
+            run, args.thresholds, args.fraction, heldout=args.heldout, cfg=budget
+        )
+    except ev.EvaluateError as err:
+        raise UsageError(f"evaluate: {err}") from err
+    with _client(cfg) as client:
+        results = ev.run_evaluation(plan, client=client, show_progress=not args.quiet)
+    print(ev.format_results(results))
+    print(f"\nresults: {run.join('evaluate', 'results.json')}")
     return 0
 
 
@@ -710,6 +717,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="127.0.0.1", help="--serve: interface to listen on (127.0.0.1)"
     )
     sp.add_argument("--show", action="store_true", help="--serve: open a browser on the page")
+
+    text = "train the small CLIP on each candidate filter at equal compute -> RUN/evaluate"
+    sp = add("evaluate", cmd_evaluate, text, work, run="scored")
+    sp.add_argument(
+        "--thresholds", nargs="+", default=[], metavar="TOML", help="candidate thresholds files"
+    )
+    sp.add_argument(
+        "--fraction",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="X",
+        help="candidates keeping the top X (0-1] by similarity of the rows the other rules keep",
+    )
+    sp.add_argument("--steps", type=int, default=300, help="training steps per candidate (300)")
+    sp.add_argument("--batch-size", type=int, default=128, help="pairs per step (128)")
+    sp.add_argument("--seeds", type=int, default=3, help="trainings per candidate (3)")
+    sp.add_argument("--seed", type=int, default=0, help="first seed, and the demo's draw (0)")
+    sp.add_argument(
+        "--heldout",
+        metavar="DIR",
+        help="labelled images DIR/CLASS/IMAGE (+ IMAGE.txt captions); default on a demo run: "
+        "freshly drawn pictures",
+    )
 
     text = "train a punsafe/pwatermark probe on embeddings"
     sp = add("train-tag-head", cmd_train_tag_head, text, [out])
