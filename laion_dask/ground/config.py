@@ -593,12 +593,11 @@ class ConsentConfig(_Section):
             value = getattr(self, key)
             if isinstance(value, list):
                 value = tuple(value)
-                object.__setattr__(self, key, value)
             if not isinstance(value, tuple) or not all(
                 isinstance(p, str) and p.strip() for p in value
             ):
                 _fail(s, key, "must be a list of file paths or URLs", value)
-            object.__setattr__(self, key, tuple(str(p).strip() for p in value))
+            object.__setattr__(self, key, tuple(p.strip() for p in value))
 
 
 #: byte-size units: SI (``KB`` = 1000) and binary (``KiB`` = 1024), as Dask's ``parse_bytes``
