@@ -142,13 +142,16 @@ class Preprocessor:
     @classmethod
     def from_image_processor(cls, proc: Any) -> Preprocessor:
         """Read the settings of a transformers image processor (CLIP-style or SigLIP-style)."""
+        # heavy optional dependency (seconds to import): only where a model loads
+        from transformers.image_processing_utils import get_size_dict
 
         def get(name: str, default: Any = None) -> Any:
             return getattr(proc, name, default)
 
-        size = _as_dict(get("size"), "shortest_edge")
         resize_to: tuple[Any, ...] | None = None
         if get("do_resize", True):
+            # an int, a dict or (transformers 5) a SizeDict, as the processor reads it
+            size = get_size_dict(get("size"), default_to_square=False, param_name="size")
             if "shortest_edge" in size and "longest_edge" not in size:
                 resize_to = ("shortest_edge", int(size["shortest_edge"]))
             elif "height" in size and "width" in size:
@@ -157,8 +160,7 @@ class Preprocessor:
                 raise ValueError(f"unsupported image processor size {size!r}")
         crop = None
         if get("do_center_crop", False):
-            cs = _as_dict(get("crop_size"), "height")
-            cs.setdefault("width", cs["height"])
+            cs = get_size_dict(get("crop_size"), param_name="crop_size")
             crop = (int(cs["height"]), int(cs["width"]))
         resample = get("resample", PIL.Image.Resampling.BICUBIC)
         resample = int(getattr(resample, "value", resample))
@@ -220,17 +222,6 @@ class Preprocessor:
             std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
             x = (x - mean) / std
         return x.to(dtype).contiguous()
-
-
-def _as_dict(value: Any, int_key: str) -> dict[str, int]:
-    """A processor size (dict, transformers 5 ``SizeDict`` dataclass, or int) as a dict."""
-    if value is None:
-        return {}
-    if isinstance(value, int):
-        return {int_key: value}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    return {k: int(v) for k, v in dict(value).items() if v is not None}
 
 
 # --- encoders ------------------------------------------------------------------------------------
