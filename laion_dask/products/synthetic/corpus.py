@@ -469,7 +469,7 @@ def _draw_files(
     for i in range(n_images):
         add_regular(i, "regular", *picture())
     regular = list(files.items)
-    # pictures the caption-noise kinds link to: about 4 links each, as for regular pictures
+    # the pictures of the kinds that have their own (rare, ...): about 4 links each
     shares = spec.noise_shares()
     links = spec.n_pages * sum(spec.images_per_page) / 2
 
