@@ -572,11 +572,9 @@ class ThresholdDashboard:
             f"# laion-dask thresholds · `{html.escape(str(view.run.path))}` "
             f"({len(view)} rows)\n\nstarted at the thresholds of `{html.escape(self.base_source)}`"
         )
-        return pn.Column(
-            header,
-            pn.Row(controls, pn.Column(similarity, funnel)),
-            pn.Tabs(*tabs, dynamic=False),
-        )
+        #: the views under the controls; a new view is one more ``(title, panel)`` tab
+        self.tabs = pn.Tabs(*tabs, dynamic=False)
+        return pn.Column(header, pn.Row(controls, pn.Column(similarity, funnel)), self.tabs)
 
 
 def build_dashboard(

@@ -291,7 +291,7 @@ class RunView:
         v = self._sorted[self._key(column, group)]
         if not len(v):
             return float("nan")
-        t = _as_stored(column, threshold)
+        t = float(_as_stored(column, threshold))
         if NUMERIC[column] == "ge":
             return float(len(v) - np.searchsorted(v, t, side="left")) / len(v)
         return float(np.searchsorted(v, t, side="right")) / len(v)
@@ -409,7 +409,7 @@ class RunView:
         if n <= 0:
             return np.zeros(0, dtype="int64"), np.zeros(0)
         values = self._values[col]
-        t = _as_stored(col, threshold)
+        t = float(_as_stored(col, threshold))
         with np.errstate(invalid="ignore"):  # NaN (no value) is on neither side
             if NUMERIC[col] == "ge":
                 mask = values >= t if side == "above" else values < t
@@ -595,18 +595,15 @@ def _read_rows(
     return table.take(pa.array(base + rows - starts[group])).to_pandas()
 
 
-def _as_stored(column: str, threshold: float) -> float:
-    """The threshold as the filters compare it (similarity in float32)."""
-    if column == schema.SIMILARITY:
-        return float(np.float32(threshold))
-    return float(threshold)
+def _as_stored(column: str, value: float) -> np.floating:
+    """``value`` as the filters compare it (similarity in float32)."""
+    return (np.float32 if column == schema.SIMILARITY else np.float64)(value)
 
 
 def _past(column: str, value: float, direction: int) -> float:
-    if column == schema.SIMILARITY:
-        v = np.float32(value)
-        return float(np.nextafter(v, np.float32(direction * np.inf)))
-    return float(np.nextafter(value, direction * np.inf))
+    """The stored value next to ``value`` towards ``direction`` (a threshold keeping nothing)."""
+    v = _as_stored(column, value)
+    return float(np.nextafter(v, v.dtype.type(direction * np.inf)))
 
 
 def _pr(kept: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
