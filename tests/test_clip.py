@@ -334,6 +334,33 @@ def test_chunked_equals_eager(cfg, data) -> None:
     assert a.keys == b.keys
 
 
+def test_an_injected_encoder_without_pixels_gets_pil_images(cfg, data) -> None:
+    """The Encoder protocol: an injected encoder with only encode_images / encode_texts scores
+    the same rows as the built-in one (the PIL path; no JPEG draft, so the same pixels)."""
+    df, images = data
+
+    class Plain:  # what a user's encoder offers: no preprocessor, no encode_pixels
+        def __init__(self, inner: clip.TransformersEncoder) -> None:
+            self.inner, self.dim, self.logit_scale = inner, inner.dim, inner.logit_scale
+            self.batches: list[int] = []
+
+        def encode_images(self, pil: list[PIL.Image.Image]) -> np.ndarray:
+            assert all(isinstance(im, PIL.Image.Image) for im in pil)
+            self.batches.append(len(pil))
+            return self.inner.encode_images(pil)
+
+        def encode_texts(self, texts: list[str], groups: list[str]) -> np.ndarray:
+            return self.inner.encode_texts(texts, groups)
+
+    exact = dataclasses.replace(cfg, jpeg_draft=False)
+    plain = Plain(clip.encoder_from_config(exact))
+    got = score_partition(df, exact, encoder=plain, images=images)
+    want = score_partition(df, exact, images=images)
+    assert isinstance(plain, clip.Encoder) and sum(plain.batches) == len(want.keys)
+    pd.testing.assert_frame_equal(got.frame, want.frame, atol=1e-6, check_exact=False)
+    np.testing.assert_array_equal(got.image_embeddings, want.image_embeddings)
+
+
 def _kw(cfg: ClipConfig) -> dict:
     import dataclasses
 
