@@ -731,9 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="candidates keeping the top X (0-1] by similarity of the rows the other rules keep",
     )
-    sp.add_argument("--steps", type=int, default=300, help="training steps per candidate (300)")
-    sp.add_argument("--batch-size", type=int, default=128, help="pairs per step (128)")
-    sp.add_argument("--seeds", type=int, default=3, help="trainings per candidate (3)")
+    sp.add_argument("--steps", type=int, default=100, help="training steps per candidate (100)")
+    sp.add_argument("--batch-size", type=int, default=64, help="pairs per step (64)")
+    sp.add_argument("--seeds", type=int, default=2, help="trainings per candidate (2)")
     sp.add_argument("--seed", type=int, default=0, help="first seed, and the demo's draw (0)")
     sp.add_argument(
         "--heldout",
@@ -778,10 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose = sum(2 if a == "-vv" else 1 for a in argv[:lead] if a.startswith(("-v", "--v")))
         quiet = [a for a in argv[:lead] if a in ("-q", "--quiet")]
         # the dashboard's and the demo's own parsers take -v/-q; train-clip's takes neither
-        if argv[lead] in ("dashboard", "demo"):
-            rest = [*quiet, *["-v"] * verbose, *argv[lead + 1 :]]
-        else:
-            rest = argv[lead + 1 :]
+        own = argv[lead + 1 :]
+        rest = own if argv[lead] == "train-clip" else [*quiet, *["-v"] * verbose, *own]
         _set_logging(verbose)
         from laion_dask.orchestration.cluster import quiet_dask_logging
 
