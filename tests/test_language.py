@@ -106,6 +106,24 @@ def test_py3langid_backend_equals_library_classify() -> None:
     np.testing.assert_allclose(scores, [p for _, p in expected], rtol=1e-6)
 
 
+def test_py3langid_batched_walk_equals_the_per_text_library(corpus) -> None:
+    """The chunk-at-a-time automaton walk gives py3langid's own per-text distribution."""
+    import py3langid.langid as p3
+
+    reference = p3.LanguageIdentifier.from_model_file(p3.MODEL_FILE, norm_probs=True)
+    texts = ["", "   ", "IMG_0423", "SKU 44-1021-B", "A RED BICYCLE", "\x00\x01", "\ud800 x"]
+    texts += ["😀 " * 40, "ä" * 300, "Ünïcödé ÇAPS", "x"]
+    folder = sentences_dir(corpus)
+    for f in sorted(folder.glob("*.txt"))[:24]:  # real text in many scripts, cut alt-text short
+        texts += alt_text_windows(f.read_text(encoding="utf-8").splitlines(), f.stem, 40, seed=3)
+    model = Py3langidModel(english_prior=1.0)
+    probs = model._probs(texts)
+    expected = np.stack([reference._decide(t) for t in texts])
+    np.testing.assert_array_equal(probs.argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_allclose(probs, expected, atol=2e-5)
+    assert model._aliases  # the model has aliased classes (srl -> sr): folding is exercised
+
+
 def test_predict_in_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     model = Py3langidModel(english_prior=10.0)
     texts = list(CLEAR.values()) + ["red dress", "logo", "Fußball", "hello there"]
