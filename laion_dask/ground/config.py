@@ -509,16 +509,13 @@ class ClusterConfig(_Section):
 
         One rule for ``laion-dask`` and the dashboard's materialize button.
         """
-        changes: dict[str, Any] = {}
-        scheduler = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-        if scheduler:
-            changes["scheduler_address"] = scheduler
-        if workers is not None:
-            changes["n_workers"] = workers
-        if threads is not None:
-            changes["threads_per_worker"] = threads
-        if no_dashboard:
-            changes["dashboard_address"] = None
+        changes: dict[str, Any] = {"dashboard_address": None} if no_dashboard else {}
+        flags = {
+            "scheduler_address": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None,
+            "n_workers": workers,
+            "threads_per_worker": threads,
+        }
+        changes |= {key: value for key, value in flags.items() if value is not None}
         return dataclasses.replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
