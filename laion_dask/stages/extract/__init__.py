@@ -444,12 +444,13 @@ def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> 
     """
     limit = cfg.max_html_bytes
     wat = cfg.format != "warc"
+    metadata = FASTWARC_METADATA  # a local: looked up once per record
     summary = col.summary
     for frec, pos in iter_fastwarc_raw(stream):
         summary.records_read += 1
         try:
             length = frec.content_length
-            if wat and 0 < length <= limit and int(frec.record_type) == FASTWARC_METADATA:
+            if wat and 0 < length <= limit and int(frec.record_type) == metadata:
                 try:
                     data = frec.reader.read(length + 1)
                 except (OSError, EOFError, zlib.error, ValueError) as err:
