@@ -361,3 +361,14 @@ def test_extract_pairs_finds_the_ground_truth_links(small_corpus) -> None:  # no
     g = got[key].astype(str).sort_values(key).reset_index(drop=True)
     w = want[key].astype(str).sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(g, w)
+
+
+def test_rare_vocabulary_reads_in_every_language() -> None:
+    scenes = all_scenes(rare=True)
+    rare = [s for s in scenes if s.shape in RARE_SHAPES or s.colour in RARE_COLOURS]
+    assert set(all_scenes()) == set(scenes) - set(rare) and rare
+    for lang in LANGUAGES:  # every scene its own caption: no two words translate alike
+        assert len({caption(s, lang) for s in scenes}) == len(scenes), lang
+    assert caption(rare[0], "en", 0, 3).startswith("three ")
+    with pytest.raises(ValueError, match="count"):
+        caption(rare[0], "de", 0, 3)
