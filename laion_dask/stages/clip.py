@@ -732,9 +732,9 @@ def _batches(
                 to_threads(exc)
                 return threads.submit(_decode_chunk, part, pre, draft)
 
-        def submit(s: int) -> tuple[int, list[tuple[list[bytes | None], Future]]]:
+        def submit(s: int) -> list[tuple[list[bytes | None], Future]]:
             parts = [data[i : i + chunk] for i in range(s, min(s + bs, len(data)), chunk)]
-            return s, [(part, submit_part(part)) for part in parts]
+            return [(part, submit_part(part)) for part in parts]
 
         def result(part: list[bytes | None], fut: Future) -> list[Any]:
             try:
@@ -743,17 +743,12 @@ def _batches(
                 to_threads(exc)
                 return _decode_chunk(part, pre, draft)
 
-        pending: deque[tuple[int, list[tuple[list[bytes | None], Future]]]] = deque()
-        starts = iter(range(0, len(data), bs))
-        for s in starts:
-            pending.append(submit(s))
-            if len(pending) >= 2:
-                break
-        while pending:
-            s, futs = pending.popleft()
-            nxt = next(starts, None)
-            if nxt is not None:
-                pending.append(submit(nxt))
+        starts = range(0, len(data), bs)
+        pending = deque(submit(s) for s in starts[:2])  # two batches ahead of the model
+        for i, s in enumerate(starts):
+            futs = pending.popleft()
+            if i + 2 < len(starts):
+                pending.append(submit(starts[i + 2]))
             items = [x for part, fut in futs for x in result(part, fut)]
             yield list(range(s, s + len(items))), items
 
