@@ -54,25 +54,13 @@ SAMPLE_CUTOFFS = (schema.SIMILARITY, schema.PUNSAFE, schema.PWATERMARK)
 _FRACTION_OFF = 1.0  # a punsafe / pwatermark slider at 1.0 means "tag only" (None)
 _PROBABILITIES = ("max_punsafe", "max_pwatermark")
 #: the threshold widgets below the similarity sliders, by the FilterConfig field they set:
-#: widget, label, options (``end`` grows to hold a larger starting value)
-_LIMITS: dict[str, tuple[Any, str, dict[str, Any]]] = {
-    "max_punsafe": (
-        pn.widgets.FloatSlider,
-        "max punsafe (1 = tag only)",
-        {"end": 1.0, "step": 0.01},
-    ),
-    "max_pwatermark": (
-        pn.widgets.FloatSlider,
-        "max pwatermark (1 = tag only)",
-        {"end": 1.0, "step": 0.01},
-    ),
-    "min_text_chars": (pn.widgets.IntSlider, "min caption chars", {"end": 200}),
-    "min_side": (pn.widgets.IntSlider, "min image side (px)", {"end": 1024, "step": 8}),
-    "max_aspect_ratio": (
-        pn.widgets.FloatInput,
-        "max aspect ratio (empty = off)",
-        {"start": 1.0, "step": 0.5},
-    ),
+#: widget, label, start, end (grown to hold a larger starting value), step
+_LIMITS: dict[str, tuple[Any, str, float, float | None, float]] = {
+    "max_punsafe": (pn.widgets.FloatSlider, "max punsafe (1 = tag only)", 0.0, 1.0, 0.01),
+    "max_pwatermark": (pn.widgets.FloatSlider, "max pwatermark (1 = tag only)", 0.0, 1.0, 0.01),
+    "min_text_chars": (pn.widgets.IntSlider, "min caption chars", 0, 200, 1),
+    "min_side": (pn.widgets.IntSlider, "min image side (px)", 0, 1024, 8),
+    "max_aspect_ratio": (pn.widgets.FloatInput, "max aspect ratio (empty = off)", 1.0, None, 0.5),
 }
 #: the FilterConfig field each run-wide histogram draws its threshold line at (similarity:
 #: ``similarity_<group>`` per group)
@@ -202,14 +190,15 @@ class ThresholdDashboard:
         #: the threshold widgets below the similarity sliders, by the FilterConfig field they set
         #: (also attributes: ``board.max_punsafe`` ...)
         self.limits: dict[str, Any] = {}
-        for name, (widget, label, options) in _LIMITS.items():
+        for name, (widget, label, start, end, step) in _LIMITS.items():
             value = getattr(base, name)
             if name in _PROBABILITIES and value is None:
                 value = _FRACTION_OFF
-            if "end" in options:
-                options = {**options, "end": max(options["end"], value)}
-            self.limits[name] = widget(label=label, value=value, width=280, **options)
-            setattr(self, name, self.limits[name])
+            if end is not None:
+                end = max(end, value)
+            limit = widget(label=label, start=start, end=end, step=step, value=value, width=280)
+            self.limits[name] = limit
+            setattr(self, name, limit)
         self.sample_cutoff = pn.widgets.RadioButtonGroup(
             label="samples at", options=list(SAMPLE_CUTOFFS), value=schema.SIMILARITY
         )
