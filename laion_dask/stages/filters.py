@@ -48,6 +48,7 @@ from laion_dask.ground.config import (
     SubsetConfig,
     config_to_dict,
     filters_table,
+    refuse_unknown_keys,
 )
 
 #: the column (bool) and the reason of an image that repeats a better one of its group
@@ -426,13 +427,8 @@ def load_thresholds(path: str | Path, base: FilterConfig | None = None) -> Filte
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     # refuses a file that sets nothing, or keys outside [filters] that would be ignored
     values = filters_table(data, where=str(path))
-    known = {f.name for f in dataclasses.fields(FilterConfig)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"filters.{key}: unknown key (known: {', '.join(sorted(known))})")
-    base = base or FilterConfig()
-    merged = {k: getattr(base, k) for k in known} | values
-    return FilterConfig(**merged)
+    refuse_unknown_keys(FilterConfig, "filters", values)
+    return dataclasses.replace(base or FilterConfig(), **values)
 
 
 def dump_thresholds(cfg: FilterConfig, path: str | Path | None = None) -> str:
