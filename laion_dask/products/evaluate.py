@@ -58,6 +58,7 @@ import math
 import random
 import re
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -137,13 +138,13 @@ class EvaluateConfig:
     """The fixed budget every candidate trains with, and how results are measured."""
 
     #: optimizer steps per training (the same for every candidate: equal compute)
-    steps: int = 300
-    batch_size: int = 128
+    steps: int = 100
+    batch_size: int = 64
     #: trainings per candidate, seeds ``seed, seed + 1, ...`` (the same for every candidate)
-    seeds: int = 3
+    seeds: int = 2
     seed: int = 0
     #: pictures drawn for a demo run's held-out set
-    heldout_size: int = 600
+    heldout_size: int = 400
     #: bootstrap resamples for the intervals
     bootstrap: int = 2000
     recall_k: tuple[int, ...] = (1, 5, 10)
@@ -622,6 +623,24 @@ def _decode(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
+_IMPORT_LOCK = threading.Lock()
+_TRAIN_LOCK = threading.Lock()
+
+
+def _import_transformers() -> None:
+    """Resolve transformers' lazy attributes once per process, one thread at a time: two
+    trainings starting together in one worker's threads can otherwise see a half-made module
+    (``ImportError: cannot import name 'CLIPTokenizer'``)."""
+    with _IMPORT_LOCK:
+        # heavy optional dependency (seconds to import): only where a model trains
+        from transformers import (  # noqa: F401
+            CLIPConfig,
+            CLIPModel,
+            CLIPProcessor,
+            CLIPTokenizer,
+        )
+
+
 def train_and_measure(job: dict[str, Any]) -> dict[str, Any]:
     """Train one candidate with one seed, measure it on the held-out shard (a Dask task).
 
@@ -631,6 +650,7 @@ def train_and_measure(job: dict[str, Any]) -> dict[str, Any]:
     be bootstrapped over held-out images by the caller.
     """
     t0 = time.perf_counter()
+    _import_transformers()
     data = read_images(job["images"], job["keys"], job["shards"])
     samples = [
         ShardSample(key=make_key(0, i), image=img, text=text, meta={}, ext=_image_ext(img))
@@ -643,7 +663,11 @@ def train_and_measure(job: dict[str, Any]) -> dict[str, Any]:
         write_shard(shard, samples)
         del samples, data
         model_dir = Path(tmp) / "model"
-        report = train_clip([shard], model_dir, job["train"])
+        # train_clip seeds torch's process-wide RNG and thread count: two trainings in one
+        # process at once would draw each other's initial weights. One at a time per process
+        # (a worker per core, as the CLI starts them, trains in parallel all the same)
+        with _TRAIN_LOCK:
+            report = train_clip([shard], model_dir, job["train"])
         outcome = measure(model_dir, job["heldout"], job["prompts"], job["recall_k"])
     return {
         "name": job["name"],
