@@ -657,10 +657,7 @@ class KnnIndex:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The indexed vectors of ``ids``: exact for Flat and for IVF-PQ with re-ranking (its
         float16 copies), the PQ reconstruction for plain IVF-PQ."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return self.index.reconstruct_batch(ids)
+        return self.index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
 
     def allowed(
         self,
