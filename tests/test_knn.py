@@ -295,6 +295,29 @@ def test_image_query_finds_itself_and_collapses_its_copy(scene_run):
         knn.search(run, text="a", image=image)
 
 
+def test_image_query_puts_transparency_on_white_as_the_score_stage_does(tmp_path):
+    import io
+
+    from PIL import Image
+
+    class Recorder:  # an Encoder that keeps what it was given
+        dim = 4
+
+        def encode_images(self, images):
+            self.seen = [np.asarray(im) for im in images]
+            return np.ones((len(images), self.dim), np.float32)
+
+        def encode_texts(self, texts, groups):
+            raise AssertionError("not a text query")
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(buf, format="PNG")  # transparent red
+    enc = Recorder()
+    knn.encode_query(tmp_path, image=buf.getvalue(), encoder=enc)
+    assert enc.seen[0].shape == (8, 8, 3)
+    assert (enc.seen[0] == 255).all()  # white, as clip.to_rgb scores it; not the hidden red
+
+
 def test_missing_index_is_a_clear_error(tmp_path):
     run = make_vector_run(tmp_path / "run", [_unit(np.random.default_rng(0), 5, 8)])
     with pytest.raises(FileNotFoundError, match="laion-dask index"):

@@ -66,7 +66,7 @@ from laion_dask.products.neardup import (
     add_near_duplicate,
     read_near_duplicates,
 )
-from laion_dask.stages.clip import encoder_from_config
+from laion_dask.stages.clip import encoder_from_config, to_rgb
 from laion_dask.stages.embeddings import embedding_parts, embedding_paths, read_array
 from laion_dask.stages.imaging import read_thumbnails, thumbnail_html
 
@@ -866,10 +866,12 @@ def encode_query(
         data = image if isinstance(image, bytes | bytearray) else Path(image).read_bytes()
         try:
             with Image.open(io.BytesIO(data)) as im:
-                image = im.convert("RGB")
+                im.load()
+                image = im
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"the query image cannot be decoded: {err}") from err
-    return np.asarray(encoder.encode_images([image.convert("RGB")]), np.float32)[0]
+    # transparency onto white, as the score stage does: a query embeds as its image was scored
+    return np.asarray(encoder.encode_images([to_rgb(image)]), np.float32)[0]
 
 
 def search(

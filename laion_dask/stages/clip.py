@@ -73,6 +73,7 @@ __all__ = [
     "score_partition",
     "add_clip_scores",
     "shutdown_decoder_processes",
+    "to_rgb",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Encoder(Protocol):
 # --- preprocessing -------------------------------------------------------------------------------
 
 
-def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     """RGB as transformers' ``convert_to_rgb`` does: transparency composited onto white."""
     if img.mode == "RGB":
         return img
@@ -183,7 +184,7 @@ class Preprocessor:
         # heavy optional dependency (seconds to import): only where images are scored
         from transformers.image_transforms import center_crop
 
-        img = _to_rgb(img)
+        img = to_rgb(img)
         if self.resize_to is not None:
             img = img.resize(self._target(*img.size), resample=self.resample)
         arr = np.asarray(img)
