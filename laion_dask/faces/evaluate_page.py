@@ -34,6 +34,8 @@ def quality_plot(
 
     ``frame`` is ``RUN/evaluate/results.parquet`` (one row per candidate and measure).
     """
+    if "bokeh" not in hv.Store.renderers:  # the plot needs a backend to take options
+        hv.extension("bokeh", logo=False)
     rows = frame[frame["measure"] == measure].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"no results for measure {measure!r}")
@@ -88,12 +90,13 @@ def evaluate_view(run_path: str | Path | RunDir) -> pn.viewable.Viewable:
 
     Without results it says how to make them.
     """
+    pn.extension(sizing_mode="fixed")
     try:
         results, frame = read_results(run_path)
     except FileNotFoundError as err:
         return pn.pane.Markdown(f"**No evaluation yet.** {html.escape(str(err))}")
     measures = list(dict.fromkeys(frame["measure"]))
-    select = pn.widgets.Select(name="measure", options=measures, value=results["primary"])
+    select = pn.widgets.Select(label="measure", options=measures, value=results["primary"])
     winner = results["winner"]
     vs = next(
         (
