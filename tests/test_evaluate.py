@@ -33,7 +33,13 @@ from laion_dask.products.explore import open_run
 from laion_dask.products.synthetic.draw import Scene, caption, draw_scene, encode_image
 from laion_dask.stages.filters import dump_thresholds
 from laion_dask.stages.imaging import process_image
-from tests.helpers.browser import browser_skip_reason, chromium_page, drawn_colours, panel_server
+from tests.helpers.browser import (
+    browser_skip_reason,
+    chromium_page,
+    drawn_colours,
+    free_port,
+    served,
+)
 from tests.helpers.demo import FAKE_BASE_URLS
 from tests.helpers.runs import make_scored_run
 
@@ -405,23 +411,25 @@ _SKIP = browser_skip_reason()
 @pytest.mark.slow
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 @pytest.mark.timeout(900)
-def test_evaluate_view_renders_in_chromium(evaluated):
-    from laion_dask.faces.evaluate_page import evaluate_view
-
+def test_the_dashboards_evaluate_tab_draws_the_results_in_chromium(evaluated):
+    """``laion-dask dashboard RUN`` on an evaluated run: the Evaluate tab draws size/quality."""
     run, results = evaluated
-    with panel_server(lambda: evaluate_view(run.path)) as url, chromium_page() as (page, errors):
+    port = free_port()
+    cmd = [str(EXE), "dashboard", run.path, "--port", str(port), "--no-show", *LOCAL[:4]]
+    with served(cmd, port) as url, chromium_page() as (page, errors):
         page.goto(url)
         try:
-            page.get_by_text(f"Best by {results['primary']}").first.wait_for(timeout=120_000)
+            page.locator(".bk-tab", has_text="Evaluate").click(timeout=120_000)
+            page.get_by_text(f"Best by {results['primary']}").first.wait_for(timeout=60_000)
+            figure = page.locator(".evaluate-plot")
+            figure.locator("canvas").first.wait_for(timeout=30_000)
         except Exception:  # what the page showed instead, for the post-mortem
             ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "evaluate-view.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "evaluate-tab.png"), full_page=True)
             raise
-        figure = page.locator(".evaluate-plot")
-        figure.locator("canvas").first.wait_for(timeout=30_000)
         page.wait_for_timeout(1_000)
         assert drawn_colours(figure.screenshot()) > 20, "the size/quality plot is blank"
-        table = page.locator("table").first.inner_text()
+        table = page.locator("table").last.inner_text()
         for e in results["candidates"]:
             assert e["name"] in table
         assert page.get_by_text(results["caveat"][:40]).count() == 1  # Panel draws in a shadow DOM

@@ -33,7 +33,7 @@ import param
 from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Span
 from bokeh.plotting import figure
 
-from laion_dask.faces import plots
+from laion_dask.faces import evaluate_page, plots
 from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
 from laion_dask.ground import schema
 from laion_dask.ground.config import ClusterConfig, ConfigError, FilterConfig
@@ -557,6 +557,8 @@ class ThresholdDashboard:
                 "matches its image, retrieved when kept at these thresholds."
             )
             tabs.append(("Precision / recall", pn.Column(text, pn.pane.DataFrame(pr))))
+        # which thresholds train the better model (`laion-dask evaluate RUN`), or how to ask
+        tabs.append(("Evaluate", evaluate_page.evaluate_view(view.run)))
         header = pn.pane.Markdown(
             f"# laion-dask thresholds · `{html.escape(str(view.run.path))}` "
             f"({len(view)} rows)\n\nstarted at the thresholds of `{html.escape(self.base_source)}`"
