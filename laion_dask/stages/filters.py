@@ -267,7 +267,7 @@ def _num(s: pd.Series, dtype: str = "float64") -> np.ndarray:
     """A numeric column as ``dtype`` floats, NaN for missing (any pandas or Arrow dtype)."""
     if isinstance(s.dtype, np.dtype) and s.dtype.kind == "f":
         return s.to_numpy(dtype=dtype)
-    return s.astype("Float64").to_numpy(dtype=dtype, na_value=np.nan)
+    return s.to_numpy(dtype=dtype, na_value=np.nan)
 
 
 def fate_columns(df: pd.DataFrame) -> FateColumns:
