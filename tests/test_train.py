@@ -112,6 +112,21 @@ def test_tokenizer_covers_every_byte_and_round_trips(tmp_path: Path) -> None:
     assert decoded.replace(" ", "") == text.lower().replace(" ", "")
 
 
+def test_tokenizer_training_is_the_same_every_time() -> None:
+    """Many merges tie on count here. The BPE trainer breaks ties by symbol ids. Left to
+    itself it numbers word-final symbols in hash-map order, which changes between calls:
+    two evaluate trainings on the same rows got different vocabularies."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6))) for _ in range(60)]
+    texts = [" ".join(rng.choice(words) for _ in range(5)) for _ in range(50)]
+    vocabs = {
+        json.dumps(train_tokenizer(texts, 600, 32).get_vocab(), sort_keys=True) for _ in range(8)
+    }
+    assert len(vocabs) == 1
+
+
 def test_training_loss_is_symmetric_infonce() -> None:
     """train_clip optimises CLIPModel's own loss: pin that it is the symmetric InfoNCE over
     cosine logits with a learned temperature, as CLIP and OpenCLIP train."""

@@ -220,10 +220,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> A
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    base = [_BOS, _EOS] + sorted(alphabet) + sorted(a + "</w>" for a in alphabet)
+    ends = sorted(a + "</w>" for a in alphabet)
+    base = [_BOS, _EOS] + sorted(alphabet) + ends
     trainer = BpeTrainer(
         vocab_size=max(vocab_size, len(base) + 1),
-        special_tokens=[_BOS, _EOS],
+        # the word-final symbols as special tokens: the trainer then gives them ids in this
+        # order, before it reads a word. Otherwise it numbers them as it meets them in a hash
+        # map, whose order changes per process, and count ties between merges break by those
+        # ids: two trainings on the same texts could differ (huggingface/tokenizers#1794)
+        special_tokens=[_BOS, _EOS, *ends],
         initial_alphabet=alphabet,
         end_of_word_suffix="</w>",
         continuing_subword_prefix="",
