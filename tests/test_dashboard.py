@@ -85,11 +85,11 @@ def test_live_plots_follow_the_widgets(scored_view):
     board.max_punsafe.value = 0.6
     board.min_text_chars.value = 12
     funnel = scored_view.kept_at(board.config())
-    kept = dict(zip(board.kept_source.data["label"], board.kept_source.data["rows"], strict=True))
+    kept = dict(zip(board.kept_source.data["label"], board.kept_source.data["count"], strict=True))
     assert kept == funnel.kept
     dropped = board.dropped_source.data
     assert list(dropped["label"]) == list(scored_view.reasons)  # fixed bars: only counts move
-    got = {r: n for r, n in zip(dropped["label"], dropped["rows"], strict=True) if n}
+    got = {r: n for r, n in zip(dropped["label"], dropped["count"], strict=True) if n}
     assert got == funnel.dropped
     assert board.spans[("similarity", "multi")].location == pytest.approx(0.25)
     assert board.spans[("punsafe", "all")].location == pytest.approx(0.6)

@@ -30,8 +30,7 @@ from typing import Any
 import holoviews as hv
 import panel as pn
 import param
-from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Span
-from bokeh.plotting import figure
+from bokeh.models import Span
 
 from laion_dask.faces import evaluate_page, plots
 from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
@@ -40,6 +39,7 @@ from laion_dask.ground.config import ClusterConfig, ConfigError, FilterConfig
 from laion_dask.orchestration.cluster import close_client, make_client
 from laion_dask.products.explore import ALL, TEXT_LENGTH, Funnel, RunView, open_run, samples_html
 from laion_dask.products.materialize import materialize
+from laion_dask.products.report.rendering import bar_figure
 
 log = logging.getLogger(__name__)
 
@@ -396,17 +396,12 @@ class ThresholdDashboard:
     def _bars(self, labels: list[str], *, title: str, horizontal: bool) -> Any:
         """Bars with fixed labels (the factors never change): :meth:`_redraw` sets the counts."""
         colors = [plots.COLORS.get(x, "#4c72b0") for x in labels]  # language groups: theirs
-        source = ColumnDataSource({"label": labels, plots.ROWS: [0] * len(labels), "color": colors})
-        axis = {("y_range" if horizontal else "x_range"): FactorRange(factors=list(labels))}
-        size = {"width": 420, "height": 300} if horizontal else {"width": 300, "height": 260}
-        fig = figure(title=title, toolbar_location=None, **axis, **size)
-        if horizontal:
-            fig.hbar(y="label", right=plots.ROWS, height=0.8, color="color", source=source)
-        else:
-            fig.vbar(x="label", top=plots.ROWS, width=0.8, color="color", source=source)
+        name = "funnel-dropped" if horizontal else "funnel-kept"
+        items = [(x, 0) for x in labels]
+        fig, source = bar_figure(name, items, title, horizontal=horizontal, colors=colors)
+        fig.toolbar_location = None
         (fig.xaxis if horizontal else fig.yaxis).axis_label = plots.ROWS
-        fig.add_tools(HoverTool(tooltips=[("", "@label"), (plots.ROWS, f"@{plots.ROWS}")]))
-        fig.css_classes = ["funnel-dropped" if horizontal else "funnel-kept"]  # for browser tests
+        fig.css_classes = [name]  # for browser tests
         return fig, source
 
     def _redraw(self, *_: Any) -> None:
@@ -416,8 +411,8 @@ class ThresholdDashboard:
         # same labels and colours every time: only the counts change (one small patch)
         kept = [f.kept[g] for g in self.view.groups]
         dropped = [f.dropped.get(r, 0) for r in self.view.reasons]
-        self.kept_source.data = {**self.kept_source.data, plots.ROWS: kept}
-        self.dropped_source.data = {**self.dropped_source.data, plots.ROWS: dropped}
+        self.kept_source.data = {**self.kept_source.data, "count": kept}
+        self.dropped_source.data = {**self.dropped_source.data, "count": dropped}
         self._kept_fig.title.text = f"kept: {f.total_kept} of {f.rows_in}"
         for (column, group), span in self.spans.items():
             # None (a probability at 1: tag only; an empty box) draws no line

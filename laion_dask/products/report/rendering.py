@@ -121,37 +121,49 @@ def _hist_figure(name: str, entry: Mapping[str, Any], title: str, *, log_x: bool
     return fig
 
 
-def _bar_figure(name: str, items: Sequence[Sequence[Any]], title: str, *, horizontal: bool) -> Any:
+def bar_figure(
+    name: str,
+    items: Sequence[Sequence[Any]],
+    title: str,
+    *,
+    horizontal: bool,
+    colors: Sequence[str] | None = None,
+) -> tuple[Any, ColumnDataSource]:
+    """Bars of ``(label, count)`` items, sized to their number, and the source they draw from.
+
+    The report's bar plots and the dashboard's live funnel (which keeps the labels and sets
+    ``source.data["count"]`` as its thresholds move). ``colors``: one per item, else Bokeh's.
+    """
     labels = [str(k) for k, _ in items] or ["(none)"]
     counts = [int(v) for _, v in items] or [0]
-    src = ColumnDataSource({"label": labels, "count": counts})
-    tools = "hover,save,reset"
+    data: dict[str, list[Any]] = {"label": labels, "count": counts}
+    paint = {}
+    if colors is not None:
+        data["color"], paint = list(colors), {"color": "color"}
+    src = ColumnDataSource(data)
+    common = {"title": title, "tools": "hover,save,reset", "tooltips": "@label: @count"}
     if horizontal:
         fig = figure(
             y_range=labels[::-1],
-            title=title,
             height=max(200, 18 * len(labels) + 60),
             width=560,
-            tools=tools,
-            tooltips="@label: @count",
             name=f"plot-{name}",
+            **common,
         )
-        fig.hbar(y="label", right="count", height=0.8, source=src)
+        fig.hbar(y="label", right="count", height=0.8, source=src, **paint)
         fig.x_range.start = 0
     else:
         fig = figure(
             x_range=labels,
-            title=title,
             height=280,
             width=max(320, 22 * len(labels) + 80),
-            tools=tools,
-            tooltips="@label: @count",
             name=f"plot-{name}",
+            **common,
         )
-        fig.vbar(x="label", top="count", width=0.8, source=src)
+        fig.vbar(x="label", top="count", width=0.8, source=src, **paint)
         fig.y_range.start = 0
         fig.xaxis.major_label_orientation = 0.9
-    return fig
+    return fig, src
 
 
 def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,14 +172,15 @@ def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
     final = stats["funnel"]["final"]
     figs: dict[str, Any] = {}
     items = [(f"kept ({g})", n) for g, n in final["kept"].items()] + _by_count(final["dropped"])
-    figs["funnel"] = _bar_figure("funnel", items, "Final fate of every candidate", horizontal=True)
+    fate = "Final fate of every candidate"
+    figs["funnel"] = bar_figure("funnel", items, fate, horizontal=True)[0]
     langs = stats["languages"]
-    figs["languages"] = _bar_figure(
+    figs["languages"] = bar_figure(
         "languages",
         [*langs["top"], ["(rest)", langs["rest"]]],
         f"Languages of candidates (top {TOP_LANGUAGES} + rest)",
         horizontal=False,
-    )
+    )[0]
     for g in schema.LANGUAGE_GROUPS:
         figs[f"similarity_{g}"] = _hist_figure(
             f"similarity_{g}", h[f"similarity_{g}"], f"Similarity, {g} (red: threshold)"
@@ -196,25 +209,25 @@ def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
         "original_bytes", h["original_bytes"], "Original bytes", log_x=True
     )
     doms = stats["domains"]
-    figs["domains"] = _bar_figure(
+    figs["domains"] = bar_figure(
         "domains",
         doms["top_images"],
         f"Downloaded images per domain (top {TOP_DOMAINS})",
         horizontal=True,
-    )
+    )[0]
     fails = stats["download_failures"]
-    figs["failures_status"] = _bar_figure(
+    figs["failures_status"] = bar_figure(
         "failures_status",
         _by_count(fails["by_status"]),
         "Download failures by status",
         horizontal=False,
-    )
-    figs["failures_domain"] = _bar_figure(
+    )[0]
+    figs["failures_domain"] = bar_figure(
         "failures_domain",
         fails["by_domain"],
         f"Download failures by domain (top {TOP_FAILED_DOMAINS})",
         horizontal=True,
-    )
+    )[0]
     return figs
 
 
