@@ -204,7 +204,7 @@ def test_subsets_are_written_beside_the_base_and_their_funnels_add_up(run, clien
         # its own folder: funnel.json, thresholds.toml, parquet + shards + embeddings per group
         assert sub.out_dir == f"{report.out_dir}/{name}"
         written = json.loads(open(f"{sub.out_dir}/funnel.json").read())
-        assert {k: written[k] for k in ("rows_in", "kept", "dropped")} == sub.funnel()
+        assert {k: written[k] for k in ("rows_in", "kept", "dropped")} == sub.to_dict()
         assert written["cut"] == SUBSETS[name]
         assert load_thresholds(f"{sub.out_dir}/thresholds.toml") == cfg
         keys: set[str] = set()

@@ -135,29 +135,41 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).astype(_CATEGORICAL)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Funnel:
-    """Rows in, kept per language group, dropped per reason, and the group x outcome table.
+    """Rows in, kept per language group, dropped per reason: every row is one or the other.
 
-    ``table`` has one row per outcome (``kept`` then each reason seen) and one column per language
-    group (a missing or unknown group counts as ``nolang``, as the similarity filter treats it);
-    ``rows_in == sum(kept) + sum(dropped)`` always (:meth:`check`).
+    ``rows_in == sum(kept) + sum(dropped)`` always (:meth:`check`). A funnel from
+    :meth:`RunView.kept_at` also has ``table``: one row per outcome (``kept`` then each reason
+    seen) and one column per language group (a missing or unknown group counts as ``nolang``, as
+    the similarity filter treats it). What ``materialize`` writes is a funnel too
+    (:class:`~laion_dask.products.materialize.MaterializeReport`), so the two compare as equals.
     """
 
-    rows_in: int
-    kept: dict[str, int]
-    dropped: dict[str, int]
-    table: pd.DataFrame = field(repr=False)
+    rows_in: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # language group -> rows
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    table: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def total_kept(self) -> int:
         """Rows kept over all groups."""
         return sum(self.kept.values())
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows per outcome: ``kept`` (all groups) then each reason (as a stage report's)."""
+        return {"kept": self.total_kept, **self.dropped}
+
     def check(self) -> None:
         """Raise when kept + dropped does not equal rows in."""
-        if self.total_kept + sum(self.dropped.values()) != self.rows_in:
-            raise AssertionError(f"funnel: {self.rows_in} in, counts do not add up")
+        total = self.total_kept + sum(self.dropped.values())
+        if total != self.rows_in:
+            raise AssertionError(f"funnel: {self.rows_in} in, {total} out")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``funnel.json`` holds of it: rows in, kept per group, dropped per reason."""
+        return {"rows_in": self.rows_in, "kept": self.kept, "dropped": self.dropped}
 
 
 class RunView:

@@ -43,6 +43,7 @@ from laion_dask.ground.config import FilterConfig, check_subset_name
 from laion_dask.ground.shards import ShardSample, read_shard_images, write_shard
 from laion_dask.orchestration.rundir import RunDir, fingerprint
 from laion_dask.orchestration.runner import get_client, run_tasks
+from laion_dask.products.explore import Funnel
 from laion_dask.products.neardup import join_part_near_duplicates
 from laion_dask.stages.embeddings import embedding_paths, read_array, write_embedding_arrays
 from laion_dask.stages.filters import (
@@ -91,37 +92,25 @@ _OURS = [
 ]
 
 
-@dataclass
-class MaterializeReport:
-    """Rows in, kept per language group, dropped per reason; ``check()`` proves they add up.
+@dataclass(kw_only=True)
+class MaterializeReport(Funnel):
+    """The funnel ``materialize`` applied (``funnel.json``), where it wrote and how long it took.
 
     ``subsets`` holds one report per output subset (name -> report, ``{}`` when there are
     none); each has the same ``rows_in`` and its own ``kept``, ``dropped`` and ``out_dir``.
     """
 
     stage: str = "materialize"
-    rows_in: int = 0
-    kept: dict[str, int] = field(default_factory=dict)  # language group -> rows
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     out_dir: str = ""
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)
     subsets: dict[str, MaterializeReport] = field(default_factory=dict)
 
-    @property
-    def counts(self) -> dict[str, int]:
-        return {"kept": sum(self.kept.values()), **self.dropped}
-
     def check(self) -> None:
-        total = sum(self.kept.values()) + sum(self.dropped.values())
-        if total != self.rows_in:
-            raise AssertionError(f"{self.stage}: {self.rows_in} in, {total} out")
+        """Raise when the counts of the base dataset or of a subset do not add up."""
+        super().check()
         for sub in self.subsets.values():
             sub.check()
-
-    def funnel(self) -> dict[str, Any]:
-        """What ``funnel.json`` holds: rows in, kept per group, dropped per reason."""
-        return {"rows_in": self.rows_in, "kept": self.kept, "dropped": self.dropped}
 
 
 def laion_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -306,10 +295,10 @@ def materialize(
         )
     report.check()
     text = dump_thresholds(cfg)
-    funnel: dict[str, Any] = {**report.funnel(), "thresholds_fingerprint": fingerprint(text)}
+    funnel: dict[str, Any] = {**report.to_dict(), "thresholds_fingerprint": fingerprint(text)}
     for name, sub in report.subsets.items():
         cut = {k: v for k, v in dataclasses.asdict(cfg.subsets[name]).items() if v is not None}
-        sub_funnel = {"subset": name, "cut": cut, **sub.funnel()}
+        sub_funnel = {"subset": name, "cut": cut, **sub.to_dict()}
         funnel.setdefault("subsets", {})[name] = sub_funnel
         note = f"# subset {name!r}: [filters] then [filters.subsets.{name}]\n"
         sub_funnel = {**sub_funnel, "thresholds_fingerprint": funnel["thresholds_fingerprint"]}
