@@ -16,9 +16,23 @@ def test_read_parquet_rows_reads_any_slice_across_row_groups(tmp_path):
     for start, stop in [(0, 5), (3, 12), (20, 23), (0, 23), (7, 7)]:
         got = run.read_parquet_rows(path, start, stop)
         pd.testing.assert_frame_equal(got, df.iloc[start:stop].reset_index(drop=True))
-    with pytest.raises(ValueError, match="rows 20:24 asked, the file has 23"):
+    with pytest.raises(ValueError, match="rows 20..23 asked, the file has 23"):
         run.read_parquet_rows(path, 20, 24)
 
+
+
+def test_read_parquet_take_keeps_the_order_asked_and_refuses_a_rewritten_file(tmp_path):
+    run = RunDir(str(tmp_path))
+    df = pd.DataFrame({"i": range(23), "s": pd.array([f"r{i}" for i in range(23)], "string")})
+    path = run.join("x.parquet")
+    run.write_parquet_atomic(path, df, row_group_rows=5)
+    pos = [22, 0, 7, 7, 14, 3]
+    got = run.read_parquet_take(path, pos, columns=["s"], expected_rows=23)
+    pd.testing.assert_frame_equal(got, df.iloc[pos][["s"]].reset_index(drop=True))
+    with pytest.raises(RuntimeError, match="has 23 rows, 30 when"):
+        run.read_parquet_take(path, pos, expected_rows=30)
+    with pytest.raises(ValueError, match="rows -1..3 asked"):
+        run.read_parquet_take(path, [3, -1])
 
 def test_remove_tmp_files_takes_only_temporary_names(tmp_path):
     run = RunDir(str(tmp_path))

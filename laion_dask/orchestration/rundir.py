@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -241,22 +242,44 @@ class RunDir:
             return pq.read_table(fh, columns=columns).to_pandas()
 
     def read_parquet_rows(self, path: str, start: int, stop: int) -> pd.DataFrame:
-        """Rows ``start:stop`` of a parquet file, reading only the row groups that hold them."""
+        """Rows ``start:stop`` of a parquet file (:meth:`read_parquet_take` of that range)."""
+        if start < 0 or start > stop:
+            raise ValueError(f"{path}: rows {start}:{stop} asked")
+        return self.read_parquet_take(path, np.arange(start, stop))
+
+    def read_parquet_take(
+        self,
+        path: str,
+        rows: Any,
+        *,
+        columns: list[str] | None = None,
+        expected_rows: int | None = None,
+    ) -> pd.DataFrame:
+        """``columns`` of the rows at positions ``rows`` of a parquet file, in that order.
+
+        Reads only the row groups that hold them. ``expected_rows``: the file's row count when
+        the positions were taken; another count means it was rewritten since (RuntimeError).
+        """
+        rows = np.asarray(rows, dtype="int64").reshape(-1)
         with self.fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            groups: list[int] = []
-            offset, first = 0, 0
-            for i in range(pf.num_row_groups):
-                n = pf.metadata.row_group(i).num_rows
-                if offset < stop and offset + n > start:
-                    if not groups:
-                        first = offset
-                    groups.append(i)
-                offset += n
-            if stop > offset or start < 0 or start > stop:
-                raise ValueError(f"{path}: rows {start}:{stop} asked, the file has {offset}")
-            table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
-        return table.slice(start - first, stop - start).to_pandas()
+            meta = pf.metadata
+            if expected_rows is not None and meta.num_rows != expected_rows:
+                raise RuntimeError(
+                    f"{path} has {meta.num_rows} rows, {expected_rows} when its rows were counted"
+                )
+            if len(rows) and (rows.min() < 0 or rows.max() >= meta.num_rows):
+                raise ValueError(
+                    f"{path}: rows {rows.min()}..{rows.max()} asked, the file has {meta.num_rows}"
+                )
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes, dtype="int64")])
+            group = np.searchsorted(starts, rows, side="right") - 1
+            wanted = np.unique(group)
+            table = pf.read_row_groups(wanted.tolist(), columns=columns)
+        offset = np.concatenate([[0], np.cumsum(np.take(sizes, wanted))])  # of each group read
+        at = offset[np.searchsorted(wanted, group)] + rows - starts[group]
+        return table.take(pa.array(at, type=pa.int64())).to_pandas()
 
     def mark_done(self, stage: str, index: int, info: Mapping[str, Any]) -> None:
         self.write_json_atomic(self.marker_path(stage, index), dict(info))

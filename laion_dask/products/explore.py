@@ -33,7 +33,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import FilterConfig
@@ -463,7 +462,12 @@ class RunView:
             part = int(self._part_index[k])
             local = pos[sel] - self._offsets[k]
             expected = int(self._offsets[k + 1] - self._offsets[k])
-            df = _read_rows(self.run, self._part_paths[part], local, cols, expected)
+            try:
+                df = self.run.read_parquet_take(
+                    self._part_paths[part], local, columns=cols, expected_rows=expected
+                )
+            except RuntimeError as err:  # the part was rewritten since open_run read it
+                raise RuntimeError(f"{err}: open_run it again") from None
             frames.append(df.set_axis(sel))
         out = pd.concat(frames).sort_index().reset_index(drop=True)
         return schema.conform(out, _DTYPES)
@@ -580,31 +584,6 @@ def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIM
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _read_rows(
-    run: RunDir, path: str, rows: np.ndarray, columns: list[str], expected: int
-) -> pd.DataFrame:
-    """``columns`` of rows ``rows`` (positions in the part) of one parquet file, in that order.
-
-    Reads only the row groups that hold them.
-    """
-    with run.fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        meta = pf.metadata
-        if meta.num_rows != expected:  # rewritten since open_run read it
-            raise RuntimeError(
-                f"{path} has {meta.num_rows} rows, {expected} when the run was opened: "
-                "open_run it again"
-            )
-        sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype("int64")
-        group = np.searchsorted(starts, rows, side="right") - 1
-        wanted = np.unique(group)
-        table = pf.read_row_groups(wanted.tolist(), columns=columns)
-    # where each wanted row group starts in the table read
-    base = np.concatenate([[0], np.cumsum(sizes[wanted])])[np.searchsorted(wanted, group)]
-    return table.take(pa.array(base + rows - starts[group])).to_pandas()
 
 
 def _as_stored(column: str, value: float) -> np.floating:
