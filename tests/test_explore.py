@@ -327,6 +327,31 @@ def test_samples_near(view, side):
     assert html.count("data:image/png;base64,") == len(got)
 
 
+def test_samples_html_shows_search_results_too():
+    """One grid for samples and search hits: rank, folded near-duplicates, escaped caption, and
+    a link only to an http(s) URL."""
+    hits = pd.DataFrame(
+        {
+            "rank": [1, 2, 3],
+            schema.SIMILARITY: [0.91, 0.5, 0.25],
+            "collapsed": [2, 0, 0],
+            schema.URL: ["https://img.test/a.jpg", "javascript:alert(1)", None],
+            schema.TEXT: ["a <b>cat</b>", "dog", None],
+            "thumbnail": [Image.new("RGB", (8, 8)), None, None],
+        }
+    )
+    grid = explore.samples_html(hits, title="hits", cell_class="knn-result")
+    assert grid.count('class="knn-result"') == 3
+    assert "#1 similarity 0.910</b> (+2 near-dup)" in grid
+    assert "#2 similarity 0.500</b><br>dog</div>" in grid  # no link to a javascript: URL
+    assert grid.count("<a href=") == 1 and 'href="https://img.test/a.jpg"' in grid
+    assert "a &lt;b&gt;cat&lt;/b&gt;" in grid and "None" not in grid
+    assert grid.count("data:image/png;base64,") == 1 and grid.count("no image") == 2
+    # a sample (no rank, no URL column) shows the score it was sampled on
+    plain = explore.samples_html(hits.drop(columns=["rank", schema.URL]), score=schema.SIMILARITY)
+    assert '<div class="sample"' in plain and "<b>similarity 0.250</b>" in plain
+
+
 def test_samples_near_captions_and_scores(scored_view):
     got = scored_view.samples_near(0.3, "multi", "below", 3, thumb_size=16)
     rows = _scores(scored_view).set_index(schema.KEY)

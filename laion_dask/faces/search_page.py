@@ -20,7 +20,8 @@ import panel as pn
 from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
 from laion_dask.ground import schema
 from laion_dask.orchestration.rundir import RunDir
-from laion_dask.products.knn import RESULT_DEDUP_COSINE, load_index, results_html, search
+from laion_dask.products.explore import samples_html
+from laion_dask.products.knn import RESULT_DEDUP_COSINE, load_index, search
 
 __all__ = ["SearchPage", "build_search_page", "main"]
 
@@ -95,7 +96,7 @@ class SearchPage:
             self.results.object = ""
             return
         self.status.object = f"{len(res)} results for {html.escape(what)}"
-        self.results.object = results_html(res)
+        self.results.object = samples_html(res, cell_class="knn-result")
 
     def _on_text(self, event: Any) -> None:
         if str(event.new or "").strip():

@@ -569,15 +569,34 @@ def open_run(path: str | Path | RunDir, *, client: Any | None = None) -> RunView
 # --- samples ------------------------------------------------------------------------------------
 
 
-def samples_html(samples: pd.DataFrame, title: str = "", score: str = schema.SIMILARITY) -> str:
-    """An HTML grid of ``samples_near`` rows: base64 PNG thumbnail, score and caption."""
+def samples_html(
+    samples: pd.DataFrame,
+    title: str = "",
+    score: str = schema.SIMILARITY,
+    *,
+    cell_class: str = "sample",
+) -> str:
+    """An HTML grid of sampled rows (``samples_around``) or search results (``knn.search``).
+
+    One cell per row: its base64 PNG ``thumbnail``, ``#rank`` (search results), ``score``, the
+    near-duplicates folded into it (``collapsed``), the caption, and a link to an http(s) URL.
+    """
     cells = []
     for _, row in samples.iterrows():
-        pic = thumbnail_html(row.get("thumbnail"))
-        caption = html.escape(str(row[schema.TEXT])[:80])
+        rank = f"#{int(row['rank'])} " if "rank" in row else ""
+        folded = int(row.get("collapsed", 0))
+        extra = f" (+{folded} near-dup)" if folded else ""
+        url, caption = (
+            "" if pd.isna(row.get(c)) else str(row[c]) for c in (schema.URL, schema.TEXT)
+        )
+        href = html.escape(url, quote=True)
+        link = f'<br><a href="{href}" rel="noreferrer" target="_blank">link</a>'
+        link = link if url.startswith(("http://", "https://")) else ""
         cells.append(
-            f'<div style="width:140px;margin:4px;font-size:11px">{pic}'
-            f"<br><b>{score} {float(row[score]):.3f}</b><br>{caption}</div>"
+            f'<div class="{cell_class}" style="width:140px;margin:4px;font-size:11px">'
+            f"{thumbnail_html(row.get('thumbnail'))}"
+            f"<br><b>{rank}{score} {float(row[score]):.3f}</b>{extra}"
+            f"<br>{html.escape(caption[:80])}{link}</div>"
         )
     head = f"<h4>{html.escape(title)}</h4>" if title else ""
     return f'{head}<div style="display:flex;flex-wrap:wrap">{"".join(cells)}</div>'

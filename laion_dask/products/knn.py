@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import html
 import io
 import logging
 import math
@@ -68,7 +67,7 @@ from laion_dask.products.neardup import (
 )
 from laion_dask.stages.clip import encoder_from_config, to_rgb
 from laion_dask.stages.embeddings import embedding_parts, embedding_paths, read_array
-from laion_dask.stages.imaging import read_thumbnails, thumbnail_html
+from laion_dask.stages.imaging import read_thumbnails
 
 __all__ = [
     "IndexConfig",
@@ -85,7 +84,6 @@ __all__ = [
     "encode_query",
     "collapse_near_duplicates",
     "find_near_duplicates",
-    "results_html",
 ]
 
 log = logging.getLogger(__name__)
@@ -948,28 +946,6 @@ def search(
             run.join("images"), frame[schema.KEY], frame[schema.SHARD], thumb_size
         )
     return frame
-
-
-def results_html(results: pd.DataFrame, title: str = "") -> str:
-    """An HTML grid of :func:`search` results: thumbnail, similarity, caption, URL link."""
-    cells = []
-    for _, row in results.iterrows():
-        pic = thumbnail_html(row.get("thumbnail"))
-        url = "" if pd.isna(row[schema.URL]) else str(row[schema.URL])
-        caption = "" if pd.isna(row[schema.TEXT]) else str(row[schema.TEXT])
-        extra = f" (+{int(row['collapsed'])} near-dup)" if int(row.get("collapsed", 0)) else ""
-        link = (
-            f'<a href="{html.escape(url, quote=True)}" rel="noreferrer" target="_blank">link</a>'
-            if url.startswith(("http://", "https://"))
-            else ""
-        )
-        cells.append(
-            f'<div class="knn-result" style="width:140px;margin:4px;font-size:11px">{pic}'
-            f"<br><b>#{int(row['rank'])} similarity {float(row['similarity']):.3f}</b>{extra}"
-            f"<br>{html.escape(caption[:80])}<br>{link}</div>"
-        )
-    head = f"<h4>{html.escape(title)}</h4>" if title else ""
-    return f'{head}<div style="display:flex;flex-wrap:wrap">{"".join(cells)}</div>'
 
 
 # --- near-duplicate groups ----------------------------------------------------------------------
