@@ -283,7 +283,8 @@ def test_materialize_starts_and_closes_a_local_cluster_from_config(tmp_path):
 
 def test_main_reports_a_run_without_scores(tmp_path, capsys):
     assert dashboard.main([str(tmp_path), "--no-show"]) == 2
-    assert "cannot open" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path}: no finished scores" in err and len(err.splitlines()) == 1
 
 
 def test_main_takes_the_common_cluster_and_logging_flags(scored_view, capsys, monkeypatch):

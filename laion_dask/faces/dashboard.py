@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import html
 import logging
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ import param
 from bokeh.models import Span
 
 from laion_dask.faces import evaluate_page, plots
-from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
+from laion_dask.faces.serving import face_parser, serve_main
 from laion_dask.ground import schema
 from laion_dask.ground.config import ClusterConfig, ConfigError, FilterConfig
 from laion_dask.orchestration.cluster import close_client, make_client
@@ -614,12 +613,12 @@ def report_markdown(report: Any) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="laion-dask dashboard",
-        description="Tune thresholds on a run's stored scores, then materialize.",
+    parser = face_parser(
+        "laion-dask dashboard",
+        "Tune thresholds on a run's stored scores, then materialize.",
+        run_help="run directory with finished scores (laion-dask score RUN)",
+        port=5006,
     )
-    parser.add_argument("run", help="run directory with finished scores (laion-dask score RUN)")
-    add_serve_arguments(parser, port=5006)
     parser.add_argument(
         "--scheduler",
         help="tcp://HOST:8786 of a running Dask scheduler for the materialize button "
@@ -640,23 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     Serves the app until interrupted. Returns 0 when the server stops, 2 when the run, its
     thresholds or the cluster flags cannot be used (one line on stderr, before serving).
     """
-    args = _parser().parse_args(argv)
-    set_log_level(args.verbose, args.quiet)
-    try:
-        view = load_view(args.run)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        print(f"laion-dask dashboard: cannot open {args.run}: {err}", file=sys.stderr)
-        return 2
-    try:
-        start_thresholds(view)  # a broken thresholds file is reported now, not per session
-        cluster = _cluster_flags(view, args)
-    except (ConfigError, OSError) as err:
-        print(f"laion-dask dashboard: {err}", file=sys.stderr)
-        return 2
+    return serve_main(_parser(), argv, _open_app, title="laion-dask thresholds")
 
-    build = functools.partial(build_dashboard, view, cluster=cluster)
-    serve(build, args, title="laion-dask thresholds")
-    return 0
+
+def _open_app(args: argparse.Namespace) -> Any:
+    """The app for ``args``; the run, its thresholds and the cluster flags are checked now."""
+    view = load_view(args.run)
+    start_thresholds(view)  # a broken thresholds file is reported now, not per session
+    return functools.partial(build_dashboard, view, cluster=_cluster_flags(view, args))
 
 
 def _cluster_flags(view: RunView, args: argparse.Namespace) -> ClusterConfig | None:

@@ -9,15 +9,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import panel as pn
 
-from laion_dask.faces.serving import add_serve_arguments, serve, set_log_level
+from laion_dask.faces.serving import face_parser, serve_main
 from laion_dask.ground import schema
 from laion_dask.orchestration.rundir import RunDir
 from laion_dask.products.explore import samples_html
@@ -126,23 +126,15 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns 0 when the server stops, 2 (one line on stderr) when the run has no usable index.
     """
-    parser = argparse.ArgumentParser(
-        prog="laion-dask search --serve",
-        description="Serve a page that searches a run's index by text or by image.",
+    parser = face_parser(
+        "laion-dask search --serve",
+        "Serve a page that searches a run's index by text or by image.",
+        run_help="run directory with an index (laion-dask index RUN)",
+        port=5007,
     )
-    parser.add_argument("run", help="run directory with an index (laion-dask index RUN)")
-    add_serve_arguments(parser, port=5007)
-    args = parser.parse_args(argv)
-    set_log_level(args.verbose, args.quiet)
-    try:
-        load_index(args.run)  # fails before serving: no index, an unreadable one
-    except (FileNotFoundError, ValueError) as err:
-        print(f"laion-dask search: {err}", file=sys.stderr)
-        return 2
+    return serve_main(parser, argv, _open_app, title="laion-dask search")
 
-    def app() -> pn.viewable.Viewable:
-        # a plain function: Panel renders a functools.partial as its repr, not as an app
-        return build_search_page(args.run)
 
-    serve(app, args, title="laion-dask search")
-    return 0
+def _open_app(args: argparse.Namespace) -> Any:
+    load_index(args.run)  # fails before serving: no index, an unreadable one
+    return functools.partial(build_search_page, args.run)

@@ -1,7 +1,8 @@
 """Serving a Panel face from the command line: the flags, the logging level, the server.
 
 Shared by ``laion-dask dashboard`` (:mod:`laion_dask.faces.dashboard`) and
-``laion-dask search --serve`` (:mod:`laion_dask.faces.search_page`).
+``laion-dask search --serve`` (:mod:`laion_dask.faces.search_page`): :func:`face_parser` and
+:func:`serve_main` are their ``main``; the CLI takes :func:`log_level` from here too.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import panel as pn
-
-__all__ = ["add_serve_arguments", "free_port", "serve", "set_log_level"]
+__all__ = ["face_parser", "free_port", "log_level", "serve", "serve_main", "set_log_level"]
 
 
 def free_port(address: str) -> int:
@@ -25,15 +24,20 @@ def free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
+def log_level(verbose: int, quiet: bool = False) -> int:
+    """The level of ``-q`` / no flag / ``-v`` / ``-vv``: errors only, warnings, info, debug."""
+    return (
+        logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    )
+
+
 def set_log_level(verbose: int, quiet: bool) -> None:
-    """``-q`` / ``-v`` / ``-vv`` for a served face: warnings only, info, debug.
+    """``-q`` / ``-v`` / ``-vv`` for a served face (:func:`log_level`).
 
     The CLI configured logging at WARNING before passing the arguments on; this moves the level
     (the library's loggers and the root's handlers) without adding handlers of its own.
     """
-    level = (
-        logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    )
+    level = log_level(verbose, quiet)
     logging.getLogger().setLevel(level)
     logging.getLogger("laion_dask").setLevel(level)
     # Bokeh's server logs every websocket open/close at INFO: only with -vv
@@ -45,9 +49,11 @@ def set_log_level(verbose: int, quiet: bool) -> None:
 def serve(build: Callable[[], Any], args: argparse.Namespace, *, title: str) -> None:
     """Serve the layout ``build()`` returns (one per session) until interrupted.
 
-    ``args`` holds the flags of :func:`add_serve_arguments`. ``localhost`` is allowed as a
-    websocket origin beside a loopback/any address.
+    ``args`` holds the flags of :func:`face_parser`. ``localhost`` is allowed as a websocket
+    origin beside a loopback/any address.
     """
+    # heavy (seconds to import): the CLI imports this module for log_level before any command
+    import panel as pn
 
     def app() -> Any:
         # Panel calls only plain functions and methods as app factories: anything else, a
@@ -72,8 +78,12 @@ def serve(build: Callable[[], Any], args: argparse.Namespace, *, title: str) -> 
     )
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
-    """The flags every served face takes: where to listen, whether to open a browser, logging."""
+def face_parser(
+    prog: str, description: str, *, run_help: str, port: int
+) -> argparse.ArgumentParser:
+    """A served face's arguments: the run, where to listen, whether to open a browser, logging."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run", help=run_help)
     parser.add_argument(
         "--port", type=int, default=port, help=f"port (default {port}; 0 = a free one)"
     )
@@ -85,3 +95,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
+    return parser
+
+
+def serve_main(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    open_app: Callable[[argparse.Namespace], Callable[[], Any]],
+    *,
+    title: str,
+) -> int:
+    """A served face's ``main``: parse ``argv``, set the logging level, open, serve.
+
+    ``open_app(args)`` reads what the face shows and returns its layout builder (called once
+    per session). What it raises as ``OSError`` or ``ValueError`` (no run, no index, a broken
+    thresholds file, a bad flag) is one line on stderr and exit 2, before anything is served.
+    Returns 0 when the server stops.
+    """
+    args = parser.parse_args(argv)
+    set_log_level(args.verbose, args.quiet)
+    try:
+        build = open_app(args)
+    except (OSError, ValueError) as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 2
+    serve(build, args, title=title)
+    return 0
