@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import types
 
@@ -126,6 +128,23 @@ def test_child_processes_start_non_daemonic_local_workers():
     with cluster.cluster_client(cfg) as client:  # the default: daemonic, as distributed has it
         with pytest.raises(AssertionError, match="daemonic"):
             client.submit(_child_pid, pure=False).result()
+
+
+def _preloaded() -> tuple[bool, int]:
+    return "laion_dask.orchestration.pipeline" in sys.modules, os.getppid()
+
+
+def test_local_process_workers_are_forked_with_the_stage_runners_imported():
+    """Workers come from a fork server that imported the stage runners once (issue 17: a spawned
+    worker imported them again on its first task), and the server stops with the cluster."""
+    import multiprocessing.forkserver
+
+    cfg = dataclasses.replace(_one_worker(processes=True), n_workers=2)
+    with cluster.cluster_client(cfg) as client:
+        got = list(client.run(_preloaded).values())
+        assert [loaded for loaded, _ in got] == [True, True]
+        assert {parent for _, parent in got} != {os.getpid()}  # the server's children, not ours
+    assert multiprocessing.forkserver._forkserver._forkserver_pid is None
 
 
 def test_a_cluster_without_dashboard_leaves_port_8787_alone(recwarn) -> None:

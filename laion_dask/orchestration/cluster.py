@@ -6,15 +6,17 @@ existing scheduler. GPU workers declare the ``GPU`` resource; scoring tasks ask 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import logging
+import multiprocessing.forkserver
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.utils import get_mp_context
 
 from laion_dask.ground.config import ClusterConfig
 
@@ -60,17 +62,15 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     trade-off. Unset (the default), Dask's environment is left as it is. (The Nanny also
     writes its pre-spawn variables into this process's ``os.environ`` before it starts a
     worker, so local clusters started later by the same process inherit the value.)
+
+    A local CPU cluster of processes forks its workers from a fork server that has imported
+    :data:`WORKER_PRELOAD` once (:func:`_forkserver_settings`), instead of spawning
+    interpreters that each import them again on their first task; with
+    ``malloc_mmap_threshold`` set, workers are spawned, since glibc reads the variable only as a
+    process starts and a fork server's children share the server's start.
     """
     if cfg.scheduler_address is not None:
         return Client(cfg.scheduler_address)
-    if child_processes:
-        with dask.config.set({"distributed.worker.daemon": False}):
-            return make_client(cfg)
-    if cfg.malloc_mmap_threshold is not None:
-        env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
-        env["MALLOC_MMAP_THRESHOLD_"] = int(cfg.malloc_mmap_threshold)
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-            return make_client(dataclasses.replace(cfg, malloc_mmap_threshold=None))
     use_gpu = cfg.gpu != "never" and gpu_available() and dask_cuda_available()
     if cfg.gpu == "require" and not use_gpu:
         raise RuntimeError(
@@ -78,6 +78,15 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
             + ("torch sees no CUDA device" if not gpu_available() else "dask-cuda is not installed")
             + " (pip install 'laion-dask[gpu]', or set cluster.gpu = 'auto')"
         )
+    settings: dict[str, Any] = {}
+    if child_processes:
+        settings["distributed.worker.daemon"] = False
+    if cfg.malloc_mmap_threshold is not None:
+        env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+        env["MALLOC_MMAP_THRESHOLD_"] = int(cfg.malloc_mmap_threshold)
+        settings["distributed.nanny.pre-spawn-environ"] = env
+    elif cfg.processes and not use_gpu:
+        settings |= _forkserver_settings()
     kw: dict[str, Any] = {
         "memory_limit": cfg.memory_limit,
         "dashboard_address": cfg.dashboard_address,
@@ -88,23 +97,67 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
         # no dashboard, but the scheduler still serves /health on dashboard_address, which
         # defaults to 8787: another cluster there makes distributed print a 4-line warning
         kw["scheduler_kwargs"] = {"dashboard_address": ":0"}
-    if use_gpu:
-        import torch
-        from dask_cuda import LocalCUDACluster
+    with dask.config.set(settings):
+        if use_gpu:
+            import torch
+            from dask_cuda import LocalCUDACluster
 
-        n_gpus = torch.cuda.device_count()
-        n = min(cfg.n_workers or n_gpus, n_gpus)
-        if "threads_per_worker" not in kw:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            kw["threads_per_worker"] = max(1, (cpus or 1) // n)
-        visible = ",".join(str(i) for i in range(n))
-        log.info("starting LocalCUDACluster with %d GPU worker(s)", n)
-        cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, resources={"GPU": 1}, **kw)
-    else:
-        if cfg.gpu == "auto" and gpu_available():
-            log.warning("CUDA is visible but dask-cuda is not installed: using a LocalCluster")
-        cluster = LocalCluster(n_workers=cfg.n_workers, processes=cfg.processes, **kw)
+            n_gpus = torch.cuda.device_count()
+            n = min(cfg.n_workers or n_gpus, n_gpus)
+            if "threads_per_worker" not in kw:
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+                kw["threads_per_worker"] = max(1, (cpus or 1) // n)
+            visible = ",".join(str(i) for i in range(n))
+            log.info("starting LocalCUDACluster with %d GPU worker(s)", n)
+            cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, resources={"GPU": 1}, **kw)
+        else:
+            if cfg.gpu == "auto" and gpu_available():
+                log.warning("CUDA is visible but dask-cuda is not installed: using a LocalCluster")
+            cluster = LocalCluster(n_workers=cfg.n_workers, processes=cfg.processes, **kw)
+    if settings.get(_MP_METHOD) == "forkserver":
+        _FORKSERVER_CLUSTERS.add(cluster)
     return Client(cluster)
+
+
+#: modules a fork server imports before it forks local workers: the stage runners' module and,
+#: through it, distributed, pandas, pyarrow and the stages. A spawned worker imported them on its
+#: first task (~1.4 s CPU each on 2 cores); forked workers share the server's import.
+WORKER_PRELOAD = ("distributed", "laion_dask.orchestration.pipeline")
+
+_MP_METHOD = "distributed.worker.multiprocessing-method"
+
+#: local clusters whose workers come from this process's fork server: the last one to close
+#: stops the server, so that it and the workers it reaped are waited for (their CPU time counts
+#: in this process's children, as a user's ``time`` sees it) and no idle server outlives them
+_FORKSERVER_CLUSTERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _forkserver_settings() -> dict[str, Any]:
+    """Dask settings that fork local workers from a fork server preloading WORKER_PRELOAD.
+
+    distributed names the fork server's preloads on its first use of the method (its own
+    packages, once per process); ours replace them right after, before the server starts. A
+    server already running keeps what it loaded.
+    """
+    settings = {_MP_METHOD: "forkserver"}
+    with dask.config.set(settings):
+        context = get_mp_context()
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    return settings
+
+
+def _stop_forkserver() -> None:
+    """Stop this process's fork server once no cluster of ours uses it (see the set above).
+
+    Python's ``ForkServer._stop`` closes the server's liveness pipe and waits for it; it has no
+    public twin. Workers of a closed cluster have exited, so the wait is short.
+    """
+    if len(_FORKSERVER_CLUSTERS):
+        return
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def quiet_dask_logging(level: int) -> None:
@@ -141,6 +194,9 @@ def close_client(client: Client) -> None:
     client.close()
     if cluster is not None:
         cluster.close()
+        if cluster in _FORKSERVER_CLUSTERS:
+            _FORKSERVER_CLUSTERS.discard(cluster)
+            _stop_forkserver()
 
 
 @contextlib.contextmanager
