@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from laion_dask.faces.serving import log_level
 from laion_dask.ground.config import (
     ConfigError,
     PipelineConfig,
@@ -762,10 +763,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _log_level(verbose: int) -> int:
-    return [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # progress belongs to Dask: no per-worker weight-loading bars (inherited by local workers)
@@ -783,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _set_logging(verbose)
         from laion_dask.orchestration.cluster import quiet_dask_logging
 
-        quiet_dask_logging(_log_level(verbose))  # the demo and the dashboard start clusters
+        quiet_dask_logging(log_level(verbose))  # the demo and the dashboard start clusters
         func = _PASSTHROUGH[argv[lead]][0]
         return _guarded(lambda: func(argparse.Namespace(rest=rest)), verbose)
     args = build_parser().parse_args(argv)
@@ -794,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _set_logging(verbose: int) -> None:
-    level = _log_level(verbose)
+    level = log_level(verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
