@@ -36,12 +36,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tomli_w
 
 from laion_dask.ground.config import (
+    RUN_FACTS_SECTION,
     ConfigError,
     PipelineConfig,
     config_from_dict,
-    dump_config,
+    config_to_dict,
 )
 
 __all__ = ["RunDir", "ConfigChanged", "config_changes", "fingerprint", "part_name"]
@@ -157,21 +159,16 @@ class RunDir:
         return self.join("config.toml")
 
     def write_config(self, cfg: PipelineConfig, extra: Mapping[str, Any] | None = None) -> None:
-        """Write the resolved config (and ``extra`` facts, e.g. model revisions) to config.toml."""
+        """Write the resolved config to config.toml, with ``extra`` facts (e.g. model revisions)
+        as its ``[run]`` table, which :func:`~laion_dask.ground.config.config_from_dict` skips."""
         self.makedirs()
-        text = dump_config(cfg)
-        if extra:
-            import tomli_w
-
-            text += "\n" + tomli_w.dumps({"run": dict(extra)})
-        self.write_bytes_atomic(self.config_path, text.encode("utf-8"))
+        data = config_to_dict(cfg) | ({RUN_FACTS_SECTION: dict(extra)} if extra else {})
+        self.write_bytes_atomic(self.config_path, tomli_w.dumps(data).encode("utf-8"))
 
     def read_config(self) -> PipelineConfig:
-        """The config this run was last started with (the ``[run]`` facts table is ignored)."""
+        """The config this run was last started with (the ``[run]`` facts table is skipped)."""
         with self.fs.open(self.config_path, "rb") as fh:
-            data = tomllib.load(fh)
-        data.pop("run", None)
-        return config_from_dict(data)
+            return config_from_dict(tomllib.load(fh))
 
     # --- partitions and markers -----------------------------------------------------------------
     def part_path(self, stage: str, index: int, ext: str = "parquet") -> str:
