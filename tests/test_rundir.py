@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pandas as pd
 import pytest
 
+from laion_dask.ground.config import PipelineConfig
 from laion_dask.orchestration.rundir import RunDir
 
 
@@ -20,7 +23,6 @@ def test_read_parquet_rows_reads_any_slice_across_row_groups(tmp_path):
         run.read_parquet_rows(path, 20, 24)
 
 
-
 def test_read_parquet_take_keeps_the_order_asked_and_refuses_a_rewritten_file(tmp_path):
     run = RunDir(str(tmp_path))
     df = pd.DataFrame({"i": range(23), "s": pd.array([f"r{i}" for i in range(23)], "string")})
@@ -33,6 +35,7 @@ def test_read_parquet_take_keeps_the_order_asked_and_refuses_a_rewritten_file(tm
         run.read_parquet_take(path, pos, expected_rows=30)
     with pytest.raises(ValueError, match="rows -1..3 asked"):
         run.read_parquet_take(path, [3, -1])
+
 
 def test_remove_tmp_files_takes_only_temporary_names(tmp_path):
     run = RunDir(str(tmp_path))
@@ -67,3 +70,14 @@ def test_markers_past_five_digits_keep_their_index(tmp_path):
     assert sorted(markers) == [7, 99_999, 100_000, 123_456]
     assert all(m["index"] == i for i, m in markers.items())
     assert run.marker_indices("downloads") == [7, 99_999, 100_000, 123_456]
+
+
+def test_config_round_trips_with_its_run_facts(tmp_path):
+    cfg = PipelineConfig().replace("download", retries=4)
+    run = RunDir(str(tmp_path / "run"))
+    run.write_config(cfg, extra={"clip_resolved": {"revision": "abc"}})
+    assert run.read_config() == cfg  # the [run] facts are not configuration
+    with open(run.config_path, "rb") as fh:
+        assert tomllib.load(fh)["run"] == {"clip_resolved": {"revision": "abc"}}
+    run.write_config(cfg)  # no facts: no [run] table
+    assert run.read_config() == cfg and "[run" not in open(run.config_path).read()
