@@ -406,7 +406,8 @@ class RunView:
         both = pd.concat([self.details(idx), held], axis=1)
         both["distance"] = np.concatenate([d for _, d in near]) if near else np.zeros(0)
         if images:
-            both["thumbnail"] = self._thumbnails(both, thumb_size)
+            keys, shards = both[schema.KEY], both[schema.SHARD]
+            both["thumbnail"] = read_thumbnails(self.run.join("images"), keys, shards, thumb_size)
         ends = np.cumsum([len(i) for i, _ in near], dtype="int64")
         return {
             side: both.iloc[end - len(i) : end].reset_index(drop=True)
@@ -471,9 +472,6 @@ class RunView:
             frames.append(df.set_axis(sel))
         out = pd.concat(frames).sort_index().reset_index(drop=True)
         return schema.conform(out, _DTYPES)
-
-    def _thumbnails(self, rows: pd.DataFrame, size: int) -> list[Any]:
-        return read_thumbnails(self.run.join("images"), rows[schema.KEY], rows[schema.SHARD], size)
 
     # --- ground truth (demo runs) -----------------------------------------------------------
     def precision_recall(
