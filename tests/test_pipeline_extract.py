@@ -10,6 +10,7 @@ import pytest
 
 from laion_dask.ground import schema
 from laion_dask.ground.config import PipelineConfig
+from laion_dask.orchestration import pipeline
 from laion_dask.orchestration.pipeline import (
     ConfigChanged,
     StageError,
@@ -60,6 +61,27 @@ def test_extract_counts_add_up_and_duplicates_span_files(inputs, tmp_path, clien
         cand.sort_values(key).reset_index(drop=True),
         check_dtype=False,
     )
+
+
+def test_duplicates_in_one_task_match_the_shuffle(inputs, tmp_path, client, monkeypatch):
+    """Issue 17: a small run finds its duplicates in one task, a big one by a Dask shuffle; both
+    mark the same rows. A part with nothing to mark is its extract part, copied."""
+    one = RunDir(str(tmp_path / "one"))
+    report = run_extract(one, PipelineConfig(), inputs, client=client)
+    monkeypatch.setattr(pipeline, "_DEDUP_ONE_TASK_ROWS", 0)  # every run is "big"
+    shuffled = RunDir(str(tmp_path / "shuffled"))
+    assert run_extract(shuffled, PipelineConfig(), inputs, client=client).counts == report.counts
+    assert report.counts["duplicate"] > 0
+    pd.testing.assert_frame_equal(_candidates(one), _candidates(shuffled))
+    copied = 0
+    for index in one.markers("candidates"):
+        part = one.read_parquet(one.part_path("candidates", index))
+        if not part[schema.DROP_REASON].eq("duplicate").any():
+            extracted = one.part_path("extract", index)
+            with open(extracted, "rb") as a, open(one.part_path("candidates", index), "rb") as b:
+                assert a.read() == b.read()
+            copied += 1
+    assert 0 < copied < len(inputs)
 
 
 def test_resume_skips_finished_partitions_and_gives_identical_output(inputs, tmp_path, client):
