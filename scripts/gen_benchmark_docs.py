@@ -40,6 +40,7 @@ its earlier, hand-copied figures are in the README at commit 86f7deb.
 .venv/bin/python benchmarks/bench_decode.py      # image decode + preprocess: threads vs processes
 .venv/bin/python benchmarks/bench_robots.py      # robots.txt matcher: ours vs protego
 .venv/bin/python benchmarks/bench_sketches.py    # report sketches vs Apache DataSketches
+.venv/bin/python benchmarks/bench_evaluate.py    # demo + evaluate twice: result, time, same twice
 bash benchmarks/gpu_check.sh                     # on a GPU machine: LocalCUDACluster images/s
 ```
 """
