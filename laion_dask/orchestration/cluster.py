@@ -42,6 +42,12 @@ def gpu_available() -> bool:
     return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
 
 
+def _nvidia_driver_loaded() -> bool:
+    """Whether an NVIDIA driver shows itself (Linux, or WSL's GPU device): a cheap gate before
+    :func:`gpu_available` imports torch only to word a warning."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/dxg"))
+
+
 def dask_cuda_available() -> bool:
     """True when the ``gpu`` extra (dask-cuda) is installed."""
     return importlib.util.find_spec("dask_cuda") is not None
@@ -71,7 +77,9 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     """
     if cfg.scheduler_address is not None:
         return Client(cfg.scheduler_address)
-    use_gpu = cfg.gpu != "never" and gpu_available() and dask_cuda_available()
+    # dask-cuda first: gpu_available imports torch (~1.4 s CPU), which a CPU machine's command
+    # paid on every cluster start before
+    use_gpu = cfg.gpu != "never" and dask_cuda_available() and gpu_available()
     if cfg.gpu == "require" and not use_gpu:
         raise RuntimeError(
             "cluster.gpu = 'require' but "
@@ -111,7 +119,7 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
             log.info("starting LocalCUDACluster with %d GPU worker(s)", n)
             cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, resources={"GPU": 1}, **kw)
         else:
-            if cfg.gpu == "auto" and gpu_available():
+            if cfg.gpu == "auto" and _nvidia_driver_loaded() and gpu_available():
                 log.warning("CUDA is visible but dask-cuda is not installed: using a LocalCluster")
             cluster = LocalCluster(n_workers=cfg.n_workers, processes=cfg.processes, **kw)
     if settings.get(_MP_METHOD) == "forkserver":
