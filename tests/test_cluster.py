@@ -40,6 +40,26 @@ def test_gpu_visible_without_dask_cuda_falls_back_or_raises(monkeypatch) -> None
         assert cluster.scoring_resources(client) is None
 
 
+def test_a_cpu_cluster_start_does_not_import_torch() -> None:
+    """Without dask-cuda no GPU cluster can start: torch (1.4 s CPU) is not imported to ask."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from laion_dask.ground.config import ClusterConfig\n"
+        "from laion_dask.orchestration import cluster\n"
+        "cluster.dask_cuda_available = lambda: False\n"
+        "cluster._nvidia_driver_loaded = lambda: False\n"
+        "cfg = ClusterConfig(n_workers=1, processes=False, dashboard_address=None)\n"
+        "with cluster.cluster_client(cfg) as client:\n"
+        "    assert client.submit(sum, [1, 2]).result() == 3\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
+
 def test_gpu_path_builds_local_cuda_cluster_with_gpu_resource(monkeypatch) -> None:
     """With CUDA visible and dask-cuda importable, LocalCUDACluster gets resources={"GPU": 1}.
 
