@@ -167,6 +167,32 @@ def test_local_process_workers_are_forked_with_the_stage_runners_imported():
     assert multiprocessing.forkserver._forkserver._forkserver_pid is None
 
 
+def _worker_facts() -> tuple[int, int, str | None]:
+    return os.getppid(), hash("laion-dask"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_a_worker_server_started_early_forks_the_clusters_workers():
+    """The CLI starts the fork server before it imports the pipeline; the cluster then forks
+    its workers from it, with the environment the Nanny gives workers from their start (the
+    fixed hash seed: every worker hashes alike, as spawned ones do)."""
+    import multiprocessing.forkserver
+    import subprocess
+
+    cfg = _one_worker(processes=True)
+    cluster.start_worker_server(cfg)
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    assert server is not None
+    with cluster.cluster_client(cfg) as client:
+        ((parent, hashed, omp),) = client.run(_worker_facts).values()
+    assert parent == server
+    seeded = {**os.environ, "PYTHONHASHSEED": "6640"}
+    code = "print(hash('laion-dask'))"
+    expected = subprocess.run([sys.executable, "-c", code], env=seeded, capture_output=True)
+    assert hashed == int(expected.stdout)
+    assert omp == "1"
+    assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+
+
 def test_a_cluster_without_dashboard_leaves_port_8787_alone(recwarn) -> None:
     """--no-dashboard: the scheduler's /health server takes a free port, so a cluster already on
     8787 (a user's other run) does not make distributed print a port-in-use warning."""

@@ -133,6 +133,15 @@ def _client(cfg: PipelineConfig) -> Iterator[Any]:
         yield client
 
 
+def _start_workers(cfg: PipelineConfig) -> None:
+    """Once the checks passed: the local cluster's worker server starts importing the stages
+    while this process imports the pipeline (issue 17: the two imports used to run one after the
+    other, ~1.7 s of every command's wall time)."""
+    from laion_dask.orchestration.cluster import start_worker_server
+
+    start_worker_server(cfg.cluster)
+
+
 def _print_report(report: Any) -> None:
     """A stage's or materialize's report: counts, partitions resumed, partitions failed."""
     counts = report.counts
@@ -267,6 +276,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     paths = _expand_inputs(cfg)
     _check_inputs(paths, cfg.strict)
     _refuse_changed_config(args, run, cfg, "extract")
+    _start_workers(cfg)
     from laion_dask.orchestration.pipeline import run_extract  # after the checks: ~5 s to import
 
     run.write_config(cfg)
@@ -294,6 +304,7 @@ def _run_stage(
     _refuse_changed_config(args, run, cfg, stage)
     for check in checks:
         check(cfg)
+    _start_workers(cfg)
     from laion_dask.orchestration import pipeline  # after the checks: ~5 s to import
 
     run.write_config(cfg)

@@ -5,6 +5,7 @@ existing scheduler. GPU workers declare the ``GPU`` resource; scoring tasks ask 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import logging
@@ -22,6 +23,7 @@ from laion_dask.ground.config import ClusterConfig
 
 __all__ = [
     "make_client",
+    "start_worker_server",
     "cluster_client",
     "close_client",
     "gpu_available",
@@ -77,9 +79,7 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     """
     if cfg.scheduler_address is not None:
         return Client(cfg.scheduler_address)
-    # dask-cuda first: gpu_available imports torch (~1.4 s CPU), which a CPU machine's command
-    # paid on every cluster start before
-    use_gpu = cfg.gpu != "never" and dask_cuda_available() and gpu_available()
+    use_gpu = _use_gpu(cfg)
     if cfg.gpu == "require" and not use_gpu:
         raise RuntimeError(
             "cluster.gpu = 'require' but "
@@ -93,7 +93,7 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
         env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
         env["MALLOC_MMAP_THRESHOLD_"] = int(cfg.malloc_mmap_threshold)
         settings["distributed.nanny.pre-spawn-environ"] = env
-    elif cfg.processes and not use_gpu:
+    elif _forks_workers(cfg, use_gpu):
         settings |= _forkserver_settings()
     kw: dict[str, Any] = {
         "memory_limit": cfg.memory_limit,
@@ -125,6 +125,46 @@ def make_client(cfg: ClusterConfig, *, child_processes: bool = False) -> Client:
     if settings.get(_MP_METHOD) == "forkserver":
         _FORKSERVER_CLUSTERS.add(cluster)
     return Client(cluster)
+
+
+def _use_gpu(cfg: ClusterConfig) -> bool:
+    # dask-cuda first: gpu_available imports torch (~1.4 s CPU), which a CPU machine's command
+    # paid on every cluster start before
+    return cfg.gpu != "never" and dask_cuda_available() and gpu_available()
+
+
+def _forks_workers(cfg: ClusterConfig, use_gpu: bool) -> bool:
+    """Whether make_client forks ``cfg``'s workers from a fork server (see its docstring)."""
+    local = cfg.scheduler_address is None and cfg.processes and not use_gpu
+    return local and cfg.malloc_mmap_threshold is None
+
+
+def start_worker_server(cfg: ClusterConfig) -> None:
+    """Start now the fork server that :func:`make_client` will fork ``cfg``'s workers from.
+
+    It imports :data:`WORKER_PRELOAD` in a process of its own while the caller goes on: a
+    command imports the stage runners meanwhile (~1.7 s CPU), where the server's import used to
+    begin only once the cluster started. Nothing happens for a remote scheduler, spawned or GPU
+    workers, or a server already running. The server holds the environment the Nanny gives a
+    worker before it starts (its children inherit the server's, not this process's later one).
+    """
+    if not _forks_workers(cfg, _use_gpu(cfg)):
+        return
+    _forkserver_settings()
+    os.environ.update(_pre_spawn_environ())
+    multiprocessing.forkserver.ensure_running()
+    atexit.register(_stop_forkserver)  # a command that fails before its cluster starts
+
+
+def _pre_spawn_environ() -> dict[str, str]:
+    """What ``distributed.Nanny`` writes into this process's environment before it starts a
+    worker process: ``distributed.nanny.pre-spawn-environ`` (a variable already set wins), and
+    ``PYTHONHASHSEED`` fixed so that every worker hashes alike (distributed 2026.11's rule)."""
+    config = dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}
+    env = {k: os.environ.get(k, str(v)) for k, v in config.items() if v is not None}
+    if env.get("PYTHONHASHSEED") in (None, "0"):
+        env["PYTHONHASHSEED"] = "6640"
+    return env
 
 
 #: modules a fork server imports before it forks local workers: the stage runners' module and,
