@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -78,6 +79,7 @@ _TO_ISO639_1 = {
 }
 # "has at least one letter": \w minus digits and underscore, so it holds for every script
 _HAS_LETTER = r"[^\W\d_]"
+_LETTER = re.compile(_HAS_LETTER)
 
 
 @runtime_checkable
@@ -385,13 +387,20 @@ def add_language(
     """
     if model is None:
         model = load_language_model(cfg.backend, cfg.english_prior)
-    text = df[schema.TEXT].astype("string")
-    has_letter = text.str.contains(_HAS_LETTER, regex=True).fillna(False).to_numpy(dtype=bool)
+    # the letter test and the model see each distinct text once, as Python strings taken in one
+    # conversion (iterating the string array was 0.2 s per 200,000 texts)
+    codes, distinct = pd.factorize(df[schema.TEXT].astype("string"))  # NA: code -1
+    distinct = distinct.to_numpy(dtype=object)
+    search = _LETTER.search
+    lettered = np.fromiter((search(t) is not None for t in distinct), bool, len(distinct))
+    has_letter = np.zeros(len(df), dtype=bool)
+    has_letter[codes >= 0] = lettered[codes[codes >= 0]]
     labels = np.full(len(df), UNDETERMINED, dtype=object)
     scores = np.zeros(len(df), dtype=np.float32)
     if has_letter.any():
-        codes, uniques = pd.factorize(text[has_letter])
-        raw_labels, raw_scores = model.predict(list(uniques))
+        uniques = distinct[lettered]  # in order of first appearance, as before
+        codes = (np.cumsum(lettered) - 1)[codes[has_letter]]
+        raw_labels, raw_scores = model.predict(uniques.tolist())
         u_labels = np.asarray(raw_labels, dtype=object)
         u_scores = np.asarray(raw_scores, dtype=np.float64)
         if len(u_labels) != len(uniques) or len(u_scores) != len(uniques):
