@@ -397,11 +397,11 @@ class ThresholdDashboard:
         colors = [plots.COLORS.get(x, "#4c72b0") for x in labels]  # language groups: theirs
         name = "funnel-dropped" if horizontal else "funnel-kept"
         items = [(x, 0) for x in labels]
-        fig, source = bar_figure(name, items, title, horizontal=horizontal, colors=colors)
+        fig = bar_figure(name, items, title, horizontal=horizontal, colors=colors)
         fig.toolbar_location = None
         (fig.xaxis if horizontal else fig.yaxis).axis_label = plots.ROWS
         fig.css_classes = [name]  # for browser tests
-        return fig, source
+        return fig, fig.renderers[0].data_source
 
     def _redraw(self, *_: Any) -> None:
         """Set the funnel text, the bars' counts and the threshold lines to the widgets' values."""

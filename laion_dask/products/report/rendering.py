@@ -128,19 +128,16 @@ def bar_figure(
     *,
     horizontal: bool,
     colors: Sequence[str] | None = None,
-) -> tuple[Any, ColumnDataSource]:
-    """Bars of ``(label, count)`` items, sized to their number, and the source they draw from.
+) -> Any:
+    """Bars of ``(label, count)`` items (``colors``: one per item), sized to their number.
 
-    The report's bar plots and the dashboard's live funnel (which keeps the labels and sets
-    ``source.data["count"]`` as its thresholds move). ``colors``: one per item, else Bokeh's.
+    The report's bar plots, and the dashboard's live funnel: it keeps the labels and sets the
+    counts in place (``fig.renderers[0].data_source.data["count"]``) as its thresholds move.
     """
     labels = [str(k) for k, _ in items] or ["(none)"]
     counts = [int(v) for _, v in items] or [0]
-    data: dict[str, list[Any]] = {"label": labels, "count": counts}
-    paint = {}
-    if colors is not None:
-        data["color"], paint = list(colors), {"color": "color"}
-    src = ColumnDataSource(data)
+    colors = list(colors) if colors else ["#1f77b4"] * len(labels)  # Bokeh's first colour
+    src = ColumnDataSource({"label": labels, "count": counts, "color": colors})
     common = {"title": title, "tools": "hover,save,reset", "tooltips": "@label: @count"}
     if horizontal:
         fig = figure(
@@ -150,7 +147,7 @@ def bar_figure(
             name=f"plot-{name}",
             **common,
         )
-        fig.hbar(y="label", right="count", height=0.8, source=src, **paint)
+        fig.hbar(y="label", right="count", height=0.8, color="color", source=src)
         fig.x_range.start = 0
     else:
         fig = figure(
@@ -160,10 +157,10 @@ def bar_figure(
             name=f"plot-{name}",
             **common,
         )
-        fig.vbar(x="label", top="count", width=0.8, source=src, **paint)
+        fig.vbar(x="label", top="count", width=0.8, color="color", source=src)
         fig.y_range.start = 0
         fig.xaxis.major_label_orientation = 0.9
-    return fig, src
+    return fig
 
 
 def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,15 +169,14 @@ def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
     final = stats["funnel"]["final"]
     figs: dict[str, Any] = {}
     items = [(f"kept ({g})", n) for g, n in final["kept"].items()] + _by_count(final["dropped"])
-    fate = "Final fate of every candidate"
-    figs["funnel"] = bar_figure("funnel", items, fate, horizontal=True)[0]
+    figs["funnel"] = bar_figure("funnel", items, "Final fate of every candidate", horizontal=True)
     langs = stats["languages"]
     figs["languages"] = bar_figure(
         "languages",
         [*langs["top"], ["(rest)", langs["rest"]]],
         f"Languages of candidates (top {TOP_LANGUAGES} + rest)",
         horizontal=False,
-    )[0]
+    )
     for g in schema.LANGUAGE_GROUPS:
         figs[f"similarity_{g}"] = _hist_figure(
             f"similarity_{g}", h[f"similarity_{g}"], f"Similarity, {g} (red: threshold)"
@@ -214,20 +210,20 @@ def _figures(stats: Mapping[str, Any]) -> dict[str, Any]:
         doms["top_images"],
         f"Downloaded images per domain (top {TOP_DOMAINS})",
         horizontal=True,
-    )[0]
+    )
     fails = stats["download_failures"]
     figs["failures_status"] = bar_figure(
         "failures_status",
         _by_count(fails["by_status"]),
         "Download failures by status",
         horizontal=False,
-    )[0]
+    )
     figs["failures_domain"] = bar_figure(
         "failures_domain",
         fails["by_domain"],
         f"Download failures by domain (top {TOP_FAILED_DOMAINS})",
         horizontal=True,
-    )[0]
+    )
     return figs
 
 
