@@ -141,8 +141,9 @@ class Funnel:
     ``rows_in == sum(kept) + sum(dropped)`` always (:meth:`check`). A funnel from
     :meth:`RunView.kept_at` also has ``table``: one row per outcome (``kept`` then each reason
     seen) and one column per language group (a missing or unknown group counts as ``nolang``, as
-    the similarity filter treats it). What ``materialize`` writes is a funnel too
-    (:class:`~laion_dask.products.materialize.MaterializeReport`), so the two compare as equals.
+    the similarity filter treats it). What ``materialize`` returns is a funnel too
+    (:class:`~laion_dask.products.materialize.MaterializeReport`): its ``kept`` and ``dropped``
+    equal ``kept_at``'s for the same thresholds.
     """
 
     rows_in: int = 0
