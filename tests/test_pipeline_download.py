@@ -4,6 +4,8 @@ resume, and --retry-failed merging transient failures, against a real loopback H
 from __future__ import annotations
 
 import glob
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from laion_dask.ground import schema
 from laion_dask.ground.config import PipelineConfig
 from laion_dask.ground.shards import iter_shard
+from laion_dask.orchestration import pipeline
 from laion_dask.orchestration.pipeline import (
     ConfigChanged,
     StageError,
@@ -102,6 +105,31 @@ def test_download_writes_shards_and_counts_add_up(host, tmp_path, client):
     # keep_ratio (img2dataset): the smaller side becomes image_size
     short = ok[[schema.WIDTH, schema.HEIGHT]].min(axis=1)
     assert short.eq(256).all() and ok[schema.SHA256].str.len().eq(64).all()
+
+
+def test_a_plan_made_in_one_task_equals_the_shuffled_plan(host, tmp_path, client, monkeypatch):
+    """Issue 17: a small run is planned by one task instead of a Dask groupby + shuffle; the
+    plan (buckets, big hosts, chains, every bucket file) is the same, big hosts included."""
+    paths = _build_inputs(host, tmp_path, "plan")
+    cfg = _cfg(rows_per_task=1)  # the image host's 30 fetched rows make it a big host
+    one = RunDir(str(tmp_path / "one"))
+    run_extract(one, cfg, paths, client=client)
+    shutil.copytree(one.path, tmp_path / "shuffled")
+    shuffled = RunDir(str(tmp_path / "shuffled"))
+    small = pipeline._download_plan(one, cfg, one.markers("candidates"), client)
+    monkeypatch.setattr(pipeline, "_PLAN_ONE_TASK_ROWS", 0)  # every run is "big"
+    big = pipeline._download_plan(shuffled, cfg, shuffled.markers("candidates"), client)
+    assert small["chains"] and any(len(chain) > 1 for chain in small["chains"])
+    assert {k: v for k, v in small.items() if k != "folder"} == {
+        k: v for k, v in big.items() if k != "folder"
+    }
+    files = sorted(p.name for p in Path(small["folder"]).glob("*.parquet"))
+    assert "_big_hosts.parquet" in files
+    assert files == sorted(p.name for p in Path(big["folder"]).glob("*.parquet"))
+    for name in files:
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(f"{small['folder']}/{name}"), pd.read_parquet(f"{big['folder']}/{name}")
+        )
 
 
 def test_resume_and_retry_failed(host, tmp_path, client):
