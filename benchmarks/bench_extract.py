@@ -23,7 +23,9 @@ links per response, 55 % with alt text):
                        dedup), against the plain loop a data scientist would write: warcio +
                        ``json.loads`` + py3langid on each distinct alt text, one process;
   extract_file alone   ``extract_file`` on F1 in a fresh process, against cc2dataset's
-                       ``process_wat`` on F1 in a fresh process.
+                       ``process_wat`` on F1 in a fresh process;
+  fixed cost           ``laion-dask extract`` on a 200 KB WAT (~440 pairs): start-up, cluster,
+                       graphs and shutdown, with next to no work.
 
 It prints best and median wall seconds and writes ``benchmarks/results/extract.json``.
 
@@ -457,9 +459,15 @@ def run_commands(files: list[Path], repeat: int) -> dict:
     laion = Path(sys.executable).with_name("laion-dask")
     me = str(HERE / "bench_extract.py")
     out = WORK / "cmd-run"
+    tiny = WORK / "wat" / "tiny-200kb.warc.wat.gz"  # ~440 pairs: what is left is the fixed cost
+    if not tiny.exists():
+        generate(tiny, 200_000, seed=5)
     contenders: dict[str, list[str] | None] = {
         "laion-dask extract (2 files)": [
             str(laion), "extract", *map(str, files), "--out", str(out), "-q", "--no-dashboard"
+        ],
+        "laion-dask extract (200 KB: fixed cost)": [
+            str(laion), "extract", str(tiny), "--out", str(out), "-q", "--no-dashboard"
         ],
         "plain loop (2 files)": [sys.executable, me, "--child", "plainloop", *map(str, files)],
         "extract_file alone (1 file)": [sys.executable, me, "--child", "ours", str(files[0])],
