@@ -136,7 +136,9 @@ def _use_gpu(cfg: ClusterConfig) -> bool:
 def _forks_workers(cfg: ClusterConfig, use_gpu: bool) -> bool:
     """Whether make_client forks ``cfg``'s workers from a fork server (see its docstring)."""
     local = cfg.scheduler_address is None and cfg.processes and not use_gpu
-    return local and cfg.malloc_mmap_threshold is None
+    # no fork server on Windows: workers are spawned there, as distributed does by default
+    forks = "forkserver" in multiprocessing.get_all_start_methods()
+    return local and forks and cfg.malloc_mmap_threshold is None
 
 
 def start_worker_server(cfg: ClusterConfig) -> None:
