@@ -193,6 +193,21 @@ def test_a_worker_server_started_early_forks_the_clusters_workers():
     assert multiprocessing.forkserver._forkserver._forkserver_pid is None
 
 
+def _language_models_loaded() -> int:
+    from laion_dask.stages.language import load_language_model
+
+    return load_language_model.cache_info().currsize
+
+
+def test_a_preloaded_language_model_is_shared_by_the_forked_workers():
+    """`laion-dask extract` has the server load the language model once; its workers start
+    with it (py3langid's model file took ~0.6 s CPU per worker to read)."""
+    cfg = dataclasses.replace(_one_worker(processes=True), n_workers=2)
+    cluster.start_worker_server(cfg, ["laion_dask.orchestration.preload_language"])
+    with cluster.cluster_client(cfg) as client:
+        assert list(client.run(_language_models_loaded).values()) == [1, 1]
+
+
 def test_a_cluster_without_dashboard_leaves_port_8787_alone(recwarn) -> None:
     """--no-dashboard: the scheduler's /health server takes a free port, so a cluster already on
     8787 (a user's other run) does not make distributed print a port-in-use warning."""

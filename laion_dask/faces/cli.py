@@ -133,13 +133,13 @@ def _client(cfg: PipelineConfig) -> Iterator[Any]:
         yield client
 
 
-def _start_workers(cfg: PipelineConfig) -> None:
+def _start_workers(cfg: PipelineConfig, *preload: str) -> None:
     """Once the checks passed: the local cluster's worker server starts importing the stages
-    while this process imports the pipeline (issue 17: the two imports used to run one after the
-    other, ~1.7 s of every command's wall time)."""
+    (and the ``preload`` modules) while this process imports the pipeline (issue 17: the two
+    imports used to run one after the other, ~1.7 s of every command's wall time)."""
     from laion_dask.orchestration.cluster import start_worker_server
 
-    start_worker_server(cfg.cluster)
+    start_worker_server(cfg.cluster, preload)
 
 
 def _print_report(report: Any) -> None:
@@ -276,7 +276,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     paths = _expand_inputs(cfg)
     _check_inputs(paths, cfg.strict)
     _refuse_changed_config(args, run, cfg, "extract")
-    _start_workers(cfg)
+    # the language model too: read once by the server, shared by the workers it forks
+    _start_workers(cfg, "laion_dask.orchestration.preload_language")
     from laion_dask.orchestration.pipeline import run_extract  # after the checks: ~5 s to import
 
     run.write_config(cfg)

@@ -12,7 +12,7 @@ import logging
 import multiprocessing.forkserver
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
@@ -141,18 +141,20 @@ def _forks_workers(cfg: ClusterConfig, use_gpu: bool) -> bool:
     return local and forks and cfg.malloc_mmap_threshold is None
 
 
-def start_worker_server(cfg: ClusterConfig) -> None:
+def start_worker_server(cfg: ClusterConfig, preload: Sequence[str] = ()) -> None:
     """Start now the fork server that :func:`make_client` will fork ``cfg``'s workers from.
 
-    It imports :data:`WORKER_PRELOAD` in a process of its own while the caller goes on: a
-    command imports the stage runners meanwhile (~1.7 s CPU), where the server's import used to
-    begin only once the cluster started. Nothing happens for a remote scheduler, spawned or GPU
-    workers, or a server already running. The server holds the environment the Nanny gives a
-    worker before it starts (its children inherit the server's, not this process's later one).
+    It imports :data:`WORKER_PRELOAD` and the modules ``preload`` names (e.g.
+    :mod:`laion_dask.orchestration.preload_language`) in a process of its own while the caller
+    goes on: a command imports the stage runners meanwhile (~1.7 s CPU), where the server's
+    import used to begin only once the cluster started. Nothing happens for a remote scheduler,
+    spawned or GPU workers, or a server already running. The server holds the environment the
+    Nanny gives a worker before it starts (its children inherit the server's, not this
+    process's later one).
     """
     if not _forks_workers(cfg, _use_gpu(cfg)):
         return
-    _forkserver_settings()
+    _forkserver_settings(preload)
     os.environ.update(_pre_spawn_environ())
     multiprocessing.forkserver.ensure_running()
     atexit.register(_stop_forkserver)  # a command that fails before its cluster starts
@@ -182,7 +184,7 @@ _MP_METHOD = "distributed.worker.multiprocessing-method"
 _FORKSERVER_CLUSTERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _forkserver_settings() -> dict[str, Any]:
+def _forkserver_settings(preload: Sequence[str] = ()) -> dict[str, Any]:
     """Dask settings that fork local workers from a fork server preloading WORKER_PRELOAD.
 
     distributed names the fork server's preloads on its first use of the method (its own
@@ -192,7 +194,7 @@ def _forkserver_settings() -> dict[str, Any]:
     settings = {_MP_METHOD: "forkserver"}
     with dask.config.set(settings):
         context = get_mp_context()
-    context.set_forkserver_preload(list(WORKER_PRELOAD))
+    context.set_forkserver_preload([*WORKER_PRELOAD, *preload])
     return settings
 
 
