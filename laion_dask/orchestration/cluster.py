@@ -11,11 +11,13 @@ import importlib.util
 import logging
 import multiprocessing.forkserver
 import os
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
+import psutil
 from distributed import Client, LocalCluster
 from distributed.utils import get_mp_context
 
@@ -198,18 +200,30 @@ def _forkserver_settings(preload: Sequence[str] = ()) -> dict[str, Any]:
     return settings
 
 
-def _stop_forkserver() -> None:
+def _stop_forkserver(timeout: float = 10.0) -> None:
     """Stop this process's fork server once no cluster of ours uses it (see the set above).
 
-    Python's ``ForkServer._stop`` closes the server's liveness pipe and waits for it; it has no
-    public twin. Workers of a closed cluster have exited, so the wait is short.
+    Python's ``ForkServer._stop`` closes the server's liveness pipe and waits for the server,
+    which exits once every process it forked has; it has no public twin. The workers of a
+    closed cluster exit within moments; processes forked by someone else's cluster may live on,
+    so the server is stopped only once it has no child left, and left alone after ``timeout``
+    seconds (it then exits by itself with this process).
     """
     if len(_FORKSERVER_CLUSTERS):
         return
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    stop = getattr(server, "_stop", None)
-    if stop is not None:
-        stop()
+    pid, stop = getattr(server, "_forkserver_pid", None), getattr(server, "_stop", None)
+    if pid is None or stop is None:
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        while psutil.Process(pid).children():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+    except psutil.NoSuchProcess:
+        pass  # gone already: _stop only reaps it
+    stop()
 
 
 def quiet_dask_logging(level: int) -> None:
