@@ -377,6 +377,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_consent_lists(cfg)
     if "score" in stages:
         _check_model(cfg)  # last: loading a tokenizer is the slowest check
+    language = ("laion_dask.orchestration.preload_language",) if "extract" in stages else ()
+    _start_workers(cfg, *language)
     with _client(cfg) as client:
         reports = run_pipeline(
             run, cfg, client=client, show_progress=not args.quiet, force=args.force, stages=stages
