@@ -434,3 +434,60 @@ def test_the_dashboards_evaluate_tab_draws_the_results_in_chromium(evaluated):
             assert e["name"] in table
         assert page.get_by_text(results["caveat"][:40]).count() == 1  # Panel draws in a shadow DOM
         assert not [e for e in errors if "page error" in e], errors
+
+
+def test_the_dashboard_evaluates_the_sliders_thresholds_in_chromium(scored, tmp_path):
+    """``laion-dask dashboard RUN``, Evaluate tab: a share outside (0, 1] is refused in one line
+    with nothing written; then the sliders' thresholds and "top 50 %" train on the dashboard's
+    cluster, the plot draws them, and the run's results hold exactly those candidates."""
+    from laion_dask.faces.dashboard import start_thresholds
+
+    run = tmp_run(scored[0], tmp_path)
+    shutil.rmtree(run.join("evaluate"), ignore_errors=True)  # another test evaluates the original
+    heldout = scored[2]
+    sliders, _ = start_thresholds(open_run(run))  # what the dashboard's sliders start at
+    port = free_port()
+    cmd = [str(EXE), "dashboard", run.path, "--port", str(port), "--no-show", *LOCAL[:4]]
+    with served(cmd, port) as url, chromium_page() as (page, errors):
+        page.goto(url)
+        try:
+            page.locator(".bk-tab", has_text="Evaluate").click(timeout=120_000)
+            page.get_by_text("No evaluation yet").first.wait_for(timeout=30_000)
+
+            def fill(cls: str, value: str) -> None:
+                box = page.locator(f".{cls} input")
+                box.fill(value)
+                box.press("Enter")  # Panel's text and number inputs commit on change
+
+            fill("evaluate-fractions", "2")
+            page.locator(".evaluate-button button").click()
+            page.get_by_text("cannot evaluate").first.wait_for(timeout=30_000)
+            assert not Path(run.join("evaluate")).exists()  # refused before any work
+            for cls, value in (
+                ("evaluate-fractions", "0.5"),
+                ("evaluate-steps", "2"),
+                ("evaluate-seeds", "1"),
+                ("evaluate-heldout", str(heldout)),
+            ):
+                fill(cls, value)
+            page.locator(".evaluate-button button").click()
+            page.get_by_text("Best by").first.wait_for(timeout=300_000)
+            figure = page.locator(".evaluate-plot")
+            figure.locator("canvas").first.wait_for(timeout=30_000)
+        except Exception:  # what the page showed instead, for the post-mortem
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "evaluate-from-dashboard.png"), full_page=True)
+            raise
+        page.wait_for_timeout(1_000)
+        assert drawn_colours(figure.screenshot()) > 20, "the size/quality plot is blank"
+        assert page.get_by_text("evaluated 3 candidates").count() == 1  # the status line
+        assert not [e for e in errors if "page error" in e], errors
+    results, _ = ev.read_results(run)
+    cands = {c["name"]: c for c in results["candidates"]}
+    assert set(cands) == {ev.BASELINE, "dashboard", "top-50pct"}
+    assert results["budget"]["steps"] == 2 and results["budget"]["seed"] == [0]
+    view = open_run(run)
+    assert cands["dashboard"]["thresholds"] == {
+        g: getattr(sliders, f"similarity_{g}") for g in ("en", "multi", "nolang")
+    }
+    assert cands["dashboard"]["rows"] == view.kept_at(sliders).total_kept

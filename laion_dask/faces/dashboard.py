@@ -282,11 +282,14 @@ class ThresholdDashboard:
         """Where materialize runs: the ``cluster`` given, else the run's ``[cluster]``."""
         return self._cluster or _run_cluster(self.view)
 
+    def _where(self) -> str:
+        return self.cluster_config().scheduler_address or "a local cluster"
+
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
+                log.info("dashboard: materialize and evaluate on %s", self._where())
                 cfg = self.cluster_config()
-                log.info("dashboard: materialize on %s", cfg.scheduler_address or "a local cluster")
                 self._client = make_client(cfg)
                 self._own_client = True
             return self._client
@@ -330,8 +333,7 @@ class ThresholdDashboard:
         self.materialize_button.disabled = True
         self.progress.param.update(max=1, value=0, visible=True, active=True)
         self.progress_text.object = self.result.object = ""
-        where = self.cluster_config().scheduler_address or "a local cluster"
-        self.status.object = f"materializing… on {where}"
+        self.status.object = f"materializing… on {self._where()}"
         try:
             # materialize's thread moves the progress bar itself: Panel hands a widget change
             # made off the session's thread to the session's event loop (Bokeh documents are
@@ -551,8 +553,12 @@ class ThresholdDashboard:
                 "matches its image, retrieved when kept at these thresholds."
             )
             tabs.append(("Precision / recall", pn.Column(text, pn.pane.DataFrame(pr))))
-        # which thresholds train the better model (`laion-dask evaluate RUN`), or how to ask
-        tabs.append(("Evaluate", evaluate_page.evaluate_view(view.run)))
+        # which thresholds train the better model: the sliders' and "top X" candidates trained
+        # on this dashboard's cluster, as `laion-dask evaluate RUN` does
+        self.evaluate_tab = evaluate_page.EvaluateTab(
+            view.run, self.config, self._get_client, self._where
+        )
+        tabs.append(("Evaluate", self.evaluate_tab.layout))
         header = pn.pane.Markdown(
             f"# laion-dask thresholds · `{html.escape(str(view.run.path))}` "
             f"({len(view)} rows)\n\nstarted at the thresholds of `{html.escape(self.base_source)}`"

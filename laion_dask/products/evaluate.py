@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,13 +430,19 @@ def _slug(text: str) -> str:
 
 
 def build_candidates(
-    view: RunView, thresholds: Sequence[str | Path] = (), fractions: Sequence[float] = ()
+    view: RunView,
+    thresholds: Sequence[str | Path] = (),
+    fractions: Sequence[float] = (),
+    filters: Mapping[str, FilterConfig] | None = None,
 ) -> list[Candidate]:
-    """The baseline, one candidate per thresholds file, one per fraction (names unique)."""
+    """The baseline, one candidate per thresholds file, one per fraction, one per named
+    ``filters`` entry (thresholds set in Python or the dashboard); names unique."""
     out = [Candidate(BASELINE, "baseline", "the run's [filters], similarity off", _baseline(view))]
     for path in thresholds:
         cfg = load_thresholds(path)  # as `materialize RUN --thresholds PATH` reads it
         out.append(Candidate(_slug(Path(path).stem), "thresholds", str(path), cfg))
+    for name, cfg in (filters or {}).items():
+        out.append(Candidate(_slug(name), "thresholds", "thresholds given in Python", cfg))
     for fraction in fractions:
         cfg = top_fraction_thresholds(view, float(fraction))
         name = f"top-{float(fraction) * 100:g}pct"
@@ -493,6 +499,7 @@ def plan_evaluation(
     thresholds: Sequence[str | Path] = (),
     fractions: Sequence[float] = (),
     *,
+    filters: Mapping[str, FilterConfig] | None = None,
     heldout: str | Path | HeldoutSet | None = None,
     cfg: EvaluateConfig | None = None,
     client: Any | None = None,
@@ -526,7 +533,7 @@ def plan_evaluation(
             "(a folder per class, images inside)"
         )
     view = open_run(run, client=client)
-    candidates = build_candidates(view, thresholds, fractions)
+    candidates = build_candidates(view, thresholds, fractions, filters)
     for cand in candidates:
         cand.positions = kept_positions(view, cand.thresholds)
         if cand.rows < 2:
@@ -966,6 +973,7 @@ def evaluate(
     thresholds: Sequence[str | Path] = (),
     fractions: Sequence[float] = (),
     *,
+    filters: Mapping[str, FilterConfig] | None = None,
     heldout: str | Path | HeldoutSet | None = None,
     cfg: EvaluateConfig | None = None,
     client: Any | None = None,
@@ -981,6 +989,9 @@ def evaluate(
         Thresholds files (``[filters]`` tables), one candidate each.
     fractions
         "Keep the top X" shares in (0, 1], one candidate each.
+    filters
+        Named thresholds, one candidate each (the dashboard passes its sliders' as
+        ``{"dashboard": cfg}``).
     heldout
         A labelled folder (:func:`read_heldout`); default on a demo run: a fresh draw.
     cfg
@@ -997,7 +1008,9 @@ def evaluate(
     -------
     >>> evaluate("demo-run", ["laion.toml"], [0.3, 0.1])        # doctest: +SKIP
     """
-    plan = plan_evaluation(run, thresholds, fractions, heldout=heldout, cfg=cfg, client=client)
+    plan = plan_evaluation(
+        run, thresholds, fractions, filters=filters, heldout=heldout, cfg=cfg, client=client
+    )
     return run_evaluation(plan, client=client, show_progress=show_progress)
 
 
