@@ -8,6 +8,7 @@ hold the plumbing and the statistics, not the model's quality (the benchmark on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -411,29 +412,41 @@ _SKIP = browser_skip_reason()
 @pytest.mark.slow
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 @pytest.mark.timeout(900)
-def test_the_dashboards_evaluate_tab_draws_the_results_in_chromium(evaluated):
-    """``laion-dask dashboard RUN`` on an evaluated run: the Evaluate tab draws size/quality."""
-    run, results = evaluated
+@contextlib.contextmanager
+def dashboard_evaluate_tab(run: RunDir, shot: str):
+    """``laion-dask dashboard RUN`` in Chromium, on its Evaluate tab (a screenshot on failure)."""
     port = free_port()
     cmd = [str(EXE), "dashboard", run.path, "--port", str(port), "--no-show", *LOCAL[:4]]
     with served(cmd, port) as url, chromium_page() as (page, errors):
         page.goto(url)
         try:
             page.locator(".bk-tab", has_text="Evaluate").click(timeout=120_000)
-            page.get_by_text(f"Best by {results['primary']}").first.wait_for(timeout=60_000)
-            figure = page.locator(".evaluate-plot")
-            figure.locator("canvas").first.wait_for(timeout=30_000)
-        except Exception:  # what the page showed instead, for the post-mortem
+            yield page
+        except BaseException:  # what the page showed instead, for the post-mortem
             ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "evaluate-tab.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
             raise
-        page.wait_for_timeout(1_000)
-        assert drawn_colours(figure.screenshot()) > 20, "the size/quality plot is blank"
+        assert not [e for e in errors if "page error" in e], errors
+
+
+def assert_plot_drawn(page, text: str, timeout: int) -> None:
+    """Once ``text`` shows, the size/quality plot has drawn pixels."""
+    page.get_by_text(text).first.wait_for(timeout=timeout)
+    figure = page.locator(".evaluate-plot")
+    figure.locator("canvas").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1_000)
+    assert drawn_colours(figure.screenshot()) > 20, "the size/quality plot is blank"
+
+
+def test_the_dashboards_evaluate_tab_draws_the_results_in_chromium(evaluated):
+    """``laion-dask dashboard RUN`` on an evaluated run: the Evaluate tab draws size/quality."""
+    run, results = evaluated
+    with dashboard_evaluate_tab(run, "evaluate-tab.png") as page:
+        assert_plot_drawn(page, f"Best by {results['primary']}", 60_000)
         table = page.locator("table").last.inner_text()
         for e in results["candidates"]:
             assert e["name"] in table
         assert page.get_by_text(results["caveat"][:40]).count() == 1  # Panel draws in a shadow DOM
-        assert not [e for e in errors if "page error" in e], errors
 
 
 def test_the_dashboard_evaluates_the_sliders_thresholds_in_chromium(scored, tmp_path):
@@ -446,42 +459,28 @@ def test_the_dashboard_evaluates_the_sliders_thresholds_in_chromium(scored, tmp_
     shutil.rmtree(run.join("evaluate"), ignore_errors=True)  # another test evaluates the original
     heldout = scored[2]
     sliders, _ = start_thresholds(open_run(run))  # what the dashboard's sliders start at
-    port = free_port()
-    cmd = [str(EXE), "dashboard", run.path, "--port", str(port), "--no-show", *LOCAL[:4]]
-    with served(cmd, port) as url, chromium_page() as (page, errors):
-        page.goto(url)
-        try:
-            page.locator(".bk-tab", has_text="Evaluate").click(timeout=120_000)
-            page.get_by_text("No evaluation yet").first.wait_for(timeout=30_000)
+    with dashboard_evaluate_tab(run, "evaluate-from-dashboard.png") as page:
+        page.get_by_text("No evaluation yet").first.wait_for(timeout=30_000)
 
-            def fill(cls: str, value: str) -> None:
-                box = page.locator(f".{cls} input")
-                box.fill(value)
-                box.press("Enter")  # Panel's text and number inputs commit on change
+        def fill(cls: str, value: str) -> None:
+            box = page.locator(f".{cls} input")
+            box.fill(value)
+            box.press("Enter")  # Panel's text and number inputs commit on change
 
-            fill("evaluate-fractions", "2")
-            page.locator(".evaluate-button button").click()
-            page.get_by_text("cannot evaluate").first.wait_for(timeout=30_000)
-            assert not Path(run.join("evaluate")).exists()  # refused before any work
-            for cls, value in (
-                ("evaluate-fractions", "0.5"),
-                ("evaluate-steps", "2"),
-                ("evaluate-seeds", "1"),
-                ("evaluate-heldout", str(heldout)),
-            ):
-                fill(cls, value)
-            page.locator(".evaluate-button button").click()
-            page.get_by_text("Best by").first.wait_for(timeout=300_000)
-            figure = page.locator(".evaluate-plot")
-            figure.locator("canvas").first.wait_for(timeout=30_000)
-        except Exception:  # what the page showed instead, for the post-mortem
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "evaluate-from-dashboard.png"), full_page=True)
-            raise
-        page.wait_for_timeout(1_000)
-        assert drawn_colours(figure.screenshot()) > 20, "the size/quality plot is blank"
+        fill("evaluate-fractions", "2")
+        page.locator(".evaluate-button button").click()
+        page.get_by_text("cannot evaluate").first.wait_for(timeout=30_000)
+        assert not Path(run.join("evaluate")).exists()  # refused before any work
+        for cls, value in (
+            ("evaluate-fractions", "0.5"),
+            ("evaluate-steps", "2"),
+            ("evaluate-seeds", "1"),
+            ("evaluate-heldout", str(heldout)),
+        ):
+            fill(cls, value)
+        page.locator(".evaluate-button button").click()
+        assert_plot_drawn(page, "Best by", 300_000)
         assert page.get_by_text("evaluated 3 candidates").count() == 1  # the status line
-        assert not [e for e in errors if "page error" in e], errors
     results, _ = ev.read_results(run)
     cands = {c["name"]: c for c in results["candidates"]}
     assert set(cands) == {ev.BASELINE, "dashboard", "top-50pct"}
