@@ -116,13 +116,13 @@ def serve_hosts(n: int) -> Iterator[Hosts]:
         yield Hosts(urls, books, images)
 
 
-def _inputs(hosts: Hosts, folder: Path) -> list[str]:
-    """Input files in which every host has ``PER_FILE`` images (plus rows the rules drop)."""
+def _inputs(hosts: Hosts, folder: Path, per_file: tuple[int, ...] = PER_FILE) -> list[str]:
+    """Input files in which every host has ``per_file`` images (plus rows the rules drop)."""
     paths = []
     for f in range(N_FILES):
         links = []
         for h, base in enumerate(hosts.urls):
-            for i in range(PER_FILE[h]):
+            for i in range(per_file[h]):
                 path = f"/img/f{f}-h{h}-{i}.jpg"
                 hosts.images[path] = noise_image(200, 150, "JPEG", seed=1000 * f + 10 * h + i)
                 links.append({"path": "IMG@/src", "url": base + path, "alt": f"photo {f} {h} {i}"})
@@ -266,3 +266,48 @@ def test_host_pacer_books_starts_apart():
     assert 9.9 < waits[1] <= 10.0 and 19.9 < waits[2] <= 20.0
     assert pacer.reserve("b", 10.0) == 0.0  # hosts are independent
     assert pacer.reserve("a", 0.0) == pytest.approx(20.0, abs=0.1)  # booked starts stand
+
+
+def test_a_chain_split_across_workers_keeps_the_host_bound_and_the_shards(process_client, tmp_path):
+    """A host holding most of the run is downloaded by both workers at once (its chain split in
+    two tasks, ``per_host_concurrency`` shared between them), never more than
+    ``per_host_concurrency`` in flight to it, and the shards equal a one-worker run's. Before
+    the split, one task downloaded the whole host while the other worker idled."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    with serve_hosts(N_HOSTS) as hosts:
+        # 40 of the run's 60 rows on the last host: more than its share of a 2-worker cluster
+        paths = _inputs(hosts, tmp_path, per_file=(1, 1, 1, 1, 10))
+        cfg = _cfg(per_host_concurrency=2)
+        runs = {}
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, **LOOPBACK_CLUSTER) as one,
+            Client(one) as one_client,
+        ):
+            run = RunDir(str(tmp_path / "one"))
+            run_extract(run, cfg, paths, client=one_client)
+            run_download(run, cfg, client=one_client).check()
+            runs["one"] = run
+        books = hosts.books
+        books.max_active.clear()
+        run = RunDir(str(tmp_path / "two"))
+        run_extract(run, cfg, paths, client=process_client)
+        with get_task_stream(client=process_client) as stream:
+            run_download(run, cfg, client=process_client).check()
+        runs["two"] = run
+    assert max(books.max_active.values()) == 2, dict(books.max_active)
+    big = hosts.urls[-1].split("//")[1].split(":")[0]
+    assert books.max_active[big] == 2  # two tasks of one request each, at once
+    parts = [t for t in stream.data if "-part" in t["key"]]
+    assert len(parts) == 2 and parts[0]["worker"] != parts[1]["worker"], parts
+    spans = [next(s for s in t["startstops"] if s["action"] == "compute") for t in parts]
+    assert max(s["start"] for s in spans) < min(s["stop"] for s in spans), spans  # at once
+    one, two = (_downloads(runs[n]) for n in ("one", "two"))
+    pd.testing.assert_frame_equal(one, two)
+    strip = ("seconds", "stats")
+    for (i, ma), (_, mb) in zip(
+        runs["one"].iter_markers("downloads"), runs["two"].iter_markers("downloads"), strict=True
+    ):
+        assert {k: v for k, v in ma.items() if k not in strip} == {
+            k: v for k, v in mb.items() if k not in strip
+        }, i

@@ -19,6 +19,7 @@ from laion_dask.stages.imaging import (
     data_uri,
     process_image,
     read_thumbnails,
+    reuse_image_memory,
     target_size,
     thumbnail,
     thumbnail_html,
@@ -284,3 +285,22 @@ def test_thumbnail_html_and_data_uris_decode_back() -> None:
     with pytest.raises(ValueError, match="png' or 'jpeg'"):
         data_uri(img, "webp")
     assert thumbnail(b"\xff\xd8 truncated jpeg") is None
+
+
+def test_reused_image_memory_gives_the_same_bytes():
+    """Pillow's block cache (reuse_image_memory) changes where pixels live, never what they are:
+    the same bodies give byte-identical results before and after, in any order."""
+    cfg = DownloadConfig()
+    bodies = [noise_image(400 + 37 * i, 300 - 11 * i, "JPEG", seed=i) for i in range(6)]
+    blocks = Image.core.get_blocks_max()
+    try:
+        Image.core.set_blocks_max(0)
+        before = [process_image(b, cfg).image for b in bodies]
+        reuse_image_memory(8)
+        assert Image.core.get_blocks_max() == 8
+        reuse_image_memory(4)  # raised, never lowered
+        assert Image.core.get_blocks_max() == 8
+        after = [process_image(b, cfg).image for b in reversed(bodies)][::-1]
+    finally:
+        Image.core.set_blocks_max(blocks)
+    assert after == before and all(before)

@@ -18,12 +18,15 @@ from laion_dask.stages.planner import (
     assign_buckets,
     big_host_buckets,
     bucket_count,
+    chain_chunks,
+    chain_parts,
     chains,
     chunk_bounds,
     host_counts,
     host_keys,
     shard_ids,
     split_buckets,
+    split_chain,
 )
 
 
@@ -218,3 +221,40 @@ def test_chains_and_shard_ids_follow_the_plan_order():
         [(3, 10, [3])],
         [(4, 21, [4, 5, 6]), (6, 1, [7])],
     ]
+
+
+def test_chain_chunks_cover_each_bucket_in_order_with_the_plan_shard_ids():
+    layout = shard_ids({4: 21, 6: 1}, [[4, 6]], rows_per_task=10)
+    chunks = chain_chunks(layout[0], 10)
+    assert [c.shard_id for c in chunks] == [0, 1, 2, 3]
+    assert [(c.bucket, c.chunk) for c in chunks] == [(4, 0), (4, 1), (4, 2), (6, 0)]
+    assert [(c.start, c.stop) for c in chunks[:3]] == chunk_bounds(21, 10)
+    assert sum(c.rows for c in chunks) == 22
+
+
+@pytest.mark.parametrize(
+    ("chain_rows", "total", "slots", "n_chunks", "per_host", "want"),
+    [
+        (5000, 5000, 2, 5, 64, 2),  # one host is the whole run: both slots
+        (5000, 5000, 8, 5, 64, 5),  # never more tasks than chunks
+        (5000, 5000, 8, 5, 3, 3),  # each task gets at least one request to the host
+        (5000, 5000, 2, 5, 1, 1),  # a budget of one request cannot be shared
+        (2500, 10_000, 2, 3, 8, 1),  # within its share of the cluster: one task
+        (2600, 10_000, 4, 3, 8, 2),
+        (5000, 5000, 1, 5, 64, 1),  # one slot: nothing to share
+    ],
+)
+def test_chain_parts(chain_rows, total, slots, n_chunks, per_host, want):
+    assert chain_parts(chain_rows, total, slots, n_chunks, per_host) == want
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
+def test_split_chain_is_contiguous_complete_and_balanced(parts):
+    layout = shard_ids({3: 95, 8: 40, 9: 7}, [[3, 8, 9]], rows_per_task=10)
+    chunks = chain_chunks(layout[0], 10)
+    runs = split_chain(chunks, parts)
+    assert [c for run in runs for c in run] == chunks  # every chunk once, in chain order
+    assert len(runs) == min(parts, len(chunks)) and all(runs)
+    rows = [sum(c.rows for c in run) for run in runs]
+    # no run is more than one chunk over an even share of the rows
+    assert max(rows) <= sum(rows) / len(runs) + max(c.rows for c in chunks)

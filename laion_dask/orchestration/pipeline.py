@@ -660,7 +660,9 @@ def _download_plan(
 
 
 def _download_chain_task(
-    chain: list[tuple[int, int, list[int]]],
+    chunks: list[planner.Chunk],
+    chain: int,
+    parts: int,
     plan_fp: str,
     folder: str,
     run: RunDir,
@@ -668,32 +670,34 @@ def _download_chain_task(
     stage_cfg: dict[str, Any],
     retry_failed: bool,
 ) -> list[dict]:
-    """Every chunk of the buckets of one chain, one after the other -> one shard + part each.
+    """``chunks`` of the chain whose first bucket is ``chain``, one after the other -> one shard
+    and one downloads part each.
 
-    The chunks of a bucket (and the buckets of a chain) never run at once, so the hosts of the
-    chain see at most ``per_host_concurrency`` requests from the whole cluster. Each chunk has
-    its own marker: a task killed halfway resumes at its first unfinished chunk.
+    The chunks of a chain never run at once within a task; a chain split into ``parts`` tasks
+    (:func:`planner.chain_parts`) gives each of them ``1/parts`` of ``per_host_concurrency``,
+    so the chain's hosts still see at most ``per_host_concurrency`` requests from the whole
+    cluster. Each chunk has its own marker, and its fingerprint does not depend on ``parts``: a
+    task killed halfway resumes at its first unfinished chunk, however the chain is split then.
     """
-    first = chain[0][0]
+    dl_cfg = cfg.download
+    if parts > 1:
+        dl_cfg = replace(dl_cfg, per_host_concurrency=dl_cfg.per_host_concurrency // parts)
     out: list[dict] = []
-    for bucket, n_rows, shard_ids in chain:
-        path = _bucket_path(folder, bucket)
-        bounds = planner.chunk_bounds(n_rows, cfg.download.rows_per_task)
-        for chunk, (shard_id, (start, stop)) in enumerate(zip(shard_ids, bounds, strict=True)):
-            fp = fingerprint(plan_fp, bucket, chunk, stage_cfg)
-            if retry_failed and run.done_marker("downloads", shard_id) is not None:
-                out.append(_retry_task(shard_id, run, cfg, fp))
-            elif (resumed := _resumed(run, "downloads", shard_id, fp)) is not None:
-                out.append(resumed)
-            else:
-                rows = run.read_parquet_rows(path, start, stop)
-                df = schema.conform(rows, schema.CANDIDATES_DTYPES)
-                t0 = time.perf_counter()
-                cache = _host_cache(run, first)
-                got = download_images(df, cfg.download, consent=cfg.consent, host_cache=cache)
-                extra = {"chain": first, "bucket": bucket, "chunk": chunk}
-                seconds = time.perf_counter() - t0
-                out.append(_write_download_part(run, shard_id, got, fp, seconds, extra))
+    for c in chunks:
+        fp = fingerprint(plan_fp, c.bucket, c.chunk, stage_cfg)
+        if retry_failed and run.done_marker("downloads", c.shard_id) is not None:
+            out.append(_retry_task(c.shard_id, run, cfg, fp))
+        elif (resumed := _resumed(run, "downloads", c.shard_id, fp)) is not None:
+            out.append(resumed)
+        else:
+            rows = run.read_parquet_rows(_bucket_path(folder, c.bucket), c.start, c.stop)
+            df = schema.conform(rows, schema.CANDIDATES_DTYPES)
+            t0 = time.perf_counter()
+            cache = _host_cache(run, chain)
+            got = download_images(df, dl_cfg, consent=cfg.consent, host_cache=cache)
+            extra = {"chain": chain, "bucket": c.bucket, "chunk": c.chunk}
+            seconds = time.perf_counter() - t0
+            out.append(_write_download_part(run, c.shard_id, got, fp, seconds, extra))
     return out
 
 
@@ -800,10 +804,14 @@ def run_download(
     One task per chain downloads it in chunks of at most ``download.rows_per_task`` rows, one chunk
     after the other, each chunk writing one shard; a host is therefore fetched by one task at a time
     in the whole cluster and ``download.per_host_concurrency`` bounds what the cluster sends it. A
-    big host makes a longer task, never two at once; the longest chains are submitted first. Shard
-    ids follow the plan's order, so the same candidates and config give the same shards whatever the
-    number of workers. With ``retry_failed`` only rows whose failure was transient are fetched again
-    and merged into their finished part (chunk by chunk, in the same order).
+    chain holding more than its share of the run for the cluster's threads (one host serving most
+    of it) is split into that many tasks, each with that share of ``per_host_concurrency``, so the
+    bound holds and no core idles while one task downloads the host (not with
+    ``per_host_interval``, whose spacing one process keeps); the longest tasks are submitted
+    first. Shard ids follow the plan's order, so the same candidates and config give the same
+    shards whatever the number of workers. With ``retry_failed`` only rows whose failure was
+    transient are fetched again and merged into their finished part (chunk by chunk, in the same
+    order).
 
     Consent lists named in ``[consent]`` are read here first, so a missing file or a malformed entry
     raises :class:`~laion_dask.ground.config.ConfigError` before any task runs; their content is
@@ -834,15 +842,55 @@ def run_download(
         [i for i in run.marker_indices("downloads") if i >= n_shards],
         lambda i: [run.join("images", f"{i:05d}{ext}") for ext in _SHARD_FILES],
     )
-    # longest first: a big host's chain bounds the stage's wall time, so it starts at once
-    layout.sort(key=lambda chain: (-sum(n for _, n, _ in chain), chain[0][0]))
     args = (plan["fingerprint"], plan["folder"], run, cfg, stage_cfg, retry_failed)
-    tasks = [(f"bucket-{c[0][0]:05d}", _download_chain_task, (c, *args)) for c in layout]
+    tasks = _chain_tasks(layout, cfg, _task_slots(client), args)
     results, failures = run_tasks(
         client, "download", tasks, strict=cfg.strict, show_progress=show_progress
     )
     chunks = [r for bucket_results in results for r in bucket_results]
     return _stage_report("download", n_shards, chunks, failures, "status", t0)
+
+
+def _task_slots(client: Any) -> int:
+    """Tasks the cluster runs at once (its workers' threads); 1 when it cannot say."""
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except (OSError, TimeoutError, AttributeError):
+        return 1
+
+
+def _chain_tasks(
+    layout: list[list[tuple[int, int, list[int]]]],
+    cfg: PipelineConfig,
+    slots: int,
+    args: tuple,
+) -> list[tuple[str, Callable[..., Any], tuple]]:
+    """One download task per chain, or per part of a chain longer than its share of the
+    cluster's ``slots`` (:func:`planner.chain_parts`); longest first, since the longest bounds
+    the stage's wall time.
+
+    A chain is split only without ``per_host_interval``: the spacing of two requests to one
+    host is kept by one process's pacer, which tasks in other processes do not see.
+    """
+    dl = cfg.download
+    total = sum(n for chain in layout for _, n, _ in chain)
+    jobs: list[tuple[int, str, list[planner.Chunk], int, int]] = []
+    for chain in layout:
+        first = chain[0][0]
+        chunks = planner.chain_chunks(chain, dl.rows_per_task)
+        rows = sum(c.rows for c in chunks)
+        parts = 1
+        if dl.per_host_interval == 0:
+            parts = planner.chain_parts(rows, total, slots, len(chunks), dl.per_host_concurrency)
+        runs = planner.split_chain(chunks, parts)
+        for p, run_chunks in enumerate(runs):
+            name = f"bucket-{first:05d}" + (f"-part{p}" if len(runs) > 1 else "")
+            jobs.append((sum(c.rows for c in run_chunks), name, run_chunks, first, len(runs)))
+    jobs.sort(key=lambda job: (-job[0], job[1]))
+    return [
+        (name, _download_chain_task, (run_chunks, first, parts, *args))
+        for _, name, run_chunks, first, parts in jobs
+    ]
 
 
 #: the files of one shard in RUN/images/, img2dataset style

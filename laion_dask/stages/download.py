@@ -84,7 +84,7 @@ from laion_dask.stages.consent import (
     parse_tdmrep,
     product_token,
 )
-from laion_dask.stages.imaging import process_image
+from laion_dask.stages.imaging import process_image, reuse_image_memory
 from laion_dask.stages.netguard import BlockedAddress, Resolver, check_host, system_resolver
 
 __all__ = [
@@ -720,6 +720,7 @@ async def _download_all(
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
     )
+    reuse_image_memory()  # the decode threads reuse pixel buffers instead of faulting in new ones
     pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="laion-dask-decode")
     try:
         async with aiohttp.ClientSession(

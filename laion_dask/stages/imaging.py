@@ -35,6 +35,7 @@ from laion_dask.ground.shards import read_images
 __all__ = [
     "ImageResult",
     "process_image",
+    "reuse_image_memory",
     "target_size",
     "thumbnail",
     "png_bytes",
@@ -73,6 +74,27 @@ class ImageResult:
     width: int | None = None
     height: int | None = None
     image: bytes | None = None
+
+
+#: freed Pillow image blocks kept for reuse per process by :func:`reuse_image_memory`: about
+#: four pictures alive per decode thread (decoded, oriented, flattened, resized) at the default
+#: four threads; each block is at most Pillow's block size (16 MiB), most far smaller
+IMAGE_BLOCKS = 16
+
+
+def reuse_image_memory(blocks: int = IMAGE_BLOCKS) -> None:
+    """Let Pillow keep up to ``blocks`` freed image blocks for the next pictures (raised, never
+    lowered; the same as ``PILLOW_BLOCKS_MAX``).
+
+    Pillow's default keeps none: each picture's pixels are a fresh ``malloc``, and a Dask worker
+    runs with ``MALLOC_TRIM_THRESHOLD_`` set, which pins glibc's mmap threshold at 128 KiB, so
+    every picture over that (a 400x300 draft is 480 KB) is a fresh ``mmap`` whose pages fault in
+    again. Measured on 2,000 800x600 JPEGs from nginx, ``download_images`` under that setting:
+    4.28 ms CPU per image without reuse, 3.46 ms with 16 blocks (3.31 ms without the setting).
+    """
+    core = Image.core
+    if hasattr(core, "get_blocks_max") and core.get_blocks_max() < blocks:
+        core.set_blocks_max(blocks)
 
 
 def _scaled(w: int, h: int, side: int, use_min: bool) -> tuple[int, int]:

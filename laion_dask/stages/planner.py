@@ -18,13 +18,19 @@ The plan (fingerprint tag :data:`CHUNKING`):
 * a bucket's rows are sorted by (host key, candidates part, row in part)
   (:func:`split_buckets`), so its content and order depend only on the candidates, and cut into
   even chunks of at most ``rows_per_task`` rows (:func:`chunk_bounds`); shard ids number the
-  chunks in chain order (:func:`shard_ids`), whatever the number of workers.
+  chunks in chain order (:func:`shard_ids`), whatever the number of workers;
+* a chain longer than its share of the cluster (one host serving most of the run) is split
+  into contiguous runs of its chunks (:func:`chain_chunks`, :func:`chain_parts`,
+  :func:`split_chain`), downloaded by that many tasks at once, each with that share of the
+  per-host budget, so the hosts still see at most ``per_host_concurrency`` requests in flight.
+  Chunks, shard ids and shard contents are the same however a chain is split.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -43,6 +49,10 @@ __all__ = [
     "split_buckets",
     "chains",
     "shard_ids",
+    "Chunk",
+    "chain_chunks",
+    "chain_parts",
+    "split_chain",
 ]
 
 #: how candidate rows are cut into download tasks (part of the download fingerprint)
@@ -235,3 +245,80 @@ def shard_ids(
             next_id += n_chunks
         out.append(work)
     return out
+
+
+class Chunk(NamedTuple):
+    """One download chunk: rows ``start:stop`` of ``bucket``'s file, the ``chunk``-th of the
+    bucket, written as shard ``shard_id``."""
+
+    bucket: int
+    chunk: int
+    shard_id: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def chain_chunks(
+    chain: Sequence[tuple[int, int, Sequence[int]]], rows_per_task: int
+) -> list[Chunk]:
+    """Every chunk of one chain of :func:`shard_ids`, in chain order.
+
+    Examples
+    --------
+    >>> [tuple(c) for c in chain_chunks([(4, 21, [4, 5, 6]), (6, 1, [7])], 10)]
+    [(4, 0, 4, 0, 7), (4, 1, 5, 7, 14), (4, 2, 6, 14, 21), (6, 0, 7, 0, 1)]
+    """
+    out = []
+    for bucket, rows, ids in chain:
+        bounds = chunk_bounds(rows, rows_per_task)
+        for chunk, (shard_id, (start, stop)) in enumerate(zip(ids, bounds, strict=True)):
+            out.append(Chunk(bucket, chunk, shard_id, start, stop))
+    return out
+
+
+def chain_parts(
+    chain_rows: int, total_rows: int, slots: int, n_chunks: int, per_host_concurrency: int
+) -> int:
+    """How many tasks download one chain at once: 1, unless the chain holds more than its share
+    of the run's rows for ``slots`` task slots of the cluster (a host serving most of the run
+    would otherwise keep one slot busy while the others idle). Never more than its chunks, nor
+    than ``per_host_concurrency`` (each task gets at least one request to a host).
+
+    Examples
+    --------
+    >>> chain_parts(5000, 5000, slots=2, n_chunks=5, per_host_concurrency=64)
+    2
+    >>> chain_parts(900, 100_000, slots=8, n_chunks=1, per_host_concurrency=8)
+    1
+    """
+    if chain_rows <= 0 or total_rows <= 0 or slots <= 1:
+        return 1
+    share = math.ceil(chain_rows * slots / total_rows)
+    return max(1, min(share, slots, n_chunks, per_host_concurrency))
+
+
+def split_chain(chunks: Sequence[Chunk], parts: int) -> list[list[Chunk]]:
+    """``chunks`` cut into at most ``parts`` contiguous runs of about equal rows, none empty.
+
+    Contiguous, so each task keeps its hosts' rows together (rows are sorted by host).
+
+    Examples
+    --------
+    >>> c = chain_chunks([(0, 50, [0, 1, 2, 3, 4])], 10)
+    >>> [[x.shard_id for x in run] for run in split_chain(c, 2)]
+    [[0, 1], [2, 3, 4]]
+    """
+    parts = max(1, min(parts, len(chunks)))
+    total = sum(c.rows for c in chunks)
+    out: list[list[Chunk]] = [[] for _ in range(parts)]
+    done = 0
+    for c in chunks:
+        # the part whose share of the rows this chunk's middle row falls in
+        middle = done + c.rows / 2
+        out[min(parts - 1, int(middle * parts / total) if total else 0)].append(c)
+        done += c.rows
+    return [run for run in out if run]
