@@ -346,6 +346,59 @@ def prepare_run(urls: list[str], threads: int, name: str = "cmd") -> tuple[Path,
     return template, conf
 
 
+def _role(cmdline: list[str]) -> str:
+    """What a process of ``laion-dask download``'s tree is, from its command line."""
+    line = " ".join(cmdline)
+    if "multiprocessing.forkserver" in line:
+        return "fork server (its imports)"
+    if "resource_tracker" in line:
+        return "resource tracker"
+    return "command process (imports, scheduler, plan, client)"
+
+
+def command_with_roles(cmd: list[str], **kw: object) -> tuple[float, float, dict[str, float]]:
+    """:func:`whole_command`'s wall and CPU, plus the CPU of each process of the tree by role,
+    read every 0.2 s while it runs (so at least what each had used at its last sight).
+
+    The workers are the fork server's children; the fork server's own CPU is its imports.
+    """
+    import resource
+
+    import psutil
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    root = psutil.Process(proc.pid)
+    seen: dict[int, tuple[float, list[str], int | None]] = {}
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in tree:
+            try:
+                with p.oneshot():
+                    cpu = p.cpu_times()
+                    seen[p.pid] = (cpu.user + cpu.system, p.cmdline(), p.ppid())
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd[:3]))} failed ({proc.returncode}): {err[-2000:]!r}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    roles: dict[str, float] = {}
+    # the workers are forked by the fork server: the tree's grandchildren
+    forked = {pid for pid, (_, _, ppid) in seen.items() if ppid in seen and ppid != proc.pid}
+    for pid, (used, cmdline, _) in seen.items():
+        role = "workers" if pid in forked else _role(cmdline)
+        roles[role] = roles.get(role, 0.0) + used
+    return wall, cpu, {k: round(v, 2) for k, v in sorted(roles.items())}
+
+
 def run_commands(urls: list[str], url_file: Path, i2d: Path, args: argparse.Namespace) -> dict:
     """Alternating rounds of img2dataset (2/32 and 4/64) and ``laion-dask download``."""
     template, conf = prepare_run(urls, args.threads)
@@ -360,6 +413,7 @@ def run_commands(urls: list[str], url_file: Path, i2d: Path, args: argparse.Name
         "laion-dask download, 20 images (fixed cost)": ("ours-20", 0, 0),
     }
     runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in contenders}
+    roles: dict[str, list[dict[str, float]]] = {}
     for rep in range(args.repeat):
         for name, (kind, procs, threads) in contenders.items():
             out = WORK / "cmd" / f"out-{kind}"
@@ -380,7 +434,11 @@ def run_commands(urls: list[str], url_file: Path, i2d: Path, args: argparse.Name
                 shutil.copytree(source, out)
                 cmd = [str(laion), "download", str(out), "--config", str(config), "-q"]
                 folder = out / "images"
-            wall, cpu, _ = whole_command(cmd, env=env, cwd=WORK)
+            if kind == "i2d":
+                wall, cpu, _ = whole_command(cmd, env=env, cwd=WORK)
+            else:
+                wall, cpu, by_role = command_with_roles(cmd, env=env, cwd=WORK, text=True)
+                roles.setdefault(name, []).append(by_role)
             ok = count_tar_images(folder)
             runs[name].append((ok, wall, cpu))
             print(f"round {rep + 1} {name:<20} {ok} images  wall {wall:6.1f}s  "
@@ -402,6 +460,11 @@ def run_commands(urls: list[str], url_file: Path, i2d: Path, args: argparse.Name
         i2d_best / ours["best wall s"], 2
     )
     summary["ratio, median wall"] = round(i2d_median / ours["median wall s"], 2)
+    for name, by_role in roles.items():
+        # the round with the least CPU, process by process: where the command's CPU goes
+        summary[f"{name}: CPU s by process, best round"] = min(
+            by_role, key=lambda r: sum(r.values())
+        )
     return summary
 
 
