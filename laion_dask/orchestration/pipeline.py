@@ -870,7 +870,9 @@ def _chain_tasks(
     the stage's wall time.
 
     A chain is split only without ``per_host_interval``: the spacing of two requests to one
-    host is kept by one process's pacer, which tasks in other processes do not see.
+    host is kept by one process's pacer, which tasks in other processes do not see. The parts
+    share the chain's host-file cache, but start together: a host's robots.txt may be fetched
+    once per part rather than once per run.
     """
     dl = cfg.download
     total = sum(n for chain in layout for _, n, _ in chain)
