@@ -415,6 +415,10 @@ def test_resolver_matches_urljoin():
         "http://[::1]/a/b",
         "HTTP://A.B/x",
         "http://é.example/ü/",
+        # a non-ASCII path splits as an ASCII one does (only a non-ASCII host goes to urlsplit)
+        "http://a.b/Köln/straße.html",
+        "https://a.b/ü/x?q=é#ö",
+        "http://a.b/東京/./x/",
         # bases the fast split in Resolver must leave to urlsplit, or split the same way
         "http://a[b]/c/",
         "http://a.b?q=/x/y",
@@ -511,3 +515,54 @@ def test_fused_fastwarc_pass_equals_the_plain_one_on_edge_cases(
     # the reader that hands back what the hot path already read
     r = PrefixedReader(b"abc", __import__("io").BytesIO(b"defg"))
     assert [r.read(2), r.read(2), r.read(-1), r.read(1)] == [b"ab", b"cd", b"efg", b""]
+
+
+def test_compiled_base_split_equals_resolver(monkeypatch):
+    """img_pairs splits a simple page URL in C instead of building a Resolver: same pairs."""
+    from types import SimpleNamespace
+
+    from laion_dask.stages.extract import _Collector, common
+
+    if common.speedups is None:
+        pytest.skip("C fast paths not built")
+    pages = [
+        "http://a.b/c/d.html",
+        "https://a.b",
+        "https://a.b?q=1",
+        "http://a.b#f/g",
+        "http://a.b:8080/x/y/",
+        "http://a.b/Köln/straße.html",
+        "https://a.b/ü/x?q=é/z#ö",
+        "http://é.example/ü/",
+        "http://a.b/c/./d/",
+        "http://a.b/c/.d/e",
+        "http://a.b/x y/z",
+        "http://a[b]/c/",
+        "http://a.b/c/\u200b/",
+        "HTTP://A.B/x",
+        "ftp://a.b/c/",
+        "http://",
+        "http:///x",
+        "",
+    ]
+    urls = [
+        "x.jpg",
+        "/y.png",
+        "//cdn.example/z.jpg",
+        "../up.jpg",
+        "?q",
+        "http://abs/x.jpg",
+        " s.jpg",
+    ]
+    links = [SimpleNamespace(path="IMG@/src", url=u, alt=f"alt {u}") for u in urls]
+
+    def pairs() -> list:
+        col = _Collector("f", ExtractConfig())
+        for i, page in enumerate(pages):
+            col.add_wat(i, page, "", links)
+        return [col.urls, col.texts, col.indices, col.records]
+
+    fast = pairs()
+    monkeypatch.setattr(common, "speedups", None)
+    assert fast == pairs()
+    assert "http://a.b/Köln/x.jpg" in fast[0]

@@ -16,6 +16,7 @@ or an HTTP body cut short: an HTML page keeps the pairs of its tags complete bef
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import re
@@ -48,8 +49,10 @@ from laion_dask.stages.extract.records import (
     iter_arc,
     iter_fastwarc,
     iter_fastwarc_raw,
+    iter_gzip_members,
     iter_warcio,
     read_block,
+    record_bounds,
 )
 from laion_dask.stages.extract.text import clean_text, laion_hashes, pair_uids, record_hashes
 from laion_dask.stages.extract.warc import looks_like_html, parse_html, split_http
@@ -332,6 +335,7 @@ class _Collector:
             max_chars,
             lambda alt: clean_text(alt, max_chars),
             lambda: Resolver(resolve_url(page_url, base) if base else page_url),
+            None if base else page_url,  # a simple page URL is split in C, without a Resolver
         )
         if found:
             self.summary.records_with_links += 1
@@ -437,16 +441,19 @@ def _handle(rec: Record, col: _Collector, cfg: ExtractConfig) -> None:
             raise BadRecord("truncated_record", "HTTP body cut short")
 
 
-def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+def _fastwarc_pass(stream: BinaryIO, col: _Collector, cfg: ExtractConfig, start: int = 0) -> None:
     """The FastWARC pass. A WAT metadata record whose declared block is read whole (nearly all
     of them) takes :func:`_wat_block` inline, without a :class:`Record` or a :func:`read_block`
     call; every other record goes through :func:`_handle`, so both give the same result.
+    Records before offset ``start`` (read already) are passed over.
     """
     limit = cfg.max_html_bytes
     wat = cfg.format != "warc"
     metadata = FASTWARC_METADATA  # a local: looked up once per record
     summary = col.summary
     for frec, pos in iter_fastwarc_raw(stream):
+        if pos < start:
+            continue
         summary.records_read += 1
         try:
             length = frec.content_length
@@ -466,6 +473,87 @@ def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> 
             col.skipped(pos, err)
 
 
+# WARC-Type values _handle does nothing with, in any format
+_INERT_TYPES = frozenset({b"warcinfo", b"request", b"revisit", b"conversion", b"continuation"})
+
+
+def _field(head: bytes, name: str) -> str | None:
+    """A WARC header field as FastWARC's ``headers.get`` gives it: the first one of that name,
+    case-insensitive, stripped; None when absent."""
+    key = b"\r\n" + name.lower().encode() + b":"
+    i = head.lower().find(key)
+    if i < 0:
+        return None
+    i += len(key)
+    return head[i : head.index(b"\r\n", i)].strip().decode("utf-8")
+
+
+def _member_walk(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> int | None:
+    """Records of the gzip members of ``stream`` from where it is, one record a member, as
+    :func:`_fastwarc_pass` would read them; returns the offset of the first member it leaves to
+    FastWARC (None at the end of the file).
+
+    A member is read here only when it holds one plain record (:func:`record_bounds`) of a type
+    this pass handles without :func:`_handle`: a WAT metadata record, or one nothing is taken
+    from. Anything else, and every gzip or stream fault, goes to FastWARC at that member, so the
+    counts and skip kinds are FastWARC's.
+    """
+    limit = cfg.max_html_bytes
+    wat = cfg.format != "warc"
+    summary = col.summary
+    bounds = record_bounds if common.speedups is None else common.speedups.record_bounds
+    for pos, data in iter_gzip_members(stream, limit + (1 << 16)):
+        found = bounds(data) if data else None
+        if found is None:
+            return pos
+        t, start, end = found
+        if t == b"metadata" and wat:
+            if not 0 < end - start <= limit:
+                return pos
+            summary.records_read += 1
+            # most records hold no image link: the block is cut out (and the header read) only
+            # for those that may, and while the file is not yet known to be a WAT
+            if IMG_MARKER in data or not col.saw_wat:
+                try:
+                    _wat_block(data[start:end], pos, col, functools.partial(_field, data[:start]))
+                except BadRecord as err:
+                    col.skipped(pos, err)
+        elif t in _INERT_TYPES or t == b"metadata" or (cfg.format == "wat" and t in _HTML_TYPES):
+            summary.records_read += 1
+        else:
+            return pos
+    return None
+
+
+_HTML_TYPES = frozenset({b"response", b"resource"})
+
+
+def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
+    """A WARC gzipped record by record (Common Crawl's layout) is read by :func:`_member_walk`
+    up to the first member it leaves; from that member on (and any other file) it is read by
+    :func:`_fastwarc_pass`. Both give the same records: tests compare them on the corpus and on
+    broken files.
+
+    FastWARC reads the file again from its start, passing over the records already read: it
+    takes a file's compression from its first bytes (at an odd member it would read plain bytes
+    as records where the whole pass reports corrupt gzip), and where a member holds several
+    records it gives the second one the member's end as offset, so it cannot be started there.
+    A file of Common Crawl's layout is never read twice; an odd one at most once more.
+    """
+    origin = stream.tell() if stream.seekable() else None
+    if origin is not None:
+        gz = stream.read(2) == b"\x1f\x8b"
+        stream.seek(origin)
+        if gz:
+            pos = _member_walk(stream, col, cfg)
+            if pos is None:
+                return
+            stream.seek(origin)
+            _fastwarc_pass(stream, col, cfg, start=pos)
+            return
+    _fastwarc_pass(stream, col, cfg)
+
+
 def _records(iterate: Callable[[BinaryIO, _Collector], Iterator[Record]]) -> Callable[..., None]:
     def run(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
         for rec in iterate(stream, col):
@@ -482,6 +570,7 @@ def _records(iterate: Callable[[BinaryIO, _Collector], Iterator[Record]]) -> Cal
 #: one: ``_PASSES["fastwarc-plain"]``)
 _PASSES: dict[str, Callable[..., None]] = {
     "fastwarc": _records_fastwarc,
+    "fastwarc-zlib": _fastwarc_pass,
     "fastwarc-plain": _records(lambda stream, col: iter_fastwarc(stream)),
     "warcio": _records(lambda stream, col: iter_warcio(stream)),
     "arc": _records(lambda stream, col: iter_arc(stream, on_bad=col.bad_header)),

@@ -103,10 +103,11 @@ class Resolver:
     def __init__(self, base: str) -> None:
         self.base = base
         self.root = self.folder = ""
-        m = _SIMPLE_BASE.match(base) if base.isascii() and base.isprintable() else None
-        if m is not None and " " not in base:
-            # what urlsplit gives for a lower-case http(s) URL of printable ASCII, no space,
-            # no IPv6 brackets: the same split without its ~4 us of bookkeeping
+        m = _SIMPLE_BASE.match(base) if base.isprintable() and " " not in base else None
+        if m is not None and m.group(2).isascii():
+            # what urlsplit gives for a lower-case http(s) URL, printable, no space, its host
+            # ASCII without IPv6 brackets (only a non-ASCII host is checked further by urlsplit,
+            # a path may be any text): the same split without its ~4 us of bookkeeping
             scheme, netloc, path = m.groups()
         else:
             try:
