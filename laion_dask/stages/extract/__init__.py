@@ -477,15 +477,17 @@ def _fastwarc_pass(stream: BinaryIO, col: _Collector, cfg: ExtractConfig, start:
 _INERT_TYPES = frozenset({b"warcinfo", b"request", b"revisit", b"conversion", b"continuation"})
 
 
+_FIELDS: dict[str, re.Pattern[bytes]] = {}  # header field name -> its line, any case
+
+
 def _field(head: bytes, name: str) -> str | None:
     """A WARC header field as FastWARC's ``headers.get`` gives it: the first one of that name,
     case-insensitive, stripped; None when absent."""
-    key = b"\r\n" + name.lower().encode() + b":"
-    i = head.lower().find(key)
-    if i < 0:
-        return None
-    i += len(key)
-    return head[i : head.index(b"\r\n", i)].strip().decode("utf-8")
+    line = _FIELDS.get(name)
+    if line is None:
+        line = _FIELDS[name] = re.compile(rb"\r\n" + re.escape(name.encode()) + rb":(.*)", re.I)
+    m = line.search(head)  # "." stops at the line's end: no CR or LF inside a plain header
+    return None if m is None else m.group(1).strip().decode("utf-8")
 
 
 def _member_walk(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> int | None:

@@ -518,7 +518,7 @@ static PyObject *S_decompress, *S_eof, *S_unused_data;
 
 /* compressed bytes per decompress() call: a member's end is found from what its last call leaves
  * unused, which the decompressor returns as a copy, so small steps keep that copy small */
-#define MEMBER_STEP 16384
+#define MEMBER_STEP 4096
 
 PyDoc_STRVAR(inflate_members_doc,
 "inflate_members(buf, pos, final, decompressobj, error, cap) -> (members, pos, status)\n\n"

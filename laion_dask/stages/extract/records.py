@@ -367,7 +367,7 @@ class GunzipStream(io.RawIOBase):
 #: compressed bytes per ``decompress()`` call of :func:`inflate_members`: a member's end is found
 #: from what its last call leaves unused, which zlib returns as a copy, so small steps keep that
 #: copy small (Common Crawl's WAT members are 1-5 KB compressed)
-_MEMBER_STEP = 1 << 14
+_MEMBER_STEP = 1 << 12
 
 
 def inflate_members(
@@ -461,7 +461,7 @@ def iter_gzip_members(stream: BinaryIO, cap: int) -> Iterator[tuple[int, bytes |
     base, buf, final = stream.tell(), b"", False
     while True:
         if not final:
-            more = stream.read(1 << 20)
+            more = stream.read(96 << 10)  # under the 128 KB mmap threshold: no page faults a read
             final = not more
             buf += more
         members, pos, status = inflate(buf, 0, final, zlib_ng.decompressobj, zlib_ng.error, cap)
