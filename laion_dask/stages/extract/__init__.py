@@ -1,9 +1,10 @@
 """Extraction stage: one WAT/WARC/ARC file -> one partition of (image URL, alt text) pairs.
 
-``extract_file`` streams the file record by record (never whole), picks FastWARC where it reads
-the file and warcio where it does not (ARC, odd files), and returns the pairs plus a
-:class:`FileSummary` whose counters say what was read and what was skipped, by kind. Bad records
-are counted and skipped; a file that cannot be read at all raises, or with
+``extract_file`` streams the file record by record (never whole), reads Common Crawl's layout
+(one gzip member a record) with its own zlib-ng member walk, FastWARC where that walk stops
+and for other WARC files, warcio where FastWARC cannot (ARC, odd files), and returns the pairs
+plus a :class:`FileSummary` whose counters say what was read and what was skipped, by kind. Bad
+records are counted and skipped; a file that cannot be read at all raises, or with
 ``cfg.skip_unreadable_files`` becomes an empty partition with ``summary.error`` set.
 
 Skip kinds in ``bad_records``: ``empty_file``, ``corrupt_gzip``, ``invalid_record`` (the archive

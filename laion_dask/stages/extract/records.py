@@ -8,6 +8,9 @@ the block raw (no HTTP parsing), so the rest of the code sees the same bytes whi
 URI-valued header fields are read through :func:`~laion_dask.stages.extract.common.warc_uri`
 (WARC 1.0 writes them in angle brackets), whichever reader ran.
 
+:func:`iter_gzip_members` and :func:`record_bounds` read Common Crawl's layout without FastWARC
+(zlib-ng inflates its members twice as fast); the caller hands FastWARC whatever they leave.
+
 Whole-file gzip (one member holding many records) has no per-record compressed offset: FastWARC
 reports the same ``stream_pos`` for every record in the member and warcio refuses the file. Both
 raise :class:`NonChunkedGzip`, and the caller reads the file again through ``gzip`` so that
