@@ -387,10 +387,18 @@ def _is_html_head(head: bytes, content_type: str) -> bool:
 
 
 def _wat_block(
-    data: bytes, offset: int, col: _Collector, header: Callable[[str], str | None]
+    data: bytes,
+    offset: int,
+    col: _Collector,
+    header: Callable[[str], str | None],
+    start: int = 0,
+    end: int | None = None,
 ) -> None:
-    """One whole WAT metadata block into ``col``; ``header(name)`` reads its WARC header."""
-    if IMG_MARKER not in data:
+    """One whole WAT metadata block, ``data[start:end]``, into ``col``; ``header(name)`` reads
+    its WARC header. The bounds let the member walk pass a whole member without copying its
+    block out (24,000 copies, 250 MB, per 100 MB WAT).
+    """
+    if data.find(IMG_MARKER, start, end) < 0:
         # cannot hold an image link: skip the JSON parse (the fast path). The Content-Type
         # lookup costs more than the IMG@ scan, so it is only made until the file is known to
         # be a WAT (for the summary)
@@ -400,7 +408,8 @@ def _wat_block(
     if "json" not in (header("Content-Type") or ""):
         return  # WARC metadata (fetch times, outlinks), not a WAT record
     col.saw_wat = True
-    page, base, links, metas = wat_links(data)
+    body = data if start == 0 and end is None else memoryview(data)[start:end]
+    page, base, links, metas = wat_links(body)
     col.add_wat(offset, page or warc_uri(header("WARC-Target-URI")), base, links, metas)
 
 
@@ -518,7 +527,7 @@ def _member_walk(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> int |
             # for those that may, and while the file is not yet known to be a WAT
             if IMG_MARKER in data or not col.saw_wat:
                 try:
-                    _wat_block(data[start:end], pos, col, functools.partial(_field, data[:start]))
+                    _wat_block(data, pos, col, functools.partial(_field, data[:start]), start, end)
                 except BadRecord as err:
                     col.skipped(pos, err)
         elif t in _INERT_TYPES or t == b"metadata" or (cfg.format == "wat" and t in _HTML_TYPES):

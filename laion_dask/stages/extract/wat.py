@@ -74,9 +74,9 @@ class _Wat(msgspec.Struct, gc=False, rename={"envelope": "Envelope"}):
 _DECODER = msgspec.json.Decoder(_Wat)
 
 
-def _decode_error(body: bytes, err: Exception) -> BadRecord:
+def _decode_error(body: bytes | memoryview, err: Exception) -> BadRecord:
     try:
-        body.decode("utf-8")
+        bytes(body).decode("utf-8")
     except UnicodeDecodeError as uerr:
         return BadRecord("bad_encoding", f"not UTF-8 at byte {uerr.start}")
     return BadRecord("invalid_json", str(err)[:200])
@@ -98,7 +98,7 @@ def _meta_pairs(metas: Any) -> list[tuple[Any, Any]]:
     return [(m.get("name"), m.get("content")) for m in metas if isinstance(m, dict)]
 
 
-def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
+def _parse_msgspec(body: bytes | memoryview) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
     try:
         doc = _DECODER.decode(body)
     except msgspec.ValidationError as err:
@@ -110,9 +110,9 @@ def _parse_msgspec(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, An
     return _page(doc)
 
 
-def _parse_json(body: bytes) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
+def _parse_json(body: bytes | memoryview) -> tuple[str, str, list[Any], list[tuple[Any, Any]]]:
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = json.loads(bytes(body).decode("utf-8"))
     except UnicodeDecodeError as err:
         raise BadRecord("bad_encoding", f"not UTF-8 at byte {err.start}") from None
     except json.JSONDecodeError as err:
@@ -150,7 +150,7 @@ def img_links(links: list[Any]) -> list[Any]:
     return [ln for ln in imgs if ln.path.startswith("IMG@")]
 
 
-def wat_links(body: bytes, *, use_msgspec: bool = True) -> WatPage:
+def wat_links(body: bytes | memoryview, *, use_msgspec: bool = True) -> WatPage:
     """``(page_url, base, links, metas)`` of one WAT record, before filtering or resolving.
 
     ``page_url`` is ``""`` when the JSON has no ``WARC-Target-URI``; ``links`` are all of the
