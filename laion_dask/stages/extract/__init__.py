@@ -395,9 +395,7 @@ def _wat_block(
     end: int | None = None,
 ) -> None:
     """One whole WAT metadata block, ``data[start:end]``, into ``col``; ``header(name)`` reads
-    its WARC header. The bounds let the member walk pass a whole member without copying its
-    block out (24,000 copies, 250 MB, per 100 MB WAT).
-    """
+    its WARC header."""
     if data.find(IMG_MARKER, start, end) < 0:
         # cannot hold an image link: skip the JSON parse (the fast path). The Content-Type
         # lookup costs more than the IMG@ scan, so it is only made until the file is known to
@@ -405,10 +403,19 @@ def _wat_block(
         if not col.saw_wat and "json" in (header("Content-Type") or ""):
             col.saw_wat = True
         return
+    _wat_json(
+        data if start == 0 and end is None else memoryview(data)[start:end], offset, col, header
+    )
+
+
+def _wat_json(
+    body: bytes | memoryview, offset: int, col: _Collector, header: Callable[[str], str | None]
+) -> None:
+    """A WAT metadata block that holds ``IMG@`` into ``col``. The member walk passes a view of
+    the member, not a copy of its block (24,000 copies, 250 MB, per 100 MB WAT)."""
     if "json" not in (header("Content-Type") or ""):
         return  # WARC metadata (fetch times, outlinks), not a WAT record
     col.saw_wat = True
-    body = data if start == 0 and end is None else memoryview(data)[start:end]
     page, base, links, metas = wat_links(body)
     col.add_wat(offset, page or warc_uri(header("WARC-Target-URI")), base, links, metas)
 
@@ -523,13 +530,14 @@ def _member_walk(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> int |
             if not 0 < end - start <= limit:
                 return pos
             summary.records_read += 1
-            # most records hold no image link: the block is cut out (and the header read) only
-            # for those that may, and while the file is not yet known to be a WAT
-            if IMG_MARKER in data or not col.saw_wat:
-                try:
+            try:
+                if not col.saw_wat:  # the first records: _wat_block also looks for the JSON
                     _wat_block(data, pos, col, functools.partial(_field, data[:start]), start, end)
-                except BadRecord as err:
-                    col.skipped(pos, err)
+                elif data.find(IMG_MARKER, start, end) >= 0:  # as _wat_block, scanning once
+                    header = functools.partial(_field, data[:start])
+                    _wat_json(memoryview(data)[start:end], pos, col, header)
+            except BadRecord as err:
+                col.skipped(pos, err)
         elif t in _INERT_TYPES or t == b"metadata" or (cfg.format == "wat" and t in _HTML_TYPES):
             summary.records_read += 1
         else:
