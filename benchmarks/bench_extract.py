@@ -25,7 +25,9 @@ links per response, 55 % with alt text):
   extract_file alone   ``extract_file`` on F1 in a fresh process, against cc2dataset's
                        ``process_wat`` on F1 in a fresh process;
   fixed cost           ``laion-dask extract`` on a 200 KB WAT (~440 pairs): start-up, cluster,
-                       graphs and shutdown, with next to no work.
+                       graphs and shutdown, with next to no work;
+  split                where extract_file's seconds go on F1 (imports, gzip inflation, JSON
+                       decoding, link filtering, table build, the Python glue), timed once.
 
 It prints best and median wall seconds and writes ``benchmarks/results/extract.json``.
 
@@ -258,7 +260,10 @@ def ensure_data(size_mb: int, parts: int) -> list[Path]:
 # --- measured functions (each runs in its own process) --------------------------------------------
 # each returns (count, wall seconds, CPU seconds); the clocks start after the imports
 def measure_ours(files: list[str]) -> tuple[int, float, float]:
-    # --baseline-root runs this same measure on an older copy of the package
+    # --baseline-root runs this same measure on an older copy of the package; an editable
+    # install's finder would still import this checkout, so it is left out then
+    if os.environ.get("BENCH_EXTRACT_ROOT"):
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     sys.path.insert(0, os.environ.get("BENCH_EXTRACT_ROOT", str(REPO)))
     from laion_dask.ground.config import ExtractConfig
     from laion_dask.stages.extract import extract_file
@@ -337,6 +342,49 @@ def measure_cc2dataset(files: list[str]) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, time.process_time() - c0
 
 
+def measure_split(files: list[str]) -> dict[str, float]:
+    """Where extract_file's time goes on one file: seconds in each part, timed around the calls
+    (a few % of overhead in the glue), the imports timed from the child's start."""
+    t0 = time.perf_counter()
+    from types import SimpleNamespace
+
+    import laion_dask.stages.extract as ex
+    from laion_dask.ground.config import ExtractConfig
+    from laion_dask.stages.extract import common, wat
+
+    imports = time.perf_counter() - t0
+    spent: dict[str, float] = {}
+
+    def timed(name: str, f):  # noqa: ANN001, ANN202 - any callable
+        def call(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+            t = time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+
+        return call
+
+    fast = common.speedups
+    if fast is not None:
+        common.speedups = SimpleNamespace(
+            inflate_members=timed("gzip inflation (zlib-ng)", fast.inflate_members),
+            record_bounds=timed("WARC header checks", fast.record_bounds),
+            img_pairs=timed("link filtering + URL resolution", fast.img_pairs),
+            pair_hashes=fast.pair_hashes,
+            record_hashes=fast.record_hashes,
+        )
+    wat._DECODER = SimpleNamespace(decode=timed("msgspec JSON decoding", wat._DECODER.decode))
+    ex._Collector.frame = timed("pyarrow/pandas table build", ex._Collector.frame)
+    t = time.perf_counter()
+    for f in files:
+        ex.extract_file(f, ExtractConfig())
+    total = time.perf_counter() - t
+    out = {"imports (this process)": imports, "extract_file": total, **spent}
+    out["record loop and glue (Python)"] = total - sum(spent.values())
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def _extract_timed(path: str, cfg: object) -> object:
     """extract_pairs, adding the task thread's CPU seconds to ``sys._bench_task_cpu``."""
     from laion_dask.stages.extract import extract_pairs
@@ -385,6 +433,9 @@ def measure_dask(files: list[str], workers: int) -> tuple[int, float, float]:
 
 
 def _child(name: str, files: list[str], workers: int, repeat: int) -> None:
+    if name == "split":
+        print("RESULT " + json.dumps(measure_split(files)), flush=True)
+        return
     best, cpu = float("inf"), float("inf")
     for _ in range(repeat):  # the best of a few runs: this machine is shared
         if name == "dask":
@@ -498,6 +549,10 @@ def run_commands(files: list[Path], repeat: int) -> dict:
         }
         for name, w in walls.items()
     }
+    # where extract_file's time goes (one more fresh process, after the rounds)
+    split = run_child(sys.executable, "split", files[:1])
+    fig["extract_file split (1 file, s)"] = split
+    print(f"extract_file split (1 file, s): {split}", flush=True)
     pairs = [("laion-dask extract (2 files)", "plain loop (2 files)", 3.0)]
     if "cc2dataset process_wat (1 file)" in fig:
         pairs.append(("extract_file alone (1 file)", "cc2dataset process_wat (1 file)", 2.0))
