@@ -361,7 +361,8 @@ class _Collector:
             schema.URL: url_arr,
             schema.TEXT: text_arr,
             schema.PAGE_URL: page_arr.take(pa.array(rec_of_pair)),
-            schema.SOURCE_FILE: pa.array([src] * n, type=pa.large_string()),
+            # one value n times, without a list of n references to convert
+            schema.SOURCE_FILE: pa.repeat(pa.scalar(src, pa.large_string()), n),
             schema.RECORD_OFFSET: offsets,
             schema.HASH: hashes,
             schema.PAGE_ROBOTS: pa.array(robots, type=pa.large_string()).take(
