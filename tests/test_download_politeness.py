@@ -161,6 +161,19 @@ def process_client():
         yield c
 
 
+def _assert_same_downloads(one: RunDir, two: RunDir) -> None:
+    """Same downloads table and the same markers (timings aside) in two runs."""
+    pd.testing.assert_frame_equal(_downloads(one), _downloads(two))
+    assert one.markers("downloads").keys() == two.markers("downloads").keys()
+    strip = ("seconds", "stats")
+    for (i, ma), (_, mb) in zip(
+        one.iter_markers("downloads"), two.iter_markers("downloads"), strict=True
+    ):
+        assert {k: v for k, v in ma.items() if k not in strip} == {
+            k: v for k, v in mb.items() if k not in strip
+        }, i
+
+
 def test_per_host_concurrency_holds_across_the_cluster(process_client, tmp_path):
     with serve_hosts(N_HOSTS) as hosts:
         run = RunDir(str(tmp_path / "run"))
@@ -224,16 +237,7 @@ def test_the_plan_does_not_depend_on_the_cluster(process_client, tmp_path):
                 run_extract(run, cfg, paths, client=c)
                 run_download(run, cfg, client=c).check()
                 runs[name] = run
-    a, b = (_downloads(runs[n]) for n in ("one", "two"))
-    pd.testing.assert_frame_equal(a, b)
-    assert runs["one"].markers("downloads").keys() == runs["two"].markers("downloads").keys()
-    strip = ("seconds", "stats")
-    for (i, ma), (_, mb) in zip(
-        runs["one"].iter_markers("downloads"), runs["two"].iter_markers("downloads"), strict=True
-    ):
-        assert {k: v for k, v in ma.items() if k not in strip} == {
-            k: v for k, v in mb.items() if k not in strip
-        }, i
+    _assert_same_downloads(runs["one"], runs["two"])
 
 
 def test_per_host_interval_spaces_requests_across_the_cluster(process_client, tmp_path):
@@ -302,12 +306,4 @@ def test_a_chain_split_across_workers_keeps_the_host_bound_and_the_shards(proces
     assert len(parts) == 2 and parts[0]["worker"] != parts[1]["worker"], parts
     spans = [next(s for s in t["startstops"] if s["action"] == "compute") for t in parts]
     assert max(s["start"] for s in spans) < min(s["stop"] for s in spans), spans  # at once
-    one, two = (_downloads(runs[n]) for n in ("one", "two"))
-    pd.testing.assert_frame_equal(one, two)
-    strip = ("seconds", "stats")
-    for (i, ma), (_, mb) in zip(
-        runs["one"].iter_markers("downloads"), runs["two"].iter_markers("downloads"), strict=True
-    ):
-        assert {k: v for k, v in ma.items() if k not in strip} == {
-            k: v for k, v in mb.items() if k not in strip
-        }, i
+    _assert_same_downloads(runs["one"], runs["two"])
