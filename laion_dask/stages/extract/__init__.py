@@ -396,7 +396,8 @@ def _wat_block(
     end: int | None = None,
 ) -> None:
     """One whole WAT metadata block, ``data[start:end]``, into ``col``; ``header(name)`` reads
-    its WARC header."""
+    its WARC header. The member walk passes the whole member with the block's bounds: the JSON
+    is parsed from a view, not a copy of the block (24,000 copies, 250 MB, per 100 MB WAT)."""
     if data.find(IMG_MARKER, start, end) < 0:
         # cannot hold an image link: skip the JSON parse (the fast path). The Content-Type
         # lookup costs more than the IMG@ scan, so it is only made until the file is known to
@@ -404,19 +405,10 @@ def _wat_block(
         if not col.saw_wat and "json" in (header("Content-Type") or ""):
             col.saw_wat = True
         return
-    _wat_json(
-        data if start == 0 and end is None else memoryview(data)[start:end], offset, col, header
-    )
-
-
-def _wat_json(
-    body: bytes | memoryview, offset: int, col: _Collector, header: Callable[[str], str | None]
-) -> None:
-    """A WAT metadata block that holds ``IMG@`` into ``col``. The member walk passes a view of
-    the member, not a copy of its block (24,000 copies, 250 MB, per 100 MB WAT)."""
     if "json" not in (header("Content-Type") or ""):
         return  # WARC metadata (fetch times, outlinks), not a WAT record
     col.saw_wat = True
+    body = data if start == 0 and end is None else memoryview(data)[start:end]
     page, base, links, metas = wat_links(body)
     col.add_wat(offset, page or warc_uri(header("WARC-Target-URI")), base, links, metas)
 
@@ -493,6 +485,8 @@ def _fastwarc_pass(stream: BinaryIO, col: _Collector, cfg: ExtractConfig, start:
 
 # WARC-Type values _handle does nothing with, in any format
 _INERT_TYPES = frozenset({b"warcinfo", b"request", b"revisit", b"conversion", b"continuation"})
+# WARC-Type values a WAT pass takes nothing from (the HTML of a WARC is read in "warc"/"auto")
+_HTML_TYPES = frozenset({b"response", b"resource"})
 
 
 _FIELDS: dict[str, re.Pattern[bytes]] = {}  # header field name -> its line, any case
@@ -532,11 +526,7 @@ def _member_walk(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> int |
                 return pos
             summary.records_read += 1
             try:
-                if not col.saw_wat:  # the first records: _wat_block also looks for the JSON
-                    _wat_block(data, pos, col, functools.partial(_field, data[:start]), start, end)
-                elif data.find(IMG_MARKER, start, end) >= 0:  # as _wat_block, scanning once
-                    header = functools.partial(_field, data[:start])
-                    _wat_json(memoryview(data)[start:end], pos, col, header)
+                _wat_block(data, pos, col, functools.partial(_field, data[:start]), start, end)
             except BadRecord as err:
                 col.skipped(pos, err)
         elif t in _INERT_TYPES or t == b"metadata" or (cfg.format == "wat" and t in _HTML_TYPES):
@@ -544,9 +534,6 @@ def _member_walk(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> int |
         else:
             return pos
     return None
-
-
-_HTML_TYPES = frozenset({b"response", b"resource"})
 
 
 def _records_fastwarc(stream: BinaryIO, col: _Collector, cfg: ExtractConfig) -> None:
